@@ -1,0 +1,97 @@
+//! Command-line flags (clap). Raw flags only: `config.rs` merges them into the validated Config.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// si-appliance: DHCP/PXE, TFTP/HTTP boot, image store and BitTorrent swarm in one binary.
+///
+/// Without a subcommand it runs the appliance on --iface.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (TOML); see config/si-appliance.toml.
+    #[arg(long, short = 'c', global = true, env = "SI_APPLIANCE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(long, short = 'v', action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Appliance flags (the default action).
+    #[command(flatten)]
+    pub appliance: ApplianceFlags,
+
+    /// What to do; default: run the appliance.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Flags of the appliance; each overrides the same key of the config file.
+#[derive(Debug, Default, clap::Args)]
+pub struct ApplianceFlags {
+    /// Provisioning interface (key `iface`).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Image the nodes install (key `image`).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Image store root (key `store`).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// State directory: leases, secret (key `state_dir`).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The appliance's address on the interface (key `server_ip`).
+    #[arg(long)]
+    pub server_ip: Option<Ipv4Addr>,
+    /// DHCP mode (key `dhcp.mode`).
+    #[arg(long, value_enum)]
+    pub dhcp_mode: Option<DhcpModeArg>,
+    /// Which clients to answer (key `dhcp.answer`).
+    #[arg(long, value_enum)]
+    pub answer: Option<AnswerArg>,
+    /// Skip the probe for other DHCP servers (key `dhcp.probe = false`).
+    #[arg(long)]
+    pub no_probe: bool,
+    /// HTTP port (key `http.port`).
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// TFTP port (key `tftp.port`).
+    #[arg(long)]
+    pub tftp_port: Option<u16>,
+    /// Client kernel (key `boot.kernel`).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Client initramfs (key `boot.initrd`).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+}
+
+/// `--dhcp-mode`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DhcpModeArg {
+    /// Full DHCP server.
+    Full,
+    /// proxyDHCP only.
+    Proxy,
+    /// No DHCP.
+    Off,
+}
+
+/// `--answer`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AnswerArg {
+    /// Only PXE firmware, iPXE and our installer.
+    Pxe,
+    /// Every DHCP client.
+    All,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the configuration (file + flags) and print it as the appliance would use it.
+    CheckConfig,
+}

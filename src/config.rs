@@ -1,0 +1,475 @@
+//! The configuration: the TOML file (`config/si-appliance.toml` documents every key) merged with
+//! the command-line flags into one validated [`Config`]. Nothing else in the program reads raw
+//! configuration strings. Unknown keys and bad values are refused with an error naming the key.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+use crate::types::{ImageName, MacAddr};
+
+/// Errors from loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or a key is unknown or has a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message: names the key, line and column.
+        message: String,
+    },
+    /// A value is well-formed but not acceptable (names the key).
+    #[error("{key}: {why}")]
+    Invalid {
+        /// Dotted key, e.g. `dhcp.pool[0].range`.
+        key: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Whether and how the appliance answers DHCP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DhcpMode {
+    /// Full server: hands out addresses from the pools.
+    #[default]
+    Full,
+    /// proxyDHCP (PXE spec): another server hands out addresses, we only add boot information,
+    /// on port 67 and 4011.
+    Proxy,
+    /// No DHCP at all (something else points clients at our TFTP/HTTP).
+    Off,
+}
+
+/// Which clients the DHCP server answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Answer {
+    /// Only PXE firmware (vendor class `PXEClient`), iPXE (user class `iPXE`) and our installer
+    /// (vendor class `si-appliance`). The safe default on a switch that carries other traffic.
+    #[default]
+    Pxe,
+    /// Every DHCP client on the segment.
+    All,
+}
+
+/// One address pool, for the local segment or for a relayed subnet (matched by `giaddr`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The subnet, e.g. `10.0.0.0/24`.
+    pub subnet: Ipv4Net,
+    /// First and last address handed out (inclusive). Default: the whole subnet less network,
+    /// broadcast, the router and the appliance's own address.
+    #[serde(default)]
+    pub range: Option<[Ipv4Addr; 2]>,
+    /// Default gateway for this subnet (option 3). For a relayed subnet this is usually the relay.
+    #[serde(default)]
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers for this subnet (option 6); default: `dhcp.dns`.
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+}
+
+/// A fixed address (and host name) for one MAC.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    /// The client's MAC.
+    pub mac: MacAddr,
+    /// Its address; must lie inside one pool's subnet.
+    pub ip: Ipv4Addr,
+    /// Its host name (option 12), also the installed system's name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+/// `[dhcp]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhcpConfig {
+    /// `full`, `proxy` or `off`.
+    pub mode: DhcpMode,
+    /// `pxe` or `all`.
+    pub answer: Answer,
+    /// Probe the segment for other DHCP servers before serving in full mode.
+    pub probe: bool,
+    /// How long the probe listens for offers.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Lease time (option 51).
+    #[serde(with = "humantime_serde")]
+    pub lease_time: Duration,
+    /// Default router for the local pool (option 3).
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers (option 6).
+    pub dns: Vec<Ipv4Addr>,
+    /// Domain name (option 15).
+    pub domain: Option<String>,
+    /// Address pools. Empty: one pool on the interface's subnet.
+    #[serde(rename = "pool")]
+    pub pools: Vec<PoolConfig>,
+    /// Static reservations.
+    #[serde(rename = "reservation")]
+    pub reservations: Vec<Reservation>,
+}
+
+impl Default for DhcpConfig {
+    fn default() -> Self {
+        DhcpConfig {
+            mode: DhcpMode::Full,
+            answer: Answer::Pxe,
+            probe: true,
+            probe_timeout: Duration::from_secs(2),
+            lease_time: Duration::from_secs(3600),
+            router: None,
+            dns: Vec::new(),
+            domain: None,
+            pools: Vec::new(),
+            reservations: Vec::new(),
+        }
+    }
+}
+
+/// `[tftp]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TftpConfig {
+    /// Serve TFTP at all.
+    pub enable: bool,
+    /// UDP port (69).
+    pub port: u16,
+    /// Largest block size granted (RFC 2348).
+    pub max_blksize: u16,
+    /// Largest window granted (RFC 7440); 1 disables windowing.
+    pub max_windowsize: u16,
+    /// Retransmission timeout.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        TftpConfig {
+            enable: true,
+            port: 69,
+            max_blksize: 1468,
+            max_windowsize: 1,
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// `[http]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// TCP port for boot scripts, kernels, the node API and the dashboard.
+    pub port: u16,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { port: 80 }
+    }
+}
+
+/// `[boot]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    /// Directories searched, in order, for the boot loaders (undionly.kpxe, ipxe.efi,
+    /// snponly.efi, pxelinux.0 ...).
+    pub loader_dirs: Vec<PathBuf>,
+    /// The clients' kernel (bzImage). Default: `<store>/boot/vmlinuz`.
+    pub kernel: Option<PathBuf>,
+    /// The clients' initramfs. Default: `<store>/boot/initrd.img`.
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line for the clients.
+    pub cmdline: String,
+    /// Send iPXE its "no-pxedhcp" setting (option 175.176) so it does not wait for proxyDHCP.
+    pub ipxe_no_pxedhcp: bool,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        BootConfig {
+            loader_dirs: vec![
+                PathBuf::from("/usr/lib/ipxe"),
+                PathBuf::from("/usr/lib/PXELINUX"),
+                PathBuf::from("/usr/lib/syslinux/modules/bios"),
+            ],
+            kernel: None,
+            initrd: None,
+            cmdline: "console=ttyS0 console=tty0".to_owned(),
+            ipxe_no_pxedhcp: true,
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Provisioning interface.
+    pub iface: Option<String>,
+    /// The image nodes install by default.
+    pub image: Option<ImageName>,
+    /// Root of the image store (images, overrides, archives, torrents, boot files).
+    pub store: PathBuf,
+    /// Where the appliance keeps its state (leases, secret).
+    pub state_dir: PathBuf,
+    /// The appliance's address on the interface. Default: the interface's first IPv4 address.
+    pub server_ip: Option<Ipv4Addr>,
+    /// `[dhcp]`.
+    pub dhcp: DhcpConfig,
+    /// `[tftp]`.
+    pub tftp: TftpConfig,
+    /// `[http]`.
+    pub http: HttpConfig,
+    /// `[boot]`.
+    pub boot: BootConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            iface: None,
+            image: None,
+            store: PathBuf::from("/var/lib/si-appliance"),
+            state_dir: PathBuf::from("/var/lib/si-appliance/state"),
+            server_ip: None,
+            dhcp: DhcpConfig::default(),
+            tftp: TftpConfig::default(),
+            http: HttpConfig::default(),
+            boot: BootConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML text (the file's contents); `path` only labels errors.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] for bad TOML, unknown keys or ill-typed values;
+    /// [`ConfigError::Invalid`] for values that fail [`Config::validate`].
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    ///
+    /// # Errors
+    /// As [`Config::from_toml`], plus [`ConfigError::Read`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Checks what types alone cannot: ranges inside their subnets, reservations inside a pool
+    /// and unique, sane sizes.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: String, why: String| Err(ConfigError::Invalid { key, why });
+        if self.dhcp.lease_time < Duration::from_secs(60) {
+            return bad("dhcp.lease_time".into(), "must be at least 60s".into());
+        }
+        if self.dhcp.lease_time > Duration::from_secs(u32::MAX as u64) {
+            return bad("dhcp.lease_time".into(), "too long for DHCP's 32-bit seconds".into());
+        }
+        for (i, p) in self.dhcp.pools.iter().enumerate() {
+            if p.subnet.prefix_len() > 30 {
+                return bad(format!("dhcp.pool[{i}].subnet"), format!("{} has no room for clients", p.subnet));
+            }
+            if let Some([a, b]) = p.range {
+                for ip in [a, b] {
+                    if !p.subnet.contains(&ip) || ip == p.subnet.network() || ip == p.subnet.broadcast() {
+                        return bad(format!("dhcp.pool[{i}].range"), format!("{ip} is not a host address of {}", p.subnet));
+                    }
+                }
+                if u32::from(a) > u32::from(b) {
+                    return bad(format!("dhcp.pool[{i}].range"), format!("{a} comes after {b}"));
+                }
+            }
+            for (j, q) in self.dhcp.pools.iter().enumerate().take(i) {
+                if p.subnet.contains(&q.subnet.network()) || q.subnet.contains(&p.subnet.network()) {
+                    return bad(format!("dhcp.pool[{i}].subnet"), format!("overlaps dhcp.pool[{j}] {}", q.subnet));
+                }
+            }
+        }
+        for (i, r) in self.dhcp.reservations.iter().enumerate() {
+            if !self.dhcp.pools.is_empty() && !self.dhcp.pools.iter().any(|p| p.subnet.contains(&r.ip)) {
+                return bad(format!("dhcp.reservation[{i}].ip"), format!("{} is in no dhcp.pool subnet", r.ip));
+            }
+            if let Some(h) = &r.hostname {
+                let ok = !h.is_empty()
+                    && h.len() <= 63
+                    && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !h.starts_with('-');
+                if !ok {
+                    return bad(format!("dhcp.reservation[{i}].hostname"), format!("{h:?} is not a host name label"));
+                }
+            }
+            for (j, s) in self.dhcp.reservations.iter().enumerate().take(i) {
+                if s.mac == r.mac {
+                    return bad(format!("dhcp.reservation[{i}].mac"), format!("{} is reserved twice (also [{j}])", r.mac));
+                }
+                if s.ip == r.ip {
+                    return bad(format!("dhcp.reservation[{i}].ip"), format!("{} is reserved twice (also [{j}])", r.ip));
+                }
+            }
+        }
+        if !(512..=65464).contains(&self.tftp.max_blksize) {
+            return bad("tftp.max_blksize".into(), "must be within 512..=65464 (RFC 2348)".into());
+        }
+        if self.tftp.max_windowsize == 0 {
+            return bad("tftp.max_windowsize".into(), "must be at least 1".into());
+        }
+        if self.tftp.timeout.is_zero() || self.tftp.timeout > Duration::from_secs(255) {
+            return bad("tftp.timeout".into(), "must be within 1s..=255s (RFC 2349)".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config/si-appliance.toml");
+
+    #[test]
+    fn shipped_example_parses() {
+        let c = Config::from_toml(EXAMPLE, Path::new("example")).expect("example config parses");
+        assert_eq!(c.dhcp.reservations.len(), 1);
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::from_toml("", Path::new("x")).unwrap(), Config::default());
+    }
+
+    /// Like hickory's test_reject_unknown_fields: a bogus key in every table of the shipped
+    /// example must be refused, and the error must name it.
+    #[test]
+    fn unknown_key_in_every_table_is_refused() {
+        let mut tables: Vec<usize> = vec![0];
+        for (i, line) in EXAMPLE.lines().enumerate() {
+            if line.starts_with('[') {
+                tables.push(i + 1);
+            }
+        }
+        for after in tables {
+            let mut lines: Vec<&str> = EXAMPLE.lines().collect();
+            lines.insert(after, "bogus_key_xyz = 1");
+            let text = lines.join("\n");
+            let err = Config::from_toml(&text, Path::new("x")).unwrap_err().to_string();
+            assert!(err.contains("bogus_key_xyz"), "line {after}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[dhcp]\nlease_time = \"soon\"", "lease_time"),
+            ("[dhcp]\nmode = \"loud\"", "mode"),
+            ("[[dhcp.reservation]]\nmac = \"nope\"\nip = \"10.0.0.5\"", "mac"),
+            ("[[dhcp.pool]]\nsubnet = \"10.0.0.0/24\"\nrange = [\"10.0.1.1\", \"10.0.0.9\"]", "dhcp.pool[0].range"),
+            ("[[dhcp.pool]]\nsubnet = \"10.0.0.0/24\"\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\nip = \"10.9.0.5\"", "dhcp.reservation[0].ip"),
+            ("[tftp]\nmax_blksize = 8", "tftp.max_blksize"),
+            ("image = \"../etc\"", "image"),
+            ("[dhcp]\nlease_time = \"5s\"", "dhcp.lease_time"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(text, Path::new("x")).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
+    }
+}
+
+impl Config {
+    /// Applies command-line flags over the file's values, then validates again.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the flag's key when a flag value is bad.
+    pub fn apply_flags(&mut self, f: &crate::cli::ApplianceFlags) -> Result<(), ConfigError> {
+        use crate::cli::{AnswerArg, DhcpModeArg};
+        if let Some(v) = &f.iface {
+            self.iface = Some(v.clone());
+        }
+        if let Some(v) = &f.image {
+            self.image = Some(v.parse().map_err(|e: crate::types::BadImageName| ConfigError::Invalid {
+                key: "image (--image)".into(),
+                why: e.to_string(),
+            })?);
+        }
+        if let Some(v) = &f.store {
+            self.store = v.clone();
+        }
+        if let Some(v) = &f.state_dir {
+            self.state_dir = v.clone();
+        }
+        if let Some(v) = f.server_ip {
+            self.server_ip = Some(v);
+        }
+        if let Some(v) = f.dhcp_mode {
+            self.dhcp.mode = match v {
+                DhcpModeArg::Full => DhcpMode::Full,
+                DhcpModeArg::Proxy => DhcpMode::Proxy,
+                DhcpModeArg::Off => DhcpMode::Off,
+            };
+        }
+        if let Some(v) = f.answer {
+            self.dhcp.answer = match v {
+                AnswerArg::Pxe => Answer::Pxe,
+                AnswerArg::All => Answer::All,
+            };
+        }
+        if f.no_probe {
+            self.dhcp.probe = false;
+        }
+        if let Some(v) = f.http_port {
+            self.http.port = v;
+        }
+        if let Some(v) = f.tftp_port {
+            self.tftp.port = v;
+        }
+        if let Some(v) = &f.kernel {
+            self.boot.kernel = Some(v.clone());
+        }
+        if let Some(v) = &f.initrd {
+            self.boot.initrd = Some(v.clone());
+        }
+        self.validate()
+    }
+
+    /// The client kernel: `boot.kernel` or `<store>/boot/vmlinuz`.
+    pub fn kernel_path(&self) -> PathBuf {
+        self.boot.kernel.clone().unwrap_or_else(|| self.store.join("boot/vmlinuz"))
+    }
+
+    /// The client initramfs: `boot.initrd` or `<store>/boot/initrd.img`.
+    pub fn initrd_path(&self) -> PathBuf {
+        self.boot.initrd.clone().unwrap_or_else(|| self.store.join("boot/initrd.img"))
+    }
+}

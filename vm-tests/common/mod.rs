@@ -1,0 +1,268 @@
+//! Test harness shared by the network tests: network namespaces wired to a bridge, processes
+//! that are killed by PID when dropped, and the appliance started inside a namespace.
+//!
+//! Rules (the project's): traffic stays inside namespaces this harness creates; every wait is
+//! bounded; only processes we started are killed, by PID; leftovers of earlier runs (namespaces
+//! named `sia…` whose creator PID is gone) are removed first.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Panics unless we run as root with `ip` available: these tests need namespaces.
+pub fn require_root() {
+    let uid = unsafe_getuid();
+    assert_eq!(uid, 0, "network tests need root (run them through vm-tests/run.sh)");
+}
+
+fn unsafe_getuid() -> u32 {
+    // /proc/self/status avoids a libc dependency.
+    let s = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// Runs a command, panicking with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `ip` with arguments.
+pub fn ip(args: &[&str]) -> Output {
+    run(Command::new("ip").args(args))
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes namespaces `sia<tag>-<pid>…` left by test processes that no longer run.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("sia") else { continue };
+        let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !pid_alive(pid) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    /// Its name (`ip netns exec NAME …`).
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `sia<tag>-<pid>-<n>` with loopback up.
+    pub fn new(tag: &str) -> Netns {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("sia{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command that runs `prog` inside this namespace.
+    pub fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, prog]);
+        c
+    }
+
+    /// `ip …` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A child process killed (SIGKILL, by PID) and reaped on drop; its output goes to a log file.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Combined stdout+stderr log.
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        let f = fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let f2 = f.try_clone().expect("log file");
+        cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Proc { child, log, name: name.to_owned() }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; panics with the log after `timeout`, or if the
+    /// process exits first.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let ok = wait_for(timeout, || {
+            if self.log_text().contains(needle) {
+                return Some(true);
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{} exited ({st}) before {needle:?}:\n{}", self.name, self.log_text());
+            }
+            None
+        });
+        assert!(ok.is_some(), "{} never logged {needle:?}:\n{}", self.name, self.log_text());
+    }
+
+    /// Waits for the process to exit within `timeout`; kills it and panics otherwise.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        match wait_for(timeout, || self.child.try_wait().ok().flatten()) {
+            Some(st) => st,
+            None => {
+                self.kill();
+                panic!("{} did not exit within {timeout:?}:\n{}", self.name, self.log_text());
+            }
+        }
+    }
+
+    /// SIGKILL by PID, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM by PID (graceful stop), then wait up to 10 s, then SIGKILL.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        if wait_for(Duration::from_secs(10), || self.child.try_wait().ok().flatten()).is_none() {
+            self.kill();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A switch namespace with a bridge and hosts attached by veth pairs. Host 0 is usually the
+/// appliance. Everything is removed on drop (namespaces first deleted take their veths along).
+pub struct Lab {
+    /// The namespace holding the bridge `br0`.
+    pub switch: Netns,
+    /// The hosts, in attach order; each has its end of the link named `eth0`.
+    pub hosts: Vec<Netns>,
+    /// A scratch directory for logs, configs and state (kept on failure for reading).
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    /// Creates the switch. `tag` (≤ 3 chars) keeps namespace names short and recognisable.
+    pub fn new(tag: &str) -> Lab {
+        require_root();
+        remove_stale_namespaces();
+        let switch = Netns::new(&format!("{tag}s"));
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        // No STP, no forwarding delay: ports forward at once.
+        switch.ip(&["link", "set", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let dir = std::env::temp_dir().join(format!("{}-{}", switch.name, unique_suffix()));
+        fs::create_dir_all(&dir).expect("lab dir");
+        Lab { switch, hosts: Vec::new(), dir }
+    }
+
+    /// Adds a host with an `eth0` on the bridge, with `addr` (CIDR) if given, and returns its
+    /// index. `mac` fixes the hardware address (clients are identified by it).
+    pub fn add_host(&mut self, addr: Option<&str>, mac: Option<&str>) -> usize {
+        let i = self.hosts.len();
+        let ns = Netns::new(&format!("{}h{i}", &self.switch.name[3..self.switch.name.len().min(5)]));
+        let port = format!("p{i}");
+        self.switch.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+        self.switch.ip(&["link", "set", &port, "master", "br0"]);
+        self.switch.ip(&["link", "set", &port, "up"]);
+        if let Some(mac) = mac {
+            ns.ip(&["link", "set", "eth0", "address", mac]);
+        }
+        if let Some(a) = addr {
+            ns.ip(&["addr", "add", a, "dev", "eth0"]);
+        }
+        ns.ip(&["link", "set", "eth0", "up"]);
+        self.hosts.push(ns);
+        i
+    }
+
+    /// Path of a file in the lab directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn unique_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// The si-appliance binary built with these tests.
+pub fn appliance_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_si-appliance")
+}
+
+/// Starts the appliance inside `ns` with `config` (TOML text) and extra flags, and waits for
+/// its "ready" line.
+pub fn start_appliance(lab: &Lab, host: usize, name: &str, config: &str, args: &[&str]) -> Proc {
+    let cfg = lab.path(&format!("{name}.toml"));
+    fs::write(&cfg, config).expect("write config");
+    let mut cmd = lab.hosts[host].cmd(appliance_bin());
+    cmd.arg("--config").arg(&cfg).args(args).env("RUST_LOG", "info,si_appliance=debug");
+    let mut p = Proc::spawn(name, cmd, lab.path(&format!("{name}.log")));
+    p.wait_log("si-appliance ready", Duration::from_secs(30));
+    p
+}
+
+/// Reads lines of a file that match a predicate (for lease files and logs).
+pub fn grep_lines(path: &Path, pred: impl Fn(&str) -> bool) -> Vec<String> {
+    match fs::File::open(path) {
+        Ok(f) => BufReader::new(f).lines().map_while(Result::ok).filter(|l| pred(l)).collect(),
+        Err(_) => Vec::new(),
+    }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests, benchmarks and the lab use: real DHCP/TFTP/BitTorrent
+# clients and servers to test against, QEMU with its iPXE ROMs, boot loaders, and the tools that
+# build the clients' initramfs. Idempotent: does nothing when everything is there.
+set -euo pipefail
+pkgs=(
+  iproute2 iputils-ping procps kmod psmisc
+  udhcpc isc-dhcp-client dhcpcd-base kea-admin kea-dhcp4-server dnsmasq-base
+  tftp-hpa tftpd-hpa atftp curl aria2
+  qemu-system-x86 ipxe-qemu ipxe pxelinux syslinux-common busybox-static cpio zstd
+  debootstrap attr acl rsync
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The test runner: cargo-nextest (per-test timeouts). Machines of this kind ship it; install it
+# from crates.io only where it is missing.
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest

@@ -341,17 +341,14 @@ fn decode_payload(p: &[u8]) -> Option<Change> {
     }
 }
 
-/// Replays journal bytes into `leases`: stops at the first record that is short or fails its
-/// checksum (a torn tail after a crash) and reports how many bytes were dropped.
-pub fn replay(bytes: &[u8], leases: &mut Leases) -> Replay {
-    let mut r = Replay::default();
-    let body = match bytes.strip_prefix(FILE_MAGIC.as_slice()) {
-        Some(b) => b,
-        None => {
-            r.dropped_bytes = bytes.len();
-            return r;
-        }
+/// Decodes journal bytes into its records, in order: stops at the first record that is short,
+/// fails its checksum or has an unknown kind (a torn tail after a crash) and reports how many
+/// bytes were dropped from there on.
+pub fn read_records(bytes: &[u8]) -> (Vec<Change>, usize) {
+    let Some(body) = bytes.strip_prefix(FILE_MAGIC.as_slice()) else {
+        return (Vec::new(), bytes.len());
     };
+    let mut out = Vec::new();
     let mut i = 0;
     while i < body.len() {
         let Some(h) = body.get(i..i + REC_HEADER) else { break };
@@ -362,12 +359,19 @@ pub fn replay(bytes: &[u8], leases: &mut Leases) -> Replay {
             break;
         }
         let Some(change) = decode_payload(p) else { break };
-        leases.apply(&change);
-        r.records += 1;
+        out.push(change);
         i += REC_HEADER + len;
     }
-    r.dropped_bytes = body.len() - i;
-    r
+    (out, body.len() - i)
+}
+
+/// Replays journal bytes into `leases` (see [`read_records`] for where it stops).
+pub fn replay(bytes: &[u8], leases: &mut Leases) -> Replay {
+    let (records, dropped_bytes) = read_records(bytes);
+    for c in &records {
+        leases.apply(c);
+    }
+    Replay { records: records.len(), dropped_bytes }
 }
 
 /// Snapshot records of a table: what compaction writes. Offers are not kept; expired

@@ -49,11 +49,13 @@ impl DhcpServer {
         let policy = policy::Policy::new(&cfg, &iface);
         let full = cfg.dhcp.mode == DhcpMode::Full;
         if full && cfg.dhcp.probe {
+            info!(iface = %iface.name, "probing for other DHCP servers");
             let offers = probe::probe(&iface, cfg.dhcp.probe_timeout).await?;
             if !offers.is_empty() {
                 return Err(DhcpError::OtherServer { iface: iface.name.clone(), offers });
             }
-            info!(iface = %iface.name, timeout = ?cfg.dhcp.probe_timeout, "probe: no other DHCP server answered");
+            let listened = cfg.dhcp.probe_timeout.max(probe::MIN_LISTEN);
+            info!(iface = %iface.name, ?listened, "probe: no other DHCP server answered");
         }
         let (journal, leases) = if full {
             let (j, l, rep) = leases::Journal::open(&cfg.state_dir, service::unix_now())?;

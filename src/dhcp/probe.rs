@@ -34,10 +34,16 @@ impl fmt::Display for ForeignOffer {
     }
 }
 
+/// The probe listens at least this long whatever `dhcp.probe_timeout` says: dnsmasq pings an
+/// address (about 3 s) before it offers it, so a shorter probe misses the commonest server on a
+/// lab switch and would start a second full server next to it.
+pub const MIN_LISTEN: Duration = Duration::from_secs(4);
+
 /// At most this many offers are collected (the loop is bounded in count as well as time).
 const MAX_OFFERS: usize = 16;
 
-/// Broadcasts a DISCOVER on `iface` and collects the offers heard within `timeout`.
+/// Broadcasts a DISCOVER on `iface` and collects the offers heard within `timeout` (at least
+/// [`MIN_LISTEN`]).
 ///
 /// # Errors
 /// [`DhcpError::Socket`] if port 68 cannot be bound, [`DhcpError::Probe`] if sending fails.
@@ -66,7 +72,7 @@ pub async fn probe(iface: &Iface, timeout: Duration) -> Result<Vec<ForeignOffer>
     // Encoding a message we built from fixed values cannot fail; map it anyway.
     d.encode(&mut Encoder::new(&mut bytes)).map_err(|e| perr(std::io::Error::other(e.to_string())))?;
     sock.send_to(&bytes, SocketAddrV4::new(Ipv4Addr::BROADCAST, 67)).await.map_err(perr)?;
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout.max(MIN_LISTEN);
     let mut offers = Vec::new();
     let mut buf = vec![0u8; 2048];
     while offers.len() < MAX_OFFERS {

@@ -33,10 +33,38 @@ pub struct DhcpServer {
     service: service::Service,
 }
 
+/// Receive buffer asked for: a burst of PXE clients powering on together (or a relay flushing
+/// its queue) arrives while a batch is being fsync'd; the default ~200 KiB holds a few hundred
+/// packets only.
+const RCVBUF: usize = 4 << 20;
+
 fn tokio_sock(iface: &Iface, port: u16) -> Result<tokio::net::UdpSocket, DhcpError> {
     let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
     let s = net::udp_on(&iface.name, addr)?;
+    grow_rcvbuf(&s);
     tokio::net::UdpSocket::from_std(s).map_err(|source| DhcpError::Register { addr: SocketAddr::V4(addr), source })
+}
+
+/// SO_RCVBUFFORCE (root may exceed net.core.rmem_max), else SO_RCVBUF; failure only costs
+/// drops under bursts, so it is logged, not fatal.
+fn grow_rcvbuf(s: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let v = RCVBUF as libc::c_int;
+    // SAFETY: a valid descriptor, a c_int option value that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        if let Err(e) = socket2::SockRef::from(s).set_recv_buffer_size(RCVBUF) {
+            tracing::warn!("cannot grow the DHCP receive buffer: {e}");
+        }
+    }
 }
 
 impl DhcpServer {

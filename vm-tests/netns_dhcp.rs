@@ -559,6 +559,12 @@ fn kill9_under_load_keeps_every_acked_address() {
     for (mac, ip) in &acked {
         assert_eq!(before.get(&MacAddr(*mac)), Some(ip), "witness ACK not in the journal");
     }
+    eprintln!(
+        "kill -9 after {} journal records: {} bindings on disk, {} witness ACKs",
+        before_records.len(),
+        before.len(),
+        acked.len()
+    );
     // Restart: the journal is replayed (and compacted) with the same bindings.
     let app2 = start_appliance(&lab, 0, "app2", &cfg, &[]);
     assert!(log(&app2).contains(&format!("leases={}", before.len())), "{}", log(&app2));
@@ -582,4 +588,5 @@ fn kill9_under_load_keeps_every_acked_address() {
     assert_eq!(r.first().and_then(|(_, m)| msg_type(m)), Some(MessageType::Nak));
     let distinct: HashSet<_> = b2.values().collect();
     assert_eq!(distinct.len(), b2.len(), "an address is held by two MACs");
+    eprintln!("after restart: {} bindings, identical; {} witnesses re-acknowledged", b2.len(), acked.len());
 }

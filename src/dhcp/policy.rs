@@ -337,7 +337,7 @@ pub fn decide(req: &Request, via: Via, leases: &Leases, policy: &Policy, now: u6
             if via != Via::Dhcp {
                 return Decision::Ignore(Why::NotProxyMode);
             }
-            if policy.answer == Answer::Pxe && client.firmware == Firmware::Other {
+            if policy.answer == Answer::Pxe && client.firmware == Firmware::Other && !continues_our_lease(req, leases) {
                 return Decision::Ignore(Why::NotPxe);
             }
             match decide_full(req, &client, leases, policy, now) {
@@ -345,6 +345,23 @@ pub fn decide(req: &Request, via: Via, leases: &Leases, policy: &Policy, now: u6
                 Err(why) => Decision::Ignore(why),
             }
         }
+    }
+}
+
+/// With `answer = "pxe"`, a client we gave a lease to (while it said PXEClient, iPXE or
+/// si-appliance) may renew, release or decline it without repeating its class: many clients
+/// (busybox udhcpc without -V, for one) send option 60 only in DISCOVER/REQUEST-selecting.
+/// New conversations (DISCOVER, INIT-REBOOT) from unclassified clients stay ignored.
+fn continues_our_lease(req: &Request, leases: &Leases) -> bool {
+    let Some(l) = leases.of_mac(req.mac) else { return false };
+    if l.state != LeaseState::Bound {
+        return false;
+    }
+    match req.kind {
+        MessageType::Release => req.msg.ciaddr() == l.ip,
+        MessageType::Decline => req.requested_ip == Some(l.ip),
+        MessageType::Request => req.msg.ciaddr() == l.ip,
+        _ => false,
     }
 }
 
@@ -470,6 +487,10 @@ fn base_reply(req: &Request, kind: MessageType, yiaddr: Ipv4Addr, policy: &Polic
     let o = r.opts_mut();
     o.insert(DhcpOption::MessageType(kind));
     o.insert(DhcpOption::ServerIdentifier(policy.server_ip));
+    // RFC 3046 §2.2: a server echoes the relay agent information option in its reply.
+    if let Some(ri) = m.opts().get(OptionCode::RelayAgentInformation) {
+        o.insert(ri.clone());
+    }
     r
 }
 

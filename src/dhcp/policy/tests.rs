@@ -96,6 +96,17 @@ fn discover_rows_per_firmware() {
     // A plain OS client with answer = "pxe" is ignored.
     let d = run(&p, &l, MessageType::Discover, MAC, vec![DhcpOption::ClassIdentifier(b"udhcp 1.36.1".to_vec())]);
     assert!(matches!(d, Decision::Ignore(Why::NotPxe)), "{d:?}");
+    // A client we leased to (as PXE) may renew without its class; a stranger may not.
+    let mut bound = Leases::new();
+    let ip = Ipv4Addr::new(10, 66, 0, 50);
+    bound.apply(&Change::Bind(Lease { mac: MacAddr(MAC), ip, expires: NOW + 100, state: LeaseState::Bound, hostname: None }));
+    for (mac, ok) in [(MAC, true), ([2, 0, 0, 0, 0, 8], false)] {
+        let mut m = v4::Message::new_with_id(9, ip, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
+        m.opts_mut().insert(DhcpOption::MessageType(MessageType::Request));
+        let req = parse(&encode_reply(&m).unwrap()).unwrap();
+        let d = decide(&req, Via::Dhcp, &bound, &p, NOW);
+        assert_eq!(matches!(d, Decision::Reply { .. }), ok, "{mac:?}: {d:?}");
+    }
     // ...and answered with answer = "all", without boot information.
     let pa = policy("answer = \"all\"");
     let (m, _, _) = reply(run(&pa, &l, MessageType::Discover, MAC, vec![]));

@@ -117,8 +117,8 @@ fn bound_ip(p: &Proc, mac: &str) -> String {
     let l = log(p);
     let line = l
         .lines()
-        .filter(|l| l.contains("lease bound") && l.contains(&format!("mac={mac}")))
-        .last()
+        .rev()
+        .find(|l| l.contains("lease bound") && l.contains(&format!("mac={mac}")))
         .unwrap_or_else(|| panic!("no bind for {mac}:\n{l}"))
         .to_owned();
     let ip = line.split("ip=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or("");

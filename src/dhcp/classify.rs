@@ -76,7 +76,7 @@ fn length_ok(code: u8, len: u8) -> bool {
         53 => len == 1,
         50 | 54 | 51 => len == 4,
         57 => len == 2,
-        93 => len >= 2 && len % 2 == 0,
+        93 => len >= 2 && len.is_multiple_of(2),
         61 => len >= 2,
         12 | 60 | 77 => len >= 1,
         _ => true,

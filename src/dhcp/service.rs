@@ -177,6 +177,11 @@ impl Service {
             Change::Bind(l) => self.leases.get(l.ip).filter(|p| p.mac == l.mac).map(|p| p.state),
             _ => None,
         };
+        let old_host = match &change {
+            Change::Release { ip, .. } | Change::Decline { ip, .. } => self.leases.get(*ip).and_then(|l| l.hostname.clone()),
+            _ => None,
+        }
+        .unwrap_or_default();
         if !self.leases.apply(&change) {
             return;
         }
@@ -192,9 +197,9 @@ impl Service {
                     info!(mac = %l.mac, ip = %l.ip, hostname = host, expires = l.expires, "lease bound");
                 }
             }
-            Change::Release { mac, ip, .. } => info!(%mac, %ip, "lease released"),
+            Change::Release { mac, ip, .. } => info!(%mac, %ip, hostname = old_host, "lease released"),
             Change::Decline { mac, ip, until } => {
-                warn!(%mac, %ip, probation_until = until, "address declined (in use by someone else?)")
+                warn!(%mac, %ip, hostname = old_host, probation_until = until, "address declined (in use by someone else?)")
             }
             Change::Offer { mac, ip, .. } => debug!(%mac, %ip, "offered"),
             Change::ForgetOffer { mac } => debug!(%mac, "offer withdrawn: client chose another server"),

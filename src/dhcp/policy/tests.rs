@@ -66,7 +66,8 @@ fn discover_rows_per_firmware() {
     let l = Leases::new();
     let url = "http://10.66.0.1:8080/boot/02-00-00-00-00-07.ipxe";
     // (name, options, boot file, option 43 present, 175 present)
-    let rows: Vec<(&str, Vec<DhcpOption>, Option<&str>, bool, bool)> = vec![
+    type Row<'a> = (&'a str, Vec<DhcpOption>, Option<&'a str>, bool, bool);
+    let rows: Vec<Row> = vec![
         ("BIOS PXE (no 93)", vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec())], Some("undionly.kpxe"), true, false),
         ("BIOS PXE (93=0)", pxe(0), Some("undionly.kpxe"), true, false),
         ("UEFI x64 (7)", pxe(7), Some("snponly.efi"), false, false),

@@ -590,3 +590,35 @@ fn kill9_under_load_keeps_every_acked_address() {
     assert_eq!(distinct.len(), b2.len(), "an address is held by two MACs");
     eprintln!("after restart: {} bindings, identical; {} witnesses re-acknowledged", b2.len(), acked.len());
 }
+
+#[test]
+fn relayed_requests_use_the_pool_of_giaddr() {
+    let mut lab = Lab::new("dr");
+    lab.add_host(Some("10.66.0.1/24"), Some("02:66:00:00:00:01")); // appliance
+    lab.add_host(Some("10.66.0.5/24"), Some("02:66:00:00:00:05")); // the relay agent
+    // The relayed rack's subnet is reached through the relay (on-link here, for simplicity).
+    lab.hosts[0].ip(&["route", "add", "10.67.0.0/24", "dev", "eth0"]);
+    lab.hosts[1].ip(&["addr", "add", "10.67.0.1/24", "dev", "eth0"]);
+    let pools = "answer = \"all\"\n[[dhcp.pool]]\nsubnet = \"10.66.0.0/24\"\n\
+                 [[dhcp.pool]]\nsubnet = \"10.67.0.0/24\"\nrange = [\"10.67.0.100\", \"10.67.0.199\"]\nrouter = \"10.67.0.1\"";
+    let app = start_appliance(&lab, 0, "app", &appliance_config(&lab, pools), &[]);
+    let server = SocketAddrV4::new(Ipv4Addr::new(10, 66, 0, 1), 67);
+    let relayed = |giaddr: Ipv4Addr, xid: u32| {
+        let mut m = message(MessageType::Discover, [2, 0x67, 0, 0, 0, 1], xid, vec![]);
+        m.set_giaddr(giaddr).set_hops(1);
+        bytes(&m)
+    };
+    // giaddr in the second pool: served from it, reply to the relay on port 67.
+    let got = exchange(&lab.hosts[1].name, 67, server, vec![relayed(Ipv4Addr::new(10, 67, 0, 1), 61)], 61, T, 1);
+    assert_eq!(got.len(), 1, "no relayed offer:\n{}", log(&app));
+    let o = &got[0].1;
+    assert_eq!(msg_type(o), Some(MessageType::Offer));
+    let y = o.yiaddr().octets();
+    assert!(y[..3] == [10, 67, 0] && (100..=199).contains(&y[3]), "{}", o.yiaddr());
+    assert_eq!(o.giaddr(), Ipv4Addr::new(10, 67, 0, 1));
+    assert!(matches!(o.opts().get(OptionCode::Router), Some(DhcpOption::Router(r)) if r == &[Ipv4Addr::new(10, 67, 0, 1)]));
+    // giaddr in no pool: ignored, with the reason in the log.
+    let got = exchange(&lab.hosts[1].name, 67, server, vec![relayed(Ipv4Addr::new(10, 68, 0, 1), 62)], 62, Duration::from_secs(2), 1);
+    assert!(got.is_empty(), "{got:?}");
+    wait_count(&app, "relayed via 10.68.0.1, which is in no dhcp.pool subnet", 1);
+}

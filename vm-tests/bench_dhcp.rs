@@ -207,7 +207,9 @@ fn main() {
     let secs: u32 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).clamp(1, 60);
     let servers = [Server::SiAppliance, Server::Dnsmasq, Server::Kea];
     let tool = Command::new("perfdhcp").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let load = || fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     println!("DHCPv4 DORA benchmark: perfdhcp {tool}, {secs} s per run, fresh server and lease state per run");
+    println!("machine: {} CPUs, load average {} (perfdhcp shares them: completed/s is bounded by the machine, CPU µs/lease is each server's own cost)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), load());
     println!(
         "{:<14} {:>9} {:>12} {:>9} {:>9} {:>9} {:>14}",
         "server", "offered/s", "completed/s", "DO drop%", "RA drop%", "lost%", "CPU µs/lease"
@@ -249,4 +251,5 @@ fn main() {
     for s in servers {
         println!("  durability {:<13}: {}", s.name(), s.durability());
     }
+    println!("load average at the end: {}", load());
 }

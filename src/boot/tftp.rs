@@ -1,0 +1,217 @@
+//! The TFTP service: an async-tftp [`Handler`](async_tftp::server::Handler) over [`BootFile`]
+//! keys, read-only. The only file that imports async-tftp.
+//!
+//! What async-tftp does and how we use it (crate 0.4.2, read from its source):
+//! - Options: blksize (RFC 2348, capped at `tftp.max_blksize`), timeout and tsize (RFC 2349),
+//!   windowsize (RFC 7440, capped at `tftp.max_windowsize`; default 1, see the README for the
+//!   measurements behind that default).
+//! - The handler sits behind one mutex and `read_req_open` runs under it, so concurrent
+//!   requests are serialised through it. Ours parses the name (pure), then does one
+//!   `stat`/`open`/`fstat` on the blocking pool (microseconds) or renders a few hundred bytes;
+//!   the file is read later, outside the lock, through a bounded read-ahead buffer.
+//! - Every transfer runs as a task with its own socket on the server's address.
+//! - async-tftp ignores ERROR packets from the client during a transfer (upstream issue #18):
+//!   a firmware that aborts after the OACK (the usual `tsize` probe) or a client that gives
+//!   up leaves the task retransmitting until `max_send_retries` runs out. The crate's default
+//!   is 100 retries (× the 3 s timeout = 5 minutes); we use [`MAX_SEND_RETRIES`], which ends
+//!   such a task after `(MAX_SEND_RETRIES + 1) × timeout` (18 s with the default timeout) while
+//!   still riding out several lost packets in a row on a live transfer.
+//! - Write requests, unknown names and traversal attempts get a TFTP ERROR packet; packets
+//!   that are not requests, or do not parse, are dropped by async-tftp without an answer.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_tftp::packet;
+use async_tftp::server::{Handler, TftpServerBuilder};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::boot::error::{BadName, BootError};
+use crate::boot::file::{self, BootFile, Source};
+use crate::boot::BootContext;
+use crate::config::TftpConfig;
+
+/// Retransmissions of one block (or window) before a transfer is abandoned. See the module
+/// docs: async-tftp cannot see a client's ERROR packet, so this bounds how long a dead
+/// transfer lingers.
+pub const MAX_SEND_RETRIES: u32 = 5;
+
+/// Read-ahead buffer per transfer (the file is read on the blocking pool in chunks of this).
+const READ_AHEAD: usize = 128 * 1024;
+
+/// async-tftp's own error (server set-up or the listening socket), kept behind this type so
+/// the crate's types do not leave this file.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct TftpError(#[from] async_tftp::Error);
+
+/// The handler: maps request names to boot files.
+struct BootHandler {
+    ctx: Arc<BootContext>,
+}
+
+type Reader = Box<dyn futures_lite::AsyncRead + Unpin + Send>;
+
+impl Handler for BootHandler {
+    type Reader = Reader;
+    type Writer = futures_lite::io::Sink;
+
+    async fn read_req_open(
+        &mut self,
+        client: &SocketAddr,
+        path: &Path,
+    ) -> Result<(Self::Reader, Option<u64>), packet::Error> {
+        // async-tftp hands the name over as a Path; it was a UTF-8 string on the wire.
+        let name = path.to_str().unwrap_or("");
+        let f = match BootFile::parse(name) {
+            Ok(f) => f,
+            Err(why) => {
+                debug!(%client, name, %why, "tftp: refused");
+                return Err(match why {
+                    BadName::Traversal => packet::Error::PermissionDenied,
+                    BadName::Malformed | BadName::Unknown => packet::Error::FileNotFound,
+                });
+            }
+        };
+        let ctx = self.ctx.clone();
+        let key = f.clone();
+        let src = blocking::unblock(move || file::open(&ctx, &key)).await;
+        let src = match src {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() => {
+                debug!(%client, file = %f, "tftp: not found: {e}");
+                return Err(packet::Error::FileNotFound);
+            }
+            Err(e) => {
+                warn!(%client, file = %f, "tftp: refused: {e:#}");
+                return Err(packet::Error::FileNotFound);
+            }
+        };
+        let size = src.len();
+        let mac = f.mac().map(tracing::field::display);
+        if f.is_node_step() {
+            info!(%client, file = %f, kind = f.kind(), mac, size, "tftp: sending");
+        } else {
+            debug!(%client, file = %f, kind = f.kind(), size, "tftp: sending");
+        }
+        let reader: Reader = match src {
+            Source::Disk { file, .. } => Box::new(blocking::Unblock::with_capacity(READ_AHEAD, file)),
+            Source::Rendered(bytes) => Box::new(futures_lite::io::Cursor::new(bytes)),
+        };
+        Ok((reader, Some(size)))
+    }
+
+    async fn write_req_open(
+        &mut self,
+        client: &SocketAddr,
+        path: &Path,
+        _size: Option<u64>,
+    ) -> Result<Self::Writer, packet::Error> {
+        debug!(%client, name = %path.display(), "tftp: write request refused (read-only server)");
+        Err(packet::Error::IllegalOperation)
+    }
+}
+
+/// Runs the TFTP server on `socket` until `shutdown`. See [`crate::boot::serve_tftp`].
+///
+/// # Errors
+/// [`BootError::Tftp`] when the server cannot be built or its socket fails.
+pub async fn serve(
+    ctx: Arc<BootContext>,
+    cfg: &TftpConfig,
+    socket: std::net::UdpSocket,
+    shutdown: CancellationToken,
+) -> Result<(), BootError> {
+    let addr = socket.local_addr().map_err(BootError::TftpSocket)?;
+    let err = |e: async_tftp::Error| BootError::Tftp { addr, source: TftpError(e) };
+    let server = TftpServerBuilder::with_handler(BootHandler { ctx })
+        .std_socket(socket)
+        .map_err(err)?
+        .timeout(cfg.timeout)
+        .block_size_limit(cfg.max_blksize)
+        .window_size_limit(cfg.max_windowsize)
+        .max_send_retries(MAX_SEND_RETRIES)
+        .build()
+        .await
+        .map_err(err)?;
+    info!(%addr, max_blksize = cfg.max_blksize, max_windowsize = cfg.max_windowsize, "tftp: serving");
+    tokio::select! {
+        // CANCEL-SAFETY: dropping `serve()` drops its executor and with it every transfer
+        // task and socket; nothing is half-written (the server is read-only).
+        _ = shutdown.cancelled() => {
+            debug!("tftp: shutting down");
+            Ok(())
+        }
+        r = server.serve() => r.map_err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    /// A minimal lock-step RRQ client on loopback: returns the file or the ERROR code.
+    fn fetch(server: SocketAddr, name: &str, opcode: u8) -> Result<Vec<u8>, u16> {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = vec![0, opcode];
+        req.extend_from_slice(name.as_bytes());
+        req.extend_from_slice(b"\0octet\0");
+        s.send_to(&req, server).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 600];
+        for _ in 0..10_000 {
+            let (n, from) = s.recv_from(&mut buf).expect("reply within 5 s");
+            match buf[1] {
+                3 => {
+                    out.extend_from_slice(&buf[4..n]);
+                    s.send_to(&[0, 4, buf[2], buf[3]], from).unwrap();
+                    if n < 4 + 512 {
+                        return Ok(out);
+                    }
+                }
+                5 => return Err(u16::from_be_bytes([buf[2], buf[3]])),
+                other => panic!("unexpected opcode {other}"),
+            }
+        }
+        panic!("transfer did not end");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loopback_reads_keys_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&kernel, &data).unwrap();
+        let ctx = Arc::new(BootContext::for_tests(vec![dir.path().to_owned()], kernel));
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let t2 = token.clone();
+        let task = tokio::spawn(async move { serve(ctx, &TftpConfig::default(), socket, t2).await });
+
+        let r = tokio::task::spawn_blocking(move || {
+            (
+                fetch(addr, "vmlinuz", 1),
+                fetch(addr, "boot.ipxe", 1),
+                fetch(addr, "../etc/passwd", 1),
+                fetch(addr, "nothing", 1),
+                fetch(addr, "vmlinuz", 2),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.0.unwrap(), data);
+        assert!(String::from_utf8(r.1.unwrap()).unwrap().starts_with("#!ipxe"));
+        assert_eq!(r.2, Err(2));
+        assert_eq!(r.3, Err(1));
+        assert_eq!(r.4, Err(4));
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+}

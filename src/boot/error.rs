@@ -17,6 +17,9 @@ pub enum BootError {
         #[source]
         source: crate::boot::tftp::TftpError,
     },
+    /// The thread running the TFTP server panicked or was cancelled.
+    #[error("tftp server thread: {0}")]
+    TftpThread(String),
     /// The listening socket handed to the TFTP service has no local address.
     #[error("tftp listening socket")]
     TftpSocket(#[source] std::io::Error),

@@ -137,14 +137,29 @@ pub async fn serve(
         .await
         .map_err(err)?;
     info!(%addr, max_blksize = cfg.max_blksize, max_windowsize = cfg.max_windowsize, "tftp: serving");
-    tokio::select! {
-        // CANCEL-SAFETY: dropping `serve()` drops its executor and with it every transfer
-        // task and socket; nothing is half-written (the server is read-only).
-        _ = shutdown.cancelled() => {
-            debug!("tftp: shutting down");
+    // async-tftp runs its transfers on its own executor inside `serve()`, and its sockets on
+    // the async-io reactor. Driving it with `async_io::block_on` on a thread of its own lets
+    // that thread poll the reactor itself: one thread hop less per block than polling it from
+    // a tokio task, which matters for lock-step TFTP where every block waits for an ACK.
+    let stop = shutdown.clone();
+    let served = tokio::task::spawn_blocking(move || {
+        async_io::block_on(futures_lite::future::or(
+            async move { Some(server.serve().await) },
+            // CANCEL-SAFETY: dropping `serve()` drops its executor and with it every transfer
+            // task and socket; nothing is half-written (the server is read-only).
+            async move {
+                stop.cancelled().await;
+                None
+            },
+        ))
+    });
+    match served.await {
+        Ok(Some(r)) => r.map_err(err),
+        Ok(None) => {
+            debug!("tftp: shut down");
             Ok(())
         }
-        r = server.serve() => r.map_err(err),
+        Err(e) => Err(BootError::TftpThread(e.to_string())),
     }
 }
 

@@ -62,7 +62,7 @@ fn main() {
 
     let mut cmd = lab.hosts[h].cmd("/usr/sbin/in.tftpd");
     cmd.args(["-L", "-s"]).arg(&root).args(["-a", &format!("{HPA}:69")]);
-    let _hpa = Proc::spawn("in.tftpd", cmd, lab.path("in.tftpd.log"));
+    let hpa = Proc::spawn("in.tftpd", cmd, lab.path("in.tftpd.log"));
     let probe = lab.path("probe.bin");
     let up = wait_for(Duration::from_secs(15), || {
         let ok = lab.hosts[c]
@@ -146,6 +146,9 @@ fn main() {
     println!("  HTTP ours / TFTP ours windowsize 16            {:>6.2}", med[6] / med[4]);
     let log = fs::read_to_string(&ours.log).unwrap_or_default();
     println!("(appliance log: {} lines, {} transfers logged)", log.lines().count(), log.matches("sending").count());
+    drop(ours);
+    drop(hpa);
+    let _ = fs::remove_dir_all(&lab.dir);
 }
 
 fn check(p: &Path, want: &str, what: &[impl std::fmt::Debug]) {

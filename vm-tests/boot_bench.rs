@@ -121,15 +121,25 @@ fn main() {
         ("TFTP atftp windowsize 16, in.tftpd (ignores it)", vec![]),
         ("HTTP curl, ours", vec![]),
     ];
+    // The appliance's CPU time per transfer: unlike MB/s it barely depends on what else the
+    // machine is doing. `ip netns exec` execs, so the Proc's PID is the appliance's.
+    let pid = ours.child.id();
+    let mut cpu = [0f64; 3];
+    let mut timed = |i: usize, f: &dyn Fn() -> f64| -> f64 {
+        let before = cpu_secs(pid);
+        let r = f();
+        cpu[i] += cpu_secs(pid) - before;
+        r
+    };
     // Interleaved rounds, so drift in machine load hits every row alike.
     for _ in 0..rounds {
-        rows[0].1.push(client(curl_tftp(OURS)));
+        rows[0].1.push(timed(0, &|| client(curl_tftp(OURS))));
         rows[1].1.push(client(curl_tftp(HPA)));
         rows[2].1.push(parallel(OURS));
         rows[3].1.push(parallel(HPA));
-        rows[4].1.push(client(atftp_ws(OURS)));
+        rows[4].1.push(timed(1, &|| client(atftp_ws(OURS))));
         rows[5].1.push(client(atftp_ws(HPA)));
-        rows[6].1.push(client(http.clone()));
+        rows[6].1.push(timed(2, &|| client(http.clone())));
     }
     let med: Vec<f64> = rows.iter().map(|(_, v)| median(v)).collect();
     println!("\nboot_throughput: 20 MiB file, {rounds} rounds, median MB/s (min..max)");
@@ -144,6 +154,10 @@ fn main() {
     println!("  TFTP ours windowsize 16 / in.tftpd (atftp)     {:>6.2}", med[4] / med[5]);
     println!("  HTTP ours / TFTP ours (curl)                   {:>6.2}", med[6] / med[0]);
     println!("  HTTP ours / TFTP ours windowsize 16            {:>6.2}", med[6] / med[4]);
+    println!("appliance CPU per 20 MiB transfer (user+system, all threads):");
+    for (i, what) in ["TFTP lock-step (curl)", "TFTP windowsize 16 (atftp)", "HTTP (curl)"].iter().enumerate() {
+        println!("  {what:<46} {:>8.0} ms", cpu[i] / rounds as f64 * 1000.0);
+    }
     let log = fs::read_to_string(&ours.log).unwrap_or_default();
     println!("(appliance log: {} lines, {} transfers logged)", log.lines().count(), log.matches("sending").count());
     drop(ours);
@@ -154,6 +168,17 @@ fn main() {
 fn check(p: &Path, want: &str, what: &[impl std::fmt::Debug]) {
     let got = fs::read(p).map(|d| hex::encode(Sha256::digest(&d))).unwrap_or_default();
     assert_eq!(got, want, "{what:?}: wrong bytes");
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn median(v: &[f64]) -> f64 {

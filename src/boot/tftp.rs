@@ -378,6 +378,53 @@ mod tests {
         task.await.unwrap().unwrap();
     }
 
+    /// The UEFI `tsize` probe: RRQ with options, OACK, then the client sends ERROR 8 and goes
+    /// away. async-tftp does not read that ERROR (upstream #18), so the transfer retransmits
+    /// its OACK; with [`MAX_SEND_RETRIES`] it gives up after that many retries and ends with an
+    /// ERROR of its own, instead of 100 retries (5 minutes) by default.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_error_after_oack_ends_after_bounded_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, vec![7u8; 100_000]).unwrap();
+        let ctx = Arc::new(BootContext::for_tests(vec![dir.path().to_owned()], kernel));
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let t2 = token.clone();
+        let cfg = TftpConfig { timeout: Duration::from_secs(1), ..TftpConfig::default() };
+        let task = tokio::spawn(async move { serve(ctx, &cfg, socket, t2).await });
+
+        let (oacks, ended_with_error) = tokio::task::spawn_blocking(move || {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.send_to(b"\0\x01vmlinuz\0octet\0tsize\00\0blksize\01468\0", addr).unwrap();
+            let mut buf = [0u8; 1600];
+            let (_, tid) = s.recv_from(&mut buf).expect("OACK");
+            assert_eq!(buf[1], 6, "expected an OACK");
+            s.send_to(b"\0\x05\0\x08tsize probe done\0", tid).unwrap();
+            let mut oacks = 1u32;
+            // Bounded: at most 100 packets, each within 5 s.
+            for _ in 0..100 {
+                match s.recv_from(&mut buf) {
+                    Ok((_, from)) if from == tid && buf[1] == 6 => oacks += 1,
+                    Ok((_, from)) if from == tid && buf[1] == 5 => return (oacks, true),
+                    Ok(_) => {}
+                    Err(_) => return (oacks, false),
+                }
+            }
+            (oacks, false)
+        })
+        .await
+        .unwrap();
+        eprintln!("OACKs sent after the client's ERROR: {}", oacks - 1);
+        assert!(oacks <= MAX_SEND_RETRIES + 1, "{oacks} OACKs");
+        assert!(ended_with_error || oacks == 1, "the transfer neither ended nor honoured the ERROR");
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn loopback_reads_keys_and_refuses_the_rest() {
         let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@
 //!   time and four at once;
 //! - over TFTP with RFC 7440 windowsize (atftp, blksize 1468, windowsize 16) from both (in.tftpd
 //!   5.2 ignores windowsize, so it is lock-step there);
+//! - over TFTP from ours with atftp at windowsize 1, 4 and 64 (the appliance allows up to 64),
 //! - over HTTP from ours (curl),
 //!
 //! and prints MB/s (median of `ROUNDS` runs, 1 MB = 10^6 bytes) and ratios. Wall-clock time of
@@ -89,7 +90,7 @@ fn main() {
     };
     let o = out.display().to_string();
     let curl_tftp = |ip: &str| vec!["curl".into(), "-sS".into(), "--tftp-blksize".into(), "1468".into(), "-o".into(), o.clone(), format!("tftp://{ip}/vmlinuz")];
-    let atftp_ws = |ip: &str| vec!["atftp".into(), "--option".into(), "blksize 1468".into(), "--option".into(), "windowsize 16".into(), "-g".into(), "-r".into(), "vmlinuz".into(), "-l".into(), o.clone(), ip.into()];
+    let atftp_ws = |ip: &str, ws: u16| vec!["atftp".into(), "--option".into(), "blksize 1468".into(), "--option".into(), format!("windowsize {ws}"), "-g".into(), "-r".into(), "vmlinuz".into(), "-l".into(), o.clone(), ip.into()];
     let http = vec!["curl".to_owned(), "-sS".into(), "-o".into(), o.clone(), format!("http://{OURS}/boot/vmlinuz")];
 
     // Four clients at once: aggregate MB/s.
@@ -120,6 +121,9 @@ fn main() {
         ("TFTP atftp windowsize 16, ours", vec![]),
         ("TFTP atftp windowsize 16, in.tftpd (ignores it)", vec![]),
         ("HTTP curl, ours", vec![]),
+        ("TFTP atftp windowsize 1, ours", vec![]),
+        ("TFTP atftp windowsize 4, ours", vec![]),
+        ("TFTP atftp windowsize 64, ours", vec![]),
     ];
     // The appliance's CPU time per transfer: unlike MB/s it barely depends on what else the
     // machine is doing. `ip netns exec` execs, so the Proc's PID is the appliance's.
@@ -137,9 +141,12 @@ fn main() {
         rows[1].1.push(client(curl_tftp(HPA)));
         rows[2].1.push(parallel(OURS));
         rows[3].1.push(parallel(HPA));
-        rows[4].1.push(timed(1, &|| client(atftp_ws(OURS))));
-        rows[5].1.push(client(atftp_ws(HPA)));
+        rows[4].1.push(timed(1, &|| client(atftp_ws(OURS, 16))));
+        rows[5].1.push(client(atftp_ws(HPA, 16)));
         rows[6].1.push(timed(2, &|| client(http.clone())));
+        rows[7].1.push(client(atftp_ws(OURS, 1)));
+        rows[8].1.push(client(atftp_ws(OURS, 4)));
+        rows[9].1.push(client(atftp_ws(OURS, 64)));
     }
     let med: Vec<f64> = rows.iter().map(|(_, v)| median(v)).collect();
     println!("\nboot_throughput: 20 MiB file, {rounds} rounds, median MB/s (min..max)");
@@ -154,6 +161,7 @@ fn main() {
     println!("  TFTP ours windowsize 16 / in.tftpd (atftp)     {:>6.2}", med[4] / med[5]);
     println!("  HTTP ours / TFTP ours (curl)                   {:>6.2}", med[6] / med[0]);
     println!("  HTTP ours / TFTP ours windowsize 16            {:>6.2}", med[6] / med[4]);
+    println!("  TFTP ours atftp windowsize 4/16/64 vs 1        {:>6.2} {:.2} {:.2}", med[8] / med[7], med[4] / med[7], med[9] / med[7]);
     println!("appliance CPU per 20 MiB transfer (user+system, all threads):");
     for (i, what) in ["TFTP lock-step (curl)", "TFTP windowsize 16 (atftp)", "HTTP (curl)"].iter().enumerate() {
         println!("  {what:<46} {:>8.0} ms", cpu[i] / rounds as f64 * 1000.0);

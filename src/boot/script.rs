@@ -48,6 +48,7 @@ pub struct NodeBoot {
 
 /// The `si.*` words of the kernel command line, then the configured extra words.
 pub fn kernel_args(s: &Server<'_>, node: Option<&NodeBoot>) -> String {
+    // `write!` into a String cannot fail; the results are ignored for that reason.
     let mut a = format!("si.server={}:{}", s.ip, s.http_port);
     if let Some(n) = node {
         let _ = write!(a, " si.mac={}", n.mac);

@@ -1,0 +1,314 @@
+//! Packing: a scanned tree (see [`super::scan`]) -> deterministic tar (see [`super::tarw`]),
+//! optionally through a multithreaded zstd encoder, with the content digests for the manifest
+//! computed while the bytes stream past. Also the atomic "write to a temporary name, fsync, rename"
+//! used for every file the store publishes. Knows nothing of the store's layout.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::error::ImageError;
+use super::manifest::{Entry, Header, Manifest, VERSION};
+use super::progress::{Progress, ProgressMode};
+use super::scan::{Kind, Node, StatKey};
+use super::tarw::{self, TarWriter};
+
+/// Archive name of the diff control entry holding the deletion list (NUL-terminated paths).
+pub const DELETIONS_NAME: &[u8] = b"./.si-appliance-diff-deletions";
+
+/// How to pack.
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    /// zstd level (1..=22); `None` writes a plain tar.
+    pub zstd_level: Option<i32>,
+    /// zstd worker threads (at least 1; the output does not depend on the number).
+    pub threads: u32,
+    /// Progress display.
+    pub progress: ProgressMode,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        PackOptions { zstd_level: Some(3), threads, progress: ProgressMode::Auto }
+    }
+}
+
+/// Content digests already known (from a previous pack), keyed by relative path and valid while
+/// the file's [`StatKey`] is unchanged.
+pub type DigestCache = HashMap<Vec<u8>, (StatKey, [u8; 32])>;
+
+const CHUNK: usize = 1 << 20;
+
+/// Writes `nodes` (all, or those whose relative path is in `only`) from `root` as an archive to
+/// `out`, preceded by the diff deletion list when `deletions` is given. Returns the SHA-256 of
+/// each regular file written, by relative path, and the writer.
+///
+/// # Errors
+/// [`ImageError::ReadTree`] / [`ImageError::ChangedDuringPack`] for the tree,
+/// [`ImageError::WriteArchive`] (naming `archive`) for the output.
+pub fn write_archive<W: Write>(
+    root: &Path,
+    nodes: &[Node],
+    only: Option<&HashSet<Vec<u8>>>,
+    deletions: Option<&[Vec<u8>]>,
+    opts: &PackOptions,
+    archive: &Path,
+    out: W,
+) -> Result<(HashMap<Vec<u8>, [u8; 32]>, W), ImageError> {
+    let werr = |source: io::Error| ImageError::WriteArchive { path: archive.to_path_buf(), source };
+    match opts.zstd_level {
+        Some(level) => {
+            let mut enc = zstd::stream::write::Encoder::new(out, level).map_err(werr)?;
+            enc.multithread(opts.threads.max(1)).map_err(werr)?;
+            enc.include_checksum(true).map_err(werr)?;
+            let mut tar = TarWriter::new(BufWriter::with_capacity(CHUNK, enc));
+            let digests = write_entries(&mut tar, root, nodes, only, deletions, opts, archive)?;
+            let buf = tar.finish().map_err(werr)?;
+            let enc = buf.into_inner().map_err(|e| werr(e.into_error()))?;
+            Ok((digests, enc.finish().map_err(werr)?))
+        }
+        None => {
+            let mut tar = TarWriter::new(BufWriter::with_capacity(CHUNK, out));
+            let digests = write_entries(&mut tar, root, nodes, only, deletions, opts, archive)?;
+            let buf = tar.finish().map_err(werr)?;
+            Ok((digests, buf.into_inner().map_err(|e| werr(e.into_error()))?))
+        }
+    }
+}
+
+fn write_entries<W: Write>(
+    tar: &mut TarWriter<W>,
+    root: &Path,
+    nodes: &[Node],
+    only: Option<&HashSet<Vec<u8>>>,
+    deletions: Option<&[Vec<u8>]>,
+    opts: &PackOptions,
+    archive: &Path,
+) -> Result<HashMap<Vec<u8>, [u8; 32]>, ImageError> {
+    let werr = |source: io::Error| ImageError::WriteArchive { path: archive.to_path_buf(), source };
+    let selected = |n: &Node| only.is_none_or(|s| s.contains(&n.rel));
+    let total: u64 = nodes.iter().filter(|n| selected(n)).map(tarw::stored_size).sum();
+    let mut progress = Progress::new(opts.progress, "packing", Some(total));
+    if let Some(dels) = deletions {
+        let mut body = Vec::new();
+        for d in dels {
+            body.extend_from_slice(d);
+            body.push(0);
+        }
+        let control = Node {
+            rel: DELETIONS_NAME[2..].to_vec(),
+            kind: Kind::File { size: body.len() as u64, extents: None },
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_ns: 0,
+            xattrs: Vec::new(),
+            stat_key: StatKey { dev: 0, ino: 0, ctime: 0, ctime_ns: 0, mtime_ns: 0, size: 0 },
+        };
+        tar.header_named(&control, DELETIONS_NAME).map_err(werr)?;
+        tar.data(&body).map_err(werr)?;
+        tar.pad(body.len() as u64).map_err(werr)?;
+    }
+    let mut digests = HashMap::new();
+    let mut buf = vec![0u8; CHUNK];
+    for node in nodes.iter().filter(|n| selected(n)) {
+        tar.header(node).map_err(werr)?;
+        if let Kind::File { size, extents } = &node.kind {
+            let path = node.path_under(root);
+            let d = copy_file(tar, &path, *size, extents.as_deref(), &mut buf, &mut progress, &werr)?;
+            tar.pad(tarw::stored_size(node)).map_err(werr)?;
+            digests.insert(node.rel.clone(), d);
+        }
+    }
+    progress.finish();
+    Ok(digests)
+}
+
+/// Copies a file's stored bytes (all, or its data extents) into the archive and returns the
+/// SHA-256 of its logical content (holes hash as zeros).
+fn copy_file<W: Write>(
+    tar: &mut TarWriter<W>,
+    path: &Path,
+    size: u64,
+    extents: Option<&[(u64, u64)]>,
+    buf: &mut [u8],
+    progress: &mut Progress,
+    werr: &dyn Fn(io::Error) -> ImageError,
+) -> Result<[u8; 32], ImageError> {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(ImageError::read_tree(path))?;
+    let whole = [(0, size)];
+    let ranges = extents.unwrap_or(&whole);
+    let mut hash = Sha256::new();
+    let mut logical = 0u64;
+    let zeros = vec![0u8; CHUNK];
+    for &(off, len) in ranges {
+        hash_zeros(&mut hash, off - logical.min(off), &zeros);
+        if extents.is_some() {
+            f.seek(SeekFrom::Start(off)).map_err(ImageError::read_tree(path))?;
+        }
+        let mut left = len;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = f.read(&mut buf[..want]).map_err(ImageError::read_tree(path))?;
+            if n == 0 {
+                return Err(ImageError::ChangedDuringPack { path: path.to_path_buf(), expected: size });
+            }
+            tar.data(&buf[..n]).map_err(werr)?;
+            hash.update(&buf[..n]);
+            progress.add(n as u64);
+            left -= n as u64;
+        }
+        logical = off + len;
+    }
+    hash_zeros(&mut hash, size.saturating_sub(logical), &zeros);
+    Ok(hash.finalize().into())
+}
+
+fn hash_zeros(hash: &mut Sha256, mut n: u64, zeros: &[u8]) {
+    while n > 0 {
+        let k = n.min(zeros.len() as u64) as usize;
+        hash.update(&zeros[..k]);
+        n -= k as u64;
+    }
+}
+
+/// SHA-256 of a file's content, read from disk (for files not packed in this run).
+///
+/// # Errors
+/// [`ImageError::ReadTree`].
+pub fn digest_file(path: &Path) -> Result<[u8; 32], ImageError> {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(ImageError::read_tree(path))?;
+    let mut hash = Sha256::new();
+    io::copy(&mut f, &mut hash).map_err(ImageError::read_tree(path))?;
+    Ok(hash.finalize().into())
+}
+
+/// The manifest of `nodes` given the digests of their files; hard links carry the digest of the
+/// file they name.
+pub fn manifest_of(nodes: &[Node], digests: &HashMap<Vec<u8>, [u8; 32]>, header: Header) -> Manifest {
+    let entries = nodes
+        .iter()
+        .map(|n| {
+            let d = match &n.kind {
+                Kind::File { .. } => digests.get(&n.rel).copied(),
+                Kind::HardLink(t) => digests.get(t).copied(),
+                _ => None,
+            };
+            Entry::of(n, d)
+        })
+        .collect();
+    Manifest { header, entries }
+}
+
+/// The header of a full archive packed with `opts`.
+pub fn full_header(opts: &PackOptions) -> Header {
+    Header { si_appliance_manifest: VERSION, kind: "full".into(), zstd_level: opts.zstd_level, base_manifest_sha256: None, deletions: Vec::new() }
+}
+
+/// Computes the digests of all files from the cache where their stat key is unchanged and from
+/// disk otherwise (`read_missing`), or returns `None` as soon as one is missing and
+/// `read_missing` is false.
+///
+/// # Errors
+/// [`ImageError::ReadTree`].
+pub fn digests_for(
+    root: &Path,
+    nodes: &[Node],
+    cache: &DigestCache,
+    read_missing: bool,
+) -> Result<Option<HashMap<Vec<u8>, [u8; 32]>>, ImageError> {
+    let mut out = HashMap::new();
+    for n in nodes {
+        if let Kind::File { .. } = n.kind {
+            match cache.get(&n.rel) {
+                Some((key, d)) if *key == n.stat_key => {
+                    out.insert(n.rel.clone(), *d);
+                }
+                _ if read_missing => {
+                    out.insert(n.rel.clone(), digest_file(&n.path_under(root))?);
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// A file being written under a temporary name next to its final path; [`AtomicFile::commit`]
+/// fsyncs and renames it into place, dropping it uncommitted removes it. So readers see the old
+/// file or the complete new one, never a partial one.
+pub struct AtomicFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: Option<File>,
+}
+
+impl AtomicFile {
+    /// Creates `<dest>.tmp.<pid>`.
+    ///
+    /// # Errors
+    /// [`ImageError::Store`].
+    pub fn create(dest: &Path) -> Result<AtomicFile, ImageError> {
+        let mut name = dest.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".tmp.{}", std::process::id()));
+        let tmp = dest.with_file_name(name);
+        let file = File::create(&tmp).map_err(ImageError::store("creating", &tmp))?;
+        Ok(AtomicFile { tmp, dest: dest.to_path_buf(), file: Some(file) })
+    }
+
+    /// The open file.
+    pub fn file(&mut self) -> &mut File {
+        // Only `commit` takes the file, and it consumes self.
+        self.file.as_mut().expect("file present until commit")
+    }
+
+    /// Syncs and renames into place.
+    ///
+    /// # Errors
+    /// [`ImageError::Store`].
+    pub fn commit(mut self) -> Result<(), ImageError> {
+        if let Some(f) = self.file.take() {
+            f.sync_all().map_err(ImageError::store("syncing", &self.tmp))?;
+        }
+        fs::rename(&self.tmp, &self.dest).map_err(ImageError::store("renaming", &self.tmp))?;
+        if let Some(dir) = self.dest.parent() {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        self.tmp.clear();
+        Ok(())
+    }
+
+    /// Writes `bytes` to `dest` atomically.
+    ///
+    /// # Errors
+    /// [`ImageError::Store`].
+    pub fn write(dest: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+        let mut f = AtomicFile::create(dest)?;
+        f.file().write_all(bytes).map_err(ImageError::store("writing", dest))?;
+        f.commit()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}

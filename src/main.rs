@@ -106,8 +106,8 @@ fn run_image(cfg: &Config, action: ImageAction) -> anyhow::Result<()> {
             std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
             let manifest = verify.as_deref().map(si_appliance::image::manifest::Manifest::load).transpose()?;
             let opts = UnpackOptions::default();
-            let input: Box<dyn std::io::Read> = if archive.as_os_str() == "-" {
-                Box::new(std::io::stdin().lock())
+            let input: Box<dyn std::io::Read + Send> = if archive.as_os_str() == "-" {
+                Box::new(std::io::stdin())
             } else {
                 Box::new(std::fs::File::open(&archive).with_context(|| format!("opening {}", archive.display()))?)
             };

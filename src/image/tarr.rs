@@ -216,7 +216,7 @@ impl<R: Read> TarReader<R> {
                 _ => {
                     if let Some(x) = k.strip_prefix(b"SCHILY.xattr.") {
                         head.xattrs.push((x.to_vec(), v));
-                    } else if k.starts_with(b"GNU.sparse.") {
+                    } else if k.starts_with(b"GNU.sparse.") && k != b"GNU.sparse.minor" {
                         return Err(bad("PAX sparse formats 0.0/0.1 are not supported (use --sparse-version=1.0)"));
                     }
                 }

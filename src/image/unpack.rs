@@ -96,17 +96,86 @@ struct Unpacker<'a> {
 /// [`ImageError::ReadArchive`] for truncated or corrupt input, [`ImageError::Refused`] for a
 /// hostile entry (nothing is written for it, and unpacking stops), [`ImageError::WriteTree`] for
 /// failures under the root.
-pub fn unpack<R: Read>(input: R, root: &Path, opts: &UnpackOptions) -> Result<UnpackReport, ImageError> {
+pub fn unpack<R: Read + Send>(input: R, root: &Path, opts: &UnpackOptions) -> Result<UnpackReport, ImageError> {
     let mut input = BufReader::with_capacity(CHUNK, input);
     let head = input.fill_buf().map_err(read_err("input"))?;
-    if head.starts_with(&ZSTD_MAGIC) {
-        let mut dec = zstd::stream::read::Decoder::with_buffer(input).map_err(read_err("zstd stream"))?;
-        let report = unpack_tar(&mut dec, root, opts)?;
-        // Read to the end of the frame so its checksum is verified.
-        io::copy(&mut dec, &mut io::sink()).map_err(read_err("zstd stream"))?;
+    if !head.starts_with(&ZSTD_MAGIC) {
+        return unpack_tar(&mut input, root, opts);
+    }
+    // Decompress on a second thread (like `zstd -d | tar -x`), handing over 1 MiB chunks through
+    // a bounded channel, so decoding and writing files overlap.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut dec = match zstd::stream::read::Decoder::with_buffer(input) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                let mut chunk = vec![0u8; CHUNK];
+                match read_full(&mut dec, &mut chunk) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        if tx.send(Ok(chunk)).is_err() {
+                            return; // the unpacker stopped (error); nothing more to do
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut reader = ChannelReader { rx, chunk: Vec::new(), pos: 0 };
+        let report = unpack_tar(&mut reader, root, opts)?;
+        // Read to the end of the stream so the frame checksum is verified.
+        io::copy(&mut reader, &mut io::sink()).map_err(read_err("zstd stream"))?;
         Ok(report)
-    } else {
-        unpack_tar(&mut input, root, opts)
+    })
+}
+
+/// Reads until `buf` is full or the end of the stream.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// `Read` over chunks arriving on a channel; a closed channel is the end of the stream.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(Ok(c)) => {
+                    self.chunk = c;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -114,7 +183,7 @@ pub fn unpack<R: Read>(input: R, root: &Path, opts: &UnpackOptions) -> Result<Un
 ///
 /// # Errors
 /// As [`unpack`] and [`verify`].
-pub fn unpack_verified<R: Read>(input: R, root: &Path, opts: &UnpackOptions, manifest: &Manifest) -> Result<UnpackReport, ImageError> {
+pub fn unpack_verified<R: Read + Send>(input: R, root: &Path, opts: &UnpackOptions, manifest: &Manifest) -> Result<UnpackReport, ImageError> {
     let r = unpack(input, root, opts)?;
     verify(root, manifest)?;
     Ok(r)
@@ -466,3 +535,24 @@ fn copy_data<R: Read>(
     Ok(real)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_reader_reassembles_chunks_and_passes_errors() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(Ok(b"hel".to_vec())).unwrap();
+        tx.send(Ok(Vec::new())).unwrap();
+        tx.send(Ok(b"lo".to_vec())).unwrap();
+        drop(tx);
+        let mut out = Vec::new();
+        ChannelReader { rx, chunk: Vec::new(), pos: 0 }.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"hello");
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(Err(io::Error::other("corrupt"))).unwrap();
+        let mut r = ChannelReader { rx, chunk: Vec::new(), pos: 0 };
+        assert!(r.read(&mut [0u8; 4]).is_err());
+    }
+}

@@ -105,7 +105,9 @@ fn run_image(cfg: &Config, action: ImageAction) -> anyhow::Result<()> {
         ImageAction::Unpack { archive, to, verify } => {
             std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
             let manifest = verify.as_deref().map(si_appliance::image::manifest::Manifest::load).transpose()?;
-            let opts = UnpackOptions::default();
+            // Progress against the manifest's file bytes when it describes a full archive.
+            let total = manifest.as_ref().filter(|m| m.header.kind == "full").map(|m| m.file_bytes());
+            let opts = UnpackOptions { total, ..UnpackOptions::default() };
             let input: Box<dyn std::io::Read + Send> = if archive.as_os_str() == "-" {
                 Box::new(std::io::stdin())
             } else {

@@ -86,12 +86,32 @@ fn main() {
     let _ = fs::remove_dir_all(&out);
 
     let rate = |d: Duration| mb / d.as_secs_f64();
-    println!("tree: {} ({} entries, {:.1} MB of file data), {} threads, zstd -3", tree.display(), nodes.len(), mb, threads);
+    println!(
+        "tree: {} ({} entries, {:.1} MB of file data), {} threads, zstd -3",
+        tree.display(),
+        nodes.len(),
+        mb,
+        threads
+    );
     println!(
         "archive sizes: ours {:.1} MB, tar|zstd {:.1} MB",
         fs::metadata(&ours_archive).map(|m| m.len()).unwrap_or(0) as f64 / 1e6,
         fs::metadata(&gnu_archive).map(|m| m.len()).unwrap_or(0) as f64 / 1e6
     );
-    println!("pack:   ours {:>7.3} s {:>7.1} MB/s | tar -c | zstd -T0   {:>7.3} s {:>7.1} MB/s | ratio {:.2}", ours_pack.as_secs_f64(), rate(ours_pack), gnu_pack.as_secs_f64(), rate(gnu_pack), gnu_pack.as_secs_f64() / ours_pack.as_secs_f64());
-    println!("unpack: ours {:>7.3} s {:>7.1} MB/s | zstd -d | tar -x     {:>7.3} s {:>7.1} MB/s | ratio {:.2}", ours_unpack.as_secs_f64(), rate(ours_unpack), gnu_unpack.as_secs_f64(), rate(gnu_unpack), gnu_unpack.as_secs_f64() / ours_unpack.as_secs_f64());
+    println!(
+        "pack:   ours {:>7.3} s {:>7.1} MB/s | tar -c | zstd -T0   {:>7.3} s {:>7.1} MB/s | ratio {:.2}",
+        ours_pack.as_secs_f64(),
+        rate(ours_pack),
+        gnu_pack.as_secs_f64(),
+        rate(gnu_pack),
+        gnu_pack.as_secs_f64() / ours_pack.as_secs_f64()
+    );
+    println!(
+        "unpack: ours {:>7.3} s {:>7.1} MB/s | zstd -d | tar -x     {:>7.3} s {:>7.1} MB/s | ratio {:.2}",
+        ours_unpack.as_secs_f64(),
+        rate(ours_unpack),
+        gnu_unpack.as_secs_f64(),
+        rate(gnu_unpack),
+        gnu_unpack.as_secs_f64() / ours_unpack.as_secs_f64()
+    );
 }

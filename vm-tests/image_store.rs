@@ -29,7 +29,12 @@ fn sh(cmd: &str, args: &[&OsStr]) -> Vec<u8> {
 
 fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> Vec<u8> {
     let out = Command::new(cmd).current_dir(dir).args(args).output().unwrap_or_else(|e| panic!("starting {cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?} in {} failed: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} in {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -105,7 +110,8 @@ fn rich_tree(root: &Path) {
 /// they depend on the file system's history, not on the tree).
 fn stat_listing(root: &Path) -> String {
     // One stat call over every path (sorted, NUL-separated so any name survives).
-    let out = run_in(root, "sh", &["-c", "find . -print0 | sort -z | xargs -0 stat -c '%n|%F|%a|%u|%g|%y|%t,%T|%h|%s'"]);
+    let out =
+        run_in(root, "sh", &["-c", "find . -print0 | sort -z | xargs -0 stat -c '%n|%F|%a|%u|%g|%y|%t,%T|%h|%s'"]);
     let mut text = String::new();
     for line in String::from_utf8_lossy(&out).lines() {
         let mut l = line.to_string();
@@ -128,13 +134,16 @@ fn acl_listing(root: &Path) -> String {
 
 /// Asserts two trees are identical by real tools.
 fn assert_same_tree(a: &Path, b: &Path) {
-    let d = Command::new("diff").args([os("-r"), os("--no-dereference"), a.as_os_str(), b.as_os_str()]).output().unwrap();
+    let d =
+        Command::new("diff").args([os("-r"), os("--no-dereference"), a.as_os_str(), b.as_os_str()]).output().unwrap();
     // diff -r reports "File x is a fifo/character special file while ..." for special files
     // even when equal; everything else is a real difference.
     let text = String::from_utf8_lossy(&d.stdout);
     let real: Vec<&str> = text
         .lines()
-        .filter(|l| !(l.starts_with("File ") && (l.contains(" is a fifo while ") || l.contains(" special file while "))))
+        .filter(|l| {
+            !(l.starts_with("File ") && (l.contains(" is a fifo while ") || l.contains(" special file while ")))
+        })
         .collect();
     assert!(real.is_empty(), "diff -r {} {}:\n{}", a.display(), b.display(), real.join("\n"));
     similar("stat", &stat_listing(a), &stat_listing(b));
@@ -181,7 +190,7 @@ fn round_trip_keeps_every_file_type() {
         assert_same_tree(&src, &out);
         // The sparse file is still sparse: 64 MiB logical, about 12 KiB of data.
         assert!(blocks(&out.join("sparse")) * 512 < 1 << 20, "holes lost: {} blocks", blocks(&out.join("sparse")));
-        assert_eq!(sh("getcap", &[out.join("usr/bin/ping").as_os_str()]).ends_with(b"cap_net_raw=ep\n"), true);
+        assert!(sh("getcap", &[out.join("usr/bin/ping").as_os_str()]).ends_with(b"cap_net_raw=ep\n"));
     }
 }
 
@@ -222,7 +231,18 @@ fn gnu_tar_interop_both_ways() {
     let gnu = t.path().join("gnu.tar.zst");
     sh(
         "tar",
-        &[os("--xattrs"), os("--xattrs-include=*"), os("--acls"), os("-I"), os("zstd"), os("-cf"), gnu.as_os_str(), os("-C"), src.as_os_str(), os(".")],
+        &[
+            os("--xattrs"),
+            os("--xattrs-include=*"),
+            os("--acls"),
+            os("-I"),
+            os("zstd"),
+            os("-cf"),
+            gnu.as_os_str(),
+            os("-C"),
+            src.as_os_str(),
+            os("."),
+        ],
     );
     let ours = t.path().join("from-gnu");
     fs::create_dir(&ours).unwrap();
@@ -245,7 +265,16 @@ fn gnu_tar_interop_both_ways() {
     fs::create_dir(&by_gnu).unwrap();
     sh(
         "tar",
-        &[os("--xattrs"), os("--xattrs-include=*"), os("-I"), os("zstd"), os("-xpf"), archive.as_os_str(), os("-C"), by_gnu.as_os_str()],
+        &[
+            os("--xattrs"),
+            os("--xattrs-include=*"),
+            os("-I"),
+            os("zstd"),
+            os("-xpf"),
+            archive.as_os_str(),
+            os("-C"),
+            by_gnu.as_os_str(),
+        ],
     );
     assert_same_tree(&src, &by_gnu);
     // GNU tar understood our sparse entry (old-GNU 'S' header) as sparse.
@@ -254,7 +283,10 @@ fn gnu_tar_interop_both_ways() {
 
 fn names_in(archive: &Path) -> BTreeSet<String> {
     let out = sh("tar", &[os("-I"), os("zstd"), os("-tf"), archive.as_os_str()]);
-    String::from_utf8_lossy(&out).lines().map(|l| l.trim_start_matches("./").trim_end_matches('/').to_string()).collect()
+    String::from_utf8_lossy(&out)
+        .lines()
+        .map(|l| l.trim_start_matches("./").trim_end_matches('/').to_string())
+        .collect()
 }
 
 #[test]
@@ -298,7 +330,18 @@ fn diff_holds_only_changes_and_base_plus_diff_is_the_tree() {
     let d = store.diff(TreeKind::Image, &name, &opts, None).unwrap();
     let names = names_in(&d.archive);
     // The changed inode's every name travels (hard links share the xattr change).
-    for want in ["etc/sub/data", "usr/bin/ping", "var/new", "var/new/file", "var/becomes-link", "var/unchanged.hl", "etc/hostname", "etc/hostname.link", "usr/hostname.2", ".si-appliance-diff-deletions"] {
+    for want in [
+        "etc/sub/data",
+        "usr/bin/ping",
+        "var/new",
+        "var/new/file",
+        "var/becomes-link",
+        "var/unchanged.hl",
+        "etc/hostname",
+        "etc/hostname.link",
+        "usr/hostname.2",
+        ".si-appliance-diff-deletions",
+    ] {
         assert!(names.contains(want), "{want} missing from diff: {names:?}");
     }
     for unchanged in ["sparse", "dev/null", "abs-link", "etc/sub", "var/unchanged"] {
@@ -345,7 +388,10 @@ fn raw_header(name: &[u8], typeflag: u8, link: &[u8], size: usize) -> Vec<u8> {
     h
 }
 
-fn raw_archive(entries: &[(&[u8], u8, &[u8], &[u8])]) -> Vec<u8> {
+/// (name, type flag, link target, data).
+type RawEntry<'a> = (&'a [u8], u8, &'a [u8], &'a [u8]);
+
+fn raw_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, ty, link, data) in entries {
         out.extend(raw_header(name, *ty, link, data.len()));
@@ -381,10 +427,17 @@ fn hostile_archives_are_refused_and_nothing_escapes() {
     let outside_abs = outside.join("abs-written");
     let abs_name = outside_abs.as_os_str().as_bytes().to_vec();
     let outside_link = outside.as_os_str().as_bytes().to_vec();
-    let cases: Vec<(&str, Vec<u8>, fn(&ImageError) -> bool)> = vec![
-        ("traversal", raw_archive(&[(b"../x", b'0', b"", b"evil")]), |e| matches!(e, ImageError::Refused { why: Refusal::DotDot, .. })),
-        ("nested traversal", raw_archive(&[(b"a/../../x", b'0', b"", b"evil")]), |e| matches!(e, ImageError::Refused { why: Refusal::DotDot, .. })),
-        ("absolute", raw_archive(&[(&abs_name, b'0', b"", b"evil")]), |e| matches!(e, ImageError::Refused { why: Refusal::AbsolutePath, .. })),
+    type Case = (&'static str, Vec<u8>, fn(&ImageError) -> bool);
+    let cases: Vec<Case> = vec![
+        ("traversal", raw_archive(&[(b"../x", b'0', b"", b"evil")]), |e| {
+            matches!(e, ImageError::Refused { why: Refusal::DotDot, .. })
+        }),
+        ("nested traversal", raw_archive(&[(b"a/../../x", b'0', b"", b"evil")]), |e| {
+            matches!(e, ImageError::Refused { why: Refusal::DotDot, .. })
+        }),
+        ("absolute", raw_archive(&[(&abs_name, b'0', b"", b"evil")]), |e| {
+            matches!(e, ImageError::Refused { why: Refusal::AbsolutePath, .. })
+        }),
         (
             "symlink escape then write through",
             raw_archive(&[(b"link", b'2', &outside_link, b""), (b"link/secret", b'0', b"", b"pwned")]),
@@ -395,11 +448,9 @@ fn hostile_archives_are_refused_and_nothing_escapes() {
             raw_archive(&[(b"up", b'2', b"..", b""), (b"up/outside/secret", b'0', b"", b"pwned")]),
             |e| matches!(e, ImageError::Refused { why: Refusal::ThroughSymlink(_), .. }),
         ),
-        (
-            "hardlink to outside (relative)",
-            raw_archive(&[(b"hl", b'1', b"../outside/secret", b"")]),
-            |e| matches!(e, ImageError::Refused { why: Refusal::HardLinkOutside(_), .. }),
-        ),
+        ("hardlink to outside (relative)", raw_archive(&[(b"hl", b'1', b"../outside/secret", b"")]), |e| {
+            matches!(e, ImageError::Refused { why: Refusal::HardLinkOutside(_), .. })
+        }),
         (
             "hardlink to outside (absolute)",
             raw_archive(&[(b"hl", b'1', &[&outside_link[..], b"/secret"].concat(), b"")]),
@@ -410,10 +461,15 @@ fn hostile_archives_are_refused_and_nothing_escapes() {
             raw_archive(&[(b"link", b'2', &outside_link, b""), (b"hl", b'1', b"link/secret", b"")]),
             |e| matches!(e, ImageError::Refused { why: Refusal::ThroughSymlink(_), .. }),
         ),
-        ("GNU volume label", raw_archive(&[(b"vol", b'V', b"", b"")]), |e| matches!(e, ImageError::Refused { why: Refusal::UnsupportedType(b'V'), .. })),
+        ("GNU volume label", raw_archive(&[(b"vol", b'V', b"", b"")]), |e| {
+            matches!(e, ImageError::Refused { why: Refusal::UnsupportedType(b'V'), .. })
+        }),
         (
             "misplaced deletion list",
-            raw_archive(&[(b"a", b'0', b"", b"x"), (b"./.si-appliance-diff-deletions", b'0', b"", b"../outside/secret\0")]),
+            raw_archive(&[
+                (b"a", b'0', b"", b"x"),
+                (b"./.si-appliance-diff-deletions", b'0', b"", b"../outside/secret\0"),
+            ]),
             |e| matches!(e, ImageError::Refused { why: Refusal::MisplacedDeletions, .. }),
         ),
         (
@@ -566,7 +622,17 @@ fn cli_import_pack_skip_unchanged_torrent_list_rm() {
     assert!(cli(&store, &["import", "g2", "--from", archive.to_str().unwrap()]).starts_with("imported"));
     assert_same_tree(&store.join("images/g"), &store.join("images/g2"));
     let out = t.path().join("out");
-    let v = cli(&store, &["unpack", archive.to_str().unwrap(), "--to", out.to_str().unwrap(), "--verify", store.join("archives/g.manifest").to_str().unwrap()]);
+    let v = cli(
+        &store,
+        &[
+            "unpack",
+            archive.to_str().unwrap(),
+            "--to",
+            out.to_str().unwrap(),
+            "--verify",
+            store.join("archives/g.manifest").to_str().unwrap(),
+        ],
+    );
     assert!(v.contains("verified"), "{v}");
     // Change detection notices metadata-only changes.
     sh("chmod", &[os("0700"), store.join("images/g/etc/hostname").as_os_str()]);
@@ -607,6 +673,9 @@ fn debootstrap_image_packs_unpacks_and_chroots() {
     assert_same_tree(&image, &root);
     let st = Command::new("timeout").args([os("60"), os("chroot"), root.as_os_str(), os("true")]).status().unwrap();
     assert!(st.success(), "chroot {} true failed", root.display());
-    let out = Command::new("timeout").args([os("60"), os("chroot"), root.as_os_str(), os("dpkg-query"), os("-W"), os("base-files")]).output().unwrap();
+    let out = Command::new("timeout")
+        .args([os("60"), os("chroot"), root.as_os_str(), os("dpkg-query"), os("-W"), os("base-files")])
+        .output()
+        .unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("base-files"));
 }

@@ -27,6 +27,8 @@ pub enum Refusal {
     MisplacedDeletions,
     /// A name with a NUL byte or an empty name where one is needed.
     BadName,
+    /// A uid or gid that does not fit 32 bits.
+    OwnerOutOfRange,
 }
 
 impl std::fmt::Display for Refusal {
@@ -41,6 +43,7 @@ impl std::fmt::Display for Refusal {
             Refusal::UnsupportedType(t) => write!(f, "unsupported tar entry type {:?}", *t as char),
             Refusal::MisplacedDeletions => f.write_str("diff deletion list is not the first entry"),
             Refusal::BadName => f.write_str("empty or invalid name"),
+            Refusal::OwnerOutOfRange => f.write_str("uid or gid out of range"),
         }
     }
 }

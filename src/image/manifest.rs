@@ -130,7 +130,10 @@ impl Manifest {
     /// # Errors
     /// [`ImageError::Manifest`] with the line number.
     pub fn parse(bytes: &[u8], origin: &Path) -> Result<Manifest, ImageError> {
-        let bad = |line: usize, why: String| ImageError::Manifest { path: origin.to_path_buf(), why: format!("line {line}: {why}") };
+        let bad = |line: usize, why: String| ImageError::Manifest {
+            path: origin.to_path_buf(),
+            why: format!("line {line}: {why}"),
+        };
         let mut lines = bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty());
         let header: Header = serde_json::from_slice(lines.next().ok_or_else(|| bad(1, "empty".into()))?)
             .map_err(|e| bad(1, e.to_string()))?;
@@ -153,7 +156,8 @@ impl Manifest {
     /// # Errors
     /// [`ImageError::Manifest`] when unreadable or malformed.
     pub fn load(path: &Path) -> Result<Manifest, ImageError> {
-        let bytes = fs::read(path).map_err(|e| ImageError::Manifest { path: path.to_path_buf(), why: e.to_string() })?;
+        let bytes =
+            fs::read(path).map_err(|e| ImageError::Manifest { path: path.to_path_buf(), why: e.to_string() })?;
         Manifest::parse(&bytes, path)
     }
 
@@ -252,7 +256,13 @@ mod tests {
     }
 
     fn manifest(entries: Vec<Entry>) -> Manifest {
-        let header = Header { si_appliance_manifest: VERSION, kind: "full".into(), zstd_level: Some(3), base_manifest_sha256: None, deletions: vec![] };
+        let header = Header {
+            si_appliance_manifest: VERSION,
+            kind: "full".into(),
+            zstd_level: Some(3),
+            base_manifest_sha256: None,
+            deletions: vec![],
+        };
         Manifest { header, entries }
     }
 

@@ -42,6 +42,9 @@ impl Default for PackOptions {
 /// the file's [`StatKey`] is unchanged.
 pub type DigestCache = HashMap<Vec<u8>, (StatKey, [u8; 32])>;
 
+/// SHA-256 of file contents by relative path.
+pub type Digests = HashMap<Vec<u8>, [u8; 32]>;
+
 const CHUNK: usize = 1 << 20;
 
 /// Writes `nodes` (all, or those whose relative path is in `only`) from `root` as an archive to
@@ -59,7 +62,7 @@ pub fn write_archive<W: Write>(
     opts: &PackOptions,
     archive: &Path,
     out: W,
-) -> Result<(HashMap<Vec<u8>, [u8; 32]>, W), ImageError> {
+) -> Result<(Digests, W), ImageError> {
     let werr = |source: io::Error| ImageError::WriteArchive { path: archive.to_path_buf(), source };
     match opts.zstd_level {
         Some(level) => {
@@ -89,7 +92,7 @@ fn write_entries<W: Write>(
     deletions: Option<&[Vec<u8>]>,
     opts: &PackOptions,
     archive: &Path,
-) -> Result<HashMap<Vec<u8>, [u8; 32]>, ImageError> {
+) -> Result<Digests, ImageError> {
     let werr = |source: io::Error| ImageError::WriteArchive { path: archive.to_path_buf(), source };
     let selected = |n: &Node| only.is_none_or(|s| s.contains(&n.rel));
     let total: u64 = nodes.iter().filter(|n| selected(n)).map(tarw::stored_size).sum();
@@ -199,7 +202,7 @@ pub fn digest_file(path: &Path) -> Result<[u8; 32], ImageError> {
 
 /// The manifest of `nodes` given the digests of their files; hard links carry the digest of the
 /// file they name.
-pub fn manifest_of(nodes: &[Node], digests: &HashMap<Vec<u8>, [u8; 32]>, header: Header) -> Manifest {
+pub fn manifest_of(nodes: &[Node], digests: &Digests, header: Header) -> Manifest {
     let entries = nodes
         .iter()
         .map(|n| {
@@ -216,7 +219,13 @@ pub fn manifest_of(nodes: &[Node], digests: &HashMap<Vec<u8>, [u8; 32]>, header:
 
 /// The header of a full archive packed with `opts`.
 pub fn full_header(opts: &PackOptions) -> Header {
-    Header { si_appliance_manifest: VERSION, kind: "full".into(), zstd_level: opts.zstd_level, base_manifest_sha256: None, deletions: Vec::new() }
+    Header {
+        si_appliance_manifest: VERSION,
+        kind: "full".into(),
+        zstd_level: opts.zstd_level,
+        base_manifest_sha256: None,
+        deletions: Vec::new(),
+    }
 }
 
 /// Computes the digests of all files from the cache where their stat key is unchanged and from
@@ -230,7 +239,7 @@ pub fn digests_for(
     nodes: &[Node],
     cache: &DigestCache,
     read_missing: bool,
-) -> Result<Option<HashMap<Vec<u8>, [u8; 32]>>, ImageError> {
+) -> Result<Option<Digests>, ImageError> {
     let mut out = HashMap::new();
     for n in nodes {
         if let Kind::File { .. } = n.kind {
@@ -310,5 +319,36 @@ impl Drop for AtomicFile {
         if !self.tmp.as_os_str().is_empty() {
             let _ = fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_file_keeps_the_old_version_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("img.tar.zst");
+        fs::write(&dest, b"old").unwrap();
+        {
+            let mut f = AtomicFile::create(&dest).unwrap();
+            f.file().write_all(b"half of the new").unwrap();
+            assert_eq!(fs::read(&dest).unwrap(), b"old", "visible before commit");
+            // Dropped without commit: a failed pack.
+        }
+        assert_eq!(fs::read(&dest).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "temporary file left behind");
+        AtomicFile::write(&dest, b"new").unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn hashing_zeros_matches_reading_them() {
+        let zeros = vec![0u8; 1000];
+        let mut a = Sha256::new();
+        hash_zeros(&mut a, 2500, &zeros);
+        assert_eq!(<[u8; 32]>::from(a.finalize()), <[u8; 32]>::from(Sha256::digest(vec![0u8; 2500])));
     }
 }

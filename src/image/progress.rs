@@ -63,7 +63,9 @@ impl Progress {
         } else if self.log && self.last_log.elapsed() >= LOG_EVERY {
             self.last_log = Instant::now();
             match self.total {
-                Some(t) if t > 0 => info!(what = self.what, done = self.done, total = t, "{}: {}%", self.what, self.done * 100 / t),
+                Some(t) if t > 0 => {
+                    info!(what = self.what, done = self.done, total = t, "{}: {}%", self.what, self.done * 100 / t)
+                }
                 _ => info!(what = self.what, done = self.done, "{}: {} bytes", self.what, self.done),
             }
         }

@@ -63,6 +63,9 @@ pub struct Node {
     pub stat_key: StatKey,
 }
 
+/// Extended attributes as (name, value) pairs.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// What must be unchanged for a file's content digest to be reused without reading it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct StatKey {
@@ -83,11 +86,7 @@ pub struct StatKey {
 impl Node {
     /// Absolute path of this node under `root`.
     pub fn path_under(&self, root: &Path) -> PathBuf {
-        if self.rel.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(std::ffi::OsStr::from_bytes(&self.rel))
-        }
+        if self.rel.is_empty() { root.to_path_buf() } else { root.join(std::ffi::OsStr::from_bytes(&self.rel)) }
     }
 }
 
@@ -182,6 +181,8 @@ fn node_of(
     } else {
         let size = meta.size();
         let extents = if meta.blocks().saturating_mul(512) < size { data_extents(path, size)? } else { None };
+        // A "sparse" file whose data covers it all (compressed file systems) is packed dense.
+        let extents = extents.filter(|e| e[..] != [(0, size)]);
         Kind::File { size, extents }
     };
     if !ft.is_dir() && meta.nlink() > 1 {
@@ -217,7 +218,7 @@ fn node_of(
 ///
 /// # Errors
 /// [`ImageError::ReadTree`]; a file system without xattr support yields an empty list.
-pub fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ImageError> {
+pub fn read_xattrs(path: &Path) -> Result<Xattrs, ImageError> {
     let names = match xattr::list(path) {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),

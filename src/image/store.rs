@@ -14,7 +14,7 @@
 //! Every archive, manifest and torrent is written under a temporary name and renamed into
 //! place, so the previous one stays usable until the new one is complete.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
@@ -133,8 +133,10 @@ pub const CAPTURE_EXCLUDES: [&str; 5] = ["/proc/*", "/sys/*", "/dev/*", "/run/*"
 /// The rsync arguments (without the program) that copy `src` into `dest`: archive mode with hard
 /// links, ACLs, xattrs and sparse files, numeric ids, deleting what the source no longer has.
 pub fn capture_args(src: &CaptureSource, dest: &Path, exclude_file: Option<&Path>) -> Vec<OsString> {
-    let mut a: Vec<OsString> =
-        ["-aHAXS", "--numeric-ids", "--delete", "--delete-excluded", "--timeout=300"].iter().map(OsString::from).collect();
+    let mut a: Vec<OsString> = ["-aHAXS", "--numeric-ids", "--delete", "--delete-excluded", "--timeout=300"]
+        .iter()
+        .map(OsString::from)
+        .collect();
     for e in CAPTURE_EXCLUDES {
         a.push(format!("--exclude={e}").into());
     }
@@ -213,17 +215,16 @@ impl Store {
     /// [`ImageError::Store`] when a directory cannot be read.
     pub fn list(&self) -> Result<Vec<TreeInfo>, ImageError> {
         let mut out = Vec::new();
-        for (kind, dir, label) in [(TreeKind::Image, "images", "image"), (TreeKind::Override, "overrides", "override")] {
+        for (kind, dir, label) in [(TreeKind::Image, "images", "image"), (TreeKind::Override, "overrides", "override")]
+        {
             let d = self.root.join(dir);
             let rd = match fs::read_dir(&d) {
                 Ok(rd) => rd,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(ImageError::Store { op: "listing", path: d, source: e }),
             };
-            let mut names: Vec<ImageName> = rd
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
-                .collect();
+            let mut names: Vec<ImageName> =
+                rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok())).collect();
             names.sort();
             for n in names {
                 out.push(self.info(kind, label, &n));
@@ -270,7 +271,13 @@ impl Store {
         cache
     }
 
-    fn save_cache(&self, kind: TreeKind, name: &ImageName, nodes: &[scan::Node], digests: &HashMap<Vec<u8>, [u8; 32]>) -> Result<(), ImageError> {
+    fn save_cache(
+        &self,
+        kind: TreeKind,
+        name: &ImageName,
+        nodes: &[scan::Node],
+        digests: &pack::Digests,
+    ) -> Result<(), ImageError> {
         let mut out = Vec::new();
         for n in nodes {
             if let Some(d) = digests.get(&n.rel) {
@@ -291,7 +298,14 @@ impl Store {
     ///
     /// # Errors
     /// [`ImageError::NoSuchImage`], scan, write and torrent errors.
-    pub fn pack(&self, kind: TreeKind, name: &ImageName, opts: &PackOptions, announce: Option<&str>, force: bool) -> Result<PackOutcome, ImageError> {
+    pub fn pack(
+        &self,
+        kind: TreeKind,
+        name: &ImageName,
+        opts: &PackOptions,
+        announce: Option<&str>,
+        force: bool,
+    ) -> Result<PackOutcome, ImageError> {
         if let Some(a) = announce {
             torrent::check_announce(a)?;
         }
@@ -338,8 +352,16 @@ impl Store {
         Ok(PackOutcome::Packed { archive, bytes, entries: m.entries.len() })
     }
 
-    fn write_torrent(&self, kind: TreeKind, name: &ImageName, archive: &Path, ext: &str, announce: &str) -> Result<(), ImageError> {
-        let stem = archive.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| format!("{name}{ext}"));
+    fn write_torrent(
+        &self,
+        kind: TreeKind,
+        name: &ImageName,
+        archive: &Path,
+        ext: &str,
+        announce: &str,
+    ) -> Result<(), ImageError> {
+        let stem =
+            archive.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| format!("{name}{ext}"));
         let t = torrent::make(archive, &stem, announce)?;
         let suffix = if stem.contains(".diff.") { ".diff.torrent" } else { ".torrent" };
         let path = self.archive_file(kind, name, suffix);
@@ -355,7 +377,13 @@ impl Store {
     ///
     /// # Errors
     /// [`ImageError::NoBase`] when the tree was never packed, scan and write errors.
-    pub fn diff(&self, kind: TreeKind, name: &ImageName, opts: &PackOptions, announce: Option<&str>) -> Result<DiffOutcome, ImageError> {
+    pub fn diff(
+        &self,
+        kind: TreeKind,
+        name: &ImageName,
+        opts: &PackOptions,
+        announce: Option<&str>,
+    ) -> Result<DiffOutcome, ImageError> {
         if let Some(a) = announce {
             torrent::check_announce(a)?;
         }
@@ -363,7 +391,8 @@ impl Store {
         if !tree.is_dir() {
             return Err(ImageError::NoSuchImage { name: name.clone(), store: self.root.clone() });
         }
-        let base = Manifest::load(&self.archive_file(kind, name, ".manifest")).map_err(|_| ImageError::NoBase { name: name.clone() })?;
+        let base = Manifest::load(&self.archive_file(kind, name, ".manifest"))
+            .map_err(|_| ImageError::NoBase { name: name.clone() })?;
         let nodes = scan::scan(&tree, &ScanOptions::default())?;
         let cache = self.load_cache(kind, name);
         let digests = pack::digests_for(&tree, &nodes, &cache, true)?.unwrap_or_default();
@@ -406,7 +435,17 @@ impl Store {
         if !tree.is_dir() && self.archive(kind, name).is_none() {
             return Err(ImageError::NoSuchImage { name: name.clone(), store: self.root.clone() });
         }
-        for s in [".tar.zst", ".tar", ".manifest", ".statcache", ".torrent", ".diff.tar.zst", ".diff.tar", ".diff.manifest", ".diff.torrent"] {
+        for s in [
+            ".tar.zst",
+            ".tar",
+            ".manifest",
+            ".statcache",
+            ".torrent",
+            ".diff.tar.zst",
+            ".diff.tar",
+            ".diff.manifest",
+            ".diff.torrent",
+        ] {
             let p = self.archive_file(kind, name, s);
             match fs::remove_file(&p) {
                 Ok(()) => debug!(path = %p.display(), "removed"),
@@ -473,7 +512,10 @@ impl Store {
         let args = capture_args(src, &dest, excl.is_file().then_some(excl.as_path()));
         let shown = format!("rsync {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
         info!(image = %name, "capturing: {shown}");
-        let status = Command::new("rsync").args(&args).status().map_err(|e| ImageError::Command { command: shown.clone(), status: e.to_string() })?;
+        let status = Command::new("rsync")
+            .args(&args)
+            .status()
+            .map_err(|e| ImageError::Command { command: shown.clone(), status: e.to_string() })?;
         if !status.success() {
             return Err(ImageError::Command { command: shown, status: status.to_string() });
         }
@@ -510,11 +552,22 @@ mod tests {
 
     #[test]
     fn capture_command_line() {
-        let a = capture_args(&CaptureSource::parse("node7:2222"), Path::new("/s/images/x"), Some(Path::new("/s/excludes/x")));
+        let a = capture_args(
+            &CaptureSource::parse("node7:2222"),
+            Path::new("/s/images/x"),
+            Some(Path::new("/s/excludes/x")),
+        );
         let a: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
         assert_eq!(a[0], "-aHAXS");
         assert!(a.contains(&"--numeric-ids".to_string()));
-        for e in ["--exclude=/proc/*", "--exclude=/sys/*", "--exclude=/dev/*", "--exclude=/run/*", "--exclude=/tmp/*", "--exclude-from=/s/excludes/x"] {
+        for e in [
+            "--exclude=/proc/*",
+            "--exclude=/sys/*",
+            "--exclude=/dev/*",
+            "--exclude=/run/*",
+            "--exclude=/tmp/*",
+            "--exclude-from=/s/excludes/x",
+        ] {
             assert!(a.contains(&e.to_string()), "{e}");
         }
         let n = a.len();

@@ -75,7 +75,11 @@ impl<R: Read> TarReader<R> {
         while n < 512 {
             let k = self.r.read(&mut b[n..])?;
             if k == 0 {
-                return if n == 0 { Ok(None) } else { Err(io::Error::new(io::ErrorKind::UnexpectedEof, "archive ends inside a header")) };
+                return if n == 0 {
+                    Ok(None)
+                } else {
+                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "archive ends inside a header"))
+                };
             }
             n += k;
         }
@@ -122,7 +126,10 @@ impl<R: Read> TarReader<R> {
         let mut have_pax = false;
         loop {
             let Some(h) = self.block()? else {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "archive ends without an end-of-archive block"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "archive ends without an end-of-archive block",
+                ));
             };
             if h.iter().all(|b| *b == 0) {
                 if long_name.is_some() || long_link.is_some() || have_pax {
@@ -161,7 +168,15 @@ impl<R: Read> TarReader<R> {
         }
     }
 
-    fn entry(&mut self, h: &[u8; 512], typeflag: u8, size: u64, long_name: Option<Vec<u8>>, long_link: Option<Vec<u8>>, pax: Vec<(Vec<u8>, Vec<u8>)>) -> io::Result<Head> {
+    fn entry(
+        &mut self,
+        h: &[u8; 512],
+        typeflag: u8,
+        size: u64,
+        long_name: Option<Vec<u8>>,
+        long_link: Option<Vec<u8>>,
+        pax: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> io::Result<Head> {
         let gnu = &h[257..265] == b"ustar  \0";
         let ustar = &h[257..263] == b"ustar\0";
         let mut name = cstr(&h[..100]).to_vec();
@@ -196,7 +211,9 @@ impl<R: Read> TarReader<R> {
         let mut sparse_real = None;
         for (k, v) in pax {
             let text = || std::str::from_utf8(&v).map_err(|_| bad("non-UTF-8 numeric PAX value"));
-            let int = || -> io::Result<u64> { text()?.parse::<u64>().map_err(|_| bad(format!("bad PAX value for {}", String::from_utf8_lossy(&k)))) };
+            let int = || -> io::Result<u64> {
+                text()?.parse::<u64>().map_err(|_| bad(format!("bad PAX value for {}", String::from_utf8_lossy(&k))))
+            };
             match &k[..] {
                 b"path" => head.name = v,
                 b"linkpath" => head.link = v,
@@ -329,7 +346,11 @@ impl<R: Read> TarReader<R> {
 }
 
 fn eof_is_truncation(e: io::Error, msg: &str) -> io::Error {
-    if e.kind() == io::ErrorKind::UnexpectedEof { io::Error::new(io::ErrorKind::UnexpectedEof, msg.to_owned()) } else { e }
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        io::Error::new(io::ErrorKind::UnexpectedEof, msg.to_owned())
+    } else {
+        e
+    }
 }
 
 fn padding(n: u64) -> u64 {
@@ -348,8 +369,10 @@ fn cstr(b: &[u8]) -> &[u8] {
 
 fn check_sum(h: &[u8; 512]) -> io::Result<()> {
     let stored = num(&h[148..156]).map_err(|_| bad("bad header checksum field"))?;
-    let unsigned: u64 = h.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { u64::from(*b) }).sum();
-    let signed: i64 = h.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { i64::from(*b as i8) }).sum();
+    let unsigned: u64 =
+        h.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { u64::from(*b) }).sum();
+    let signed: i64 =
+        h.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { i64::from(*b as i8) }).sum();
     if stored == unsigned || i64::try_from(stored).ok() == Some(signed) {
         Ok(())
     } else {
@@ -369,7 +392,8 @@ fn num(f: &[u8]) -> Result<u64, &'static str> {
         }
         return Ok(v);
     }
-    let s: Vec<u8> = f.iter().copied().skip_while(|b| *b == b' ' || *b == 0).take_while(|b| *b != b' ' && *b != 0).collect();
+    let s: Vec<u8> =
+        f.iter().copied().skip_while(|b| *b == b' ' || *b == 0).take_while(|b| *b != b' ' && *b != 0).collect();
     if s.is_empty() {
         return Ok(0);
     }
@@ -426,12 +450,16 @@ pub fn parse_pax(data: &[u8]) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
             break;
         }
         let sp = rest.iter().take(20).position(|b| *b == b' ').ok_or_else(|| bad("malformed PAX record length"))?;
-        let len: usize = std::str::from_utf8(&rest[..sp]).ok().and_then(|s| s.parse().ok()).ok_or_else(|| bad("malformed PAX record length"))?;
+        let len: usize = std::str::from_utf8(&rest[..sp])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("malformed PAX record length"))?;
         if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
             return Err(bad("malformed PAX record"));
         }
         let rec = &rest[sp + 1..len - 1];
-        let eq = rec.iter().position(|b| *b == b'=').filter(|e| *e > 0).ok_or_else(|| bad("PAX record without a key"))?;
+        let eq =
+            rec.iter().position(|b| *b == b'=').filter(|e| *e > 0).ok_or_else(|| bad("PAX record without a key"))?;
         out.push((rec[..eq].to_vec(), rec[eq + 1..].to_vec()));
         rest = &rest[len..];
     }

@@ -305,7 +305,7 @@ mod tests {
         let r = pax_records(&[(b"path".to_vec(), &b"abc"[..])]);
         assert_eq!(r, b"12 path=abc\n");
         // A body of 95 bytes needs a 3-digit length (99 + 1 -> 100 would be wrong).
-        let v = vec![b'v'; 91];
+        let v = [b'v'; 91];
         let r = pax_records(&[(b"k".to_vec(), &v[..])]);
         let len: usize = std::str::from_utf8(r.split(|b| *b == b' ').next().unwrap()).unwrap().parse().unwrap();
         assert_eq!(len, r.len());

@@ -129,6 +129,13 @@ fn build(name: &str, announce: &str, size: u64, plen: u64, pieces: &[u8]) -> Tor
     Torrent { bytes, info_hash, piece_length: plen }
 }
 
+/// The info-hash (hex) of a .torrent this module wrote (`info` is its last key).
+pub fn info_hash_of(torrent: &[u8]) -> Option<String> {
+    let at = torrent.windows(6).position(|w| w == b"4:info")? + 6;
+    let info = torrent.get(at..torrent.len().checked_sub(1)?)?;
+    Some(hex::encode(Sha1::digest(info)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,12 +151,9 @@ mod tests {
     #[test]
     fn bencode_is_sorted_and_exact() {
         let t = build("x.tar.zst", "http://10.0.0.1:80/announce", 5, 4 * MIB, &[0xaa; 20]);
-        let expect_info = [
-            &b"d6:lengthi5e4:name9:x.tar.zst12:piece lengthi4194304e6:pieces20:"[..],
-            &[0xaa; 20],
-            b"7:privatei1ee",
-        ]
-        .concat();
+        let expect_info =
+            [&b"d6:lengthi5e4:name9:x.tar.zst12:piece lengthi4194304e6:pieces20:"[..], &[0xaa; 20], b"7:privatei1ee"]
+                .concat();
         let expect = [&b"d8:announce27:http://10.0.0.1:80/announce4:info"[..], &expect_info, b"e"].concat();
         assert_eq!(t.bytes, expect);
         assert_eq!(t.info_hash, hex::encode(Sha1::digest(&expect_info)));
@@ -158,15 +162,15 @@ mod tests {
     #[test]
     fn announce_urls() {
         assert!(check_announce("http://10.0.0.1:6969/announce").is_ok());
-        for bad in ["", "https://a:1/announce", "http://a/announce", "http://:1/announce", "http://a:x/announce", "http://a:1/scrape"] {
+        for bad in [
+            "",
+            "https://a:1/announce",
+            "http://a/announce",
+            "http://:1/announce",
+            "http://a:x/announce",
+            "http://a:1/scrape",
+        ] {
             assert!(check_announce(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// The info-hash (hex) of a .torrent this module wrote (`info` is its last key).
-pub fn info_hash_of(torrent: &[u8]) -> Option<String> {
-    let at = torrent.windows(6).position(|w| w == b"4:info")? + 6;
-    let info = torrent.get(at..torrent.len().checked_sub(1)?)?;
-    Some(hex::encode(Sha1::digest(info)))
 }

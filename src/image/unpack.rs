@@ -183,7 +183,12 @@ impl Read for ChannelReader {
 ///
 /// # Errors
 /// As [`unpack`] and [`verify`].
-pub fn unpack_verified<R: Read + Send>(input: R, root: &Path, opts: &UnpackOptions, manifest: &Manifest) -> Result<UnpackReport, ImageError> {
+pub fn unpack_verified<R: Read + Send>(
+    input: R,
+    root: &Path,
+    opts: &UnpackOptions,
+    manifest: &Manifest,
+) -> Result<UnpackReport, ImageError> {
     let r = unpack(input, root, opts)?;
     verify(root, manifest)?;
     Ok(r)
@@ -244,7 +249,14 @@ enum What {
 }
 
 impl Unpacker<'_> {
-    fn entry<R: Read>(&mut self, tar: &mut TarReader<R>, head: Head, index: usize, buf: &mut [u8], progress: &mut Progress) -> Result<(), ImageError> {
+    fn entry<R: Read>(
+        &mut self,
+        tar: &mut TarReader<R>,
+        head: Head,
+        index: usize,
+        buf: &mut [u8],
+        progress: &mut Progress,
+    ) -> Result<(), ImageError> {
         let name = head.name;
         let what = match head.typeflag {
             b'0' | 0 | b'7' => What::File,
@@ -257,8 +269,8 @@ impl Unpacker<'_> {
             other => return Err(refused(&name, Refusal::UnsupportedType(other))),
         };
         let (mode, mtime, mtime_ns) = (head.mode, head.mtime, head.mtime_ns);
-        let uid = u32::try_from(head.uid).map_err(|_| refused(&name, Refusal::BadName))?;
-        let gid = u32::try_from(head.gid).map_err(|_| refused(&name, Refusal::BadName))?;
+        let uid = u32::try_from(head.uid).map_err(|_| refused(&name, Refusal::OwnerOutOfRange))?;
+        let gid = u32::try_from(head.gid).map_err(|_| refused(&name, Refusal::OwnerOutOfRange))?;
         let mut xattrs = head.xattrs;
         let comps = components(&name).map_err(|why| refused(&name, why))?;
         if comps == [&DELETIONS_NAME[2..]] {
@@ -312,10 +324,12 @@ impl Unpacker<'_> {
                 if target.is_empty() || target.contains(&0) {
                     return Err(refused(&name, Refusal::BadName));
                 }
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &path).map_err(ImageError::write_tree(&path))?;
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &path)
+                    .map_err(ImageError::write_tree(&path))?;
             }
             What::HardLink(target) => {
-                let tcomps = components(&target).map_err(|_| refused(&name, Refusal::HardLinkOutside(escape(&target))))?;
+                let tcomps =
+                    components(&target).map_err(|_| refused(&name, Refusal::HardLinkOutside(escape(&target))))?;
                 if tcomps.is_empty() {
                     return Err(refused(&name, Refusal::HardLinkOutside(escape(&target))));
                 }
@@ -331,7 +345,8 @@ impl Unpacker<'_> {
                 return Ok(());
             }
             What::Node(kind, dev) => {
-                let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| refused(&name, Refusal::BadName))?;
+                let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+                    .map_err(|_| refused(&name, Refusal::BadName))?;
                 // SAFETY: `c` is a valid NUL-terminated path; mknod takes no other pointers.
                 if unsafe { libc::mknod(c.as_ptr(), kind | 0o600, dev) } != 0 {
                     return Err(ImageError::WriteTree { path, source: io::Error::last_os_error() });
@@ -477,7 +492,8 @@ impl Unpacker<'_> {
             }
         }
         for d in self.deferred.drain(..).rev() {
-            fs::set_permissions(&d.path, fs::Permissions::from_mode(d.mode)).map_err(ImageError::write_tree(&d.path))?;
+            fs::set_permissions(&d.path, fs::Permissions::from_mode(d.mode))
+                .map_err(ImageError::write_tree(&d.path))?;
             if let Some(acl) = &d.default_acl {
                 match xattr::set(&d.path, "system.posix_acl_default", acl) {
                     Ok(()) => {}
@@ -534,7 +550,6 @@ fn copy_data<R: Read>(
     }
     Ok(real)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -612,6 +612,13 @@ fn cli_import_pack_skip_unchanged_torrent_list_rm() {
     fs::write(store.join("images/g/etc/hostname"), b"changed\n").unwrap();
     assert!(cli(&store, &["pack", "g", announce]).starts_with("packed:"));
     assert_ne!(fs::read(&archive).unwrap(), before);
+    // A diff against that base, with its own torrent.
+    fs::write(store.join("images/g/etc/new-file"), b"new\n").unwrap();
+    let d = cli(&store, &["diff", "g", announce]);
+    assert!(d.starts_with("diff:") && d.contains("deleted"), "{d}");
+    assert!(names_in(&store.join("archives/g.diff.tar.zst")).contains("etc/new-file"));
+    assert!(fs::read(store.join("archives/g.diff.torrent")).unwrap().starts_with(b"d8:announce29:http://10.9.8.7"));
+    assert!(cli(&store, &["pack", "g"]).starts_with("packed:"));
     let list = cli(&store, &["list"]);
     assert!(list.contains("image") && list.contains(" g ") && list.contains("info-hash "), "{list}");
     let tor = fs::read(store.join("archives/g.torrent")).unwrap();

@@ -1,8 +1,7 @@
 //! Progress of a long pack or unpack: an indicatif bar on a terminal, otherwise a plain `info!`
 //! line every few seconds (the installer runs without a TTY and its log goes to the appliance).
-//! Also the small counting `Read` adapter the unpacker uses to measure consumed input.
 
-use std::io::{self, IsTerminal, Read};
+use std::io::{self, IsTerminal};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -84,43 +83,12 @@ impl Progress {
     }
 }
 
-/// Counts the bytes read through it.
-pub struct CountingReader<R> {
-    inner: R,
-    count: u64,
-}
-
-impl<R: Read> CountingReader<R> {
-    /// Wraps `inner`.
-    pub fn new(inner: R) -> Self {
-        CountingReader { inner, count: 0 }
-    }
-    /// Bytes read so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-}
-
-impl<R: Read> Read for CountingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn counting_reader_counts() {
-        let mut r = CountingReader::new(&b"hello world"[..]);
-        let mut buf = [0u8; 4];
-        assert_eq!(r.read(&mut buf).unwrap(), 4);
-        let mut rest = Vec::new();
-        r.read_to_end(&mut rest).unwrap();
-        assert_eq!(r.count(), 11);
+    fn progress_counts_without_a_terminal() {
         let mut p = Progress::new(ProgressMode::Off, "t", Some(10));
         p.add(3);
         p.add(4);

@@ -248,6 +248,13 @@ fn gnu_tar_interop_both_ways() {
     fs::create_dir(&ours).unwrap();
     unpack::unpack(fs::File::open(&gnu).unwrap(), &ours, &uquiet()).unwrap();
     assert_same_tree(&src, &ours);
+    // GNU tar --acls without --xattrs stores ACLs only as text (SCHILY.acl.*): still restored.
+    let acls_only = t.path().join("acls-only.tar");
+    sh("tar", &[os("--acls"), os("-cf"), acls_only.as_os_str(), os("-C"), src.as_os_str(), os(".")]);
+    let o = t.path().join("acls-only");
+    fs::create_dir(&o).unwrap();
+    unpack::unpack(fs::File::open(&acls_only).unwrap(), &o, &uquiet()).unwrap();
+    similar("getfacl", &acl_listing(&src), &acl_listing(&o));
     // GNU tar --sparse, in its PAX 1.0 and old-GNU sparse formats -> ours, holes kept.
     for (i, fmt) in ["--format=posix", "--format=gnu"].iter().enumerate() {
         let a = t.path().join(format!("sparse{i}.tar"));

@@ -13,6 +13,7 @@
 //! `unpack` restores one safely, `manifest` describes an archive, `store` is the directory layout
 //! and the `image` subcommands, `torrent` writes .torrent files, `progress` shows progress.
 
+pub mod acl;
 pub mod error;
 pub mod manifest;
 pub mod pack;

@@ -42,6 +42,10 @@ pub struct Head {
     pub sparse: Option<(u64, Vec<(u64, u64)>)>,
     /// `SCHILY.xattr.*` records.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// GNU tar's `SCHILY.acl.access` text, if any.
+    pub acl_access: Option<Vec<u8>>,
+    /// GNU tar's `SCHILY.acl.default` text, if any.
+    pub acl_default: Option<Vec<u8>>,
 }
 
 /// Reads entries from a tar stream.
@@ -201,6 +205,8 @@ impl<R: Read> TarReader<R> {
             size,
             sparse: None,
             xattrs: Vec::new(),
+            acl_access: None,
+            acl_default: None,
         };
         if matches!(typeflag, b'3' | b'4') {
             head.devmajor = u32::try_from(field(329..337, "devmajor")?).map_err(|_| bad("devmajor out of range"))?;
@@ -226,6 +232,8 @@ impl<R: Read> TarReader<R> {
                         head.mtime_ns = ns;
                     }
                 }
+                b"SCHILY.acl.access" => head.acl_access = Some(v),
+                b"SCHILY.acl.default" => head.acl_default = Some(v),
                 b"GNU.sparse.major" => sparse_major = Some(int()?),
                 b"GNU.sparse.name" => sparse_name = Some(v),
                 b"GNU.sparse.realsize" => sparse_real = Some(int()?),

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use filetime::FileTime;
 use tracing::{debug, warn};
 
+use super::acl;
 use super::error::{ImageError, Refusal};
 use super::manifest::Manifest;
 use super::pack::{self, DELETIONS_NAME};
@@ -272,6 +273,21 @@ impl Unpacker<'_> {
         let uid = u32::try_from(head.uid).map_err(|_| refused(&name, Refusal::OwnerOutOfRange))?;
         let gid = u32::try_from(head.gid).map_err(|_| refused(&name, Refusal::OwnerOutOfRange))?;
         let mut xattrs = head.xattrs;
+        for (text, key) in
+            [(&head.acl_access, &b"system.posix_acl_access"[..]), (&head.acl_default, b"system.posix_acl_default")]
+        {
+            if let Some(text) = text {
+                if !xattrs.iter().any(|(k, _)| k == key) {
+                    match acl::text_to_xattr(text, &|db, n| self.lookup(db, n)) {
+                        Some(v) => xattrs.push((key.to_vec(), v)),
+                        None => {
+                            self.report.xattrs_unsupported += 1;
+                            warn!(entry = %escape(&name), acl = %String::from_utf8_lossy(text), "cannot convert ACL text; skipped");
+                        }
+                    }
+                }
+            }
+        }
         let comps = components(&name).map_err(|why| refused(&name, why))?;
         if comps == [&DELETIONS_NAME[2..]] {
             if index != 0 {
@@ -376,6 +392,22 @@ impl Unpacker<'_> {
         }
         self.report.entries += 1;
         Ok(())
+    }
+
+    /// Resolves a user or group name of a text ACL: in the image being unpacked (its
+    /// etc/passwd, etc/group, when already there as regular files), else on this host.
+    fn lookup(&self, db: acl::Db, name: &str) -> Option<u32> {
+        let file = match db {
+            acl::Db::User => "etc/passwd",
+            acl::Db::Group => "etc/group",
+        };
+        let in_image = self.root.join(file);
+        let image_db =
+            fs::symlink_metadata(&in_image).ok().filter(|m| m.is_file()).and_then(|_| fs::read(&in_image).ok());
+        if let Some(id) = image_db.and_then(|c| acl::lookup_in(&c, name)) {
+            return Some(id);
+        }
+        fs::read(Path::new("/").join(file)).ok().and_then(|c| acl::lookup_in(&c, name))
     }
 
     /// Remembers the mtime of an existing parent directory about to change, so a diff that does

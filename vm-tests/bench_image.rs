@@ -3,6 +3,7 @@
 //!
 //!     cargo bench --bench bench_image            # tree: the cached debootstrap image
 //!     SI_BENCH_TREE=/some/dir cargo bench --bench bench_image
+//!     SI_BENCH_THREADS=4 cargo bench --bench bench_image   # zstd workers for ours (default: cores)
 //!
 //! Both sides use zstd level 3 with all cores (`zstd -T0`). Each figure is the median of five
 //! runs, ours and theirs alternating, after one warm-up each (page cache warm, so this measures
@@ -73,7 +74,10 @@ fn main() {
     let ours_archive = work.path().join("ours.tar.zst");
     let gnu_archive = work.path().join("gnu.tar.zst");
     let out = work.path().join("out");
-    let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let threads = std::env::var("SI_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
     let opts = PackOptions { zstd_level: Some(3), threads, progress: ProgressMode::Off };
     let uopts = UnpackOptions { progress: ProgressMode::Off, ..UnpackOptions::default() };
 
@@ -113,7 +117,8 @@ fn main() {
     );
     let c2 = cpu();
     let _ = fs::remove_dir_all(&out);
-    // Per run (warm-up included: RUNS + 1 of each); fresh() and the scan are ours too, and small.
+    // Per run (warm-up included: RUNS + 1 of each). Ours is this process, so its figure also
+    // holds the scan and, for unpack, both sides' `fresh()` (rm -rf of the previous tree).
     let per = |a: f64, b: f64| (b - a) / (RUNS + 1) as f64;
     let (pack_cpu_ours, pack_cpu_gnu) = (per(c0.0, c1.0), per(c0.1, c1.1));
     let (unpack_cpu_ours, unpack_cpu_gnu) = (per(c1.0, c2.0), per(c1.1, c2.1));

@@ -140,32 +140,86 @@ fn write_entries<W: Write>(
         tar.data(&body).map_err(werr)?;
         tar.pad(body.len() as u64).map_err(werr)?;
     }
-    let mut digests = HashMap::new();
-    let mut buf = vec![0u8; CHUNK];
-    for node in nodes.iter().filter(|n| selected(n)) {
-        tar.header(node).map_err(werr)?;
-        if let Kind::File { size, extents } = &node.kind {
-            let path = node.path_under(root);
-            let d = copy_file(tar, &path, *size, extents.as_deref(), &mut buf, &mut progress, &werr)?;
-            tar.pad(tarw::stored_size(node)).map_err(werr)?;
-            digests.insert(node.rel.clone(), d);
-        }
-    }
-    progress.finish();
-    Ok(digests)
+    // SHA-256 of the files runs on its own thread (it is the most expensive thing this thread
+    // would do besides reading), fed the same buffers that went into the archive; emptied
+    // buffers come back for reuse.
+    let (htx, hrx) = std::sync::mpsc::sync_channel::<HashMsg>(16);
+    let (btx, brx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            let mut h = Sha256::new();
+            let mut out = Digests::new();
+            for m in hrx {
+                match m {
+                    HashMsg::Data(v, n) => {
+                        h.update(&v[..n]);
+                        let _ = btx.send(v);
+                    }
+                    HashMsg::Zeros(n) => hash_zeros(&mut h, n),
+                    HashMsg::End(rel) => {
+                        out.insert(rel, h.finalize_reset().into());
+                    }
+                }
+            }
+            out
+        });
+        let pipe = HashPipe { tx: htx, recycled: brx };
+        let mut run = || -> Result<(), ImageError> {
+            for node in nodes.iter().filter(|n| selected(n)) {
+                tar.header(node).map_err(werr)?;
+                if let Kind::File { size, extents } = &node.kind {
+                    let path = node.path_under(root);
+                    copy_file(tar, &path, *size, extents.as_deref(), &pipe, &mut progress, &werr)?;
+                    pipe.send(HashMsg::End(node.rel.clone()), &werr)?;
+                    tar.pad(tarw::stored_size(node)).map_err(werr)?;
+                }
+            }
+            Ok(())
+        };
+        let result = run();
+        drop(pipe);
+        let digests = hasher.join().map_err(|_| werr(io::Error::other("hashing thread panicked")));
+        result?;
+        progress.finish();
+        digests
+    })
 }
 
-/// Copies a file's stored bytes (all, or its data extents) into the archive and returns the
-/// SHA-256 of its logical content (holes hash as zeros).
+enum HashMsg {
+    /// The first `n` bytes of the buffer are file content.
+    Data(Vec<u8>, usize),
+    /// That many zero bytes (a hole).
+    Zeros(u64),
+    /// End of the file with this relative path.
+    End(Vec<u8>),
+}
+
+struct HashPipe {
+    tx: std::sync::mpsc::SyncSender<HashMsg>,
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl HashPipe {
+    fn buffer(&self) -> Vec<u8> {
+        self.recycled.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK])
+    }
+
+    fn send(&self, m: HashMsg, werr: &dyn Fn(io::Error) -> ImageError) -> Result<(), ImageError> {
+        self.tx.send(m).map_err(|_| werr(io::Error::other("hashing thread stopped")))
+    }
+}
+
+/// Copies a file's stored bytes (all, or its data extents) into the archive and hands them, with
+/// the holes as zeros, to the hashing thread.
 fn copy_file<W: Write>(
     tar: &mut TarWriter<W>,
     path: &Path,
     size: u64,
     extents: Option<&[(u64, u64)]>,
-    buf: &mut [u8],
+    pipe: &HashPipe,
     progress: &mut Progress,
     werr: &dyn Fn(io::Error) -> ImageError,
-) -> Result<[u8; 32], ImageError> {
+) -> Result<(), ImageError> {
     let mut f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -173,29 +227,33 @@ fn copy_file<W: Write>(
         .map_err(ImageError::read_tree(path))?;
     let whole = [(0, size)];
     let ranges = extents.unwrap_or(&whole);
-    let mut hash = Sha256::new();
     let mut logical = 0u64;
     for &(off, len) in ranges {
-        hash_zeros(&mut hash, off - logical.min(off));
+        if off > logical {
+            pipe.send(HashMsg::Zeros(off - logical), werr)?;
+        }
         if extents.is_some() {
             f.seek(SeekFrom::Start(off)).map_err(ImageError::read_tree(path))?;
         }
         let mut left = len;
         while left > 0 {
+            let mut buf = pipe.buffer();
             let want = left.min(buf.len() as u64) as usize;
             let n = f.read(&mut buf[..want]).map_err(ImageError::read_tree(path))?;
             if n == 0 {
                 return Err(ImageError::ChangedDuringPack { path: path.to_path_buf(), expected: size });
             }
             tar.data(&buf[..n]).map_err(werr)?;
-            hash.update(&buf[..n]);
             progress.add(n as u64);
             left -= n as u64;
+            pipe.send(HashMsg::Data(buf, n), werr)?;
         }
         logical = off + len;
     }
-    hash_zeros(&mut hash, size.saturating_sub(logical));
-    Ok(hash.finalize().into())
+    if size > logical {
+        pipe.send(HashMsg::Zeros(size - logical), werr)?;
+    }
+    Ok(())
 }
 
 /// Zeros to hash for holes (static: allocating per file showed up as memset in profiles).

@@ -8,7 +8,7 @@ pkgs=(
   udhcpc isc-dhcp-client dhcpcd-base kea-admin kea-dhcp4-server dnsmasq-base
   tftp-hpa tftpd-hpa atftp curl aria2
   qemu-system-x86 ipxe-qemu ipxe pxelinux syslinux-common busybox-static cpio zstd
-  debootstrap attr acl rsync
+  debootstrap attr acl rsync libcap2-bin
 )
 missing=()
 for p in "${pkgs[@]}"; do

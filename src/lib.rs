@@ -13,4 +13,5 @@ pub mod cli;
 pub mod config;
 pub mod dhcp;
 pub mod net;
+pub mod swarm;
 pub mod types;

@@ -1,0 +1,290 @@
+//! The swarm with real clients, in network namespaces this test creates: the appliance's
+//! tracker + librqbit seed serving an archive to `si-appliance fetch` clients and to aria2c,
+//! `fetch` downloading from an aria2c seed, tracker abuse over HTTP with curl, and an appliance
+//! restart mid-swarm. Figures (completion times, seed upload, CPU) are printed, never asserted
+//! against a clock: they go in reports and, later, the benchmark.
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::{Lab, Proc, appliance_bin, start_appliance};
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+const HTTP_PORT: u16 = 8080;
+const SEED_PORT: u16 = 6881;
+
+/// `n` bytes from /dev/urandom into `path`.
+fn random_file(path: &Path, n: u64) {
+    let mut data = Vec::with_capacity(n as usize);
+    fs::File::open("/dev/urandom").expect("urandom").take(n).read_to_end(&mut data).expect("read urandom");
+    fs::write(path, data).expect("write archive");
+}
+
+fn sha256(path: &Path) -> String {
+    let mut f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The appliance's config: no DHCP, no TFTP, HTTP on 8080, one archive, LAN-quick tracker.
+fn config(lab: &Lab, tag: &str, archive: &Path, extra_swarm: &str) -> String {
+    let state = lab.path(&format!("{tag}-state"));
+    let store = lab.path(&format!("{tag}-store"));
+    format!(
+        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
+         [http]\nport = {HTTP_PORT}\n[swarm]\narchives = [\"{}\"]\nlisten_port = {SEED_PORT}\n\
+         announce_interval = \"3s\"\npeer_timeout = \"30s\"\n{extra_swarm}\n",
+        store.display(),
+        state.display(),
+        archive.display()
+    )
+}
+
+/// A command run in host `h`'s namespace, with its output (not asserted).
+fn exec(lab: &Lab, h: usize, prog: &str, args: &[&str]) -> Output {
+    lab.hosts[h].cmd(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"))
+}
+
+/// GET over curl from host `h` (bounded), body as bytes.
+fn curl(lab: &Lab, h: usize, url: &str, extra: &[&str]) -> Vec<u8> {
+    let mut args = vec!["-sS", "--max-time", "10"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = exec(lab, h, "curl", &args);
+    assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn swarm_json(lab: &Lab, h: usize, server: &str) -> serde_json::Value {
+    let body = curl(lab, h, &format!("http://{server}:{HTTP_PORT}/api/swarm"), &[]);
+    serde_json::from_slice(&body).unwrap_or_else(|e| panic!("/api/swarm: {e}: {}", String::from_utf8_lossy(&body)))
+}
+
+/// Starts `si-appliance fetch` in host `h`.
+fn fetch(lab: &Lab, h: usize, server: &str, image: &str, out: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = lab.hosts[h].cmd(appliance_bin());
+    let srv = format!("{server}:{HTTP_PORT}");
+    cmd.args(["fetch", "--server", &srv, "--image", image, "--iface", "eth0", "--out"])
+        .arg(out)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    Proc::spawn(&format!("fetch{h}"), cmd, lab.path(&format!("fetch{h}.log")))
+}
+
+/// The `fetch-done …` summary line's `key=value` fields.
+fn summary(p: &Proc) -> Vec<(String, String)> {
+    let log = p.log_text();
+    let line = log.lines().find(|l| l.starts_with("fetch-done ")).unwrap_or_else(|| panic!("no summary:\n{log}"));
+    line.split_whitespace().skip(1).filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+}
+
+fn field(s: &[(String, String)], k: &str) -> String {
+    s.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default()
+}
+
+/// User + system CPU seconds of a running process (USER_HZ = 100).
+fn cpu_secs(pid: u32) -> f64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else { return f64::NAN };
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    if f.len() == 2 { (f[0] + f[1]) as f64 / 100.0 } else { f64::NAN }
+}
+
+fn mkdir(p: &Path) -> PathBuf {
+    fs::create_dir_all(p).expect("mkdir");
+    p.to_owned()
+}
+
+/// Acceptance 1: eight clients started together download one archive through the tracker and
+/// the seed; every copy matches; the seed uploaded less than three copies.
+#[test]
+fn eight_clients_download_one_archive_through_the_swarm() {
+    const N: usize = 8;
+    let size = 32 * MIB;
+    let mut lab = Lab::new("sw8");
+    let app = lab.add_host(Some("10.69.1.1/24"), None);
+    for i in 0..N {
+        lab.add_host(Some(&format!("10.69.1.{}/24", 11 + i)), None);
+    }
+    let archive = lab.path("img8.tar.zst");
+    random_file(&archive, size);
+    let want = sha256(&archive);
+    let appliance = start_appliance(&lab, app, "appliance", &config(&lab, "a", &archive, "upload_limit = 8388608"), &[]);
+    let cpu_app0 = cpu_secs(appliance.child.id());
+
+    let mut clients: Vec<(Proc, PathBuf)> = (1..=N)
+        .map(|h| {
+            let out = mkdir(&lab.path(&format!("c{h}"))).join("img8.tar.zst");
+            (fetch(&lab, h, "10.69.1.1", "img8", &out, &["--seed-until-done", "--seed-for", "60s"]), out)
+        })
+        .collect();
+    for (p, out) in clients.iter_mut() {
+        let st = p.wait_exit(Duration::from_secs(150));
+        assert!(st.success(), "fetch failed ({st}):\n{}", p.log_text());
+        assert_eq!(sha256(out), want, "{} differs", out.display());
+    }
+    let cpu_app = cpu_secs(appliance.child.id()) - cpu_app0;
+    let v = swarm_json(&lab, 1, "10.69.1.1");
+    let t = &v[0];
+    assert_eq!(t["name"], "img8");
+    let up = t["seed_uploaded_bytes"].as_u64().expect("seed_uploaded_bytes");
+    assert!(up < 3 * size, "the seed uploaded {up} bytes = {:.2} copies", up as f64 / size as f64);
+    assert_eq!(t["complete"].as_u64(), Some(N as u64), "{v:#}");
+
+    let mut times: Vec<String> = Vec::new();
+    for (p, _) in &clients {
+        let s = summary(p);
+        times.push(format!("{}s(up {} MiB, {})", field(&s, "download_secs"), field(&s, "uploaded").parse::<u64>().unwrap_or(0) / MIB, field(&s, "stopped")));
+    }
+    let c1 = summary(&clients[0].0);
+    eprintln!(
+        "FIGURES n={N} size={} MiB: completion per client: {}\n  seed upload {:.2} copies; appliance CPU {cpu_app:.2}s; client 1 CPU {}s",
+        size / MIB,
+        times.join(", "),
+        up as f64 / size as f64,
+        field(&c1, "cpu_secs")
+    );
+}
+
+/// Percent-encodes raw bytes for a tracker query.
+fn pct(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("%{b:02X}")).collect()
+}
+
+/// Acceptance 3: malformed or foreign announces get a bencoded `failure reason`, and the
+/// tracker keeps serving; torrent names are keys, never paths.
+#[test]
+fn tracker_refuses_abuse_and_keeps_serving() {
+    let mut lab = Lab::new("swt");
+    let app = lab.add_host(Some("10.69.3.1/24"), None);
+    let cl = lab.add_host(Some("10.69.3.20/24"), None);
+    // A second address outside the appliance's subnets, and a route back to it.
+    lab.hosts[cl].ip(&["addr", "add", "10.69.4.20/24", "dev", "eth0"]);
+    lab.hosts[app].ip(&["route", "add", "10.69.4.0/24", "dev", "eth0"]);
+    let archive = lab.path("small.tar.zst");
+    random_file(&archive, 3 * MIB);
+    let _appliance = start_appliance(&lab, app, "appliance", &config(&lab, "t", &archive, ""), &[]);
+
+    let v = swarm_json(&lab, cl, "10.69.3.1");
+    let ih = hex::decode(v[0]["info_hash"].as_str().expect("info_hash")).expect("hex");
+    let ih = pct(&ih);
+    let pid = pct(b"-XX0001-abcdefghijkl");
+    let base = "http://10.69.3.1:8080/announce";
+    let ann = |q: &str, extra: &[&str]| String::from_utf8_lossy(&curl(&lab, cl, &format!("{base}?{q}"), extra)).into_owned();
+
+    let cases: Vec<(String, &str)> = vec![
+        (format!("peer_id={pid}&port=6881&left=0"), "missing info_hash"),
+        (format!("info_hash=%01%02%03&peer_id={pid}&port=6881&left=0"), "bad info_hash"),
+        (format!("info_hash={ih}&peer_id={pid}&port=0&left=0"), "bad port"),
+        (format!("info_hash={ih}&peer_id={pid}&port=70000&left=0"), "bad port"),
+        (format!("info_hash={ih}&peer_id={pid}&port=http&left=0"), "bad port"),
+        (format!("info_hash={ih}&peer_id={pid}&port=6881"), "missing left"),
+        (format!("info_hash={}&peer_id={pid}&port=6881&left=0", pct(&[0xAB; 20])), "unknown info_hash"),
+    ];
+    for (q, why) in &cases {
+        let r = ann(q, &[]);
+        assert!(r.starts_with("d14:failure reason") && r.contains(why), "{q} -> {r}");
+    }
+    // From an address outside the subnets.
+    let q = format!("info_hash={ih}&peer_id={pid}&port=6881&left=100");
+    let r = ann(&q, &["--interface", "10.69.4.20"]);
+    assert!(r.contains("failure reason") && r.contains("outside the provisioning subnets"), "{r}");
+    // A huge numwant is capped, not refused: a normal answer listing the seed.
+    let r = curl(&lab, cl, &format!("{base}?{q}&numwant=99999999999999999999"), &[]);
+    let text = String::from_utf8_lossy(&r);
+    assert!(!text.contains("failure reason") && text.contains("8:interval"), "{text}");
+    let seed = [10u8, 69, 3, 1, (SEED_PORT >> 8) as u8, SEED_PORT as u8];
+    assert!(r.windows(6).any(|w| w == seed), "the seed is not in the peer list: {text}");
+    // Garbage after all that: the tracker still serves, scrape too.
+    let r = ann(&format!("info_hash={ih}&peer_id={pid}&port=6881&left=0&event=started"), &[]);
+    assert!(r.contains("8:interval"), "{r}");
+    let r = String::from_utf8_lossy(&curl(&lab, cl, &format!("http://10.69.3.1:8080/scrape?info_hash={ih}"), &[])).into_owned();
+    assert!(r.starts_with("d5:filesd20:") && r.contains("8:completei"), "{r}");
+    // Names are keys: no path ever reaches the filesystem.
+    for bad in ["/torrents/..%2Fsecret.torrent", "/torrents/nope.torrent", "/torrents/small", "/api/swarm/..%2F.."] {
+        let out = exec(&lab, cl, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", &format!("http://10.69.3.1:8080{bad}")]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "404", "{bad}");
+    }
+    let t = curl(&lab, cl, "http://10.69.3.1:8080/torrents/small.torrent", &[]);
+    assert!(t.starts_with(b"d") && t.windows(9).any(|w| w == b"announce-"), "not a torrent");
+}
+
+fn aria2c_args(dir: &Path, torrent: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--enable-dht=false",
+        "--enable-dht6=false",
+        "--bt-enable-lpd=false",
+        "--enable-peer-exchange=false",
+        "--bt-tracker-connect-timeout=10",
+        "--bt-tracker-timeout=10",
+        "--summary-interval=0",
+        "--console-log-level=notice",
+        "--file-allocation=none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push(format!("--dir={}", dir.display()));
+    v.push(torrent.display().to_string());
+    v
+}
+
+/// Acceptance 2: aria2c downloads from the appliance through its tracker, and `fetch`
+/// downloads from an aria2c seed (given to it with --peer, tracker off, so the appliance's
+/// seed cannot be the source).
+#[test]
+fn interop_with_aria2c_both_ways() {
+    let mut lab = Lab::new("swa");
+    let app = lab.add_host(Some("10.69.2.1/24"), None);
+    let leech = lab.add_host(Some("10.69.2.11/24"), None);
+    let seeder = lab.add_host(Some("10.69.2.12/24"), None);
+    let fetcher = lab.add_host(Some("10.69.2.13/24"), None);
+    let archive = lab.path("inter.tar.zst");
+    random_file(&archive, 16 * MIB);
+    let want = sha256(&archive);
+    let _appliance = start_appliance(&lab, app, "appliance", &config(&lab, "i", &archive, ""), &[]);
+    let torrent = lab.path("inter.torrent");
+    fs::write(&torrent, curl(&lab, leech, "http://10.69.2.1:8080/torrents/inter.torrent", &[])).expect("torrent");
+
+    // aria2c <- appliance (tracker + seed).
+    let dir = mkdir(&lab.path("aria-leech"));
+    let mut a = lab.hosts[leech].cmd("aria2c");
+    a.args(aria2c_args(&dir, &torrent, &["--seed-time=0", "--listen-port=6881"]));
+    let mut a = Proc::spawn("aria2c-leech", a, lab.path("aria2c-leech.log"));
+    let st = a.wait_exit(Duration::from_secs(120));
+    assert!(st.success(), "aria2c failed ({st}):\n{}", a.log_text());
+    assert_eq!(sha256(&dir.join("inter.tar.zst")), want);
+
+    // fetch <- aria2c seed (a verified copy of the archive, seeding until killed).
+    let sdir = mkdir(&lab.path("aria-seed"));
+    fs::copy(&archive, sdir.join("inter.tar.zst")).expect("copy");
+    let mut s = lab.hosts[seeder].cmd("aria2c");
+    s.args(aria2c_args(&sdir, &torrent, &["--check-integrity=true", "--seed-ratio=0.0", "--listen-port=6882"]));
+    let mut s = Proc::spawn("aria2c-seed", s, lab.path("aria2c-seed.log"));
+    // aria2c listens once it has checked the file: wait for the port.
+    let up = common::wait_for(Duration::from_secs(60), || {
+        let o = exec(&lab, seeder, "ss", &["-Hltn", "sport = :6882"]);
+        String::from_utf8_lossy(&o.stdout).contains("6882").then_some(())
+    });
+    assert!(up.is_some(), "aria2c seed never listened:\n{}", s.log_text());
+    let out = mkdir(&lab.path("f")).join("inter.tar.zst");
+    let mut f = fetch(&lab, fetcher, "10.69.2.1", "inter", &out, &["--no-tracker", "--peer", "10.69.2.12:6882"]);
+    let st = f.wait_exit(Duration::from_secs(120));
+    assert!(st.success(), "fetch failed ({st}):\n{}", f.log_text());
+    assert_eq!(sha256(&out), want);
+    s.kill();
+}

@@ -160,7 +160,9 @@ async fn start_swarm(
             upload_bps: std::num::NonZeroU32::new(sw.upload_limit),
         };
         let list: Vec<_> = served.values().cloned().collect();
-        Some(Arc::new(Seed::start(&opts, &list, shutdown).await?))
+        let seed = Seed::start(&opts, &list, shutdown).await?;
+        swarm::seed::restamp(&list, &announce, &swarm_dir.join("torrents"))?;
+        Some(Arc::new(seed))
     };
     if let Some(seed) = seed.clone() {
         let (token, tracker, interval) = (shutdown.clone(), tracker.clone(), sw.announce_interval);

@@ -288,3 +288,86 @@ fn interop_with_aria2c_both_ways() {
     assert_eq!(sha256(&out), want);
     s.kill();
 }
+
+/// The `elapsed_ms` of the last log line containing `needle` (figures for the report).
+fn elapsed_ms(p: &Proc, needle: &str) -> String {
+    let log = p.log_text();
+    let line = log.lines().filter(|l| l.contains(needle)).last().unwrap_or("");
+    let plain: String = strip_ansi(line);
+    plain.split_whitespace().find_map(|w| w.strip_prefix("elapsed_ms=")).unwrap_or("?").to_owned()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// The seed's upload so far, as `/api/swarm` reports it.
+fn seed_uploaded(lab: &Lab, h: usize, server: &str) -> Option<u64> {
+    let out = exec(lab, h, "curl", &["-sS", "--max-time", "5", &format!("http://{server}:{HTTP_PORT}/api/swarm")]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v[0]["seed_uploaded_bytes"].as_u64()
+}
+
+/// Acceptance 4: the appliance killed (SIGKILL) and restarted mid-swarm, and a client killed
+/// and restarted mid-download: everyone completes with the right bytes. The restart uses the
+/// persisted bitfield (fastresume) instead of re-hashing; the figures of first start, restart
+/// with fastresume and restart without are printed.
+#[test]
+fn appliance_and_client_restart_mid_swarm() {
+    let size = 64 * MIB;
+    let mut lab = Lab::new("swr");
+    let app = lab.add_host(Some("10.69.5.1/24"), None);
+    lab.add_host(Some("10.69.5.11/24"), None);
+    lab.add_host(Some("10.69.5.12/24"), None);
+    let archive = lab.path("big.tar.zst");
+    random_file(&archive, size);
+    let want = sha256(&archive);
+    // The seed at 4 MiB/s: the download lasts long enough to interrupt it.
+    let cfg = config(&lab, "r", &archive, "upload_limit = 4194304");
+    let mut appliance = start_appliance(&lab, app, "appliance", &cfg, &[]);
+    let first = (elapsed_ms(&appliance, "torrent created"), elapsed_ms(&appliance, "seed ready"));
+
+    let outs: Vec<PathBuf> = (1..=2).map(|h| mkdir(&lab.path(&format!("r{h}"))).join("big.tar.zst")).collect();
+    let args = ["--seed-until-done", "--seed-for", "60s"];
+    let mut c1 = fetch(&lab, 1, "10.69.5.1", "big", &outs[0], &args);
+    let mut c2 = fetch(&lab, 2, "10.69.5.1", "big", &outs[1], &args);
+    let moving = common::wait_for(Duration::from_secs(60), || seed_uploaded(&lab, 1, "10.69.5.1").filter(|b| *b >= 8 * MIB));
+    assert!(moving.is_some(), "the swarm never started:\n{}", c1.log_text());
+    // Kill both the appliance and client 2 mid-download, then bring them back.
+    appliance.kill();
+    c2.kill();
+    assert!(!c1.log_text().contains("fetch-done"), "client 1 finished before the restart: make the seed slower");
+    let appliance = start_appliance(&lab, app, "appliance2", &cfg, &[]);
+    let restart = elapsed_ms(&appliance, "seed ready");
+    let log2 = strip_ansi(&appliance.log_text());
+    assert!(log2.contains("restored=1"), "{log2}");
+    assert!(log2.contains("torrent loaded from cache"), "{log2}");
+    let mut c2 = fetch(&lab, 2, "10.69.5.1", "big", &outs[1], &args);
+    for (p, out) in [(&mut c1, &outs[0]), (&mut c2, &outs[1])] {
+        let st = p.wait_exit(Duration::from_secs(150));
+        assert!(st.success(), "fetch failed ({st}):\n{}", p.log_text());
+        assert_eq!(sha256(out), want, "{} differs", out.display());
+    }
+    // Restart without fastresume: the archive is hashed again (figure only).
+    drop(appliance);
+    let cfg_nofr = config(&lab, "r", &archive, "upload_limit = 4194304\nfastresume = false");
+    let appliance = start_appliance(&lab, app, "appliance3", &cfg_nofr, &[]);
+    let nofr = elapsed_ms(&appliance, "seed ready");
+    eprintln!(
+        "FIGURES restart size={} MiB: first start: torrent created in {} ms, seed ready in {} ms; \
+         restart with fastresume: seed ready in {restart} ms; without fastresume: {nofr} ms",
+        size / MIB,
+        first.0,
+        first.1
+    );
+}

@@ -174,6 +174,28 @@ pub fn name_of(archive: &Path) -> Result<ImageName, SeedError> {
     stem.parse().map_err(|source| SeedError::Name { path: archive.into(), source })
 }
 
+/// What identifies an archive's contents for the torrent cache: path, size, mtime, announce URL.
+fn stamp_of(archive: &Path, meta: &std::fs::Metadata, announce: &str) -> String {
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    format!("{}\n{}\n{}\n{}\n", archive.display(), meta.len(), mtime, announce)
+}
+
+/// Records the archives' stamps again once the seed runs. librqbit's storage sets the length of
+/// every file it opens (`ftruncate` to the same size), which bumps the mtime: without this,
+/// every start would miss the cache and hash the archive again.
+///
+/// # Errors
+/// [`SeedError::Cache`] or [`SeedError::Archive`].
+pub fn restamp(served: &[Served], announce: &str, cache_dir: &Path) -> Result<(), SeedError> {
+    for s in served {
+        let meta = std::fs::metadata(&s.archive).map_err(|source| SeedError::Archive { path: s.archive.clone(), source })?;
+        let spath = cache_dir.join(format!("{}.stamp", s.name));
+        std::fs::write(&spath, stamp_of(&s.archive, &meta, announce))
+            .map_err(|source| SeedError::Cache { path: spath, source })?;
+    }
+    Ok(())
+}
+
 /// Builds [`Served`] for an archive named in the configuration: loads its .torrent from the
 /// cache in `cache_dir` when the archive's size, mtime and the announce URL are unchanged,
 /// otherwise hashes the archive (librqbit's `create_torrent`, 2 MiB pieces) and caches it.
@@ -186,8 +208,7 @@ pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path) -> Result
     if !meta.is_file() {
         return Err(SeedError::ArchivePath(archive.into()));
     }
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    let stamp = format!("{}\n{}\n{}\n{}\n", archive.display(), meta.len(), mtime, announce);
+    let stamp = stamp_of(archive, &meta, announce);
     let cache_err = |path: &Path| {
         let path = path.to_owned();
         move |source| SeedError::Cache { path, source }
@@ -199,7 +220,7 @@ pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path) -> Result
         if let Ok(bytes) = std::fs::read(&tpath) {
             match torrent_info(&bytes) {
                 Ok(ti) if ti.size == meta.len() => {
-                    debug!(%name, info_hash = %ti.info_hash, "torrent loaded from cache");
+                    info!(%name, info_hash = %ti.info_hash, "torrent loaded from cache");
                     return Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash: ti.info_hash, size: ti.size });
                 }
                 _ => warn!(%name, "cached torrent unusable, hashing again"),

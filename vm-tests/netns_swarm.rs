@@ -122,7 +122,7 @@ fn eight_clients_download_one_archive_through_the_swarm() {
     let archive = lab.path("img8.tar.zst");
     random_file(&archive, size);
     let want = sha256(&archive);
-    let appliance = start_appliance(&lab, app, "appliance", &config(&lab, "a", &archive, "upload_limit = 8388608"), &[]);
+    let appliance = start_appliance(&lab, app, "appliance", &config(&lab, "a", &archive, "upload_limit = 4194304"), &[]);
     let cpu_app0 = cpu_secs(appliance.child.id());
 
     let mut clients: Vec<(Proc, PathBuf)> = (1..=N)

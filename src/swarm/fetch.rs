@@ -164,12 +164,12 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
         }
     }
 
-    let listen_ip = match &opts.iface {
-        Some(i) => crate::net::discover(i, None)?.ip,
-        None => Ipv4Addr::UNSPECIFIED,
+    let own_ip = match &opts.iface {
+        Some(i) => Some(crate::net::discover(i, None)?.ip),
+        None => None,
     };
-    let listen = SocketAddr::V4(SocketAddrV4::new(listen_ip, opts.listen_port));
-    let (out_dir, part_dir) = staging(&opts.out)?;
+    let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
+    let part_dir = staging(&opts.out)?;
     std::fs::create_dir_all(&part_dir).map_err(|source| FetchError::Output { path: part_dir.clone(), source })?;
 
     let session_token = token.child_token();
@@ -194,14 +194,15 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     let session = Session::new_with_opts(part_dir.clone(), sopts)
         .await
         .map_err(|e| FetchError::Session { listen, source: lib(e) })?;
-    let result = download_and_seed(opts, &session, torrent, &ti, initial, &out_dir, &part_dir, token).await;
+    let result = download_and_seed(opts, &session, torrent, &ti, initial, own_ip, &part_dir, token).await;
     session.stop().await;
     session_token.cancel();
     result
 }
 
-/// `<dir of out>` and the staging directory `<dir of out>/.<out name>.part` librqbit writes into.
-fn staging(out: &Path) -> Result<(PathBuf, PathBuf), FetchError> {
+/// The staging directory `<dir of out>/.<out name>.part` librqbit writes into (same file system
+/// as `out`, so the finished file is renamed, not copied).
+fn staging(out: &Path) -> Result<PathBuf, FetchError> {
     let bad = || FetchError::Output {
         path: out.to_owned(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
@@ -211,8 +212,7 @@ fn staging(out: &Path) -> Result<(PathBuf, PathBuf), FetchError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    let part = dir.join(format!(".{file}.part"));
-    Ok((dir, part))
+    Ok(dir.join(format!(".{file}.part")))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -222,7 +222,7 @@ async fn download_and_seed(
     torrent: Vec<u8>,
     ti: &TorrentInfo,
     initial: Vec<SocketAddr>,
-    _out_dir: &Path,
+    own_ip: Option<Ipv4Addr>,
     part_dir: &Path,
     token: &CancellationToken,
 ) -> Result<FetchReport, FetchError> {
@@ -252,7 +252,7 @@ async fn download_and_seed(
     let mut last = (Instant::now(), 0u64);
     let deadline = tokio::time::Instant::now() + opts.timeout;
     {
-        let start = rotation_start(ti.size, listen_ip_of(opts));
+        let start = rotation_start(ti.size, own_ip);
         let rotation = rotate(handle.clone(), start, ti.size);
         tokio::pin!(rotation);
         let mut rotating = true;
@@ -345,10 +345,6 @@ fn rotation_start(len: u64, ip: Option<Ipv4Addr>) -> u64 {
     ((len as f64 * frac) as u64).min(len - 1)
 }
 
-fn listen_ip_of(opts: &FetchOptions) -> Option<Ipv4Addr> {
-    opts.iface.as_deref().and_then(|i| crate::net::discover(i, None).ok()).map(|i| i.ip)
-}
-
 /// Imposes the piece order start..len, then 0..start, through librqbit's public streaming hook:
 /// a stream's next 32 MiB are priority pieces for every peer connection, and reading it (the
 /// data is discarded) slides that window as pieces are verified. Later the unpacker will be the
@@ -372,6 +368,31 @@ async fn rotate(handle: std::sync::Arc<librqbit::ManagedTorrent>, start: u64, le
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_addresses_start_far_apart() {
+        let len = 1 << 30;
+        let mut starts: Vec<u64> = (11..19).map(|i| rotation_start(len, Some(Ipv4Addr::new(10, 0, 0, i)))).collect();
+        starts.sort();
+        let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        // Eight golden-ratio points on a circle: no two closer than a twentieth of the file.
+        assert!(gaps.iter().all(|g| *g > len / 20), "{starts:?}");
+        assert!(starts.iter().all(|s| *s < len));
+        assert_eq!(rotation_start(0, None), 0);
+        assert!(rotation_start(1, None) == 0);
+    }
+
+    #[test]
+    fn staging_is_next_to_the_output() {
+        assert_eq!(staging(Path::new("/a/b/img.tar.zst")).unwrap(), Path::new("/a/b/.img.tar.zst.part"));
+        assert_eq!(staging(Path::new("img")).unwrap(), Path::new("./.img.part"));
+        assert!(staging(Path::new("/")).is_err());
+    }
 }
 
 fn progress(name: &ImageName, h: &librqbit::ManagedTorrent, (t, b): (Instant, u64)) -> (Instant, u64) {

@@ -118,3 +118,60 @@ async fn one(State(api): State<Arc<SwarmApi>>, Path(name): Path<String>) -> Resp
         None => not_found(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::swarm::seed::seed_announce;
+    use crate::swarm::tracker::{Announce, Event, InfoHash, Tracker, TrackerPolicy};
+
+    fn api() -> (SwarmApi, Served) {
+        let ih = InfoHash([3; 20]);
+        let mut t = Tracker::new(TrackerPolicy { subnets: vec!["10.0.0.0/24".parse().unwrap()], ..Default::default() });
+        t.register(ih);
+        let s = Served { name: "img".parse().unwrap(), archive: "/x/img.tar.zst".into(), torrent: b"d4:infod".to_vec(), info_hash: ih, size: 10 };
+        let seed_addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 6881);
+        let mut served = BTreeMap::new();
+        served.insert(s.name.clone(), s.clone());
+        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr }, s)
+    }
+
+    fn announce(api: &SwarmApi, a: &Announce) {
+        api.tracker.lock().unwrap().announce(a, Instant::now(), &mut rand::rng()).unwrap();
+    }
+
+    fn peer(last: u8, left: u64) -> Announce {
+        Announce {
+            info_hash: InfoHash([3; 20]),
+            peer_id: [last; 20],
+            addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 6881),
+            uploaded: 0,
+            downloaded: 0,
+            left,
+            event: Event::None,
+            numwant: 10,
+        }
+    }
+
+    #[test]
+    fn done_needs_peers_and_all_of_them_complete_and_ignores_the_seed() {
+        let (api, s) = api();
+        announce(&api, &seed_announce(s.info_hash, api.seed_addr));
+        let v = view(&api, &s);
+        assert!(!v.done && v.peers.is_empty(), "the seed alone is not a finished swarm");
+        announce(&api, &peer(11, 0));
+        announce(&api, &peer(12, 5));
+        let v = view(&api, &s);
+        assert_eq!((v.complete, v.incomplete, v.done), (1, 1, false));
+        announce(&api, &peer(12, 0));
+        let v = view(&api, &s);
+        assert_eq!((v.complete, v.incomplete, v.done), (2, 0, true));
+        // What fetch reads back parses.
+        let back: TorrentView = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert!(back.done && back.seed_addr == api.seed_addr);
+    }
+}

@@ -285,7 +285,9 @@ impl Tracker {
         }
         let timeout = self.policy.peer_timeout;
         let swarm = self.swarms.get_mut(&a.info_hash).ok_or(Refusal::UnknownTorrent(a.info_hash))?;
-        swarm.peers.retain(|_, p| now.duration_since(p.last_seen) < timeout);
+        // Silent peers leave; so does an older peer id at the same address and port: that node
+        // restarted (a new process, a new peer id) and its old entry would never complete.
+        swarm.peers.retain(|id, p| now.duration_since(p.last_seen) < timeout && (*id == a.peer_id || p.addr != a.addr));
         if a.event == Event::Stopped {
             swarm.peers.remove(&a.peer_id);
         } else {

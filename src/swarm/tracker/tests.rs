@@ -132,6 +132,22 @@ fn stopped_and_silent_peers_leave_and_completion_is_counted() {
 }
 
 #[test]
+fn a_restarted_node_replaces_its_old_entry() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(5);
+    let t0 = Instant::now();
+    let old = Announce::parse(&q(&[7; 20], 1, 6881, 10, "&event=started"), ip("10.0.0.2")).unwrap();
+    t.announce(&old, t0, &mut rng).unwrap();
+    let other_port = Announce::parse(&q(&[7; 20], 3, 6882, 10, ""), ip("10.0.0.2")).unwrap();
+    t.announce(&other_port, t0, &mut rng).unwrap();
+    let new = Announce::parse(&q(&[7; 20], 2, 6881, 0, "&event=started"), ip("10.0.0.2")).unwrap();
+    t.announce(&new, t0 + Duration::from_secs(1), &mut rng).unwrap();
+    let peers = t.peers(&IH);
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert!(peers.iter().any(|p| p.addr.port() == 6881 && p.left == 0));
+}
+
+#[test]
 fn compact_reply_encoding() {
     let r = AnnounceReply {
         interval: Duration::from_secs(15),

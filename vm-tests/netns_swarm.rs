@@ -292,7 +292,7 @@ fn interop_with_aria2c_both_ways() {
 /// The `elapsed_ms` of the last log line containing `needle` (figures for the report).
 fn elapsed_ms(p: &Proc, needle: &str) -> String {
     let log = p.log_text();
-    let line = log.lines().filter(|l| l.contains(needle)).last().unwrap_or("");
+    let line = log.lines().rev().find(|l| l.contains(needle)).unwrap_or("");
     let plain: String = strip_ansi(line);
     plain.split_whitespace().find_map(|w| w.strip_prefix("elapsed_ms=")).unwrap_or("?").to_owned()
 }

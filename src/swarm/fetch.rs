@@ -370,6 +370,20 @@ async fn rotate(handle: std::sync::Arc<librqbit::ManagedTorrent>, start: u64, le
     Ok(())
 }
 
+fn progress(name: &ImageName, h: &librqbit::ManagedTorrent, (t, b): (Instant, u64)) -> (Instant, u64) {
+    let st = h.stats();
+    let now = Instant::now();
+    let dt = now.duration_since(t).as_secs_f64().max(1e-3);
+    let rate = st.progress_bytes.saturating_sub(b) as f64 * 8.0 / 1e6 / dt;
+    let peers = st.live.as_ref().map_or(0, |l| l.snapshot.peer_stats.live);
+    let pct = if st.total_bytes == 0 { 100.0 } else { st.progress_bytes as f64 * 100.0 / st.total_bytes as f64 };
+    info!(
+        %name, have = st.progress_bytes, total = st.total_bytes, pct = format!("{pct:.1}"),
+        mbit_s = format!("{rate:.1}"), uploaded = st.uploaded_bytes, peers, "progress"
+    );
+    (now, st.progress_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,18 +407,4 @@ mod tests {
         assert_eq!(staging(Path::new("img")).unwrap(), Path::new("./.img.part"));
         assert!(staging(Path::new("/")).is_err());
     }
-}
-
-fn progress(name: &ImageName, h: &librqbit::ManagedTorrent, (t, b): (Instant, u64)) -> (Instant, u64) {
-    let st = h.stats();
-    let now = Instant::now();
-    let dt = now.duration_since(t).as_secs_f64().max(1e-3);
-    let rate = st.progress_bytes.saturating_sub(b) as f64 * 8.0 / 1e6 / dt;
-    let peers = st.live.as_ref().map_or(0, |l| l.snapshot.peer_stats.live);
-    let pct = if st.total_bytes == 0 { 100.0 } else { st.progress_bytes as f64 * 100.0 / st.total_bytes as f64 };
-    info!(
-        %name, have = st.progress_bytes, total = st.total_bytes, pct = format!("{pct:.1}"),
-        mbit_s = format!("{rate:.1}"), uploaded = st.uploaded_bytes, peers, "progress"
-    );
-    (now, st.progress_bytes)
 }

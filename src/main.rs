@@ -60,16 +60,23 @@ fn fetch(a: si_appliance::cli::FetchArgs) -> anyhow::Result<()> {
     })?;
     // One machine-readable summary line on stdout (the tests and the benchmark read it).
     println!(
-        "fetch-done out={} bytes={} download_secs={:.3} seed_secs={:.3} uploaded={} stopped={} cpu_secs={:.2}",
+        "fetch-done out={} bytes={} download_secs={:.3} seed_secs={:.3} uploaded={} stopped={} cpu_secs={:.2} peak_rss_kib={}",
         report.out.display(),
         report.bytes,
         report.download_secs,
         report.seed_secs,
         report.uploaded_bytes,
         report.stopped_because,
-        cpu_secs().unwrap_or(f64::NAN)
+        cpu_secs().unwrap_or(f64::NAN),
+        peak_rss_kib().unwrap_or(0)
     );
     Ok(())
+}
+
+/// Peak resident set size of this process (VmHWM), KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()
 }
 
 /// User + system CPU seconds of this process, from /proc/self/stat (USER_HZ = 100 on Linux).

@@ -184,7 +184,11 @@ fn tracker_refuses_abuse_and_keeps_serving() {
     lab.hosts[app].ip(&["route", "add", "10.69.4.0/24", "dev", "eth0"]);
     let archive = lab.path("small.tar.zst");
     random_file(&archive, 3 * MIB);
-    let _appliance = start_appliance(&lab, app, "appliance", &config(&lab, "t", &archive, ""), &[]);
+    // This one names its archive with --seed instead of the config file.
+    let cfg = config(&lab, "t", &archive, "").replace(&format!("archives = [\"{}\"]", archive.display()), "archives = []");
+    assert!(cfg.contains("archives = []"));
+    let seed_flag = archive.display().to_string();
+    let _appliance = start_appliance(&lab, app, "appliance", &cfg, &["--seed", &seed_flag]);
 
     let v = swarm_json(&lab, cl, "10.69.3.1");
     let ih = hex::decode(v[0]["info_hash"].as_str().expect("info_hash")).expect("hex");

@@ -189,7 +189,8 @@ async fn start_swarm(
         });
     }
     info!(archives = served.len(), %announce, seed = %seed_addr, "swarm ready");
-    let api = Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr });
+    let client_seed_limit_secs = sw.client_seed_limit.as_secs();
+    let api = Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs });
     Ok(swarm::tracker_http::routes(tracker).merge(swarm::api_http::routes(api)))
 }
 

@@ -127,7 +127,7 @@ pub struct FetchArgs {
     #[arg(long)]
     pub no_tracker: bool,
     /// After completion, seed until the appliance reports every peer of the swarm complete
-    /// (at most --seed-for, or 1 h).
+    /// (at most --seed-for, else the appliance's swarm.client_seed_limit, at most 1 h).
     #[arg(long)]
     pub seed_until_done: bool,
     /// After completion, seed at most this long (e.g. 30s, 10m).

@@ -248,6 +248,10 @@ pub struct SwarmConfig {
     pub upload_limit: u32,
     /// Trust the stored piece bitfields on restart (spot check) instead of re-hashing archives.
     pub fastresume: bool,
+    /// How long a node keeps seeding after its download at most while it waits for the swarm to
+    /// be done (published in `/api/swarm`; `fetch --seed-until-done` uses it).
+    #[serde(with = "humantime_serde")]
+    pub client_seed_limit: Duration,
 }
 
 impl Default for SwarmConfig {
@@ -260,6 +264,7 @@ impl Default for SwarmConfig {
             peer_timeout: Duration::from_secs(60),
             upload_limit: 0,
             fastresume: true,
+            client_seed_limit: Duration::from_secs(1800),
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct SwarmApi {
     pub seed: Option<Arc<Seed>>,
     /// Where the seed listens (handed to clients as a fallback peer).
     pub seed_addr: SocketAddrV4,
+    /// How long nodes seed at most after their download (`swarm.client_seed_limit`).
+    pub client_seed_limit_secs: u64,
 }
 
 /// One torrent's state as `/api/swarm` shows it.
@@ -59,6 +61,8 @@ pub struct TorrentView {
     /// At least one peer joined and every peer the tracker knows has completed: clients may
     /// stop seeding. (Later: every node of the deployment's plan.)
     pub done: bool,
+    /// Seconds a node keeps seeding at most after its download, waiting for `done`.
+    pub seed_limit_secs: u64,
 }
 
 /// The routes; state shared with the app.
@@ -103,6 +107,7 @@ pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
         complete,
         incomplete: peers.len() - complete,
         done: !peers.is_empty() && complete == peers.len(),
+        seed_limit_secs: api.client_seed_limit_secs,
         peers,
     }
 }
@@ -137,7 +142,7 @@ mod tests {
         let seed_addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 6881);
         let mut served = BTreeMap::new();
         served.insert(s.name.clone(), s.clone());
-        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr }, s)
+        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr, client_seed_limit_secs: 60 }, s)
     }
 
     fn announce(api: &SwarmApi, a: &Announce) {
@@ -172,6 +177,6 @@ mod tests {
         assert_eq!((v.complete, v.incomplete, v.done), (2, 0, true));
         // What fetch reads back parses.
         let back: TorrentView = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
-        assert!(back.done && back.seed_addr == api.seed_addr);
+        assert!(back.done && back.seed_addr == api.seed_addr && back.seed_limit_secs == 60);
     }
 }

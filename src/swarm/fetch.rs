@@ -116,7 +116,8 @@ pub struct FetchOptions {
     pub timeout: Duration,
 }
 
-/// Longest seeding phase when only `seed_until_done` is given: loops are bounded.
+/// Longest seeding phase when only `seed_until_done` is given (the appliance's
+/// `swarm.client_seed_limit` applies when it is shorter): loops are bounded.
 pub const MAX_SEED_UNTIL_DONE: Duration = Duration::from_secs(3600);
 /// How often the appliance is asked whether the swarm is done.
 const DONE_POLL: Duration = Duration::from_secs(2);
@@ -157,9 +158,13 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     let torrent = http_get::get(opts.server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT).await?;
     let ti: TorrentInfo = torrent_info(&torrent).map_err(|why| FetchError::BadTorrent { name: name.clone(), why })?;
     let mut initial: Vec<SocketAddr> = opts.peers.clone();
+    let mut seed_limit = MAX_SEED_UNTIL_DONE;
     if opts.use_tracker {
         match swarm_view(opts.server, name).await {
-            Ok(v) => initial.push(SocketAddr::V4(v.seed_addr)),
+            Ok(v) => {
+                initial.push(SocketAddr::V4(v.seed_addr));
+                seed_limit = Duration::from_secs(v.seed_limit_secs).min(MAX_SEED_UNTIL_DONE);
+            }
             Err(e) => warn!(%name, "no seed address from the appliance, tracker only: {e:#}"),
         }
     }
@@ -194,7 +199,7 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     let session = Session::new_with_opts(part_dir.clone(), sopts)
         .await
         .map_err(|e| FetchError::Session { listen, source: lib(e) })?;
-    let result = download_and_seed(opts, &session, torrent, &ti, initial, own_ip, &part_dir, token).await;
+    let result = download_and_seed(opts, &session, torrent, &ti, initial, own_ip, &part_dir, seed_limit, token).await;
     session.stop().await;
     session_token.cancel();
     result
@@ -224,6 +229,7 @@ async fn download_and_seed(
     initial: Vec<SocketAddr>,
     own_ip: Option<Ipv4Addr>,
     part_dir: &Path,
+    seed_limit: Duration,
     token: &CancellationToken,
 ) -> Result<FetchReport, FetchError> {
     let name = &opts.image;
@@ -292,7 +298,7 @@ async fn download_and_seed(
     let t1 = Instant::now();
     let limit = match (opts.seed_for, opts.seed_until_done) {
         (Some(d), _) => d,
-        (None, true) => MAX_SEED_UNTIL_DONE,
+        (None, true) => seed_limit,
         (None, false) => Duration::ZERO,
     };
     let seed_deadline = tokio::time::Instant::now() + limit;

@@ -109,6 +109,18 @@ fn peak_rss_kib(pid: u32) -> u64 {
     s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
 }
 
+/// Removes the lab directory (archives of up to 64 MiB, copies, state) when the test passes;
+/// a failed test keeps it for reading. Declared after the Lab, so it drops after every Proc.
+struct RemoveOnSuccess(PathBuf);
+
+impl Drop for RemoveOnSuccess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 fn mkdir(p: &Path) -> PathBuf {
     fs::create_dir_all(p).expect("mkdir");
     p.to_owned()
@@ -121,6 +133,7 @@ fn eight_clients_download_one_archive_through_the_swarm() {
     const N: usize = 8;
     let size = 32 * MIB;
     let mut lab = Lab::new("sw8");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
     let app = lab.add_host(Some("10.69.1.1/24"), None);
     for i in 0..N {
         lab.add_host(Some(&format!("10.69.1.{}/24", 11 + i)), None);
@@ -177,6 +190,7 @@ fn pct(bytes: &[u8]) -> String {
 #[test]
 fn tracker_refuses_abuse_and_keeps_serving() {
     let mut lab = Lab::new("swt");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
     let app = lab.add_host(Some("10.69.3.1/24"), None);
     let cl = lab.add_host(Some("10.69.3.20/24"), None);
     // A second address outside the appliance's subnets, and a route back to it.
@@ -261,6 +275,7 @@ fn aria2c_args(dir: &Path, torrent: &Path, extra: &[&str]) -> Vec<String> {
 #[test]
 fn interop_with_aria2c_both_ways() {
     let mut lab = Lab::new("swa");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
     let app = lab.add_host(Some("10.69.2.1/24"), None);
     let leech = lab.add_host(Some("10.69.2.11/24"), None);
     let seeder = lab.add_host(Some("10.69.2.12/24"), None);
@@ -338,6 +353,7 @@ fn seed_uploaded(lab: &Lab, h: usize, server: &str) -> Option<u64> {
 fn appliance_and_client_restart_mid_swarm() {
     let size = 64 * MIB;
     let mut lab = Lab::new("swr");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
     let app = lab.add_host(Some("10.69.5.1/24"), None);
     lab.add_host(Some("10.69.5.11/24"), None);
     lab.add_host(Some("10.69.5.12/24"), None);
@@ -391,6 +407,7 @@ fn appliance_and_client_restart_mid_swarm() {
 #[test]
 fn a_peer_sending_corrupt_pieces_is_caught_by_hash() {
     let mut lab = Lab::new("swc");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
     let app = lab.add_host(Some("10.69.6.1/24"), None);
     let bad = lab.add_host(Some("10.69.6.12/24"), None);
     let fetcher = lab.add_host(Some("10.69.6.13/24"), None);

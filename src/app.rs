@@ -14,6 +14,7 @@ use crate::boot::{self, BootContext};
 use crate::config::{Config, DhcpMode};
 use crate::dhcp;
 use crate::net::{self, NetError};
+use crate::swarm::{self, api_http::SwarmApi, seed::{Seed, SeedError, SeedOptions}, tracker_http::SharedTracker};
 
 /// Errors that stop the appliance.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub enum AppError {
     /// The boot services (TFTP/HTTP) failed.
     #[error("boot")]
     Boot(#[from] boot::BootError),
+    /// The swarm (torrents, seed) could not start.
+    #[error("swarm")]
+    Swarm(#[from] SeedError),
     /// The HTTP listener could not be bound or failed.
     #[error("http on {addr}")]
     Http {
@@ -78,7 +82,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         tasks.spawn(async move { boot::serve_tftp(ctx, &tftp, socket, token).await.map_err(AppError::from) });
     }
 
-    let router = boot::http_routes(ctx.clone());
+    let mut router = boot::http_routes(ctx.clone());
+    if cfg.swarm.enable {
+        router = router.merge(start_swarm(&cfg, &iface, &shutdown, &mut tasks).await?);
+    }
     for ip in [iface.ip, Ipv4Addr::LOCALHOST] {
         let addr = SocketAddr::V4(SocketAddrV4::new(ip, cfg.http.port));
         let listener = tokio::net::TcpListener::bind(addr)
@@ -86,7 +93,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             .map_err(|source| AppError::Http { addr, source })?;
         let (router, token) = (router.clone(), shutdown.clone());
         tasks.spawn(async move {
-            // Connect info: the boot routes log each client's address.
+            // Connect info: the boot routes log each client's address; the tracker needs it.
             axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await
@@ -116,6 +123,78 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     result
 }
 
+/// The tracker, the seed of every served archive and their routes (`/announce`, `/scrape`,
+/// `/torrents/<name>.torrent`, `/api/swarm`). The seed is registered in the tracker directly
+/// and refreshed every announce interval; it stops (flushing fastresume state) on shutdown.
+async fn start_swarm(
+    cfg: &Config,
+    iface: &net::Iface,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<Result<(), AppError>>,
+) -> Result<axum::Router, AppError> {
+    use std::collections::BTreeMap;
+    let sw = &cfg.swarm;
+    let mut subnets = vec![iface.net];
+    subnets.extend(cfg.dhcp.pools.iter().map(|p| p.subnet));
+    let policy = swarm::TrackerPolicy { subnets, interval: sw.announce_interval, peer_timeout: sw.peer_timeout };
+    let tracker: SharedTracker = Arc::new(std::sync::Mutex::new(swarm::Tracker::new(policy)));
+    let announce = format!("http://{}:{}/announce", iface.ip, cfg.http.port);
+    let swarm_dir = cfg.state_dir.join("swarm");
+    let mut served = BTreeMap::new();
+    for a in &sw.archives {
+        let s = swarm::seed::prepare(a, &announce, &swarm_dir.join("torrents")).await?;
+        if served.contains_key(&s.name) {
+            return Err(SeedError::DuplicateName(s.name).into());
+        }
+        tracker.lock().unwrap_or_else(|e| e.into_inner()).register(s.info_hash);
+        served.insert(s.name.clone(), s);
+    }
+    let seed_addr = SocketAddrV4::new(iface.ip, sw.listen_port);
+    let seed = if served.is_empty() {
+        None
+    } else {
+        let opts = SeedOptions {
+            iface: iface.name.clone(),
+            listen: seed_addr,
+            session_dir: swarm_dir.join("session"),
+            fastresume: sw.fastresume,
+            upload_bps: std::num::NonZeroU32::new(sw.upload_limit),
+        };
+        let list: Vec<_> = served.values().cloned().collect();
+        let seed = Seed::start(&opts, &list, shutdown).await?;
+        swarm::seed::restamp(&list, &announce, &swarm_dir.join("torrents"))?;
+        Some(Arc::new(seed))
+    };
+    if let Some(seed) = seed.clone() {
+        let (token, tracker, interval) = (shutdown.clone(), tracker.clone(), sw.announce_interval);
+        let hashes: Vec<_> = served.values().map(|s| s.info_hash).collect();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    // CANCEL-SAFETY: interval ticks and cancellation carry no state.
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        let mut t = tracker.lock().unwrap_or_else(|e| e.into_inner());
+                        for ih in &hashes {
+                            let a = swarm::seed::seed_announce(*ih, seed_addr);
+                            if let Err(why) = t.announce(&a, std::time::Instant::now(), &mut rand::rng()) {
+                                error!(%ih, "registering the seed in the tracker: {why}");
+                            }
+                        }
+                    }
+                }
+            }
+            seed.stop().await;
+            Ok(())
+        });
+    }
+    info!(archives = served.len(), %announce, seed = %seed_addr, "swarm ready");
+    let client_seed_limit_secs = sw.client_seed_limit.as_secs();
+    let api = Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs });
+    Ok(swarm::tracker_http::routes(tracker).merge(swarm::api_http::routes(api)))
+}
+
 fn flatten(r: Result<Result<(), AppError>, tokio::task::JoinError>) -> Result<(), AppError> {
     match r {
         Ok(r) => r,
@@ -124,7 +203,8 @@ fn flatten(r: Result<Result<(), AppError>, tokio::task::JoinError>) -> Result<()
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM (also used by `si-appliance fetch`).
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

@@ -67,6 +67,9 @@ pub struct ApplianceFlags {
     /// Client initramfs (key `boot.initrd`).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// Serve and seed this archive (repeatable; adds to key `swarm.archives`).
+    #[arg(long, value_name = "FILE")]
+    pub seed: Vec<PathBuf>,
 }
 
 /// `--dhcp-mode`.
@@ -100,6 +103,9 @@ pub enum Command {
         #[command(subcommand)]
         action: ImageAction,
     },
+    /// Download an image through the appliance's swarm (the swarm half of the installer),
+    /// uploading to other nodes meanwhile, and keep seeding afterwards.
+    Fetch(FetchArgs),
 }
 
 /// `image` subcommands. NAME is an image (or with --override, an override tree) in the store.
@@ -197,4 +203,43 @@ pub struct PackFlags {
     /// when server_ip is configured; otherwise no .torrent).
     #[arg(long)]
     pub announce: Option<String>,
+}
+
+/// `si-appliance fetch`.
+#[derive(Debug, clap::Args)]
+pub struct FetchArgs {
+    /// The appliance's HTTP address, e.g. 10.0.0.1:80.
+    #[arg(long, value_name = "IP:PORT")]
+    pub server: std::net::SocketAddr,
+    /// The image to fetch (its name on the appliance: /torrents/NAME.torrent).
+    #[arg(long = "image", value_name = "NAME")]
+    pub name: String,
+    /// Where to write the archive.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Bind to this interface (SO_BINDTODEVICE) and listen on its address.
+    #[arg(long = "iface", value_name = "IF")]
+    pub bind_iface: Option<String>,
+    /// TCP port for incoming peers.
+    #[arg(long, default_value_t = 6881)]
+    pub port: u16,
+    /// Also connect to this peer (repeatable).
+    #[arg(long = "peer", value_name = "IP:PORT")]
+    pub peers: Vec<std::net::SocketAddr>,
+    /// Do not use the appliance's tracker and seed: only the --peer peers.
+    #[arg(long)]
+    pub no_tracker: bool,
+    /// After completion, seed until the appliance reports every peer of the swarm complete
+    /// (at most --seed-for, else the appliance's swarm.client_seed_limit, at most 1 h).
+    #[arg(long)]
+    pub seed_until_done: bool,
+    /// After completion, seed at most this long (e.g. 30s, 10m).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub seed_for: Option<std::time::Duration>,
+    /// Progress line period.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub progress_every: std::time::Duration,
+    /// Give up when the download is not complete after this long.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }

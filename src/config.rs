@@ -230,6 +230,48 @@ impl Default for BootConfig {
     }
 }
 
+/// `[swarm]`: the tracker and the appliance's initial seed.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwarmConfig {
+    /// Run the tracker and the seed at all.
+    pub enable: bool,
+    /// Archives served besides the image store's (until the store hands its own in): each is
+    /// seeded and published as `/torrents/<file name less .tar.zst>.torrent` (flag --seed).
+    pub archives: Vec<PathBuf>,
+    /// TCP port the seed listens on (on the provisioning address only).
+    pub listen_port: u16,
+    /// Re-announce interval the tracker hands out.
+    #[serde(with = "humantime_serde")]
+    pub announce_interval: Duration,
+    /// A peer silent for this long is dropped from the tracker's lists.
+    #[serde(with = "humantime_serde")]
+    pub peer_timeout: Duration,
+    /// The seed's upload limit in bytes per second; 0 = unlimited.
+    pub upload_limit: u32,
+    /// Trust the stored piece bitfields on restart (spot check) instead of re-hashing archives.
+    pub fastresume: bool,
+    /// How long a node keeps seeding after its download at most while it waits for the swarm to
+    /// be done (published in `/api/swarm`; `fetch --seed-until-done` uses it).
+    #[serde(with = "humantime_serde")]
+    pub client_seed_limit: Duration,
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        SwarmConfig {
+            enable: true,
+            archives: Vec::new(),
+            listen_port: 6881,
+            announce_interval: Duration::from_secs(15),
+            peer_timeout: Duration::from_secs(60),
+            upload_limit: 0,
+            fastresume: true,
+            client_seed_limit: Duration::from_secs(1800),
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -252,6 +294,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[boot]`.
     pub boot: BootConfig,
+    /// `[swarm]`.
+    pub swarm: SwarmConfig,
 }
 
 impl Default for Config {
@@ -266,6 +310,7 @@ impl Default for Config {
             tftp: TftpConfig::default(),
             http: HttpConfig::default(),
             boot: BootConfig::default(),
+            swarm: SwarmConfig::default(),
         }
     }
 }
@@ -357,6 +402,18 @@ impl Config {
         if self.tftp.timeout.is_zero() || self.tftp.timeout > Duration::from_secs(255) {
             return bad("tftp.timeout".into(), "must be within 1s..=255s (RFC 2349)".into());
         }
+        if self.swarm.listen_port == 0 {
+            return bad("swarm.listen_port".into(), "must be 1..=65535".into());
+        }
+        if self.swarm.announce_interval < Duration::from_secs(1) {
+            return bad("swarm.announce_interval".into(), "must be at least 1s".into());
+        }
+        if self.swarm.peer_timeout <= self.swarm.announce_interval {
+            return bad("swarm.peer_timeout".into(), "must be longer than swarm.announce_interval".into());
+        }
+        if self.swarm.upload_limit != 0 && self.swarm.upload_limit < 16384 {
+            return bad("swarm.upload_limit".into(), "below 16384 B/s librqbit stalls (a block is 16 KiB); 0 = unlimited".into());
+        }
         Ok(())
     }
 }
@@ -408,6 +465,9 @@ mod tests {
             ("[tftp]\nmax_blksize = 8", "tftp.max_blksize"),
             ("image = \"../etc\"", "image"),
             ("[dhcp]\nlease_time = \"5s\"", "dhcp.lease_time"),
+            ("[swarm]\nlisten_port = 0", "swarm.listen_port"),
+            ("[swarm]\nannounce_interval = \"30s\"\npeer_timeout = \"10s\"", "swarm.peer_timeout"),
+            ("[swarm]\nupload_limit = 100", "swarm.upload_limit"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text, Path::new("x")).unwrap_err().to_string();
@@ -469,6 +529,7 @@ impl Config {
         if let Some(v) = &f.initrd {
             self.boot.initrd = Some(v.clone());
         }
+        self.swarm.archives.extend(f.seed.iter().cloned());
         self.validate()
     }
 

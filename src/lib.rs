@@ -14,4 +14,5 @@ pub mod config;
 pub mod dhcp;
 pub mod image;
 pub mod net;
+pub mod swarm;
 pub mod types;

@@ -1,0 +1,182 @@
+//! The swarm's read-only HTTP face besides the tracker: `GET /torrents/<name>.torrent` (the
+//! served .torrent bytes; the name is an [`ImageName`] key, never a path) and the JSON state
+//! for the monitor and the clients: `GET /api/swarm` (every torrent) and `GET /api/swarm/<name>`
+//! (one torrent; `done` is the "swarm done" signal the fetchers poll to stop seeding).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+
+use super::seed::{Seed, SeedStats, Served};
+use super::tracker::PeerState;
+use super::tracker_http::SharedTracker;
+use crate::types::ImageName;
+
+/// What the routes read.
+pub struct SwarmApi {
+    /// The served archives by name.
+    pub served: BTreeMap<ImageName, Served>,
+    /// The tracker.
+    pub tracker: SharedTracker,
+    /// The appliance's seed (None while it is not running).
+    pub seed: Option<Arc<Seed>>,
+    /// Where the seed listens (handed to clients as a fallback peer).
+    pub seed_addr: SocketAddrV4,
+    /// How long nodes seed at most after their download (`swarm.client_seed_limit`).
+    pub client_seed_limit_secs: u64,
+}
+
+/// One torrent's state as `/api/swarm` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TorrentView {
+    /// Image name.
+    pub name: String,
+    /// Info-hash, hex.
+    pub info_hash: String,
+    /// Archive size in bytes.
+    pub size: u64,
+    /// The appliance seed's address.
+    pub seed_addr: SocketAddrV4,
+    /// The appliance seed's figures.
+    #[serde(skip_deserializing)]
+    pub seed: Option<SeedStats>,
+    /// The seed's upload so far, in bytes (also inside `seed`, here for clients' convenience).
+    pub seed_uploaded_bytes: u64,
+    /// The other peers, as the tracker last heard of them.
+    #[serde(skip_deserializing)]
+    pub peers: Vec<PeerState>,
+    /// Peers (other than the appliance) that reported `left == 0`.
+    pub complete: usize,
+    /// Peers still downloading.
+    pub incomplete: usize,
+    /// At least one peer joined and every peer the tracker knows has completed: clients may
+    /// stop seeding. (Later: every node of the deployment's plan.)
+    pub done: bool,
+    /// Seconds a node keeps seeding at most after its download, waiting for `done`.
+    pub seed_limit_secs: u64,
+}
+
+/// The routes; state shared with the app.
+pub fn routes(api: Arc<SwarmApi>) -> Router {
+    Router::new()
+        .route("/torrents/{file}", get(torrent))
+        .route("/api/swarm", get(all))
+        .route("/api/swarm/{name}", get(one))
+        .with_state(api)
+}
+
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "no such image\n").into_response()
+}
+
+async fn torrent(State(api): State<Arc<SwarmApi>>, Path(file): Path<String>) -> Response {
+    let Some(name) = file.strip_suffix(".torrent").and_then(|n| n.parse::<ImageName>().ok()) else {
+        return not_found();
+    };
+    match api.served.get(&name) {
+        Some(s) => ([(CONTENT_TYPE, "application/x-bittorrent")], s.torrent.clone()).into_response(),
+        None => not_found(),
+    }
+}
+
+/// Builds the view of one served archive.
+pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
+    let peers: Vec<PeerState> = {
+        // A poisoned lock means a panic mid-update; the map is still structurally sound.
+        let t = api.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        t.peers(&s.info_hash).into_iter().filter(|p| p.addr != api.seed_addr).collect()
+    };
+    let complete = peers.iter().filter(|p| p.left == 0).count();
+    let seed = api.seed.as_ref().and_then(|seed| seed.stats(&s.info_hash));
+    TorrentView {
+        name: s.name.to_string(),
+        info_hash: s.info_hash.to_string(),
+        size: s.size,
+        seed_addr: api.seed_addr,
+        seed_uploaded_bytes: seed.as_ref().map_or(0, |x| x.uploaded_bytes),
+        seed,
+        complete,
+        incomplete: peers.len() - complete,
+        done: !peers.is_empty() && complete == peers.len(),
+        seed_limit_secs: api.client_seed_limit_secs,
+        peers,
+    }
+}
+
+async fn all(State(api): State<Arc<SwarmApi>>) -> Json<Vec<TorrentView>> {
+    Json(api.served.values().map(|s| view(&api, s)).collect())
+}
+
+async fn one(State(api): State<Arc<SwarmApi>>, Path(name): Path<String>) -> Response {
+    let Ok(name) = name.parse::<ImageName>() else { return not_found() };
+    match api.served.get(&name) {
+        Some(s) => Json(view(&api, s)).into_response(),
+        None => not_found(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::swarm::seed::seed_announce;
+    use crate::swarm::tracker::{Announce, Event, InfoHash, Tracker, TrackerPolicy};
+
+    fn api() -> (SwarmApi, Served) {
+        let ih = InfoHash([3; 20]);
+        let mut t = Tracker::new(TrackerPolicy { subnets: vec!["10.0.0.0/24".parse().unwrap()], ..Default::default() });
+        t.register(ih);
+        let s = Served { name: "img".parse().unwrap(), archive: "/x/img.tar.zst".into(), torrent: b"d4:infod".to_vec(), info_hash: ih, size: 10 };
+        let seed_addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 6881);
+        let mut served = BTreeMap::new();
+        served.insert(s.name.clone(), s.clone());
+        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr, client_seed_limit_secs: 60 }, s)
+    }
+
+    fn announce(api: &SwarmApi, a: &Announce) {
+        api.tracker.lock().unwrap().announce(a, Instant::now(), &mut rand::rng()).unwrap();
+    }
+
+    fn peer(last: u8, left: u64) -> Announce {
+        Announce {
+            info_hash: InfoHash([3; 20]),
+            peer_id: [last; 20],
+            addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 6881),
+            uploaded: 0,
+            downloaded: 0,
+            left,
+            event: Event::None,
+            numwant: 10,
+        }
+    }
+
+    #[test]
+    fn done_needs_peers_and_all_of_them_complete_and_ignores_the_seed() {
+        let (api, s) = api();
+        announce(&api, &seed_announce(s.info_hash, api.seed_addr));
+        let v = view(&api, &s);
+        assert!(!v.done && v.peers.is_empty(), "the seed alone is not a finished swarm");
+        announce(&api, &peer(11, 0));
+        announce(&api, &peer(12, 5));
+        let v = view(&api, &s);
+        assert_eq!((v.complete, v.incomplete, v.done), (1, 1, false));
+        announce(&api, &peer(12, 0));
+        let v = view(&api, &s);
+        assert_eq!((v.complete, v.incomplete, v.done), (2, 0, true));
+        // What fetch reads back parses.
+        let back: TorrentView = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert!(back.done && back.seed_addr == api.seed_addr && back.seed_limit_secs == 60);
+    }
+}

@@ -1,0 +1,518 @@
+//! The appliance's initial seed: one librqbit [`Session`] seeding every served archive. This file
+//! and [`fetch`](super::fetch) are the only places that import librqbit; what crosses out of
+//! here is [`Served`] (name, archive, torrent bytes, info-hash) and [`SeedStats`].
+//!
+//! Choices, each for a reason:
+//! - Bound to the provisioning interface (`bind_device_name`) and listening on its address only:
+//!   the seed must not answer on the site network.
+//! - No DHT, no local service discovery (BEP 14 multicast), no UPnP: the appliance's tracker is
+//!   the only discovery, so nothing leaks beyond the provisioning segment.
+//! - The session does not announce to any tracker (`disable_trackers`): the appliance registers
+//!   its own seed in its tracker directly ([`seed_announce`]), which avoids connecting to our own
+//!   address through a socket bound to the interface.
+//! - Persistence + fastresume in `<state_dir>/swarm/session`: on a restart librqbit trusts the
+//!   stored piece bitfield after a spot check instead of re-hashing the archive. The .torrent
+//!   of an archive is cached in `<state_dir>/swarm/torrents` keyed by the archive's size and
+//!   mtime, so a restart does not re-hash to create it either.
+//! - The .torrent is ours ([`build_torrent`]): librqbit's `create_torrent` only hashes (it cannot
+//!   set the `private` flag and miscounts pieces for sizes that are a multiple of the piece length).
+
+use std::collections::HashSet;
+use std::error::Error as StdError;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::num::NonZeroU32;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, UNIX_EPOCH};
+
+use librqbit::{
+    AddTorrent, AddTorrentOptions, CreateTorrentOptions, ListenerMode, ListenerOptions, ManagedTorrent, Session,
+    SessionOptions, SessionPersistenceConfig,
+};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::tracker::{Announce, Event, InfoHash};
+use crate::types::ImageName;
+
+/// librqbit reports errors as `anyhow::Error`; they are kept as the source of our typed
+/// variants (boxed, so anyhow does not appear in this module's API).
+pub type LibError = Box<dyn StdError + Send + Sync + 'static>;
+
+fn lib(e: anyhow::Error) -> LibError {
+    e.into()
+}
+
+/// Errors of the seed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// The archive cannot be read.
+    #[error("archive {path}")]
+    Archive {
+        /// The archive.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The archive path has no usable file name or parent directory.
+    #[error("archive {0}: not a file path with a directory and a name")]
+    ArchivePath(PathBuf),
+    /// The image name derived from the archive's file name is not valid.
+    #[error("archive {path}: {source}")]
+    Name {
+        /// The archive.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: crate::types::BadImageName,
+    },
+    /// Two archives would be served under one name.
+    #[error("two archives are named {0}")]
+    DuplicateName(ImageName),
+    /// Creating the .torrent (hashing the archive) failed.
+    #[error("creating the torrent of {path}")]
+    CreateTorrent {
+        /// The archive.
+        path: PathBuf,
+        /// librqbit's error.
+        #[source]
+        source: LibError,
+    },
+    /// Torrent bytes that do not parse or describe something other than one file.
+    #[error("torrent of {name}: {why}")]
+    BadTorrent {
+        /// The image.
+        name: ImageName,
+        /// What is wrong.
+        why: String,
+    },
+    /// The torrent cache in the state directory cannot be written.
+    #[error("torrent cache {path}")]
+    Cache {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The librqbit session could not start (listener, persistence folder).
+    #[error("starting the seed session on {listen}")]
+    Session {
+        /// The listen address.
+        listen: SocketAddr,
+        /// librqbit's error.
+        #[source]
+        source: LibError,
+    },
+    /// Adding or checking a torrent failed.
+    #[error("seeding {name}")]
+    Add {
+        /// The image.
+        name: ImageName,
+        /// librqbit's error.
+        #[source]
+        source: LibError,
+    },
+}
+
+/// One archive the appliance serves: handed to the seed (and the tracker and the HTTP routes)
+/// from outside. Today built from `[swarm] archives`; later from the image store.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The key clients ask for (`/torrents/<name>.torrent`).
+    pub name: ImageName,
+    /// The archive on disk.
+    pub archive: PathBuf,
+    /// The .torrent file's bytes, as served to clients.
+    pub torrent: Vec<u8>,
+    /// Its info-hash.
+    pub info_hash: InfoHash,
+    /// The archive's size in bytes.
+    pub size: u64,
+}
+
+/// What a torrent file says, as far as the swarm needs it.
+#[derive(Clone, Debug)]
+pub struct TorrentInfo {
+    /// Info-hash.
+    pub info_hash: InfoHash,
+    /// The single file's name.
+    pub file_name: String,
+    /// Its length.
+    pub size: u64,
+}
+
+/// Parses torrent bytes: a single-file v1 torrent whose name is one plain path component.
+///
+/// # Errors
+/// A description of what is wrong (the caller wraps it with the image's name).
+pub fn torrent_info(bytes: &[u8]) -> Result<TorrentInfo, String> {
+    let t = librqbit::torrent_from_bytes(bytes).map_err(|e| format!("not a torrent: {e}"))?;
+    let info = &t.info.data;
+    if info.files.is_some() {
+        return Err("a multi-file torrent (an image is one archive)".into());
+    }
+    let size = info.length.ok_or("no length")?;
+    let name = info.name.as_ref().ok_or("no name")?;
+    let file_name = std::str::from_utf8(name.as_ref()).map_err(|_| "name is not UTF-8")?.to_owned();
+    let mut comps = Path::new(&file_name).components();
+    if !matches!((comps.next(), comps.next()), (Some(Component::Normal(_)), None)) {
+        return Err(format!("name {file_name:?} is not a plain file name"));
+    }
+    Ok(TorrentInfo { info_hash: InfoHash(t.info_hash.0), file_name, size })
+}
+
+/// The image name of an archive: its file name less `.tar.zst` (or the whole file name).
+///
+/// # Errors
+/// [`SeedError::ArchivePath`] or [`SeedError::Name`].
+pub fn name_of(archive: &Path) -> Result<ImageName, SeedError> {
+    let file = archive.file_name().and_then(|f| f.to_str()).ok_or_else(|| SeedError::ArchivePath(archive.into()))?;
+    let stem = file.strip_suffix(".tar.zst").unwrap_or(file);
+    stem.parse().map_err(|source| SeedError::Name { path: archive.into(), source })
+}
+
+/// What identifies an archive's contents for the torrent cache: path, size, mtime, announce URL.
+fn stamp_of(archive: &Path, meta: &std::fs::Metadata, announce: &str) -> String {
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    format!("{}\n{}\n{}\n{}\n", archive.display(), meta.len(), mtime, announce)
+}
+
+/// Records the archives' stamps again once the seed runs. librqbit's storage sets the length of
+/// every file it opens (`ftruncate` to the same size), which bumps the mtime: without this,
+/// every start would miss the cache and hash the archive again.
+///
+/// # Errors
+/// [`SeedError::Cache`] or [`SeedError::Archive`].
+pub fn restamp(served: &[Served], announce: &str, cache_dir: &Path) -> Result<(), SeedError> {
+    for s in served {
+        let meta = std::fs::metadata(&s.archive).map_err(|source| SeedError::Archive { path: s.archive.clone(), source })?;
+        let spath = cache_dir.join(format!("{}.stamp", s.name));
+        std::fs::write(&spath, stamp_of(&s.archive, &meta, announce))
+            .map_err(|source| SeedError::Cache { path: spath, source })?;
+    }
+    Ok(())
+}
+
+/// Builds [`Served`] for an archive named in the configuration: loads its .torrent from the
+/// cache in `cache_dir` when the archive's size, mtime and the announce URL are unchanged,
+/// otherwise hashes the archive (librqbit's `create_torrent`, 2 MiB pieces) and caches it.
+///
+/// # Errors
+/// [`SeedError`] for an unreadable archive, hashing or cache failures.
+pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path) -> Result<Served, SeedError> {
+    let name = name_of(archive)?;
+    let meta = std::fs::metadata(archive).map_err(|source| SeedError::Archive { path: archive.into(), source })?;
+    if !meta.is_file() {
+        return Err(SeedError::ArchivePath(archive.into()));
+    }
+    let stamp = stamp_of(archive, &meta, announce);
+    let cache_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SeedError::Cache { path, source }
+    };
+    std::fs::create_dir_all(cache_dir).map_err(cache_err(cache_dir))?;
+    let tpath = cache_dir.join(format!("{name}.torrent"));
+    let spath = cache_dir.join(format!("{name}.stamp"));
+    if std::fs::read_to_string(&spath).ok().as_deref() == Some(stamp.as_str()) {
+        if let Ok(bytes) = std::fs::read(&tpath) {
+            match torrent_info(&bytes) {
+                Ok(ti) if ti.size == meta.len() => {
+                    info!(%name, info_hash = %ti.info_hash, "torrent loaded from cache");
+                    return Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash: ti.info_hash, size: ti.size });
+                }
+                _ => warn!(%name, "cached torrent unusable, hashing again"),
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let spawner = librqbit::spawn_utils::BlockingSpawner::new(1);
+    let opts = CreateTorrentOptions {
+        name: None,
+        trackers: vec![announce.to_owned()],
+        piece_length: Some(piece_length_for(meta.len())),
+    };
+    let created = librqbit::create_torrent(archive, opts, &spawner)
+        .await
+        .map_err(|e| SeedError::CreateTorrent { path: archive.into(), source: lib(e) })?;
+    let info = &created.meta.info.data;
+    let bad = |why: String| SeedError::BadTorrent { name: name.clone(), why };
+    let file_name = info.name.as_ref().map(|n| n.as_ref().to_vec()).ok_or_else(|| bad("no name".into()))?;
+    let length = info.length.ok_or_else(|| bad("not a single-file torrent".into()))?;
+    let bytes = build_torrent(&file_name, length, info.piece_length, info.pieces.as_ref(), announce).map_err(bad)?;
+    let ti = torrent_info(&bytes).map_err(bad)?;
+    info!(%name, info_hash = %ti.info_hash, size = ti.size, elapsed_ms = t0.elapsed().as_millis() as u64, "torrent created");
+    std::fs::write(&tpath, &bytes).map_err(cache_err(&tpath))?;
+    std::fs::write(&spath, stamp).map_err(cache_err(&spath))?;
+    Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash: ti.info_hash, size: ti.size })
+}
+
+/// Piece length for an archive of `size` bytes: about 1024 pieces (the smallest power of two
+/// that gets there), within 256 KiB..=8 MiB. Many pieces give nodes starting together
+/// different pieces to trade; librqbit's default is a flat 2 MiB (16 pieces for 32 MiB).
+pub fn piece_length_for(size: u64) -> u32 {
+    const MIN: u64 = 256 << 10;
+    const MAX: u64 = 8 << 20;
+    (size / 1024).next_power_of_two().clamp(MIN, MAX) as u32
+}
+
+/// Builds the .torrent of a single-file archive from librqbit's piece hashes: private (BEP 27:
+/// peers come from our tracker only), with both `announce` and `announce-list`.
+///
+/// librqbit 9.1.0's `create_torrent` is used only for hashing: it cannot set the private flag,
+/// writes no `announce` key (older clients need it), and appends the hash of an empty piece when
+/// the size is a multiple of the piece length (aria2c then refuses the torrent: "Too few/many
+/// piece hash"). The surplus hash is dropped here.
+///
+/// # Errors
+/// A description when the hashes do not fit the length.
+pub fn build_torrent(file_name: &[u8], length: u64, piece_length: u32, pieces: &[u8], announce: &str) -> Result<Vec<u8>, String> {
+    #[derive(Serialize)]
+    struct Info<'a> {
+        length: u64,
+        #[serde(with = "serde_bytes")]
+        name: &'a [u8],
+        #[serde(rename = "piece length")]
+        piece_length: u32,
+        #[serde(with = "serde_bytes")]
+        pieces: &'a [u8],
+        private: u8,
+    }
+    // Keys in byte order, as bencode requires.
+    #[derive(Serialize)]
+    struct Meta<'a> {
+        announce: &'a str,
+        #[serde(rename = "announce-list")]
+        announce_list: Vec<Vec<&'a str>>,
+        #[serde(rename = "created by")]
+        created_by: &'a str,
+        info: Info<'a>,
+    }
+    if piece_length == 0 || length == 0 {
+        return Err("empty archive or zero piece length".into());
+    }
+    let count = length.div_ceil(piece_length as u64) as usize;
+    if pieces.len() < count * 20 {
+        return Err(format!("{} piece hashes for {count} pieces", pieces.len() / 20));
+    }
+    let m = Meta {
+        announce,
+        announce_list: vec![vec![announce]],
+        created_by: concat!("si-appliance ", env!("CARGO_PKG_VERSION")),
+        info: Info { length, name: file_name, piece_length, pieces: &pieces[..count * 20], private: 1 },
+    };
+    serde_bencode::to_bytes(&m).map_err(|e| format!("bencoding the torrent: {e}"))
+}
+
+/// How the seed runs.
+#[derive(Clone, Debug)]
+pub struct SeedOptions {
+    /// Provisioning interface (SO_BINDTODEVICE).
+    pub iface: String,
+    /// Listen address (the appliance's address on the interface).
+    pub listen: SocketAddrV4,
+    /// Where the session keeps its persistence and fastresume files.
+    pub session_dir: PathBuf,
+    /// Use persisted piece bitfields on restart instead of re-hashing.
+    pub fastresume: bool,
+    /// Upload limit in bytes per second (None: unlimited).
+    pub upload_bps: Option<NonZeroU32>,
+}
+
+/// Per-torrent figures of the seed, for `/api/swarm`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedStats {
+    /// librqbit's state: initializing, live, paused, error.
+    pub state: String,
+    /// Bytes the seed uploaded since the appliance started.
+    pub uploaded_bytes: u64,
+    /// Bytes verified present.
+    pub have_bytes: u64,
+    /// Peers connected now.
+    pub live_peers: u32,
+    /// Upload rate, Mbit/s.
+    pub upload_mbps: f64,
+    /// An error, if the torrent stopped on one.
+    pub error: Option<String>,
+}
+
+/// The running seed.
+pub struct Seed {
+    session: Arc<Session>,
+    torrents: Vec<(InfoHash, Arc<ManagedTorrent>)>,
+    token: CancellationToken,
+}
+
+impl Seed {
+    /// Starts the session and seeds every archive of `served`; returns when all are checked
+    /// and live. Torrents persisted from an earlier run that are no longer served are dropped
+    /// (their files are kept).
+    ///
+    /// # Errors
+    /// [`SeedError::Session`] or [`SeedError::Add`].
+    pub async fn start(opts: &SeedOptions, served: &[Served], token: &CancellationToken) -> Result<Seed, SeedError> {
+        let t0 = Instant::now();
+        let listen = SocketAddr::V4(opts.listen);
+        let session_err = |e: anyhow::Error| SeedError::Session { listen, source: lib(e) };
+        std::fs::create_dir_all(&opts.session_dir)
+            .map_err(|e| SeedError::Session { listen, source: Box::new(e) })?;
+        let token = token.child_token();
+        let sopts = SessionOptions {
+            dht: None,
+            bind_device_name: Some(opts.iface.clone()),
+            disable_trackers: true,
+            fastresume: opts.fastresume,
+            persistence: Some(SessionPersistenceConfig::Json { folder: Some(opts.session_dir.clone()) }),
+            listen: Some(ListenerOptions {
+                mode: ListenerMode::TcpOnly,
+                listen_addr: listen,
+                enable_upnp_port_forwarding: false,
+                announce_port: Some(opts.listen.port()),
+                ipv4_only: true,
+                ..Default::default()
+            }),
+            cancellation_token: Some(token.clone()),
+            ratelimits: librqbit::limits::LimitsConfig { upload_bps: opts.upload_bps, download_bps: None },
+            disable_local_service_discovery: true,
+            ipv4_only: true,
+            ..Default::default()
+        };
+        let default_dir = opts.session_dir.join("downloads");
+        let session = Session::new_with_opts(default_dir, sopts).await.map_err(session_err)?;
+        let restored = session.with_torrents(|it| it.count());
+        debug!(restored, elapsed_ms = t0.elapsed().as_millis() as u64, "seed session started");
+
+        let wanted: HashSet<[u8; 20]> = served.iter().map(|s| s.info_hash.0).collect();
+        let stale: Vec<usize> =
+            session.with_torrents(|it| it.filter(|(_, t)| !wanted.contains(&t.info_hash().0)).map(|(id, _)| id).collect());
+        for id in stale {
+            if let Err(e) = session.delete(id.into(), false).await {
+                warn!(id, "dropping a torrent no longer served: {e:#}");
+            }
+        }
+
+        let mut torrents = Vec::new();
+        for s in served {
+            let add_err = |e: anyhow::Error| SeedError::Add { name: s.name.clone(), source: lib(e) };
+            let dir = s.archive.parent().and_then(|p| p.to_str()).ok_or_else(|| SeedError::ArchivePath(s.archive.clone()))?;
+            let aopts = AddTorrentOptions {
+                overwrite: true,
+                output_folder: Some(dir.to_owned()),
+                ..Default::default()
+            };
+            let resp = session.add_torrent(AddTorrent::from_bytes(s.torrent.clone()), Some(aopts)).await.map_err(add_err)?;
+            let handle = resp
+                .into_handle()
+                .ok_or_else(|| SeedError::Add { name: s.name.clone(), source: "list-only response".into() })?;
+            handle.wait_until_initialized().await.map_err(add_err)?;
+            let st = handle.stats();
+            if st.progress_bytes != st.total_bytes {
+                return Err(SeedError::Add {
+                    name: s.name.clone(),
+                    source: format!("archive fails its own piece hashes ({} of {} bytes good)", st.progress_bytes, st.total_bytes).into(),
+                });
+            }
+            info!(name = %s.name, info_hash = %s.info_hash, size = s.size, "seeding");
+            torrents.push((s.info_hash, handle));
+        }
+        info!(
+            torrents = torrents.len(),
+            restored,
+            fastresume = opts.fastresume,
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "seed ready"
+        );
+        Ok(Seed { session, torrents, token })
+    }
+
+    /// Current figures of one torrent.
+    pub fn stats(&self, ih: &InfoHash) -> Option<SeedStats> {
+        let (_, h) = self.torrents.iter().find(|(i, _)| i == ih)?;
+        let st = h.stats();
+        let live = st.live.as_ref();
+        Some(SeedStats {
+            state: st.state.to_string(),
+            uploaded_bytes: st.uploaded_bytes,
+            have_bytes: st.progress_bytes,
+            live_peers: live.map_or(0, |l| l.snapshot.peer_stats.live),
+            upload_mbps: live.map_or(0.0, |l| l.upload_speed.mbps),
+            error: st.error,
+        })
+    }
+
+    /// Stops the session (pauses torrents so fastresume state is flushed).
+    pub async fn stop(&self) {
+        self.session.stop().await;
+        self.token.cancel();
+    }
+}
+
+/// The appliance seed as a tracker announce (refreshed by the caller every interval so the
+/// tracker does not time it out).
+pub fn seed_announce(ih: InfoHash, addr: SocketAddrV4) -> Announce {
+    Announce { info_hash: ih, peer_id: *SEED_PEER_ID, addr, uploaded: 0, downloaded: 0, left: 0, event: Event::None, numwant: 0 }
+}
+
+/// The peer id under which the tracker lists the appliance's own seed.
+pub const SEED_PEER_ID: &[u8; 20] = b"-SI0001-appliance-00";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_torrents_are_private_single_file_and_drop_surplus_hashes() {
+        let pieces = [7u8; 60];
+        let t = build_torrent(b"a.tar.zst", 2 * 16384, 16384, &pieces, "http://10.0.0.1/announce").unwrap();
+        let ti = torrent_info(&t).unwrap();
+        assert_eq!((ti.size, ti.file_name.as_str()), (32768, "a.tar.zst"));
+        assert!(t.windows(12).any(|w| w == b"7:privatei1e"));
+        assert!(t.windows(46).any(|w| w == b"6:pieces40:\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07"));
+        assert!(build_torrent(b"a", 3 * 16384, 16384, &pieces[..40], "x").is_err());
+        assert!(build_torrent(b"a", 0, 16384, &pieces, "x").is_err());
+    }
+
+    #[test]
+    fn torrent_names_must_be_plain_file_names() {
+        for bad in [&b"../x"[..], b"a/b", b"/abs", b".."] {
+            let t = build_torrent(bad, 10, 16384, &[1u8; 20], "http://x/announce").unwrap();
+            assert!(torrent_info(&t).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(torrent_info(b"garbage").is_err());
+    }
+
+    #[test]
+    fn piece_lengths_aim_at_a_thousand_pieces() {
+        assert_eq!(piece_length_for(0), 256 << 10);
+        assert_eq!(piece_length_for(32 << 20), 256 << 10);
+        assert_eq!(piece_length_for(1 << 30), 1 << 20);
+        assert_eq!(piece_length_for(3 << 30), 4 << 20);
+        assert_eq!(piece_length_for(1 << 40), 8 << 20);
+    }
+
+    #[test]
+    fn names_come_from_archive_file_names() {
+        assert_eq!(name_of(Path::new("/srv/rhel5.tar.zst")).unwrap().as_str(), "rhel5");
+        assert_eq!(name_of(Path::new("/srv/blob.bin")).unwrap().as_str(), "blob.bin");
+        assert!(name_of(Path::new("/srv/.hidden.tar.zst")).is_err());
+    }
+
+    #[tokio::test]
+    async fn prepared_torrents_are_cached_until_the_archive_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("img.tar.zst");
+        std::fs::write(&archive, vec![5u8; 3 << 20]).unwrap();
+        let cache = dir.path().join("cache");
+        let a = prepare(&archive, "http://10.0.0.1:80/announce", &cache).await.unwrap();
+        assert_eq!((a.name.as_str(), a.size), ("img", 3 << 20));
+        let b = prepare(&archive, "http://10.0.0.1:80/announce", &cache).await.unwrap();
+        assert_eq!(a.torrent, b.torrent);
+        std::fs::write(&archive, vec![6u8; 3 << 20]).unwrap();
+        let c = prepare(&archive, "http://10.0.0.1:80/announce", &cache).await.unwrap();
+        assert_ne!(a.info_hash, c.info_hash);
+        let d = prepare(&archive, "http://10.0.0.2:80/announce", &cache).await.unwrap();
+        assert_ne!(c.torrent, d.torrent);
+    }
+}

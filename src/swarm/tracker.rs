@@ -1,0 +1,453 @@
+//! The tracker's logic, free of I/O: parse an announce from the raw query string, update the
+//! swarm, pick peers, and build the bencoded answer. Time is passed in.
+//!
+//! Private by construction: it answers only for info-hashes the appliance registered (its own
+//! archives) and only to peers whose address lies in the configured subnets. Every refusal is a
+//! bencoded `failure reason` (BEP 3), never a dropped connection, so clients log why.
+//!
+//! Peer selection prefers peers close to the requester (longest common address prefix: the same
+//! rack subnet first, then the rest of the site), random within equal distance, and gives a
+//! leecher mostly leechers plus a few seeds: leechers upload to each other what they already
+//! have, and the appliance's seed is not everyone's first choice.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use percent_encoding::percent_decode;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+/// A 20-byte BitTorrent v1 info-hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InfoHash(pub [u8; 20]);
+
+impl fmt::Display for InfoHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for InfoHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A 20-byte peer id.
+pub type PeerId = [u8; 20];
+
+/// The announce `event` key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// First announce.
+    Started,
+    /// The download finished.
+    Completed,
+    /// The peer leaves.
+    Stopped,
+    /// A regular re-announce.
+    None,
+}
+
+/// Why an announce or scrape is refused; its Display is the bencoded `failure reason`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A required key is absent.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    /// A key's value cannot be parsed.
+    #[error("bad {key}: {why}")]
+    Bad {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The info-hash is not one of the appliance's archives.
+    #[error("unknown info_hash {0} (this private tracker serves only the appliance's images)")]
+    UnknownTorrent(InfoHash),
+    /// The peer's address is outside the provisioning subnets.
+    #[error("address {0} is outside the provisioning subnets")]
+    Foreign(Ipv4Addr),
+}
+
+/// A parsed announce (BEP 3 keys; `ip` from the connection, never from the query).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announce {
+    /// Torrent.
+    pub info_hash: InfoHash,
+    /// Peer id.
+    pub peer_id: PeerId,
+    /// The peer's address and listen port.
+    pub addr: SocketAddrV4,
+    /// Bytes uploaded so far.
+    pub uploaded: u64,
+    /// Bytes downloaded so far.
+    pub downloaded: u64,
+    /// Bytes left (0 = seed).
+    pub left: u64,
+    /// Event.
+    pub event: Event,
+    /// Peers wanted, already capped.
+    pub numwant: usize,
+}
+
+/// Most peers handed out in one answer, whatever `numwant` says.
+pub const MAX_NUMWANT: usize = 80;
+/// Peers handed out when `numwant` is absent.
+pub const DEFAULT_NUMWANT: usize = 50;
+
+/// Splits a raw query string into (key, raw value) pairs. Values stay percent-encoded: the
+/// info-hash and peer id are raw bytes, not UTF-8, so no string decoding happens here.
+fn pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query.split('&').filter(|s| !s.is_empty()).map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+}
+
+fn bytes20(raw: &str, key: &'static str) -> Result<[u8; 20], Refusal> {
+    let v: Vec<u8> = percent_decode(raw.as_bytes()).collect();
+    v.try_into().map_err(|_| Refusal::Bad { key, why: "must be 20 bytes" })
+}
+
+fn number(raw: &str, key: &'static str) -> Result<u64, Refusal> {
+    raw.parse().map_err(|_| Refusal::Bad { key, why: "not a non-negative integer" })
+}
+
+impl Announce {
+    /// Parses an announce query as sent by BitTorrent clients (`info_hash` and `peer_id`
+    /// percent-encoded raw bytes), with the peer's address from the connection.
+    ///
+    /// # Errors
+    /// A [`Refusal`] naming the missing or bad key.
+    pub fn parse(query: &str, remote: Ipv4Addr) -> Result<Announce, Refusal> {
+        let (mut ih, mut pid, mut port) = (None, None, None);
+        let (mut up, mut down, mut left) = (None, None, None);
+        let (mut event, mut numwant) = (Event::None, DEFAULT_NUMWANT);
+        for (k, v) in pairs(query) {
+            match k {
+                "info_hash" => ih = Some(InfoHash(bytes20(v, "info_hash")?)),
+                "peer_id" => pid = Some(bytes20(v, "peer_id")?),
+                "port" => {
+                    let p = number(v, "port")?;
+                    if p == 0 || p > u16::MAX as u64 {
+                        return Err(Refusal::Bad { key: "port", why: "must be 1..=65535" });
+                    }
+                    port = Some(p as u16);
+                }
+                "uploaded" => up = Some(number(v, "uploaded")?),
+                "downloaded" => down = Some(number(v, "downloaded")?),
+                "left" => left = Some(number(v, "left")?),
+                "numwant" => {
+                    // Huge values are capped, not refused: clients ask 200 or more by habit.
+                    numwant = v.parse::<u64>().map_or(DEFAULT_NUMWANT, |n| n.min(MAX_NUMWANT as u64) as usize)
+                }
+                "event" => {
+                    event = match v {
+                        "started" => Event::Started,
+                        "completed" => Event::Completed,
+                        "stopped" => Event::Stopped,
+                        "" | "empty" => Event::None,
+                        _ => return Err(Refusal::Bad { key: "event", why: "not started/completed/stopped" }),
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(Announce {
+            info_hash: ih.ok_or(Refusal::Missing("info_hash"))?,
+            peer_id: pid.ok_or(Refusal::Missing("peer_id"))?,
+            addr: SocketAddrV4::new(remote, port.ok_or(Refusal::Missing("port"))?),
+            uploaded: up.unwrap_or(0),
+            downloaded: down.unwrap_or(0),
+            left: left.ok_or(Refusal::Missing("left"))?,
+            event,
+            numwant,
+        })
+    }
+}
+
+/// Parses the info-hashes of a scrape query (zero or more `info_hash` keys).
+///
+/// # Errors
+/// A bad info-hash.
+pub fn parse_scrape(query: &str) -> Result<Vec<InfoHash>, Refusal> {
+    pairs(query)
+        .filter(|(k, _)| *k == "info_hash")
+        .map(|(_, v)| bytes20(v, "info_hash").map(InfoHash))
+        .collect()
+}
+
+/// What the tracker knows of one peer.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerState {
+    /// Address and listen port.
+    pub addr: SocketAddrV4,
+    /// Bytes uploaded, as last reported.
+    pub uploaded: u64,
+    /// Bytes downloaded, as last reported.
+    pub downloaded: u64,
+    /// Bytes left, as last reported.
+    pub left: u64,
+    /// Seconds since the first announce of this peer, when it reported `left == 0` first.
+    pub completed_after: Option<f64>,
+    #[serde(skip)]
+    first_seen: Instant,
+    #[serde(skip)]
+    last_seen: Instant,
+}
+
+/// One torrent's swarm.
+#[derive(Debug, Default)]
+struct Swarm {
+    peers: HashMap<PeerId, PeerState>,
+    /// Count of `completed` transitions seen (scrape's `downloaded`).
+    completions: u64,
+}
+
+/// Tracker settings.
+#[derive(Clone, Debug)]
+pub struct TrackerPolicy {
+    /// Subnets whose peers are answered.
+    pub subnets: Vec<Ipv4Net>,
+    /// Re-announce interval handed out (LAN: short, so joins and completions spread fast).
+    pub interval: Duration,
+    /// A peer silent for this long is dropped from the swarm.
+    pub peer_timeout: Duration,
+}
+
+impl Default for TrackerPolicy {
+    fn default() -> Self {
+        TrackerPolicy {
+            subnets: Vec::new(),
+            interval: Duration::from_secs(15),
+            peer_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The answer to a successful announce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnnounceReply {
+    /// Re-announce interval.
+    pub interval: Duration,
+    /// Seeds in the swarm.
+    pub complete: usize,
+    /// Leechers in the swarm.
+    pub incomplete: usize,
+    /// Peers for the requester (never itself).
+    pub peers: Vec<SocketAddrV4>,
+}
+
+/// Per-torrent counts for scrape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ScrapeStats {
+    /// Seeds.
+    pub complete: usize,
+    /// Completed downloads seen.
+    pub downloaded: u64,
+    /// Leechers.
+    pub incomplete: usize,
+}
+
+/// The tracker's state: registered torrents and their swarms.
+#[derive(Debug)]
+pub struct Tracker {
+    policy: TrackerPolicy,
+    swarms: HashMap<InfoHash, Swarm>,
+}
+
+impl Tracker {
+    /// An empty tracker.
+    pub fn new(policy: TrackerPolicy) -> Tracker {
+        Tracker { policy, swarms: HashMap::new() }
+    }
+
+    /// Starts serving `ih` (one of the appliance's archives).
+    pub fn register(&mut self, ih: InfoHash) {
+        self.swarms.entry(ih).or_default();
+    }
+
+    /// Stops serving `ih` and forgets its swarm.
+    pub fn unregister(&mut self, ih: &InfoHash) {
+        self.swarms.remove(ih);
+    }
+
+    /// Handles an announce at `now`.
+    ///
+    /// # Errors
+    /// [`Refusal::UnknownTorrent`] or [`Refusal::Foreign`].
+    pub fn announce<R: rand::Rng>(&mut self, a: &Announce, now: Instant, rng: &mut R) -> Result<AnnounceReply, Refusal> {
+        let ip = *a.addr.ip();
+        if !self.policy.subnets.iter().any(|n| n.contains(&ip)) {
+            return Err(Refusal::Foreign(ip));
+        }
+        let timeout = self.policy.peer_timeout;
+        let swarm = self.swarms.get_mut(&a.info_hash).ok_or(Refusal::UnknownTorrent(a.info_hash))?;
+        // Silent peers leave; so does an older peer id at the same address and port: that node
+        // restarted (a new process, a new peer id) and its old entry would never complete.
+        swarm.peers.retain(|id, p| now.duration_since(p.last_seen) < timeout && (*id == a.peer_id || p.addr != a.addr));
+        if a.event == Event::Stopped {
+            swarm.peers.remove(&a.peer_id);
+        } else {
+            let p = swarm.peers.entry(a.peer_id).or_insert_with(|| PeerState {
+                addr: a.addr,
+                uploaded: 0,
+                downloaded: 0,
+                left: a.left,
+                completed_after: None,
+                first_seen: now,
+                last_seen: now,
+            });
+            // Clients rarely send `completed` (rqbit never does): a drop of `left` to 0 counts.
+            if a.left == 0 && p.completed_after.is_none() {
+                if p.left > 0 || a.event == Event::Completed {
+                    swarm.completions += 1;
+                }
+                p.completed_after = Some(now.duration_since(p.first_seen).as_secs_f64());
+            }
+            p.addr = a.addr;
+            p.uploaded = a.uploaded;
+            p.downloaded = a.downloaded;
+            p.left = a.left;
+            p.last_seen = now;
+        }
+        let (complete, incomplete) = counts(swarm);
+        let peers = pick_peers(swarm, a, rng);
+        Ok(AnnounceReply { interval: self.policy.interval, complete, incomplete, peers })
+    }
+
+    /// Scrape counts for `hashes` (all registered torrents when empty); unknown ones are left out.
+    pub fn scrape(&self, hashes: &[InfoHash]) -> Vec<(InfoHash, ScrapeStats)> {
+        let mut out: Vec<(InfoHash, ScrapeStats)> = self
+            .swarms
+            .iter()
+            .filter(|(ih, _)| hashes.is_empty() || hashes.contains(ih))
+            .map(|(ih, s)| {
+                let (complete, incomplete) = counts(s);
+                (*ih, ScrapeStats { complete, incomplete, downloaded: s.completions })
+            })
+            .collect();
+        out.sort_by_key(|(ih, _)| *ih);
+        out
+    }
+
+    /// The peers of one torrent, as the tracker last heard of them (for the monitor).
+    pub fn peers(&self, ih: &InfoHash) -> Vec<PeerState> {
+        let mut v: Vec<PeerState> = self.swarms.get(ih).map(|s| s.peers.values().cloned().collect()).unwrap_or_default();
+        v.sort_by_key(|p| p.addr);
+        v
+    }
+
+    /// Whether the address may use the tracker (for scrape).
+    pub fn allows(&self, ip: Ipv4Addr) -> bool {
+        self.policy.subnets.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn counts(s: &Swarm) -> (usize, usize) {
+    let seeds = s.peers.values().filter(|p| p.left == 0).count();
+    (seeds, s.peers.len() - seeds)
+}
+
+/// Common leading bits of two addresses: 24+ means the same /24 rack, and so on.
+fn closeness(a: Ipv4Addr, b: Ipv4Addr) -> u32 {
+    (u32::from(a) ^ u32::from(b)).leading_zeros()
+}
+
+/// Picks up to `numwant` peers for the requester: closest first (random within equal
+/// closeness). A seed gets only leechers. A leecher gets leechers first and at most a quarter of
+/// its list in seeds (at least one, so it can always make progress).
+fn pick_peers<R: rand::Rng>(swarm: &Swarm, a: &Announce, rng: &mut R) -> Vec<SocketAddrV4> {
+    let me = *a.addr.ip();
+    let mut seeds = Vec::new();
+    let mut leechers = Vec::new();
+    for (id, p) in &swarm.peers {
+        if *id == a.peer_id || p.addr == a.addr {
+            continue;
+        }
+        if p.left == 0 { seeds.push(p.addr) } else { leechers.push(p.addr) }
+    }
+    let by_closeness = |v: &mut Vec<SocketAddrV4>, rng: &mut R| {
+        v.shuffle(rng);
+        v.sort_by_key(|p| std::cmp::Reverse(closeness(me, *p.ip())));
+    };
+    by_closeness(&mut seeds, rng);
+    by_closeness(&mut leechers, rng);
+    let want = a.numwant;
+    if a.left == 0 {
+        leechers.truncate(want);
+        return leechers;
+    }
+    let seed_quota = (want / 4).max(1).min(seeds.len());
+    let take_leechers = leechers.len().min(want - seed_quota.min(want));
+    let mut out: Vec<SocketAddrV4> = leechers.into_iter().take(take_leechers).collect();
+    let room = want - out.len();
+    out.extend(seeds.into_iter().take(room));
+    out
+}
+
+/// Bencoded announce answer (compact peers, BEP 23).
+pub fn encode_reply(r: &AnnounceReply) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Wire {
+        complete: u64,
+        incomplete: u64,
+        interval: u64,
+        #[serde(rename = "min interval")]
+        min_interval: u64,
+        #[serde(with = "serde_bytes")]
+        peers: Vec<u8>,
+    }
+    let mut peers = Vec::with_capacity(r.peers.len() * 6);
+    for p in &r.peers {
+        peers.extend_from_slice(&p.ip().octets());
+        peers.extend_from_slice(&p.port().to_be_bytes());
+    }
+    let secs = r.interval.as_secs().max(1);
+    let w = Wire {
+        complete: r.complete as u64,
+        incomplete: r.incomplete as u64,
+        interval: secs,
+        min_interval: (secs / 2).max(1),
+        peers,
+    };
+    // Encoding a struct of integers and bytes cannot fail.
+    serde_bencode::to_bytes(&w).expect("bencoding a plain struct")
+}
+
+/// Bencoded failure (`failure reason`).
+pub fn encode_failure(why: &Refusal) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Wire {
+        #[serde(rename = "failure reason")]
+        reason: String,
+    }
+    serde_bencode::to_bytes(&Wire { reason: why.to_string() }).expect("bencoding a plain struct")
+}
+
+/// Bencoded scrape answer.
+pub fn encode_scrape(stats: &[(InfoHash, ScrapeStats)]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct File {
+        complete: u64,
+        downloaded: u64,
+        incomplete: u64,
+    }
+    #[derive(Serialize)]
+    struct Wire {
+        files: std::collections::BTreeMap<serde_bytes::ByteBuf, File>,
+    }
+    let files = stats
+        .iter()
+        .map(|(ih, s)| {
+            let f = File { complete: s.complete as u64, downloaded: s.downloaded, incomplete: s.incomplete as u64 };
+            (serde_bytes::ByteBuf::from(ih.0.to_vec()), f)
+        })
+        .collect();
+    serde_bencode::to_bytes(&Wire { files }).expect("bencoding a plain struct")
+}
+
+#[cfg(test)]
+mod tests;

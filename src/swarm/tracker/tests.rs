@@ -1,0 +1,173 @@
+use super::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+const IH: InfoHash = InfoHash([7; 20]);
+
+fn enc(b: &[u8]) -> String {
+    percent_encoding::percent_encode(b, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn q(ih: &[u8], pid: u8, port: u16, left: u64, extra: &str) -> String {
+    format!("info_hash={}&peer_id={}&port={port}&uploaded=0&downloaded=0&left={left}&compact=1{extra}", enc(ih), enc(&[pid; 20]))
+}
+
+fn tracker() -> Tracker {
+    let mut t = Tracker::new(TrackerPolicy {
+        subnets: vec!["10.0.0.0/16".parse().unwrap()],
+        ..TrackerPolicy::default()
+    });
+    t.register(IH);
+    t
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn parses_raw_byte_info_hash_and_keys() {
+    // Bytes that are not UTF-8 and include '&', '=' and '%' once encoded.
+    let raw: Vec<u8> = (0..20).map(|i| [0xff, b'&', b'=', b'%', 0x00][i % 5]).collect();
+    let a = Announce::parse(&q(&raw, 1, 6881, 100, "&event=started&numwant=10000"), ip("10.0.0.5")).unwrap();
+    assert_eq!(a.info_hash.0.to_vec(), raw);
+    assert_eq!(a.addr, "10.0.0.5:6881".parse().unwrap());
+    assert_eq!(a.left, 100);
+    assert_eq!(a.event, Event::Started);
+    assert_eq!(a.numwant, MAX_NUMWANT, "huge numwant is capped");
+}
+
+#[test]
+fn malformed_announces_are_refused_with_the_key() {
+    let good = q(&[7; 20], 1, 6881, 0, "");
+    let cases: Vec<(String, &str)> = vec![
+        (good.replace("info_hash=", "x="), "info_hash"),
+        (good.replace(&format!("info_hash={}", enc(&[7; 20])), "info_hash=%07%07"), "info_hash"),
+        (good.replace("peer_id=", "y="), "peer_id"),
+        (good.replace("port=6881", "port=0"), "port"),
+        (good.replace("port=6881", "port=70000"), "port"),
+        (good.replace("port=6881", "port=-1"), "port"),
+        (good.replace("&left=0", ""), "left"),
+        (good.replace("left=0", "left=abc"), "left"),
+        (format!("{good}&event=exploded"), "event"),
+        (String::new(), "info_hash"),
+        ("%%%&&&===".to_owned(), "info_hash"),
+    ];
+    for (query, key) in cases {
+        let e = Announce::parse(&query, ip("10.0.0.5")).unwrap_err();
+        assert!(e.to_string().contains(key), "{query:?} -> {e}");
+    }
+}
+
+#[test]
+fn foreign_hash_and_foreign_address_are_refused() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    let a = Announce::parse(&q(&[9; 20], 1, 6881, 5, ""), ip("10.0.0.5")).unwrap();
+    assert!(matches!(t.announce(&a, now, &mut rng), Err(Refusal::UnknownTorrent(_))));
+    let a = Announce::parse(&q(&[7; 20], 1, 6881, 5, ""), ip("192.0.2.9")).unwrap();
+    assert!(matches!(t.announce(&a, now, &mut rng), Err(Refusal::Foreign(_))));
+    let reason = String::from_utf8(encode_failure(&Refusal::Foreign(ip("192.0.2.9")))).unwrap();
+    assert!(reason.starts_with("d14:failure reason"), "{reason}");
+}
+
+#[test]
+fn never_returns_the_requester_and_prefers_its_rack() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(2);
+    let now = Instant::now();
+    // 10 leechers in rack 10.0.1.x, 10 in rack 10.0.2.x.
+    for i in 0..10u8 {
+        for rack in [1u8, 2] {
+            let a = Announce::parse(&q(&[7; 20], rack * 50 + i, 6881, 1000, ""), Ipv4Addr::new(10, 0, rack, 10 + i)).unwrap();
+            t.announce(&a, now, &mut rng).unwrap();
+        }
+    }
+    let me = Announce::parse(&q(&[7; 20], 200, 6881, 1000, "&numwant=5"), ip("10.0.1.99")).unwrap();
+    let r = t.announce(&me, now, &mut rng).unwrap();
+    assert_eq!(r.peers.len(), 5);
+    assert!(!r.peers.contains(&me.addr));
+    assert!(r.peers.iter().all(|p| p.ip().octets()[2] == 1), "same rack first: {:?}", r.peers);
+    assert_eq!((r.complete, r.incomplete), (0, 21));
+}
+
+#[test]
+fn leechers_get_some_seeds_and_seeds_get_only_leechers() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(3);
+    let now = Instant::now();
+    for i in 0..8u8 {
+        let left = if i < 4 { 0 } else { 10 };
+        let a = Announce::parse(&q(&[7; 20], i + 1, 6881, left, ""), Ipv4Addr::new(10, 0, 0, 10 + i)).unwrap();
+        t.announce(&a, now, &mut rng).unwrap();
+    }
+    let leech = Announce::parse(&q(&[7; 20], 100, 6881, 10, "&numwant=8"), ip("10.0.0.100")).unwrap();
+    let r = t.announce(&leech, now, &mut rng).unwrap();
+    let seeds: Vec<_> = r.peers.iter().filter(|p| p.ip().octets()[3] < 14).collect();
+    assert!(!seeds.is_empty() && seeds.len() <= 4, "{:?}", r.peers);
+    let seed = Announce::parse(&q(&[7; 20], 1, 6881, 0, ""), ip("10.0.0.10")).unwrap();
+    let r = t.announce(&seed, now, &mut rng).unwrap();
+    assert!(r.peers.iter().all(|p| p.ip().octets()[3] >= 14), "a seed gets leechers only: {:?}", r.peers);
+}
+
+#[test]
+fn stopped_and_silent_peers_leave_and_completion_is_counted() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(4);
+    let t0 = Instant::now();
+    let a = Announce::parse(&q(&[7; 20], 1, 6881, 10, "&event=started"), ip("10.0.0.2")).unwrap();
+    t.announce(&a, t0, &mut rng).unwrap();
+    let done = Announce::parse(&q(&[7; 20], 1, 6881, 0, ""), ip("10.0.0.2")).unwrap();
+    t.announce(&done, t0 + Duration::from_secs(3), &mut rng).unwrap();
+    let s = t.scrape(&[IH]);
+    assert_eq!(s[0].1, ScrapeStats { complete: 1, downloaded: 1, incomplete: 0 });
+    assert_eq!(t.peers(&IH)[0].completed_after, Some(3.0));
+    let b = Announce::parse(&q(&[7; 20], 2, 6881, 10, ""), ip("10.0.0.3")).unwrap();
+    t.announce(&b, t0 + Duration::from_secs(100), &mut rng).unwrap();
+    assert_eq!(t.peers(&IH).len(), 1, "the silent peer timed out");
+    let stop = Announce::parse(&q(&[7; 20], 2, 6881, 10, "&event=stopped"), ip("10.0.0.3")).unwrap();
+    t.announce(&stop, t0 + Duration::from_secs(101), &mut rng).unwrap();
+    assert!(t.peers(&IH).is_empty());
+}
+
+#[test]
+fn a_restarted_node_replaces_its_old_entry() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(5);
+    let t0 = Instant::now();
+    let old = Announce::parse(&q(&[7; 20], 1, 6881, 10, "&event=started"), ip("10.0.0.2")).unwrap();
+    t.announce(&old, t0, &mut rng).unwrap();
+    let other_port = Announce::parse(&q(&[7; 20], 3, 6882, 10, ""), ip("10.0.0.2")).unwrap();
+    t.announce(&other_port, t0, &mut rng).unwrap();
+    let new = Announce::parse(&q(&[7; 20], 2, 6881, 0, "&event=started"), ip("10.0.0.2")).unwrap();
+    t.announce(&new, t0 + Duration::from_secs(1), &mut rng).unwrap();
+    let peers = t.peers(&IH);
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert!(peers.iter().any(|p| p.addr.port() == 6881 && p.left == 0));
+}
+
+#[test]
+fn compact_reply_encoding() {
+    let r = AnnounceReply {
+        interval: Duration::from_secs(15),
+        complete: 1,
+        incomplete: 2,
+        peers: vec!["10.0.0.2:6881".parse().unwrap()],
+    };
+    let b = encode_reply(&r);
+    let mut want = b"d8:completei1e10:incompletei2e8:intervali15e12:min intervali7e5:peers6:".to_vec();
+    want.extend_from_slice(&[10, 0, 0, 2, 0x1a, 0xe1]);
+    want.push(b'e');
+    assert_eq!(b, want);
+    let s = encode_scrape(&[(InfoHash([1; 20]), ScrapeStats { complete: 1, downloaded: 2, incomplete: 3 })]);
+    assert!(s.starts_with(b"d5:filesd20:"));
+}
+
+proptest::proptest! {
+    #[test]
+    fn parse_never_panics(s in ".{0,300}") {
+        let _ = Announce::parse(&s, Ipv4Addr::new(10, 0, 0, 1));
+        let _ = parse_scrape(&s);
+    }
+}

@@ -1,0 +1,446 @@
+//! The swarm with real clients, in network namespaces this test creates: the appliance's
+//! tracker + librqbit seed serving an archive to `si-appliance fetch` clients and to aria2c,
+//! `fetch` downloading from an aria2c seed, tracker abuse over HTTP with curl, and an appliance
+//! restart mid-swarm. Figures (completion times, seed upload, CPU) are printed, never asserted
+//! against a clock: they go in reports and, later, the benchmark.
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::{Lab, Proc, appliance_bin, start_appliance};
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+const HTTP_PORT: u16 = 8080;
+const SEED_PORT: u16 = 6881;
+
+/// `n` bytes from /dev/urandom into `path`.
+fn random_file(path: &Path, n: u64) {
+    let mut data = Vec::with_capacity(n as usize);
+    fs::File::open("/dev/urandom").expect("urandom").take(n).read_to_end(&mut data).expect("read urandom");
+    fs::write(path, data).expect("write archive");
+}
+
+fn sha256(path: &Path) -> String {
+    let mut f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The appliance's config: no DHCP, no TFTP, HTTP on 8080, one archive, LAN-quick tracker.
+fn config(lab: &Lab, tag: &str, archive: &Path, extra_swarm: &str) -> String {
+    let state = lab.path(&format!("{tag}-state"));
+    let store = lab.path(&format!("{tag}-store"));
+    format!(
+        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
+         [http]\nport = {HTTP_PORT}\n[swarm]\narchives = [\"{}\"]\nlisten_port = {SEED_PORT}\n\
+         announce_interval = \"3s\"\npeer_timeout = \"30s\"\n{extra_swarm}\n",
+        store.display(),
+        state.display(),
+        archive.display()
+    )
+}
+
+/// A command run in host `h`'s namespace, with its output (not asserted).
+fn exec(lab: &Lab, h: usize, prog: &str, args: &[&str]) -> Output {
+    lab.hosts[h].cmd(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"))
+}
+
+/// GET over curl from host `h` (bounded), body as bytes.
+fn curl(lab: &Lab, h: usize, url: &str, extra: &[&str]) -> Vec<u8> {
+    let mut args = vec!["-sS", "--max-time", "10"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = exec(lab, h, "curl", &args);
+    assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn swarm_json(lab: &Lab, h: usize, server: &str) -> serde_json::Value {
+    let body = curl(lab, h, &format!("http://{server}:{HTTP_PORT}/api/swarm"), &[]);
+    serde_json::from_slice(&body).unwrap_or_else(|e| panic!("/api/swarm: {e}: {}", String::from_utf8_lossy(&body)))
+}
+
+/// Starts `si-appliance fetch` in host `h`.
+fn fetch(lab: &Lab, h: usize, server: &str, image: &str, out: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = lab.hosts[h].cmd(appliance_bin());
+    let srv = format!("{server}:{HTTP_PORT}");
+    cmd.args(["fetch", "--server", &srv, "--image", image, "--iface", "eth0", "--out"])
+        .arg(out)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    Proc::spawn(&format!("fetch{h}"), cmd, lab.path(&format!("fetch{h}.log")))
+}
+
+/// The `fetch-done …` summary line's `key=value` fields.
+fn summary(p: &Proc) -> Vec<(String, String)> {
+    let log = p.log_text();
+    let line = log.lines().find(|l| l.starts_with("fetch-done ")).unwrap_or_else(|| panic!("no summary:\n{log}"));
+    line.split_whitespace().skip(1).filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+}
+
+fn field(s: &[(String, String)], k: &str) -> String {
+    s.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default()
+}
+
+/// User + system CPU seconds of a running process (USER_HZ = 100).
+fn cpu_secs(pid: u32) -> f64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else { return f64::NAN };
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    if f.len() == 2 { (f[0] + f[1]) as f64 / 100.0 } else { f64::NAN }
+}
+
+/// Peak RSS (VmHWM) of a running process, KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// Removes the lab directory (archives of up to 64 MiB, copies, state) when the test passes;
+/// a failed test keeps it for reading. Declared after the Lab, so it drops after every Proc.
+struct RemoveOnSuccess(PathBuf);
+
+impl Drop for RemoveOnSuccess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn mkdir(p: &Path) -> PathBuf {
+    fs::create_dir_all(p).expect("mkdir");
+    p.to_owned()
+}
+
+/// Acceptance 1: eight clients started together download one archive through the tracker and
+/// the seed; every copy matches; the seed uploaded less than three copies.
+#[test]
+fn eight_clients_download_one_archive_through_the_swarm() {
+    const N: usize = 8;
+    let size = 32 * MIB;
+    let mut lab = Lab::new("sw8");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    let app = lab.add_host(Some("10.69.1.1/24"), None);
+    for i in 0..N {
+        lab.add_host(Some(&format!("10.69.1.{}/24", 11 + i)), None);
+    }
+    let archive = lab.path("img8.tar.zst");
+    random_file(&archive, size);
+    let want = sha256(&archive);
+    let appliance = start_appliance(&lab, app, "appliance", &config(&lab, "a", &archive, "upload_limit = 4194304"), &[]);
+    let cpu_app0 = cpu_secs(appliance.child.id());
+
+    let mut clients: Vec<(Proc, PathBuf)> = (1..=N)
+        .map(|h| {
+            let out = mkdir(&lab.path(&format!("c{h}"))).join("img8.tar.zst");
+            (fetch(&lab, h, "10.69.1.1", "img8", &out, &["--seed-until-done", "--seed-for", "60s"]), out)
+        })
+        .collect();
+    for (p, out) in clients.iter_mut() {
+        let st = p.wait_exit(Duration::from_secs(150));
+        assert!(st.success(), "fetch failed ({st}):\n{}", p.log_text());
+        assert_eq!(sha256(out), want, "{} differs", out.display());
+    }
+    let cpu_app = cpu_secs(appliance.child.id()) - cpu_app0;
+    let rss_app = peak_rss_kib(appliance.child.id());
+    let v = swarm_json(&lab, 1, "10.69.1.1");
+    let t = &v[0];
+    assert_eq!(t["name"], "img8");
+    let up = t["seed_uploaded_bytes"].as_u64().expect("seed_uploaded_bytes");
+    assert!(up < 3 * size, "the seed uploaded {up} bytes = {:.2} copies", up as f64 / size as f64);
+    assert_eq!(t["complete"].as_u64(), Some(N as u64), "{v:#}");
+
+    let mut times: Vec<String> = Vec::new();
+    for (p, _) in &clients {
+        let s = summary(p);
+        times.push(format!("{}s(up {} MiB, {})", field(&s, "download_secs"), field(&s, "uploaded").parse::<u64>().unwrap_or(0) / MIB, field(&s, "stopped")));
+    }
+    let c1 = summary(&clients[0].0);
+    eprintln!(
+        "FIGURES n={N} size={} MiB: completion per client: {}\n  seed upload {:.2} copies; appliance CPU {cpu_app:.2}s, peak RSS {rss_app} KiB; client 1 CPU {}s, peak RSS {} KiB",
+        size / MIB,
+        times.join(", "),
+        up as f64 / size as f64,
+        field(&c1, "cpu_secs"),
+        field(&c1, "peak_rss_kib")
+    );
+}
+
+/// Percent-encodes raw bytes for a tracker query.
+fn pct(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("%{b:02X}")).collect()
+}
+
+/// Acceptance 3: malformed or foreign announces get a bencoded `failure reason`, and the
+/// tracker keeps serving; torrent names are keys, never paths.
+#[test]
+fn tracker_refuses_abuse_and_keeps_serving() {
+    let mut lab = Lab::new("swt");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    let app = lab.add_host(Some("10.69.3.1/24"), None);
+    let cl = lab.add_host(Some("10.69.3.20/24"), None);
+    // A second address outside the appliance's subnets, and a route back to it.
+    lab.hosts[cl].ip(&["addr", "add", "10.69.4.20/24", "dev", "eth0"]);
+    lab.hosts[app].ip(&["route", "add", "10.69.4.0/24", "dev", "eth0"]);
+    let archive = lab.path("small.tar.zst");
+    random_file(&archive, 3 * MIB);
+    // This one names its archive with --seed instead of the config file.
+    let cfg = config(&lab, "t", &archive, "").replace(&format!("archives = [\"{}\"]", archive.display()), "archives = []");
+    assert!(cfg.contains("archives = []"));
+    let seed_flag = archive.display().to_string();
+    let _appliance = start_appliance(&lab, app, "appliance", &cfg, &["--seed", &seed_flag]);
+
+    let v = swarm_json(&lab, cl, "10.69.3.1");
+    let ih = hex::decode(v[0]["info_hash"].as_str().expect("info_hash")).expect("hex");
+    let ih = pct(&ih);
+    let pid = pct(b"-XX0001-abcdefghijkl");
+    let base = "http://10.69.3.1:8080/announce";
+    let ann = |q: &str, extra: &[&str]| String::from_utf8_lossy(&curl(&lab, cl, &format!("{base}?{q}"), extra)).into_owned();
+
+    let cases: Vec<(String, &str)> = vec![
+        (format!("peer_id={pid}&port=6881&left=0"), "missing info_hash"),
+        (format!("info_hash=%01%02%03&peer_id={pid}&port=6881&left=0"), "bad info_hash"),
+        (format!("info_hash={ih}&peer_id={pid}&port=0&left=0"), "bad port"),
+        (format!("info_hash={ih}&peer_id={pid}&port=70000&left=0"), "bad port"),
+        (format!("info_hash={ih}&peer_id={pid}&port=http&left=0"), "bad port"),
+        (format!("info_hash={ih}&peer_id={pid}&port=6881"), "missing left"),
+        (format!("info_hash={}&peer_id={pid}&port=6881&left=0", pct(&[0xAB; 20])), "unknown info_hash"),
+    ];
+    for (q, why) in &cases {
+        let r = ann(q, &[]);
+        assert!(r.starts_with("d14:failure reason") && r.contains(why), "{q} -> {r}");
+    }
+    // From an address outside the subnets.
+    let q = format!("info_hash={ih}&peer_id={pid}&port=6881&left=100");
+    let r = ann(&q, &["--interface", "10.69.4.20"]);
+    assert!(r.contains("failure reason") && r.contains("outside the provisioning subnets"), "{r}");
+    // A huge numwant is capped, not refused: a normal answer listing the seed.
+    let r = curl(&lab, cl, &format!("{base}?{q}&numwant=99999999999999999999"), &[]);
+    let text = String::from_utf8_lossy(&r);
+    assert!(!text.contains("failure reason") && text.contains("8:interval"), "{text}");
+    let seed = [10u8, 69, 3, 1, (SEED_PORT >> 8) as u8, SEED_PORT as u8];
+    assert!(r.windows(6).any(|w| w == seed), "the seed is not in the peer list: {text}");
+    // Garbage after all that: the tracker still serves, scrape too.
+    let r = ann(&format!("info_hash={ih}&peer_id={pid}&port=6881&left=0&event=started"), &[]);
+    assert!(r.contains("8:interval"), "{r}");
+    let r = String::from_utf8_lossy(&curl(&lab, cl, &format!("http://10.69.3.1:8080/scrape?info_hash={ih}"), &[])).into_owned();
+    assert!(r.starts_with("d5:filesd20:") && r.contains("8:completei"), "{r}");
+    // Names are keys: no path ever reaches the filesystem.
+    for bad in ["/torrents/..%2Fsecret.torrent", "/torrents/nope.torrent", "/torrents/small", "/api/swarm/..%2F.."] {
+        let out = exec(&lab, cl, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", &format!("http://10.69.3.1:8080{bad}")]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "404", "{bad}");
+    }
+    let t = curl(&lab, cl, "http://10.69.3.1:8080/torrents/small.torrent", &[]);
+    assert!(t.starts_with(b"d") && t.windows(9).any(|w| w == b"announce-"), "not a torrent");
+}
+
+fn aria2c_args(dir: &Path, torrent: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--enable-dht=false",
+        "--enable-dht6=false",
+        "--bt-enable-lpd=false",
+        "--enable-peer-exchange=false",
+        "--bt-tracker-connect-timeout=10",
+        "--bt-tracker-timeout=10",
+        "--summary-interval=0",
+        "--console-log-level=notice",
+        "--file-allocation=none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push(format!("--dir={}", dir.display()));
+    v.push(torrent.display().to_string());
+    v
+}
+
+/// Acceptance 2: aria2c downloads from the appliance through its tracker, and `fetch`
+/// downloads from an aria2c seed (given to it with --peer, tracker off, so the appliance's
+/// seed cannot be the source).
+#[test]
+fn interop_with_aria2c_both_ways() {
+    let mut lab = Lab::new("swa");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    let app = lab.add_host(Some("10.69.2.1/24"), None);
+    let leech = lab.add_host(Some("10.69.2.11/24"), None);
+    let seeder = lab.add_host(Some("10.69.2.12/24"), None);
+    let fetcher = lab.add_host(Some("10.69.2.13/24"), None);
+    let archive = lab.path("inter.tar.zst");
+    random_file(&archive, 16 * MIB);
+    let want = sha256(&archive);
+    let _appliance = start_appliance(&lab, app, "appliance", &config(&lab, "i", &archive, ""), &[]);
+    let torrent = lab.path("inter.torrent");
+    fs::write(&torrent, curl(&lab, leech, "http://10.69.2.1:8080/torrents/inter.torrent", &[])).expect("torrent");
+
+    // aria2c <- appliance (tracker + seed).
+    let dir = mkdir(&lab.path("aria-leech"));
+    let mut a = lab.hosts[leech].cmd("aria2c");
+    a.args(aria2c_args(&dir, &torrent, &["--seed-time=0", "--listen-port=6881"]));
+    let mut a = Proc::spawn("aria2c-leech", a, lab.path("aria2c-leech.log"));
+    let st = a.wait_exit(Duration::from_secs(120));
+    assert!(st.success(), "aria2c failed ({st}):\n{}", a.log_text());
+    assert_eq!(sha256(&dir.join("inter.tar.zst")), want);
+
+    // fetch <- aria2c seed (a verified copy of the archive, seeding until killed).
+    let sdir = mkdir(&lab.path("aria-seed"));
+    fs::copy(&archive, sdir.join("inter.tar.zst")).expect("copy");
+    let mut s = lab.hosts[seeder].cmd("aria2c");
+    s.args(aria2c_args(&sdir, &torrent, &["--check-integrity=true", "--seed-ratio=0.0", "--listen-port=6882"]));
+    let mut s = Proc::spawn("aria2c-seed", s, lab.path("aria2c-seed.log"));
+    // aria2c listens once it has checked the file: wait for the port.
+    let up = common::wait_for(Duration::from_secs(60), || {
+        let o = exec(&lab, seeder, "ss", &["-Hltn", "sport = :6882"]);
+        String::from_utf8_lossy(&o.stdout).contains("6882").then_some(())
+    });
+    assert!(up.is_some(), "aria2c seed never listened:\n{}", s.log_text());
+    let out = mkdir(&lab.path("f")).join("inter.tar.zst");
+    let mut f = fetch(&lab, fetcher, "10.69.2.1", "inter", &out, &["--no-tracker", "--peer", "10.69.2.12:6882"]);
+    let st = f.wait_exit(Duration::from_secs(120));
+    assert!(st.success(), "fetch failed ({st}):\n{}", f.log_text());
+    assert_eq!(sha256(&out), want);
+    s.kill();
+}
+
+/// The `elapsed_ms` of the last log line containing `needle` (figures for the report).
+fn elapsed_ms(p: &Proc, needle: &str) -> String {
+    let log = p.log_text();
+    let line = log.lines().rev().find(|l| l.contains(needle)).unwrap_or("");
+    let plain: String = strip_ansi(line);
+    plain.split_whitespace().find_map(|w| w.strip_prefix("elapsed_ms=")).unwrap_or("?").to_owned()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// The seed's upload so far, as `/api/swarm` reports it.
+fn seed_uploaded(lab: &Lab, h: usize, server: &str) -> Option<u64> {
+    let out = exec(lab, h, "curl", &["-sS", "--max-time", "5", &format!("http://{server}:{HTTP_PORT}/api/swarm")]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v[0]["seed_uploaded_bytes"].as_u64()
+}
+
+/// Acceptance 4: the appliance killed (SIGKILL) and restarted mid-swarm, and a client killed
+/// and restarted mid-download: everyone completes with the right bytes. The restart uses the
+/// persisted bitfield (fastresume) instead of re-hashing; the figures of first start, restart
+/// with fastresume and restart without are printed.
+#[test]
+fn appliance_and_client_restart_mid_swarm() {
+    let size = 64 * MIB;
+    let mut lab = Lab::new("swr");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    let app = lab.add_host(Some("10.69.5.1/24"), None);
+    lab.add_host(Some("10.69.5.11/24"), None);
+    lab.add_host(Some("10.69.5.12/24"), None);
+    let archive = lab.path("big.tar.zst");
+    random_file(&archive, size);
+    let want = sha256(&archive);
+    // The seed at 4 MiB/s: the download lasts long enough to interrupt it.
+    let cfg = config(&lab, "r", &archive, "upload_limit = 4194304");
+    let mut appliance = start_appliance(&lab, app, "appliance", &cfg, &[]);
+    let first = (elapsed_ms(&appliance, "torrent created"), elapsed_ms(&appliance, "seed ready"));
+
+    let outs: Vec<PathBuf> = (1..=2).map(|h| mkdir(&lab.path(&format!("r{h}"))).join("big.tar.zst")).collect();
+    let args = ["--seed-until-done", "--seed-for", "60s"];
+    let mut c1 = fetch(&lab, 1, "10.69.5.1", "big", &outs[0], &args);
+    let mut c2 = fetch(&lab, 2, "10.69.5.1", "big", &outs[1], &args);
+    let moving = common::wait_for(Duration::from_secs(60), || seed_uploaded(&lab, 1, "10.69.5.1").filter(|b| *b >= 8 * MIB));
+    assert!(moving.is_some(), "the swarm never started:\n{}", c1.log_text());
+    // Kill both the appliance and client 2 mid-download, then bring them back.
+    appliance.kill();
+    c2.kill();
+    assert!(!c1.log_text().contains("fetch-done"), "client 1 finished before the restart: make the seed slower");
+    let appliance = start_appliance(&lab, app, "appliance2", &cfg, &[]);
+    let restart = elapsed_ms(&appliance, "seed ready");
+    let log2 = strip_ansi(&appliance.log_text());
+    assert!(log2.contains("restored=1"), "{log2}");
+    assert!(log2.contains("torrent loaded from cache"), "{log2}");
+    let mut c2 = fetch(&lab, 2, "10.69.5.1", "big", &outs[1], &args);
+    for (p, out) in [(&mut c1, &outs[0]), (&mut c2, &outs[1])] {
+        let st = p.wait_exit(Duration::from_secs(150));
+        assert!(st.success(), "fetch failed ({st}):\n{}", p.log_text());
+        assert_eq!(sha256(out), want, "{} differs", out.display());
+    }
+    // Restart without fastresume: the archive is hashed again (figure only).
+    drop(appliance);
+    let cfg_nofr = config(&lab, "r", &archive, "upload_limit = 4194304\nfastresume = false");
+    let appliance = start_appliance(&lab, app, "appliance3", &cfg_nofr, &[]);
+    let nofr = elapsed_ms(&appliance, "seed ready");
+    eprintln!(
+        "FIGURES restart size={} MiB: first start: torrent created in {} ms, seed ready in {} ms; \
+         restart with fastresume: seed ready in {restart} ms; without fastresume: {nofr} ms",
+        size / MIB,
+        first.0,
+        first.1
+    );
+}
+
+/// Acceptance 4 (first part): a peer that sends corrupt pieces (aria2c seeding a damaged copy
+/// without checking it) is caught by the piece hashes and dropped; the download completes from
+/// the appliance with the right bytes. librqbit disconnects such a peer but may retry it later
+/// with backoff: it has no ban list to add it to.
+#[test]
+fn a_peer_sending_corrupt_pieces_is_caught_by_hash() {
+    let mut lab = Lab::new("swc");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    let app = lab.add_host(Some("10.69.6.1/24"), None);
+    let bad = lab.add_host(Some("10.69.6.12/24"), None);
+    let fetcher = lab.add_host(Some("10.69.6.13/24"), None);
+    let archive = lab.path("pure.tar.zst");
+    random_file(&archive, 16 * MIB);
+    let want = sha256(&archive);
+    let cfg = config(&lab, "c", &archive, "upload_limit = 4194304");
+    let _appliance = start_appliance(&lab, app, "appliance", &cfg, &[]);
+    let torrent = lab.path("pure.torrent");
+    fs::write(&torrent, curl(&lab, bad, "http://10.69.6.1:8080/torrents/pure.torrent", &[])).expect("torrent");
+
+    // A damaged copy: every byte inverted, so every piece it sends fails its hash.
+    let sdir = mkdir(&lab.path("bad-seed"));
+    let damaged: Vec<u8> = fs::read(&archive).expect("read").iter().map(|b| !b).collect();
+    fs::write(sdir.join("pure.tar.zst"), damaged).expect("write");
+    let mut s = lab.hosts[bad].cmd("aria2c");
+    s.args(aria2c_args(&sdir, &torrent, &["--bt-seed-unverified=true", "--seed-ratio=0.0", "--listen-port=6882"]));
+    let mut s = Proc::spawn("aria2c-bad", s, lab.path("aria2c-bad.log"));
+    let up = common::wait_for(Duration::from_secs(60), || {
+        let o = exec(&lab, bad, "ss", &["-Hltn", "sport = :6882"]);
+        String::from_utf8_lossy(&o.stdout).contains("6882").then_some(())
+    });
+    assert!(up.is_some(), "aria2c never listened:\n{}", s.log_text());
+
+    let out = mkdir(&lab.path("f")).join("pure.tar.zst");
+    let seed = format!("10.69.6.1:{SEED_PORT}");
+    let mut f = fetch(&lab, fetcher, "10.69.6.1", "pure", &out, &["--no-tracker", "--peer", "10.69.6.12:6882", "--peer", &seed]);
+    let st = f.wait_exit(Duration::from_secs(120));
+    assert!(st.success(), "fetch failed ({st}):\n{}", f.log_text());
+    assert_eq!(sha256(&out), want);
+    let log = strip_ansi(&f.log_text());
+    let caught = log.lines().filter(|l| l.contains("did not validate")).count();
+    assert!(caught > 0, "no corrupt piece was detected (did aria2c send any?):\n{log}");
+    eprintln!("FIGURES corrupt peer: {caught} pieces failed their hash and were fetched again");
+    s.kill();
+}

@@ -143,7 +143,7 @@ fn watch_boot(
     let exit = common::wait_for(timeout, || {
         let exited = qemu.child.try_wait().ok().flatten();
         let text = String::from_utf8_lossy(&fs::read(serial).unwrap_or_default()).into_owned();
-        scan(phases, &text, &appliance.log_text());
+        scan(phases, &text, &strip_ansi(&appliance.log_text()));
         std::thread::sleep(Duration::from_millis(50));
         exited
     });
@@ -154,6 +154,33 @@ fn watch_boot(
     let serial = String::from_utf8_lossy(&fs::read(serial).unwrap_or_default()).into_owned();
     let marker_line = serial.lines().find(|l| l.starts_with(MARKER)).map(|l| l.trim_end().to_owned());
     Boot { serial, marker_line, exit, elapsed }
+}
+
+/// The appliance log without the colour escapes tracing writes (`kind=script` is then one
+/// string).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters final-byte (a letter).
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A line of the appliance log naming `mac` and containing every one of `words`.
+fn app_line(mac: MacAddr, words: &'static [&'static str]) -> impl Fn(&str) -> bool {
+    let mac = mac.to_string();
+    let hyph = mac.replace(':', "-");
+    move |line| (line.contains(&mac) || line.contains(&hyph)) && words.iter().all(|w| line.contains(w))
 }
 
 fn tail(text: &str, n: usize) -> String {
@@ -184,7 +211,7 @@ fn check_boot(boot: &Boot, appliance: &Proc, server: &str, token: &NodeToken, ta
         format!(
             "{table}\n--- serial log (tail) ---\n{}\n--- appliance log (tail) ---\n{}",
             tail(&boot.serial, 60),
-            tail(&appliance.log_text(), 80)
+            tail(&strip_ansi(&appliance.log_text()), 80)
         )
     };
     let Some(line) = &boot.marker_line else {
@@ -276,14 +303,14 @@ fn pxe_boot_over_http_reaches_the_initramfs() {
     let serial = lab.path("serial.log");
     let start = Instant::now();
     let mut qemu = spawn_pxe_vm(&lab, "tap0", mac, &serial);
-    let macs = mac.to_string();
     let mut phases = vec![
-        Phase::new("DHCP offer sent", Source::Appliance, move |l| {
-            l.contains(&macs) && l.to_ascii_lowercase().contains("offer")
-        }),
+        Phase::new("DHCP offer sent", Source::Appliance, app_line(mac, &["offered"])),
+        Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"])),
         Phase::new("iPXE configured (DHCP)", Source::Serial, line_with(&["Configuring (net0", "ok"])),
-        Phase::new("script fetched", Source::Serial, line_with(&[".ipxe", "ok"])),
+        Phase::new("script requested", Source::Appliance, app_line(mac, &["http: sending", "kind=script"])),
+        Phase::new("kernel requested", Source::Appliance, app_line(mac, &["http: sending", "kind=kernel"])),
         Phase::new("kernel fetched", Source::Serial, line_with(&["/boot/vmlinuz", "ok"])),
+        Phase::new("initrd requested", Source::Appliance, app_line(mac, &["http: sending", "kind=initrd"])),
         Phase::new("initrd fetched", Source::Serial, line_with(&["/boot/initrd.img", "ok"])),
         Phase::new("kernel running", Source::Serial, line_with(&["Linux version"])),
         Phase::new("marker (/init ran)", Source::Serial, line_with(&[MARKER])),
@@ -311,16 +338,15 @@ fn pxe_boot_through_pxelinux_over_tftp() {
     let serial = lab.path("serial.log");
     let start = Instant::now();
     let mut qemu = spawn_pxe_vm(&lab, "tap0", mac, &serial);
-    let macs = mac.to_string();
     let mut phases = vec![
-        Phase::new("DHCP offer sent", Source::Appliance, move |l| {
-            l.contains(&macs) && l.to_ascii_lowercase().contains("offer")
-        }),
+        Phase::new("DHCP offer sent", Source::Appliance, app_line(mac, &["offered"])),
+        Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"])),
         Phase::new("iPXE configured (DHCP)", Source::Serial, line_with(&["Configuring (net0", "ok"])),
-        Phase::new("pxelinux.0 fetched", Source::Serial, line_with(&["pxelinux.0", "ok"])),
+        Phase::new("pxelinux.0 requested", Source::Appliance, line_with(&["tftp: sending", "pxelinux.0"])),
         Phase::new("pxelinux running", Source::Serial, line_with(&["PXELINUX"])),
-        Phase::new("kernel fetched", Source::Serial, line_with(&["vmlinuz", "ok"])),
-        Phase::new("initrd fetched", Source::Serial, line_with(&["initrd", "ok"])),
+        Phase::new("pxelinux.cfg requested", Source::Appliance, app_line(mac, &["tftp: sending", "kind=pxelinux-cfg"])),
+        Phase::new("kernel requested", Source::Appliance, line_with(&["tftp: sending", "kind=kernel"])),
+        Phase::new("initrd requested", Source::Appliance, line_with(&["tftp: sending", "kind=initrd"])),
         Phase::new("kernel running", Source::Serial, line_with(&["Linux version"])),
         Phase::new("marker (/init ran)", Source::Serial, line_with(&[MARKER])),
         Phase::new("powered off", Source::Serial, line_with(&["reboot: Power down"])),
@@ -329,10 +355,10 @@ fn pxe_boot_through_pxelinux_over_tftp() {
     let table = phase_table("PXE boot through pxelinux/TFTP", &phases, &boot);
     println!("{table}");
     assert!(
-        boot.serial.contains("pxelinux.0") || appliance.log_text().contains("pxelinux.0"),
+        phases.iter().any(|p| p.name == "pxelinux.0 requested" && p.seen.is_some()),
         "the node was not sent pxelinux.0\n{table}\n{}\n{}",
         tail(&boot.serial, 60),
-        tail(&appliance.log_text(), 80)
+        tail(&strip_ansi(&appliance.log_text()), 80)
     );
     check_boot(&boot, &appliance, "10.68.0.1", &token_of(&lab.path("state"), mac), &table);
 }
@@ -442,4 +468,22 @@ fn router_advertisement_reaches_the_link_and_routes_nobody() {
 
 fn run_sysctl(ns: &common::Netns, setting: &str) {
     common::run(ns.cmd("sysctl").args(["-q", "-w", setting]));
+}
+
+/// Without IPv6 on its interface the appliance logs that once and serves on.
+#[test]
+fn appliance_without_ipv6_starts_and_says_why() {
+    let mut lab = Lab::new("q6");
+    lab.add_host(Some("10.68.2.1/24"), None);
+    run_sysctl(&lab.hosts[0], "net.ipv6.conf.eth0.disable_ipv6=1");
+    let config = format!(
+        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n[http]\nport = 8080\n",
+        lab.path("store").display(),
+        lab.path("state").display()
+    );
+    let mut appliance = common::start_appliance(&lab, 0, "appliance", &config, &[]);
+    let log = strip_ansi(&appliance.log_text());
+    assert!(log.contains("IPv6 is disabled on the interface"), "{log}");
+    assert!(appliance.child.try_wait().ok().flatten().is_none(), "appliance stopped:\n{log}");
+    appliance.terminate();
 }

@@ -156,7 +156,7 @@ fn watch_boot(
     Boot { serial, marker_line, exit, elapsed }
 }
 
-/// The appliance log without the colour escapes tracing writes (`kind=script` is then one
+/// The appliance log without the colour escapes tracing writes (`file=vmlinuz` is then one
 /// string).
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -307,10 +307,10 @@ fn pxe_boot_over_http_reaches_the_initramfs() {
         Phase::new("DHCP offer sent", Source::Appliance, app_line(mac, &["offered"])),
         Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"])),
         Phase::new("iPXE configured (DHCP)", Source::Serial, line_with(&["Configuring (net0", "ok"])),
-        Phase::new("script requested", Source::Appliance, app_line(mac, &["http: sending", "kind=script"])),
-        Phase::new("kernel requested", Source::Appliance, app_line(mac, &["http: sending", "kind=kernel"])),
+        Phase::new("script requested", Source::Appliance, app_line(mac, &["http: sending", ".ipxe"])),
+        Phase::new("kernel requested", Source::Appliance, app_line(mac, &["http: sending", "file=vmlinuz"])),
         Phase::new("kernel fetched", Source::Serial, line_with(&["/boot/vmlinuz", "ok"])),
-        Phase::new("initrd requested", Source::Appliance, app_line(mac, &["http: sending", "kind=initrd"])),
+        Phase::new("initrd requested", Source::Appliance, app_line(mac, &["http: sending", "file=initrd.img"])),
         Phase::new("initrd fetched", Source::Serial, line_with(&["/boot/initrd.img", "ok"])),
         Phase::new("kernel running", Source::Serial, line_with(&["Linux version"])),
         Phase::new("marker (/init ran)", Source::Serial, line_with(&[MARKER])),
@@ -342,11 +342,15 @@ fn pxe_boot_through_pxelinux_over_tftp() {
         Phase::new("DHCP offer sent", Source::Appliance, app_line(mac, &["offered"])),
         Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"])),
         Phase::new("iPXE configured (DHCP)", Source::Serial, line_with(&["Configuring (net0", "ok"])),
-        Phase::new("pxelinux.0 requested", Source::Appliance, line_with(&["tftp: sending", "pxelinux.0"])),
+        Phase::new("pxelinux.0 requested", Source::Appliance, line_with(&["tftp: sending", "file=pxelinux.0"])),
         Phase::new("pxelinux running", Source::Serial, line_with(&["PXELINUX"])),
-        Phase::new("pxelinux.cfg requested", Source::Appliance, app_line(mac, &["tftp: sending", "kind=pxelinux-cfg"])),
-        Phase::new("kernel requested", Source::Appliance, line_with(&["tftp: sending", "kind=kernel"])),
-        Phase::new("initrd requested", Source::Appliance, line_with(&["tftp: sending", "kind=initrd"])),
+        Phase::new(
+            "pxelinux.cfg requested",
+            Source::Appliance,
+            line_with(&["tftp: sending", "file=pxelinux.cfg/01-52-54-00-68-00-20"]),
+        ),
+        Phase::new("kernel requested", Source::Appliance, line_with(&["tftp: sending", "file=vmlinuz"])),
+        Phase::new("initrd requested", Source::Appliance, line_with(&["tftp: sending", "file=initrd.img"])),
         Phase::new("kernel running", Source::Serial, line_with(&["Linux version"])),
         Phase::new("marker (/init ran)", Source::Serial, line_with(&[MARKER])),
         Phase::new("powered off", Source::Serial, line_with(&["reboot: Power down"])),

@@ -52,6 +52,11 @@ pub const SLOW_INTERVAL: Duration = Duration::from_secs(30);
 /// Minimum time between two RAs sent in answer to solicitations (a flood of RSs must not turn
 /// into a flood of RAs).
 pub const MIN_ANSWER_GAP: Duration = Duration::from_millis(300);
+/// Consecutive failures before one warning: the first send right after link up fails while the
+/// link-local address is tentative, which is normal.
+const WARN_AFTER_FAILURES: u32 = 3;
+/// Delay before retrying a failed unsolicited RA (before the warning).
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Errors of the router advertiser. None of them stops the appliance.
 #[derive(Debug, thiserror::Error)]
@@ -152,14 +157,14 @@ impl RouterAdvertiser {
         }))
     }
 
-    /// Advertises until `shutdown`. Send and receive failures are logged (the first at warn,
-    /// the rest at debug) and never end the task early: a finished task would stop the
+    /// Advertises until `shutdown`. Send and receive failures are logged (at debug, and once
+    /// at warn when they persist) and never end the task early: a finished task would stop the
     /// appliance.
     pub async fn run(self, shutdown: CancellationToken) {
         let start = Instant::now();
         let mut next = start;
         let mut last_answer: Option<Instant> = None;
-        let mut failures = 0u64;
+        let mut failures = Failures::default();
         let mut sent = 0u64;
         let mut buf = [0u8; 1500];
         info!(iface = %self.iface, "sending IPv6 router advertisements (lifetime 0, no prefix)");
@@ -168,7 +173,11 @@ impl RouterAdvertiser {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(next) => {
                     self.send(Why::Periodic, &mut sent, &mut failures).await;
-                    next = Instant::now() + unsolicited_interval(start.elapsed());
+                    // Right after link up the link-local address is tentative for about a
+                    // second: retry soon rather than a whole interval later.
+                    let retry_soon = (1..WARN_AFTER_FAILURES).contains(&failures.in_a_row);
+                    let wait = if retry_soon { RETRY_INTERVAL } else { unsolicited_interval(start.elapsed()) };
+                    next = Instant::now() + wait;
                 }
                 // CANCEL-SAFETY: `async_io` only waits for readiness and then reads without
                 // awaiting; dropping it loses no datagram.
@@ -197,35 +206,51 @@ impl RouterAdvertiser {
                 }
             }
         }
-        debug!(iface = %self.iface, sent, failures, "router advertiser stopped");
+        debug!(iface = %self.iface, sent, failures = failures.total, "router advertiser stopped");
     }
 
-    async fn send(&self, why: Why, sent: &mut u64, failures: &mut u64) {
+    async fn send(&self, why: Why, sent: &mut u64, failures: &mut Failures) {
         let dest = self.dest.into();
         let r = self.socket.async_io(Interest::WRITABLE, |s| s.send_to(&self.packet, &dest)).await;
         match r {
             Ok(_) => {
                 *sent += 1;
+                if failures.in_a_row >= WARN_AFTER_FAILURES {
+                    info!(iface = %self.iface, "router advertisements go out again");
+                }
+                failures.in_a_row = 0;
                 match why {
                     Why::Solicited => debug!(iface = %self.iface, "answered a router solicitation"),
                     Why::Periodic if *sent == 1 => debug!(iface = %self.iface, "first router advertisement sent"),
                     Why::Periodic => {}
                 }
             }
-            // EADDRNOTAVAIL until the link-local address has passed duplicate address detection
-            // (about a second after link up), or for good when there is none.
+            // EADDRNOTAVAIL until the link-local address has passed duplicate address detection,
+            // or for good when there is none.
             Err(e) => self.note_failure(failures, "send", &e),
         }
     }
 
-    fn note_failure(&self, failures: &mut u64, op: &str, e: &std::io::Error) {
-        *failures += 1;
-        if *failures == 1 {
-            warn!(iface = %self.iface, "router advertisement {op} failed (no usable IPv6 link-local address yet?): {e}; retrying quietly");
+    /// Logs a failure: quietly while it may be the link-local address still in duplicate
+    /// address detection (about a second after link up), once at warn when it persists.
+    fn note_failure(&self, failures: &mut Failures, op: &str, e: &std::io::Error) {
+        failures.total += 1;
+        failures.in_a_row += 1;
+        if failures.in_a_row == WARN_AFTER_FAILURES && !failures.warned {
+            failures.warned = true;
+            warn!(iface = %self.iface, "router advertisement {op} keeps failing (no usable IPv6 link-local address?): {e}; retrying quietly");
         } else {
-            debug!(iface = %self.iface, failures = *failures, "router advertisement {op} failed: {e}");
+            debug!(iface = %self.iface, in_a_row = failures.in_a_row, "router advertisement {op} failed: {e}");
         }
     }
+}
+
+/// Failure counts of one advertiser.
+#[derive(Debug, Default)]
+struct Failures {
+    total: u64,
+    in_a_row: u32,
+    warned: bool,
 }
 
 /// Why an RA is sent (for the logs).

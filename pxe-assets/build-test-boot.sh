@@ -56,6 +56,9 @@ arch=$(dpkg --print-architecture)
 deb="$cache/${pkg}_${ver//:/%3a}_${arch}.deb"
 
 mkdir -p "$cache" "$out"
+# One build at a time per output directory (tests may call this concurrently).
+exec 9>"$out/.lock"
+flock -w 600 9 || die "timed out waiting for $out/.lock"
 if [ ! -s "$deb" ]; then
   say "downloading $pkg $ver into $cache"
   # _apt cannot write into a root-owned cache: download in a scratch dir it may write to.

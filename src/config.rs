@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::types::{ImageName, MacAddr};
 
+
 /// Errors from loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -96,6 +97,11 @@ pub struct Reservation {
     /// Its host name (option 12), also the installed system's name.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// Boot loader sent by TFTP to this node whatever its firmware says, even when it already is
+    /// iPXE (e.g. `pxelinux` for a node that must boot through pxelinux). Default: by
+    /// architecture (option 93), and the iPXE script URL for iPXE clients.
+    #[serde(default)]
+    pub loader: Option<crate::types::Loader>,
 }
 
 /// `[dhcp]`.

@@ -244,8 +244,10 @@ mod tests {
 }
 
 /// The boot loaders the appliance hands out by TFTP, chosen by client architecture. Their TFTP
-/// names are keys the boot module maps to files; they are never paths.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// names are keys the boot module maps to files; they are never paths. In the config file they
+/// are named `undionly`, `ipxe-efi`, `snponly`, `ipxe-arm64-efi` and `pxelinux`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Loader {
     /// iPXE for BIOS PXE ROMs, using the ROM's UNDI driver.
     Undionly,

@@ -1,42 +1,115 @@
 //! DHCP and PXE: the pure policy (`decide`), the lease journal, and the service loop for full
 //! and proxyDHCP modes. See LEASES.md beside this file for the journal's crash rules.
+//!
+//! # Layout
+//! - `classify`: bytes → validated `Request` → `Client` (firmware, architecture).
+//! - `policy`: `decide(request, via, leases, policy, now) -> Decision`: pure, table-tested.
+//! - `leases`: the in-memory table and the append-only, fsync'd journal.
+//! - `service`: the thin socket loop (group commit, RFC 2131 §4.1 delivery).
+//! - `probe`: the start-up check for other DHCP servers. `arp`: SIOCSARP injection.
+//!
+//! This module must not touch sockets inside the policy, nor import other service modules.
 
+pub mod arp;
+pub mod classify;
+pub mod error;
+pub mod leases;
+pub mod policy;
+pub mod probe;
+pub mod service;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
-use crate::config::Config;
-use crate::net::Iface;
-
-/// Errors of the DHCP service.
-#[derive(Debug, thiserror::Error)]
-pub enum DhcpError {
-    /// Placeholder until the service exists.
-    #[error("dhcp service not implemented yet")]
-    NotImplemented,
-}
+use crate::config::{Config, DhcpMode};
+use crate::net::{self, Iface};
+pub use error::DhcpError;
 
 /// The DHCP service: probed, lease store opened, sockets bound.
 pub struct DhcpServer {
-    _cfg: Arc<Config>,
-    _iface: Iface,
+    service: service::Service,
+}
+
+/// Receive buffer asked for: a burst of PXE clients powering on together (or a relay flushing
+/// its queue) arrives while a batch is being fsync'd; the default ~200 KiB holds a few hundred
+/// packets only.
+const RCVBUF: usize = 4 << 20;
+
+fn tokio_sock(iface: &Iface, port: u16) -> Result<tokio::net::UdpSocket, DhcpError> {
+    let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let s = net::udp_on(&iface.name, addr)?;
+    grow_rcvbuf(&s);
+    tokio::net::UdpSocket::from_std(s).map_err(|source| DhcpError::Register { addr: SocketAddr::V4(addr), source })
+}
+
+/// SO_RCVBUFFORCE (root may exceed net.core.rmem_max), else SO_RCVBUF; failure only costs
+/// drops under bursts, so it is logged, not fatal.
+fn grow_rcvbuf(s: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let v = RCVBUF as libc::c_int;
+    // SAFETY: a valid descriptor, a c_int option value that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        if let Err(e) = socket2::SockRef::from(s).set_recv_buffer_size(RCVBUF) {
+            tracing::warn!("cannot grow the DHCP receive buffer: {e}");
+        }
+    }
 }
 
 impl DhcpServer {
     /// Probes the segment (full mode), opens the lease journal and binds the sockets.
     ///
     /// # Errors
-    /// A refusal (another DHCP server answers in full mode), a journal or socket error.
+    /// [`DhcpError::OtherServer`] (another DHCP server answers in full mode), a journal or
+    /// socket error.
     pub async fn start(cfg: Arc<Config>, iface: Iface) -> Result<DhcpServer, DhcpError> {
-        Ok(DhcpServer { _cfg: cfg, _iface: iface })
+        let policy = policy::Policy::new(&cfg, &iface);
+        let full = cfg.dhcp.mode == DhcpMode::Full;
+        if full && cfg.dhcp.probe {
+            info!(iface = %iface.name, "probing for other DHCP servers");
+            let offers = probe::probe(&iface, cfg.dhcp.probe_timeout).await?;
+            if !offers.is_empty() {
+                return Err(DhcpError::OtherServer { iface: iface.name.clone(), offers });
+            }
+            let listened = cfg.dhcp.probe_timeout.max(probe::MIN_LISTEN);
+            info!(iface = %iface.name, ?listened, "probe: no other DHCP server answered");
+        }
+        let (journal, leases) = if full {
+            let (j, l, rep) = leases::Journal::open(&cfg.state_dir, service::unix_now())?;
+            info!(
+                path = %j.path().display(), leases = l.len(), records = rep.records,
+                dropped_bytes = rep.dropped_bytes, "lease journal replayed"
+            );
+            (Some(j), l)
+        } else {
+            (None, leases::Leases::new())
+        };
+        let sock = tokio_sock(&iface, 67)?;
+        let pxe_sock = if cfg.dhcp.mode == DhcpMode::Proxy { Some(tokio_sock(&iface, 4011)?) } else { None };
+        for p in &policy.pools {
+            info!(subnet = %p.subnet, first = %p.first, last = %p.last, "dhcp pool");
+        }
+        info!(mode = ?cfg.dhcp.mode, answer = ?cfg.dhcp.answer, iface = %iface.name, "dhcp serving");
+        let service = service::Service::new(policy, leases, journal, iface.name.clone(), sock, pxe_sock);
+        Ok(DhcpServer { service })
     }
 
     /// Serves until `shutdown`.
     ///
     /// # Errors
-    /// A socket failure that cannot be recovered from.
+    /// A journal write failure or a socket failure that cannot be recovered from.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DhcpError> {
-        shutdown.cancelled().await;
-        Err(DhcpError::NotImplemented)
+        self.service.run(shutdown).await
     }
 }

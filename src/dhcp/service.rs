@@ -1,0 +1,239 @@
+//! The socket loop: receive a batch, decode, `decide`, apply the changes, commit the journal
+//! once (group commit), then send the batch's replies. No protocol logic lives here.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::arp;
+use super::classify;
+use super::error::DhcpError;
+use super::leases::{Change, Journal, LeaseState, Leases};
+use super::policy::{Decision, Dest, Policy, Via, Why, decide, encode_reply};
+use crate::types::MacAddr;
+
+/// Most datagrams handled per batch (one fsync, then their replies).
+const BATCH: usize = 256;
+/// Receive buffer: larger than any packet we accept, so an oversized one is seen as such.
+const BUF: usize = 4096;
+
+/// Unix seconds now. The policy gets time only from here.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A reply waiting for the batch's commit.
+struct Outgoing {
+    bytes: Vec<u8>,
+    to: Dest,
+    pxe_port: bool,
+}
+
+/// The running service: its sockets, the table and the journal.
+pub struct Service {
+    pub(super) policy: Policy,
+    pub(super) leases: Leases,
+    /// None in proxy mode (no addresses, nothing to remember).
+    pub(super) journal: Option<Journal>,
+    pub(super) iface: String,
+    pub(super) sock: UdpSocket,
+    pub(super) pxe_sock: Option<UdpSocket>,
+    /// MACs already told "TFTP disabled" etc., so the notice is logged once per client.
+    noted: std::collections::HashSet<MacAddr>,
+}
+
+impl Service {
+    /// Wraps bound sockets and an opened journal.
+    pub fn new(
+        policy: Policy,
+        leases: Leases,
+        journal: Option<Journal>,
+        iface: String,
+        sock: UdpSocket,
+        pxe_sock: Option<UdpSocket>,
+    ) -> Service {
+        Service { policy, leases, journal, iface, sock, pxe_sock, noted: Default::default() }
+    }
+
+    /// Serves until `shutdown`.
+    ///
+    /// # Errors
+    /// A journal write failure (replies are then withheld) or a fatal receive error.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), DhcpError> {
+        let mut buf = vec![0u8; BUF];
+        let mut buf2 = vec![0u8; BUF];
+        let mut out: Vec<Outgoing> = Vec::with_capacity(BATCH);
+        loop {
+            // CANCEL-SAFETY: UdpSocket::recv_from is cancel-safe: a datagram not returned stays
+            // queued. Nothing else is in flight across this select.
+            let (first, pxe) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.sock.recv_from(&mut buf) => (r.map(|(n, a)| (buf[..n].to_vec(), a)), false),
+                r = recv_opt(self.pxe_sock.as_ref(), &mut buf2) => (r.map(|(n, a)| (buf2[..n].to_vec(), a)), true),
+            };
+            let now = unix_now();
+            match first {
+                Ok((bytes, src)) => self.handle(&bytes, src, pxe, now, &mut out),
+                Err(e) => self.recv_error(e, pxe)?,
+            }
+            // Drain what is already queued: these replies share one fsync.
+            for _ in 0..BATCH {
+                match self.sock.try_recv_from(&mut buf) {
+                    Ok((n, src)) => {
+                        let bytes = buf[..n].to_vec();
+                        self.handle(&bytes, src, false, now, &mut out);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        self.recv_error(e, false)?;
+                        break;
+                    }
+                }
+            }
+            if let Some(j) = self.journal.as_mut() {
+                // The ACKs of this batch leave only after their bindings are on disk.
+                if let Err(e) = j.commit() {
+                    out.clear();
+                    return Err(e.into());
+                }
+            }
+            for o in out.drain(..) {
+                self.send(o).await;
+            }
+            if let Some(j) = self.journal.as_mut() {
+                if j.wants_compaction(self.leases.len()) {
+                    j.compact(&self.leases, now)?;
+                    info!(leases = self.leases.len(), "lease journal compacted");
+                }
+            }
+        }
+        info!("dhcp service stopped");
+        Ok(())
+    }
+
+    fn recv_error(&self, e: std::io::Error, pxe: bool) -> Result<(), DhcpError> {
+        // ICMP port-unreachable from an earlier send and the like show up here: not fatal.
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            ConnectionRefused | ConnectionReset | Interrupted | WouldBlock => {
+                debug!(error = %e, "recv");
+                Ok(())
+            }
+            _ => {
+                let s = if pxe { self.pxe_sock.as_ref() } else { Some(&self.sock) };
+                let addr = s.and_then(|s| s.local_addr().ok()).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 67)));
+                Err(DhcpError::Recv { addr, source: e })
+            }
+        }
+    }
+
+    fn handle(&mut self, bytes: &[u8], src: SocketAddr, pxe: bool, now: u64, out: &mut Vec<Outgoing>) {
+        let req = match classify::parse(bytes) {
+            Ok(r) => r,
+            Err(m) => {
+                debug!(%src, len = bytes.len(), "dropped: {}", Why::Malformed(m));
+                return;
+            }
+        };
+        let via = match (pxe, src) {
+            (true, SocketAddr::V4(a)) => Via::PxeService(a),
+            _ => Via::Dhcp,
+        };
+        let mac = req.mac;
+        let xid = req.msg.xid();
+        match decide(&req, via, &self.leases, &self.policy, now) {
+            Decision::Ignore(why) => debug!(%mac, xid, msg_type = ?req.kind, %src, "ignored: {why}"),
+            Decision::Record(change) => {
+                debug!(%mac, xid, msg_type = ?req.kind, "recorded: {change:?}");
+                self.apply(change);
+            }
+            Decision::Reply { msg, to, change, note } => {
+                if let Some(why) = note {
+                    if self.noted.len() < 65536 && self.noted.insert(mac) {
+                        warn!(%mac, arch = ?req.arch_code, "no boot file for this client: {why}");
+                    }
+                }
+                let kind = msg.opts().msg_type();
+                match encode_reply(&msg) {
+                    Ok(bytes) => {
+                        debug!(%mac, xid, msg_type = ?req.kind, reply = ?kind, yiaddr = %msg.yiaddr(), ?to, "reply");
+                        if let Some(c) = change {
+                            self.apply(c);
+                        }
+                        out.push(Outgoing { bytes, to, pxe_port: pxe });
+                    }
+                    Err(e) => warn!(%mac, xid, "reply not encodable, dropped: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Applies a change to the table, stages it in the journal and logs state changes.
+    fn apply(&mut self, change: Change) {
+        let before = match &change {
+            Change::Bind(l) => self.leases.get(l.ip).filter(|p| p.mac == l.mac).map(|p| p.state),
+            _ => None,
+        };
+        let old_host = match &change {
+            Change::Release { ip, .. } | Change::Decline { ip, .. } => self.leases.get(*ip).and_then(|l| l.hostname.clone()),
+            _ => None,
+        }
+        .unwrap_or_default();
+        if !self.leases.apply(&change) {
+            return;
+        }
+        if let Some(j) = self.journal.as_mut() {
+            j.stage(&change);
+        }
+        match &change {
+            Change::Bind(l) => {
+                let host = l.hostname.as_deref().unwrap_or("");
+                if before == Some(LeaseState::Bound) {
+                    info!(mac = %l.mac, ip = %l.ip, hostname = host, expires = l.expires, "lease renewed");
+                } else {
+                    info!(mac = %l.mac, ip = %l.ip, hostname = host, expires = l.expires, "lease bound");
+                }
+            }
+            Change::Release { mac, ip, .. } => info!(%mac, %ip, hostname = old_host, "lease released"),
+            Change::Decline { mac, ip, until } => {
+                warn!(%mac, %ip, hostname = old_host, probation_until = until, "address declined (in use by someone else?)")
+            }
+            Change::Offer { mac, ip, .. } => debug!(%mac, %ip, "offered"),
+            Change::ForgetOffer { mac } => debug!(%mac, "offer withdrawn: client chose another server"),
+        }
+    }
+
+    async fn send(&self, o: Outgoing) {
+        const BCAST: Ipv4Addr = Ipv4Addr::BROADCAST;
+        let addr = match o.to {
+            Dest::Relay(ip) => SocketAddrV4::new(ip, 67),
+            Dest::Unicast(ip) => SocketAddrV4::new(ip, 68),
+            Dest::Broadcast => SocketAddrV4::new(BCAST, 68),
+            Dest::Arp { ip, mac } => match arp::inject(&self.sock, &self.iface, ip, mac) {
+                Ok(()) => SocketAddrV4::new(ip, 68),
+                Err(e) => {
+                    debug!(%mac, %ip, "ARP injection failed, broadcasting instead: {e}");
+                    SocketAddrV4::new(BCAST, 68)
+                }
+            },
+            Dest::Source(a) => a,
+        };
+        let sock = match (&self.pxe_sock, o.pxe_port) {
+            (Some(p), true) => p,
+            _ => &self.sock,
+        };
+        if let Err(e) = sock.send_to(&o.bytes, addr).await {
+            warn!(%addr, "send failed: {e}");
+        }
+    }
+}
+
+async fn recv_opt(sock: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match sock {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,255 @@
+//! DHCP rate benchmark: si-appliance vs dnsmasq vs Kea (kea-dhcp4, memfile), measured in the
+//! same run with the same load generator (Kea's perfdhcp) in network namespaces.
+//!
+//! Run (as root): `cargo bench --bench dhcp_rate`
+//! Knobs: `BENCH_RATES=1000,2000,4000,8000` (offered DORA/s), `BENCH_SECS=3` (per run).
+//!
+//! Each run starts the server fresh (empty lease state) on 10.66.0.1/20 and runs perfdhcp from
+//! 10.66.0.2/20 as a relay (giaddr set, unicast to the server, as a relay agent does), with
+//! `-n rate×secs` DISCOVERs and a 2 s wait for late answers. Completed leases/s is perfdhcp's
+//! "Rate" (4-way exchanges per second); drop rates are its DISCOVER-OFFER and REQUEST-ACK ones.
+//! Durability differs and is printed: si-appliance fdatasyncs every batch of ACKs before
+//! sending them; Kea's memfile and dnsmasq's lease file are written without fsync.
+#[path = "common/mod.rs"]
+mod common;
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Lab, Proc};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Server {
+    SiAppliance,
+    Dnsmasq,
+    Kea,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::SiAppliance => "si-appliance",
+            Server::Dnsmasq => "dnsmasq",
+            Server::Kea => "kea-dhcp4",
+        }
+    }
+    fn durability(self) -> &'static str {
+        match self {
+            Server::SiAppliance => "journal, fdatasync per batch before ACK",
+            Server::Dnsmasq => "lease file, no fsync",
+            Server::Kea => "memfile CSV, no fsync",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Run {
+    rate: f64,
+    do_sent: u64,
+    do_drops: u64,
+    ra_sent: u64,
+    ra_recv: u64,
+    ra_drops: u64,
+    /// Server CPU time (user + system) over the run, seconds.
+    cpu: f64,
+}
+
+impl Run {
+    fn drop_pct(&self) -> f64 {
+        // A lease is lost if either its DISCOVER or its REQUEST went unanswered.
+        if self.do_sent == 0 { 100.0 } else { 100.0 * (self.do_sent.saturating_sub(self.ra_recv)) as f64 / self.do_sent as f64 }
+    }
+}
+
+fn parse(out: &str) -> Run {
+    let mut r = Run::default();
+    let mut section = 0;
+    for l in out.lines() {
+        let l = l.trim();
+        if l.starts_with("***Statistics for: DISCOVER-OFFER") {
+            section = 1;
+        } else if l.starts_with("***Statistics for: REQUEST-ACK") {
+            section = 2;
+        }
+        let num = |p: &str| l.strip_prefix(p).and_then(|v| v.trim().parse::<u64>().ok());
+        if let Some(v) = l.strip_prefix("Rate:").and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()) {
+            r.rate = v;
+        }
+        match section {
+            1 => {
+                if let Some(v) = num("sent packets:") { r.do_sent = v; }
+                if let Some(v) = num("drops:") { r.do_drops = v; }
+            }
+            2 => {
+                if let Some(v) = num("sent packets:") { r.ra_sent = v; }
+                if let Some(v) = num("received packets:") { r.ra_recv = v; }
+                if let Some(v) = num("drops:") { r.ra_drops = v; }
+            }
+            _ => {}
+        }
+    }
+    r
+}
+
+/// utime + stime of a process from /proc/PID/stat, in seconds (the server's own cost, whatever
+/// else the machine is doing).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / if hz > 0.0 { hz } else { 100.0 }
+}
+
+fn start(lab: &Lab, s: Server) -> Proc {
+    match s {
+        Server::SiAppliance => {
+            let cfg = format!(
+                "iface = \"eth0\"\nstate_dir = \"{}\"\nstore = \"{}\"\n[dhcp]\nanswer = \"all\"\nprobe = false\nlease_time = \"1h\"\n[http]\nport = 8080\n[tftp]\nenable = false\n",
+                lab.path("state").display(),
+                lab.path("store").display()
+            );
+            // Logs as deployed (info: one line per lease state change), not the tests' debug.
+            let cfgp = lab.path("si.toml");
+            fs::write(&cfgp, cfg).expect("config");
+            let mut c = lab.hosts[0].cmd(common::appliance_bin());
+            c.arg("--config").arg(&cfgp).env("RUST_LOG", "info");
+            let mut p = Proc::spawn("si", c, lab.path("si-bench.log"));
+            p.wait_log("si-appliance ready", Duration::from_secs(30));
+            p
+        }
+        Server::Dnsmasq => {
+            let mut c = lab.hosts[0].cmd("dnsmasq");
+            c.args([
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--interface=eth0",
+                "--bind-interfaces",
+                "--user=root",
+                "--group=root",
+                // No ICMP check before offering (it costs about 3 s per new address; Kea and
+                // si-appliance do not ping either) and room for every lease.
+                "--no-ping",
+                "--dhcp-lease-max=100000",
+                "--dhcp-authoritative",
+                "--dhcp-range=10.66.0.10,10.66.15.250,255.255.240.0,1h",
+            ])
+            .arg(format!("--dhcp-leasefile={}", lab.path("dnsmasq.leases").display()))
+            .arg(format!("--pid-file={}", lab.path("dnsmasq.pid").display()));
+            let mut p = Proc::spawn("dnsmasq", c, lab.path("dnsmasq.log"));
+            p.wait_log("DHCP, IP range", Duration::from_secs(10));
+            p
+        }
+        Server::Kea => {
+            let conf = format!(
+                r#"{{"Dhcp4": {{
+  "interfaces-config": {{"interfaces": ["eth0"], "dhcp-socket-type": "udp"}},
+  "lease-database": {{"type": "memfile", "persist": true, "name": "{leases}", "lfc-interval": 0}},
+  "control-socket": {{"socket-type": "unix", "socket-name": "{sock}"}},
+  "valid-lifetime": 3600,
+  "subnet4": [{{"id": 1, "subnet": "10.66.0.0/20", "pools": [{{"pool": "10.66.0.10 - 10.66.15.250"}}]}}],
+  "loggers": [{{"name": "kea-dhcp4", "output_options": [{{"output": "stdout"}}], "severity": "INFO"}}]
+}}}}"#,
+                leases = lab.path("kea-leases4.csv").display(),
+                sock = lab.path("kea4.sock").display()
+            );
+            let path = lab.path("kea.json");
+            fs::write(&path, conf).expect("kea config");
+            let mut c = lab.hosts[0].cmd("kea-dhcp4");
+            c.arg("-c").arg(&path).env("KEA_PIDFILE_DIR", &lab.dir).env("KEA_LOCKFILE_DIR", &lab.dir);
+            let mut p = Proc::spawn("kea", c, lab.path("kea.log"));
+            p.wait_log("DHCP4_STARTED", Duration::from_secs(20));
+            p
+        }
+    }
+}
+
+fn one_run(s: Server, rate: u32, secs: u32) -> Run {
+    let mut lab = Lab::new("bn");
+    lab.add_host(Some("10.66.0.1/20"), Some("02:66:00:00:00:01"));
+    lab.add_host(Some("10.66.0.2/20"), Some("02:66:00:00:00:02"));
+    let server = start(&lab, s);
+    let n = (rate * secs).to_string();
+    let mut c = lab.hosts[1].cmd("perfdhcp");
+    c.args(["-4", "-l", "eth0", "-r", &rate.to_string(), "-n", &n, "-R", &n, "-W", "2000000", "10.66.0.1"]);
+    let t0 = std::time::Instant::now();
+    let mut p = Proc::spawn("perfdhcp", c, lab.path("perfdhcp.log"));
+    let st = p.wait_exit(Duration::from_secs(u64::from(secs) * 4 + 60));
+    // perfdhcp's own "Rate" divides by the whole run including the 2 s wait for late answers;
+    // completed leases/s here is ACKs received over the run less that wait.
+    let busy = (t0.elapsed().as_secs_f64() - 2.0).max(0.1);
+    let out = p.log_text();
+    let cpu = cpu_secs(server.child.id());
+    drop(server);
+    let mut r = parse(&out);
+    r.rate = r.ra_recv as f64 / busy;
+    r.cpu = cpu;
+    if r.do_sent == 0 {
+        eprintln!("{} at {rate}/s: perfdhcp ({st}) printed no statistics:\n{out}", s.name());
+    }
+    r
+}
+
+fn main() {
+    // `cargo bench` passes "--bench"; nothing else is accepted.
+    common::require_root();
+    let rates: Vec<u32> = std::env::var("BENCH_RATES")
+        .unwrap_or_else(|_| "1000,2000,4000,8000".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    let secs: u32 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).clamp(1, 60);
+    let servers = [Server::SiAppliance, Server::Dnsmasq, Server::Kea];
+    let tool = Command::new("perfdhcp").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let load = || fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    println!("DHCPv4 DORA benchmark: perfdhcp {tool}, {secs} s per run, fresh server and lease state per run");
+    println!("machine: {} CPUs, load average {} (perfdhcp shares them: completed/s is bounded by the machine, CPU µs/lease is each server's own cost)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), load());
+    println!(
+        "{:<14} {:>9} {:>12} {:>9} {:>9} {:>9} {:>14}",
+        "server", "offered/s", "completed/s", "DO drop%", "RA drop%", "lost%", "CPU µs/lease"
+    );
+    let mut best = [0f64; 3];
+    let mut table: Vec<(u32, [f64; 3])> = Vec::new();
+    for &rate in &rates {
+        let mut row = [0f64; 3];
+        for (i, s) in servers.iter().enumerate() {
+            let r = one_run(*s, rate, secs);
+            let pct = |d: u64, n: u64| if n == 0 { 0.0 } else { 100.0 * d as f64 / n as f64 };
+            let us = if r.ra_recv > 0 { r.cpu * 1e6 / r.ra_recv as f64 } else { 0.0 };
+            println!(
+                "{:<14} {:>9} {:>12.1} {:>9.2} {:>9.2} {:>9.2} {:>14.1}",
+                s.name(),
+                rate,
+                r.rate,
+                pct(r.do_drops, r.do_sent),
+                pct(r.ra_drops, r.ra_sent),
+                r.drop_pct(),
+                us
+            );
+            row[i] = r.rate;
+            best[i] = best[i].max(r.rate);
+        }
+        table.push((rate, row));
+    }
+    println!();
+    println!("ratios (si-appliance / other, completed leases/s):");
+    for (rate, row) in &table {
+        let ratio = |o: f64| if o > 0.0 { format!("{:.2}", row[0] / o) } else { "n/a".into() };
+        println!("  offered {rate:>6}/s: vs dnsmasq {}  vs kea {}", ratio(row[1]), ratio(row[2]));
+    }
+    let ratio = |o: f64| if o > 0.0 { format!("{:.2}", best[0] / o) } else { "n/a".into() };
+    println!(
+        "  best:  si-appliance {:.1}/s, dnsmasq {:.1}/s, kea {:.1}/s -> vs dnsmasq {}  vs kea {}",
+        best[0], best[1], best[2], ratio(best[1]), ratio(best[2])
+    );
+    for s in servers {
+        println!("  durability {:<13}: {}", s.name(), s.durability());
+    }
+    println!("load average at the end: {}", load());
+}

@@ -100,7 +100,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             .map_err(|source| AppError::Http { addr, source })?;
         let (router, token) = (router.clone(), shutdown.clone());
         tasks.spawn(async move {
-            axum::serve(listener, router)
+            // Connect info: the boot routes log each client's address.
+            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await
                 .map_err(|source| AppError::Http { addr, source })

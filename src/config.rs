@@ -140,7 +140,7 @@ impl Default for DhcpConfig {
             mode: DhcpMode::Full,
             answer: Answer::Pxe,
             probe: true,
-            probe_timeout: Duration::from_secs(2),
+            probe_timeout: Duration::from_secs(4),
             lease_time: Duration::from_secs(3600),
             router: None,
             dns: Vec::new(),

@@ -1,5 +1,21 @@
 //! Boot files: the TFTP service (async-tftp) over the boot loaders and rendered per-node files,
 //! and the HTTP boot routes (iPXE scripts, kernel, initrd). Names are keys, never paths.
+//!
+//! # Layout
+//! - `file.rs`: [`BootFile`], the only way from request text to a file (parse, then open).
+//! - `script.rs`: rendering of iPXE scripts and pxelinux configs (pure, golden-tested).
+//! - `tftp.rs`: the async-tftp handler and service loop (the only file that imports async-tftp).
+//! - `http.rs`: the axum routes under `/boot/` (the only file here that imports axum).
+//! - `error.rs`: the typed errors.
+//!
+//! This module knows nothing about images or torrents beyond the image *name* it puts on the
+//! kernel command line.
+
+pub mod error;
+pub mod file;
+mod http;
+pub mod script;
+pub mod tftp;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,15 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, TftpConfig};
 use crate::net::Iface;
-use crate::types::ImageName;
+use crate::types::{ImageName, MacAddr, NodeToken};
 
-/// Errors of the boot services.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    /// Placeholder until the service exists.
-    #[error("tftp service not implemented yet")]
-    NotImplemented,
-}
+pub use error::{BadName, BootError, OpenError};
+pub use file::BootFile;
 
 /// What the boot services need to know, shared by TFTP and HTTP.
 #[derive(Debug)]
@@ -58,23 +69,52 @@ impl BootContext {
     pub fn secret(&self) -> &[u8] {
         &self.secret
     }
+
+    /// The appliance as rendered files describe it.
+    pub fn server(&self) -> script::Server<'_> {
+        script::Server {
+            ip: self.server_ip,
+            http_port: self.http_port,
+            image: self.image.as_ref(),
+            cmdline: &self.cmdline,
+        }
+    }
+
+    /// One node as its boot files name it (MAC and derived token).
+    pub fn node(&self, mac: MacAddr) -> script::NodeBoot {
+        script::NodeBoot { mac, token: NodeToken::derive(&self.secret, mac) }
+    }
+
+    /// A context for unit tests: loaders in `loader_dirs`, kernel and initrd at `kernel`.
+    #[cfg(test)]
+    pub(crate) fn for_tests(loader_dirs: Vec<PathBuf>, kernel: PathBuf) -> BootContext {
+        BootContext {
+            server_ip: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            http_port: 80,
+            image: "test-image".parse().ok(),
+            initrd: kernel.clone(),
+            kernel,
+            cmdline: "console=ttyS0".to_owned(),
+            loader_dirs,
+            secret: b"test-secret".to_vec(),
+        }
+    }
 }
 
-/// Serves TFTP on `socket` until `shutdown`.
+/// Serves TFTP on `socket` (bound to the interface's address, port 69) until `shutdown`.
 ///
 /// # Errors
-/// The server could not start.
+/// The server could not start, or its listening socket failed.
 pub async fn serve_tftp(
-    _ctx: Arc<BootContext>,
-    _cfg: &TftpConfig,
-    _socket: std::net::UdpSocket,
+    ctx: Arc<BootContext>,
+    cfg: &TftpConfig,
+    socket: std::net::UdpSocket,
     shutdown: CancellationToken,
 ) -> Result<(), BootError> {
-    shutdown.cancelled().await;
-    Ok(())
+    tftp::serve(ctx, cfg, socket, shutdown).await
 }
 
 /// The HTTP boot routes (`/boot/...`).
-pub fn http_routes(_ctx: Arc<BootContext>) -> axum::Router {
-    axum::Router::new()
+pub fn http_routes(ctx: Arc<BootContext>) -> axum::Router {
+    http::routes(ctx)
 }

@@ -155,6 +155,8 @@ pub struct Reserved {
     pub ip: Ipv4Addr,
     /// Option 12.
     pub hostname: Option<String>,
+    /// Boot loader forced for this node (`dhcp.reservation.loader`).
+    pub loader: Option<Loader>,
 }
 
 /// Everything `decide` needs to know about the configuration, resolved once at start.
@@ -209,7 +211,7 @@ impl Policy {
             reservations: d
                 .reservations
                 .iter()
-                .map(|r| (r.mac, Reserved { ip: r.ip, hostname: r.hostname.clone() }))
+                .map(|r| (r.mac, Reserved { ip: r.ip, hostname: r.hostname.clone(), loader: r.loader }))
                 .collect(),
             domain: d.domain.clone(),
             tftp: cfg.tftp.enable,
@@ -310,8 +312,13 @@ pub enum Boot {
     Nothing(Option<Why>),
 }
 
-/// The boot answer for a client.
+/// The boot answer for a client. A reservation's `loader` wins over the architecture and over
+/// iPXE's script URL (e.g. to boot a node through pxelinux), for boot firmware only.
 pub fn boot_for(client: &Client, policy: &Policy) -> Boot {
+    let forced = policy.reservations.get(&client.mac).and_then(|r| r.loader);
+    if let (Some(l), Firmware::Pxe | Firmware::Ipxe) = (forced, client.firmware) {
+        return if policy.tftp { Boot::Loader(l) } else { Boot::Nothing(Some(Why::TftpDisabled)) };
+    }
     match client.firmware {
         Firmware::Ipxe => Boot::Script(format!(
             "http://{}:{}{}",

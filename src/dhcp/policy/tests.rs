@@ -138,6 +138,23 @@ fn reservation_gets_fixed_address_and_hostname() {
 }
 
 #[test]
+fn reservation_loader_overrides_arch_and_ipxe_script() {
+    let text = "[dhcp]\nprobe = false\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:02\"\n\
+                ip = \"10.66.0.12\"\nloader = \"pxelinux\"\n";
+    let p = Policy::new(&Config::from_toml(text, std::path::Path::new("t")).unwrap(), &iface());
+    let l = Leases::new();
+    let mac = [0x52, 0x54, 0, 0, 0, 2];
+    let ipxe = [pxe(0), vec![DhcpOption::UserClass(b"iPXE".to_vec())]].concat();
+    for opts in [pxe(7), ipxe] {
+        let (m, _, _) = reply(run(&p, &l, MessageType::Discover, mac, opts));
+        assert_eq!(opt_bytes(&m, OptionCode::BootfileName).as_deref(), Some(&b"pxelinux.0"[..]));
+    }
+    // Other nodes still boot by architecture.
+    let (m, _, _) = reply(run(&p, &l, MessageType::Discover, MAC, pxe(7)));
+    assert_eq!(opt_bytes(&m, OptionCode::BootfileName).as_deref(), Some(&b"snponly.efi"[..]));
+}
+
+#[test]
 fn dora_then_request_states() {
     let p = policy("answer = \"all\"");
     let mut l = Leases::new();

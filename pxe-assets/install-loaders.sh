@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Ensures the boot loaders the appliance serves are installed from Debian packages:
+#   ipxe            -> /usr/lib/ipxe/undionly.kpxe, snponly.efi, ipxe.efi (a symlink to /boot/ipxe.efi)
+#   pxelinux        -> /usr/lib/PXELINUX/pxelinux.0
+#   syslinux-common -> /usr/lib/syslinux/modules/bios/ldlinux.c32 and the other .c32 modules
+# These are the default `boot.loader_dirs`. Binaries are never committed to the repository.
+# Idempotent: installs only what is missing, then lists what the appliance will find.
+#
+# Note: Debian ships /usr/lib/ipxe/ipxe.efi as a symlink to /boot/ipxe.efi. The appliance follows
+# a symlink only when its target stays inside one of the loader directories, so ipxe.efi is not
+# served with the default directories (x86-64 UEFI clients get snponly.efi, which is a regular
+# file). To serve ipxe.efi as well, add "/boot" to boot.loader_dirs: only loader names are ever
+# looked up there.
+set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  echo "install-loaders.sh: run as root (apt-get)" >&2
+  exit 1
+fi
+pkgs=(ipxe pxelinux syslinux-common)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-loaders: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+status=0
+for f in /usr/lib/ipxe/undionly.kpxe /usr/lib/ipxe/snponly.efi /usr/lib/ipxe/ipxe.efi \
+         /usr/lib/PXELINUX/pxelinux.0 /usr/lib/syslinux/modules/bios/ldlinux.c32; do
+  if [ -e "$f" ]; then
+    echo "ok       $f$( [ -L "$f" ] && echo " -> $(readlink -f "$f")")"
+  else
+    echo "MISSING  $f"
+    status=1
+  fi
+done
+exit $status

@@ -1,0 +1,175 @@
+//! Rendering of the per-node boot files: the iPXE script, the generic iPXE chain script and the
+//! pxelinux config. Pure functions of their inputs (no I/O, no clock), compared whole against
+//! golden files in the tests (`UPDATE_GOLDEN=1` rewrites them).
+//!
+//! The kernel command line carries what the installer needs to find the appliance and prove
+//! who it is: `si.server=IP:PORT si.mac=MAC si.image=NAME si.token=TOKEN`, then `boot.cmdline`.
+//! Dotted keys are not passed to /init's environment by the kernel; the installer reads
+//! `/proc/cmdline`.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use crate::boot::file::BootFile;
+use crate::types::{ImageName, MacAddr, NodeToken};
+
+/// What every rendered file needs to know about the appliance.
+#[derive(Clone, Debug)]
+pub struct Server<'a> {
+    /// The appliance's address.
+    pub ip: Ipv4Addr,
+    /// Its HTTP port.
+    pub http_port: u16,
+    /// The image nodes install.
+    pub image: Option<&'a ImageName>,
+    /// `boot.cmdline`.
+    pub cmdline: &'a str,
+}
+
+impl Server<'_> {
+    /// `http://IP[:PORT]/boot`.
+    fn base_url(&self) -> String {
+        if self.http_port == 80 {
+            format!("http://{}/boot", self.ip)
+        } else {
+            format!("http://{}:{}/boot", self.ip, self.http_port)
+        }
+    }
+}
+
+/// One node, as its boot files name it.
+#[derive(Clone, Debug)]
+pub struct NodeBoot {
+    /// Its MAC.
+    pub mac: MacAddr,
+    /// Its token.
+    pub token: NodeToken,
+}
+
+/// The `si.*` words of the kernel command line, then the configured extra words.
+pub fn kernel_args(s: &Server<'_>, node: Option<&NodeBoot>) -> String {
+    // `write!` into a String cannot fail; the results are ignored for that reason.
+    let mut a = format!("si.server={}:{}", s.ip, s.http_port);
+    if let Some(n) = node {
+        let _ = write!(a, " si.mac={}", n.mac);
+    }
+    if let Some(img) = s.image {
+        let _ = write!(a, " si.image={img}");
+    }
+    if let Some(n) = node {
+        let _ = write!(a, " si.token={}", n.token.as_str());
+    }
+    let extra = s.cmdline.trim();
+    if !extra.is_empty() {
+        a.push(' ');
+        a.push_str(extra);
+    }
+    a
+}
+
+/// The node's iPXE script (`/boot/<mac>.ipxe`). Kernel and initrd come over HTTP with the MAC
+/// in the query, so the appliance can attribute the fetches in its log. `initrd=initrd.img`
+/// on the command line is what iPXE's UEFI build needs to hand the initrd to the kernel; BIOS
+/// ignores it. A failed step retries after a pause instead of dropping to the next boot device.
+pub fn ipxe_node(s: &Server<'_>, n: &NodeBoot) -> String {
+    let base = s.base_url();
+    let q = format!("?mac={}", n.mac.hyphenated());
+    let (k, i) = (BootFile::KERNEL, BootFile::INITRD);
+    let args = kernel_args(s, Some(n));
+    format!(
+        "#!ipxe\n\
+         # si-appliance boot script for {mac}. Generated; do not edit.\n\
+         :retry\n\
+         kernel --name {k} {base}/{k}{q} initrd={i} {args} || goto failed\n\
+         initrd --name {i} {base}/{i}{q} || goto failed\n\
+         boot || goto failed\n\
+         :failed\n\
+         echo si-appliance: boot failed, retrying in 10 seconds\n\
+         sleep 10\n\
+         goto retry\n",
+        mac = n.mac,
+    )
+}
+
+/// `/boot/boot.ipxe`: for an iPXE that was pointed at the appliance without a per-node URL.
+pub fn ipxe_chain(s: &Server<'_>) -> String {
+    format!(
+        "#!ipxe\n\
+         # si-appliance: chain to this node's own script. Generated; do not edit.\n\
+         chain {}/${{mac:hexhyp}}.ipxe\n",
+        s.base_url()
+    )
+}
+
+/// A pxelinux config: `pxelinux.cfg/01-<mac>` (with the node's MAC and token) or
+/// `pxelinux.cfg/default` (without: pxelinux asks for `01-<mac>` first, so `default` is only a
+/// fallback). Kernel and initrd come by TFTP under their keys. `IPAPPEND 2` makes pxelinux add
+/// `BOOTIF=01-<mac>` so even the default config tells the installer which NIC booted.
+pub fn pxelinux_cfg(s: &Server<'_>, n: Option<&NodeBoot>) -> String {
+    let who = n.map(|n| n.mac.to_string()).unwrap_or_else(|| "any node (default)".to_owned());
+    format!(
+        "# si-appliance pxelinux config for {who}. Generated; do not edit.\n\
+         DEFAULT si\n\
+         PROMPT 0\n\
+         TIMEOUT 0\n\
+         LABEL si\n\
+         \x20 KERNEL {k}\n\
+         \x20 APPEND initrd={i} {args}\n\
+         \x20 IPAPPEND 2\n",
+        k = BootFile::KERNEL,
+        i = BootFile::INITRD,
+        args = kernel_args(s, n),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn golden(name: &str, got: &str) {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/boot/testdata").join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, got).unwrap();
+            return;
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create)", path.display()));
+        assert_eq!(got, want, "{} differs (UPDATE_GOLDEN=1 to accept)", path.display());
+    }
+
+    fn fixture() -> (ImageName, NodeBoot) {
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let token = NodeToken::derive(b"golden-secret", mac);
+        ("RHEL5.1".parse().unwrap(), NodeBoot { mac, token })
+    }
+
+    #[test]
+    fn ipxe_node_script_golden() {
+        let (img, n) = fixture();
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 8080, image: Some(&img), cmdline: "console=ttyS0 quiet" };
+        golden("node.ipxe", &ipxe_node(&s, &n));
+    }
+
+    #[test]
+    fn ipxe_chain_golden() {
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "" };
+        golden("boot.ipxe", &ipxe_chain(&s));
+    }
+
+    #[test]
+    fn pxelinux_golden() {
+        let (img, n) = fixture();
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "console=ttyS0" };
+        golden("pxelinux-node.cfg", &pxelinux_cfg(&s, Some(&n)));
+        golden("pxelinux-default.cfg", &pxelinux_cfg(&s, None));
+    }
+
+    #[test]
+    fn args_without_image_or_extra() {
+        let (_, n) = fixture();
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "  " };
+        let a = kernel_args(&s, Some(&n));
+        assert_eq!(a, format!("si.server=10.0.0.1:80 si.mac=52:54:00:12:34:56 si.token={}", n.token.as_str()));
+    }
+}

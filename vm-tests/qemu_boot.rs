@@ -294,7 +294,6 @@ fn boot_lab(tag: &str) -> Lab {
 
 /// Acceptance 6: DHCP → iPXE script over HTTP → kernel + initrd over HTTP → /init runs.
 #[test]
-#[ignore = "needs the DHCP and boot services (branches dhcp, boot) merged into main"]
 fn pxe_boot_over_http_reaches_the_initramfs() {
     let files = ensure_boot_assets();
     let lab = boot_lab("qb");
@@ -325,7 +324,6 @@ fn pxe_boot_over_http_reaches_the_initramfs() {
 /// The same boot through TFTP only: a reservation sends this node `pxelinux.0` even though
 /// its ROM is iPXE; pxelinux fetches its config, kernel and initrd by TFTP.
 #[test]
-#[ignore = "needs dhcp.reservation.loader (and the DHCP and boot services) in main"]
 fn pxe_boot_through_pxelinux_over_tftp() {
     let files = ensure_boot_assets();
     let lab = boot_lab("qt");

@@ -285,10 +285,13 @@ cmdline = "console=ttyS0 panic=1"
 
 const SERVER: &str = "10.68.0.1";
 
-/// The lab of the boot tests: the appliance on host 0 (10.68.0.1/24), QEMU on tap0.
+/// The lab of the boot tests: the appliance on host 0 (10.68.0.1/24), QEMU on tap0. Its
+/// link-local address is usable before anything starts, as on an appliance whose link has been
+/// up for a while (right after link up, RAs wait for duplicate address detection).
 fn boot_lab(tag: &str) -> Lab {
     let mut lab = Lab::new(tag);
     lab.add_host(Some(&format!("{SERVER}/24")), Some("52:54:00:68:00:01"));
+    wait_link_local(&lab.hosts[0]);
     lab
 }
 
@@ -305,6 +308,7 @@ fn pxe_boot_over_http_reaches_the_initramfs() {
     let mut phases = vec![
         Phase::new("DHCP offer sent", Source::Appliance, app_line(mac, &["offered"])),
         Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"])),
+        Phase::new("router solicitation answered", Source::Appliance, line_with(&["answered a router solicitation"])),
         Phase::new("iPXE configured (DHCP)", Source::Serial, line_with(&["Configuring (net0", "ok"])),
         Phase::new("script requested", Source::Appliance, app_line(mac, &["http: sending", ".ipxe"])),
         Phase::new("kernel requested", Source::Appliance, app_line(mac, &["http: sending", "file=vmlinuz"])),
@@ -319,6 +323,13 @@ fn pxe_boot_over_http_reaches_the_initramfs() {
     let table = phase_table("PXE boot over HTTP", &phases, &boot);
     println!("{table}");
     check_boot(&boot, &appliance, SERVER, &token_of(&lab.path("state"), mac), &table);
+    // iPXE solicits a router when it opens the NIC; the answer is what spares it the ≈15 s
+    // IPv6 wait (measured on this lab: 23 s instead of 6–7 s from QEMU start to poweroff).
+    assert!(
+        phases.iter().any(|p| p.name == "router solicitation answered" && p.seen.is_some()),
+        "iPXE's router solicitation went unanswered\n{table}\n{}",
+        tail(&strip_ansi(&appliance.log_text()), 80)
+    );
 }
 
 /// The same boot through TFTP only: a reservation sends this node `pxelinux.0` even though

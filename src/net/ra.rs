@@ -52,11 +52,11 @@ pub const SLOW_INTERVAL: Duration = Duration::from_secs(30);
 /// Minimum time between two RAs sent in answer to solicitations (a flood of RSs must not turn
 /// into a flood of RAs).
 pub const MIN_ANSWER_GAP: Duration = Duration::from_millis(300);
-/// Consecutive failures before one warning: the first send right after link up fails while the
+/// How long sending may fail before one warning: right after link up it fails while the
 /// link-local address is tentative, which is normal.
-const WARN_AFTER_FAILURES: u32 = 3;
-/// Delay before retrying a failed unsolicited RA (before the warning).
-const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+pub const WARN_AFTER: Duration = Duration::from_secs(10);
+/// Delay before the next unsolicited RA while a failure streak is younger than [`WARN_AFTER`].
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Errors of the router advertiser. None of them stops the appliance.
 #[derive(Debug, thiserror::Error)]
@@ -158,8 +158,8 @@ impl RouterAdvertiser {
     }
 
     /// Advertises until `shutdown`. Send and receive failures are logged (at debug, and once
-    /// at warn when they persist) and never end the task early: a finished task would stop the
-    /// appliance.
+    /// at warn when they last [`WARN_AFTER`]) and never end the task early: a finished task
+    /// would stop the appliance.
     pub async fn run(self, shutdown: CancellationToken) {
         let start = Instant::now();
         let mut next = start;
@@ -173,11 +173,11 @@ impl RouterAdvertiser {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(next) => {
                     self.send(Why::Periodic, &mut sent, &mut failures).await;
-                    // Right after link up the link-local address is tentative for about a
-                    // second: retry soon rather than a whole interval later.
-                    let retry_soon = (1..WARN_AFTER_FAILURES).contains(&failures.in_a_row);
-                    let wait = if retry_soon { RETRY_INTERVAL } else { unsolicited_interval(start.elapsed()) };
-                    next = Instant::now() + wait;
+                    let now = Instant::now();
+                    // Right after link up the link-local address is tentative (duplicate address
+                    // detection, a second or two): retry soon rather than a whole interval later.
+                    let wait = if failures.retry_soon(now) { RETRY_INTERVAL } else { unsolicited_interval(now - start) };
+                    next = now + wait;
                 }
                 // CANCEL-SAFETY: `async_io` only waits for readiness and then reads without
                 // awaiting; dropping it loses no datagram.
@@ -189,7 +189,11 @@ impl RouterAdvertiser {
                         let now = Instant::now();
                         if last_answer.is_none_or(|t| now.duration_since(t) >= MIN_ANSWER_GAP) {
                             last_answer = Some(now);
-                            self.send(Why::Solicited, &mut sent, &mut failures).await;
+                            if !self.send(Why::Solicited, &mut sent, &mut failures).await {
+                                // The soliciting node still waits: the next periodic RA (to all
+                                // nodes) comes soon.
+                                next = next.min(now + RETRY_INTERVAL);
+                            }
                         } else {
                             debug!(iface = %self.iface, "router solicitation: answered one moments ago");
                         }
@@ -200,7 +204,7 @@ impl RouterAdvertiser {
                         // A persistent receive error must not spin.
                         tokio::select! {
                             () = shutdown.cancelled() => break,
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = tokio::time::sleep(RETRY_INTERVAL) => {}
                         }
                     }
                 }
@@ -209,48 +213,74 @@ impl RouterAdvertiser {
         debug!(iface = %self.iface, sent, failures = failures.total, "router advertiser stopped");
     }
 
-    async fn send(&self, why: Why, sent: &mut u64, failures: &mut Failures) {
+    /// Sends the RA to all nodes; false when that failed (logged).
+    async fn send(&self, why: Why, sent: &mut u64, failures: &mut Failures) -> bool {
         let dest = self.dest.into();
         let r = self.socket.async_io(Interest::WRITABLE, |s| s.send_to(&self.packet, &dest)).await;
         match r {
             Ok(_) => {
                 *sent += 1;
-                if failures.in_a_row >= WARN_AFTER_FAILURES {
+                if failures.succeeded() {
                     info!(iface = %self.iface, "router advertisements go out again");
                 }
-                failures.in_a_row = 0;
                 match why {
                     Why::Solicited => debug!(iface = %self.iface, "answered a router solicitation"),
                     Why::Periodic if *sent == 1 => debug!(iface = %self.iface, "first router advertisement sent"),
                     Why::Periodic => {}
                 }
+                true
             }
             // EADDRNOTAVAIL until the link-local address has passed duplicate address detection,
             // or for good when there is none.
-            Err(e) => self.note_failure(failures, "send", &e),
+            Err(e) => {
+                self.note_failure(failures, "send", &e);
+                false
+            }
         }
     }
 
-    /// Logs a failure: quietly while it may be the link-local address still in duplicate
-    /// address detection (about a second after link up), once at warn when it persists.
     fn note_failure(&self, failures: &mut Failures, op: &str, e: &std::io::Error) {
-        failures.total += 1;
-        failures.in_a_row += 1;
-        if failures.in_a_row == WARN_AFTER_FAILURES && !failures.warned {
-            failures.warned = true;
+        if failures.failed(Instant::now()) {
             warn!(iface = %self.iface, "router advertisement {op} keeps failing (no usable IPv6 link-local address?): {e}; retrying quietly");
         } else {
-            debug!(iface = %self.iface, in_a_row = failures.in_a_row, "router advertisement {op} failed: {e}");
+            debug!(iface = %self.iface, "router advertisement {op} failed: {e}");
         }
     }
 }
 
-/// Failure counts of one advertiser.
+/// The failure state of one advertiser: a streak of failures is normal for a second or two
+/// after link up (tentative link-local address) and only worth a warning once it lasts.
 #[derive(Debug, Default)]
 struct Failures {
     total: u64,
-    in_a_row: u32,
+    /// Start of the current streak of failures.
+    since: Option<Instant>,
     warned: bool,
+}
+
+impl Failures {
+    /// Records a failure at `now`; true when this one deserves the streak's single warning.
+    fn failed(&mut self, now: Instant) -> bool {
+        self.total += 1;
+        let since = *self.since.get_or_insert(now);
+        if !self.warned && now.duration_since(since) >= WARN_AFTER {
+            self.warned = true;
+            return true;
+        }
+        false
+    }
+
+    /// Records a success; true when it ends a streak that was warned about.
+    fn succeeded(&mut self) -> bool {
+        self.since = None;
+        std::mem::take(&mut self.warned)
+    }
+
+    /// Whether the next unsolicited RA should come after [`RETRY_INTERVAL`]: during a young
+    /// streak of failures.
+    fn retry_soon(&self, now: Instant) -> bool {
+        self.since.is_some_and(|s| now.duration_since(s) < WARN_AFTER)
+    }
 }
 
 /// Why an RA is sent (for the logs).
@@ -299,6 +329,23 @@ mod tests {
         assert!(!is_router_solicitation(&[]));
         assert!(!is_router_solicitation(&[133, 1, 0, 0, 0, 0, 0, 0]), "code must be 0");
         assert!(!is_router_solicitation(&router_advertisement(None)), "an RA is not an RS");
+    }
+
+    #[test]
+    fn failures_retry_soon_then_warn_once_and_reset_on_success() {
+        let t0 = Instant::now();
+        let mut f = Failures::default();
+        assert!(!f.retry_soon(t0), "no streak, normal schedule");
+        assert!(!f.failed(t0), "a fresh failure is not worth a warning");
+        assert!(f.retry_soon(t0 + Duration::from_secs(1)));
+        assert!(!f.failed(t0 + Duration::from_secs(2)));
+        assert!(f.failed(t0 + WARN_AFTER), "a lasting streak warns");
+        assert!(!f.failed(t0 + WARN_AFTER + Duration::from_secs(1)), "once");
+        assert!(!f.retry_soon(t0 + WARN_AFTER), "a lasting streak goes back to the normal schedule");
+        assert!(f.succeeded(), "recovery after a warning is reported");
+        assert!(!f.succeeded());
+        assert!(!f.failed(t0 + WARN_AFTER * 2), "a new streak starts quiet");
+        assert_eq!(f.total, 5);
     }
 
     #[test]

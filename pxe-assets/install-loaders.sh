@@ -7,10 +7,9 @@
 # Idempotent: installs only what is missing, then lists what the appliance will find.
 #
 # Note: Debian ships /usr/lib/ipxe/ipxe.efi as a symlink to /boot/ipxe.efi. The appliance follows
-# a symlink only when its target stays inside one of the loader directories, so ipxe.efi is not
-# served with the default directories (x86-64 UEFI clients get snponly.efi, which is a regular
-# file). To serve ipxe.efi as well, add "/boot" to boot.loader_dirs: only loader names are ever
-# looked up there.
+# a symlink only when its target stays inside one of the loader directories; "/boot" is among the
+# default boot.loader_dirs for that reason (only loader names are ever looked up there). x86-64
+# UEFI clients get snponly.efi (a regular file) by default.
 set -euo pipefail
 if [ "$(id -u)" != 0 ]; then
   echo "install-loaders.sh: run as root (apt-get)" >&2

@@ -174,7 +174,7 @@ impl Default for TftpConfig {
             enable: true,
             port: 69,
             max_blksize: 1468,
-            max_windowsize: 1,
+            max_windowsize: 8,
             timeout: Duration::from_secs(3),
         }
     }
@@ -218,6 +218,9 @@ impl Default for BootConfig {
                 PathBuf::from("/usr/lib/ipxe"),
                 PathBuf::from("/usr/lib/PXELINUX"),
                 PathBuf::from("/usr/lib/syslinux/modules/bios"),
+                // Debian's /usr/lib/ipxe/ipxe.efi is a symlink into /boot. Only loader names
+                // (and *.c32) are ever looked up here, never the host's kernel or initrd.
+                PathBuf::from("/boot"),
             ],
             kernel: None,
             initrd: None,

@@ -3,7 +3,7 @@
 //!
 //! What async-tftp does and how we use it (crate 0.4.2, read from its source):
 //! - Options: blksize (RFC 2348, capped at `tftp.max_blksize`), timeout and tsize (RFC 2349),
-//!   windowsize (RFC 7440, capped at `tftp.max_windowsize`, default 1). Windowing was tested
+//!   windowsize (RFC 7440, capped at `tftp.max_windowsize`, default 8). Windowing was tested
 //!   with atftp 0.8 (windows 2..64, byte-identical, 3-5x the lock-step rate) and with a lossy
 //!   client on loopback (`windowsize_survives_lost_blocks`): a block lost inside a window is
 //!   resent at once, but a loss of the *first* block of a window costs one full timeout,

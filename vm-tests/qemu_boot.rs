@@ -183,6 +183,13 @@ fn app_line(mac: MacAddr, words: &'static [&'static str]) -> impl Fn(&str) -> bo
     move |line| (line.contains(&mac) || line.contains(&hyph)) && words.iter().all(|w| line.contains(w))
 }
 
+/// After a passing test: stops its processes (by PID) and removes the lab's files. A failing
+/// test never gets here and keeps them for reading.
+fn passed(lab: Lab, procs: Vec<Proc>) {
+    drop(procs);
+    let _ = fs::remove_dir_all(&lab.dir);
+}
+
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -308,7 +315,11 @@ fn pxe_boot_over_http_reaches_the_initramfs() {
     let mut phases = vec![
         Phase::new("DHCP offer sent", Source::Appliance, app_line(mac, &["offered"])),
         Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"])),
-        Phase::new("router solicitation answered", Source::Appliance, line_with(&["answered a router solicitation"])),
+        Phase::new(
+            "router solicitation answered",
+            Source::Appliance,
+            app_line(mac, &["answered a router solicitation"]),
+        ),
         Phase::new("iPXE configured (DHCP)", Source::Serial, line_with(&["Configuring (net0", "ok"])),
         Phase::new("script requested", Source::Appliance, app_line(mac, &["http: sending", ".ipxe"])),
         Phase::new("kernel requested", Source::Appliance, app_line(mac, &["http: sending", "file=vmlinuz"])),
@@ -330,6 +341,7 @@ fn pxe_boot_over_http_reaches_the_initramfs() {
         "iPXE's router solicitation went unanswered\n{table}\n{}",
         tail(&strip_ansi(&appliance.log_text()), 80)
     );
+    passed(lab, vec![qemu, appliance]);
 }
 
 /// The same boot through TFTP only: a reservation sends this node `pxelinux.0` even though
@@ -373,7 +385,8 @@ fn pxe_boot_through_pxelinux_over_tftp() {
         tail(&boot.serial, 60),
         tail(&strip_ansi(&appliance.log_text()), 80)
     );
-    check_boot(&boot, &appliance, "10.68.0.1", &token_of(&lab.path("state"), mac), &table);
+    check_boot(&boot, &appliance, SERVER, &token_of(&lab.path("state"), mac), &table);
+    passed(lab, vec![qemu, appliance]);
 }
 
 /// The boot files boot: QEMU `-kernel`/`-initrd`, no NIC at all, and /init prints the marker
@@ -477,6 +490,7 @@ fn router_advertisement_reaches_the_link_and_routes_nobody() {
     assert!(routes.stdout.is_empty(), "RA installed a default route: {}", String::from_utf8_lossy(&routes.stdout));
     let addrs = client.ip(&["-6", "addr", "show", "dev", "eth0", "scope", "global"]);
     assert!(addrs.stdout.is_empty(), "RA created an address: {}", String::from_utf8_lossy(&addrs.stdout));
+    passed(lab, vec![dump, rdisc, appliance]);
 }
 
 fn run_sysctl(ns: &common::Netns, setting: &str) {
@@ -499,4 +513,5 @@ fn appliance_without_ipv6_starts_and_says_why() {
     assert!(log.contains("IPv6 is disabled on the interface"), "{log}");
     assert!(appliance.child.try_wait().ok().flatten().is_none(), "appliance stopped:\n{log}");
     appliance.terminate();
+    passed(lab, vec![appliance]);
 }

@@ -103,6 +103,25 @@ pub fn is_router_solicitation(msg: &[u8]) -> bool {
     msg.len() >= 8 && msg[0] == ROUTER_SOLICITATION && msg[1] == 0
 }
 
+/// The link-layer address a router solicitation carries in its source link-layer address
+/// option (iPXE and Linux include it unless they solicit from the unspecified address), for the
+/// logs. `None` when there is none or the options are malformed (RFC 4861 §4.6: a zero length
+/// or one running past the end invalidates the message).
+pub fn solicitor_mac(msg: &[u8]) -> Option<MacAddr> {
+    let mut opts = msg.get(8..)?;
+    while opts.len() >= 2 {
+        let len = usize::from(opts[1]) * 8;
+        if len == 0 || len > opts.len() {
+            return None;
+        }
+        if opts[0] == OPT_SOURCE_LINK_ADDR {
+            return MacAddr::from_chaddr(&opts[2..len]);
+        }
+        opts = &opts[len..];
+    }
+    None
+}
+
 /// The delay before the next unsolicited RA, given the time since start.
 pub fn unsolicited_interval(since_start: Duration) -> Duration {
     if since_start < FAST_PHASE { FAST_INTERVAL } else { SLOW_INTERVAL }
@@ -187,15 +206,16 @@ impl RouterAdvertiser {
                 }) => match r {
                     Ok(n) if is_router_solicitation(&buf[..n]) => {
                         let now = Instant::now();
+                        let from = solicitor_mac(&buf[..n]);
                         if last_answer.is_none_or(|t| now.duration_since(t) >= MIN_ANSWER_GAP) {
                             last_answer = Some(now);
-                            if !self.send(Why::Solicited, &mut sent, &mut failures).await {
+                            if !self.send(Why::Solicited(from), &mut sent, &mut failures).await {
                                 // The soliciting node still waits: the next periodic RA (to all
                                 // nodes) comes soon.
                                 next = next.min(now + RETRY_INTERVAL);
                             }
                         } else {
-                            debug!(iface = %self.iface, "router solicitation: answered one moments ago");
+                            debug!(iface = %self.iface, from = %Solicitor(from), "router solicitation: answered one moments ago");
                         }
                     }
                     Ok(_) => {}
@@ -224,7 +244,9 @@ impl RouterAdvertiser {
                     info!(iface = %self.iface, "router advertisements go out again");
                 }
                 match why {
-                    Why::Solicited => debug!(iface = %self.iface, "answered a router solicitation"),
+                    Why::Solicited(from) => {
+                        debug!(iface = %self.iface, from = %Solicitor(from), "answered a router solicitation")
+                    }
                     Why::Periodic if *sent == 1 => debug!(iface = %self.iface, "first router advertisement sent"),
                     Why::Periodic => {}
                 }
@@ -287,7 +309,20 @@ impl Failures {
 #[derive(Clone, Copy, Debug)]
 enum Why {
     Periodic,
-    Solicited,
+    /// In answer to a solicitation from this link-layer address (if it said).
+    Solicited(Option<MacAddr>),
+}
+
+/// A solicitor's MAC for the logs, `unknown` when its solicitation did not say.
+struct Solicitor(Option<MacAddr>);
+
+impl std::fmt::Display for Solicitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(m) => m.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
 }
 
 /// `net.ipv6.conf.<iface>.disable_ipv6` (per network namespace). Unreadable counts as enabled:
@@ -346,6 +381,30 @@ mod tests {
         assert!(!f.succeeded());
         assert!(!f.failed(t0 + WARN_AFTER * 2), "a new streak starts quiet");
         assert_eq!(f.total, 5);
+    }
+
+    #[test]
+    fn solicitor_mac_from_options_and_malformed_options() {
+        let mac = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        let rs = [133, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        assert_eq!(solicitor_mac(&rs), Some(mac));
+        // An unknown option first (type 99, 8 bytes), then the address.
+        let mut two = rs[..8].to_vec();
+        two.extend_from_slice(&[99, 1, 0, 0, 0, 0, 0, 0]);
+        two.extend_from_slice(&rs[8..]);
+        assert_eq!(solicitor_mac(&two), Some(mac));
+        assert_eq!(solicitor_mac(&rs[..8]), None, "no options");
+        assert_eq!(solicitor_mac(&rs[..12]), None, "option runs past the end");
+        assert_eq!(solicitor_mac(&[133, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), None, "zero length");
+        assert_eq!(solicitor_mac(&[133, 0, 0]), None, "truncated header");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn solicitation_parsing_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = is_router_solicitation(&bytes);
+            let _ = solicitor_mac(&bytes);
+        }
     }
 
     #[test]

@@ -9,12 +9,16 @@
 //!
 //! When: once at start, every [`FAST_INTERVAL`] during [`FAST_PHASE`], then every
 //! [`SLOW_INTERVAL`], and in answer to every router solicitation (iPXE sends one when it opens
-//! the NIC), at most one answer per [`MIN_ANSWER_GAP`].
+//! the NIC), at most one answer per [`MIN_ANSWER_GAP`]. Answers go to all nodes (§6.2.6 allows
+//! it), so a solicitation is only a trigger and needs no further validation. Right after link
+//! up the link-local address is still tentative (duplicate address detection) and sending
+//! fails; the advertiser then retries every [`RETRY_INTERVAL`] and warns once only if that
+//! lasts [`WARN_AFTER`].
 //!
 //! It owns one raw ICMPv6 socket bound to the interface; the kernel fills in the ICMPv6
 //! checksum (RFC 3542 §3.1: always on for `IPPROTO_ICMPV6` raw sockets) and the link-local
-//! source address. It never stops the appliance: without IPv6 on the interface it logs once
-//! and idles until shutdown.
+//! source address. It never stops the appliance: without IPv6 on the interface it logs once and
+//! the appliance serves on without it; later failures are logged and retried.
 
 use std::io::Read;
 use std::net::{Ipv6Addr, SocketAddrV6};

@@ -94,4 +94,107 @@ pub enum AnswerArg {
 pub enum Command {
     /// Check the configuration (file + flags) and print it as the appliance would use it.
     CheckConfig,
+    /// Manage the image store: image trees, archives, diffs, .torrent files.
+    Image {
+        /// What to do.
+        #[command(subcommand)]
+        action: ImageAction,
+    },
+}
+
+/// `image` subcommands. NAME is an image (or with --override, an override tree) in the store.
+#[derive(Debug, Subcommand)]
+pub enum ImageAction {
+    /// List image and override trees with their archives.
+    List,
+    /// Show one tree's archive, manifest and torrent.
+    Show {
+        /// Image name.
+        name: String,
+        /// An override tree instead of an image.
+        #[arg(long = "override")]
+        is_override: bool,
+    },
+    /// Pack a tree into archives/NAME.tar.zst + manifest (+ .torrent); skipped when unchanged.
+    Pack {
+        /// Image name.
+        name: String,
+        /// An override tree instead of an image.
+        #[arg(long = "override")]
+        is_override: bool,
+        #[command(flatten)]
+        pack: PackFlags,
+        /// Repack even when the tree is unchanged.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write archives/NAME.diff.tar.zst: what changed in the tree since the packed base.
+    Diff {
+        /// Image name.
+        name: String,
+        /// An override tree instead of an image.
+        #[arg(long = "override")]
+        is_override: bool,
+        #[command(flatten)]
+        pack: PackFlags,
+    },
+    /// Remove a tree and its archives.
+    Rm {
+        /// Image name.
+        name: String,
+        /// An override tree instead of an image.
+        #[arg(long = "override")]
+        is_override: bool,
+        /// Keep the tree, remove only archives, manifests and torrents.
+        #[arg(long)]
+        archives_only: bool,
+    },
+    /// Import a tree from a directory or a tar / tar.zst file.
+    Import {
+        /// Image name.
+        name: String,
+        /// Source directory or tarball.
+        #[arg(long)]
+        from: PathBuf,
+        /// An override tree instead of an image.
+        #[arg(long = "override")]
+        is_override: bool,
+    },
+    /// Capture a golden client's root with rsync over ssh (or from a local directory path).
+    Capture {
+        /// Image name.
+        name: String,
+        /// HOST, HOST:SSH_PORT, or an absolute local path.
+        #[arg(long)]
+        from: String,
+    },
+    /// Unpack an archive (full or diff) into a directory, safely.
+    Unpack {
+        /// The archive (tar or tar.zst), or - for stdin.
+        archive: PathBuf,
+        /// Target root (created if missing).
+        #[arg(long)]
+        to: PathBuf,
+        /// Verify the result against this manifest.
+        #[arg(long)]
+        verify: Option<PathBuf>,
+    },
+}
+
+/// Packing flags.
+#[derive(Debug, Default, clap::Args)]
+pub struct PackFlags {
+    /// zstd level (1-22).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub level: i32,
+    /// Write a plain tar (no compression).
+    #[arg(long)]
+    pub no_compress: bool,
+    /// zstd threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Tracker announce URL for the .torrent (default: http://<server_ip>:<http.port>/announce
+    /// when server_ip is configured; otherwise no .torrent).
+    #[arg(long)]
+    pub announce: Option<String>,
 }

@@ -12,5 +12,6 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod dhcp;
+pub mod image;
 pub mod net;
 pub mod types;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use si_appliance::cli::{Cli, Command};
+use si_appliance::cli::{Cli, Command, ImageAction, PackFlags};
 use si_appliance::config::Config;
 use tracing_subscriber::EnvFilter;
 
@@ -45,10 +45,82 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{cfg:#?}");
             Ok(())
         }
+        Some(Command::Image { action }) => run_image(&cfg, action),
         None => {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(si_appliance::app::run(cfg))?;
             Ok(())
         }
     }
+}
+
+/// The `image` subcommands: thin calls into `si_appliance::image::store`.
+fn run_image(cfg: &Config, action: ImageAction) -> anyhow::Result<()> {
+    use si_appliance::image::pack::PackOptions;
+    use si_appliance::image::store::{CaptureSource, PackOutcome, Store, TreeKind};
+    use si_appliance::image::unpack::{self, UnpackOptions};
+    use si_appliance::types::ImageName;
+
+    let store = Store::new(&cfg.store);
+    let kind = |o: bool| if o { TreeKind::Override } else { TreeKind::Image };
+    let name = |n: &str| n.parse::<ImageName>();
+    let pack_opts = |f: &PackFlags| PackOptions {
+        zstd_level: (!f.no_compress).then_some(f.level),
+        threads: f.threads.unwrap_or_else(|| PackOptions::default().threads),
+        ..PackOptions::default()
+    };
+    let announce = |f: &PackFlags| {
+        f.announce.clone().or_else(|| cfg.server_ip.map(|ip| format!("http://{ip}:{}/announce", cfg.http.port)))
+    };
+    match action {
+        ImageAction::List => {
+            for t in store.list()? {
+                let packed = match (t.archive_bytes, t.entries) {
+                    (Some(b), Some(e)) => format!("packed {b} bytes, {e} entries"),
+                    _ => "not packed".to_owned(),
+                };
+                let hash = t.info_hash.as_deref().unwrap_or("-");
+                println!("{:<9} {:<24} {packed:<40} info-hash {hash}{}", t.kind, t.name, if t.diff { " +diff" } else { "" });
+            }
+        }
+        ImageAction::Show { name: n, is_override } => {
+            let info = store.show(kind(is_override), &name(&n)?)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        ImageAction::Pack { name: n, is_override, pack, force } => {
+            let outcome = store.pack(kind(is_override), &name(&n)?, &pack_opts(&pack), announce(&pack).as_deref(), force)?;
+            match outcome {
+                PackOutcome::Unchanged { archive } => println!("unchanged: {}", archive.display()),
+                PackOutcome::Packed { archive, bytes, entries } => println!("packed: {} ({bytes} bytes, {entries} entries)", archive.display()),
+            }
+        }
+        ImageAction::Diff { name: n, is_override, pack } => {
+            let d = store.diff(kind(is_override), &name(&n)?, &pack_opts(&pack), announce(&pack).as_deref())?;
+            println!("diff: {} ({} bytes, {} changed, {} deleted)", d.archive.display(), d.bytes, d.changed, d.deleted);
+        }
+        ImageAction::Rm { name: n, is_override, archives_only } => store.rm(kind(is_override), &name(&n)?, archives_only)?,
+        ImageAction::Import { name: n, from, is_override } => {
+            let r = store.import(kind(is_override), &name(&n)?, &from)?;
+            println!("imported {} entries ({} bytes)", r.entries, r.bytes);
+        }
+        ImageAction::Capture { name: n, from } => store.capture(&name(&n)?, &CaptureSource::parse(&from))?,
+        ImageAction::Unpack { archive, to, verify } => {
+            std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+            let manifest = verify.as_deref().map(si_appliance::image::manifest::Manifest::load).transpose()?;
+            // Progress against the manifest's file bytes when it describes a full archive.
+            let total = manifest.as_ref().filter(|m| m.header.kind == "full").map(|m| m.file_bytes());
+            let opts = UnpackOptions { total, ..UnpackOptions::default() };
+            let input: Box<dyn std::io::Read + Send> = if archive.as_os_str() == "-" {
+                Box::new(std::io::stdin())
+            } else {
+                Box::new(std::fs::File::open(&archive).with_context(|| format!("opening {}", archive.display()))?)
+            };
+            let r = match &manifest {
+                Some(m) => unpack::unpack_verified(input, &to, &opts, m)?,
+                None => unpack::unpack(input, &to, &opts)?,
+            };
+            println!("unpacked {} entries ({} bytes, {} deleted){}", r.entries, r.bytes, r.deleted, if manifest.is_some() { ", verified" } else { "" });
+        }
+    }
+    Ok(())
 }

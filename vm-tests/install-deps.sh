@@ -9,7 +9,7 @@ pkgs=(
   tftp-hpa tftpd-hpa atftp curl aria2
   qemu-system-x86 ipxe-qemu ipxe pxelinux syslinux-common busybox-static cpio zstd gzip
   tcpdump ndisc6
-  debootstrap attr acl rsync
+  debootstrap attr acl rsync libcap2-bin
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -10,5 +10,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 vm-tests/install-deps.sh
 export CARGO_TERM_COLOR=never
+# One release build, reused by every test and benchmark. Kept outside the clone so that runs on
+# the same machine share it (a cold run builds it from scratch; that works too, just slower).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/si-appliance/cargo-target}"
+mkdir -p "$CARGO_TARGET_DIR"
 cargo build --release --locked --all-targets
 cargo nextest run --release --locked --profile ci --no-fail-fast "$@"

@@ -1,0 +1,580 @@
+//! The store's directory layout and the operations behind `si-appliance image …`.
+//!
+//! ```text
+//! <store>/images/NAME/                 image tree (chroot-able root of a golden client)
+//! <store>/overrides/NAME/              override tree (per-group overlay applied after the image)
+//! <store>/excludes/NAME                rsync exclude patterns for `image capture` (optional)
+//! <store>/archives/NAME.tar.zst        packed image (.tar when compression is off)
+//! <store>/archives/NAME.manifest       its manifest (JSON Lines)
+//! <store>/archives/NAME.torrent        its .torrent
+//! <store>/archives/NAME.statcache      change-detection cache (stat keys -> digests)
+//! <store>/archives/NAME.diff.tar.zst   changes since NAME.tar.zst (+ .manifest, .torrent)
+//! <store>/archives/overrides/NAME.*    the same for override trees
+//! ```
+//! Every archive, manifest and torrent is written under a temporary name and renamed into
+//! place, so the previous one stays usable until the new one is complete.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info};
+
+use super::error::ImageError;
+use super::manifest::{self, Manifest};
+use super::pack::{self, AtomicFile, DigestCache, PackOptions};
+use super::path::{escape, unescape};
+use super::scan::{self, ScanOptions, StatKey};
+use super::torrent;
+use super::unpack::{self, UnpackOptions, UnpackReport};
+use crate::types::ImageName;
+
+/// Which kind of tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeKind {
+    /// `images/NAME`.
+    Image,
+    /// `overrides/NAME`.
+    Override,
+}
+
+/// The image store rooted at a directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// One line of `image list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TreeInfo {
+    /// Name.
+    pub name: String,
+    /// `image` or `override`.
+    pub kind: &'static str,
+    /// Archive size when packed.
+    pub archive_bytes: Option<u64>,
+    /// Entries in the manifest when packed.
+    pub entries: Option<usize>,
+    /// File bytes in the manifest when packed.
+    pub file_bytes: Option<u64>,
+    /// Info-hash of the .torrent when there is one.
+    pub info_hash: Option<String>,
+    /// Whether a diff archive exists.
+    pub diff: bool,
+}
+
+/// Result of [`Store::pack`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PackOutcome {
+    /// The tree matches the existing archive's manifest; nothing was written.
+    Unchanged {
+        /// The archive.
+        archive: PathBuf,
+    },
+    /// A new archive was written.
+    Packed {
+        /// The archive.
+        archive: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// Manifest entries.
+        entries: usize,
+    },
+}
+
+/// Result of [`Store::diff`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiffOutcome {
+    /// The diff archive.
+    pub archive: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// Entries added or changed.
+    pub changed: usize,
+    /// Paths deleted.
+    pub deleted: usize,
+}
+
+/// Where `image capture` pulls a root from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaptureSource {
+    /// `root@HOST:/` over ssh.
+    Ssh {
+        /// Host name or address.
+        host: String,
+        /// ssh port.
+        port: Option<u16>,
+    },
+    /// A local directory (rsync local mode; tests and chroots).
+    Local(PathBuf),
+}
+
+impl CaptureSource {
+    /// Parses `--from`: an absolute path is local, anything else a host (`host` or `host:port`).
+    pub fn parse(s: &str) -> CaptureSource {
+        if s.starts_with('/') {
+            return CaptureSource::Local(PathBuf::from(s));
+        }
+        match s.rsplit_once(':').and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h, p))) {
+            Some((h, p)) => CaptureSource::Ssh { host: h.to_owned(), port: Some(p) },
+            None => CaptureSource::Ssh { host: s.to_owned(), port: None },
+        }
+    }
+}
+
+/// Directories whose contents a capture never copies (the directories themselves are kept as
+/// mount points).
+pub const CAPTURE_EXCLUDES: [&str; 5] = ["/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*"];
+
+/// The rsync arguments (without the program) that copy `src` into `dest`: archive mode with hard
+/// links, ACLs, xattrs and sparse files, numeric ids, deleting what the source no longer has.
+pub fn capture_args(src: &CaptureSource, dest: &Path, exclude_file: Option<&Path>) -> Vec<OsString> {
+    let mut a: Vec<OsString> = ["-aHAXS", "--numeric-ids", "--delete", "--delete-excluded", "--timeout=300"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    for e in CAPTURE_EXCLUDES {
+        a.push(format!("--exclude={e}").into());
+    }
+    if let Some(f) = exclude_file {
+        let mut o = OsString::from("--exclude-from=");
+        o.push(f);
+        a.push(o);
+    }
+    match src {
+        CaptureSource::Ssh { host, port } => {
+            a.push("-e".into());
+            a.push(match port {
+                Some(p) => format!("ssh -o BatchMode=yes -p {p}").into(),
+                None => "ssh -o BatchMode=yes".into(),
+            });
+            a.push(format!("root@{host}:/").into());
+        }
+        CaptureSource::Local(p) => {
+            let mut s = p.clone().into_os_string();
+            s.push("/");
+            a.push(s);
+        }
+    }
+    let mut d = dest.to_path_buf().into_os_string();
+    d.push("/");
+    a.push(d);
+    a
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheLine {
+    path: String,
+    key: StatKey,
+    sha256: String,
+}
+
+impl Store {
+    /// The store at `root` (created lazily).
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of a tree.
+    pub fn tree_dir(&self, kind: TreeKind, name: &ImageName) -> PathBuf {
+        match kind {
+            TreeKind::Image => self.root.join("images").join(name.as_str()),
+            TreeKind::Override => self.root.join("overrides").join(name.as_str()),
+        }
+    }
+
+    fn archives_dir(&self, kind: TreeKind) -> PathBuf {
+        match kind {
+            TreeKind::Image => self.root.join("archives"),
+            TreeKind::Override => self.root.join("archives").join("overrides"),
+        }
+    }
+
+    /// Path of an archive-related file: `archives/NAME<suffix>`.
+    pub fn archive_file(&self, kind: TreeKind, name: &ImageName, suffix: &str) -> PathBuf {
+        self.archives_dir(kind).join(format!("{name}{suffix}"))
+    }
+
+    /// The packed archive of a tree (`.tar.zst` or `.tar`), when one exists.
+    pub fn archive(&self, kind: TreeKind, name: &ImageName) -> Option<PathBuf> {
+        [".tar.zst", ".tar"].iter().map(|s| self.archive_file(kind, name, s)).find(|p| p.is_file())
+    }
+
+    /// Lists image and override trees with their packed state.
+    ///
+    /// # Errors
+    /// [`ImageError::Store`] when a directory cannot be read.
+    pub fn list(&self) -> Result<Vec<TreeInfo>, ImageError> {
+        let mut out = Vec::new();
+        for (kind, dir, label) in [(TreeKind::Image, "images", "image"), (TreeKind::Override, "overrides", "override")]
+        {
+            let d = self.root.join(dir);
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(ImageError::Store { op: "listing", path: d, source: e }),
+            };
+            let mut names: Vec<ImageName> =
+                rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok())).collect();
+            names.sort();
+            for n in names {
+                out.push(self.info(kind, label, &n));
+            }
+        }
+        Ok(out)
+    }
+
+    fn info(&self, kind: TreeKind, label: &'static str, name: &ImageName) -> TreeInfo {
+        let archive = self.archive(kind, name);
+        let manifest = Manifest::load(&self.archive_file(kind, name, ".manifest")).ok();
+        TreeInfo {
+            name: name.to_string(),
+            kind: label,
+            archive_bytes: archive.as_ref().and_then(|a| fs::metadata(a).ok()).map(|m| m.len()),
+            entries: manifest.as_ref().map(|m| m.entries.len()),
+            file_bytes: manifest.as_ref().map(|m| m.file_bytes()),
+            info_hash: fs::read(self.archive_file(kind, name, ".torrent")).ok().and_then(|b| torrent::info_hash_of(&b)),
+            diff: self.archive_file(kind, name, ".diff.manifest").is_file(),
+        }
+    }
+
+    /// Describes one tree.
+    ///
+    /// # Errors
+    /// [`ImageError::NoSuchImage`].
+    pub fn show(&self, kind: TreeKind, name: &ImageName) -> Result<TreeInfo, ImageError> {
+        if !self.tree_dir(kind, name).is_dir() && self.archive(kind, name).is_none() {
+            return Err(ImageError::NoSuchImage { name: name.clone(), store: self.root.clone() });
+        }
+        Ok(self.info(kind, if kind == TreeKind::Image { "image" } else { "override" }, name))
+    }
+
+    fn load_cache(&self, kind: TreeKind, name: &ImageName) -> DigestCache {
+        let mut cache = DigestCache::new();
+        let Ok(bytes) = fs::read(self.archive_file(kind, name, ".statcache")) else { return cache };
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            // A damaged cache only costs re-reading files.
+            let Ok(l) = serde_json::from_slice::<CacheLine>(line) else { return DigestCache::new() };
+            let (Some(p), Ok(d)) = (unescape(&l.path), hex::decode(&l.sha256)) else { return DigestCache::new() };
+            let Ok(d) = <[u8; 32]>::try_from(d) else { return DigestCache::new() };
+            cache.insert(p, (l.key, d));
+        }
+        cache
+    }
+
+    fn save_cache(
+        &self,
+        kind: TreeKind,
+        name: &ImageName,
+        nodes: &[scan::Node],
+        digests: &pack::Digests,
+    ) -> Result<(), ImageError> {
+        let mut out = Vec::new();
+        for n in nodes {
+            if let Some(d) = digests.get(&n.rel) {
+                let l = CacheLine { path: escape(&n.rel), key: n.stat_key, sha256: hex::encode(d) };
+                out.extend(serde_json::to_vec(&l).unwrap_or_default());
+                out.push(b'\n');
+            }
+        }
+        AtomicFile::write(&self.archive_file(kind, name, ".statcache"), &out)
+    }
+
+    fn mkdirs(&self, dir: &Path) -> Result<(), ImageError> {
+        fs::create_dir_all(dir).map_err(ImageError::store("creating", dir))
+    }
+
+    /// Packs a tree unless it is unchanged since the last pack with the same options (`force`
+    /// packs anyway). With `announce`, also writes the .torrent.
+    ///
+    /// # Errors
+    /// [`ImageError::NoSuchImage`], scan, write and torrent errors.
+    pub fn pack(
+        &self,
+        kind: TreeKind,
+        name: &ImageName,
+        opts: &PackOptions,
+        announce: Option<&str>,
+        force: bool,
+    ) -> Result<PackOutcome, ImageError> {
+        if let Some(a) = announce {
+            torrent::check_announce(a)?;
+        }
+        let tree = self.tree_dir(kind, name);
+        if !tree.is_dir() {
+            return Err(ImageError::NoSuchImage { name: name.clone(), store: self.root.clone() });
+        }
+        self.mkdirs(&self.archives_dir(kind))?;
+        let ext = if opts.zstd_level.is_some() { ".tar.zst" } else { ".tar" };
+        let archive = self.archive_file(kind, name, ext);
+        let manifest_path = self.archive_file(kind, name, ".manifest");
+        let nodes = scan::scan(&tree, &ScanOptions::default())?;
+        let header = pack::full_header(opts);
+        if !force && archive.is_file() {
+            if let Ok(old) = Manifest::load(&manifest_path) {
+                if old.header == header {
+                    let cache = self.load_cache(kind, name);
+                    if let Some(d) = pack::digests_for(&tree, &nodes, &cache, false)? {
+                        if pack::manifest_of(&nodes, &d, header.clone()) == old {
+                            info!(image = %name, archive = %archive.display(), "unchanged; not repacked");
+                            if let Some(a) = announce {
+                                self.write_torrent(kind, name, &archive, ext, a)?;
+                            }
+                            return Ok(PackOutcome::Unchanged { archive });
+                        }
+                    }
+                }
+            }
+        }
+        info!(image = %name, archive = %archive.display(), entries = nodes.len(), "packing");
+        let mut af = AtomicFile::create(&archive)?;
+        let (digests, _) = pack::write_archive(&tree, &nodes, None, None, opts, &archive, af.file())?;
+        af.commit()?;
+        let m = pack::manifest_of(&nodes, &digests, header);
+        AtomicFile::write(&manifest_path, &m.to_bytes())?;
+        self.save_cache(kind, name, &nodes, &digests)?;
+        // The other compression's archive (if any) is stale now.
+        let other = self.archive_file(kind, name, if ext == ".tar" { ".tar.zst" } else { ".tar" });
+        let _ = fs::remove_file(other);
+        if let Some(a) = announce {
+            self.write_torrent(kind, name, &archive, ext, a)?;
+        }
+        let bytes = fs::metadata(&archive).map_err(ImageError::store("reading", &archive))?.len();
+        Ok(PackOutcome::Packed { archive, bytes, entries: m.entries.len() })
+    }
+
+    fn write_torrent(
+        &self,
+        kind: TreeKind,
+        name: &ImageName,
+        archive: &Path,
+        ext: &str,
+        announce: &str,
+    ) -> Result<(), ImageError> {
+        let stem =
+            archive.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| format!("{name}{ext}"));
+        let t = torrent::make(archive, &stem, announce)?;
+        let suffix = if stem.contains(".diff.") { ".diff.torrent" } else { ".torrent" };
+        let path = self.archive_file(kind, name, suffix);
+        if fs::read(&path).ok().as_deref() != Some(&t.bytes[..]) {
+            AtomicFile::write(&path, &t.bytes)?;
+        }
+        info!(image = %name, info_hash = %t.info_hash, piece_length = t.piece_length, "torrent {}", path.display());
+        Ok(())
+    }
+
+    /// Writes the diff archive of a tree against its packed base: the entries added or changed
+    /// since the base manifest plus the list of deleted paths.
+    ///
+    /// # Errors
+    /// [`ImageError::NoBase`] when the tree was never packed, scan and write errors.
+    pub fn diff(
+        &self,
+        kind: TreeKind,
+        name: &ImageName,
+        opts: &PackOptions,
+        announce: Option<&str>,
+    ) -> Result<DiffOutcome, ImageError> {
+        if let Some(a) = announce {
+            torrent::check_announce(a)?;
+        }
+        let tree = self.tree_dir(kind, name);
+        if !tree.is_dir() {
+            return Err(ImageError::NoSuchImage { name: name.clone(), store: self.root.clone() });
+        }
+        let base = Manifest::load(&self.archive_file(kind, name, ".manifest"))
+            .map_err(|_| ImageError::NoBase { name: name.clone() })?;
+        let nodes = scan::scan(&tree, &ScanOptions::default())?;
+        let cache = self.load_cache(kind, name);
+        let digests = pack::digests_for(&tree, &nodes, &cache, true)?.unwrap_or_default();
+        let current = pack::manifest_of(&nodes, &digests, pack::full_header(opts));
+        let ch = manifest::changes(&base, &current);
+        let changed: HashSet<&str> = ch.changed.iter().map(String::as_str).collect();
+        let only: HashSet<Vec<u8>> = current
+            .entries
+            .iter()
+            .zip(&nodes)
+            .filter(|(e, _)| changed.contains(e.path.as_str()))
+            .map(|(_, n)| n.rel.clone())
+            .collect();
+        let deletions: Vec<Vec<u8>> = ch.deleted.iter().filter_map(|p| unescape(p)).collect();
+        let ext = if opts.zstd_level.is_some() { ".diff.tar.zst" } else { ".diff.tar" };
+        let archive = self.archive_file(kind, name, ext);
+        let mut af = AtomicFile::create(&archive)?;
+        pack::write_archive(&tree, &nodes, Some(&only), Some(&deletions), opts, &archive, af.file())?;
+        af.commit()?;
+        let mut header = pack::full_header(opts);
+        header.kind = "diff".into();
+        header.base_manifest_sha256 = Some(base.digest());
+        header.deletions = ch.deleted.clone();
+        let m = Manifest { header, entries: current.entries };
+        AtomicFile::write(&self.archive_file(kind, name, ".diff.manifest"), &m.to_bytes())?;
+        if let Some(a) = announce {
+            self.write_torrent(kind, name, &archive, ext, a)?;
+        }
+        let bytes = fs::metadata(&archive).map_err(ImageError::store("reading", &archive))?.len();
+        info!(image = %name, changed = ch.changed.len(), deleted = ch.deleted.len(), bytes, "diff {}", archive.display());
+        Ok(DiffOutcome { archive, bytes, changed: ch.changed.len(), deleted: ch.deleted.len() })
+    }
+
+    /// Removes a tree and its archives (`archives_only` keeps the tree).
+    ///
+    /// # Errors
+    /// [`ImageError::NoSuchImage`], [`ImageError::Store`].
+    pub fn rm(&self, kind: TreeKind, name: &ImageName, archives_only: bool) -> Result<(), ImageError> {
+        let tree = self.tree_dir(kind, name);
+        if !tree.is_dir() && self.archive(kind, name).is_none() {
+            return Err(ImageError::NoSuchImage { name: name.clone(), store: self.root.clone() });
+        }
+        for s in [
+            ".tar.zst",
+            ".tar",
+            ".manifest",
+            ".statcache",
+            ".torrent",
+            ".diff.tar.zst",
+            ".diff.tar",
+            ".diff.manifest",
+            ".diff.torrent",
+        ] {
+            let p = self.archive_file(kind, name, s);
+            match fs::remove_file(&p) {
+                Ok(()) => debug!(path = %p.display(), "removed"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ImageError::Store { op: "removing", path: p, source: e }),
+            }
+        }
+        if !archives_only && tree.is_dir() {
+            fs::remove_dir_all(&tree).map_err(ImageError::store("removing", &tree))?;
+        }
+        Ok(())
+    }
+
+    /// Imports a tree from a directory (copied exactly, through our own pack/unpack) or from a
+    /// tar / tar.zst file (unpacked safely). The tree appears under its name only when complete.
+    ///
+    /// # Errors
+    /// [`ImageError::ImageExists`], [`ImageError::BadImportSource`], pack/unpack errors.
+    pub fn import(&self, kind: TreeKind, name: &ImageName, source: &Path) -> Result<UnpackReport, ImageError> {
+        let dest = self.tree_dir(kind, name);
+        if dest.exists() {
+            return Err(ImageError::ImageExists { name: name.clone(), store: self.root.clone() });
+        }
+        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+        self.mkdirs(&parent)?;
+        let tmp = parent.join(format!(".{name}.import.{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir(&tmp).map_err(ImageError::store("creating", &tmp))?;
+        let result = self.import_into(source, &tmp);
+        match result {
+            Ok(r) => {
+                fs::rename(&tmp, &dest).map_err(ImageError::store("renaming", &tmp))?;
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn import_into(&self, source: &Path, tmp: &Path) -> Result<UnpackReport, ImageError> {
+        let meta = fs::metadata(source).map_err(|_| ImageError::BadImportSource { path: source.to_path_buf() })?;
+        let uopts = UnpackOptions::default();
+        if meta.is_file() {
+            let f = File::open(source).map_err(ImageError::read_tree(source))?;
+            return unpack::unpack(f, tmp, &uopts);
+        }
+        if !meta.is_dir() {
+            return Err(ImageError::BadImportSource { path: source.to_path_buf() });
+        }
+        copy_tree(source, tmp)
+    }
+
+    /// Captures a golden client's root into `images/NAME` with rsync (created if missing;
+    /// re-capturing updates it in place). Uses `excludes/NAME` when present.
+    ///
+    /// # Errors
+    /// [`ImageError::Command`] when rsync cannot start or fails.
+    pub fn capture(&self, name: &ImageName, src: &CaptureSource) -> Result<(), ImageError> {
+        let dest = self.tree_dir(TreeKind::Image, name);
+        self.mkdirs(&dest)?;
+        let excl = self.root.join("excludes").join(name.as_str());
+        let args = capture_args(src, &dest, excl.is_file().then_some(excl.as_path()));
+        let shown = format!("rsync {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+        info!(image = %name, "capturing: {shown}");
+        let status = Command::new("rsync")
+            .args(&args)
+            .status()
+            .map_err(|e| ImageError::Command { command: shown.clone(), status: e.to_string() })?;
+        if !status.success() {
+            return Err(ImageError::Command { command: shown, status: status.to_string() });
+        }
+        Ok(())
+    }
+}
+
+/// Copies the tree at `src` into the existing empty directory `dest` exactly (owners, modes,
+/// xattrs, hard links, devices, holes) by streaming our own uncompressed archive through a pipe.
+///
+/// # Errors
+/// Scan, pack and unpack errors.
+pub fn copy_tree(src: &Path, dest: &Path) -> Result<UnpackReport, ImageError> {
+    let nodes = scan::scan(src, &ScanOptions::default())?;
+    let (reader, writer) = io::pipe().map_err(ImageError::store("creating a pipe for", src))?;
+    let src_owned = src.to_path_buf();
+    let packer = std::thread::spawn(move || {
+        let opts = PackOptions { zstd_level: None, threads: 1, progress: super::progress::ProgressMode::Off };
+        pack::write_archive(&src_owned, &nodes, None, None, &opts, Path::new("-"), writer).map(|_| ())
+    });
+    let uopts = UnpackOptions { progress: super::progress::ProgressMode::Off, ..UnpackOptions::default() };
+    let unpacked = unpack::unpack(reader, dest, &uopts);
+    let packed = packer.join().unwrap_or_else(|_| {
+        Err(ImageError::WriteArchive { path: PathBuf::from("-"), source: io::Error::other("packing thread panicked") })
+    });
+    // A pack error explains a truncated stream better than the unpacker's view of it.
+    packed?;
+    unpacked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_command_line() {
+        let a = capture_args(
+            &CaptureSource::parse("node7:2222"),
+            Path::new("/s/images/x"),
+            Some(Path::new("/s/excludes/x")),
+        );
+        let a: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        assert_eq!(a[0], "-aHAXS");
+        assert!(a.contains(&"--numeric-ids".to_string()));
+        for e in [
+            "--exclude=/proc/*",
+            "--exclude=/sys/*",
+            "--exclude=/dev/*",
+            "--exclude=/run/*",
+            "--exclude=/tmp/*",
+            "--exclude-from=/s/excludes/x",
+        ] {
+            assert!(a.contains(&e.to_string()), "{e}");
+        }
+        let n = a.len();
+        assert_eq!(&a[n - 4..], ["-e", "ssh -o BatchMode=yes -p 2222", "root@node7:/", "/s/images/x/"]);
+        let l = capture_args(&CaptureSource::parse("/srv/golden"), Path::new("/d"), None);
+        assert_eq!(l.last().unwrap(), "/d/");
+        assert_eq!(l[l.len() - 2], "/srv/golden/");
+        assert_eq!(CaptureSource::parse("host"), CaptureSource::Ssh { host: "host".into(), port: None });
+    }
+}

@@ -334,13 +334,11 @@ fn pxe_boot_over_http_reaches_the_initramfs() {
     let table = phase_table("PXE boot over HTTP", &phases, &boot);
     println!("{table}");
     check_boot(&boot, &appliance, SERVER, &token_of(&lab.path("state"), mac), &table);
-    // iPXE solicits a router when it opens the NIC; the answer is what spares it the ≈15 s
-    // IPv6 wait (measured on this lab: 23 s instead of 6–7 s from QEMU start to poweroff).
-    assert!(
-        phases.iter().any(|p| p.name == "router solicitation answered" && p.seen.is_some()),
-        "iPXE's router solicitation went unanswered\n{table}\n{}",
-        tail(&strip_ansi(&appliance.log_text()), 80)
-    );
+    // Not asserted: whether iPXE gets an RA in answer to its solicitation or a periodic one is
+    // a race (once in about ten runs no solicitation from the VM was logged, and the boot was
+    // just as fast). The solicited path is asserted with rdisc6 in
+    // `router_advertisement_reaches_the_link_and_routes_nobody`; without any RA this boot takes
+    // about 23 s instead of 6–8 s (measured by disabling IPv6 on the appliance's interface).
     passed(lab, vec![qemu, appliance]);
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::boot::{self, BootContext};
 use crate::config::{Config, DhcpMode};
@@ -72,6 +72,20 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         let server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
         let token = shutdown.clone();
         tasks.spawn(async move { server.run(token).await.map_err(AppError::from) });
+    }
+
+    // IPv6 router advertisements spare iPXE its ~15 s wait for a router. Best effort: any
+    // failure is logged and the appliance serves on without them.
+    match net::ra::RouterAdvertiser::open(&iface) {
+        Ok(Some(ra)) => {
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                ra.run(token).await;
+                Ok(())
+            });
+        }
+        Ok(None) => {}
+        Err(e) => warn!("no IPv6 router advertisements: {e:#}"),
     }
 
     let ctx = Arc::new(BootContext::new(&cfg, &iface, secret));

@@ -8,6 +8,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::types::MacAddr;
 
+pub mod ra;
+
 /// Errors from interface lookup and socket setup.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Builds the clients' test boot files from Debian 12 packages:
+#   OUTDIR/vmlinuz     Debian's cloud kernel (LZ4: decompresses ~8x faster than the standard XZ
+#                      kernel under QEMU TCG, and has the virtio drivers QEMU guests need)
+#   OUTDIR/initrd.img  a tiny busybox initramfs whose /init prints a marker line and the kernel
+#                      command line to the console, then powers off
+#
+# Usage: pxe-assets/build-test-boot.sh OUTDIR
+#   SI_DEB_CACHE   where downloaded .deb files are kept (default /var/cache/si-appliance/debs)
+#   SI_KERNEL_PKG  meta-package that names the kernel (default linux-image-cloud-amd64)
+#
+# The kernel package is fetched with `apt-get download` and unpacked with `dpkg-deb`; it is never
+# installed on this machine. Idempotent: when the outputs exist and were built from the same
+# inputs (kernel .deb, busybox binary, this script), nothing is rebuilt. Must run as root (it
+# installs missing build tools through apt and creates the /dev/console node of the cpio).
+set -euo pipefail
+
+MARKER="SI-APPLIANCE-INITRD-OK"
+out=${1:?usage: $0 OUTDIR}
+cache=${SI_DEB_CACHE:-/var/cache/si-appliance/debs}
+meta=${SI_KERNEL_PKG:-linux-image-cloud-amd64}
+self=$(readlink -f "$0")
+
+say() { echo "build-test-boot: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (apt, mknod)"
+
+# Build tools, through apt only.
+need=()
+for p in busybox-static cpio zstd gzip; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2 \
+    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y -q --no-install-recommends "${need[@]}" >&2; }
+fi
+
+# The real kernel package behind the meta-package, e.g. linux-image-6.1.0-56-cloud-amd64.
+resolve_kernel_pkg() {
+  apt-cache depends --no-recommends --no-suggests "$meta" 2>/dev/null \
+    | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n1
+}
+pkg=$(resolve_kernel_pkg)
+if [ -z "$pkg" ]; then
+  say "apt knows no $meta yet: apt-get update"
+  apt-get update -q >&2
+  pkg=$(resolve_kernel_pkg)
+fi
+[ -n "$pkg" ] || die "cannot resolve the package behind $meta"
+ver=$(apt-cache show --no-all-versions "$pkg" | sed -n 's/^Version: //p' | head -n1)
+[ -n "$ver" ] || die "no candidate version of $pkg"
+arch=$(dpkg --print-architecture)
+deb="$cache/${pkg}_${ver//:/%3a}_${arch}.deb"
+
+mkdir -p "$cache" "$out"
+# One build at a time per output directory (tests may call this concurrently).
+exec 9>"$out/.lock"
+flock -w 600 9 || die "timed out waiting for $out/.lock"
+if [ ! -s "$deb" ]; then
+  say "downloading $pkg $ver into $cache"
+  # _apt cannot write into a root-owned cache: download in a scratch dir it may write to.
+  (cd "$cache" && apt-get download "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+  [ -s "$deb" ] || die "apt-get download $pkg=$ver produced no $deb"
+fi
+
+busybox=/bin/busybox
+[ -x "$busybox" ] || die "$busybox missing (package busybox-static)"
+
+stamp="$(stat -c "%n %s %Y" "$deb") $(sha256sum "$busybox" "$self" | awk "{print \$1}" | tr "\n" " ")$MARKER"
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$(cat "$out/.inputs" 2>/dev/null)" = "$stamp" ]; then
+  say "up to date ($pkg $ver)"
+else
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+
+  # Kernel: unpack the package into a scratch dir and take boot/vmlinuz-*.
+  dpkg-deb -x "$deb" "$work/deb"
+  kernel=$(ls "$work"/deb/boot/vmlinuz-* | head -n1)
+  config=$(ls "$work"/deb/boot/config-* | head -n1)
+  [ -f "$kernel" ] || die "no boot/vmlinuz-* in $deb"
+
+  # Compress the initramfs with what the kernel can unpack: zstd if built in, else gzip.
+  if grep -q '^CONFIG_RD_ZSTD=y' "$config"; then
+    compress=(zstd -q -19 --no-progress -c); comp=zstd
+  elif grep -q '^CONFIG_RD_GZIP=y' "$config"; then
+    compress=(gzip -n -9 -c); comp=gzip
+  else
+    die "$kernel supports neither zstd nor gzip initramfs"
+  fi
+
+  # Initramfs tree: busybox, its applets as links, /dev/console (the kernel opens it for /init:
+  # without it /init has no stdout), and /init.
+  root="$work/root"
+  mkdir -p "$root"/{bin,dev,proc,sys}
+  cp "$busybox" "$root/bin/busybox"
+  for applet in sh mount cat echo poweroff sleep; do ln -s busybox "$root/bin/$applet"; done
+  mknod -m 600 "$root/dev/console" c 5 1
+  cat > "$root/init" <<INIT
+#!/bin/sh
+# si-appliance test initramfs: proves the kernel and this initrd arrived and ran, shows the
+# command line the appliance rendered, and powers the machine off.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "$MARKER cmdline: \$(cat /proc/cmdline)"
+poweroff -f
+# Only reached if poweroff failed: exiting init panics, and panic=1 + QEMU -no-reboot stops it.
+INIT
+  chmod 755 "$root/init"
+
+  # Reproducible archive: fixed mtimes, sorted names, owner root.
+  find "$root" -exec touch -h -d @0 {} +
+  (cd "$root" && find . -mindepth 1 | LC_ALL=C sort \
+     | cpio --quiet -o -H newc -R 0:0 --reproducible) | "${compress[@]}" > "$work/initrd.img"
+
+  install -m 644 "$kernel" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+  install -m 644 "$work/initrd.img" "$out/initrd.img.tmp" && mv "$out/initrd.img.tmp" "$out/initrd.img"
+  printf '%s %s %s\n' "$pkg" "$ver" "$comp" > "$out/VERSION"
+  printf '%s' "$stamp" > "$out/.inputs"
+  say "built from $pkg $ver (initramfs: $comp)"
+fi
+
+for f in vmlinuz initrd.img; do
+  printf '%-10s %9d bytes  %s\n' "$f" "$(stat -c %s "$out/$f")" "$out/$f"
+done

@@ -43,6 +43,9 @@ pub enum AppError {
     /// The swarm (torrents, seed) could not start.
     #[error("swarm")]
     Swarm(#[from] SeedError),
+    /// Packing the default image at start failed.
+    #[error("image store")]
+    Image(#[from] crate::image::ImageError),
     /// The HTTP listener could not be bound or failed.
     #[error("http on {addr}")]
     Http {
@@ -62,6 +65,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let iface_name = cfg.iface.clone().ok_or(AppError::NoIface)?;
     let iface = net::discover(&iface_name, cfg.server_ip)?;
     let secret = load_or_create_secret(&cfg.state_dir)?;
+    let mut cfg = cfg;
+    pack_default_image(&mut cfg).await?;
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
@@ -140,6 +145,43 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 /// The tracker, the seed of every served archive and their routes (`/announce`, `/scrape`,
 /// `/torrents/<name>.torrent`, `/api/swarm`). The seed is registered in the tracker directly
 /// and refreshed every announce interval; it stops (flushing fastresume state) on shutdown.
+/// Packs the default image (`image` / `--image`) when its tree is in the store and changed since
+/// the last pack (an unchanged tree costs a scan, not a repack), and adds its archive to what the
+/// swarm serves, published under the image's name. The previous archive stays in place until the
+/// new one is complete (the store writes to a temporary name and renames).
+async fn pack_default_image(cfg: &mut Config) -> Result<(), AppError> {
+    use crate::image::pack::PackOptions;
+    use crate::image::store::{PackOutcome, Store, TreeKind};
+    let Some(name) = cfg.image.clone() else { return Ok(()) };
+    let store = Store::new(cfg.store.clone());
+    if !store.tree_dir(TreeKind::Image, &name).is_dir() {
+        match store.archive(TreeKind::Image, &name) {
+            Some(a) => add_archive(cfg, a),
+            None => warn!(image = %name, store = %cfg.store.display(), "image has no tree and no archive in the store"),
+        }
+        return Ok(());
+    }
+    let outcome = tokio::task::spawn_blocking(move || store.pack(TreeKind::Image, &name, &PackOptions::default(), None, false))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .map_err(|source| AppError::State { path: cfg.store.clone(), source })??;
+    let archive = match outcome {
+        PackOutcome::Packed { archive, bytes, entries } => {
+            info!(archive = %archive.display(), bytes, entries, "image packed");
+            archive
+        }
+        PackOutcome::Unchanged { archive } => archive,
+    };
+    add_archive(cfg, archive);
+    Ok(())
+}
+
+fn add_archive(cfg: &mut Config, archive: PathBuf) {
+    if !cfg.swarm.archives.contains(&archive) {
+        cfg.swarm.archives.push(archive);
+    }
+}
+
 async fn start_swarm(
     cfg: &Config,
     iface: &net::Iface,

@@ -8,7 +8,8 @@ mod common;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{Lab, Proc, appliance_bin, start_appliance};
@@ -443,4 +444,46 @@ fn a_peer_sending_corrupt_pieces_is_caught_by_hash() {
     assert!(caught > 0, "no corrupt piece was detected (did aria2c send any?):\n{log}");
     eprintln!("FIGURES corrupt peer: {caught} pieces failed their hash and were fetched again");
     s.kill();
+}
+
+/// The default image's tree is packed when the appliance starts (and not repacked when it is
+/// unchanged), published under its name, fetched through the swarm, and unpacks to the same tree.
+#[test]
+fn appliance_packs_its_image_at_start_and_a_node_fetches_it() {
+    let mut lab = Lab::new("swi");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    let app = lab.add_host(Some("10.69.7.1/24"), None);
+    let cl = lab.add_host(Some("10.69.7.20/24"), None);
+    let store = lab.path("i-store");
+    let tree = mkdir(&store.join("images/demo"));
+    mkdir(&tree.join("etc"));
+    fs::write(tree.join("etc/hostname"), b"demo\n").unwrap();
+    random_file(&tree.join("payload.bin"), 2 * MIB);
+    std::os::unix::fs::symlink("etc/hostname", tree.join("link")).unwrap();
+    let cfg = config(&lab, "i", Path::new("/unused"), "")
+        .replace("archives = [\"/unused\"]", "archives = []")
+        .replace("iface = \"eth0\"", "iface = \"eth0\"\nimage = \"demo\"");
+    let archive = store.join("archives/demo.tar.zst");
+    {
+        let appliance = start_appliance(&lab, app, "appliance", &cfg, &[]);
+        assert!(appliance.log_text().contains("image packed"), "{}", appliance.log_text());
+        assert!(archive.is_file());
+        let v = swarm_json(&lab, cl, "10.69.7.1");
+        assert_eq!(v[0]["name"], "demo", "{v}");
+        let out = lab.path("got.tar.zst");
+        let mut f = fetch(&lab, cl, "10.69.7.1", "demo", &out, &["--seed-for", "1s"]);
+        let st = f.wait_exit(Duration::from_secs(120));
+        assert!(st.success(), "{}", f.log_text());
+        assert_eq!(sha256(&out), sha256(&archive));
+        let to = mkdir(&lab.path("unpacked"));
+        let st = Command::new(appliance_bin()).arg("image").arg("unpack").arg(&out).arg("--to").arg(&to).status().unwrap();
+        assert!(st.success());
+        let diff = Command::new("diff").args(["-r", "--no-dereference"]).arg(&tree).arg(&to).output().unwrap();
+        assert!(diff.status.success(), "{}", String::from_utf8_lossy(&diff.stdout));
+    }
+    // A restart with the tree unchanged keeps the archive (same inode), no repack.
+    let ino = fs::metadata(&archive).unwrap().ino();
+    let appliance = start_appliance(&lab, app, "appliance2", &cfg, &[]);
+    assert!(!appliance.log_text().contains("image packed"), "{}", appliance.log_text());
+    assert_eq!(fs::metadata(&archive).unwrap().ino(), ino);
 }

@@ -436,29 +436,19 @@ impl Unpacker<'_> {
 
     /// Creates missing parents of an entry and refuses symlinked or non-directory parents.
     fn ensure_parents(&mut self, comps: &[&[u8]], name: &[u8]) -> Result<(), ImageError> {
-        for i in 1..comps.len() {
-            let p = join(self.root, &comps[..i]);
-            if self.verified.contains(&p) {
-                continue;
-            }
-            match fs::symlink_metadata(&p) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(refused(name, Refusal::ThroughSymlink(escape(&comps[..i].join(&b'/')))));
-                }
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => return Err(refused(name, Refusal::ParentNotDirectory(escape(&comps[..i].join(&b'/'))))),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&p).map_err(ImageError::write_tree(&p))?;
-                }
-                Err(e) => return Err(ImageError::WriteTree { path: p, source: e }),
-            }
-            self.verified.insert(p);
-        }
-        Ok(())
+        self.walk_parents(comps, name, true).map(|_| ())
     }
 
-    /// Like `ensure_parents` but creates nothing (hard-link targets and deletions).
-    fn check_parents(&self, comps: &[&[u8]], name: &[u8]) -> Result<bool, ImageError> {
+    /// Like `ensure_parents` but creates nothing (hard-link targets and deletions): `false` when
+    /// a parent is missing.
+    fn check_parents(&mut self, comps: &[&[u8]], name: &[u8]) -> Result<bool, ImageError> {
+        self.walk_parents(comps, name, false)
+    }
+
+    /// Walks the parents of an entry from the root down, refusing a symlink or non-directory on
+    /// the way (an archive must never write through a link it planted). Missing parents are
+    /// created when `create`, else the walk answers `false`. Verified directories are remembered.
+    fn walk_parents(&mut self, comps: &[&[u8]], name: &[u8], create: bool) -> Result<bool, ImageError> {
         for i in 1..comps.len() {
             let p = join(self.root, &comps[..i]);
             if self.verified.contains(&p) {
@@ -470,9 +460,13 @@ impl Unpacker<'_> {
                 }
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => return Err(refused(name, Refusal::ParentNotDirectory(escape(&comps[..i].join(&b'/'))))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    fs::create_dir(&p).map_err(ImageError::write_tree(&p))?;
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
                 Err(e) => return Err(ImageError::WriteTree { path: p, source: e }),
             }
+            self.verified.insert(p);
         }
         Ok(true)
     }

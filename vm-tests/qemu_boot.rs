@@ -387,6 +387,52 @@ fn pxe_boot_through_pxelinux_over_tftp() {
     passed(lab, vec![qemu, appliance]);
 }
 
+/// Acceptance 4's boot half: dnsmasq hands out the addresses on the segment, the appliance runs in
+/// proxyDHCP mode and only adds boot information; QEMU's iPXE ROM takes its address from dnsmasq and
+/// its boot script from us, and boots to the initramfs.
+#[test]
+fn pxe_boot_through_proxy_dhcp_next_to_dnsmasq() {
+    let files = ensure_boot_assets();
+    let mut lab = boot_lab("qp");
+    lab.add_host(Some("10.68.0.2/24"), Some("52:54:00:68:00:02"));
+    let mut dq = lab.hosts[1].cmd("dnsmasq");
+    dq.args(["--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0", "--bind-interfaces"])
+        .args(["--user=root", "--group=root", "--log-dhcp", "--log-facility=-"])
+        .arg("--dhcp-range=10.68.0.160,10.68.0.180,1h")
+        .arg(format!("--dhcp-leasefile={}", lab.path("dnsmasq.leases").display()))
+        .arg(format!("--pid-file={}", lab.path("dnsmasq.pid").display()));
+    let mut dnsmasq = Proc::spawn("dnsmasq", dq, lab.path("dnsmasq.log"));
+    dnsmasq.wait_log("DHCP, IP range", Duration::from_secs(20));
+    let config = boot_config(&lab, &files, "").replace("mode = \"full\"", "mode = \"proxy\"");
+    assert!(config.contains("mode = \"proxy\""));
+    let appliance = common::start_appliance(&lab, 0, "appliance", &config, &[]);
+    let mac: MacAddr = "52:54:00:68:00:30".parse().unwrap();
+    let serial = lab.path("serial.log");
+    let start = Instant::now();
+    let mut qemu = spawn_pxe_vm(&lab, "tap0", mac, &serial);
+    let mut phases = vec![
+        Phase::new("iPXE configured (DHCP)", Source::Serial, line_with(&["Configuring (net0", "ok"])),
+        Phase::new("script requested", Source::Appliance, app_line(mac, &["http: sending", ".ipxe"])),
+        Phase::new("kernel requested", Source::Appliance, app_line(mac, &["http: sending", "file=vmlinuz"])),
+        Phase::new("kernel running", Source::Serial, line_with(&["Linux version"])),
+        Phase::new("marker (/init ran)", Source::Serial, line_with(&[MARKER])),
+        Phase::new("powered off", Source::Serial, line_with(&["reboot: Power down"])),
+    ];
+    let boot = watch_boot(&mut qemu, &serial, &appliance, &mut phases, start, BOOT_TIMEOUT);
+    let table = phase_table("PXE boot through proxyDHCP (addresses from dnsmasq)", &phases, &boot);
+    println!("{table}");
+    check_boot(&boot, &appliance, SERVER, &token_of(&lab.path("state"), mac), &table);
+    // The address came from dnsmasq's range, not from us (proxy mode hands out none).
+    let leases = fs::read_to_string(lab.path("dnsmasq.leases")).unwrap_or_default();
+    assert!(leases.contains("52:54:00:68:00:30") && leases.contains("10.68.0.1"), "dnsmasq leases:\n{leases}\n{table}");
+    assert!(
+        !strip_ansi(&appliance.log_text()).contains("lease bound"),
+        "proxy mode bound a lease:\n{}",
+        tail(&strip_ansi(&appliance.log_text()), 40)
+    );
+    passed(lab, vec![qemu, appliance, dnsmasq]);
+}
+
 /// The boot files boot: QEMU `-kernel`/`-initrd`, no NIC at all, and /init prints the marker
 /// with the command line it was given, then powers off.
 #[test]

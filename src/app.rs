@@ -197,8 +197,12 @@ async fn start_swarm(
     let announce = format!("http://{}:{}/announce", iface.ip, cfg.http.port);
     let swarm_dir = cfg.state_dir.join("swarm");
     let mut served = BTreeMap::new();
+    // One torrent builder for everything the appliance publishes: the image store's.
+    let make: swarm::seed::TorrentMaker = Arc::new(|archive: &Path, name: &str, announce: &str| {
+        crate::image::torrent::make(archive, name, announce).map(|t| t.bytes).map_err(|e| format!("{e:#}"))
+    });
     for a in &sw.archives {
-        let s = swarm::seed::prepare(a, &announce, &swarm_dir.join("torrents")).await?;
+        let s = swarm::seed::prepare(a, &announce, &swarm_dir.join("torrents"), &make).await?;
         if served.contains_key(&s.name) {
             return Err(SeedError::DuplicateName(s.name).into());
         }

@@ -1,56 +1,25 @@
 //! .torrent files (BEP 3) for archives: single-file info dictionary, SHA-1 piece hashes, private
-//! flag (BEP 27) and the appliance's tracker as the only announce URL. No creation date or
-//! client name: the same archive gives the same file and the same info-hash.
+//! flag (BEP 27) and the appliance's tracker as the only announce URL (bencoded with
+//! serde_bencode). No creation date or client name: the same archive gives the same file and the
+//! same info-hash. The appliance's seed serves exactly these torrents.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
+use serde::Serialize;
 use sha1::{Digest, Sha1};
 
 use super::error::ImageError;
 
 const MIB: u64 = 1 << 20;
 
-/// Piece length for a LAN swarm: 4 MiB up to 4 GiB, 8 MiB up to 16 GiB, 16 MiB above, so a
-/// big image has at most ~1000-2000 pieces and a small one still has many.
+/// Piece length for a LAN swarm: about 1024 pieces (the smallest power of two that gets there),
+/// within 256 KiB..=16 MiB. Many pieces give nodes that start together different pieces to trade
+/// (a 64 MiB archive in 4 MiB pieces would have only 16); 16 MiB keeps a multi-GB image's piece
+/// list and per-piece hashing cost small.
 pub fn piece_length(size: u64) -> u64 {
-    if size <= 4 << 30 {
-        4 * MIB
-    } else if size <= 16 << 30 {
-        8 * MIB
-    } else {
-        16 * MIB
-    }
-}
-
-/// A bencoded value; dictionaries are kept sorted by key as BEP 3 requires.
-enum Benc<'a> {
-    Int(i64),
-    Bytes(&'a [u8]),
-    Dict(Vec<(&'a [u8], Benc<'a>)>),
-}
-
-impl Benc<'_> {
-    fn encode(&self, out: &mut Vec<u8>) {
-        match self {
-            Benc::Int(i) => out.extend_from_slice(format!("i{i}e").as_bytes()),
-            Benc::Bytes(b) => {
-                out.extend_from_slice(format!("{}:", b.len()).as_bytes());
-                out.extend_from_slice(b);
-            }
-            Benc::Dict(items) => {
-                let mut items: Vec<&(&[u8], Benc<'_>)> = items.iter().collect();
-                items.sort_by(|a, b| a.0.cmp(b.0));
-                out.push(b'd');
-                for (k, v) in items {
-                    Benc::Bytes(k).encode(out);
-                    v.encode(out);
-                }
-                out.push(b'e');
-            }
-        }
-    }
+    (size / 1024).next_power_of_two().clamp(256 << 10, 16 * MIB)
 }
 
 /// A generated torrent.
@@ -108,24 +77,37 @@ pub fn make(path: &Path, name: &str, announce: &str) -> Result<Torrent, ImageErr
     Ok(build(name, announce, size, plen, &pieces))
 }
 
+/// The single-file info dictionary (BEP 3), private (BEP 27). Field order is key order, as
+/// bencode requires.
+#[derive(Serialize)]
+struct Info<'a> {
+    length: u64,
+    #[serde(with = "serde_bytes")]
+    name: &'a [u8],
+    #[serde(rename = "piece length")]
+    piece_length: u64,
+    #[serde(with = "serde_bytes")]
+    pieces: &'a [u8],
+    private: u8,
+}
+
+/// The metainfo: `announce` for old clients, `announce-list` (BEP 12) for the rest, `info` last
+/// (key order), no creation date or client name.
+#[derive(Serialize)]
+struct Meta<'a> {
+    announce: &'a str,
+    #[serde(rename = "announce-list")]
+    announce_list: [[&'a str; 1]; 1],
+    info: Info<'a>,
+}
+
 fn build(name: &str, announce: &str, size: u64, plen: u64, pieces: &[u8]) -> Torrent {
-    let info = Benc::Dict(vec![
-        (b"length", Benc::Int(size as i64)),
-        (b"name", Benc::Bytes(name.as_bytes())),
-        (b"piece length", Benc::Int(plen as i64)),
-        (b"pieces", Benc::Bytes(pieces)),
-        (b"private", Benc::Int(1)),
-    ]);
-    let mut info_bytes = Vec::new();
-    info.encode(&mut info_bytes);
+    let info = Info { length: size, name: name.as_bytes(), piece_length: plen, pieces, private: 1 };
+    // Integers and byte strings always encode.
+    let info_bytes = serde_bencode::to_bytes(&info).expect("bencoding the info dictionary");
     let info_hash = hex::encode(Sha1::digest(&info_bytes));
-    let mut bytes = Vec::new();
-    bytes.push(b'd');
-    Benc::Bytes(b"announce").encode(&mut bytes);
-    Benc::Bytes(announce.as_bytes()).encode(&mut bytes);
-    Benc::Bytes(b"info").encode(&mut bytes);
-    bytes.extend_from_slice(&info_bytes);
-    bytes.push(b'e');
+    let meta = Meta { announce, announce_list: [[announce]], info };
+    let bytes = serde_bencode::to_bytes(&meta).expect("bencoding the metainfo");
     Torrent { bytes, info_hash, piece_length: plen }
 }
 
@@ -141,10 +123,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn piece_lengths_for_a_lan() {
-        assert_eq!(piece_length(0), 4 * MIB);
+    fn piece_lengths_aim_at_a_thousand_pieces() {
+        assert_eq!(piece_length(0), 256 << 10);
+        assert_eq!(piece_length(32 * MIB), 256 << 10);
+        assert_eq!(piece_length(64 * MIB), 256 << 10);
+        assert_eq!(piece_length(1 << 30), MIB);
         assert_eq!(piece_length(3 << 30), 4 * MIB);
-        assert_eq!(piece_length(10 << 30), 8 * MIB);
         assert_eq!(piece_length(100 << 30), 16 * MIB);
     }
 
@@ -154,7 +138,12 @@ mod tests {
         let expect_info =
             [&b"d6:lengthi5e4:name9:x.tar.zst12:piece lengthi4194304e6:pieces20:"[..], &[0xaa; 20], b"7:privatei1ee"]
                 .concat();
-        let expect = [&b"d8:announce27:http://10.0.0.1:80/announce4:info"[..], &expect_info, b"e"].concat();
+        let expect = [
+            &b"d8:announce27:http://10.0.0.1:80/announce13:announce-listll27:http://10.0.0.1:80/announceee4:info"[..],
+            &expect_info,
+            b"e",
+        ]
+        .concat();
         assert_eq!(t.bytes, expect);
         assert_eq!(t.info_hash, hex::encode(Sha1::digest(&expect_info)));
     }

@@ -14,8 +14,10 @@
 //!   stored piece bitfield after a spot check instead of re-hashing the archive. The .torrent
 //!   of an archive is cached in `<state_dir>/swarm/torrents` keyed by the archive's size and
 //!   mtime, so a restart does not re-hash to create it either.
-//! - The .torrent is ours ([`build_torrent`]): librqbit's `create_torrent` only hashes (it cannot
-//!   set the `private` flag and miscounts pieces for sizes that are a multiple of the piece length).
+//! - The .torrent comes from the caller ([`TorrentMaker`]: the image store's builder, private,
+//!   ~1024 pieces). librqbit's `create_torrent` is not used: it cannot set the `private` flag,
+//!   writes no `announce` key, and appends a surplus piece hash when the size is a multiple of the
+//!   piece length (aria2c then refuses the torrent).
 
 use std::collections::HashSet;
 use std::error::Error as StdError;
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
 use librqbit::{
-    AddTorrent, AddTorrentOptions, CreateTorrentOptions, ListenerMode, ListenerOptions, ManagedTorrent, Session,
+    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, ManagedTorrent, Session,
     SessionOptions, SessionPersistenceConfig,
 };
 use serde::Serialize;
@@ -72,13 +74,12 @@ pub enum SeedError {
     #[error("two archives are named {0}")]
     DuplicateName(ImageName),
     /// Creating the .torrent (hashing the archive) failed.
-    #[error("creating the torrent of {path}")]
+    #[error("creating the torrent of {path}: {why}")]
     CreateTorrent {
         /// The archive.
         path: PathBuf,
-        /// librqbit's error.
-        #[source]
-        source: LibError,
+        /// The builder's message.
+        why: String,
     },
     /// Torrent bytes that do not parse or describe something other than one file.
     #[error("torrent of {name}: {why}")]
@@ -196,13 +197,18 @@ pub fn restamp(served: &[Served], announce: &str, cache_dir: &Path) -> Result<()
     Ok(())
 }
 
+/// Makes the .torrent of an archive: `(archive, file name in the torrent, announce URL)` →
+/// torrent bytes. Handed in by the caller (the appliance uses the image store's builder), so one
+/// builder makes every torrent the appliance publishes. Called on a blocking thread.
+pub type TorrentMaker = Arc<dyn Fn(&Path, &str, &str) -> Result<Vec<u8>, String> + Send + Sync>;
+
 /// Builds [`Served`] for an archive named in the configuration: loads its .torrent from the
 /// cache in `cache_dir` when the archive's size, mtime and the announce URL are unchanged,
-/// otherwise hashes the archive (librqbit's `create_torrent`, 2 MiB pieces) and caches it.
+/// otherwise hashes the archive with `make` and caches the result.
 ///
 /// # Errors
 /// [`SeedError`] for an unreadable archive, hashing or cache failures.
-pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path) -> Result<Served, SeedError> {
+pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path, make: &TorrentMaker) -> Result<Served, SeedError> {
     let name = name_of(archive)?;
     let meta = std::fs::metadata(archive).map_err(|source| SeedError::Archive { path: archive.into(), source })?;
     if !meta.is_file() {
@@ -228,82 +234,20 @@ pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path) -> Result
         }
     }
     let t0 = Instant::now();
-    let spawner = librqbit::spawn_utils::BlockingSpawner::new(1);
-    let opts = CreateTorrentOptions {
-        name: None,
-        trackers: vec![announce.to_owned()],
-        piece_length: Some(piece_length_for(meta.len())),
-    };
-    let created = librqbit::create_torrent(archive, opts, &spawner)
+    let file_name = archive
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .ok_or_else(|| SeedError::ArchivePath(archive.into()))?;
+    let (make, path, ann) = (make.clone(), archive.to_owned(), announce.to_owned());
+    let bytes = tokio::task::spawn_blocking(move || make(&path, &file_name, &ann))
         .await
-        .map_err(|e| SeedError::CreateTorrent { path: archive.into(), source: lib(e) })?;
-    let info = &created.meta.info.data;
-    let bad = |why: String| SeedError::BadTorrent { name: name.clone(), why };
-    let file_name = info.name.as_ref().map(|n| n.as_ref().to_vec()).ok_or_else(|| bad("no name".into()))?;
-    let length = info.length.ok_or_else(|| bad("not a single-file torrent".into()))?;
-    let bytes = build_torrent(&file_name, length, info.piece_length, info.pieces.as_ref(), announce).map_err(bad)?;
-    let ti = torrent_info(&bytes).map_err(bad)?;
+        .map_err(|e| SeedError::CreateTorrent { path: archive.into(), why: e.to_string() })?
+        .map_err(|why| SeedError::CreateTorrent { path: archive.into(), why })?;
+    let ti = torrent_info(&bytes).map_err(|why| SeedError::BadTorrent { name: name.clone(), why })?;
     info!(%name, info_hash = %ti.info_hash, size = ti.size, elapsed_ms = t0.elapsed().as_millis() as u64, "torrent created");
     std::fs::write(&tpath, &bytes).map_err(cache_err(&tpath))?;
     std::fs::write(&spath, stamp).map_err(cache_err(&spath))?;
     Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash: ti.info_hash, size: ti.size })
-}
-
-/// Piece length for an archive of `size` bytes: about 1024 pieces (the smallest power of two
-/// that gets there), within 256 KiB..=8 MiB. Many pieces give nodes starting together
-/// different pieces to trade; librqbit's default is a flat 2 MiB (16 pieces for 32 MiB).
-pub fn piece_length_for(size: u64) -> u32 {
-    const MIN: u64 = 256 << 10;
-    const MAX: u64 = 8 << 20;
-    (size / 1024).next_power_of_two().clamp(MIN, MAX) as u32
-}
-
-/// Builds the .torrent of a single-file archive from librqbit's piece hashes: private (BEP 27:
-/// peers come from our tracker only), with both `announce` and `announce-list`.
-///
-/// librqbit 9.1.0's `create_torrent` is used only for hashing: it cannot set the private flag,
-/// writes no `announce` key (older clients need it), and appends the hash of an empty piece when
-/// the size is a multiple of the piece length (aria2c then refuses the torrent: "Too few/many
-/// piece hash"). The surplus hash is dropped here.
-///
-/// # Errors
-/// A description when the hashes do not fit the length.
-pub fn build_torrent(file_name: &[u8], length: u64, piece_length: u32, pieces: &[u8], announce: &str) -> Result<Vec<u8>, String> {
-    #[derive(Serialize)]
-    struct Info<'a> {
-        length: u64,
-        #[serde(with = "serde_bytes")]
-        name: &'a [u8],
-        #[serde(rename = "piece length")]
-        piece_length: u32,
-        #[serde(with = "serde_bytes")]
-        pieces: &'a [u8],
-        private: u8,
-    }
-    // Keys in byte order, as bencode requires.
-    #[derive(Serialize)]
-    struct Meta<'a> {
-        announce: &'a str,
-        #[serde(rename = "announce-list")]
-        announce_list: Vec<Vec<&'a str>>,
-        #[serde(rename = "created by")]
-        created_by: &'a str,
-        info: Info<'a>,
-    }
-    if piece_length == 0 || length == 0 {
-        return Err("empty archive or zero piece length".into());
-    }
-    let count = length.div_ceil(piece_length as u64) as usize;
-    if pieces.len() < count * 20 {
-        return Err(format!("{} piece hashes for {count} pieces", pieces.len() / 20));
-    }
-    let m = Meta {
-        announce,
-        announce_list: vec![vec![announce]],
-        created_by: concat!("si-appliance ", env!("CARGO_PKG_VERSION")),
-        info: Info { length, name: file_name, piece_length, pieces: &pieces[..count * 20], private: 1 },
-    };
-    serde_bencode::to_bytes(&m).map_err(|e| format!("bencoding the torrent: {e}"))
 }
 
 /// How the seed runs.
@@ -462,34 +406,33 @@ pub const SEED_PEER_ID: &[u8; 20] = b"-SI0001-appliance-00";
 mod tests {
     use super::*;
 
-    #[test]
-    fn built_torrents_are_private_single_file_and_drop_surplus_hashes() {
-        let pieces = [7u8; 60];
-        let t = build_torrent(b"a.tar.zst", 2 * 16384, 16384, &pieces, "http://10.0.0.1/announce").unwrap();
-        let ti = torrent_info(&t).unwrap();
-        assert_eq!((ti.size, ti.file_name.as_str()), (32768, "a.tar.zst"));
-        assert!(t.windows(12).any(|w| w == b"7:privatei1e"));
-        assert!(t.windows(46).any(|w| w == b"6:pieces40:\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07"));
-        assert!(build_torrent(b"a", 3 * 16384, 16384, &pieces[..40], "x").is_err());
-        assert!(build_torrent(b"a", 0, 16384, &pieces, "x").is_err());
+    /// A single-file torrent with `name` (test fixture; hostile names included).
+    fn torrent_named(name: &[u8]) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Info<'a> {
+            length: u64,
+            #[serde(with = "serde_bytes")]
+            name: &'a [u8],
+            #[serde(rename = "piece length")]
+            piece_length: u64,
+            #[serde(with = "serde_bytes")]
+            pieces: &'a [u8],
+        }
+        #[derive(Serialize)]
+        struct Meta<'a> {
+            info: Info<'a>,
+        }
+        let info = Info { length: 10, name, piece_length: 16384, pieces: &[1u8; 20] };
+        serde_bencode::to_bytes(&Meta { info }).unwrap()
     }
 
     #[test]
     fn torrent_names_must_be_plain_file_names() {
+        assert!(torrent_info(&torrent_named(b"a.tar.zst")).is_ok());
         for bad in [&b"../x"[..], b"a/b", b"/abs", b".."] {
-            let t = build_torrent(bad, 10, 16384, &[1u8; 20], "http://x/announce").unwrap();
-            assert!(torrent_info(&t).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(torrent_info(&torrent_named(bad)).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
         assert!(torrent_info(b"garbage").is_err());
-    }
-
-    #[test]
-    fn piece_lengths_aim_at_a_thousand_pieces() {
-        assert_eq!(piece_length_for(0), 256 << 10);
-        assert_eq!(piece_length_for(32 << 20), 256 << 10);
-        assert_eq!(piece_length_for(1 << 30), 1 << 20);
-        assert_eq!(piece_length_for(3 << 30), 4 << 20);
-        assert_eq!(piece_length_for(1 << 40), 8 << 20);
     }
 
     #[test]
@@ -505,14 +448,18 @@ mod tests {
         let archive = dir.path().join("img.tar.zst");
         std::fs::write(&archive, vec![5u8; 3 << 20]).unwrap();
         let cache = dir.path().join("cache");
-        let a = prepare(&archive, "http://10.0.0.1:80/announce", &cache).await.unwrap();
+        // The appliance's builder (app.rs hands the image store's in the same way).
+        let make: TorrentMaker = Arc::new(|p: &Path, name: &str, ann: &str| {
+            crate::image::torrent::make(p, name, ann).map(|t| t.bytes).map_err(|e| e.to_string())
+        });
+        let a = prepare(&archive, "http://10.0.0.1:80/announce", &cache, &make).await.unwrap();
         assert_eq!((a.name.as_str(), a.size), ("img", 3 << 20));
-        let b = prepare(&archive, "http://10.0.0.1:80/announce", &cache).await.unwrap();
+        let b = prepare(&archive, "http://10.0.0.1:80/announce", &cache, &make).await.unwrap();
         assert_eq!(a.torrent, b.torrent);
         std::fs::write(&archive, vec![6u8; 3 << 20]).unwrap();
-        let c = prepare(&archive, "http://10.0.0.1:80/announce", &cache).await.unwrap();
+        let c = prepare(&archive, "http://10.0.0.1:80/announce", &cache, &make).await.unwrap();
         assert_ne!(a.info_hash, c.info_hash);
-        let d = prepare(&archive, "http://10.0.0.2:80/announce", &cache).await.unwrap();
+        let d = prepare(&archive, "http://10.0.0.2:80/announce", &cache, &make).await.unwrap();
         assert_ne!(c.torrent, d.torrent);
     }
 }

@@ -100,10 +100,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Fetch(a)) => fetch(a),
         Some(Command::CheckConfig) => {
-            println!("{cfg:#?}");
-            Ok(())
+            use std::io::Write;
+            // A closed pipe (`check-config | head`) is not an error worth a panic.
+            match writeln!(std::io::stdout(), "{cfg:#?}") {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+                _ => Ok(()),
+            }
         }
-        Some(Command::Image { action }) => run_image(&cfg, action),
+        Some(Command::Image { action }) => {
+            // A listing piped into `head` ends quietly, as other Unix tools do. Only for these
+            // short-lived commands: the appliance and fetch keep Rust's ignored SIGPIPE.
+            // SAFETY: setting a signal disposition to its default before any thread starts.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            run_image(&cfg, action)
+        }
         None => {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(si_appliance::app::run(cfg))?;

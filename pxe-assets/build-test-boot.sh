@@ -59,10 +59,21 @@ mkdir -p "$cache" "$out"
 # One build at a time per output directory (tests may call this concurrently).
 exec 9>"$out/.lock"
 flock -w 600 9 || die "timed out waiting for $out/.lock"
-if [ ! -s "$deb" ]; then
+download() {
   say "downloading $pkg $ver into $cache"
-  # _apt cannot write into a root-owned cache: download in a scratch dir it may write to.
   (cd "$cache" && apt-get download "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+}
+if [ ! -s "$deb" ]; then
+  download
+  if [ ! -s "$deb" ]; then
+    # Stale package lists name a version the mirror no longer has: refresh them once and retry.
+    say "download failed: apt-get update and retry"
+    apt-get update -q >&2
+    pkg=$(resolve_kernel_pkg)
+    ver=$(apt-cache show --no-all-versions "$pkg" | sed -n 's/^Version: //p' | head -n1)
+    deb="$cache/${pkg}_${ver//:/%3a}_${arch}.deb"
+    [ -s "$deb" ] || download
+  fi
   [ -s "$deb" ] || die "apt-get download $pkg=$ver produced no $deb"
 fi
 

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Proc, start_appliance, wait_for};
+use common::{Lab, Proc, start_appliance, strip_ansi, wait_for};
 use dhcproto::v4::{self, Architecture, DhcpOption, Flags, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use si_appliance::dhcp::leases::{self, Change, LeaseState, Leases};
@@ -27,22 +27,6 @@ const T: Duration = Duration::from_secs(20);
 const RESERVED_MAC: &str = "02:66:00:00:0e:01";
 const RESERVED_IP: &str = "10.66.0.77";
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 fn log(p: &Proc) -> String {
     strip_ansi(&p.log_text())

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Lab, Proc, appliance_bin, start_appliance};
+use common::{Lab, Proc, appliance_bin, start_appliance, strip_ansi};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -325,19 +325,6 @@ fn elapsed_ms(p: &Proc, needle: &str) -> String {
     plain.split_whitespace().find_map(|w| w.strip_prefix("elapsed_ms=")).unwrap_or("?").to_owned()
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut esc = false;
-    for c in s.chars() {
-        match (esc, c) {
-            (false, '\u{1b}') => esc = true,
-            (true, 'm') => esc = false,
-            (true, _) => {}
-            (false, c) => out.push(c),
-        }
-    }
-    out
-}
 
 /// The seed's upload so far, as `/api/swarm` reports it.
 fn seed_uploaded(lab: &Lab, h: usize, server: &str) -> Option<u64> {

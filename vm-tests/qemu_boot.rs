@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Proc};
+use common::{Lab, Proc, strip_ansi};
 use si_appliance::types::{MacAddr, NodeToken};
 
 /// What the test initramfs prints, followed by ` cmdline: ` and /proc/cmdline.
@@ -156,25 +156,6 @@ fn watch_boot(
     Boot { serial, marker_line, exit, elapsed }
 }
 
-/// The appliance log without the colour escapes tracing writes (`file=vmlinuz` is then one
-/// string).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // CSI: ESC [ parameters final-byte (a letter).
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// A line of the appliance log naming `mac` and containing every one of `words`.
 fn app_line(mac: MacAddr, words: &'static [&'static str]) -> impl Fn(&str) -> bool {

@@ -266,3 +266,22 @@ pub fn grep_lines(path: &Path, pred: impl Fn(&str) -> bool) -> Vec<String> {
         Err(_) => Vec::new(),
     }
 }
+
+/// Text without ANSI CSI escapes (ESC [ … letter). The appliance writes plain logs off a terminal;
+/// this keeps log matching right for tools that colour regardless.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

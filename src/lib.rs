@@ -14,5 +14,6 @@ pub mod config;
 pub mod dhcp;
 pub mod image;
 pub mod net;
+pub mod node_api;
 pub mod swarm;
 pub mod types;

@@ -1,0 +1,363 @@
+//! The node API: what the appliance and its installers say to each other over HTTP. Shared by
+//! both roles (the `install` module speaks it, the appliance's `monitor` and plan routes answer
+//! it), so it holds only serde types and their rules, no I/O.
+//!
+//! | route | who | body |
+//! |---|---|---|
+//! | `GET /api/nodes/<mac>/plan` | installer → appliance | → [`NodePlan`] |
+//! | `POST /api/nodes/<mac>/report` | installer → appliance | [`NodeReport`] → 204 |
+//!
+//! `<mac>` is `aa:bb:cc:dd:ee:ff` (or hyphenated). Both routes need the node's token
+//! ([`crate::types::NodeToken`], given to the node on its kernel command line as `si.token=`)
+//! in `Authorization: Bearer <token>`; a token that is not the one derived for `<mac>` gets 403,
+//! a missing one 401, a malformed body 400 (and a log line), never a crash.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{ImageName, MacAddr, NodeToken};
+
+/// Why a node API request was not authorized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header (HTTP 401).
+    #[error("no bearer token")]
+    Missing,
+    /// A token that is not this node's (HTTP 403).
+    #[error("token does not belong to this node")]
+    Wrong,
+}
+
+/// Checks an `Authorization` header value against the token derived for `mac`.
+///
+/// # Errors
+/// [`AuthError::Missing`] without a `Bearer` value, [`AuthError::Wrong`] for another token.
+pub fn authorize(header: Option<&str>, secret: &[u8], mac: MacAddr) -> Result<(), AuthError> {
+    let presented = header.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim).ok_or(AuthError::Missing)?;
+    if NodeToken::derive(secret, mac).matches(presented) { Ok(()) } else { Err(AuthError::Wrong) }
+}
+
+/// Where a node is in its life, in order. The appliance's own observations give the first three
+/// (`Dhcp`, `BootFiles`, and `Installer` at the first plan request); the installer's reports give
+/// the rest. `Failed` can follow any phase; a node that boots again (reset) starts over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Seen by DHCP (discover/request).
+    Dhcp,
+    /// Fetching its boot loader, kernel or initrd (TFTP/HTTP).
+    BootFiles,
+    /// The installer runs (plan fetched).
+    Installer,
+    /// Partitioning and making file systems.
+    Partitioning,
+    /// Downloading the archive from the swarm and unpacking it as the bytes arrive.
+    Downloading,
+    /// Overrides and per-node settings (hostname, network, machine-id, ssh host keys).
+    Configuring,
+    /// Installing the boot loader.
+    BootLoader,
+    /// Installed; seeding to the other nodes until the deployment is done.
+    Seeding,
+    /// Rebooting (or powering off) into the installed system: the end of a good install.
+    Done,
+    /// Stopped with an error (the report's `error` says why).
+    Failed,
+}
+
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 10] = [
+        Phase::Dhcp,
+        Phase::BootFiles,
+        Phase::Installer,
+        Phase::Partitioning,
+        Phase::Downloading,
+        Phase::Configuring,
+        Phase::BootLoader,
+        Phase::Seeding,
+        Phase::Done,
+        Phase::Failed,
+    ];
+
+    /// The kebab-case name used on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Dhcp => "dhcp",
+            Phase::BootFiles => "boot-files",
+            Phase::Installer => "installer",
+            Phase::Partitioning => "partitioning",
+            Phase::Downloading => "downloading",
+            Phase::Configuring => "configuring",
+            Phase::BootLoader => "boot-loader",
+            Phase::Seeding => "seeding",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// `Done` or `Failed`.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Done | Phase::Failed)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One installer report: sent at every phase change and every `report_every` while a phase
+/// runs. Counters are totals since the installer started, so a lost report loses nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NodeReport {
+    /// The phase the node is in now.
+    pub phase: Option<Phase>,
+    /// Archive bytes downloaded and verified so far.
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// Archive size (0 until known).
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// Bytes uploaded to other peers so far.
+    #[serde(default)]
+    pub bytes_uploaded: u64,
+    /// Bytes of the archive unpacked onto the disk so far.
+    #[serde(default)]
+    pub bytes_unpacked: u64,
+    /// Current download rate, bytes/s.
+    #[serde(default)]
+    pub down_bps: u64,
+    /// Current upload rate, bytes/s.
+    #[serde(default)]
+    pub up_bps: u64,
+    /// Connected peers.
+    #[serde(default)]
+    pub peers: u32,
+    /// A human line for the operator (e.g. "mkfs.ext4 /dev/vda1", "waiting for appliance").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Why the node failed (with `phase: failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What a node is to do: answered by the appliance to the installer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodePlan {
+    /// The node's host name (reservation, or `node-<mac-hyphen>`).
+    pub hostname: String,
+    /// The image to install.
+    pub image: ImageName,
+    /// Path of its .torrent on the appliance (`/torrents/<image>.torrent`).
+    pub torrent: String,
+    /// Archive size in bytes.
+    pub archive_size: u64,
+    /// The disk to install on (`/dev/vda`); `None`: the installer picks the first non-removable
+    /// disk large enough.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// How to lay the disk out.
+    pub layout: DiskLayout,
+    /// What to do at the end.
+    #[serde(default)]
+    pub finish: Finish,
+    /// Keep seeding after the install until the appliance says the deployment is done, at most
+    /// this many seconds (0: don't seed after the install).
+    #[serde(default)]
+    pub seed_for_secs: u64,
+    /// Seconds between progress reports.
+    #[serde(default = "default_report_every")]
+    pub report_every_secs: u64,
+}
+
+fn default_report_every() -> u64 {
+    2
+}
+
+/// The end of an install.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Finish {
+    /// Reboot into the installed system.
+    #[default]
+    Reboot,
+    /// Power off.
+    Poweroff,
+    /// Stay in the initramfs (debugging).
+    Shell,
+}
+
+/// A declarative disk layout, stored with the image (`<store>/<image>.layout.toml`) or the
+/// default for the node's firmware.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskLayout {
+    /// Partition table type.
+    pub table: TableKind,
+    /// Partitions in order; at most one may have no size (it takes the rest).
+    pub partitions: Vec<Partition>,
+}
+
+/// Partition table type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    /// MBR / dos (BIOS boot).
+    Mbr,
+    /// GPT (UEFI, or BIOS with a `bios-grub` partition).
+    Gpt,
+}
+
+/// One partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// Size in MiB; `None` for "the rest of the disk".
+    #[serde(default)]
+    pub size_mib: Option<u64>,
+    /// What goes on it.
+    pub fs: FsKind,
+    /// Mount point in the installed system (`/`, `/boot/efi`); none for swap and bios-grub.
+    #[serde(default)]
+    pub mount: Option<String>,
+    /// File system label.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// What a partition holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsKind {
+    /// ext4.
+    Ext4,
+    /// XFS.
+    Xfs,
+    /// FAT (EFI system partition).
+    Vfat,
+    /// Swap space.
+    Swap,
+    /// GRUB's BIOS boot partition on GPT (no file system).
+    BiosGrub,
+}
+
+impl DiskLayout {
+    /// BIOS: MBR, one ext4 root on the whole disk.
+    pub fn default_bios() -> DiskLayout {
+        DiskLayout {
+            table: TableKind::Mbr,
+            partitions: vec![Partition { size_mib: None, fs: FsKind::Ext4, mount: Some("/".into()), label: Some("root".into()) }],
+        }
+    }
+
+    /// UEFI: GPT, a 256 MiB EFI system partition and an ext4 root.
+    pub fn default_uefi() -> DiskLayout {
+        DiskLayout {
+            table: TableKind::Gpt,
+            partitions: vec![
+                Partition { size_mib: Some(256), fs: FsKind::Vfat, mount: Some("/boot/efi".into()), label: Some("EFI".into()) },
+                Partition { size_mib: None, fs: FsKind::Ext4, mount: Some("/".into()), label: Some("root".into()) },
+            ],
+        }
+    }
+
+    /// Checks the layout's own rules: one root (`/`), at most one rest-of-disk partition (last),
+    /// mount points absolute and unique, none on swap/bios-grub.
+    ///
+    /// # Errors
+    /// The first rule broken, in words.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut mounts = std::collections::BTreeSet::new();
+        for (i, p) in self.partitions.iter().enumerate() {
+            if p.size_mib.is_none() && i + 1 != self.partitions.len() {
+                return Err(format!("partition {}: only the last partition may omit size_mib", i + 1));
+            }
+            if p.size_mib == Some(0) {
+                return Err(format!("partition {}: size_mib must be > 0", i + 1));
+            }
+            match (p.fs, &p.mount) {
+                (FsKind::Swap | FsKind::BiosGrub, Some(m)) => {
+                    return Err(format!("partition {}: {:?} cannot be mounted at {m}", i + 1, p.fs));
+                }
+                (_, Some(m)) if !m.starts_with('/') || m.split('/').any(|c| c == "..") => {
+                    return Err(format!("partition {}: mount point {m:?} must be absolute", i + 1));
+                }
+                (_, Some(m)) if !mounts.insert(m.clone()) => {
+                    return Err(format!("partition {}: mount point {m} used twice", i + 1));
+                }
+                _ => {}
+            }
+            if p.fs == FsKind::BiosGrub && self.table != TableKind::Gpt {
+                return Err(format!("partition {}: bios-grub needs a gpt table", i + 1));
+            }
+        }
+        if !mounts.contains("/") {
+            return Err("no partition is mounted at /".into());
+        }
+        Ok(())
+    }
+
+    /// The smallest disk (MiB) this layout fits on, with `rest_min_mib` for the rest-of-disk
+    /// partition and 2 MiB for alignment and the partition table(s).
+    pub fn min_disk_mib(&self, rest_min_mib: u64) -> u64 {
+        2 + self.partitions.iter().map(|p| p.size_mib.unwrap_or(rest_min_mib)).sum::<u64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        for l in [DiskLayout::default_bios(), DiskLayout::default_uefi()] {
+            l.validate().unwrap();
+            let s = toml::to_string(&l).unwrap();
+            assert_eq!(toml::from_str::<DiskLayout>(&s).unwrap(), l);
+        }
+    }
+
+    #[test]
+    fn bad_layouts_are_refused_in_words() {
+        let mut l = DiskLayout::default_uefi();
+        l.partitions.swap(0, 1);
+        assert!(l.validate().unwrap_err().contains("only the last"));
+        let mut l = DiskLayout::default_bios();
+        l.partitions[0].mount = Some("/boot".into());
+        assert!(l.validate().unwrap_err().contains("no partition is mounted at /"));
+        let mut l = DiskLayout::default_bios();
+        l.partitions.insert(0, Partition { size_mib: Some(1), fs: FsKind::BiosGrub, mount: None, label: None });
+        assert!(l.validate().unwrap_err().contains("needs a gpt"));
+        let mut l = DiskLayout::default_bios();
+        l.partitions[0].mount = Some("../x".into());
+        assert!(l.validate().unwrap_err().contains("absolute"));
+    }
+
+    #[test]
+    fn only_the_nodes_own_token_is_authorized() {
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let other: MacAddr = "52:54:00:12:34:57".parse().unwrap();
+        let tok = NodeToken::derive(b"s3cret", mac);
+        let good = format!("Bearer {}", tok.as_str());
+        assert_eq!(authorize(Some(&good), b"s3cret", mac), Ok(()));
+        assert_eq!(authorize(Some(&good), b"s3cret", other), Err(AuthError::Wrong));
+        assert_eq!(authorize(Some(&good), b"other", mac), Err(AuthError::Wrong));
+        assert_eq!(authorize(Some(tok.as_str()), b"s3cret", mac), Err(AuthError::Missing));
+        assert_eq!(authorize(None, b"s3cret", mac), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn reports_parse_strictly() {
+        let r: NodeReport = serde_json::from_str(r#"{"phase":"downloading","bytes_done":5,"bytes_total":9}"#).unwrap();
+        assert_eq!(r.phase, Some(Phase::Downloading));
+        assert!(serde_json::from_str::<NodeReport>(r#"{"phase":"downloading","bogus":1}"#).is_err());
+        assert!(serde_json::from_str::<NodeReport>(r#"{"phase":"flying"}"#).is_err());
+        assert_eq!(Phase::ALL.iter().map(|p| p.as_str()).collect::<Vec<_>>().len(), 10);
+        for p in Phase::ALL {
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+        }
+    }
+}

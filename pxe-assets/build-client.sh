@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Builds the clients' boot files: the kernel and the installer initramfs every node fetches from
+# the appliance (boot.kernel / boot.initrd).
+#
+#   OUTDIR/vmlinuz     the kernel of Debian's linux-image-amd64 (the standard kernel: it has the
+#                      drivers of real server NICs and disks; SI_KERNEL_PKG picks another)
+#   OUTDIR/initrd.img  busybox-static, the kernel modules for common server NICs and disks (with
+#                      their dependencies, `depmod -b`), kmod, the disk tools the installer calls
+#                      (sfdisk, wipefs, blkid, blockdev, partx, mkfs.ext4, mkfs.xfs, mkfs.vfat,
+#                      mkswap) with their shared libraries, the static si-appliance binary, and an
+#                      /init that loads drivers by modalias, brings up the NIC named by si.mac,
+#                      runs udhcpc and then `si-appliance install` (a shell on failure).
+#
+# Usage: pxe-assets/build-client.sh [OUTDIR]      (default /var/cache/si-appliance/client-boot)
+#   SI_APPLIANCE_BIN  the installer binary (default
+#                     $CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/si-appliance); it must
+#                     be statically linked (.cargo/config.toml builds it with crt-static)
+#   SI_DEB_CACHE      where downloaded .deb files are kept (default /var/cache/si-appliance/debs)
+#   SI_KERNEL_PKG     meta-package naming the kernel (default linux-image-amd64)
+#   SI_INITRD_COMP    zstd (default) or xz
+#
+# The kernel package is fetched with `apt-get download` and unpacked with `dpkg-deb`, never
+# installed here. Idempotent: when the outputs were built from the same inputs (kernel .deb,
+# every copied binary, the installer, this script) nothing is rebuilt. Must run as root (apt,
+# mknod). Prints the two sizes at the end.
+set -euo pipefail
+
+out=${1:-/var/cache/si-appliance/client-boot}
+cache=${SI_DEB_CACHE:-/var/cache/si-appliance/debs}
+meta=${SI_KERNEL_PKG:-linux-image-amd64}
+comp=${SI_INITRD_COMP:-zstd}
+target_dir=${CARGO_TARGET_DIR:-/var/cache/si-appliance/cargo-target}
+installer=${SI_APPLIANCE_BIN:-$target_dir/x86_64-unknown-linux-gnu/release/si-appliance}
+self=$(readlink -f "$0")
+
+say() { echo "build-client: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (apt, mknod)"
+[ -x "$installer" ] || die "no installer binary at $installer (cargo build --release, or set SI_APPLIANCE_BIN)"
+# A dynamically linked installer would not run in the initramfs (it has no glibc of its own).
+if ! file -L "$installer" | grep -Eq 'statically linked|static-pie linked'; then
+  die "$installer is not statically linked: $(file -L "$installer")"
+fi
+
+# Build tools and the tools copied into the initramfs, through apt only.
+need=()
+for p in busybox-static cpio zstd xz-utils kmod file binutils util-linux fdisk e2fsprogs xfsprogs dosfstools; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2 \
+    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y -q --no-install-recommends "${need[@]}" >&2; }
+fi
+
+# The real kernel package behind the meta-package, e.g. linux-image-6.1.0-56-amd64.
+resolve_kernel_pkg() {
+  apt-cache depends --no-recommends --no-suggests "$meta" 2>/dev/null \
+    | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n1
+}
+resolve() {
+  pkg=$(resolve_kernel_pkg)
+  ver=$( [ -n "$pkg" ] && apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1 || true)
+  deb="$cache/${pkg}_${ver//:/%3a}_$(dpkg --print-architecture).deb"
+}
+resolve
+if [ -z "$pkg" ] || [ -z "$ver" ]; then
+  say "apt knows no $meta yet: apt-get update"
+  apt-get update -q >&2
+  resolve
+fi
+[ -n "$pkg" ] && [ -n "$ver" ] || die "cannot resolve the package behind $meta"
+
+mkdir -p "$cache" "$out"
+exec 9>"$out/.lock"
+flock -w 900 9 || die "timed out waiting for $out/.lock"
+download() {
+  say "downloading $pkg $ver into $cache"
+  (cd "$cache" && apt-get download "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+}
+if [ ! -s "$deb" ]; then
+  download
+  if [ ! -s "$deb" ]; then
+    # Stale package lists name a version the mirror no longer has: refresh once and retry.
+    say "download failed: apt-get update and retry"
+    apt-get update -q >&2
+    resolve
+    [ -s "$deb" ] || download
+  fi
+  [ -s "$deb" ] || die "apt-get download $pkg=$ver produced no $deb"
+fi
+
+# What goes in. Modules: NICs (virtio, Intel, Broadcom), disk controllers (virtio, AHCI, NVMe,
+# SCSI disks) and file systems; virtio_pci is listed because modprobe's dependency walk does not
+# reach it from virtio_net (QEMU-LAB.md pitfall 7). crc32c is requested by ext4/xfs through the
+# crypto API at mount time, not as a module dependency, so it is listed too.
+modules=(
+  virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev virtio_net virtio_blk virtio_scsi
+  e1000 e1000e igb ixgbe tg3 bnx2
+  ahci sd_mod nvme
+  ext4 xfs vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1 crc32c_generic crc32c_intel efivarfs
+)
+tools=(/usr/sbin/sfdisk /usr/sbin/wipefs /usr/sbin/blkid /usr/sbin/blockdev /usr/bin/partx
+       /usr/sbin/mke2fs /usr/sbin/mkfs.xfs /usr/sbin/mkfs.vfat /usr/sbin/mkswap /usr/bin/kmod)
+busybox=/bin/busybox
+for t in "$busybox" "${tools[@]}"; do [ -x "$t" ] || die "$t missing"; done
+
+stamp="$(stat -c "%n %s %Y" "$deb") $comp $(sha256sum "$self" "$(dirname "$self")/client-init.sh" "$(dirname "$self")/client-udhcpc.sh" "$busybox" "${tools[@]}" "$installer" | awk '{print $1}' | tr '\n' ' ')"
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$(cat "$out/.inputs" 2>/dev/null)" = "$stamp" ]; then
+  say "up to date ($pkg $ver)"
+else
+  started=$(date +%s.%N)
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  dpkg-deb -x "$deb" "$work/deb"
+  kernel=$(ls "$work"/deb/boot/vmlinuz-* | head -n1)
+  config=$(ls "$work"/deb/boot/config-* | head -n1)
+  [ -f "$kernel" ] || die "no boot/vmlinuz-* in $deb"
+  kver=${kernel##*/vmlinuz-}
+  case $comp in
+    zstd) grep -q '^CONFIG_RD_ZSTD=y' "$config" || die "$kver cannot unpack a zstd initramfs"
+          compress=(zstd -q -19 -T0 --no-progress -c) ;;
+    xz)   grep -q '^CONFIG_RD_XZ=y' "$config" || die "$kver cannot unpack an xz initramfs"
+          compress=(xz -9 -T0 --check=crc32 -c) ;;
+    *)    die "SI_INITRD_COMP: zstd or xz, not $comp" ;;
+  esac
+
+  root="$work/root"
+  mkdir -p "$root"/{bin,sbin,etc,dev,proc,sys,run,tmp,mnt,root,var/tmp,usr/bin,usr/sbin,lib/modules/"$kver"}
+  ln -s ../run "$root/var/run"
+
+  # Modules: the deb ships no modules.dep, so index its tree first, then copy every module of the
+  # list with the dependencies modprobe names, keeping their paths; index the copy.
+  depmod -b "$work/deb" "$kver"
+  declare -A seen=()
+  for m in "${modules[@]}"; do
+    deps=$(modprobe -d "$work/deb" -S "$kver" --show-depends "$m" 2>/dev/null) \
+      || { say "warning: $kver has no module $m (built in or absent)"; continue; }
+    while read -r kind path _; do
+      [ "$kind" = insmod ] || continue
+      rel=${path#"$work/deb"}
+      [ -n "${seen[$rel]:-}" ] && continue
+      seen[$rel]=1
+      mkdir -p "$root$(dirname "$rel")"
+      cp "$path" "$root$rel"
+    done <<<"$deps"
+  done
+  cp "$work/deb/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/"
+  depmod -b "$root" "$kver"
+
+  # busybox: every applet as a link, except those kmod provides.
+  cp "$busybox" "$root/bin/busybox"
+  for applet in $("$busybox" --list-full); do
+    case ${applet##*/} in modprobe|insmod|rmmod|lsmod|modinfo|depmod|blkid|blockdev|mkswap) continue ;; esac
+    [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+  done
+  # Dynamic tools with their shared libraries and the loader, at the same paths as here.
+  copy_with_libs() {
+    local bin=$1
+    mkdir -p "$root$(dirname "$bin")"
+    cp -L "$bin" "$root$bin"
+    ldd "$bin" 2>/dev/null | grep -oE '/[^ ]+' | while read -r lib; do
+      [ -e "$root$lib" ] && continue
+      mkdir -p "$root$(dirname "$lib")"
+      cp -L "$lib" "$root$lib"
+    done
+  }
+  for t in "${tools[@]}"; do copy_with_libs "$t"; done
+  for f in modprobe insmod rmmod lsmod modinfo depmod; do ln -sf /usr/bin/kmod "$root/sbin/$f"; done
+  for f in mkfs.ext4 mkfs.ext3 mkfs.ext2; do ln -sf mke2fs "$root/usr/sbin/$f"; done
+  ln -sf mkfs.vfat "$root/usr/sbin/mkfs.fat"
+  # The usrmerge links Debian has (/lib64 -> usr/lib64 etc.) are plain directories here; make sure
+  # the loader is where the binaries look for it.
+  [ -e "$root/lib64/ld-linux-x86-64.so.2" ] || { mkdir -p "$root/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"; }
+  [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
+
+  # The installer, without debug info (its line tables are for the appliance's backtraces).
+  strip -o "$root/usr/sbin/si-appliance" "$installer"
+  chmod 755 "$root/usr/sbin/si-appliance"
+
+  mknod -m 600 "$root/dev/console" c 5 1
+  mknod -m 666 "$root/dev/null" c 1 3
+  printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
+  printf 'root:x:0:\n' > "$root/etc/group"
+  install -m 755 "$(dirname "$self")/client-init.sh" "$root/init"
+  install -m 755 "$(dirname "$self")/client-udhcpc.sh" "$root/etc/udhcpc.script"
+  printf '%s %s\n' "$pkg" "$ver" > "$root/etc/si-client-version"
+
+  # Reproducible archive: fixed mtimes, sorted names, owner root.
+  find "$root" -exec touch -h -d @0 {} +
+  (cd "$root" && find . -mindepth 1 | LC_ALL=C sort \
+     | cpio --quiet -o -H newc -R 0:0 --reproducible) > "$work/initrd.cpio"
+  "${compress[@]}" "$work/initrd.cpio" > "$work/initrd.img"
+  unpacked=$(stat -c %s "$work/initrd.cpio")
+
+  install -m 644 "$kernel" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+  install -m 644 "$work/initrd.img" "$out/initrd.img.tmp" && mv "$out/initrd.img.tmp" "$out/initrd.img"
+  printf '%s %s initrd=%s unpacked=%s modules=%s\n' "$pkg" "$ver" "$comp" "$unpacked" "${#seen[@]}" > "$out/VERSION"
+  printf '%s' "$stamp" > "$out/.inputs"
+  say "built from $pkg $ver in $(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s: ${#seen[@]} modules, initramfs $comp, $unpacked bytes unpacked"
+fi
+
+k=$(stat -c %s "$out/vmlinuz"); i=$(stat -c %s "$out/initrd.img")
+printf '%-10s %9d bytes  %s\n' vmlinuz "$k" "$out/vmlinuz"
+printf '%-10s %9d bytes  %s\n' initrd.img "$i" "$out/initrd.img"
+printf '%-10s %9d bytes  (%.1f MiB; target <= 40 MiB)\n' total "$((k + i))" "$(awk -v t=$((k + i)) 'BEGIN{print t/1048576}')"

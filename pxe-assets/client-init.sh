@@ -64,10 +64,12 @@ while [ $pass -lt 5 ]; do
   [ -n "$aliases" ] && modprobe -qab $aliases 2>/dev/null
   [ "$(loaded)" = "$before" ] && break
 done
-# Disks and file systems the installer may need whatever the hardware said.
-modprobe -qab sd_mod virtio_blk ext4 xfs vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1 \
-  crc32c_intel crc32c_generic 2>/dev/null
 say "drivers loaded ($(loaded) modules, $pass passes)"
+# Disks and file systems the installer may need whatever the hardware said: loaded in the
+# background while the network comes up (each module costs time under emulation).
+modprobe -qab sd_mod virtio_blk ext4 xfs vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1 \
+  crc32c_intel crc32c_generic 2>/dev/null &
+fsmods=$!
 
 # The NIC: the one with si.mac, else the first Ethernet interface with a carrier.
 nic=
@@ -101,6 +103,7 @@ say "network up: $nic $SI_IP"
 
 [ -n "$brk" ] && { say "si.break=1: shell before the installer; exit to continue"; setsid cttyhack sh -l; }
 
+wait $fsmods
 say "starting si-appliance install"
 export RUST_LOG=${RUST_LOG:-info}
 set -o pipefail

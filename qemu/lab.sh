@@ -1,0 +1,295 @@
+#!/usr/bin/env bash
+# The main job, end to end, on one machine: N QEMU VMs PXE-boot from the appliance, install the
+# demo image over the swarm onto their blank disks, reboot from those disks into Debian and show
+# a login prompt with their own host names.
+#
+#   sudo qemu/lab.sh              # 3 VMs
+#   sudo LAB_VMS=5 qemu/lab.sh
+#
+# What it does, in order: installs its Debian packages if missing (vm-tests/install-deps.sh),
+# builds the binary (the one release build the tests use), the client kernel + initramfs
+# (pxe-assets/build-client.sh) and the demo image (qemu/make-demo-image.sh, cached), imports the
+# image into a lab store (cached), creates two network namespaces — a switch with a bridge and one
+# tap per VM, and the appliance's, joined to the bridge by a veth pair — starts the appliance there
+# (full DHCP on 10.77.0.0/24, its own state directory in the lab directory) and the VMs (TCG,
+# -nodefaults, NIC first in the boot order, a blank sparse disk each). A VM's installer ends with a
+# reboot; QEMU runs with -no-reboot, so the lab sees that reboot, and starts the VM again from its
+# disk (the appliance does not yet tell an installed node to boot locally, see README). It waits,
+# bounded, for every login prompt, prints a per-node table of phase times taken on the host clock
+# (serial lines timestamped as they arrive, and the appliance log), and where the dashboard is.
+# Ctrl-C or the end removes everything it created (processes by PID, namespaces, taps).
+#
+# Environment:
+#   LAB_VMS=3          number of VMs          LAB_MEM=512      MiB of RAM per VM
+#   LAB_DISK=2G        disk size per VM       LAB_TIMEOUT=1800 seconds for the whole deployment
+#   LAB_DIR=…          logs, disks, state (default /tmp/si-lab.<pid>; kept when LAB_KEEP=1)
+#   LAB_HOLD=1         keep the lab running after the table until Ctrl-C (to look around)
+#   LAB_SMALL_DISK=N   give VM number N a 64 MiB disk (the "disk too small" fault)
+#   CARGO_TARGET_DIR   the release build (default /var/cache/si-appliance/cargo-target)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+vms=${LAB_VMS:-3}
+mem=${LAB_MEM:-512}
+disk_size=${LAB_DISK:-2G}
+limit=${LAB_TIMEOUT:-1800}
+labdir=${LAB_DIR:-/tmp/si-lab.$$}
+image=demo
+net=10.77.0
+server=$net.1
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/si-appliance/cargo-target}
+bin=$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/si-appliance
+client_dir=${LAB_CLIENT_DIR:-/var/cache/si-appliance/client-boot}
+demo_dir=${LAB_DEMO_DIR:-/var/cache/si-appliance-test/demo-bookworm}
+store=${LAB_STORE:-/var/cache/si-appliance-test/lab-store}
+sw=sialab-$$-sw
+ap=sialab-$$-ap
+
+say() { printf '%s lab: %s\n' "$(date +%T)" "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root (namespaces, taps, apt)"
+[[ $vms =~ ^[0-9]+$ ]] && [ "$vms" -ge 1 ] && [ "$vms" -le 50 ] || die "LAB_VMS: 1..50"
+
+# --- cleanup: only what this run started, by PID; then the namespaces (taps and veths go with them)
+pids=()
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.3; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  ip netns del "$sw" 2>/dev/null || true
+  ip netns del "$ap" 2>/dev/null || true
+  if [ "${LAB_KEEP:-0}" = 1 ] || [ $rc != 0 ]; then
+    say "logs kept in $labdir"
+  else
+    rm -rf "$labdir"
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'say "interrupted"; exit 130' INT TERM
+
+t0=$(date +%s)
+# --- 1. packages, binary, boot files, demo image
+vm-tests/install-deps.sh >&2
+say "building si-appliance (release, $CARGO_TARGET_DIR)"
+cargo build --release --locked --bin si-appliance >&2
+pxe-assets/build-client.sh "$client_dir" >&2
+qemu/make-demo-image.sh "$demo_dir" >&2
+
+# --- 2. the lab store: the demo image imported once (again when the demo recipe changes)
+mkdir -p "$store"
+exec 8>"$store.lock"
+flock -w 600 8 || die "another lab or test holds $store.lock"
+recipe=$(cat "$demo_dir.complete")
+if [ "$(cat "$store/$image.recipe" 2>/dev/null)" != "$recipe" ]; then
+  say "importing $demo_dir into $store as '$image'"
+  "$bin" --store "$store" image rm "$image" >/dev/null 2>&1 || true
+  "$bin" --store "$store" image import "$image" --from "$demo_dir" >&2
+  echo "$recipe" > "$store/$image.recipe"
+fi
+t_prep=$(date +%s)
+
+# --- 3. namespaces: switch (bridge + taps) and appliance (veth into the bridge)
+mkdir -p "$labdir"
+ip netns add "$sw"
+ip netns add "$ap"
+ip -n "$sw" link set lo up
+ip -n "$ap" link set lo up
+ip -n "$sw" link add br0 type bridge
+ip -n "$sw" link set br0 type bridge stp_state 0 forward_delay 0
+ip -n "$sw" link set br0 up
+ip -n "$sw" link add p0 type veth peer name eth0 netns "$ap"
+ip -n "$sw" link set p0 master br0
+ip -n "$sw" link set p0 up
+ip -n "$ap" link set eth0 address 52:54:00:77:00:01
+ip -n "$ap" addr add "$server/24" dev eth0
+ip -n "$ap" link set eth0 up
+# The appliance's IPv6 router advertisement (which spares iPXE a 15 s wait) needs a link-local
+# address past duplicate address detection.
+for _ in $(seq 50); do
+  ip -n "$ap" -6 addr show dev eth0 scope link | grep -q 'fe80::' \
+    && ! ip -n "$ap" -6 addr show dev eth0 scope link | grep -q tentative && break
+  sleep 0.2
+done
+
+# --- 4. the appliance
+cat > "$labdir/appliance.toml" <<EOF
+# si-appliance configuration of the QEMU lab (qemu/lab.sh).
+iface = "eth0"
+image = "$image"
+store = "$store"
+state_dir = "$labdir/state"
+
+[dhcp]
+mode = "full"
+# "all": the installed systems get addresses too (their DHCP has no PXE vendor class).
+answer = "all"
+probe = false
+
+[[dhcp.pool]]
+subnet = "$net.0/24"
+range = ["$net.100", "$net.199"]
+
+[tftp]
+enable = true
+
+[http]
+port = 80
+
+[boot]
+kernel = "$client_dir/vmlinuz"
+initrd = "$client_dir/initrd.img"
+cmdline = "console=ttyS0 panic=10"
+EOF
+if [ -n "${LAB_APPLIANCE_TOML_EXTRA:-}" ]; then printf '%s\n' "$LAB_APPLIANCE_TOML_EXTRA" >> "$labdir/appliance.toml"; fi
+say "starting the appliance in namespace $ap ($server)"
+ip netns exec "$ap" env RUST_LOG=info "$bin" --config "$labdir/appliance.toml" > "$labdir/appliance.log" 2>&1 &
+apid=$!
+pids+=("$apid")
+for _ in $(seq 600); do
+  grep -q 'si-appliance ready' "$labdir/appliance.log" && break
+  kill -0 "$apid" 2>/dev/null || { tail -n 30 "$labdir/appliance.log" >&2; die "the appliance exited"; }
+  sleep 0.5
+done
+grep -q 'si-appliance ready' "$labdir/appliance.log" || { tail -n 30 "$labdir/appliance.log" >&2; die "the appliance is not ready after 300 s"; }
+t_ready=$(date +%s)
+
+# --- 5. the VMs
+# Serial output goes through a FIFO to a timestamper that prefixes each line with the host's
+# clock (the guest clock drifts under TCG), appending to serial-N.log across both boots.
+stamp_serial() { # FIFO LOG
+  perl -e 'use Time::HiRes qw(time); $|=1; open(my $in, "<", $ARGV[0]) or die; open(my $out, ">>", $ARGV[1]) or die;
+           select($out); $|=1; while (my $l = <$in>) { $l =~ s/\r//g; $l =~ s/\e\[[0-9;?]*[a-zA-Z]//g; printf "%.3f %s", time, $l; }' "$1" "$2"
+}
+declare -a macs qpid start state restart_t
+start_vm() { # N BOOT(net|disk)
+  local i=$1 boot=$2 fifo="$labdir/serial-$1.fifo"
+  rm -f "$fifo"; mkfifo "$fifo"
+  stamp_serial "$fifo" "$labdir/serial-$i.log" &
+  pids+=("$!")
+  local nic_idx=1 disk_idx=2
+  [ "$boot" = disk ] && { nic_idx=2; disk_idx=1; }
+  printf '%.3f === lab: VM %s powered on (%s first) ===\n' "$(date +%s.%N)" "$i" "$boot" >> "$labdir/serial-$i.log"
+  ip netns exec "$sw" qemu-system-x86_64 -name "si-lab-vm$i" \
+    -nodefaults -machine pc,graphics=off -accel tcg -display none -m "$mem" -no-reboot \
+    -netdev "tap,id=n0,ifname=tap$i,script=no,downscript=no" \
+    -device "virtio-net-pci,netdev=n0,mac=${macs[$i]},bootindex=$nic_idx" \
+    -drive "file=$labdir/disk-$i.img,format=raw,if=none,id=d0" \
+    -device "virtio-blk-pci,drive=d0,bootindex=$disk_idx" \
+    -serial "file:$fifo" -monitor none > "$labdir/qemu-$i.log" 2>&1 &
+  qpid[$i]=$!
+  pids+=("${qpid[$i]}")
+}
+for i in $(seq 1 "$vms"); do
+  macs[$i]=$(printf '52:54:00:77:01:%02x' "$i")
+  ip -n "$sw" tuntap add "tap$i" mode tap
+  ip -n "$sw" link set "tap$i" master br0
+  ip -n "$sw" link set "tap$i" up
+  size=$disk_size
+  [ "${LAB_SMALL_DISK:-0}" = "$i" ] && size=64M
+  truncate -s "$size" "$labdir/disk-$i.img"
+  start[$i]=$(date +%s.%N)
+  state[$i]=installing
+  start_vm "$i" net
+  say "VM $i (${macs[$i]}, disk $size) PXE-booting; serial: $labdir/serial-$i.log"
+done
+
+first_ts() { # LOG REGEX [AFTER_TS] -> first timestamp of a matching line after AFTER_TS
+  awk -v re="$2" -v after="${3:-0}" '$1 > after && $0 ~ re { print $1; exit }' "$1"
+}
+rel() { # TS BASE
+  if [ -n "$1" ]; then awk -v a="$1" -v b="$2" 'BEGIN{printf "%7.1f", a-b}'; else printf '%7s' -; fi
+}
+login_name() { # LOG AFTER_TS -> the host name of the first login prompt after AFTER_TS
+  awk -v after="$2" '$1 > after && / login:/ { for (i = 2; i <= NF; i++) if ($(i) == "login:") { print $(i-1); exit } }' "$1"
+}
+
+# --- 6. wait for every VM: installing -> rebooted from disk -> login (or failed)
+deadline=$(( $(date +%s) + limit ))
+while :; do
+  pending=0
+  for i in $(seq 1 "$vms"); do
+    log="$labdir/serial-$i.log"
+    case ${state[$i]} in
+      installing)
+        if grep -q 'si-init: FAILED' "$log"; then
+          state[$i]=failed; say "VM $i failed: $(grep -m1 'si-init: FAILED' "$log" | cut -d' ' -f2-)"
+        elif ! kill -0 "${qpid[$i]}" 2>/dev/null; then
+          # The guest rebooted (-no-reboot ends QEMU): power it on again, disk first.
+          state[$i]=disk; restart_t[$i]=$(date +%s.%N)
+          say "VM $i rebooted: starting it from its disk"
+          start_vm "$i" disk
+        fi ;;
+      disk)
+        if [ -n "$(first_ts "$log" ' login:' "${restart_t[$i]}")" ]; then
+          state[$i]=up; say "VM $i: $(login_name "$log" "${restart_t[$i]}") login prompt"
+        elif ! kill -0 "${qpid[$i]}" 2>/dev/null; then
+          state[$i]=failed; say "VM $i stopped while booting from its disk"
+        fi ;;
+    esac
+    case ${state[$i]} in up|failed) ;; *) pending=$((pending + 1)) ;; esac
+  done
+  [ $pending = 0 ] && break
+  if [ "$(date +%s)" -ge $deadline ]; then say "timed out after ${limit}s with $pending VM(s) unfinished"; break; fi
+  sleep 1
+done
+t_end=$(date +%s)
+
+# --- 7. the table: seconds since each VM's power-on, from host-clock serial timestamps
+# The appliance logs in UTC RFC 3339; the first line naming MAC and containing WORDS, as epoch.
+app_ts() { # MAC WORDS
+  local line
+  line=$(grep -a -F "$1" "$labdir/appliance.log" | grep -a -m1 -F "$2" | sed 's/\x1b\[[0-9;]*m//g' | awk '{print $1}')
+  [ -n "$line" ] && date -d "$line" +%s.%N 2>/dev/null || true
+}
+{
+  echo
+  echo "Per-node phase times (seconds since the VM was powered on; host clock)"
+  printf '%-4s %-17s %7s %7s %7s %7s %7s %7s %7s %7s %7s  %s\n' VM MAC dhcp files kernel init net \
+    inst.end reboot grub login result
+  for i in $(seq 1 "$vms"); do
+    log="$labdir/serial-$i.log"; b=${start[$i]}
+    r=${restart_t[$i]:-}
+    dhcp=$(app_ts "${macs[$i]}" "lease bound")
+    [ -n "$dhcp" ] || dhcp=$(first_ts "$log" 'Configuring \(net0.*ok')
+    files=$(first_ts "$log" '/boot/initrd.img.*ok')
+    kern=$(first_ts "$log" 'Linux version')
+    init=$(first_ts "$log" 'si-init: running')
+    netup=$(first_ts "$log" 'si-init: network up')
+    iend=$(first_ts "$log" 'reboot: Restarting|reboot: Power down|si-init: FAILED')
+    grub=""; login=""
+    if [ -n "$r" ]; then
+      grub=$(first_ts "$log" 'Booting `|Loading Linux|GRUB' "$r")
+      login=$(first_ts "$log" ' login:' "$r")
+    fi
+    result=${state[$i]}
+    [ "$result" = up ] && result="up: $(login_name "$log" "$r")"
+    printf '%-4s %-17s %s %s %s %s %s %s %s %s %s  %s\n' "$i" "${macs[$i]}" "$(rel "$dhcp" "$b")" "$(rel "$files" "$b")" \
+      "$(rel "$kern" "$b")" "$(rel "$init" "$b")" "$(rel "$netup" "$b")" "$(rel "$iend" "$b")" "$(rel "$r" "$b")" \
+      "$(rel "$grub" "$b")" "$(rel "$login" "$b")" "$result"
+  done
+  echo "  dhcp: lease bound (appliance log); files: initrd fetched by iPXE; kernel: 'Linux version' on"
+  echo "  the console; init: the initramfs runs; net: udhcpc lease in Linux; inst.end: the installer"
+  echo "  reboots (download+unpack+boot loader in between, see the installer's lines in the serial log);"
+  echo "  reboot: QEMU powered on again from the disk; grub: GRUB's first line; login: the prompt."
+  echo "Preparation (deps, build, boot files, image): $((t_prep - t0)) s; appliance ready (packing): $((t_ready - t_prep)) s;"
+  echo "deployment (first VM power-on to last login or failure): $((t_end - t_ready)) s."
+  echo "Kernel $(stat -c %s "$client_dir/vmlinuz") bytes + initrd $(stat -c %s "$client_dir/initrd.img") bytes ($(cat "$client_dir/VERSION" 2>/dev/null))."
+  echo "Dashboard: http://$server/ inside namespace $ap, e.g."
+  echo "  ip netns exec $ap curl -s http://$server/api/swarm"
+  echo "Logs: $labdir (appliance.log, serial-N.log)"
+} | tee "$labdir/summary.txt"
+
+failed=0
+for i in $(seq 1 "$vms"); do [ "${state[$i]}" = up ] || failed=$((failed + 1)); done
+if [ "${LAB_HOLD:-0}" = 1 ]; then
+  say "LAB_HOLD=1: the lab keeps running; Ctrl-C removes it"
+  while kill -0 "$apid" 2>/dev/null; do sleep 2; done
+fi
+[ $failed = 0 ] || { say "$failed VM(s) did not reach a login prompt"; LAB_KEEP=1; exit 1; }
+say "all $vms VMs installed and up"

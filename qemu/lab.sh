@@ -145,6 +145,12 @@ port = 80
 kernel = "$client_dir/vmlinuz"
 initrd = "$client_dir/initrd.img"
 cmdline = "console=ttyS0 panic=10"
+
+[install]
+finish = "reboot"
+# Nodes seed to each other after their install, until the deployment is done or this long.
+seed_for = "${LAB_SEED_FOR:-60s}"
+report_every = "2s"
 EOF
 if [ -n "${LAB_APPLIANCE_TOML_EXTRA:-}" ]; then printf '%s\n' "$LAB_APPLIANCE_TOML_EXTRA" >> "$labdir/appliance.toml"; fi
 say "starting the appliance in namespace $ap ($server)"
@@ -166,7 +172,7 @@ stamp_serial() { # FIFO LOG
   perl -e 'use Time::HiRes qw(time); $|=1; open(my $in, "<", $ARGV[0]) or die; open(my $out, ">>", $ARGV[1]) or die;
            select($out); $|=1; while (my $l = <$in>) { $l =~ s/\r//g; $l =~ s/\e\[[0-9;?]*[a-zA-Z]//g; printf "%.3f %s", time, $l; }' "$1" "$2"
 }
-declare -a macs qpid start state restart_t
+declare -a macs qpid start state restart_t boot_t boots
 start_vm() { # N BOOT(net|disk)
   local i=$1 boot=$2 fifo="$labdir/serial-$1.fifo"
   rm -f "$fifo"; mkfifo "$fifo"
@@ -174,7 +180,9 @@ start_vm() { # N BOOT(net|disk)
   pids+=("$!")
   local nic_idx=1 disk_idx=2
   [ "$boot" = disk ] && { nic_idx=2; disk_idx=1; }
-  printf '%.3f === lab: VM %s powered on (%s first) ===\n' "$(date +%s.%N)" "$i" "$boot" >> "$labdir/serial-$i.log"
+  boot_t[$i]=$(date +%s.%N)
+  boots[$i]=$(( ${boots[$i]:-0} + 1 ))
+  printf '%s === lab: VM %s powered on (%s first) ===\n' "${boot_t[$i]}" "$i" "$boot" >> "$labdir/serial-$i.log"
   ip netns exec "$sw" qemu-system-x86_64 -name "si-lab-vm$i" \
     -nodefaults -machine pc,graphics=off -accel tcg -display none -m "$mem" -no-reboot \
     -netdev "tap,id=n0,ifname=tap$i,script=no,downscript=no" \
@@ -203,7 +211,7 @@ first_ts() { # LOG REGEX [AFTER_TS] -> first timestamp of a matching line after 
   awk -v re="$2" -v after="${3:-0}" '$1 > after && $0 ~ re { print $1; exit }' "$1"
 }
 rel() { # TS BASE
-  if [ -n "$1" ]; then awk -v a="$1" -v b="$2" 'BEGIN{printf "%7.1f", a-b}'; else printf '%7s' -; fi
+  if [ -n "$1" ]; then awk -v a="$1" -v b="$2" 'BEGIN{printf "%6.1f", a-b}'; else printf '%6s' -; fi
 }
 login_name() { # LOG AFTER_TS -> the host name of the first login prompt after AFTER_TS
   awk -v after="$2" '$1 > after && / login:/ { for (i = 2; i <= NF; i++) if ($(i) == "login:") { print $(i-1); exit } }' "$1"
@@ -220,10 +228,20 @@ while :; do
         if grep -q 'si-init: FAILED' "$log"; then
           state[$i]=failed; say "VM $i failed: $(grep -m1 'si-init: FAILED' "$log" | cut -d' ' -f2-)"
         elif ! kill -0 "${qpid[$i]}" 2>/dev/null; then
-          # The guest rebooted (-no-reboot ends QEMU): power it on again, disk first.
-          state[$i]=disk; restart_t[$i]=$(date +%s.%N)
-          say "VM $i rebooted: starting it from its disk"
-          start_vm "$i" disk
+          # The guest rebooted or powered off (-no-reboot ends QEMU). After a finished install
+          # (the installer's "done" and the kernel's restart since this power-on) it is powered
+          # on again from its disk, otherwise from the network again (a reset mid-install).
+          since=${boot_t[$i]}
+          if [ -n "$(first_ts "$log" 'phase=done' "$since")" ] && [ -n "$(first_ts "$log" 'reboot: Restarting system' "$since")" ]; then
+            state[$i]=disk; restart_t[$i]=$(date +%s.%N)
+            say "VM $i rebooted after its install: starting it from its disk"
+            start_vm "$i" disk
+          elif [ "${boots[$i]}" -lt 4 ]; then
+            say "VM $i stopped before its install finished: PXE-booting it again"
+            start_vm "$i" net
+          else
+            state[$i]=failed; say "VM $i stopped four times without finishing its install"
+          fi
         fi ;;
       disk)
         if [ -n "$(first_ts "$log" ' login:' "${restart_t[$i]}")" ]; then
@@ -249,34 +267,37 @@ app_ts() { # MAC WORDS
 }
 {
   echo
-  echo "Per-node phase times (seconds since the VM was powered on; host clock)"
-  printf '%-4s %-17s %7s %7s %7s %7s %7s %7s %7s %7s %7s  %s\n' VM MAC dhcp files kernel init net \
-    inst.end reboot grub login result
+  echo "Per-node phase times (seconds since the VM was first powered on; host clock)"
+  printf '%-3s %-17s %6s %6s %6s %6s %6s %6s %6s %7s %7s %7s %7s %7s %7s  %s\n' VM MAC dhcp files kernel init net \
+    plan part dl+unp config loader done reboot login result
   for i in $(seq 1 "$vms"); do
     log="$labdir/serial-$i.log"; b=${start[$i]}
     r=${restart_t[$i]:-}
+    # The installer phases of the last network boot (after a reset: the clean install).
+    last_net=$(awk '/=== lab: VM .* powered on \(net first\)/ { t = $1 } END { print t }' "$log")
     dhcp=$(app_ts "${macs[$i]}" "lease bound")
     [ -n "$dhcp" ] || dhcp=$(first_ts "$log" 'Configuring \(net0.*ok')
     files=$(first_ts "$log" '/boot/initrd.img.*ok')
     kern=$(first_ts "$log" 'Linux version')
     init=$(first_ts "$log" 'si-init: running')
     netup=$(first_ts "$log" 'si-init: network up')
-    iend=$(first_ts "$log" 'reboot: Restarting|reboot: Power down|si-init: FAILED')
-    grub=""; login=""
-    if [ -n "$r" ]; then
-      grub=$(first_ts "$log" 'Booting `|Loading Linux|GRUB' "$r")
-      login=$(first_ts "$log" ' login:' "$r")
-    fi
+    cols=""
+    for ph in installer partitioning downloading configuring boot-loader done; do
+      cols="$cols $(rel "$(first_ts "$log" "phase=$ph" "$last_net")" "$b")"
+    done
+    login=""
+    [ -n "$r" ] && login=$(first_ts "$log" ' login:' "$r")
     result=${state[$i]}
     [ "$result" = up ] && result="up: $(login_name "$log" "$r")"
-    printf '%-4s %-17s %s %s %s %s %s %s %s %s %s  %s\n' "$i" "${macs[$i]}" "$(rel "$dhcp" "$b")" "$(rel "$files" "$b")" \
-      "$(rel "$kern" "$b")" "$(rel "$init" "$b")" "$(rel "$netup" "$b")" "$(rel "$iend" "$b")" "$(rel "$r" "$b")" \
-      "$(rel "$grub" "$b")" "$(rel "$login" "$b")" "$result"
+    [ "$result" = failed ] && result="failed: $(grep -m1 -o 'si-init: FAILED.*' "$log" | cut -c 17- | cut -c 1-100)"
+    printf '%-3s %-17s %s %s %s %s %s%s %s %s  %s\n' "$i" "${macs[$i]}" "$(rel "$dhcp" "$b")" "$(rel "$files" "$b")" \
+      "$(rel "$kern" "$b")" "$(rel "$init" "$b")" "$(rel "$netup" "$b")" "$cols" "$(rel "$r" "$b")" \
+      "$(rel "$login" "$b")" "$result"
   done
-  echo "  dhcp: lease bound (appliance log); files: initrd fetched by iPXE; kernel: 'Linux version' on"
-  echo "  the console; init: the initramfs runs; net: udhcpc lease in Linux; inst.end: the installer"
-  echo "  reboots (download+unpack+boot loader in between, see the installer's lines in the serial log);"
-  echo "  reboot: QEMU powered on again from the disk; grub: GRUB's first line; login: the prompt."
+  echo "  dhcp: lease bound (appliance log); files: initrd fetched by iPXE; kernel: 'Linux version' on the"
+  echo "  console; init: the initramfs runs; net: its udhcpc lease; plan … done: the installer's phases"
+  echo "  (plan fetched, partitioning, download+unpack, configuring, boot loader, done); reboot: QEMU"
+  echo "  powered on again from the disk; login: the installed system's login prompt."
   echo "Preparation (deps, build, boot files, image): $((t_prep - t0)) s; appliance ready (packing): $((t_ready - t_prep)) s;"
   echo "deployment (first VM power-on to last login or failure): $((t_end - t_ready)) s."
   echo "Kernel $(stat -c %s "$client_dir/vmlinuz") bytes + initrd $(stat -c %s "$client_dir/initrd.img") bytes ($(cat "$client_dir/VERSION" 2>/dev/null))."

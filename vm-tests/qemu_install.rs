@@ -318,17 +318,16 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
             match vm.state.clone() {
                 State::Installing => {
                     let boot = vm.this_boot();
-                    if let Some((_, l)) = boot.iter().find(|(_, l)| l.contains("si-init: FAILED")) {
-                        vm.state = State::Failed(l.clone());
-                    } else if vm.n == RESET_VM
-                        && vm.reset_at.is_none()
-                        && boot.iter().any(|(_, l)| l.contains("downloading + unpacking"))
-                    {
+                    let failed = boot.iter().find(|(_, l)| l.contains("si-init: FAILED")).map(|(_, l)| l.clone());
+                    let downloading = boot.iter().any(|(_, l)| l.contains("downloading + unpacking"));
+                    let finished = boot.iter().any(|(_, l)| l.contains(&phase_mark("done")))
+                        && boot.iter().any(|(_, l)| l.contains("reboot: Restarting system"));
+                    if let Some(l) = failed {
+                        vm.state = State::Failed(l);
+                    } else if vm.n == RESET_VM && vm.reset_at.is_none() && downloading {
                         vm.reset(&lab);
                         vm.reset_at = Some(now);
                     } else if vm.exited() {
-                        let finished = boot.iter().any(|(_, l)| l.contains(&phase_mark("done")))
-                            && boot.iter().any(|(_, l)| l.contains("reboot: Restarting system"));
                         if finished {
                             vm.state = State::DiskBoot;
                             vm.power_on(&lab, Boot::Disk, now);

@@ -95,9 +95,11 @@ fi
 # What goes in. Modules: NICs (virtio, Intel, Broadcom), disk controllers (virtio, AHCI, NVMe,
 # SCSI disks) and file systems; virtio_pci is listed because modprobe's dependency walk does not
 # reach it from virtio_net (QEMU-LAB.md pitfall 7). crc32c is requested by ext4/xfs through the
-# crypto API at mount time, not as a module dependency, so it is listed too.
+# crypto API at mount time, not as a module dependency, so it is listed too. virtio_rng feeds the
+# kernel's random pool in VMs: without RDRAND (QEMU TCG) and without it, getrandom(2) — which the
+# installer's swarm client calls — blocks for minutes after boot.
 modules=(
-  virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev virtio_net virtio_blk virtio_scsi
+  virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev virtio_net virtio_blk virtio_scsi virtio_rng
   e1000 e1000e igb ixgbe tg3 bnx2
   ahci sd_mod nvme
   ext4 xfs vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1 crc32c_generic crc32c_intel efivarfs

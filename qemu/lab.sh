@@ -26,6 +26,7 @@
 #   LAB_HOLD=1         keep the lab running after the table until Ctrl-C (to look around)
 #   LAB_SMALL_DISK=N   give VM number N a 64 MiB disk (the "disk too small" fault)
 #   CARGO_TARGET_DIR   the release build (default /var/cache/si-appliance/cargo-target)
+#   SI_APPLIANCE_BIN   use this binary (appliance and installer) instead of building one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -76,9 +77,14 @@ trap 'say "interrupted"; exit 130' INT TERM
 t0=$(date +%s)
 # --- 1. packages, binary, boot files, demo image
 vm-tests/install-deps.sh >&2
-say "building si-appliance (release, $CARGO_TARGET_DIR)"
-cargo build --release --locked --bin si-appliance >&2
-pxe-assets/build-client.sh "$client_dir" >&2
+if [ -n "${SI_APPLIANCE_BIN:-}" ]; then
+  bin=$SI_APPLIANCE_BIN
+  say "using $bin (SI_APPLIANCE_BIN; not building)"
+else
+  say "building si-appliance (release, $CARGO_TARGET_DIR)"
+  cargo build --release --locked --bin si-appliance >&2
+fi
+SI_APPLIANCE_BIN=$bin pxe-assets/build-client.sh "$client_dir" >&2
 qemu/make-demo-image.sh "$demo_dir" >&2
 
 # --- 2. the lab store: the demo image imported once (again when the demo recipe changes)
@@ -189,7 +195,7 @@ start_vm() { # N BOOT(net|disk)
     -device "virtio-net-pci,netdev=n0,mac=${macs[$i]},bootindex=$nic_idx" \
     -drive "file=$labdir/disk-$i.img,format=raw,if=none,id=d0" \
     -device "virtio-blk-pci,drive=d0,bootindex=$disk_idx" \
-    -serial "file:$fifo" -monitor none > "$labdir/qemu-$i.log" 2>&1 &
+    -device virtio-rng-pci -serial "file:$fifo" -monitor none > "$labdir/qemu-$i.log" 2>&1 &
   qpid[$i]=$!
   pids+=("${qpid[$i]}")
 }

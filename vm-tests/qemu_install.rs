@@ -144,6 +144,9 @@ impl Vm {
             .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={},bootindex={nic}", self.mac)])
             .args(["-drive", &format!("file={},format=raw,if=none,id=d0", self.disk.display())])
             .args(["-device", &format!("virtio-blk-pci,drive=d0,bootindex={disk}")])
+            // Entropy for the guest: without RDRAND (TCG) the kernel's pool starts empty and
+            // getrandom(2) blocks the installer's swarm client.
+            .args(["-device", "virtio-rng-pci"])
             .arg("-serial")
             .arg(format!("file:{}", self.serial.display()))
             .arg("-monitor")

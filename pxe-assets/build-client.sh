@@ -45,7 +45,7 @@ fi
 
 # Build tools and the tools copied into the initramfs, through apt only.
 need=()
-for p in busybox-static cpio zstd xz-utils kmod file binutils util-linux fdisk e2fsprogs xfsprogs dosfstools; do
+for p in busybox-static cpio zstd xz-utils kmod file binutils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -108,8 +108,9 @@ tools=(/usr/sbin/sfdisk /usr/sbin/wipefs /usr/sbin/blkid /usr/sbin/blockdev /usr
        /usr/sbin/mke2fs /usr/sbin/mkfs.xfs /usr/sbin/mkfs.vfat /usr/sbin/mkswap /usr/bin/kmod)
 busybox=/bin/busybox
 for t in "$busybox" "${tools[@]}"; do [ -x "$t" ] || die "$t missing"; done
+[ -s /etc/ssl/certs/ca-certificates.crt ] || die "/etc/ssl/certs/ca-certificates.crt missing (package ca-certificates)"
 
-stamp="$(stat -c "%n %s %Y" "$deb") $comp $(sha256sum "$self" "$(dirname "$self")/client-init.sh" "$(dirname "$self")/client-udhcpc.sh" "$busybox" "${tools[@]}" "$installer" | awk '{print $1}' | tr '\n' ' ')"
+stamp="$(stat -c "%n %s %Y" "$deb") $comp $(sha256sum "$self" /etc/ssl/certs/ca-certificates.crt "$(dirname "$self")/client-init.sh" "$(dirname "$self")/client-udhcpc.sh" "$busybox" "${tools[@]}" "$installer" | awk '{print $1}' | tr '\n' ' ')"
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$(cat "$out/.inputs" 2>/dev/null)" = "$stamp" ]; then
   say "up to date ($pkg $ver)"
 else
@@ -177,6 +178,10 @@ else
   # the loader is where the binaries look for it.
   [ -e "$root/lib64/ld-linux-x86-64.so.2" ] || { mkdir -p "$root/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"; }
   [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
+  # The CA bundle: librqbit's HTTP client (rustls with the platform's roots) refuses to start
+  # without any, even though the appliance's tracker is plain HTTP.
+  mkdir -p "$root/etc/ssl/certs"
+  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
 
   # The installer, without debug info (its line tables are for the appliance's backtraces).
   strip -o "$root/usr/sbin/si-appliance" "$installer"

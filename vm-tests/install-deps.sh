@@ -12,7 +12,7 @@ pkgs=(
   debootstrap attr acl rsync libcap2-bin
 )
 # The client initramfs (pxe-assets/build-client.sh): the disk tools it copies, and its build tools.
-pkgs+=(file binutils xz-utils util-linux fdisk e2fsprogs xfsprogs dosfstools)
+pkgs+=(file binutils xz-utils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -238,7 +238,7 @@ while :; do
           # (the installer's "done" and the kernel's restart since this power-on) it is powered
           # on again from its disk, otherwise from the network again (a reset mid-install).
           since=${boot_t[$i]}
-          if [ -n "$(first_ts "$log" 'phase=done' "$since")" ] && [ -n "$(first_ts "$log" 'reboot: Restarting system' "$since")" ]; then
+          if [ -n "$(first_ts "$log" 'install-done ' "$since")" ] && [ -n "$(first_ts "$log" 'reboot: Restarting system' "$since")" ]; then
             state[$i]=disk; restart_t[$i]=$(date +%s.%N)
             say "VM $i rebooted after its install: starting it from its disk"
             start_vm "$i" disk
@@ -288,8 +288,8 @@ app_ts() { # MAC WORDS
     init=$(first_ts "$log" 'si-init: running')
     netup=$(first_ts "$log" 'si-init: network up')
     cols=""
-    for ph in installer partitioning downloading configuring boot-loader done; do
-      cols="$cols $(rel "$(first_ts "$log" "phase=$ph" "$last_net")" "$b")"
+    for ph in phase=installer phase=partitioning phase=downloading phase=configuring phase=boot-loader 'install-done '; do
+      cols="$cols $(rel "$(first_ts "$log" "$ph" "$last_net")" "$b")"
     done
     login=""
     [ -n "$r" ] && login=$(first_ts "$log" ' login:' "$r")

@@ -323,7 +323,7 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
                     let boot = vm.this_boot();
                     let failed = boot.iter().find(|(_, l)| l.contains("si-init: FAILED")).map(|(_, l)| l.clone());
                     let downloading = boot.iter().any(|(_, l)| l.contains("downloading + unpacking"));
-                    let finished = boot.iter().any(|(_, l)| l.contains(&phase_mark("done")))
+                    let finished = boot.iter().any(|(_, l)| l.contains("install-done "))
                         && boot.iter().any(|(_, l)| l.contains("reboot: Restarting system"));
                     if let Some(l) = failed {
                         vm.state = State::Failed(l);

@@ -46,6 +46,9 @@ pub enum AppError {
     /// Packing the default image at start failed.
     #[error("image store")]
     Image(#[from] crate::image::ImageError),
+    /// The node plans cannot be served (an invalid disk layout file).
+    #[error("node plans")]
+    Plan(#[from] crate::plan::PlanError),
     /// The HTTP listener could not be bound or failed.
     #[error("http on {addr}")]
     Http {
@@ -67,6 +70,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let secret = load_or_create_secret(&cfg.state_dir)?;
     let mut cfg = cfg;
     pack_default_image(&mut cfg).await?;
+    // Before anything is served: a bad `<store>/<image>.layout.toml` stops start-up with its reason.
+    let facts = cfg.image.as_ref().and_then(|i| crate::plan::archive_facts(&cfg.swarm.archives, i));
+    let plan_api = Arc::new(crate::plan::PlanApi::new(&cfg, secret.clone(), facts)?);
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
@@ -105,6 +111,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     if cfg.swarm.enable {
         router = router.merge(start_swarm(&cfg, &iface, &shutdown, &mut tasks).await?);
     }
+    router = router.merge(crate::plan::routes(plan_api));
     for ip in [iface.ip, Ipv4Addr::LOCALHOST] {
         let addr = SocketAddr::V4(SocketAddrV4::new(ip, cfg.http.port));
         let listener = tokio::net::TcpListener::bind(addr)

@@ -106,6 +106,10 @@ pub enum Command {
     /// Download an image through the appliance's swarm (the swarm half of the installer),
     /// uploading to other nodes meanwhile, and keep seeding afterwards.
     Fetch(FetchArgs),
+    /// The installer (run by the nodes' initramfs): orders from /proc/cmdline, plan from the
+    /// appliance, partition + mkfs, swarm download unpacked as it arrives, per-node settings,
+    /// boot loader, seeding, then reboot/poweroff/shell. Flags override the kernel command line.
+    Install(InstallArgs),
 }
 
 /// `image` subcommands. NAME is an image (or with --override, an override tree) in the store.
@@ -242,4 +246,45 @@ pub struct FetchArgs {
     /// Give up when the download is not complete after this long.
     #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: std::time::Duration,
+}
+
+/// `si-appliance install`.
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// The appliance's HTTP address (overrides si.server=).
+    #[arg(long, value_name = "IP:PORT")]
+    pub server: Option<std::net::SocketAddr>,
+    /// This node's MAC (overrides si.mac=).
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// This node's token (overrides si.token=).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Target disk, e.g. /dev/vda (overrides si.disk= and the plan).
+    #[arg(long, value_name = "DEV")]
+    pub disk: Option<String>,
+    /// Read the orders from this file instead of /proc/cmdline.
+    #[arg(long, value_name = "FILE", default_value = "/proc/cmdline")]
+    pub cmdline: PathBuf,
+    /// What to do at the end: reboot, poweroff or shell (overrides si.finish= and the plan).
+    #[arg(long, value_name = "WHAT")]
+    pub finish: Option<String>,
+    /// Work directory; the target root is mounted at WORKDIR/root.
+    #[arg(long, value_name = "DIR", default_value = "/run/si-install")]
+    pub workdir: PathBuf,
+    /// Firmware to plan for: bios or uefi (default: /sys/firmware/efi decides).
+    #[arg(long, value_name = "bios|uefi")]
+    pub firmware: Option<String>,
+    /// Bind the swarm to this interface (SO_BINDTODEVICE).
+    #[arg(long = "iface", value_name = "IF")]
+    pub bind_iface: Option<String>,
+    /// TCP port for incoming peers.
+    #[arg(long, default_value_t = 6881)]
+    pub port: u16,
+    /// Give up when the appliance stays unreachable this long.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub plan_wait: std::time::Duration,
+    /// Give up when the download makes no progress this long.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub stall_limit: std::time::Duration,
 }

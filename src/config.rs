@@ -272,6 +272,34 @@ impl Default for SwarmConfig {
     }
 }
 
+/// `[install]`: what the node plans (`GET /api/nodes/<mac>/plan`) tell every installer.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstallConfig {
+    /// The disk every node installs on (`/dev/vda`); unset: each installer picks its first
+    /// non-removable disk large enough.
+    pub disk: Option<String>,
+    /// What a node does after a good install: `reboot`, `poweroff` or `shell`.
+    pub finish: crate::node_api::Finish,
+    /// How long a node keeps seeding after its install at most, waiting for the swarm to be done.
+    #[serde(with = "humantime_serde")]
+    pub seed_for: Duration,
+    /// Period of the installers' progress reports.
+    #[serde(with = "humantime_serde")]
+    pub report_every: Duration,
+}
+
+impl Default for InstallConfig {
+    fn default() -> Self {
+        InstallConfig {
+            disk: None,
+            finish: crate::node_api::Finish::Reboot,
+            seed_for: Duration::from_secs(600),
+            report_every: Duration::from_secs(2),
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -296,6 +324,8 @@ pub struct Config {
     pub boot: BootConfig,
     /// `[swarm]`.
     pub swarm: SwarmConfig,
+    /// `[install]`.
+    pub install: InstallConfig,
 }
 
 impl Default for Config {
@@ -311,6 +341,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             boot: BootConfig::default(),
             swarm: SwarmConfig::default(),
+            install: InstallConfig::default(),
         }
     }
 }
@@ -414,6 +445,15 @@ impl Config {
         if self.swarm.upload_limit != 0 && self.swarm.upload_limit < 16384 {
             return bad("swarm.upload_limit".into(), "below 16384 B/s librqbit stalls (a block is 16 KiB); 0 = unlimited".into());
         }
+        if let Some(d) = &self.install.disk {
+            let ok = d.starts_with("/dev/") && d.len() > 5 && !d.split('/').any(|c| c == "..");
+            if !ok {
+                return bad("install.disk".into(), format!("{d:?} is not a /dev/ path"));
+            }
+        }
+        if self.install.report_every < Duration::from_secs(1) {
+            return bad("install.report_every".into(), "must be at least 1s".into());
+        }
         Ok(())
     }
 }
@@ -468,6 +508,9 @@ mod tests {
             ("[swarm]\nlisten_port = 0", "swarm.listen_port"),
             ("[swarm]\nannounce_interval = \"30s\"\npeer_timeout = \"10s\"", "swarm.peer_timeout"),
             ("[swarm]\nupload_limit = 100", "swarm.upload_limit"),
+            ("[install]\ndisk = \"sda\"", "install.disk"),
+            ("[install]\nreport_every = \"10ms\"", "install.report_every"),
+            ("[install]\nfinish = \"explode\"", "finish"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text, Path::new("x")).unwrap_err().to_string();

@@ -75,6 +75,68 @@ fn fetch(a: si_appliance::cli::FetchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `si-appliance install`: the installer; SIGINT/SIGTERM stop it (the disk is then wiped).
+fn install(a: si_appliance::cli::InstallArgs) -> anyhow::Result<()> {
+    use si_appliance::install::{self, Options, cmdline};
+    use si_appliance::plan::Firmware;
+    let finish = a.finish.as_deref().map(cmdline::parse_finish).transpose().map_err(anyhow::Error::msg).context("--finish")?;
+    let firmware = match a.firmware.as_deref() {
+        None => None,
+        Some("bios") => Some(Firmware::Bios),
+        Some("uefi") => Some(Firmware::Uefi),
+        Some(other) => anyhow::bail!("--firmware {other:?}: want bios or uefi"),
+    };
+    let disk = a.disk.as_deref().map(cmdline::check_disk).transpose().map_err(anyhow::Error::msg).context("--disk")?;
+    let opts = Options {
+        cmdline: a.cmdline,
+        server: a.server,
+        mac: a.mac.as_deref().map(str::parse).transpose().context("--mac")?,
+        token: a.token,
+        disk,
+        finish,
+        workdir: a.workdir,
+        firmware,
+        iface: a.bind_iface,
+        listen_port: a.port,
+        plan_wait: a.plan_wait,
+        stall_limit: a.stall_limit,
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let outcome = rt.block_on(async {
+        let token = tokio_util::sync::CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            si_appliance::app::shutdown_signal().await;
+            t.cancel();
+        });
+        install::run(&opts, &token).await
+    });
+    let o = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("si-appliance install: FAILED: {:#}", anyhow::Error::from(e));
+            std::process::exit(1);
+        }
+    };
+    drop(rt);
+    let phases: Vec<String> = o.phase_secs.iter().map(|(p, s)| format!("{p}={s:.2}")).collect();
+    // One machine-readable summary line on stdout (the tests read it).
+    println!(
+        "install-done hostname={} disk={} archive_bytes={} uploaded={} seed_stop={} finish={:?} phases={} cpu_secs={:.2} peak_rss_kib={}",
+        o.hostname,
+        o.disk.display(),
+        o.archive_bytes,
+        o.uploaded,
+        o.seed_stop,
+        o.finish,
+        phases.join(","),
+        cpu_secs().unwrap_or(f64::NAN),
+        peak_rss_kib().unwrap_or(0)
+    );
+    install::finish(o.finish);
+    Ok(())
+}
+
 /// Peak resident set size of this process (VmHWM), KiB.
 fn peak_rss_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -99,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.apply_flags(&cli.appliance)?;
     match cli.command {
         Some(Command::Fetch(a)) => fetch(a),
+        Some(Command::Install(a)) => install(a),
         Some(Command::CheckConfig) => {
             use std::io::Write;
             // A closed pipe (`check-config | head`) is not an error worth a panic.

@@ -155,6 +155,10 @@ pub struct NodePlan {
     pub torrent: String,
     /// Archive size in bytes.
     pub archive_size: u64,
+    /// Bytes of file data in the unpacked tree (from the archive's manifest; 0 when unknown), so
+    /// the installer can refuse a disk that is too small before writing anything.
+    #[serde(default)]
+    pub unpacked_size: u64,
     /// The disk to install on (`/dev/vda`); `None`: the installer picks the first non-removable
     /// disk large enough.
     #[serde(default)]

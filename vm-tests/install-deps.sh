@@ -10,6 +10,7 @@ pkgs=(
   qemu-system-x86 ipxe-qemu ipxe pxelinux syslinux-common busybox-static cpio zstd gzip
   tcpdump ndisc6
   debootstrap attr acl rsync libcap2-bin
+  fdisk util-linux e2fsprogs xfsprogs dosfstools
 )
 # The client initramfs (pxe-assets/build-client.sh): the disk tools it copies, and its build tools.
 pkgs+=(file binutils xz-utils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates)

@@ -178,24 +178,7 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     std::fs::create_dir_all(&part_dir).map_err(|source| FetchError::Output { path: part_dir.clone(), source })?;
 
     let session_token = token.child_token();
-    let sopts = SessionOptions {
-        dht: None,
-        bind_device_name: opts.iface.clone(),
-        disable_trackers: !opts.use_tracker,
-        persistence: None,
-        listen: Some(ListenerOptions {
-            mode: ListenerMode::TcpOnly,
-            listen_addr: listen,
-            enable_upnp_port_forwarding: false,
-            announce_port: Some(opts.listen_port),
-            ipv4_only: true,
-            ..Default::default()
-        }),
-        cancellation_token: Some(session_token.clone()),
-        disable_local_service_discovery: true,
-        ipv4_only: true,
-        ..Default::default()
-    };
+    let sopts = session_options(opts.iface.clone(), opts.use_tracker, listen, &session_token);
     let session = Session::new_with_opts(part_dir.clone(), sopts)
         .await
         .map_err(|e| FetchError::Session { listen, source: lib(e) })?;
@@ -203,6 +186,29 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     session.stop().await;
     session_token.cancel();
     result
+}
+
+/// The session of a node: no DHT, no local discovery, no UPnP, TCP on `listen` only, the
+/// appliance's tracker unless `use_tracker` is false.
+fn session_options(iface: Option<String>, use_tracker: bool, listen: SocketAddr, token: &CancellationToken) -> SessionOptions {
+    SessionOptions {
+        dht: None,
+        bind_device_name: iface,
+        disable_trackers: !use_tracker,
+        persistence: None,
+        listen: Some(ListenerOptions {
+            mode: ListenerMode::TcpOnly,
+            listen_addr: listen,
+            enable_upnp_port_forwarding: false,
+            announce_port: Some(listen.port()),
+            ipv4_only: true,
+            ..Default::default()
+        }),
+        cancellation_token: Some(token.clone()),
+        disable_local_service_discovery: true,
+        ipv4_only: true,
+        ..Default::default()
+    }
 }
 
 /// The staging directory `<dir of out>/.<out name>.part` librqbit writes into (same file system
@@ -388,6 +394,215 @@ fn progress(name: &ImageName, h: &librqbit::ManagedTorrent, (t, b): (Instant, u6
         mbit_s = format!("{rate:.1}"), uploaded = st.uploaded_bytes, peers, "progress"
     );
     (now, st.progress_bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The installer's streaming download: the archive is stored by librqbit in a directory the
+// caller chooses (the target disk, so it is seeded afterwards without a RAM copy) while a reader
+// hands its bytes, in file order and only once verified, to a synchronous consumer (the unpacker).
+
+/// What a streaming download needs.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// The appliance's HTTP address.
+    pub server: SocketAddr,
+    /// The image.
+    pub image: ImageName,
+    /// Directory librqbit keeps the archive in (created if missing).
+    pub dir: PathBuf,
+    /// Interface to bind to (SO_BINDTODEVICE) and listen on; None: all addresses.
+    pub iface: Option<String>,
+    /// TCP port for incoming peers.
+    pub listen_port: u16,
+}
+
+/// Counters of a streaming download.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Bytes downloaded and verified.
+    pub have: u64,
+    /// Archive size.
+    pub total: u64,
+    /// Bytes uploaded to other peers.
+    pub uploaded: u64,
+    /// Connected peers.
+    pub peers: u32,
+    /// Every piece verified.
+    pub finished: bool,
+    /// librqbit's error, when the torrent stopped with one.
+    pub error: Option<String>,
+}
+
+/// A running download joined to the swarm (tracker + the appliance's seed as initial peer).
+/// Uploads to other nodes from the moment it has pieces until [`SwarmStream::stop`].
+pub struct SwarmStream {
+    name: ImageName,
+    server: SocketAddr,
+    session: std::sync::Arc<Session>,
+    session_token: CancellationToken,
+    handle: std::sync::Arc<librqbit::ManagedTorrent>,
+    file: PathBuf,
+    seed_limit: Duration,
+}
+
+/// A blocking [`std::io::Read`] over the archive from offset 0, for a consumer running in
+/// `spawn_blocking` (or any thread outside the runtime): each read waits for the next verified
+/// bytes. The stream's position makes the next 32 MiB priority pieces for every peer connection.
+pub struct ArchiveReader {
+    // librqbit's FileStream (its type is not exported).
+    stream: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    rt: tokio::runtime::Handle,
+    cancel: CancellationToken,
+}
+
+impl std::io::Read for ArchiveReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        let (stream, cancel) = (&mut self.stream, &self.cancel);
+        // Not `Interrupted`: readers retry on that kind, and a cancelled download must end them.
+        self.rt.block_on(async {
+            tokio::select! {
+                // CANCEL-SAFETY: a read dropped on cancellation consumed nothing the caller sees.
+                r = stream.read(buf) => r,
+                _ = cancel.cancelled() => Err(std::io::Error::other("download stopped")),
+            }
+        })
+    }
+}
+
+impl SwarmStream {
+    /// Fetches the .torrent, starts a session and adds the torrent (its file under `opts.dir`).
+    ///
+    /// # Errors
+    /// [`FetchError`] when the appliance, the torrent or librqbit fail.
+    pub async fn start(opts: &StreamOptions, token: &CancellationToken) -> Result<SwarmStream, FetchError> {
+        let name = &opts.image;
+        let torrent = http_get::get(opts.server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT).await?;
+        let ti: TorrentInfo = torrent_info(&torrent).map_err(|why| FetchError::BadTorrent { name: name.clone(), why })?;
+        let mut initial = Vec::new();
+        let mut seed_limit = MAX_SEED_UNTIL_DONE;
+        match swarm_view(opts.server, name).await {
+            Ok(v) => {
+                initial.push(SocketAddr::V4(v.seed_addr));
+                seed_limit = Duration::from_secs(v.seed_limit_secs).min(MAX_SEED_UNTIL_DONE);
+            }
+            Err(e) => warn!(%name, "no seed address from the appliance, tracker only: {e:#}"),
+        }
+        let own_ip = match &opts.iface {
+            Some(i) => Some(crate::net::discover(i, None)?.ip),
+            None => None,
+        };
+        let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
+        std::fs::create_dir_all(&opts.dir).map_err(|source| FetchError::Output { path: opts.dir.clone(), source })?;
+        let dir_str = opts.dir.to_str().ok_or_else(|| FetchError::Output {
+            path: opts.dir.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
+        })?;
+        let session_token = token.child_token();
+        let sopts = session_options(opts.iface.clone(), true, listen, &session_token);
+        let session = Session::new_with_opts(opts.dir.clone(), sopts)
+            .await
+            .map_err(|e| FetchError::Session { listen, source: lib(e) })?;
+        let aopts = AddTorrentOptions {
+            overwrite: true,
+            output_folder: Some(dir_str.to_owned()),
+            initial_peers: Some(initial.clone()),
+            ..Default::default()
+        };
+        let added = session.add_torrent(AddTorrent::from_bytes(torrent), Some(aopts)).await;
+        let handle = match added.map(|r| r.into_handle()) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                session.stop().await;
+                return Err(FetchError::Download { name: name.clone(), source: "list-only response".into() });
+            }
+            Err(e) => {
+                session.stop().await;
+                return Err(FetchError::Download { name: name.clone(), source: lib(e) });
+            }
+        };
+        info!(%name, info_hash = %ti.info_hash, size = ti.size, peers = ?initial, dir = %opts.dir.display(), "joined the swarm (streaming)");
+        Ok(SwarmStream {
+            name: name.clone(),
+            server: opts.server,
+            session,
+            session_token,
+            handle,
+            file: opts.dir.join(&ti.file_name),
+            seed_limit,
+        })
+    }
+
+    /// A reader of the whole archive from offset 0; `cancel` ends a read that waits.
+    ///
+    /// # Errors
+    /// [`FetchError::Download`] when librqbit cannot open the stream.
+    pub async fn reader(&self, cancel: CancellationToken) -> Result<ArchiveReader, FetchError> {
+        let stream = self
+            .handle
+            .clone()
+            .stream(0)
+            .await
+            .map_err(|e| FetchError::Download { name: self.name.clone(), source: lib(e) })?;
+        Ok(ArchiveReader { stream: Box::pin(stream), rt: tokio::runtime::Handle::current(), cancel })
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> StreamStats {
+        let st = self.handle.stats();
+        StreamStats {
+            have: st.progress_bytes,
+            total: st.total_bytes,
+            uploaded: st.uploaded_bytes,
+            peers: st.live.as_ref().map_or(0, |l| l.snapshot.peer_stats.live as u32),
+            finished: st.finished,
+            error: st.error.clone(),
+        }
+    }
+
+    /// Where librqbit keeps the archive.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Waits until every piece is verified.
+    ///
+    /// # Errors
+    /// [`FetchError::Download`] when the torrent fails.
+    pub async fn wait_complete(&self) -> Result<(), FetchError> {
+        self.handle
+            .wait_until_completed()
+            .await
+            .map_err(|e| FetchError::Download { name: self.name.clone(), source: lib(e) })
+    }
+
+    /// Seeds until the appliance reports the swarm done, `limit` (capped by the appliance's
+    /// `swarm.client_seed_limit`) passes, or `token` is cancelled; returns why it stopped.
+    pub async fn seed_until_done(&self, limit: Duration, token: &CancellationToken) -> &'static str {
+        let limit = limit.min(self.seed_limit);
+        if limit.is_zero() {
+            return "seed-time-over";
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut poll = tokio::time::interval(DONE_POLL);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return "seed-time-over",
+                _ = token.cancelled() => return "signal",
+                _ = poll.tick() => match swarm_view(self.server, &self.name).await {
+                    Ok(v) if v.done => return "swarm-done",
+                    Ok(_) => {}
+                    Err(e) => warn!(name = %self.name, "asking the appliance whether the swarm is done: {e:#}"),
+                },
+            }
+        }
+    }
+
+    /// Leaves the swarm and closes the archive file.
+    pub async fn stop(self) {
+        self.session.stop().await;
+        self.session_token.cancel();
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,330 @@
+//! The installer for real, outside a VM: the appliance in one network namespace serves an image
+//! (its plan route, tracker and seed), `si-appliance install` in a client namespace writes a
+//! loop device made from a sparse file (partition table, mkfs, swarm download unpacked as it
+//! arrives, per-node settings), and the test checks the partition table (sfdisk -J), fstab,
+//! host name and the installed tree against the image's manifest. Faults: a disk too small, an
+//! appliance that starts late, an appliance that dies mid-download (the disk must be wiped).
+//!
+//! Loop devices and mounts are global: the guards below release them on every path.
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Lab, Proc, appliance_bin, run, start_appliance, strip_ansi};
+use si_appliance::image::manifest::Manifest;
+use si_appliance::image::pack::{self, PackOptions};
+use si_appliance::image::progress::ProgressMode;
+use si_appliance::image::scan::{self, ScanOptions};
+use si_appliance::types::{MacAddr, NodeToken};
+
+const HTTP_PORT: u16 = 8080;
+const MAC: &str = "52:54:00:66:00:07";
+
+/// A sparse file attached to a loop device with partition scanning; on drop: unmount what the
+/// test mounted, drop the partitions, detach, delete the file.
+struct LoopDisk {
+    file: PathBuf,
+    dev: String,
+    mnt: Option<PathBuf>,
+}
+
+impl LoopDisk {
+    fn new(file: PathBuf, mib: u64) -> LoopDisk {
+        let f = fs::File::create(&file).expect("disk file");
+        f.set_len(mib << 20).expect("sparse size");
+        drop(f);
+        let out = run(Command::new("losetup").args(["-P", "-f", "--show"]).arg(&file));
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+        LoopDisk { file, dev, mnt: None }
+    }
+
+    fn part(&self, n: usize) -> String {
+        format!("{}p{n}", self.dev)
+    }
+
+    /// Mounts partition `n` read-only at `mnt`.
+    fn mount(&mut self, n: usize, mnt: &Path) {
+        let _ = Command::new("partx").args(["-u", &self.dev]).status();
+        fs::create_dir_all(mnt).unwrap();
+        run(Command::new("mount").args(["-o", "ro", &self.part(n)]).arg(mnt));
+        self.mnt = Some(mnt.to_owned());
+    }
+
+    fn first_sector(&self) -> Vec<u8> {
+        let mut b = vec![0u8; 512];
+        fs::File::open(&self.dev).unwrap().read_exact(&mut b).unwrap();
+        b
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        if let Some(m) = self.mnt.take() {
+            let _ = Command::new("umount").arg(&m).status();
+        }
+        let _ = Command::new("partx").args(["-d", &self.dev]).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = fs::remove_file(&self.file);
+    }
+}
+
+/// Removes the lab directory when the test passes; a failed test keeps it for reading.
+struct RemoveOnSuccess(PathBuf);
+
+impl Drop for RemoveOnSuccess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A small synthetic root: directories, 16 MiB of random data, many small files, symlinks,
+/// and the files the installer rewrites.
+fn synthetic_tree(root: &Path) {
+    for d in ["etc/ssh", "var/lib/dbus", "var/tmp", "usr/bin", "data"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::write(root.join("etc/hostname"), "golden\n").unwrap();
+    fs::write(root.join("etc/hosts"), "127.0.0.1\tlocalhost\n127.0.1.1\tgolden\n").unwrap();
+    fs::write(root.join("etc/machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    fs::write(root.join("etc/ssh/ssh_host_ed25519_key"), "secret of the golden image").unwrap();
+    std::os::unix::fs::symlink("/etc/machine-id", root.join("var/lib/dbus/machine-id")).unwrap();
+    let mut blob = vec![0u8; 16 << 20];
+    fs::File::open("/dev/urandom").unwrap().read_exact(&mut blob).unwrap();
+    fs::write(root.join("data/blob"), blob).unwrap();
+    for i in 0..300 {
+        fs::write(root.join(format!("data/f{i}")), format!("file {i}\n").repeat(i + 1)).unwrap();
+    }
+    std::os::unix::fs::symlink("../../data/blob", root.join("usr/bin/blob-link")).unwrap();
+}
+
+/// Packs `tree` into `<store>/archives/demo.tar.zst` + `demo.manifest` (the appliance serves
+/// an archive without a tree as is).
+fn make_store(store: &Path, tree: &Path) -> Manifest {
+    let archives = store.join("archives");
+    fs::create_dir_all(&archives).unwrap();
+    let opts = PackOptions { zstd_level: Some(3), threads: 2, progress: ProgressMode::Off };
+    let dest = archives.join("demo.tar.zst");
+    let nodes = scan::scan(tree, &ScanOptions::default()).unwrap();
+    let (digests, f) = pack::write_archive(tree, &nodes, None, None, &opts, &dest, fs::File::create(&dest).unwrap()).unwrap();
+    f.sync_all().unwrap();
+    let m = pack::manifest_of(&nodes, &digests, pack::full_header(&opts));
+    fs::write(archives.join("demo.manifest"), m.to_bytes()).unwrap();
+    m
+}
+
+fn config(lab: &Lab, store: &Path, extra_swarm: &str) -> String {
+    format!(
+        "iface = \"eth0\"\nimage = \"demo\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n\
+         [[dhcp.reservation]]\nmac = \"{MAC}\"\nip = \"10.66.1.11\"\nhostname = \"node01\"\n\
+         [tftp]\nenable = false\n[http]\nport = {HTTP_PORT}\n\
+         [swarm]\nannounce_interval = \"3s\"\npeer_timeout = \"30s\"\n{extra_swarm}\n\
+         [install]\nseed_for = \"5s\"\nreport_every = \"1s\"\n",
+        store.display(),
+        lab.path("state").display()
+    )
+}
+
+/// A lab with the appliance's host (10.66.1.1) and the client (10.66.1.11, MAC).
+fn lab(tag: &str) -> (Lab, RemoveOnSuccess) {
+    let mut lab = Lab::new(tag);
+    let clean = RemoveOnSuccess(lab.dir.clone());
+    lab.add_host(Some("10.66.1.1/24"), None);
+    lab.add_host(Some("10.66.1.11/24"), Some(MAC));
+    (lab, clean)
+}
+
+/// The node's token, derived like the appliance does from its secret (available once the
+/// appliance has started).
+fn token(lab: &Lab) -> String {
+    let secret = fs::read(lab.path("state/secret")).expect("appliance secret");
+    NodeToken::derive(&secret, MAC.parse::<MacAddr>().unwrap()).as_str().to_owned()
+}
+
+/// Starts the installer in the client namespace; its orders come from a cmdline file, like the
+/// appliance's boot script writes them, except the disk and the finish (flags).
+fn installer(lab: &Lab, token: &str, disk: &str, extra: &[&str]) -> Proc {
+    let cmdline = lab.path("cmdline");
+    fs::write(
+        &cmdline,
+        format!("initrd=initrd.img si.server=10.66.1.1:{HTTP_PORT} si.mac={MAC} si.image=demo si.token={token} console=ttyS0\n"),
+    )
+    .unwrap();
+    let mut cmd = lab.hosts[1].cmd(appliance_bin());
+    cmd.args(["install", "--disk", disk, "--finish", "shell", "--firmware", "bios", "--cmdline"])
+        .arg(&cmdline)
+        .arg("--workdir")
+        .arg(lab.path("work"))
+        .args(extra)
+        .env("RUST_LOG", "info,si_appliance=debug");
+    Proc::spawn("install", cmd, lab.path("install.log"))
+}
+
+/// Differences between the image's manifest and the installed tree, less what the installer
+/// is meant to change.
+fn unexpected_differences(root: &Path, m: &Manifest) -> Vec<String> {
+    let nodes = scan::scan(root, &ScanOptions::default()).unwrap();
+    let digests = pack::digests_for(root, &nodes, &Default::default(), true).unwrap().unwrap_or_default();
+    let actual = pack::manifest_of(&nodes, &digests, m.header.clone());
+    let allowed = |p: &str| {
+        [".", "etc", "etc/hostname", "etc/hosts", "etc/machine-id", "etc/fstab", "etc/ssh", "lost+found", "var/lib/dbus", "var/lib/dbus/machine-id"]
+            .contains(&p)
+            || p.starts_with("etc/ssh/ssh_host_")
+            || p.starts_with("lost+found/")
+    };
+    m.differences(&actual).into_iter().filter(|d| !allowed(d.split(": ").next().unwrap_or(""))).collect()
+}
+
+fn checks_of_an_installed_disk(lab: &Lab, disk: &mut LoopDisk, m: &Manifest) {
+    let pt = run(Command::new("sfdisk").args(["-J", &disk.dev]));
+    let pt: serde_json::Value = serde_json::from_slice(&pt.stdout).expect("sfdisk -J");
+    let t = &pt["partitiontable"];
+    assert_eq!(t["label"], "dos", "{pt}");
+    let parts = t["partitions"].as_array().expect("partitions");
+    assert_eq!(parts.len(), 1, "{pt}");
+    assert_eq!((parts[0]["type"].as_str(), parts[0]["bootable"].as_bool()), (Some("83"), Some(true)), "{pt}");
+    assert_eq!(parts[0]["start"], 2048, "1 MiB aligned: {pt}");
+
+    let uuid = run(Command::new("blkid").args(["-o", "value", "-s", "UUID", &disk.part(1)]));
+    let uuid = String::from_utf8_lossy(&uuid.stdout).trim().to_owned();
+    let mnt = lab.path("mnt");
+    disk.mount(1, &mnt);
+    let fstab = fs::read_to_string(mnt.join("etc/fstab")).unwrap();
+    assert!(fstab.contains(&format!("UUID={uuid} / ext4 errors=remount-ro 0 1")), "{fstab}");
+    assert_eq!(fs::read_to_string(mnt.join("etc/hostname")).unwrap(), "node01\n");
+    let hosts = fs::read_to_string(mnt.join("etc/hosts")).unwrap();
+    assert!(hosts.contains("127.0.1.1\tnode01") && !hosts.contains("golden"), "{hosts}");
+    assert_eq!(fs::read_to_string(mnt.join("etc/machine-id")).unwrap(), "", "machine-id must be empty");
+    assert!(fs::symlink_metadata(mnt.join("var/lib/dbus/machine-id")).is_err(), "dbus machine-id must be gone");
+    // The image's host keys are gone (these images have no ssh-keygen to make new ones).
+    let keys: Vec<String> = fs::read_dir(mnt.join("etc/ssh"))
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!keys.iter().any(|k| k.starts_with("ssh_host_")), "{keys:?}");
+    assert!(!mnt.join("var/tmp/si-appliance").exists(), "the stored archive must be deleted");
+    let diffs = unexpected_differences(&mnt, m);
+    assert!(diffs.is_empty(), "installed tree differs from the manifest:\n{}", diffs.join("\n"));
+}
+
+fn summary(log: &str) -> String {
+    log.lines().find(|l| l.starts_with("install-done ")).map(str::to_owned).unwrap_or_else(|| panic!("no install-done line:\n{log}"))
+}
+
+#[test]
+fn installs_an_image_onto_a_loop_disk() {
+    let (lab, _clean) = lab("in1");
+    let tree = lab.path("tree");
+    synthetic_tree(&tree);
+    let store = lab.path("store");
+    let m = make_store(&store, &tree);
+    let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
+    let mut disk = LoopDisk::new(lab.path("disk.img"), 256);
+    let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &[]);
+    let st = inst.wait_exit(Duration::from_secs(120));
+    let log = strip_ansi(&inst.log_text());
+    assert!(st.success(), "install failed ({st}):\n{log}");
+    let line = summary(&log);
+    println!("{line}");
+    assert!(line.contains("hostname=node01") && line.contains("finish=Shell"), "{line}");
+    for phase in ["phase=partitioning", "phase=downloading", "phase=configuring", "phase=boot-loader", "phase=seeding"] {
+        assert!(log.contains(phase), "no {phase} in the log:\n{log}");
+    }
+    assert!(log.contains("boot loader: skipped"), "{log}");
+    checks_of_an_installed_disk(&lab, &mut disk, &m);
+}
+
+/// The debootstrap image (cached by vm-tests/make-debian-image.sh): a real root file system.
+#[test]
+fn installs_the_debootstrap_image() {
+    let image = std::env::var_os("SI_TEST_DEBIAN_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/si-appliance-test/bookworm-minbase"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-tests/make-debian-image.sh");
+    assert!(Command::new(&script).arg(&image).status().expect("make-debian-image.sh").success(), "debootstrap failed");
+    let (lab, _clean) = lab("in2");
+    let store = lab.path("store");
+    let m = make_store(&store, &image);
+    let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
+    let mut disk = LoopDisk::new(lab.path("disk.img"), 1024);
+    let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &[]);
+    let st = inst.wait_exit(Duration::from_secs(240));
+    let log = strip_ansi(&inst.log_text());
+    assert!(st.success(), "install failed ({st}):\n{log}");
+    println!("{}", summary(&log));
+    checks_of_an_installed_disk(&lab, &mut disk, &m);
+    let mnt = lab.path("mnt");
+    let out = Command::new("timeout").args(["60", "chroot"]).arg(&mnt).args(["dpkg-query", "-W", "base-files"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("base-files"), "the installed Debian does not run");
+}
+
+#[test]
+fn a_disk_too_small_is_refused_and_left_unbootable() {
+    let (lab, _clean) = lab("in3");
+    let tree = lab.path("tree");
+    synthetic_tree(&tree);
+    let store = lab.path("store");
+    make_store(&store, &tree);
+    let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
+    let disk = LoopDisk::new(lab.path("disk.img"), 32);
+    let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &[]);
+    let st = inst.wait_exit(Duration::from_secs(60));
+    let log = strip_ansi(&inst.log_text());
+    assert!(!st.success(), "a 32 MiB disk was accepted:\n{log}");
+    assert!(log.contains("is too small: 32 MiB"), "{log}");
+    let mbr = disk.first_sector();
+    assert!(mbr[510..512] != [0x55, 0xaa], "the disk carries a partition table");
+}
+
+#[test]
+fn the_installer_waits_for_a_late_appliance() {
+    let (lab, _clean) = lab("in4");
+    let tree = lab.path("tree");
+    synthetic_tree(&tree);
+    let store = lab.path("store");
+    let m = make_store(&store, &tree);
+    // The token needs the appliance's secret: make it now, the appliance keeps it.
+    fs::create_dir_all(lab.path("state")).unwrap();
+    fs::write(lab.path("state/secret"), [7u8; 32]).unwrap();
+    let mut disk = LoopDisk::new(lab.path("disk.img"), 256);
+    let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &["--plan-wait", "90s"]);
+    // Not listening for about 5 s: the installer must retry and say why.
+    std::thread::sleep(Duration::from_secs(5));
+    let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
+    let st = inst.wait_exit(Duration::from_secs(120));
+    let log = strip_ansi(&inst.log_text());
+    assert!(st.success(), "install failed ({st}):\n{log}");
+    assert!(log.contains("appliance 10.66.1.1:8080 unreachable (connection refused), retry in 1 s"), "{log}");
+    assert!(log.contains("retry in 2 s"), "{log}");
+    checks_of_an_installed_disk(&lab, &mut disk, &m);
+}
+
+#[test]
+fn an_appliance_dying_mid_download_leaves_a_wiped_disk() {
+    let (lab, _clean) = lab("in5");
+    let tree = lab.path("tree");
+    synthetic_tree(&tree);
+    let store = lab.path("store");
+    make_store(&store, &tree);
+    // 256 KiB/s: the 16 MiB image takes about a minute, time enough to pull the plug.
+    let mut app = start_appliance(&lab, 0, "app", &config(&lab, &store, "upload_limit = 262144"), &[]);
+    let disk = LoopDisk::new(lab.path("disk.img"), 256);
+    let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &["--stall-limit", "5s"]);
+    inst.wait_log("phase=downloading", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    app.kill();
+    let st = inst.wait_exit(Duration::from_secs(90));
+    let log = strip_ansi(&inst.log_text());
+    assert!(!st.success(), "the install succeeded without its appliance:\n{log}");
+    assert!(log.contains("no progress for 5s"), "{log}");
+    assert!(log.contains("partition table wiped"), "{log}");
+    let mbr = disk.first_sector();
+    assert!(mbr[510..512] != [0x55, 0xaa], "a half-written disk keeps its partition table");
+    let pt = Command::new("sfdisk").args(["-J", &disk.dev]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&pt.stdout).contains("\"partitions\""), "partitions remain: {}", String::from_utf8_lossy(&pt.stdout));
+}

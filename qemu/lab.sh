@@ -164,7 +164,7 @@ ip netns exec "$ap" env RUST_LOG=info "$bin" --config "$labdir/appliance.toml" >
 apid=$!
 pids+=("$apid")
 for _ in $(seq 600); do
-  grep -q 'si-appliance ready' "$labdir/appliance.log" && break
+  grep -qs 'si-appliance ready' "$labdir/appliance.log" && break
   kill -0 "$apid" 2>/dev/null || { tail -n 30 "$labdir/appliance.log" >&2; die "the appliance exited"; }
   sleep 0.5
 done

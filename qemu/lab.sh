@@ -175,8 +175,13 @@ t_ready=$(date +%s)
 # Serial output goes through a FIFO to a timestamper that prefixes each line with the host's
 # clock (the guest clock drifts under TCG), appending to serial-N.log across both boots.
 stamp_serial() { # FIFO LOG
-  perl -e 'use Time::HiRes qw(time); $|=1; open(my $in, "<", $ARGV[0]) or die; open(my $out, ">>", $ARGV[1]) or die;
-           select($out); $|=1; while (my $l = <$in>) { $l =~ s/\r//g; $l =~ s/\e\[[0-9;?]*[a-zA-Z]//g; printf "%.3f %s", time, $l; }' "$1" "$2"
+  # Reads chunks, not lines: a login prompt ("node-1 login: ") has no newline after it.
+  perl -e 'use Time::HiRes qw(time); open(my $in, "<", $ARGV[0]) or die; open(my $out, ">>", $ARGV[1]) or die;
+           select($out); $|=1; my $bol = 1;
+           while (sysread($in, my $c, 4096)) {
+             $c =~ s/\r//g; $c =~ s/\e\[[0-9;?]*[a-zA-Z]//g;
+             for my $p (split /(?<=\n)/, $c) { printf "%.3f ", time if $bol; print $p; $bol = ($p =~ /\n\z/); }
+           }' "$1" "$2"
 }
 declare -a macs qpid start state restart_t boot_t boots
 start_vm() { # N BOOT(net|disk)

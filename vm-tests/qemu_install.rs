@@ -171,6 +171,11 @@ impl Vm {
             let line: String = self.partial.drain(..=i).collect();
             self.lines.push((t, strip_ansi(line.trim_end_matches(['\r', '\n']))));
         }
+        // A login prompt waits for input after "login: ", with no newline.
+        if self.partial.trim_end().ends_with("login:") {
+            let line = std::mem::take(&mut self.partial);
+            self.lines.push((t, strip_ansi(line.trim_end())));
+        }
     }
 
     fn exited(&mut self) -> bool {

@@ -176,7 +176,7 @@ t_ready=$(date +%s)
 # clock (the guest clock drifts under TCG), appending to serial-N.log across both boots.
 stamp_serial() { # FIFO LOG
   # Reads chunks, not lines: a login prompt ("node-1 login: ") has no newline after it.
-  perl -e 'use Time::HiRes qw(time); open(my $in, "<", $ARGV[0]) or die; open(my $out, ">>", $ARGV[1]) or die;
+  exec perl -e 'use Time::HiRes qw(time); open(my $in, "<", $ARGV[0]) or die; open(my $out, ">>", $ARGV[1]) or die;
            select($out); $|=1; my $bol = 1;
            while (sysread($in, my $c, 4096)) {
              $c =~ s/\r//g; $c =~ s/\e\[[0-9;?]*[a-zA-Z]//g;

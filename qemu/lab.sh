@@ -81,8 +81,11 @@ if [ -n "${SI_APPLIANCE_BIN:-}" ]; then
   bin=$SI_APPLIANCE_BIN
   say "using $bin (SI_APPLIANCE_BIN; not building)"
 else
+  # The same build command as vm-tests/run.sh: the binary is then the very one the tests use
+  # (building the bin alone unifies other dependency features and gives a different binary,
+  # which would also rebuild the cached client initramfs).
   say "building si-appliance (release, $CARGO_TARGET_DIR)"
-  cargo build --release --locked --bin si-appliance >&2
+  cargo build --release --locked --all-targets >&2
 fi
 SI_APPLIANCE_BIN=$bin pxe-assets/build-client.sh "$client_dir" >&2
 qemu/make-demo-image.sh "$demo_dir" >&2

@@ -28,6 +28,9 @@
 #   CARGO_TARGET_DIR   the release build (default /var/cache/si-appliance/cargo-target)
 #   SI_APPLIANCE_BIN   use this binary (appliance and installer) instead of building one
 set -euo pipefail
+# The whole script is one block, parsed before it runs: editing this file during a run (a lab runs
+# for minutes) cannot change what the running lab does.
+{
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
@@ -328,3 +331,5 @@ if [ "${LAB_HOLD:-0}" = 1 ]; then
 fi
 [ $failed = 0 ] || { say "$failed VM(s) did not reach a login prompt"; LAB_KEEP=1; exit 1; }
 say "all $vms VMs installed and up"
+exit 0
+}

@@ -328,3 +328,42 @@ fn an_appliance_dying_mid_download_leaves_a_wiped_disk() {
     let pt = Command::new("sfdisk").args(["-J", &disk.dev]).output().unwrap();
     assert!(!String::from_utf8_lossy(&pt.stdout).contains("\"partitions\""), "partitions remain: {}", String::from_utf8_lossy(&pt.stdout));
 }
+
+/// Peak RSS of the installer over a 1 GiB image (incompressible data: a 1 GiB archive), the
+/// figure that decides whether a 512 MiB node can install it. Not run by default (it writes
+/// ~3 GiB); run it with `--run-ignored only -E 'test(memory_of_a_1gib_install)'`.
+#[test]
+#[ignore]
+fn memory_of_a_1gib_install() {
+    let (lab, _clean) = lab("in6");
+    let tree = lab.path("tree");
+    fs::create_dir_all(tree.join("data")).unwrap();
+    let mut chunk = vec![0u8; 64 << 20];
+    let mut rnd = fs::File::open("/dev/urandom").unwrap();
+    for i in 0..16 {
+        rnd.read_exact(&mut chunk).unwrap();
+        fs::write(tree.join(format!("data/blob{i}")), &chunk).unwrap();
+    }
+    drop(chunk);
+    let store = lab.path("store");
+    let m = make_store(&store, &tree);
+    fs::remove_dir_all(&tree).unwrap();
+    let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
+    let mut disk = LoopDisk::new(lab.path("disk.img"), 3 << 10);
+    let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &[]);
+    let st = inst.wait_exit(Duration::from_secs(280));
+    let log = strip_ansi(&inst.log_text());
+    assert!(st.success(), "install failed ({st}):\n{log}");
+    let line = summary(&log);
+    println!("{line}");
+    let rss: u64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("peak_rss_kib="))
+        .and_then(|v| v.parse().ok())
+        .expect("peak_rss_kib");
+    println!("installer peak RSS for a {} MiB archive: {} MiB", fs::metadata(store.join("archives/demo.tar.zst")).unwrap().len() >> 20, rss >> 10);
+    disk.mount(1, &lab.path("mnt"));
+    let diffs = unexpected_differences(&lab.path("mnt"), &m);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert!(rss < 256 << 10, "peak RSS {rss} KiB leaves too little of a 512 MiB node");
+}

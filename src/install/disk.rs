@@ -255,7 +255,14 @@ pub fn sfdisk_script(layout: &DiskLayout) -> Result<String, DiskError> {
 pub fn partition(disk: &Path, layout: &DiskLayout) -> Result<Vec<PathBuf>, DiskError> {
     let script = sfdisk_script(layout)?;
     let d = disk.as_os_str();
-    tool("wipefs", &[os("--all"), os("--force"), d], None)?;
+    // Old signatures (file systems, RAID, LVM, partition tables) go first; sfdisk's own --wipe
+    // covers them where wipefs is missing (a busybox initramfs).
+    match tool("wipefs", &[os("--all"), os("--force"), d], None) {
+        Err(DiskError::Spawn { .. }) => debug!("no wipefs here; sfdisk --wipe always does the wiping"),
+        other => {
+            other?;
+        }
+    }
     tool("sfdisk", &[os("--wipe"), os("always"), os("--wipe-partitions"), os("always"), os("--no-reread"), os("-q"), d], Some(&script))?;
     reread(disk);
     let parts: Vec<PathBuf> = (1..=layout.partitions.len()).map(|n| partition_path(disk, n)).collect();

@@ -238,6 +238,14 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_layout_example_is_valid() {
+        let text = "table = \"gpt\"\n[[partitions]]\nsize_mib = 1\nfs = \"bios-grub\"\n[[partitions]]\nsize_mib = 1024\nfs = \"swap\"\n[[partitions]]\nfs = \"xfs\"\nmount = \"/\"\nlabel = \"root\"\n";
+        let l: DiskLayout = toml::from_str(text).unwrap();
+        l.validate().unwrap();
+        assert_eq!(l.partitions[0].fs, FsKind::BiosGrub);
+    }
+
+    #[test]
     fn layout_files_are_checked() {
         let d = tempfile::tempdir().unwrap();
         let img: ImageName = "deb".parse().unwrap();

@@ -37,6 +37,21 @@ pub fn detect(root: &Path) -> Loader {
     }
 }
 
+/// `/dev/disk/by-uuid/<uuid>` links for the new file systems, on a tmpfs over the chroot's
+/// `/dev/disk`: grub-mkconfig writes `root=UUID=…` only when that link exists, and an initramfs
+/// without udev has none (it would write `root=/dev/vda1`, which breaks when disks are renamed).
+fn by_uuid(binds: &mut Mounts, root: &Path, uuids: &[(PathBuf, String)]) -> Result<(), DiskError> {
+    let dir = root.join("dev/disk");
+    binds.mount(Path::new("tmpfs"), &dir, Some("tmpfs"))?;
+    let links = dir.join("by-uuid");
+    std::fs::create_dir_all(&links).map_err(|source| DiskError::Io { op: "creating", path: links.clone(), source })?;
+    for (dev, uuid) in uuids {
+        let l = links.join(uuid);
+        std::os::unix::fs::symlink(dev, &l).map_err(|source| DiskError::Io { op: "linking", path: l.clone(), source })?;
+    }
+    Ok(())
+}
+
 /// Binds /dev, /proc and /sys into `root` for chrooted tools; unbound when dropped.
 ///
 /// # Errors
@@ -59,13 +74,21 @@ fn chroot(root: &Path, args: &[&str]) -> Result<String, DiskError> {
 ///
 /// # Errors
 /// [`DiskError`] from the loader's tools.
-pub fn install(root: &Path, disk: &Path, firmware: Firmware, root_uuid: &str, table_gpt: bool) -> Result<String, DiskError> {
+pub fn install(
+    root: &Path,
+    disk: &Path,
+    firmware: Firmware,
+    uuids: &[(PathBuf, String)],
+    root_uuid: &str,
+    table_gpt: bool,
+) -> Result<String, DiskError> {
     let loader = detect(root);
     let d = disk.to_string_lossy();
     match loader {
         Loader::None => Ok("skipped: the image carries no boot loader (no grub-install, no extlinux)".into()),
         Loader::Grub => {
-            let _binds = bind_system(root)?;
+            let mut binds = bind_system(root)?;
+            by_uuid(&mut binds, root, uuids)?;
             match firmware {
                 Firmware::Bios => chroot(root, &["grub-install", "--target=i386-pc", "--recheck", &d])?,
                 Firmware::Uefi => chroot(
@@ -133,15 +156,6 @@ fn write_mbr_code(mbr: &Path, disk: &Path) -> Result<(), DiskError> {
         .map_err(|source| DiskError::Io { op: "opening", path: disk.to_owned(), source })?;
     f.write_all(&code[..n]).map_err(|source| DiskError::Io { op: "writing boot code to", path: disk.to_owned(), source })?;
     f.sync_all().map_err(|source| DiskError::Io { op: "syncing", path: disk.to_owned(), source })
-}
-
-/// Where a loader's files would be, for messages.
-pub fn describe(root: &Path) -> Option<PathBuf> {
-    match detect(root) {
-        Loader::Grub => Some(root.join("boot/grub")),
-        Loader::Extlinux => Some(root.join("boot/extlinux")),
-        Loader::None => None,
-    }
 }
 
 #[cfg(test)]

@@ -255,7 +255,14 @@ pub fn sfdisk_script(layout: &DiskLayout) -> Result<String, DiskError> {
 pub fn partition(disk: &Path, layout: &DiskLayout) -> Result<Vec<PathBuf>, DiskError> {
     let script = sfdisk_script(layout)?;
     let d = disk.as_os_str();
-    tool("wipefs", &[os("--all"), os("--force"), d], None)?;
+    // Old signatures (file systems, RAID, LVM, partition tables) go first; sfdisk's own --wipe
+    // covers them where wipefs is missing (a busybox initramfs).
+    match tool("wipefs", &[os("--all"), os("--force"), d], None) {
+        Err(DiskError::Spawn { .. }) => debug!("no wipefs here; sfdisk --wipe always does the wiping"),
+        other => {
+            other?;
+        }
+    }
     tool("sfdisk", &[os("--wipe"), os("always"), os("--wipe-partitions"), os("always"), os("--no-reread"), os("-q"), d], Some(&script))?;
     reread(disk);
     let parts: Vec<PathBuf> = (1..=layout.partitions.len()).map(|n| partition_path(disk, n)).collect();
@@ -392,8 +399,21 @@ impl Mounts {
             let e = std::io::Error::last_os_error();
             return Err(DiskError::Io { op: "mounting", path: target.to_owned(), source: e });
         }
-        debug!(dev = %dev.display(), target = %target.display(), ?fstype, "mounted");
         self.targets.push(target.to_owned());
+        if fstype.is_none() {
+            // A bind of a shared mount joins its peer group: whatever is mounted below the bind
+            // (the by-uuid tmpfs for GRUB) would appear on the host's /dev too. Private stops that.
+            // SAFETY: a valid NUL-terminated target; null source, type and data are allowed for
+            // a propagation change.
+            let rc = unsafe {
+                libc::mount(std::ptr::null(), tgt.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null())
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(DiskError::Io { op: "making private", path: target.to_owned(), source: e });
+            }
+        }
+        debug!(dev = %dev.display(), target = %target.display(), ?fstype, "mounted");
         Ok(())
     }
 

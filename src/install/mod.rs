@@ -379,7 +379,7 @@ async fn write_disk(
     let sopts = StreamOptions {
         server: r.server,
         image: plan.image.clone(),
-        dir: root.join("var/tmp/si-appliance"),
+        dir: store_dir(root),
         iface: opts.iface.clone(),
         listen_port: opts.listen_port,
     };
@@ -397,18 +397,22 @@ async fn write_disk(
     result.map(|stop| (uploaded, stop))
 }
 
-/// Deletes the stored archive and its directory, then gives `var/tmp` back the mtime the
-/// unpacker restored, so the installed tree matches the image's manifest.
+/// Where librqbit keeps the archive: a directory at the top of the target root (so it is there
+/// whatever the image holds, and on the root file system the size check counted it on).
+fn store_dir(root: &Path) -> PathBuf {
+    root.join(".si-appliance")
+}
+
+/// Deletes the stored archive and its directory, then gives the root directory back the mtime
+/// the unpacker restored, so the installed tree matches the image's manifest.
 fn remove_store(root: &Path, file: &Path) {
-    let dir = root.join("var/tmp/si-appliance");
-    let parent = root.join("var/tmp");
-    let mtime = std::fs::symlink_metadata(&parent).ok().map(|m| filetime::FileTime::from_last_modification_time(&m));
+    let mtime = std::fs::symlink_metadata(root).ok().map(|m| filetime::FileTime::from_last_modification_time(&m));
     if let Err(e) = std::fs::remove_file(file) {
         warn!(file = %file.display(), "removing the stored archive: {e}");
     }
-    if std::fs::remove_dir(&dir).is_ok() {
+    if std::fs::remove_dir(store_dir(root)).is_ok() {
         if let Some(t) = mtime {
-            let _ = filetime::set_symlink_file_times(&parent, t, t);
+            let _ = filetime::set_symlink_file_times(root, t, t);
         }
     }
 }
@@ -518,8 +522,9 @@ async fn configure_and_seed(
 ) -> Result<&'static str, InstallError> {
     phases.enter(reporter, Phase::Configuring, format!("host name {}, fstab, machine-id, ssh keys, network", plan.hostname));
     let (root2, layout2, parts2, hostname, mac) = (root.to_owned(), layout.clone(), parts.to_vec(), plan.hostname.clone(), r.mac);
-    let root_uuid = blocking("configuring", move || -> Result<String, InstallError> {
+    let (root_uuid, uuids) = blocking("configuring", move || -> Result<(String, Vec<(PathBuf, String)>), InstallError> {
         let mut with_uuid = Vec::new();
+        let mut uuids = Vec::new();
         let mut root_uuid = String::new();
         for (p, dev) in layout2.partitions.iter().zip(&parts2) {
             if p.fs == crate::node_api::FsKind::BiosGrub {
@@ -529,6 +534,7 @@ async fn configure_and_seed(
             if p.mount.as_deref() == Some("/") {
                 root_uuid = u.clone();
             }
+            uuids.push((dev.clone(), u.clone()));
             with_uuid.push((p, u));
         }
         settings::replace_file(&root2.join("etc/fstab"), &settings::render_fstab(&with_uuid))?;
@@ -540,13 +546,13 @@ async fn configure_and_seed(
             disk::tool("chroot", &[root2.as_os_str(), std::ffi::OsStr::new("ssh-keygen"), std::ffi::OsStr::new("-A")], None)?;
             info!("fresh ssh host keys (ssh-keygen -A)");
         }
-        Ok(root_uuid)
+        Ok((root_uuid, uuids))
     })
     .await??;
 
     phases.enter(reporter, Phase::BootLoader, "boot loader".into());
     let (root2, d, gpt) = (root.to_owned(), disk_path.to_owned(), layout.table == TableKind::Gpt);
-    let what = blocking("boot loader", move || bootloader::install(&root2, &d, firmware, &root_uuid, gpt)).await??;
+    let what = blocking("boot loader", move || bootloader::install(&root2, &d, firmware, &uuids, &root_uuid, gpt)).await??;
     info!("boot loader: {what}");
     reporter.update(|x| x.message = Some(format!("boot loader: {what}")));
 

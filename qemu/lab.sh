@@ -295,7 +295,7 @@ app_ts() { # MAC WORDS
     dhcp=$(app_ts "${macs[$i]}" "lease bound")
     [ -n "$dhcp" ] || dhcp=$(first_ts "$log" 'Configuring \(net0.*ok')
     files=$(first_ts "$log" '/boot/initrd.img.*ok')
-    kern=$(first_ts "$log" 'Linux version')
+    kern=$(first_ts "$log" 'Kernel command line:')
     init=$(first_ts "$log" 'si-init: running')
     netup=$(first_ts "$log" 'si-init: network up')
     cols=""
@@ -311,7 +311,7 @@ app_ts() { # MAC WORDS
       "$(rel "$kern" "$b")" "$(rel "$init" "$b")" "$(rel "$netup" "$b")" "$cols" "$(rel "$r" "$b")" \
       "$(rel "$login" "$b")" "$result"
   done
-  echo "  dhcp: lease bound (appliance log); files: initrd fetched by iPXE; kernel: 'Linux version' on the"
+  echo "  dhcp: lease bound (appliance log); files: initrd fetched by iPXE; kernel: the kernel's first lines on the"
   echo "  console; init: the initramfs runs; net: its udhcpc lease; plan … done: the installer's phases"
   echo "  (plan fetched, partitioning, download+unpack, configuring, boot loader, done); reboot: QEMU"
   echo "  powered on again from the disk; login: the installed system's login prompt."

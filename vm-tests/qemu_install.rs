@@ -381,7 +381,7 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
             "{:<3} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  {:?}{}",
             vm.n,
             f("/boot/initrd.img"),
-            f("Linux version"),
+            f("Kernel command line:"),
             f("si-init: running"),
             f(&phase_mark("installer")),
             f(&phase_mark("partitioning")),

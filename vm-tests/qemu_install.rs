@@ -200,13 +200,35 @@ impl Vm {
         self.lines.iter().map(|(t, l)| format!("{t:8.2} {l}\n")).collect()
     }
 
-    /// Sends `system_reset` on the QEMU monitor (with -no-reboot, QEMU then exits).
+    /// Sends `system_reset` on the QEMU monitor (with -no-reboot, QEMU then exits). Waits for the
+    /// monitor's prompt before the command and after it, so the command is read and done before
+    /// the connection closes (a command written before the banner and followed by a close was
+    /// once dropped).
     fn reset(&self, lab: &Lab) {
         let mut s = UnixStream::connect(self.monitor(lab)).expect("QEMU monitor socket");
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+        read_until_prompt(&mut s);
         s.write_all(b"system_reset\n").expect("write to QEMU monitor");
-        let mut sink = [0u8; 512];
-        let _ = s.read(&mut sink);
+        read_until_prompt(&mut s);
+    }
+}
+
+/// Reads the QEMU monitor until its `(qemu)` prompt, at most 10 s.
+fn read_until_prompt(s: &mut UnixStream) {
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&seen).contains("(qemu)") {
+                    return;
+                }
+            }
+            Err(_) => {}
+        }
     }
 }
 

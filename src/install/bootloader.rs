@@ -40,8 +40,10 @@ pub fn detect(root: &Path) -> Loader {
 /// `/dev/disk/by-uuid/<uuid>` links for the new file systems, on a tmpfs over the chroot's
 /// `/dev/disk`: grub-mkconfig writes `root=UUID=…` only when that link exists, and an initramfs
 /// without udev has none (it would write `root=/dev/vda1`, which breaks when disks are renamed).
-fn by_uuid(binds: &mut Mounts, root: &Path, uuids: &[(PathBuf, String)]) -> Result<(), DiskError> {
+/// Returns whether it created the `/dev/disk` directory (in the bound /dev), for [`unbind_by_uuid`].
+fn by_uuid(binds: &mut Mounts, root: &Path, uuids: &[(PathBuf, String)]) -> Result<bool, DiskError> {
     let dir = root.join("dev/disk");
+    let created = !dir.exists();
     binds.mount(Path::new("tmpfs"), &dir, Some("tmpfs"))?;
     let links = dir.join("by-uuid");
     std::fs::create_dir_all(&links).map_err(|source| DiskError::Io { op: "creating", path: links.clone(), source })?;
@@ -49,7 +51,15 @@ fn by_uuid(binds: &mut Mounts, root: &Path, uuids: &[(PathBuf, String)]) -> Resu
         let l = links.join(uuid);
         std::os::unix::fs::symlink(dev, &l).map_err(|source| DiskError::Io { op: "linking", path: l.clone(), source })?;
     }
-    Ok(())
+    Ok(created)
+}
+
+/// Undoes [`by_uuid`] (the tmpfs is the last mount), leaving /dev as it was.
+fn unbind_by_uuid(binds: &mut Mounts, root: &Path, created: bool) {
+    binds.unmount_last();
+    if created {
+        let _ = std::fs::remove_dir(root.join("dev/disk"));
+    }
 }
 
 /// Binds /dev, /proc and /sys into `root` for chrooted tools; unbound when dropped.
@@ -88,19 +98,23 @@ pub fn install(
         Loader::None => Ok("skipped: the image carries no boot loader (no grub-install, no extlinux)".into()),
         Loader::Grub => {
             let mut binds = bind_system(root)?;
-            by_uuid(&mut binds, root, uuids)?;
-            match firmware {
-                Firmware::Bios => chroot(root, &["grub-install", "--target=i386-pc", "--recheck", &d])?,
-                Firmware::Uefi => chroot(
-                    root,
-                    &["grub-install", "--target=x86_64-efi", "--efi-directory=/boot/efi", "--removable", "--no-nvram", &d],
-                )?,
-            };
-            if exists_any(root, &["usr/sbin/update-grub", "sbin/update-grub"]).is_some() {
-                chroot(root, &["update-grub"])?;
-            } else {
-                chroot(root, &["grub-mkconfig", "-o", "/boot/grub/grub.cfg"])?;
-            }
+            let created = by_uuid(&mut binds, root, uuids)?;
+            let result = (|| {
+                match firmware {
+                    Firmware::Bios => chroot(root, &["grub-install", "--target=i386-pc", "--recheck", &d])?,
+                    Firmware::Uefi => chroot(
+                        root,
+                        &["grub-install", "--target=x86_64-efi", "--efi-directory=/boot/efi", "--removable", "--no-nvram", &d],
+                    )?,
+                };
+                if exists_any(root, &["usr/sbin/update-grub", "sbin/update-grub"]).is_some() {
+                    chroot(root, &["update-grub"])
+                } else {
+                    chroot(root, &["grub-mkconfig", "-o", "/boot/grub/grub.cfg"])
+                }
+            })();
+            unbind_by_uuid(&mut binds, root, created);
+            result?;
             info!(?firmware, disk = %d, "grub installed");
             Ok(format!("grub ({firmware:?}) on {d}"))
         }

@@ -417,6 +417,14 @@ impl Mounts {
         Ok(())
     }
 
+    /// Unmounts the last mount only.
+    pub fn unmount_last(&mut self) {
+        if let Some(t) = self.targets.pop() {
+            let mut one = Mounts { targets: vec![t] };
+            one.unmount_all();
+        }
+    }
+
     /// Unmounts everything, last mounted first (lazily when busy).
     pub fn unmount_all(&mut self) {
         while let Some(t) = self.targets.pop() {

@@ -251,7 +251,8 @@ async fn start_swarm(
     }
     info!(archives = served.len(), %announce, seed = %seed_addr, "swarm ready");
     let client_seed_limit_secs = sw.client_seed_limit.as_secs();
-    let api = Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs });
+    let expected_nodes = sw.expected_nodes;
+    let api = Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs, expected_nodes });
     Ok(swarm::tracker_http::routes(tracker).merge(swarm::api_http::routes(api)))
 }
 

@@ -255,6 +255,9 @@ pub struct SwarmConfig {
     /// be done (published in `/api/swarm`; `fetch --seed-until-done` uses it).
     #[serde(with = "humantime_serde")]
     pub client_seed_limit: Duration,
+    /// Nodes this deployment installs: `/api/swarm/<name>` says done only once this many
+    /// distinct peers reported `left == 0`. 0 = unknown: done when every peer heard of is complete.
+    pub expected_nodes: u32,
 }
 
 impl Default for SwarmConfig {
@@ -268,6 +271,7 @@ impl Default for SwarmConfig {
             upload_limit: 0,
             fastresume: true,
             client_seed_limit: Duration::from_secs(1800),
+            expected_nodes: 0,
         }
     }
 }

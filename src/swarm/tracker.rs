@@ -10,7 +10,7 @@
 //! leecher mostly leechers plus a few seeds: leechers upload to each other what they already
 //! have, and the appliance's seed is not everyone's first choice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -204,6 +204,9 @@ struct Swarm {
     peers: HashMap<PeerId, PeerState>,
     /// Count of `completed` transitions seen (scrape's `downloaded`).
     completions: u64,
+    /// Addresses of the nodes that ever reported `left == 0` (one node, one address): they
+    /// stay counted after they stop seeding and time out of `peers`.
+    completed_nodes: HashSet<Ipv4Addr>,
 }
 
 /// Tracker settings.
@@ -307,6 +310,9 @@ impl Tracker {
                 }
                 p.completed_after = Some(now.duration_since(p.first_seen).as_secs_f64());
             }
+            if a.left == 0 {
+                swarm.completed_nodes.insert(ip);
+            }
             p.addr = a.addr;
             p.uploaded = a.uploaded;
             p.downloaded = a.downloaded;
@@ -337,6 +343,14 @@ impl Tracker {
     pub fn peers(&self, ih: &InfoHash) -> Vec<PeerState> {
         let mut v: Vec<PeerState> = self.swarms.get(ih).map(|s| s.peers.values().cloned().collect()).unwrap_or_default();
         v.sort_by_key(|p| p.addr);
+        v
+    }
+
+    /// The addresses of every node that reported `left == 0` for `ih` since the appliance started
+    /// (sorted), including those no longer announcing.
+    pub fn completed_nodes(&self, ih: &InfoHash) -> Vec<Ipv4Addr> {
+        let mut v: Vec<Ipv4Addr> = self.swarms.get(ih).map(|s| s.completed_nodes.iter().copied().collect()).unwrap_or_default();
+        v.sort();
         v
     }
 

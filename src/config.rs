@@ -258,6 +258,9 @@ pub struct SwarmConfig {
     /// Nodes this deployment installs: `/api/swarm/<name>` says done only once this many
     /// distinct peers reported `left == 0`. 0 = unknown: done when every peer heard of is complete.
     pub expected_nodes: u32,
+    /// How many nodes get the appliance's seed in their peer lists (the first to join, plus any
+    /// node that stops making progress); the others download from each other. 0 = every node.
+    pub seed_peers: u32,
 }
 
 impl Default for SwarmConfig {
@@ -272,6 +275,7 @@ impl Default for SwarmConfig {
             fastresume: true,
             client_seed_limit: Duration::from_secs(1800),
             expected_nodes: 0,
+            seed_peers: 0,
         }
     }
 }

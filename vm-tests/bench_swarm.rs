@@ -23,8 +23,9 @@
 //!
 //! Options (environment or `KEY=VALUE` arguments): `N` clients (default 8), `C` link rate in
 //! Mbit/s (default 100), `S` archive size in MiB (default 64), `METHODS` (default
-//! `http,ours,aria2c`), `SWARM` extra `[swarm]` lines for the appliance (design experiments,
-//! e.g. `SWARM='peer_lists = "mesh"'`), `CAP` seconds a method may run at most (default
+//! `http,ours,aria2c`; a method may repeat), `SWARM` extra `[swarm]` lines for the appliance in
+//! the `ours` runs (design experiments; `||` separates variants for successive `ours` runs, e.g.
+//! `METHODS=ours,ours SWARM='seed_peers = 0||seed_peers = 2'`), `KEEP=1` keeps the logs, `CAP` seconds a method may run at most (default
 //! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so).
 #[path = "common/mod.rs"]
 mod common;
@@ -232,9 +233,18 @@ fn mkdir(p: &Path) -> PathBuf {
     p.to_owned()
 }
 
+/// Which method run this is (methods may be repeated: `METHODS=ours,ours`): names of logs,
+/// state and output directories carry it.
+static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn run_no() -> usize {
+    RUN.load(Ordering::Relaxed)
+}
+
 fn spawn(lab: &Lab, name: &str, mut cmd: std::process::Command) -> Proc {
     cmd.current_dir(&lab.dir);
-    let p = Proc::spawn(name, cmd, lab.path(&format!("{name}.log")));
+    let name = format!("r{}-{name}", run_no());
+    let p = Proc::spawn(&name, cmd, lab.path(&format!("{name}.log")));
     register(&p);
     p
 }
@@ -322,13 +332,13 @@ fn measure_tstar(lab: &Lab, size: u64) -> f64 {
 }
 
 fn run_http(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcome {
-    let appliance = start_appliance(lab, 0, "app-http", &appliance_config(lab, "h", archive, o.n, &o.swarm_extra), &[]);
+    let appliance = start_appliance(lab, 0, &format!("r{}-app-http", run_no()), &appliance_config(lab, &format!("r{}-h", run_no()), archive, o.n, ""), &[]);
     register(&appliance);
     let pids = [appliance.child.id()];
     let cpu0 = server_cpu(&pids);
     let tx0 = tx_bytes(&lab.hosts[0]);
     let url = format!("http://{APP_IP}:{HTTP_PORT}/images/img.tar.zst");
-    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("http-c{h}"))).join("img.tar.zst")).collect();
+    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-http-c{h}", run_no()))).join("img.tar.zst")).collect();
     let mut clients: Vec<Proc> = (1..=o.n)
         .map(|h| {
             let mut c = lab.hosts[h].cmd("curl");
@@ -357,14 +367,17 @@ fn run_http(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcom
     out
 }
 
-fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcome {
-    let appliance = start_appliance(lab, 0, "app-ours", &appliance_config(lab, "o", archive, o.n, &o.swarm_extra), &[]);
+fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize) -> Outcome {
+    // `SWARM` may hold variants separated by `||`, one per `ours` run (cycled).
+    let variants: Vec<&str> = o.swarm_extra.split("||").map(str::trim).collect();
+    let extra = variants[k % variants.len()];
+    let appliance = start_appliance(lab, 0, &format!("r{}-app-ours", run_no()), &appliance_config(lab, &format!("r{}-o", run_no()), archive, o.n, extra), &[]);
     register(&appliance);
     let pids = [appliance.child.id()];
     let cpu0 = server_cpu(&pids);
     let tx0 = tx_bytes(&lab.hosts[0]);
     let srv = format!("{APP_IP}:{HTTP_PORT}");
-    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("ours-c{h}"))).join("img.tar.zst")).collect();
+    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-ours-c{h}", run_no()))).join("img.tar.zst")).collect();
     let mut clients: Vec<Proc> = (1..=o.n)
         .map(|h| {
             let mut c = lab.hosts[h].cmd(appliance_bin());
@@ -394,7 +407,8 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcom
     for p in &outs {
         let _ = fs::remove_file(p);
     }
-    Outcome { method: "ours".into(), done, seed_tx, server, clients: seen, busy_frac: busy, wall, bad_copies: bad, note, ..Default::default() }
+    let method = if extra.is_empty() { "ours".into() } else { format!("ours ({})", extra.replace('\n', "; ")) };
+    Outcome { method, done, seed_tx, server, clients: seen, busy_frac: busy, wall, bad_copies: bad, note, ..Default::default() }
 }
 
 fn run_aria2c(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcome {
@@ -445,7 +459,7 @@ fn run_aria2c(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outc
     let pids = [seed.child.id(), ot.child.id()];
     let cpu0 = server_cpu(&pids);
     let tx0 = tx_bytes(&lab.hosts[0]);
-    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("aria-c{h}"))).join("img.tar.zst")).collect();
+    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-aria-c{h}", run_no()))).join("img.tar.zst")).collect();
     let mut clients: Vec<Proc> = (1..=o.n)
         .map(|h| {
             let mut c = lab.hosts[h].cmd("aria2c");
@@ -480,9 +494,11 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
     let client_cpu: f64 = r.clients.iter().map(|s| s.cpu).sum();
     let per = client_cpu / o.n as f64 * (64 * MIB) as f64 / o.size as f64;
     let sat = if r.busy_frac >= 0.9 { " CPU-SATURATED" } else { "" };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let own = (r.server.cpu + client_cpu) / (r.wall.max(1e-3) * cores);
     let med = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        "| {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2}{} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0} %{} | {} | {} |",
+        "| {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2}{} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0} % ({:.0} % ours){} | {} | {} |",
         r.method,
         finished,
         o.n,
@@ -496,6 +512,7 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
         client_cpu,
         per,
         r.busy_frac * 100.0,
+        own * 100.0,
         sat,
         r.server.hwm / 1024,
         r.clients.first().map_or(0, |s| s.hwm / 1024),
@@ -563,10 +580,15 @@ fn main() {
     let cap = o.cap.unwrap_or((12.0 * tstar).max(90.0));
 
     let mut results = Vec::new();
+    let mut ours_runs = 0;
     for m in &o.methods {
+        RUN.fetch_add(1, Ordering::Relaxed);
         let r = match m.as_str() {
             "http" => run_http(&lab, &o, &archive, &want, cap),
-            "ours" => run_ours(&lab, &o, &archive, &want, cap),
+            "ours" => {
+                ours_runs += 1;
+                run_ours(&lab, &o, &archive, &want, cap, ours_runs - 1)
+            }
             "aria2c" => run_aria2c(&lab, &o, &archive, &want, cap),
             other => {
                 eprintln!("swarm bench: unknown method {other:?} (http, ours, aria2c)");
@@ -576,8 +598,9 @@ fn main() {
         results.push(r);
     }
     println!();
+    println!("load average at the end: {}", fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     println!("N={} C={} Mbit/s S={} MiB T*={tstar:.2} s (one TCP stream over one shaped link; S/C = {ideal:.2} s){}", o.n, o.mbit, o.size / MIB, if o.swarm_extra.is_empty() { String::new() } else { format!(" swarm: {}", o.swarm_extra.replace('\n', "; ")) });
-    println!("| method | done | first s | median s | makespan s | makespan/T* | seed copies | server CPU s | clients CPU s | CPU s/client/64MiB | machine busy | server RSS MiB | client RSS MiB |");
+    println!("| method | done | first s | median s | makespan s | makespan/T* | seed copies | server CPU s | clients CPU s | CPU s/client/64MiB | machine busy (this run's processes) | server RSS MiB | client RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         report(&o, tstar, r);

@@ -39,6 +39,8 @@ pub struct SwarmApi {
     pub client_seed_limit_secs: u64,
     /// Nodes of the deployment (`swarm.expected_nodes`; 0 = unknown).
     pub expected_nodes: u32,
+    /// `swarm.seed_peers`: how many nodes the tracker gives the seed (0 = all).
+    pub seed_peers: u32,
 }
 
 /// One torrent's state as `/api/swarm` shows it.
@@ -70,6 +72,10 @@ pub struct TorrentView {
     /// Nodes of the deployment (`swarm.expected_nodes`; 0 = unknown).
     #[serde(default)]
     pub expected_nodes: u32,
+    /// How many nodes the tracker gives the appliance's seed (0 = every node; then clients also
+    /// take `seed_addr` as their first peer).
+    #[serde(default)]
+    pub seed_peers: u32,
     /// Clients may stop seeding: `expected_nodes` distinct nodes completed; with
     /// `expected_nodes == 0`, at least one peer joined and every peer the tracker knows has
     /// completed.
@@ -141,6 +147,7 @@ pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
         },
         completed_nodes,
         expected_nodes: api.expected_nodes,
+        seed_peers: api.seed_peers,
         seed_limit_secs: api.client_seed_limit_secs,
         peers,
     }
@@ -176,7 +183,7 @@ mod tests {
         let seed_addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 6881);
         let mut served = BTreeMap::new();
         served.insert(s.name.clone(), s.clone());
-        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr, client_seed_limit_secs: 60, expected_nodes: 0 }, s)
+        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr, client_seed_limit_secs: 60, expected_nodes: 0, seed_peers: 0 }, s)
     }
 
     fn announce(api: &SwarmApi, a: &Announce) {

@@ -218,6 +218,13 @@ pub struct TrackerPolicy {
     pub interval: Duration,
     /// A peer silent for this long is dropped from the swarm.
     pub peer_timeout: Duration,
+    /// The appliance's own seed (as registered by the appliance), for `seed_peers`.
+    pub appliance_seed: Option<SocketAddrV4>,
+    /// How many leechers get the appliance's seed in their peer lists: the first ones to join
+    /// (plus any leecher that made no progress since its previous announce, and a leecher with no
+    /// other peer). 0 = every leecher. The others get the archive from each other, so the seed
+    /// sends fewer duplicate pieces.
+    pub seed_peers: usize,
 }
 
 impl Default for TrackerPolicy {
@@ -226,6 +233,8 @@ impl Default for TrackerPolicy {
             subnets: Vec::new(),
             interval: Duration::from_secs(15),
             peer_timeout: Duration::from_secs(60),
+            appliance_seed: None,
+            seed_peers: 0,
         }
     }
 }
@@ -291,6 +300,8 @@ impl Tracker {
         // Silent peers leave; so does an older peer id at the same address and port: that node
         // restarted (a new process, a new peer id) and its old entry would never complete.
         swarm.peers.retain(|id, p| now.duration_since(p.last_seen) < timeout && (*id == a.peer_id || p.addr != a.addr));
+        // No progress since the previous announce of this peer: it may be starving.
+        let stalled = swarm.peers.get(&a.peer_id).is_some_and(|p| a.left > 0 && a.left >= p.left);
         if a.event == Event::Stopped {
             swarm.peers.remove(&a.peer_id);
         } else {
@@ -320,7 +331,12 @@ impl Tracker {
             p.last_seen = now;
         }
         let (complete, incomplete) = counts(swarm);
-        let peers = pick_peers(swarm, a, rng);
+        let mut peers = pick_peers(swarm, a, rng);
+        if let (Some(seed), n @ 1..) = (self.policy.appliance_seed, self.policy.seed_peers) {
+            if a.left > 0 && !stalled && peers.iter().any(|p| *p != seed) && !among_first(swarm, a, seed, n) {
+                peers.retain(|p| *p != seed);
+            }
+        }
         Ok(AnnounceReply { interval: self.policy.interval, complete, incomplete, peers })
     }
 
@@ -363,6 +379,18 @@ impl Tracker {
 fn counts(s: &Swarm) -> (usize, usize) {
     let seeds = s.peers.values().filter(|p| p.left == 0).count();
     (seeds, s.peers.len() - seeds)
+}
+
+/// Whether the announcing peer is among the first `n` peers (other than the appliance's seed)
+/// to have joined the swarm.
+fn among_first(swarm: &Swarm, a: &Announce, seed: SocketAddrV4, n: usize) -> bool {
+    let Some(me) = swarm.peers.get(&a.peer_id) else { return false };
+    let earlier = swarm
+        .peers
+        .iter()
+        .filter(|(id, p)| p.addr != seed && **id != a.peer_id && (p.first_seen, p.addr) < (me.first_seen, me.addr))
+        .count();
+    earlier < n
 }
 
 /// Common leading bits of two addresses: 24+ means the same /24 rack, and so on.

@@ -198,6 +198,7 @@ async fn start_swarm(
         peer_timeout: sw.peer_timeout,
         appliance_seed: Some(SocketAddrV4::new(iface.ip, sw.listen_port)),
         seed_peers: sw.seed_peers as usize,
+        join_delay: sw.join_delay,
     };
     let tracker: SharedTracker = Arc::new(std::sync::Mutex::new(swarm::Tracker::new(policy)));
     let announce = format!("http://{}:{}/announce", iface.ip, cfg.http.port);

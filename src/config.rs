@@ -261,6 +261,10 @@ pub struct SwarmConfig {
     /// How many nodes get the appliance's seed in their peer lists (the first to join, plus any
     /// node that stops making progress); the others download from each other. 0 = every node.
     pub seed_peers: u32,
+    /// For this long after joining, a node gets only seeds from the tracker (then everyone):
+    /// peers meet once they have pieces to trade. 0s = off.
+    #[serde(with = "humantime_serde")]
+    pub join_delay: Duration,
 }
 
 impl Default for SwarmConfig {
@@ -276,6 +280,7 @@ impl Default for SwarmConfig {
             client_seed_limit: Duration::from_secs(1800),
             expected_nodes: 0,
             seed_peers: 0,
+            join_delay: Duration::ZERO,
         }
     }
 }

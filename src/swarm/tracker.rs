@@ -225,6 +225,10 @@ pub struct TrackerPolicy {
     /// other peer). 0 = every leecher. The others get the archive from each other, so the seed
     /// sends fewer duplicate pieces.
     pub seed_peers: usize,
+    /// For this long after its first announce, a leecher gets only seeds (and is told to announce
+    /// again when it ends): peers meet once each has pieces the others lack, instead of at once
+    /// with empty bitfields (librqbit then idles on such a peer for up to 5 s). Zero: off.
+    pub join_delay: Duration,
 }
 
 impl Default for TrackerPolicy {
@@ -235,6 +239,7 @@ impl Default for TrackerPolicy {
             peer_timeout: Duration::from_secs(60),
             appliance_seed: None,
             seed_peers: 0,
+            join_delay: Duration::ZERO,
         }
     }
 }
@@ -332,12 +337,22 @@ impl Tracker {
         }
         let (complete, incomplete) = counts(swarm);
         let mut peers = pick_peers(swarm, a, rng);
+        let mut interval = self.policy.interval;
+        if let Some(me) = swarm.peers.get(&a.peer_id) {
+            let age = now.duration_since(me.first_seen);
+            if a.left > 0 && age < self.policy.join_delay {
+                let seeds: Vec<SocketAddrV4> =
+                    swarm.peers.values().filter(|p| p.left == 0 && p.addr != a.addr).map(|p| p.addr).collect();
+                peers.retain(|p| seeds.contains(p));
+                interval = interval.min((self.policy.join_delay - age).max(Duration::from_secs(1)));
+            }
+        }
         if let (Some(seed), n @ 1..) = (self.policy.appliance_seed, self.policy.seed_peers) {
             if a.left > 0 && !stalled && peers.iter().any(|p| *p != seed) && !among_first(swarm, a, seed, n) {
                 peers.retain(|p| *p != seed);
             }
         }
-        Ok(AnnounceReply { interval: self.policy.interval, complete, incomplete, peers })
+        Ok(AnnounceReply { interval, complete, incomplete, peers })
     }
 
     /// Scrape counts for `hashes` (all registered torrents when empty); unknown ones are left out.

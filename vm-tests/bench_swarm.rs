@@ -25,7 +25,7 @@
 //! Mbit/s (default 100), `S` archive size in MiB (default 64), `METHODS` (default
 //! `http,ours,aria2c`; a method may repeat), `SWARM` extra `[swarm]` lines for the appliance in
 //! the `ours` runs (design experiments; `||` separates variants for successive `ours` runs, e.g.
-//! `METHODS=ours,ours SWARM='seed_peers = 0||seed_peers = 2'`), `KEEP=1` keeps the logs, `CAP` seconds a method may run at most (default
+//! `METHODS=ours,ours SWARM='seed_peers = 0||seed_peers = 2'`), `KEEP=1` keeps the logs, `FETCH_LOG` is the clients' RUST_LOG (default info), `CAP` seconds a method may run at most (default
 //! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so).
 #[path = "common/mod.rs"]
 mod common;
@@ -383,7 +383,7 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize)
             let mut c = lab.hosts[h].cmd(appliance_bin());
             c.args(["fetch", "--server", &srv, "--image", "img", "--iface", "eth0", "--seed-until-done", "--seed-for", "900s", "--out"])
                 .arg(&outs[h - 1])
-                .env("RUST_LOG", "info");
+                .env("RUST_LOG", std::env::var("FETCH_LOG").unwrap_or_else(|_| "info".into()));
             spawn(lab, &format!("fetch{h}"), c)
         })
         .collect();

@@ -199,7 +199,14 @@ async fn start_swarm(
     let sw = &cfg.swarm;
     let mut subnets = vec![iface.net];
     subnets.extend(cfg.dhcp.pools.iter().map(|p| p.subnet));
-    let policy = swarm::TrackerPolicy { subnets, interval: sw.announce_interval, peer_timeout: sw.peer_timeout };
+    let policy = swarm::TrackerPolicy {
+        subnets,
+        interval: sw.announce_interval,
+        peer_timeout: sw.peer_timeout,
+        appliance_seed: Some(SocketAddrV4::new(iface.ip, sw.listen_port)),
+        seed_peers: sw.seed_peers as usize,
+        join_delay: sw.join_delay,
+    };
     let tracker: SharedTracker = Arc::new(std::sync::Mutex::new(swarm::Tracker::new(policy)));
     let announce = format!("http://{}:{}/announce", iface.ip, cfg.http.port);
     let swarm_dir = cfg.state_dir.join("swarm");
@@ -258,7 +265,9 @@ async fn start_swarm(
     }
     info!(archives = served.len(), %announce, seed = %seed_addr, "swarm ready");
     let client_seed_limit_secs = sw.client_seed_limit.as_secs();
-    let api = Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs });
+    let (expected_nodes, seed_peers) = (sw.expected_nodes, sw.seed_peers);
+    let api =
+        Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs, expected_nodes, seed_peers });
     Ok(swarm::tracker_http::routes(tracker).merge(swarm::api_http::routes(api)))
 }
 

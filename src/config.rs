@@ -255,6 +255,16 @@ pub struct SwarmConfig {
     /// be done (published in `/api/swarm`; `fetch --seed-until-done` uses it).
     #[serde(with = "humantime_serde")]
     pub client_seed_limit: Duration,
+    /// Nodes this deployment installs: `/api/swarm/<name>` says done only once this many
+    /// distinct peers reported `left == 0`. 0 = unknown: done when every peer heard of is complete.
+    pub expected_nodes: u32,
+    /// How many nodes get the appliance's seed in their peer lists (the first to join, plus any
+    /// node that stops making progress); the others download from each other. 0 = every node.
+    pub seed_peers: u32,
+    /// For this long after joining, a node gets only seeds from the tracker (then everyone):
+    /// peers meet once they have pieces to trade. 0s = off.
+    #[serde(with = "humantime_serde")]
+    pub join_delay: Duration,
 }
 
 impl Default for SwarmConfig {
@@ -268,6 +278,9 @@ impl Default for SwarmConfig {
             upload_limit: 0,
             fastresume: true,
             client_seed_limit: Duration::from_secs(1800),
+            expected_nodes: 0,
+            seed_peers: 0,
+            join_delay: Duration::ZERO,
         }
     }
 }

@@ -6,7 +6,7 @@ set -euo pipefail
 pkgs=(
   iproute2 iputils-ping procps kmod psmisc
   udhcpc isc-dhcp-client dhcpcd-base kea-admin kea-dhcp4-server dnsmasq-base
-  tftp-hpa tftpd-hpa atftp curl aria2
+  tftp-hpa tftpd-hpa atftp curl aria2 transmission-cli opentracker
   qemu-system-x86 ipxe-qemu ipxe pxelinux syslinux-common busybox-static cpio zstd gzip
   tcpdump ndisc6
   debootstrap attr acl rsync libcap2-bin

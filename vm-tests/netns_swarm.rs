@@ -474,3 +474,41 @@ fn appliance_packs_its_image_at_start_and_a_node_fetches_it() {
     assert!(!appliance.log_text().contains("image packed"), "{}", appliance.log_text());
     assert_eq!(fs::metadata(&archive).unwrap().ino(), ino);
 }
+
+/// Acceptance 2 (transmission-cli): transmission downloads an archive from the appliance through
+/// its tracker; completion is transmission's own signal (its --finish script), then the copy is
+/// compared. transmission-cli keeps seeding until killed.
+#[test]
+fn interop_transmission_downloads_through_the_tracker() {
+    let mut lab = Lab::new("swx");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    let app = lab.add_host(Some("10.69.8.1/24"), None);
+    let cl = lab.add_host(Some("10.69.8.11/24"), None);
+    let archive = lab.path("tr.tar.zst");
+    random_file(&archive, 16 * MIB);
+    let want = sha256(&archive);
+    let _appliance = start_appliance(&lab, app, "appliance", &config(&lab, "x", &archive, ""), &[]);
+    let torrent = lab.path("tr.torrent");
+    fs::write(&torrent, curl(&lab, cl, "http://10.69.8.1:8080/torrents/tr.torrent", &[])).expect("torrent");
+    let dir = mkdir(&lab.path("tr-dl"));
+    let marker = lab.path("tr-finished");
+    let script = lab.path("tr-finish.sh");
+    fs::write(&script, format!("#!/bin/sh\n: > '{}'\n", marker.display())).expect("script");
+    common::run(Command::new("chmod").arg("+x").arg(&script));
+    // No DHT (it would look up outside bootstrap names), no local discovery, no PEX, no uTP.
+    let cfg = mkdir(&lab.path("tr-config"));
+    fs::write(
+        cfg.join("settings.json"),
+        r#"{"dht-enabled": false, "lpd-enabled": false, "pex-enabled": false, "utp-enabled": false, "encryption": 0, "port-forwarding-enabled": false}"#,
+    )
+    .expect("settings");
+    let mut t = lab.hosts[cl].cmd("transmission-cli");
+    t.args(["-g"]).arg(&cfg).args(["-w"]).arg(&dir);
+    t.args(["-p", "51413", "-M", "-et", "-f"]).arg(&script).arg(&torrent);
+    let mut t = Proc::spawn("transmission", t, lab.path("transmission.log"));
+    let done = common::wait_for(Duration::from_secs(120), || marker.exists().then_some(()));
+    let log = t.log_text();
+    t.kill();
+    assert!(done.is_some(), "transmission-cli never finished:\n{}", &log[log.len().saturating_sub(3000)..]);
+    assert_eq!(sha256(&dir.join("tr.tar.zst")), want);
+}

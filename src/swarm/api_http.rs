@@ -1,7 +1,9 @@
 //! The swarm's read-only HTTP face besides the tracker: `GET /torrents/<name>.torrent` (the
 //! served .torrent bytes; the name is an [`ImageName`] key, never a path) and the JSON state
 //! for the monitor and the clients: `GET /api/swarm` (every torrent) and `GET /api/swarm/<name>`
-//! (one torrent; `done` is the "swarm done" signal the fetchers poll to stop seeding).
+//! (one torrent; `done` is the "swarm done" signal the fetchers poll to stop seeding), and
+//! `GET /images/<name>.tar.zst`: the archive itself over plain HTTP (Range, HEAD), for recovery
+//! and as the unicast baseline of the swarm benchmark.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
@@ -9,12 +11,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
+use tower::ServiceExt as _;
+use tower_http::services::ServeFile;
 
 use super::seed::{Seed, SeedStats, Served};
 use super::tracker::PeerState;
@@ -33,6 +37,10 @@ pub struct SwarmApi {
     pub seed_addr: SocketAddrV4,
     /// How long nodes seed at most after their download (`swarm.client_seed_limit`).
     pub client_seed_limit_secs: u64,
+    /// Nodes of the deployment (`swarm.expected_nodes`; 0 = unknown).
+    pub expected_nodes: u32,
+    /// `swarm.seed_peers`: how many nodes the tracker gives the seed (0 = all).
+    pub seed_peers: u32,
 }
 
 /// One torrent's state as `/api/swarm` shows it.
@@ -58,8 +66,19 @@ pub struct TorrentView {
     pub complete: usize,
     /// Peers still downloading.
     pub incomplete: usize,
-    /// At least one peer joined and every peer the tracker knows has completed: clients may
-    /// stop seeding. (Later: every node of the deployment's plan.)
+    /// Distinct node addresses (other than the appliance) that ever reported `left == 0`.
+    #[serde(default)]
+    pub completed_nodes: usize,
+    /// Nodes of the deployment (`swarm.expected_nodes`; 0 = unknown).
+    #[serde(default)]
+    pub expected_nodes: u32,
+    /// How many nodes the tracker gives the appliance's seed (0 = every node; then clients also
+    /// take `seed_addr` as their first peer).
+    #[serde(default)]
+    pub seed_peers: u32,
+    /// Clients may stop seeding: `expected_nodes` distinct nodes completed; with
+    /// `expected_nodes == 0`, at least one peer joined and every peer the tracker knows has
+    /// completed.
     pub done: bool,
     /// Seconds a node keeps seeding at most after its download, waiting for `done`.
     pub seed_limit_secs: u64,
@@ -69,6 +88,7 @@ pub struct TorrentView {
 pub fn routes(api: Arc<SwarmApi>) -> Router {
     Router::new()
         .route("/torrents/{file}", get(torrent))
+        .route("/images/{file}", get(archive))
         .route("/api/swarm", get(all))
         .route("/api/swarm/{name}", get(one))
         .with_state(api)
@@ -88,12 +108,26 @@ async fn torrent(State(api): State<Arc<SwarmApi>>, Path(file): Path<String>) -> 
     }
 }
 
+async fn archive(State(api): State<Arc<SwarmApi>>, Path(file): Path<String>, req: Request) -> Response {
+    let Some(name) = file.strip_suffix(".tar.zst").and_then(|n| n.parse::<ImageName>().ok()) else {
+        return not_found();
+    };
+    let Some(s) = api.served.get(&name) else { return not_found() };
+    // The path comes from the served map (a key lookup), never from the request.
+    match ServeFile::new(&s.archive).oneshot(req).await {
+        Ok(resp) => resp.map(axum::body::Body::new),
+        Err(never) => match never {},
+    }
+}
+
 /// Builds the view of one served archive.
 pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
-    let peers: Vec<PeerState> = {
+    let (peers, completed_nodes): (Vec<PeerState>, usize) = {
         // A poisoned lock means a panic mid-update; the map is still structurally sound.
         let t = api.tracker.lock().unwrap_or_else(|e| e.into_inner());
-        t.peers(&s.info_hash).into_iter().filter(|p| p.addr != api.seed_addr).collect()
+        let peers = t.peers(&s.info_hash).into_iter().filter(|p| p.addr != api.seed_addr).collect();
+        let nodes = t.completed_nodes(&s.info_hash).into_iter().filter(|ip| ip != api.seed_addr.ip()).count();
+        (peers, nodes)
     };
     let complete = peers.iter().filter(|p| p.left == 0).count();
     let seed = api.seed.as_ref().and_then(|seed| seed.stats(&s.info_hash));
@@ -106,7 +140,14 @@ pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
         seed,
         complete,
         incomplete: peers.len() - complete,
-        done: !peers.is_empty() && complete == peers.len(),
+        done: if api.expected_nodes > 0 {
+            completed_nodes >= api.expected_nodes as usize
+        } else {
+            !peers.is_empty() && complete == peers.len()
+        },
+        completed_nodes,
+        expected_nodes: api.expected_nodes,
+        seed_peers: api.seed_peers,
         seed_limit_secs: api.client_seed_limit_secs,
         peers,
     }
@@ -142,7 +183,7 @@ mod tests {
         let seed_addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 6881);
         let mut served = BTreeMap::new();
         served.insert(s.name.clone(), s.clone());
-        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr, client_seed_limit_secs: 60 }, s)
+        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr, client_seed_limit_secs: 60, expected_nodes: 0, seed_peers: 0 }, s)
     }
 
     fn announce(api: &SwarmApi, a: &Announce) {
@@ -178,5 +219,26 @@ mod tests {
         // What fetch reads back parses.
         let back: TorrentView = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
         assert!(back.done && back.seed_addr == api.seed_addr && back.seed_limit_secs == 60);
+    }
+
+    #[test]
+    fn with_expected_nodes_done_waits_for_that_many_distinct_completed_nodes() {
+        let (mut api, s) = api();
+        api.expected_nodes = 3;
+        announce(&api, &seed_announce(s.info_hash, api.seed_addr));
+        announce(&api, &peer(11, 0));
+        announce(&api, &peer(12, 0));
+        let v = view(&api, &s);
+        assert_eq!((v.completed_nodes, v.done), (2, false), "every peer heard of is complete, but only 2 of 3 nodes");
+        // The same node again (a restarted process, a new peer id) is not a new node.
+        let mut again = peer(12, 0);
+        again.peer_id = [99; 20];
+        announce(&api, &again);
+        assert!(!view(&api, &s).done);
+        announce(&api, &peer(13, 7));
+        assert!(!view(&api, &s).done);
+        announce(&api, &peer(13, 0));
+        let v = view(&api, &s);
+        assert_eq!((v.completed_nodes, v.expected_nodes, v.done), (3, 3, true));
     }
 }

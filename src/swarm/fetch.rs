@@ -162,7 +162,10 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     if opts.use_tracker {
         match swarm_view(opts.server, name).await {
             Ok(v) => {
-                initial.push(SocketAddr::V4(v.seed_addr));
+                // With `swarm.seed_peers` set, the tracker decides who talks to the seed.
+                if v.seed_peers == 0 {
+                    initial.push(SocketAddr::V4(v.seed_addr));
+                }
                 seed_limit = Duration::from_secs(v.seed_limit_secs).min(MAX_SEED_UNTIL_DONE);
             }
             Err(e) => warn!(%name, "no seed address from the appliance, tracker only: {e:#}"),

@@ -10,7 +10,7 @@
 //! leecher mostly leechers plus a few seeds: leechers upload to each other what they already
 //! have, and the appliance's seed is not everyone's first choice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -204,6 +204,9 @@ struct Swarm {
     peers: HashMap<PeerId, PeerState>,
     /// Count of `completed` transitions seen (scrape's `downloaded`).
     completions: u64,
+    /// Addresses of the nodes that ever reported `left == 0` (one node, one address): they
+    /// stay counted after they stop seeding and time out of `peers`.
+    completed_nodes: HashSet<Ipv4Addr>,
 }
 
 /// Tracker settings.
@@ -215,6 +218,17 @@ pub struct TrackerPolicy {
     pub interval: Duration,
     /// A peer silent for this long is dropped from the swarm.
     pub peer_timeout: Duration,
+    /// The appliance's own seed (as registered by the appliance), for `seed_peers`.
+    pub appliance_seed: Option<SocketAddrV4>,
+    /// How many leechers get the appliance's seed in their peer lists: the first ones to join
+    /// (plus any leecher that made no progress since its previous announce, and a leecher with no
+    /// other peer). 0 = every leecher. The others get the archive from each other, so the seed
+    /// sends fewer duplicate pieces.
+    pub seed_peers: usize,
+    /// For this long after its first announce, a leecher gets only seeds (and is told to announce
+    /// again when it ends): peers meet once each has pieces the others lack, instead of at once
+    /// with empty bitfields (librqbit then idles on such a peer for up to 5 s). Zero: off.
+    pub join_delay: Duration,
 }
 
 impl Default for TrackerPolicy {
@@ -223,6 +237,9 @@ impl Default for TrackerPolicy {
             subnets: Vec::new(),
             interval: Duration::from_secs(15),
             peer_timeout: Duration::from_secs(60),
+            appliance_seed: None,
+            seed_peers: 0,
+            join_delay: Duration::ZERO,
         }
     }
 }
@@ -288,6 +305,8 @@ impl Tracker {
         // Silent peers leave; so does an older peer id at the same address and port: that node
         // restarted (a new process, a new peer id) and its old entry would never complete.
         swarm.peers.retain(|id, p| now.duration_since(p.last_seen) < timeout && (*id == a.peer_id || p.addr != a.addr));
+        // No progress since the previous announce of this peer: it may be starving.
+        let stalled = swarm.peers.get(&a.peer_id).is_some_and(|p| a.left > 0 && a.left >= p.left);
         if a.event == Event::Stopped {
             swarm.peers.remove(&a.peer_id);
         } else {
@@ -307,6 +326,9 @@ impl Tracker {
                 }
                 p.completed_after = Some(now.duration_since(p.first_seen).as_secs_f64());
             }
+            if a.left == 0 {
+                swarm.completed_nodes.insert(ip);
+            }
             p.addr = a.addr;
             p.uploaded = a.uploaded;
             p.downloaded = a.downloaded;
@@ -314,8 +336,23 @@ impl Tracker {
             p.last_seen = now;
         }
         let (complete, incomplete) = counts(swarm);
-        let peers = pick_peers(swarm, a, rng);
-        Ok(AnnounceReply { interval: self.policy.interval, complete, incomplete, peers })
+        let mut peers = pick_peers(swarm, a, rng);
+        let mut interval = self.policy.interval;
+        if let Some(me) = swarm.peers.get(&a.peer_id) {
+            let age = now.duration_since(me.first_seen);
+            if a.left > 0 && age < self.policy.join_delay {
+                let seeds: Vec<SocketAddrV4> =
+                    swarm.peers.values().filter(|p| p.left == 0 && p.addr != a.addr).map(|p| p.addr).collect();
+                peers.retain(|p| seeds.contains(p));
+                interval = interval.min((self.policy.join_delay - age).max(Duration::from_secs(1)));
+            }
+        }
+        if let (Some(seed), n @ 1..) = (self.policy.appliance_seed, self.policy.seed_peers) {
+            if a.left > 0 && !stalled && peers.iter().any(|p| *p != seed) && !among_first(swarm, a, seed, n) {
+                peers.retain(|p| *p != seed);
+            }
+        }
+        Ok(AnnounceReply { interval, complete, incomplete, peers })
     }
 
     /// Scrape counts for `hashes` (all registered torrents when empty); unknown ones are left out.
@@ -340,6 +377,14 @@ impl Tracker {
         v
     }
 
+    /// The addresses of every node that reported `left == 0` for `ih` since the appliance started
+    /// (sorted), including those no longer announcing.
+    pub fn completed_nodes(&self, ih: &InfoHash) -> Vec<Ipv4Addr> {
+        let mut v: Vec<Ipv4Addr> = self.swarms.get(ih).map(|s| s.completed_nodes.iter().copied().collect()).unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// Whether the address may use the tracker (for scrape).
     pub fn allows(&self, ip: Ipv4Addr) -> bool {
         self.policy.subnets.iter().any(|n| n.contains(&ip))
@@ -349,6 +394,18 @@ impl Tracker {
 fn counts(s: &Swarm) -> (usize, usize) {
     let seeds = s.peers.values().filter(|p| p.left == 0).count();
     (seeds, s.peers.len() - seeds)
+}
+
+/// Whether the announcing peer is among the first `n` peers (other than the appliance's seed)
+/// to have joined the swarm.
+fn among_first(swarm: &Swarm, a: &Announce, seed: SocketAddrV4, n: usize) -> bool {
+    let Some(me) = swarm.peers.get(&a.peer_id) else { return false };
+    let earlier = swarm
+        .peers
+        .iter()
+        .filter(|(id, p)| p.addr != seed && **id != a.peer_id && (p.first_seen, p.addr) < (me.first_seen, me.addr))
+        .count();
+    earlier < n
 }
 
 /// Common leading bits of two addresses: 24+ means the same /24 rack, and so on.

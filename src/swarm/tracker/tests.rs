@@ -171,3 +171,59 @@ proptest::proptest! {
         let _ = parse_scrape(&s);
     }
 }
+
+#[test]
+fn seed_peers_limits_who_gets_the_appliance_seed() {
+    let seed: SocketAddrV4 = "10.0.0.1:6881".parse().unwrap();
+    let mut t = Tracker::new(TrackerPolicy {
+        subnets: vec!["10.0.0.0/16".parse().unwrap()],
+        appliance_seed: Some(seed),
+        seed_peers: 2,
+        ..TrackerPolicy::default()
+    });
+    t.register(IH);
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    let ann = |pid: u8, left: u64| {
+        let mut a = Announce::parse(&q(&IH.0, pid, 6881, left, ""), Ipv4Addr::new(10, 0, 0, pid)).unwrap();
+        a.numwant = 50;
+        a
+    };
+    // The seed registers itself (peer id 1 at 10.0.0.1).
+    t.announce(&ann(1, 0), t0, &mut rng).unwrap();
+    let has_seed = |r: &AnnounceReply| r.peers.contains(&seed);
+    // The first leecher has no other peer: it gets the seed.
+    assert!(has_seed(&t.announce(&ann(11, 100), t0, &mut rng).unwrap()));
+    assert!(has_seed(&t.announce(&ann(12, 100), t0 + Duration::from_millis(1), &mut rng).unwrap()));
+    // The third leecher does not: it has two others.
+    let r = t.announce(&ann(13, 100), t0 + Duration::from_millis(2), &mut rng).unwrap();
+    assert!(!has_seed(&r) && r.peers.len() == 2, "{r:?}");
+    // ... until it makes no progress between two announces.
+    let r = t.announce(&ann(13, 100), t0 + Duration::from_secs(5), &mut rng).unwrap();
+    assert!(has_seed(&r), "a stalled leecher gets the seed");
+    let r = t.announce(&ann(13, 50), t0 + Duration::from_secs(10), &mut rng).unwrap();
+    assert!(!has_seed(&r), "progress again: back to the other peers");
+    // The first two keep it.
+    assert!(has_seed(&t.announce(&ann(11, 90), t0 + Duration::from_secs(5), &mut rng).unwrap()));
+}
+
+#[test]
+fn join_delay_gives_new_leechers_only_seeds_and_a_short_interval() {
+    let mut t = Tracker::new(TrackerPolicy {
+        subnets: vec!["10.0.0.0/16".parse().unwrap()],
+        join_delay: Duration::from_secs(3),
+        ..TrackerPolicy::default()
+    });
+    t.register(IH);
+    let mut rng = StdRng::seed_from_u64(2);
+    let t0 = Instant::now();
+    let ann = |pid: u8, left: u64| Announce::parse(&q(&IH.0, pid, 6881, left, ""), Ipv4Addr::new(10, 0, 0, pid)).unwrap();
+    t.announce(&ann(1, 0), t0, &mut rng).unwrap();
+    t.announce(&ann(11, 100), t0, &mut rng).unwrap();
+    let r = t.announce(&ann(12, 100), t0, &mut rng).unwrap();
+    assert_eq!(r.peers, vec!["10.0.0.1:6881".parse::<SocketAddrV4>().unwrap()], "only the seed at first");
+    assert_eq!(r.interval, Duration::from_secs(3));
+    let r = t.announce(&ann(12, 90), t0 + Duration::from_secs(3), &mut rng).unwrap();
+    assert_eq!(r.peers.len(), 2, "then everyone: {r:?}");
+    assert_eq!(r.interval, Duration::from_secs(15));
+}

@@ -1,0 +1,619 @@
+//! Swarm benchmark (not a test): one command, run as root,
+//!
+//!     cargo bench --bench swarm                 # N=8, C=100 Mbit/s, S=64 MiB
+//!     N=32 C=40 cargo bench --bench swarm       # or: cargo bench --bench swarm -- N=32 C=40
+//!
+//! Builds a star in network namespaces it creates: a switch namespace with a bridge, the
+//! appliance (10.70.0.1) and N client namespaces. Every veth end is shaped with HTB
+//! (rate = ceil = C) and a byte-limited bfifo, in both directions, so every host has upload C and
+//! download C and the appliance's link equals a client's. Then, in the same run, it distributes
+//! one S-byte random archive by
+//!
+//! - `http`:   N × curl in parallel from the appliance's `/images/<name>.tar.zst` route;
+//! - `ours`:   the appliance (tracker + librqbit seed) and N `si-appliance fetch --seed-until-done`;
+//! - `aria2c`: opentracker + an aria2c seed on the appliance host and N aria2c clients,
+//!
+//! and prints per method: per-client completion times (from each client's own signal: curl's
+//! exit, fetch's "download complete" log line, aria2c's on-bt-download-complete hook), makespan,
+//! T* (S / the goodput of one TCP stream over one shaped link, measured first in the same run),
+//! makespan / T*, the seed's upload in copies of S (bytes sent on the appliance's link, framing
+//! included), CPU seconds (server, clients, per client per 64 MiB, and the machine's busy share
+//! with a saturation flag) and peak RSS of the server and of one client. Every copy is checked
+//! by sha256. Namespaces and processes are removed on exit and on Ctrl-C / SIGTERM.
+//!
+//! Options (environment or `KEY=VALUE` arguments): `N` clients (default 8), `C` link rate in
+//! Mbit/s (default 100), `S` archive size in MiB (default 64), `METHODS` (default
+//! `http,ours,aria2c`; a method may repeat), `SWARM` extra `[swarm]` lines for the appliance in
+//! the `ours` runs (design experiments; `||` separates variants for successive `ours` runs, e.g.
+//! `METHODS=ours,ours SWARM='seed_peers = 0||seed_peers = 2'`), `KEEP=1` keeps the logs, `FETCH_LOG` is the clients' RUST_LOG (default info), `CAP` seconds a method may run at most (default
+//! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so).
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Lab, Netns, Proc, appliance_bin, start_appliance, wait_for};
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+const APP_IP: &str = "10.70.0.1";
+const HTTP_PORT: u16 = 8080;
+const OT_PORT: u16 = 6969;
+
+// ---------------------------------------------------------------------------------------------
+// Cleanup on Ctrl-C / SIGTERM: the handler writes one byte to a pipe; a watcher thread kills the
+// registered PIDs (ours only), deletes the registered namespaces and the scratch directory.
+
+static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static SCRATCH: Mutex<Option<PathBuf>> = Mutex::new(None);
+static PIPE_W: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = PIPE_W.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = [1u8];
+        // SAFETY: write(2) is async-signal-safe; the buffer lives for the call.
+        unsafe { libc::write(fd, b.as_ptr().cast(), 1) };
+    }
+}
+
+fn install_cleanup() {
+    let mut fds = [0i32; 2];
+    // SAFETY: plain pipe(2) into a local array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        eprintln!("swarm bench: no pipe for the signal watcher; Ctrl-C will leave namespaces behind");
+        return;
+    }
+    PIPE_W.store(fds[1], Ordering::Relaxed);
+    let rfd = fds[0];
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: blocking read of one byte from our pipe.
+        let n = unsafe { libc::read(rfd, b.as_mut_ptr().cast(), 1) };
+        if n != 1 {
+            return;
+        }
+        eprintln!("\nswarm bench: interrupted, cleaning up");
+        for pid in PIDS.lock().map(|v| v.clone()).unwrap_or_default() {
+            // SAFETY: kill(2) of a PID we spawned and registered.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for ns in NAMESPACES.lock().map(|v| v.clone()).unwrap_or_default() {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        if let Some(d) = SCRATCH.lock().ok().and_then(|d| d.clone()) {
+            let _ = fs::remove_dir_all(d);
+        }
+        std::process::exit(130);
+    });
+    // SAFETY: installing a handler that only calls write(2).
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+fn register(p: &Proc) {
+    if let Ok(mut v) = PIDS.lock() {
+        v.push(p.child.id());
+    }
+}
+
+fn register_ns(ns: &Netns) {
+    if let Ok(mut v) = NAMESPACES.lock() {
+        v.push(ns.name.clone());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+struct Opts {
+    n: usize,
+    mbit: u32,
+    size: u64,
+    methods: Vec<String>,
+    swarm_extra: String,
+    cap: Option<f64>,
+}
+
+fn opts() -> Opts {
+    let mut kv: BTreeMap<String, String> = BTreeMap::new();
+    for k in ["N", "C", "S", "METHODS", "SWARM", "CAP"] {
+        if let Ok(v) = std::env::var(k) {
+            kv.insert(k.into(), v);
+        }
+    }
+    for a in std::env::args().skip(1) {
+        if let Some((k, v)) = a.split_once('=') {
+            kv.insert(k.to_uppercase(), v.into());
+        }
+    }
+    let num = |k: &str, d: u64| kv.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(d);
+    Opts {
+        n: num("N", 8).clamp(1, 240) as usize,
+        mbit: num("C", 100).clamp(1, 10_000) as u32,
+        size: num("S", 64).clamp(1, 4096) * MIB,
+        methods: kv.get("METHODS").map_or("http,ours,aria2c", |s| s.as_str()).split(',').map(|s| s.trim().to_owned()).collect(),
+        swarm_extra: kv.get("SWARM").cloned().unwrap_or_default().replace("\\n", "\n"),
+        cap: kv.get("CAP").and_then(|v| v.parse().ok()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc figures
+
+/// utime + stime of a process (zombies included), seconds.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    (f.len() == 2).then(|| (f[0] + f[1]) as f64 / 100.0)
+}
+
+/// VmHWM in KiB (0 for a zombie).
+fn hwm_kib(pid: u32) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// (busy, total) jiffies of the whole machine.
+fn machine_jiffies() -> (u64, u64) {
+    let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Bytes sent on `eth0` of a namespace.
+fn tx_bytes(ns: &Netns) -> u64 {
+    let out = ns.cmd("cat").arg("/sys/class/net/eth0/statistics/tx_bytes").output().ok();
+    out.and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(0)
+}
+
+/// The last figures seen of a watched process.
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    cpu: f64,
+    hwm: u64,
+}
+
+fn sample(pid: u32, s: &mut Seen) {
+    if let Some(c) = cpu_secs(pid) {
+        s.cpu = s.cpu.max(c);
+    }
+    s.hwm = s.hwm.max(hwm_kib(pid));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lab
+
+fn client_ip(i: usize) -> String {
+    format!("10.70.{}.{}", 1 + i / 200, 10 + i % 200)
+}
+
+fn shape(ns: &Netns, dev: &str, mbit: u32) {
+    // A byte-limited FIFO: ~30 ms of data, at least 64 KiB (offload packets are up to 64 KiB).
+    let limit = ((mbit as u64 * 1_000_000 / 8) * 30 / 1000).max(64 * 1024);
+    let rate = format!("{mbit}mbit");
+    let q = format!("{}", (mbit as u64 * 1_000_000 / 8 / 1000).clamp(1514, 60_000));
+    for args in [
+        vec!["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10"],
+        vec!["class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", &rate, "ceil", &rate, "quantum", &q],
+        vec!["qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "bfifo", "limit", &limit.to_string()],
+    ] {
+        common::run(ns.cmd("tc").args(&args));
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let Ok(mut f) = fs::File::open(path) else { return String::new() };
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => h.update(&buf[..n]),
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+fn mkdir(p: &Path) -> PathBuf {
+    fs::create_dir_all(p).expect("mkdir");
+    p.to_owned()
+}
+
+/// Which method run this is (methods may be repeated: `METHODS=ours,ours`): names of logs,
+/// state and output directories carry it.
+static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn run_no() -> usize {
+    RUN.load(Ordering::Relaxed)
+}
+
+fn spawn(lab: &Lab, name: &str, mut cmd: std::process::Command) -> Proc {
+    cmd.current_dir(&lab.dir);
+    let name = format!("r{}-{name}", run_no());
+    let p = Proc::spawn(&name, cmd, lab.path(&format!("{name}.log")));
+    register(&p);
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// One method's run
+
+#[derive(Default)]
+struct Outcome {
+    method: String,
+    /// Seconds from the start to each client's completion (None: not finished).
+    done: Vec<Option<f64>>,
+    /// Makespan extrapolated from delivered bytes (unfinished HTTP runs only).
+    extrapolated: Option<f64>,
+    seed_tx: u64,
+    server: Seen,
+    clients: Vec<Seen>,
+    busy_frac: f64,
+    wall: f64,
+    bad_copies: usize,
+    note: String,
+}
+
+/// Polls until every client is done (or `cap`): `is_done(i)` says whether client i finished;
+/// processes are sampled every 50 ms.
+fn watch(
+    server_pids: &[u32],
+    clients: &mut [Proc],
+    cap: f64,
+    mut is_done: impl FnMut(usize, &mut Proc) -> bool,
+) -> (Vec<Option<f64>>, Seen, Vec<Seen>, f64, f64) {
+    let t0 = Instant::now();
+    let j0 = machine_jiffies();
+    let mut done: Vec<Option<f64>> = vec![None; clients.len()];
+    let mut server = Seen::default();
+    let mut seen = vec![Seen::default(); clients.len()];
+    loop {
+        for pid in server_pids {
+            server.hwm = server.hwm.max(hwm_kib(*pid));
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            sample(c.child.id(), &mut seen[i]);
+            if done[i].is_none() && is_done(i, c) {
+                done[i] = Some(t0.elapsed().as_secs_f64());
+            }
+        }
+        if done.iter().all(Option::is_some) || t0.elapsed().as_secs_f64() > cap {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let j1 = machine_jiffies();
+    let busy = (j1.0 - j0.0) as f64 / ((j1.1 - j0.1).max(1)) as f64;
+    (done, server, seen, busy, wall)
+}
+
+fn server_cpu(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|p| cpu_secs(*p)).sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn appliance_config(lab: &Lab, tag: &str, archive: &Path, n: usize, extra: &str) -> String {
+    format!(
+        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
+         [http]\nport = {HTTP_PORT}\n[swarm]\narchives = [\"{}\"]\nlisten_port = 6881\n\
+         announce_interval = \"5s\"\npeer_timeout = \"30s\"\nexpected_nodes = {n}\n{extra}\n",
+        lab.path(&format!("{tag}-store")).display(),
+        lab.path(&format!("{tag}-state")).display(),
+        archive.display()
+    )
+}
+
+/// One TCP stream over one shaped link: curl of the archive from the appliance by client 1.
+fn measure_tstar(lab: &Lab, size: u64) -> f64 {
+    let url = format!("http://{APP_IP}:{HTTP_PORT}/images/img.tar.zst");
+    let out = lab.hosts[1].cmd("curl").args(["-sS", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", "--max-time", "600", &url]).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    let got: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let secs: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    assert_eq!(got, size, "T* probe: curl got {got} bytes: {}", String::from_utf8_lossy(&out.stderr));
+    secs
+}
+
+fn run_http(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcome {
+    let appliance = start_appliance(lab, 0, &format!("r{}-app-http", run_no()), &appliance_config(lab, &format!("r{}-h", run_no()), archive, o.n, ""), &[]);
+    register(&appliance);
+    let pids = [appliance.child.id()];
+    let cpu0 = server_cpu(&pids);
+    let tx0 = tx_bytes(&lab.hosts[0]);
+    let url = format!("http://{APP_IP}:{HTTP_PORT}/images/img.tar.zst");
+    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-http-c{h}", run_no()))).join("img.tar.zst")).collect();
+    let mut clients: Vec<Proc> = (1..=o.n)
+        .map(|h| {
+            let mut c = lab.hosts[h].cmd("curl");
+            c.args(["-sS", "--max-time", "3600", "-o"]).arg(&outs[h - 1]).arg(&url);
+            spawn(lab, &format!("curl{h}"), c)
+        })
+        .collect();
+    let (done, mut server, seen, busy, wall) = watch(&pids, &mut clients, cap, |_, c| matches!(c.child.try_wait(), Ok(Some(_))));
+    server.cpu = server_cpu(&pids) - cpu0;
+    let seed_tx = tx_bytes(&lab.hosts[0]) - tx0;
+    let mut out = Outcome { method: "http".into(), done, seed_tx, server, clients: seen, busy_frac: busy, wall, ..Default::default() };
+    if out.done.iter().any(Option::is_none) {
+        // Unfinished (the server's uplink is the limit): extrapolate from the bytes delivered.
+        let got: u64 = outs.iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+        if got > 0 {
+            out.extrapolated = Some(wall * (o.n as u64 * o.size) as f64 / got as f64);
+        }
+        out.note = format!("stopped after {wall:.0} s, {:.0} % delivered; makespan extrapolated", got as f64 * 100.0 / (o.n as u64 * o.size) as f64);
+    }
+    drop(clients);
+    drop(appliance);
+    out.bad_copies = if out.extrapolated.is_some() { 0 } else { outs.iter().filter(|p| sha256(p) != want).count() };
+    for p in &outs {
+        let _ = fs::remove_file(p);
+    }
+    out
+}
+
+fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize) -> Outcome {
+    // `SWARM` may hold variants separated by `||`, one per `ours` run (cycled).
+    let variants: Vec<&str> = o.swarm_extra.split("||").map(str::trim).collect();
+    let extra = variants[k % variants.len()];
+    let appliance = start_appliance(lab, 0, &format!("r{}-app-ours", run_no()), &appliance_config(lab, &format!("r{}-o", run_no()), archive, o.n, extra), &[]);
+    register(&appliance);
+    let pids = [appliance.child.id()];
+    let cpu0 = server_cpu(&pids);
+    let tx0 = tx_bytes(&lab.hosts[0]);
+    let srv = format!("{APP_IP}:{HTTP_PORT}");
+    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-ours-c{h}", run_no()))).join("img.tar.zst")).collect();
+    let mut clients: Vec<Proc> = (1..=o.n)
+        .map(|h| {
+            let mut c = lab.hosts[h].cmd(appliance_bin());
+            c.args(["fetch", "--server", &srv, "--image", "img", "--iface", "eth0", "--seed-until-done", "--seed-for", "900s", "--out"])
+                .arg(&outs[h - 1])
+                .env("RUST_LOG", std::env::var("FETCH_LOG").unwrap_or_else(|_| "info".into()));
+            spawn(lab, &format!("fetch{h}"), c)
+        })
+        .collect();
+    let (done, mut server, seen, busy, wall) =
+        watch(&pids, &mut clients, cap, |_, c| c.log_text().contains("download complete"));
+    server.cpu = server_cpu(&pids) - cpu0;
+    let seed_tx = tx_bytes(&lab.hosts[0]) - tx0;
+    // The clients stop by themselves once the appliance says the swarm is done.
+    let stopped = wait_for(Duration::from_secs(15), || {
+        clients.iter_mut().all(|c| matches!(c.child.try_wait(), Ok(Some(_)))).then_some(())
+    });
+    let by_done = clients.iter().filter(|c| c.log_text().contains("stopped=swarm-done")).count();
+    let note = format!(
+        "{by_done}/{} clients stopped on the appliance's swarm-done signal{}",
+        o.n,
+        if stopped.is_none() { " (others still seeding after 15 s)" } else { "" }
+    );
+    drop(clients);
+    drop(appliance);
+    let bad = outs.iter().filter(|p| sha256(p) != want).count();
+    for p in &outs {
+        let _ = fs::remove_file(p);
+    }
+    let method = if extra.is_empty() { "ours".into() } else { format!("ours ({})", extra.replace('\n', "; ")) };
+    Outcome { method, done, seed_tx, server, clients: seen, busy_frac: busy, wall, bad_copies: bad, note, ..Default::default() }
+}
+
+fn run_aria2c(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcome {
+    // A torrent announcing to opentracker, and its info-hash whitelisted.
+    let announce = format!("http://{APP_IP}:{OT_PORT}/announce");
+    let t = si_appliance::image::torrent::make(archive, "img.tar.zst", &announce).expect("torrent");
+    let torrent = lab.path("ot.torrent");
+    fs::write(&torrent, &t.bytes).expect("torrent");
+    let otdir = mkdir(&lab.path("opentracker"));
+    fs::write(otdir.join("whitelist"), format!("{}\n", t.info_hash)).expect("whitelist");
+    let mut ot = lab.hosts[0].cmd("opentracker");
+    // Debian's opentracker refuses to stay root: it chroots to -d and drops to -u itself.
+    ot.args(["-i", APP_IP, "-p", &OT_PORT.to_string(), "-P", &OT_PORT.to_string(), "-d"])
+        .arg(&otdir)
+        .args(["-u", "nobody", "-w", "whitelist"]);
+    let mut ot = spawn(lab, "opentracker", ot);
+    let up = wait_for(Duration::from_secs(10), || {
+        let o = lab.hosts[0].cmd("ss").args(["-Hltn", &format!("sport = :{OT_PORT}")]).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).contains(&OT_PORT.to_string()).then_some(())
+    });
+    if up.is_none() {
+        let _ = ot.child.try_wait();
+        return Outcome { method: "aria2c+opentracker".into(), note: format!("opentracker did not start: {}", ot.log_text()), done: vec![None; o.n], ..Default::default() };
+    }
+    let base = [
+        "--enable-dht=false",
+        "--enable-dht6=false",
+        "--bt-enable-lpd=false",
+        "--enable-peer-exchange=false",
+        "--summary-interval=0",
+        "--console-log-level=warn",
+        "--file-allocation=none",
+        "--seed-ratio=0.0",
+        "--listen-port=6881",
+    ];
+    let sdir = archive.parent().expect("archive dir");
+    let mut seed = lab.hosts[0].cmd("aria2c");
+    seed.args(base).arg("--check-integrity=true").arg(format!("--dir={}", sdir.display())).arg(&torrent);
+    let seed = spawn(lab, "aria2c-seed", seed);
+    let listening = wait_for(Duration::from_secs(60), || {
+        let o = lab.hosts[0].cmd("ss").args(["-Hltn", "sport = :6881"]).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).contains("6881").then_some(())
+    });
+    assert!(listening.is_some(), "aria2c seed never listened:\n{}", seed.log_text());
+    let hook = lab.path("aria2c-done.sh");
+    fs::write(&hook, "#!/bin/sh\n: > \"$3.done\"\n").expect("hook");
+    common::run(std::process::Command::new("chmod").arg("+x").arg(&hook));
+    let pids = [seed.child.id(), ot.child.id()];
+    let cpu0 = server_cpu(&pids);
+    let tx0 = tx_bytes(&lab.hosts[0]);
+    let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-aria-c{h}", run_no()))).join("img.tar.zst")).collect();
+    let mut clients: Vec<Proc> = (1..=o.n)
+        .map(|h| {
+            let mut c = lab.hosts[h].cmd("aria2c");
+            c.args(base)
+                .arg(format!("--on-bt-download-complete={}", hook.display()))
+                .arg(format!("--dir={}", outs[h - 1].parent().expect("dir").display()))
+                .arg(&torrent);
+            spawn(lab, &format!("aria2c{h}"), c)
+        })
+        .collect();
+    let marks: Vec<PathBuf> = outs.iter().map(|p| PathBuf::from(format!("{}.done", p.display()))).collect();
+    let (done, mut server, seen, busy, wall) = watch(&pids, &mut clients, cap, |i, _| marks[i].exists());
+    server.cpu = server_cpu(&pids) - cpu0;
+    let seed_tx = tx_bytes(&lab.hosts[0]) - tx0;
+    drop(clients);
+    drop(seed);
+    drop(ot);
+    let bad = outs.iter().filter(|p| sha256(p) != want).count();
+    for p in outs.iter().chain(marks.iter()) {
+        let _ = fs::remove_file(p);
+    }
+    Outcome { method: "aria2c+opentracker".into(), done, seed_tx, server, clients: seen, busy_frac: busy, wall, bad_copies: bad, ..Default::default() }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn report(o: &Opts, tstar: f64, r: &Outcome) {
+    let mut times: Vec<f64> = r.done.iter().flatten().copied().collect();
+    times.sort_by(f64::total_cmp);
+    let finished = times.len();
+    let makespan = r.extrapolated.unwrap_or_else(|| if finished == o.n { times.last().copied().unwrap_or(f64::NAN) } else { f64::NAN });
+    let client_cpu: f64 = r.clients.iter().map(|s| s.cpu).sum();
+    let per = client_cpu / o.n as f64 * (64 * MIB) as f64 / o.size as f64;
+    let sat = if r.busy_frac >= 0.9 { " CPU-SATURATED" } else { "" };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let own = (r.server.cpu + client_cpu) / (r.wall.max(1e-3) * cores);
+    let med = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    println!(
+        "| {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2}{} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0} % ({:.0} % ours){} | {} | {} |",
+        r.method,
+        finished,
+        o.n,
+        times.first().copied().unwrap_or(f64::NAN),
+        med,
+        makespan,
+        makespan / tstar,
+        if r.extrapolated.is_some() { " (extrap.)" } else { "" },
+        r.seed_tx as f64 / o.size as f64,
+        r.server.cpu,
+        client_cpu,
+        per,
+        r.busy_frac * 100.0,
+        own * 100.0,
+        sat,
+        r.server.hwm / 1024,
+        r.clients.first().map_or(0, |s| s.hwm / 1024),
+    );
+    let list: Vec<String> = r.done.iter().map(|d| d.map_or("-".into(), |t| format!("{t:.2}"))).collect();
+    eprintln!("  {} per-client completion (s, client 1..N; watched {:.1} s): {}", r.method, r.wall, list.join(" "));
+    if r.bad_copies > 0 {
+        eprintln!("  {}: {} copies FAIL their sha256", r.method, r.bad_copies);
+    }
+    if !r.note.is_empty() {
+        eprintln!("  {}: {}", r.method, r.note);
+    }
+}
+
+fn main() {
+    if std::fs::read_to_string("/proc/self/status")
+        .map(|s| !s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(true)
+    {
+        eprintln!("swarm bench: run as root (it creates network namespaces)");
+        std::process::exit(2);
+    }
+    let o = opts();
+    // Scratch on tmpfs when there is one (N copies of the archive): the disk is not measured.
+    if std::env::var_os("TMPDIR").is_none() && Path::new("/dev/shm").is_dir() {
+        // SAFETY: single-threaded here (before the watcher thread starts).
+        unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
+    }
+    install_cleanup();
+    let t_setup = Instant::now();
+    let mut lab = Lab::new("bs");
+    register_ns(&lab.switch);
+    if let Ok(mut d) = SCRATCH.lock() {
+        *d = Some(lab.dir.clone());
+    }
+    let a = lab.add_host(Some(&format!("{APP_IP}/16")), None);
+    register_ns(&lab.hosts[a]);
+    for i in 0..o.n {
+        let h = lab.add_host(Some(&format!("{}/16", client_ip(i))), None);
+        register_ns(&lab.hosts[h]);
+    }
+    for h in 0..lab.hosts.len() {
+        shape(&lab.hosts[h], "eth0", o.mbit);
+        shape(&lab.switch, &format!("p{h}"), o.mbit);
+    }
+    let archive_dir = mkdir(&lab.path("archive"));
+    let archive = archive_dir.join("img.tar.zst");
+    {
+        let mut data = Vec::with_capacity(o.size as usize);
+        fs::File::open("/dev/urandom").expect("urandom").take(o.size).read_to_end(&mut data).expect("urandom");
+        fs::write(&archive, &data).expect("archive");
+    }
+    let want = sha256(&archive);
+    eprintln!("swarm bench: N={} C={} Mbit/s S={} MiB; lab {} ready in {:.1} s", o.n, o.mbit, o.size / MIB, lab.dir.display(), t_setup.elapsed().as_secs_f64());
+
+    // T*: one TCP stream over one shaped link, from the appliance's HTTP server.
+    let tstar = {
+        let appliance = start_appliance(&lab, 0, "app-tstar", &appliance_config(&lab, "t", &archive, o.n, ""), &[]);
+        let t = measure_tstar(&lab, o.size);
+        drop(appliance);
+        t
+    };
+    let ideal = o.size as f64 * 8.0 / (o.mbit as f64 * 1e6);
+    eprintln!("swarm bench: T* = {tstar:.2} s measured (goodput {:.1} Mbit/s; raw S/C = {ideal:.2} s)", o.size as f64 * 8.0 / tstar / 1e6);
+    let cap = o.cap.unwrap_or((12.0 * tstar).max(90.0));
+
+    let mut results = Vec::new();
+    let mut ours_runs = 0;
+    for m in &o.methods {
+        RUN.fetch_add(1, Ordering::Relaxed);
+        let r = match m.as_str() {
+            "http" => run_http(&lab, &o, &archive, &want, cap),
+            "ours" => {
+                ours_runs += 1;
+                run_ours(&lab, &o, &archive, &want, cap, ours_runs - 1)
+            }
+            "aria2c" => run_aria2c(&lab, &o, &archive, &want, cap),
+            other => {
+                eprintln!("swarm bench: unknown method {other:?} (http, ours, aria2c)");
+                continue;
+            }
+        };
+        results.push(r);
+    }
+    println!();
+    println!("load average at the end: {}", fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
+    println!("N={} C={} Mbit/s S={} MiB T*={tstar:.2} s (one TCP stream over one shaped link; S/C = {ideal:.2} s){}", o.n, o.mbit, o.size / MIB, if o.swarm_extra.is_empty() { String::new() } else { format!(" swarm: {}", o.swarm_extra.replace('\n', "; ")) });
+    println!("| method | done | first s | median s | makespan s | makespan/T* | seed copies | server CPU s | clients CPU s | CPU s/client/64MiB | machine busy (this run's processes) | server RSS MiB | client RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        report(&o, tstar, r);
+    }
+    let failed = results.iter().any(|r| r.bad_copies > 0);
+    let dir = lab.dir.clone();
+    drop(lab);
+    if std::env::var_os("KEEP").is_none() {
+        let _ = fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("swarm bench: logs kept in {}", dir.display());
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}

@@ -70,11 +70,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
+    // The monitor first: every service gets its event sink.
+    let monitor = crate::monitor::Monitor::new(&cfg.monitor, secret.clone(), cfg.report_dir(), cfg.swarm.announce_interval);
+    let events = monitor.sink();
 
     if cfg.dhcp.mode != DhcpMode::Off {
         // Probing and opening the lease journal happen before anything is served, so a refusal
         // (another DHCP server in full mode) stops start-up with its message.
-        let server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
+        let mut server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
+        server.set_events(events.clone());
         let token = shutdown.clone();
         tasks.spawn(async move { server.run(token).await.map_err(AppError::from) });
     }
@@ -93,7 +97,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         Err(e) => warn!("no IPv6 router advertisements: {e:#}"),
     }
 
-    let ctx = Arc::new(BootContext::new(&cfg, &iface, secret));
+    let mut ctx = BootContext::new(&cfg, &iface, secret);
+    ctx.events = events.clone();
+    let ctx = Arc::new(ctx);
     if cfg.tftp.enable {
         let addr = SocketAddrV4::new(iface.ip, cfg.tftp.port);
         let socket = net::udp_on(&iface.name, addr)?;
@@ -103,7 +109,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     let mut router = boot::http_routes(ctx.clone());
     if cfg.swarm.enable {
-        router = router.merge(start_swarm(&cfg, &iface, &shutdown, &mut tasks).await?);
+        router = router.merge(start_swarm(&cfg, &iface, &shutdown, &mut tasks, &events).await?);
+    }
+    router = router.merge(monitor.routes());
+    {
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            monitor.run(token).await;
+            Ok(())
+        });
     }
     for ip in [iface.ip, Ipv4Addr::LOCALHOST] {
         let addr = SocketAddr::V4(SocketAddrV4::new(ip, cfg.http.port));
@@ -187,6 +201,7 @@ async fn start_swarm(
     iface: &net::Iface,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<Result<(), AppError>>,
+    events: &crate::types::events::EventSink,
 ) -> Result<axum::Router, AppError> {
     use std::collections::BTreeMap;
     let sw = &cfg.swarm;
@@ -226,6 +241,27 @@ async fn start_swarm(
         Some(Arc::new(seed))
     };
     if let Some(seed) = seed.clone() {
+        // The seed's upload counter for the monitor (seed upload share, the aggregate chart).
+        let (token, events, every) = (shutdown.clone(), events.clone(), cfg.monitor.sample_interval);
+        let hashes: Vec<_> = served.values().map(|s| s.info_hash).collect();
+        let archive_size = served.values().map(|s| s.size).max().unwrap_or(0);
+        let seed = seed.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    // CANCEL-SAFETY: interval ticks and cancellation carry no state.
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        let uploaded = hashes.iter().filter_map(|ih| seed.stats(ih)).map(|s| s.uploaded_bytes).sum();
+                        events.send(crate::types::events::NodeEvent::Seed { uploaded, archive_size });
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+    if let Some(seed) = seed.clone() {
         let (token, tracker, interval) = (shutdown.clone(), tracker.clone(), sw.announce_interval);
         let hashes: Vec<_> = served.values().map(|s| s.info_hash).collect();
         tasks.spawn(async move {
@@ -252,7 +288,7 @@ async fn start_swarm(
     info!(archives = served.len(), %announce, seed = %seed_addr, "swarm ready");
     let client_seed_limit_secs = sw.client_seed_limit.as_secs();
     let api = Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs });
-    Ok(swarm::tracker_http::routes(tracker).merge(swarm::api_http::routes(api)))
+    Ok(swarm::tracker_http::routes(tracker, events.clone()).merge(swarm::api_http::routes(api)))
 }
 
 fn flatten(r: Result<Result<(), AppError>, tokio::task::JoinError>) -> Result<(), AppError> {

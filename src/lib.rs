@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod dhcp;
 pub mod image;
+pub mod monitor;
 pub mod net;
 pub mod node_api;
 pub mod swarm;

@@ -10,6 +10,7 @@ pkgs=(
   qemu-system-x86 ipxe-qemu ipxe pxelinux syslinux-common busybox-static cpio zstd gzip
   tcpdump ndisc6
   debootstrap attr acl rsync libcap2-bin
+  chromium
 )
 missing=()
 for p in "${pkgs[@]}"; do

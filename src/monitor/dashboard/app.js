@@ -154,8 +154,16 @@ async function load() {
   render();
 }
 
+// `?events=N`: close the stream after N events (a snapshot for headless browsers, whose
+// virtual clock stands still while a request is open).
+const EVENT_LIMIT = Number(new URLSearchParams(location.search).get("events") || 0);
+let eventCount = 0;
+
 function connect() {
   const es = new EventSource("/api/events");
+  const counted = () => {
+    if (EVENT_LIMIT && ++eventCount >= EVENT_LIMIT) { es.close(); $("conn").textContent = "snapshot"; }
+  };
   es.onopen = () => { $("conn").textContent = "live"; $("conn").className = "conn on"; };
   es.onerror = () => { $("conn").textContent = "reconnecting…"; $("conn").className = "conn off"; };
   es.addEventListener("node", (e) => {
@@ -163,6 +171,7 @@ function connect() {
     nodes.set(n.mac, n);
     pushRate(n);
     schedule();
+    counted();
   });
   es.addEventListener("sample", (e) => {
     const m = JSON.parse(e.data);
@@ -171,6 +180,7 @@ function connect() {
     deployment = m.deployment;
     serverSkew = deployment.now_ms - Date.now();
     schedule();
+    counted();
   });
   es.addEventListener("lagged", () => { load().catch(() => {}); });
 }

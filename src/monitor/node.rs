@@ -214,40 +214,38 @@ impl Node {
         changed
     }
 
-    /// A tracker announce: counters, rates from the previous announce, and `Downloading` for a
-    /// node that has not said otherwise.
+    /// A tracker announce: counters (the larger of the installer's and the tracker's: both
+    /// count the same download), rates from the previous announce unless the installer's are
+    /// fresh, and `Downloading` for a node that has not said otherwise.
     pub fn on_announce(&mut self, s: TrackerSample, now: u64) -> bool {
-        let mut changed = false;
+        let tracker_rates = now.saturating_sub(self.last_report_ms) > REPORT_FRESH_MS;
         if let Some(prev) = self.tracker {
             let dt = s.at_ms.saturating_sub(prev.at_ms);
-            if dt >= 200 && now.saturating_sub(self.last_report_ms) > REPORT_FRESH_MS {
+            if dt >= 200 && tracker_rates {
                 self.down_bps = s.downloaded.saturating_sub(prev.downloaded) * 1000 / dt;
                 self.up_bps = s.uploaded.saturating_sub(prev.uploaded) * 1000 / dt;
-                changed = true;
             }
         }
-        if now.saturating_sub(self.last_report_ms) > REPORT_FRESH_MS {
-            // The installer's counters are better; without it, the tracker's are what we have.
-            let total = s.downloaded.max(self.bytes_done) + s.left;
-            if s.left == 0 {
-                self.bytes_done = self.bytes_total.max(s.downloaded).max(self.bytes_done);
-                self.bytes_total = self.bytes_total.max(self.bytes_done);
+        let total = self.bytes_total.max(s.downloaded.saturating_add(s.left));
+        if s.left == 0 {
+            if self.bytes_done < total {
+                self.progress(now);
+            }
+            self.bytes_done = total;
+            if tracker_rates {
                 self.down_bps = 0;
-            } else {
-                if s.downloaded > self.bytes_done {
-                    self.bytes_done = s.downloaded;
-                    self.progress(now);
-                }
-                self.bytes_total = self.bytes_total.max(total);
             }
-            self.bytes_uploaded = self.bytes_uploaded.max(s.uploaded);
-            changed = true;
+        } else if s.downloaded > self.bytes_done {
+            self.bytes_done = s.downloaded;
+            self.progress(now);
         }
+        self.bytes_total = total;
+        self.bytes_uploaded = self.bytes_uploaded.max(s.uploaded);
         if s.left > 0 {
-            changed |= self.advance(Phase::Downloading, now);
+            self.advance(Phase::Downloading, now);
         }
         self.tracker = Some(s);
-        changed
+        true
     }
 
     /// An installer report (authorized by the caller). Every report changes what the node

@@ -47,7 +47,10 @@ impl Terminal {
 /// `12 nodes: downloading 8, done 3, failed 1 | 93.1 MB/s | ETA 42s | stuck 0`
 /// (rates and ETA rounded so the log line changes only when something did).
 pub fn summary(d: &Deployment) -> String {
-    let phases: Vec<String> = d.phases.iter().filter(|(_, n)| **n > 0).map(|(p, n)| format!("{p} {n}")).collect();
+    let phases: Vec<String> = crate::node_api::Phase::ALL
+        .iter()
+        .filter_map(|p| d.phases.get(p.as_str()).filter(|n| **n > 0).map(|n| format!("{p} {n}")))
+        .collect();
     let eta = d.eta_secs.map_or("-".to_owned(), |s| if s >= 120 { format!("{}m", s / 60) } else { format!("{s}s") });
     format!(
         "{} nodes: {} | {:.1} MB/s | ETA {eta} | stuck {}{}",

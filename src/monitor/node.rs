@@ -95,6 +95,9 @@ pub struct Node {
     /// When the installer last reported (rates from it are preferred while fresh).
     #[serde(skip)]
     last_report_ms: u64,
+    /// The installer's last report carried rates (it is downloading or seeding).
+    #[serde(skip)]
+    report_rates: bool,
     /// (ms, down bytes/s) samples for the per-node chart.
     #[serde(skip)]
     pub rate_history: VecDeque<(u64, u64)>,
@@ -129,6 +132,7 @@ impl Node {
             reports: 0,
             tracker: None,
             last_report_ms: 0,
+            report_rates: false,
             rate_history: VecDeque::new(),
         }
     }
@@ -218,7 +222,7 @@ impl Node {
     /// count the same download), rates from the previous announce unless the installer's are
     /// fresh, and `Downloading` for a node that has not said otherwise.
     pub fn on_announce(&mut self, s: TrackerSample, now: u64) -> bool {
-        let tracker_rates = now.saturating_sub(self.last_report_ms) > REPORT_FRESH_MS;
+        let tracker_rates = !self.report_rates || now.saturating_sub(self.last_report_ms) > REPORT_FRESH_MS;
         if let Some(prev) = self.tracker {
             let dt = s.at_ms.saturating_sub(prev.at_ms);
             if dt >= 200 && tracker_rates {
@@ -253,6 +257,7 @@ impl Node {
     pub fn on_report(&mut self, r: &NodeReport, now: u64) {
         self.reports += 1;
         self.last_report_ms = now;
+        self.report_rates = r.down_bps > 0 || r.up_bps > 0;
         if let Some(p) = r.phase {
             if self.phase.is_final() && !p.is_final() && p != self.phase {
                 // A report after done/failed: the installer runs again (a retry without DHCP).
@@ -268,8 +273,10 @@ impl Node {
         self.bytes_total = if r.bytes_total > 0 { r.bytes_total } else { self.bytes_total };
         self.bytes_uploaded = r.bytes_uploaded;
         self.bytes_unpacked = r.bytes_unpacked;
-        self.down_bps = r.down_bps;
-        self.up_bps = r.up_bps;
+        if self.report_rates || self.tracker.is_none() {
+            self.down_bps = r.down_bps;
+            self.up_bps = r.up_bps;
+        }
         self.peers = r.peers;
         if r.message.is_some() {
             self.message = r.message.clone();
@@ -284,7 +291,7 @@ impl Node {
 
     /// Rates go stale: a node whose rate source went quiet reports 0.
     pub fn expire_rates(&mut self, now: u64, announce_fresh_ms: u64) {
-        let report_stale = now.saturating_sub(self.last_report_ms) > REPORT_FRESH_MS;
+        let report_stale = !self.report_rates || now.saturating_sub(self.last_report_ms) > REPORT_FRESH_MS;
         let tracker_stale = self.tracker.is_none_or(|t| now.saturating_sub(t.at_ms) > announce_fresh_ms);
         if (report_stale && tracker_stale) || self.phase.is_final() {
             self.down_bps = 0;

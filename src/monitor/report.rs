@@ -218,22 +218,27 @@ fn timeline(path: &Path, data: &ReportData, t0: u64) -> Result<(), ReportError> 
     let end = data.deployment.now_ms;
     let xmax = secs(end, t0).max(1.0);
     let n = data.nodes.len().max(1);
-    let h = (120 + 18 * n).min(4000) as u32;
+    let h = (140 + 16 * n).min(8000) as u32;
     let root = SVGBackend::new(path, (1000, h)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
-    let mut chart = ChartBuilder::on(&root)
+    // The chart above, the phase legend in a strip below it (not over the bars).
+    let (upper, lower) = root.split_vertically(h - 30);
+    let mut chart = ChartBuilder::on(&upper)
         .caption("Phase timeline per node", ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(140)
-        .build_cartesian_2d(0.0..xmax, 0.0..n as f64)
+        .build_cartesian_2d(0.0..xmax, (0..n).into_segmented())
         .map_err(|x| e(x.to_string()))?;
     let labels: Vec<String> = data.nodes.iter().map(|r| r.node.hostname.clone().unwrap_or_else(|| r.node.mac.to_string())).collect();
     chart
         .configure_mesh()
         .x_desc("seconds since start")
         .y_labels(n.min(60))
-        .y_label_formatter(&|y| labels.get(*y as usize).cloned().unwrap_or_default())
+        .y_label_formatter(&|y| match y {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
         .disable_y_mesh()
         .draw()
         .map_err(|x| e(x.to_string()))?;
@@ -242,20 +247,16 @@ fn timeline(path: &Path, data: &ReportData, t0: u64) -> Result<(), ReportError> 
         let st = &r.node.phases;
         for (k, p) in st.iter().enumerate() {
             let until = st.get(k + 1).map_or(end, |q| q.at_ms);
-            let y = i as f64;
-            bars.push(Rectangle::new([(secs(p.at_ms, t0), y + 0.15), (secs(until, t0).max(secs(p.at_ms, t0) + 0.05), y + 0.85)], phase_color(p.phase).filled()));
+            let (x0, x1) = (secs(p.at_ms, t0), secs(until, t0).max(secs(p.at_ms, t0) + 0.05));
+            bars.push(Rectangle::new([(x0, SegmentValue::Exact(i)), (x1, SegmentValue::Exact(i + 1))], phase_color(p.phase).filled()));
         }
     }
     chart.draw_series(bars).map_err(|x| e(x.to_string()))?;
-    for p in Phase::ALL {
-        let c = phase_color(p);
-        chart
-            .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())
-            .map_err(|x| e(x.to_string()))?
-            .label(p.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+    for (k, p) in Phase::ALL.iter().enumerate() {
+        let x = 20 + 97 * k as i32;
+        lower.draw(&Rectangle::new([(x, 8), (x + 12, 20)], phase_color(*p).filled())).map_err(|x| e(x.to_string()))?;
+        lower.draw(&Text::new(p.as_str(), (x + 16, 8), ("sans-serif", 12))).map_err(|x| e(x.to_string()))?;
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|x| e(x.to_string()))?;
     root.present().map_err(|x| e(x.to_string()))
 }
 

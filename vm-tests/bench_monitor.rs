@@ -47,7 +47,7 @@ fn main() {
     let dhcp_rate = env_num("BENCH_DHCP_RATE", 50).max(1);
     let mut lab = Lab::new("mob");
     let app = lab.add_host(Some("10.72.0.1/20"), Some("02:72:00:00:00:01"));
-    let gen = lab.add_host(Some("10.72.0.2/20"), Some("02:72:00:00:00:02"));
+    let lg = lab.add_host(Some("10.72.0.2/20"), Some("02:72:00:00:00:02"));
     let cl = lab.add_host(Some("10.72.0.3/20"), Some("02:72:00:00:00:03"));
     let kernel = lab.path("vmlinuz");
     fs::write(&kernel, vec![7u8; 1 << 20]).expect("kernel");
@@ -75,7 +75,7 @@ fn main() {
 
     // Load: the installers, perfdhcp, and a curl loop, side by side.
     let exe = std::env::current_exe().expect("current exe");
-    let mut g = lab.hosts[gen].cmd(exe.to_str().expect("utf-8 path"));
+    let mut g = lab.hosts[lg].cmd(exe.to_str().expect("utf-8 path"));
     g.env("SI_MONITOR_BENCH_ROLE", "load")
         .env("LOAD_SERVER", format!("10.72.0.1:{HTTP_PORT}"))
         .env("LOAD_NODES", nodes.to_string())
@@ -107,7 +107,7 @@ fn main() {
     };
     let r: serde_json::Value = serde_json::from_str(line).expect("load JSON");
     let dep = Command::new("ip")
-        .args(["netns", "exec", &lab.hosts[gen].name, "curl", "-s", "--max-time", "10"])
+        .args(["netns", "exec", &lab.hosts[lg].name, "curl", "-s", "--max-time", "10"])
         .arg(format!("http://10.72.0.1:{HTTP_PORT}/api/deployment"))
         .output()
         .expect("curl");

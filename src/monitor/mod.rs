@@ -177,9 +177,13 @@ impl Monitor {
                         reported_at = completed;
                         info!(nodes = d.nodes, done = d.phases.get("done").copied().unwrap_or(0),
                               failed = d.phases.get("failed").copied().unwrap_or(0), "deployment complete");
-                        if let Err(e) = shared.write_report().await {
-                            warn!("end-of-run report: {e:#}");
-                        }
+                        // Written off the registry task: a big rack's charts take a while.
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = shared.write_report().await {
+                                warn!("end-of-run report: {e:#}");
+                            }
+                        });
                     }
                 }
             }

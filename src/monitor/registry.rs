@@ -16,6 +16,9 @@ use crate::types::events::{NodeEvent, Stamped};
 
 /// Aggregate samples kept (at one per `sample_interval`: 2 h at 1 s).
 pub const SAMPLES: usize = 7200;
+/// Nodes kept at most: beyond it, events about new MACs are counted as unmatched, not stored
+/// (a flood of random MACs must not grow the appliance's memory without bound).
+pub const MAX_NODES: usize = 65_536;
 
 /// Milliseconds since the Unix epoch.
 pub fn ms(t: SystemTime) -> u64 {
@@ -157,6 +160,15 @@ impl Registry {
     pub fn apply(&mut self, ev: &Stamped) -> Option<MacAddr> {
         let now = ms(ev.at);
         self.events += 1;
+        let named = match &ev.event {
+            NodeEvent::Dhcp { mac, .. } | NodeEvent::PlanFetched { mac } | NodeEvent::Report { mac, .. } => Some(*mac),
+            NodeEvent::BootFile { mac, .. } => *mac,
+            _ => None,
+        };
+        if named.is_some_and(|m| !self.nodes.contains_key(&m)) && self.nodes.len() >= MAX_NODES {
+            self.unmatched += 1;
+            return None;
+        }
         let (mac, changed) = match &ev.event {
             NodeEvent::Dhcp { mac, ip, hostname, arch, vendor_class, kind: _ } => {
                 if let Some(ip) = ip {

@@ -72,15 +72,20 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     pack_default_image(&mut cfg).await?;
     // Before anything is served: a bad `<store>/<image>.layout.toml` stops start-up with its reason.
     let facts = cfg.image.as_ref().and_then(|i| crate::plan::archive_facts(&cfg.swarm.archives, i));
-    let plan_api = Arc::new(crate::plan::PlanApi::new(&cfg, secret.clone(), facts)?);
+    let plan_api = crate::plan::PlanApi::new(&cfg, secret.clone(), facts)?;
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
+    // The monitor first: every service gets its event sink.
+    let monitor = crate::monitor::Monitor::new(&cfg.monitor, secret.clone(), cfg.report_dir(), cfg.swarm.announce_interval);
+    let events = monitor.sink();
+    let plan_api = Arc::new(plan_api.with_events(events.clone()));
 
     if cfg.dhcp.mode != DhcpMode::Off {
         // Probing and opening the lease journal happen before anything is served, so a refusal
         // (another DHCP server in full mode) stops start-up with its message.
-        let server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
+        let mut server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
+        server.set_events(events.clone());
         let token = shutdown.clone();
         tasks.spawn(async move { server.run(token).await.map_err(AppError::from) });
     }
@@ -99,7 +104,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         Err(e) => warn!("no IPv6 router advertisements: {e:#}"),
     }
 
-    let ctx = Arc::new(BootContext::new(&cfg, &iface, secret));
+    let mut ctx = BootContext::new(&cfg, &iface, secret);
+    ctx.events = events.clone();
+    let ctx = Arc::new(ctx);
     if cfg.tftp.enable {
         let addr = SocketAddrV4::new(iface.ip, cfg.tftp.port);
         let socket = net::udp_on(&iface.name, addr)?;
@@ -109,7 +116,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     let mut router = boot::http_routes(ctx.clone());
     if cfg.swarm.enable {
-        router = router.merge(start_swarm(&cfg, &iface, &shutdown, &mut tasks).await?);
+        router = router.merge(start_swarm(&cfg, &iface, &shutdown, &mut tasks, &events).await?);
+    }
+    router = router.merge(monitor.routes());
+    {
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            monitor.run(token).await;
+            Ok(())
+        });
     }
     router = router.merge(crate::plan::routes(plan_api));
     for ip in [iface.ip, Ipv4Addr::LOCALHOST] {
@@ -194,6 +209,7 @@ async fn start_swarm(
     iface: &net::Iface,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<Result<(), AppError>>,
+    events: &crate::types::events::EventSink,
 ) -> Result<axum::Router, AppError> {
     use std::collections::BTreeMap;
     let sw = &cfg.swarm;
@@ -240,6 +256,27 @@ async fn start_swarm(
         Some(Arc::new(seed))
     };
     if let Some(seed) = seed.clone() {
+        // The seed's upload counter for the monitor (seed upload share, the aggregate chart).
+        let (token, events, every) = (shutdown.clone(), events.clone(), cfg.monitor.sample_interval);
+        let hashes: Vec<_> = served.values().map(|s| s.info_hash).collect();
+        let archive_size = served.values().map(|s| s.size).max().unwrap_or(0);
+        let seed = seed.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    // CANCEL-SAFETY: interval ticks and cancellation carry no state.
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        let uploaded = hashes.iter().filter_map(|ih| seed.stats(ih)).map(|s| s.uploaded_bytes).sum();
+                        events.send(crate::types::events::NodeEvent::Seed { uploaded, archive_size });
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+    if let Some(seed) = seed.clone() {
         let (token, tracker, interval) = (shutdown.clone(), tracker.clone(), sw.announce_interval);
         let hashes: Vec<_> = served.values().map(|s| s.info_hash).collect();
         tasks.spawn(async move {
@@ -268,7 +305,7 @@ async fn start_swarm(
     let (expected_nodes, seed_peers) = (sw.expected_nodes, sw.seed_peers);
     let api =
         Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs, expected_nodes, seed_peers });
-    Ok(swarm::tracker_http::routes(tracker).merge(swarm::api_http::routes(api)))
+    Ok(swarm::tracker_http::routes(tracker, events.clone()).merge(swarm::api_http::routes(api)))
 }
 
 fn flatten(r: Result<Result<(), AppError>, tokio::task::JoinError>) -> Result<(), AppError> {

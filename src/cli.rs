@@ -110,6 +110,33 @@ pub enum Command {
     /// appliance, partition + mkfs, swarm download unpacked as it arrives, per-node settings,
     /// boot loader, seeding, then reboot/poweroff/shell. Flags override the kernel command line.
     Install(InstallArgs),
+    /// Print the state of a running appliance: deployment summary and one line per node.
+    Status(StatusArgs),
+    /// Write a deployment report now on a running appliance (JSON + SVG charts) and print
+    /// where; with --latest (or when no appliance answers) print the latest report's directory.
+    Report(ReportArgs),
+}
+
+/// `si-appliance status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The appliance's HTTP address (default 127.0.0.1:<http.port>).
+    #[arg(long, value_name = "IP:PORT")]
+    pub server: Option<std::net::SocketAddr>,
+    /// Print the deployment and every node as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `si-appliance report`.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// The appliance's HTTP address (default 127.0.0.1:<http.port>).
+    #[arg(long, value_name = "IP:PORT")]
+    pub server: Option<std::net::SocketAddr>,
+    /// Do not write a new report: print the latest one in the report directory.
+    #[arg(long)]
+    pub latest: bool,
 }
 
 /// `image` subcommands. NAME is an image (or with --override, an override tree) in the store.

@@ -313,6 +313,41 @@ impl Default for InstallConfig {
     }
 }
 
+/// `[monitor]`: the node registry, dashboard, metrics and end-of-run report.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// A node that is not done or failed and made no progress for this long is flagged stuck.
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Duration,
+    /// How often the aggregate (rates, ETA, phase counts) is sampled, pushed to the dashboard and
+    /// kept for the charts.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+    /// Bounded queue between the serving paths and the registry; events beyond it are dropped
+    /// (and counted), never waited for.
+    pub queue_size: usize,
+    /// Where end-of-run reports go (one `<timestamp>/` dir each). Default: `<store>/reports`.
+    pub report_dir: Option<PathBuf>,
+    /// Write the report by itself when every known node is done or failed.
+    pub auto_report: bool,
+    /// Live summary on a TTY (indicatif) or a log line when something changed.
+    pub terminal: bool,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            stuck_after: Duration::from_secs(120),
+            sample_interval: Duration::from_secs(1),
+            queue_size: 8192,
+            report_dir: None,
+            auto_report: true,
+            terminal: true,
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -339,6 +374,8 @@ pub struct Config {
     pub swarm: SwarmConfig,
     /// `[install]`.
     pub install: InstallConfig,
+    /// `[monitor]`.
+    pub monitor: MonitorConfig,
 }
 
 impl Default for Config {
@@ -355,6 +392,7 @@ impl Default for Config {
             boot: BootConfig::default(),
             swarm: SwarmConfig::default(),
             install: InstallConfig::default(),
+            monitor: MonitorConfig::default(),
         }
     }
 }
@@ -445,6 +483,12 @@ impl Config {
         }
         if self.tftp.timeout.is_zero() || self.tftp.timeout > Duration::from_secs(255) {
             return bad("tftp.timeout".into(), "must be within 1s..=255s (RFC 2349)".into());
+        }
+        if self.monitor.sample_interval < Duration::from_millis(100) {
+            return bad("monitor.sample_interval".into(), "must be at least 100ms".into());
+        }
+        if self.monitor.queue_size == 0 {
+            return bad("monitor.queue_size".into(), "must be at least 1".into());
         }
         if self.swarm.listen_port == 0 {
             return bad("swarm.listen_port".into(), "must be 1..=65535".into());
@@ -587,6 +631,11 @@ impl Config {
         }
         self.swarm.archives.extend(f.seed.iter().cloned());
         self.validate()
+    }
+
+    /// Where reports go: `monitor.report_dir` or `<store>/reports`.
+    pub fn report_dir(&self) -> PathBuf {
+        self.monitor.report_dir.clone().unwrap_or_else(|| self.store.join("reports"))
     }
 
     /// The client kernel: `boot.kernel` or `<store>/boot/vmlinuz`.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod dhcp;
 pub mod image;
 pub mod install;
+pub mod monitor;
 pub mod net;
 pub mod node_api;
 pub mod plan;

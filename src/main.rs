@@ -177,6 +177,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             run_image(&cfg, action)
         }
+        Some(Command::Status(a)) => {
+            let addr = a.server.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], cfg.http.port)));
+            let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let text = rt.block_on(si_appliance::monitor::client::status(addr, a.json))?;
+            print!("{text}");
+            if a.json {
+                println!();
+            }
+            Ok(())
+        }
+        Some(Command::Report(a)) => {
+            let addr = a.server.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], cfg.http.port)));
+            let dir = cfg.report_dir();
+            if !a.latest {
+                let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+                match rt.block_on(si_appliance::monitor::client::report(addr)) {
+                    Ok(path) => {
+                        println!("{}", path.display());
+                        return Ok(());
+                    }
+                    Err(e) => eprintln!("no report written: {e:#}; the latest one in {}:", dir.display()),
+                }
+            }
+            match si_appliance::monitor::report::latest(&dir) {
+                Some(p) => {
+                    println!("{}", p.display());
+                    Ok(())
+                }
+                None => anyhow::bail!("no report in {}", dir.display()),
+            }
+        }
         None => {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(si_appliance::app::run(cfg))?;

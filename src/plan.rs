@@ -63,6 +63,7 @@ pub struct PlanApi {
     layout: Option<DiskLayout>,
     hostnames: HashMap<MacAddr, String>,
     install: InstallConfig,
+    events: crate::types::events::EventSink,
 }
 
 /// Firmware of the node, as the installer sees it (`/sys/firmware/efi`).
@@ -140,7 +141,13 @@ impl PlanApi {
         }
         let hostnames =
             cfg.dhcp.reservations.iter().filter_map(|r| Some((r.mac, r.hostname.clone()?))).collect();
-        Ok(PlanApi { secret, image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone() })
+        Ok(PlanApi { secret, image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone(), events: crate::types::events::EventSink::disabled() })
+    }
+
+    /// Sends a `PlanFetched` event to the monitor for every plan handed out.
+    pub fn with_events(mut self, events: crate::types::events::EventSink) -> PlanApi {
+        self.events = events;
+        self
     }
 
     /// The plan of one node; `None` when there is no image (or no archive of it) to install.
@@ -198,6 +205,7 @@ async fn plan(
     match api.plan(mac, firmware) {
         Some(p) => {
             info!(%mac, hostname = %p.hostname, image = %p.image, ?firmware, "plan sent");
+            api.events.send(crate::types::events::NodeEvent::PlanFetched { mac });
             Json(p).into_response()
         }
         None => (StatusCode::SERVICE_UNAVAILABLE, "no image archive to install yet\n").into_response(),

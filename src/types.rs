@@ -293,3 +293,5 @@ impl Loader {
 pub fn ipxe_script_path(mac: MacAddr) -> String {
     format!("/boot/{}.ipxe", mac.hyphenated())
 }
+
+pub mod events;

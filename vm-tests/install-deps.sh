@@ -11,6 +11,7 @@ pkgs=(
   tcpdump ndisc6
   debootstrap attr acl rsync libcap2-bin
   fdisk util-linux e2fsprogs xfsprogs dosfstools
+  chromium
 )
 # The client initramfs (pxe-assets/build-client.sh): the disk tools it copies, and its build tools.
 pkgs+=(file binutils xz-utils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates)

@@ -73,6 +73,10 @@ async fn boot_file(
         }
     };
     let mac = f.mac().or_else(|| mac_from_query(req.uri().query())).map(tracing::field::display);
+    if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+        let m = f.mac().or_else(|| mac_from_query(req.uri().query()));
+        super::note_boot_file(&ctx, *addr, &f, m, src.len(), crate::types::events::BootVia::Http);
+    }
     let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if f.is_node_step() {
         info!(client, file = %f, kind = f.kind(), mac, size = src.len(), range, "http: sending");

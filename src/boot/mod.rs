@@ -48,6 +48,8 @@ pub struct BootContext {
     pub loader_dirs: Vec<PathBuf>,
     /// Node-token secret.
     secret: Vec<u8>,
+    /// Where boot-file fetches are reported to the monitor (never waits).
+    pub events: crate::types::events::EventSink,
 }
 
 impl BootContext {
@@ -62,6 +64,7 @@ impl BootContext {
             cmdline: cfg.boot.cmdline.clone(),
             loader_dirs: cfg.boot.loader_dirs.clone(),
             secret,
+            events: crate::types::events::EventSink::disabled(),
         }
     }
 
@@ -97,7 +100,29 @@ impl BootContext {
             cmdline: "console=ttyS0".to_owned(),
             loader_dirs,
             secret: b"test-secret".to_vec(),
+            events: crate::types::events::EventSink::disabled(),
         }
+    }
+}
+
+/// Tells the monitor a node step went out (`client` is the peer's address).
+pub(crate) fn note_boot_file(
+    ctx: &BootContext,
+    client: std::net::SocketAddr,
+    f: &BootFile,
+    mac: Option<MacAddr>,
+    size: u64,
+    via: crate::types::events::BootVia,
+) {
+    let ip = match client.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(ip) => ip,
+            None => return,
+        },
+    };
+    if f.is_node_step() {
+        ctx.events.send(crate::types::events::NodeEvent::BootFile { ip, mac, file: f.to_string(), size, via });
     }
 }
 

@@ -98,6 +98,7 @@ impl Handler for BootHandler {
         };
         let size = src.len();
         let mac = f.mac().map(tracing::field::display);
+        crate::boot::note_boot_file(&self.ctx, *client, &f, f.mac(), size, crate::types::events::BootVia::Tftp);
         if f.is_node_step() {
             info!(%client, file = %f, kind = f.kind(), mac, size, "tftp: sending");
         } else {

@@ -105,6 +105,11 @@ impl DhcpServer {
         Ok(DhcpServer { service })
     }
 
+    /// Reports every answered client to the monitor through `events` (default: nowhere).
+    pub fn set_events(&mut self, events: crate::types::events::EventSink) {
+        self.service.events = events;
+    }
+
     /// Serves until `shutdown`.
     ///
     /// # Errors

@@ -14,6 +14,7 @@ use super::error::DhcpError;
 use super::leases::{Change, Journal, LeaseState, Leases};
 use super::policy::{Decision, Dest, Policy, Via, Why, decide, encode_reply};
 use crate::types::MacAddr;
+use crate::types::events::{EventSink, NodeEvent};
 
 /// Most datagrams handled per batch (one fsync, then their replies).
 const BATCH: usize = 256;
@@ -43,6 +44,8 @@ pub struct Service {
     pub(super) pxe_sock: Option<UdpSocket>,
     /// MACs already told "TFTP disabled" etc., so the notice is logged once per client.
     noted: std::collections::HashSet<MacAddr>,
+    /// Where answered clients are reported to the monitor (never waits).
+    pub(super) events: EventSink,
 }
 
 impl Service {
@@ -55,7 +58,7 @@ impl Service {
         sock: UdpSocket,
         pxe_sock: Option<UdpSocket>,
     ) -> Service {
-        Service { policy, leases, journal, iface, sock, pxe_sock, noted: Default::default() }
+        Service { policy, leases, journal, iface, sock, pxe_sock, noted: Default::default(), events: EventSink::disabled() }
     }
 
     /// Serves until `shutdown`.
@@ -148,6 +151,7 @@ impl Service {
             Decision::Ignore(why) => debug!(%mac, xid, msg_type = ?req.kind, %src, "ignored: {why}"),
             Decision::Record(change) => {
                 debug!(%mac, xid, msg_type = ?req.kind, "recorded: {change:?}");
+                self.note_client(&req, None);
                 self.apply(change);
             }
             Decision::Reply { msg, to, change, note } => {
@@ -160,6 +164,8 @@ impl Service {
                 match encode_reply(&msg) {
                     Ok(bytes) => {
                         debug!(%mac, xid, msg_type = ?req.kind, reply = ?kind, yiaddr = %msg.yiaddr(), ?to, "reply");
+                        let ip = Some(msg.yiaddr()).filter(|a| !a.is_unspecified());
+                        self.note_client(&req, ip);
                         if let Some(c) = change {
                             self.apply(c);
                         }
@@ -169,6 +175,20 @@ impl Service {
                 }
             }
         }
+    }
+
+    /// Tells the monitor about a client we answered or recorded (a bounded, non-blocking send).
+    fn note_client(&self, req: &classify::Request, ip: Option<Ipv4Addr>) {
+        let ip = ip.or_else(|| self.leases.of_mac(req.mac).map(|l| l.ip));
+        let hostname = req.hostname.clone().or_else(|| self.leases.of_mac(req.mac).and_then(|l| l.hostname.clone()));
+        self.events.send(NodeEvent::Dhcp {
+            mac: req.mac,
+            ip,
+            hostname,
+            arch: crate::types::Arch::from_option93(req.arch_code),
+            vendor_class: req.vendor_class.as_deref().map(|v| String::from_utf8_lossy(v).into_owned()),
+            kind: format!("{:?}", req.kind),
+        });
     }
 
     /// Applies a change to the table, stages it in the journal and logs state changes.

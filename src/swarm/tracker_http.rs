@@ -14,6 +14,7 @@ use axum::routing::get;
 use tracing::{debug, info};
 
 use super::tracker::{self, Announce, Refusal, Tracker};
+use crate::types::events::{EventSink, NodeEvent};
 
 /// Shared tracker state.
 pub type SharedTracker = Arc<Mutex<Tracker>>;
@@ -21,8 +22,10 @@ pub type SharedTracker = Arc<Mutex<Tracker>>;
 /// `/announce` and `/scrape`. The server must be run with
 /// `into_make_service_with_connect_info::<SocketAddr>()` (the peer's address is taken from the
 /// connection, never from the query).
-pub fn routes(tracker: SharedTracker) -> Router {
-    Router::new().route("/announce", get(announce)).route("/scrape", get(scrape)).with_state(tracker)
+/// Every accepted announce is also reported to the monitor through `events` (never waits).
+pub fn routes(tracker: SharedTracker, events: EventSink) -> Router {
+    let announce_routes = Router::new().route("/announce", get(announce)).with_state((tracker.clone(), events));
+    Router::new().route("/scrape", get(scrape)).with_state(tracker).merge(announce_routes)
 }
 
 fn bencoded(body: Vec<u8>) -> impl IntoResponse {
@@ -37,7 +40,7 @@ fn v4(addr: SocketAddr) -> Result<std::net::Ipv4Addr, Refusal> {
 }
 
 async fn announce(
-    State(t): State<SharedTracker>,
+    State((t, events)): State<(SharedTracker, EventSink)>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     RawQuery(q): RawQuery,
 ) -> impl IntoResponse {
@@ -51,6 +54,13 @@ async fn announce(
             info!(peer = %a.addr, info_hash = %a.info_hash, "peer is a seed");
         }
         debug!(peer = %a.addr, info_hash = %a.info_hash, left = a.left, event = ?a.event, peers = r.peers.len(), "announce");
+        events.send(NodeEvent::Announce {
+            ip: *a.addr.ip(),
+            info_hash: a.info_hash.to_string(),
+            downloaded: a.downloaded,
+            uploaded: a.uploaded,
+            left: a.left,
+        });
         Ok(r)
     });
     match result {

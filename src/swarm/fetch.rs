@@ -160,22 +160,9 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     let mut initial: Vec<SocketAddr> = opts.peers.clone();
     let mut seed_limit = MAX_SEED_UNTIL_DONE;
     if opts.use_tracker {
-        match swarm_view(opts.server, name).await {
-            Ok(v) => {
-                // With `swarm.seed_peers` set, the tracker decides who talks to the seed.
-                if v.seed_peers == 0 {
-                    initial.push(SocketAddr::V4(v.seed_addr));
-                }
-                seed_limit = Duration::from_secs(v.seed_limit_secs).min(MAX_SEED_UNTIL_DONE);
-            }
-            Err(e) => warn!(%name, "no seed address from the appliance, tracker only: {e:#}"),
-        }
+        seed_limit = seed_peer_and_limit(opts.server, name, &mut initial).await;
     }
-
-    let own_ip = match &opts.iface {
-        Some(i) => Some(crate::net::discover(i, None)?.ip),
-        None => None,
-    };
+    let own_ip = own_ip(opts.iface.as_deref())?;
     let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
     let part_dir = staging(&opts.out)?;
     std::fs::create_dir_all(&part_dir).map_err(|source| FetchError::Output { path: part_dir.clone(), source })?;
@@ -216,6 +203,32 @@ fn session_options(iface: Option<String>, use_tracker: bool, listen: SocketAddr,
 
 /// The staging directory `<dir of out>/.<out name>.part` librqbit writes into (same file system
 /// as `out`, so the finished file is renamed, not copied).
+/// Asks the appliance for the swarm's view: adds its seed to `initial` (unless the tracker hands
+/// the seed out itself, `swarm.seed_peers`) and returns how long to seed after completion
+/// (`MAX_SEED_UNTIL_DONE` when the appliance does not answer: the tracker alone then).
+async fn seed_peer_and_limit(server: SocketAddr, name: &ImageName, initial: &mut Vec<SocketAddr>) -> Duration {
+    match swarm_view(server, name).await {
+        Ok(v) => {
+            if v.seed_peers == 0 {
+                initial.push(SocketAddr::V4(v.seed_addr));
+            }
+            Duration::from_secs(v.seed_limit_secs).min(MAX_SEED_UNTIL_DONE)
+        }
+        Err(e) => {
+            warn!(%name, "no seed address from the appliance, tracker only: {e:#}");
+            MAX_SEED_UNTIL_DONE
+        }
+    }
+}
+
+/// The node's own address on `iface` (librqbit listens there, so peers see that address), if any.
+fn own_ip(iface: Option<&str>) -> Result<Option<Ipv4Addr>, FetchError> {
+    Ok(match iface {
+        Some(i) => Some(crate::net::discover(i, None)?.ip),
+        None => None,
+    })
+}
+
 fn staging(out: &Path) -> Result<PathBuf, FetchError> {
     let bad = || FetchError::Output {
         path: out.to_owned(),
@@ -483,18 +496,8 @@ impl SwarmStream {
         let torrent = http_get::get(opts.server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT).await?;
         let ti: TorrentInfo = torrent_info(&torrent).map_err(|why| FetchError::BadTorrent { name: name.clone(), why })?;
         let mut initial = Vec::new();
-        let mut seed_limit = MAX_SEED_UNTIL_DONE;
-        match swarm_view(opts.server, name).await {
-            Ok(v) => {
-                initial.push(SocketAddr::V4(v.seed_addr));
-                seed_limit = Duration::from_secs(v.seed_limit_secs).min(MAX_SEED_UNTIL_DONE);
-            }
-            Err(e) => warn!(%name, "no seed address from the appliance, tracker only: {e:#}"),
-        }
-        let own_ip = match &opts.iface {
-            Some(i) => Some(crate::net::discover(i, None)?.ip),
-            None => None,
-        };
+        let seed_limit = seed_peer_and_limit(opts.server, name, &mut initial).await;
+        let own_ip = own_ip(opts.iface.as_deref())?;
         let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
         std::fs::create_dir_all(&opts.dir).map_err(|source| FetchError::Output { path: opts.dir.clone(), source })?;
         let dir_str = opts.dir.to_str().ok_or_else(|| FetchError::Output {

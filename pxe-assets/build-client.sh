@@ -44,22 +44,9 @@ if ! file -L "$installer" | grep -Eq 'statically linked|static-pie linked'; then
 fi
 
 # Build tools and the tools copied into the initramfs, through apt only.
-need=()
-for p in busybox-static cpio zstd xz-utils kmod file binutils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  say "installing ${need[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2 \
-    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-         apt-get install -y -q --no-install-recommends "${need[@]}" >&2; }
-fi
+. "$(dirname "$self")/apt-lib.sh"
+apt_ensure busybox-static cpio zstd xz-utils kmod file binutils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates
 
-# The real kernel package behind the meta-package, e.g. linux-image-6.1.0-56-amd64.
-resolve_kernel_pkg() {
-  apt-cache depends --no-recommends --no-suggests "$meta" 2>/dev/null \
-    | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n1
-}
 resolve() {
   pkg=$(resolve_kernel_pkg)
   ver=$( [ -n "$pkg" ] && apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1 || true)

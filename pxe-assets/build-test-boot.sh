@@ -27,22 +27,9 @@ die() { say "error: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt, mknod)"
 
 # Build tools, through apt only.
-need=()
-for p in busybox-static cpio zstd gzip; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  say "installing ${need[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2 \
-    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-         apt-get install -y -q --no-install-recommends "${need[@]}" >&2; }
-fi
+. "$(dirname "$self")/apt-lib.sh"
+apt_ensure busybox-static cpio zstd gzip
 
-# The real kernel package behind the meta-package, e.g. linux-image-6.1.0-56-cloud-amd64.
-resolve_kernel_pkg() {
-  apt-cache depends --no-recommends --no-suggests "$meta" 2>/dev/null \
-    | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n1
-}
 pkg=$(resolve_kernel_pkg)
 if [ -z "$pkg" ]; then
   say "apt knows no $meta yet: apt-get update"

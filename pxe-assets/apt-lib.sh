@@ -1,5 +1,6 @@
 # Shared by the pxe-assets build scripts (sourced, not run): Debian packages through apt only.
-# The caller defines `say`.
+# The caller defines `say` and `die`; the kernel functions use $meta (a linux-image meta-package)
+# and $cache (where .deb files are kept) and set $pkg, $ver and $deb.
 
 # Installs the packages that are missing; refreshes stale package lists and retries once.
 apt_ensure() {
@@ -18,4 +19,39 @@ apt_ensure() {
 resolve_kernel_pkg() {
   apt-cache depends --no-recommends --no-suggests "$meta" 2>/dev/null \
     | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n1
+}
+
+# Sets pkg, ver and deb (the path the .deb will have in $cache) for $meta; refreshes the package
+# lists once when apt does not know it yet.
+resolve_kernel_deb() {
+  _resolve() {
+    pkg=$(resolve_kernel_pkg)
+    ver=$( [ -n "$pkg" ] && apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1 || true)
+    deb="$cache/${pkg}_${ver//:/%3a}_$(dpkg --print-architecture).deb"
+  }
+  _resolve
+  if [ -z "$pkg" ] || [ -z "$ver" ]; then
+    say "apt knows no $meta yet: apt-get update"
+    apt-get update -q >&2
+    _resolve
+  fi
+  [ -n "$pkg" ] && [ -n "$ver" ] || die "cannot resolve the package behind $meta"
+}
+
+# Downloads $deb unless it is there (call with the output lock held). Stale package lists name a
+# version the mirror no longer has: then the lists are refreshed once and the download retried.
+download_kernel_deb() {
+  _download() {
+    say "downloading $pkg $ver into $cache"
+    (cd "$cache" && apt-get download "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+  }
+  [ -s "$deb" ] && return 0
+  _download
+  if [ ! -s "$deb" ]; then
+    say "download failed: apt-get update and retry"
+    apt-get update -q >&2
+    resolve_kernel_deb
+    [ -s "$deb" ] || _download
+  fi
+  [ -s "$deb" ] || die "apt-get download $pkg=$ver produced no $deb"
 }

@@ -47,37 +47,12 @@ fi
 . "$(dirname "$self")/apt-lib.sh"
 apt_ensure busybox-static cpio zstd xz-utils kmod file binutils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates
 
-resolve() {
-  pkg=$(resolve_kernel_pkg)
-  ver=$( [ -n "$pkg" ] && apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1 || true)
-  deb="$cache/${pkg}_${ver//:/%3a}_$(dpkg --print-architecture).deb"
-}
-resolve
-if [ -z "$pkg" ] || [ -z "$ver" ]; then
-  say "apt knows no $meta yet: apt-get update"
-  apt-get update -q >&2
-  resolve
-fi
-[ -n "$pkg" ] && [ -n "$ver" ] || die "cannot resolve the package behind $meta"
+resolve_kernel_deb
 
 mkdir -p "$cache" "$out"
 exec 9>"$out/.lock"
 flock -w 900 9 || die "timed out waiting for $out/.lock"
-download() {
-  say "downloading $pkg $ver into $cache"
-  (cd "$cache" && apt-get download "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
-}
-if [ ! -s "$deb" ]; then
-  download
-  if [ ! -s "$deb" ]; then
-    # Stale package lists name a version the mirror no longer has: refresh once and retry.
-    say "download failed: apt-get update and retry"
-    apt-get update -q >&2
-    resolve
-    [ -s "$deb" ] || download
-  fi
-  [ -s "$deb" ] || die "apt-get download $pkg=$ver produced no $deb"
-fi
+download_kernel_deb
 
 # What goes in. Modules: NICs (virtio, Intel, Broadcom), disk controllers (virtio, AHCI, NVMe,
 # SCSI disks) and file systems; virtio_pci is listed because modprobe's dependency walk does not

@@ -30,39 +30,13 @@ die() { say "error: $*"; exit 1; }
 . "$(dirname "$self")/apt-lib.sh"
 apt_ensure busybox-static cpio zstd gzip
 
-pkg=$(resolve_kernel_pkg)
-if [ -z "$pkg" ]; then
-  say "apt knows no $meta yet: apt-get update"
-  apt-get update -q >&2
-  pkg=$(resolve_kernel_pkg)
-fi
-[ -n "$pkg" ] || die "cannot resolve the package behind $meta"
-ver=$(apt-cache show --no-all-versions "$pkg" | sed -n 's/^Version: //p' | head -n1)
-[ -n "$ver" ] || die "no candidate version of $pkg"
-arch=$(dpkg --print-architecture)
-deb="$cache/${pkg}_${ver//:/%3a}_${arch}.deb"
+resolve_kernel_deb
 
 mkdir -p "$cache" "$out"
 # One build at a time per output directory (tests may call this concurrently).
 exec 9>"$out/.lock"
 flock -w 600 9 || die "timed out waiting for $out/.lock"
-download() {
-  say "downloading $pkg $ver into $cache"
-  (cd "$cache" && apt-get download "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
-}
-if [ ! -s "$deb" ]; then
-  download
-  if [ ! -s "$deb" ]; then
-    # Stale package lists name a version the mirror no longer has: refresh them once and retry.
-    say "download failed: apt-get update and retry"
-    apt-get update -q >&2
-    pkg=$(resolve_kernel_pkg)
-    ver=$(apt-cache show --no-all-versions "$pkg" | sed -n 's/^Version: //p' | head -n1)
-    deb="$cache/${pkg}_${ver//:/%3a}_${arch}.deb"
-    [ -s "$deb" ] || download
-  fi
-  [ -s "$deb" ] || die "apt-get download $pkg=$ver produced no $deb"
-fi
+download_kernel_deb
 
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "$busybox missing (package busybox-static)"

@@ -1,8 +1,8 @@
 //! The client role, `si-appliance install`, run by the nodes' initramfs: orders from the kernel
 //! command line (flags override them), the node's plan from the appliance (retried with capped
 //! exponential backoff while the appliance is unreachable), then the disk: check its size,
-//! partition, mkfs, mount; download through the swarm and unpack AT THE SAME TIME (librqbit
-//! keeps the archive on the target root, the unpacker reads it from offset 0 as pieces are
+//! partition, mkfs, mount; download through the swarm and unpack AT THE SAME TIME (the swarm
+//! engine keeps the archive on the target root, the unpacker reads it from offset 0 as pieces are
 //! verified, so no RAM copy is needed); per-node settings; the image's boot loader; seeding
 //! until the deployment is done; unmount, sync, and the plan's finish.
 //!
@@ -80,7 +80,7 @@ pub enum InstallError {
     /// Unpacking the archive.
     #[error("unpacking the image")]
     Unpack(#[from] crate::image::ImageError),
-    /// The download made no progress for too long, or failed inside librqbit.
+    /// The download made no progress for too long, or the swarm engine stopped on an error.
     #[error("download of {image}: {why}")]
     Download {
         /// The image.
@@ -397,7 +397,7 @@ async fn write_disk(
     result.map(|stop| (uploaded, stop))
 }
 
-/// Where librqbit keeps the archive: a directory at the top of the target root (so it is there
+/// Where the swarm engine keeps the archive: a directory at the top of the target root (so it is there
 /// whatever the image holds, and on the root file system the size check counted it on).
 fn store_dir(root: &Path) -> PathBuf {
     root.join(".si-appliance")
@@ -469,7 +469,7 @@ async fn download_and_unpack(
                     (last_have, last_progress) = (st.have, now);
                 }
                 let why = if let Some(e) = st.error {
-                    Some(format!("librqbit: {e}"))
+                    Some(format!("swarm: {e}"))
                 } else if !st.finished && now.duration_since(last_progress) > opts.stall_limit {
                     Some(format!("no progress for {:?} ({} of {} bytes)", opts.stall_limit, st.have, st.total))
                 } else {

@@ -143,7 +143,9 @@ pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
         done: if api.expected_nodes > 0 {
             completed_nodes >= api.expected_nodes as usize
         } else {
-            !peers.is_empty() && complete == peers.len()
+            // Some node finished and no one is still downloading (nodes that finished and left,
+            // announcing `stopped`, still count).
+            completed_nodes > 0 && complete == peers.len()
         },
         completed_nodes,
         expected_nodes: api.expected_nodes,

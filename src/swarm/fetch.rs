@@ -1,8 +1,8 @@
-//! The download side of the swarm (the swarm half of the future installer): fetch an image's
+//! The download side of the swarm (`si-appliance fetch` and the installer): fetch an image's
 //! .torrent from the appliance, join the swarm through its tracker (with the appliance's seed as
-//! an initial peer), upload while downloading, let librqbit verify every piece, move the
-//! finished file to its destination and keep seeding until the appliance says the swarm is done
-//! or a deadline passes. Like [`seed`](super::seed), one of the two files importing librqbit.
+//! an initial peer) with our own engine ([`engine`](super::engine)), upload while downloading,
+//! verify every piece, move the finished file to its destination and keep seeding until the
+//! appliance says the swarm is done or a deadline passes.
 //!
 //! Discovery is the tracker only: no DHT, no local service discovery, no UPnP.
 
@@ -10,13 +10,12 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use librqbit::{AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::api_http::TorrentView;
+use super::engine::{DEFAULT_DEPTH, Engine, EngineError, EngineOptions, Meta};
 use super::http_get::{self, GetError};
-use super::seed::{LibError, TorrentInfo, torrent_info};
 use crate::types::ImageName;
 
 /// Errors of a fetch.
@@ -34,35 +33,19 @@ pub enum FetchError {
         #[source]
         source: serde_json::Error,
     },
-    /// The .torrent is unusable.
-    #[error("torrent of {name}: {why}")]
-    BadTorrent {
+    /// The .torrent is unusable, the data file or the listening socket cannot be used, or the
+    /// download stopped on an error.
+    #[error("{name}")]
+    Engine {
         /// Image.
         name: ImageName,
-        /// What is wrong.
-        why: String,
+        /// The engine's error.
+        #[source]
+        source: EngineError,
     },
     /// The interface cannot be used.
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
-    /// The librqbit session could not start.
-    #[error("starting the BitTorrent session on {listen}")]
-    Session {
-        /// Listen address.
-        listen: SocketAddr,
-        /// librqbit's error.
-        #[source]
-        source: LibError,
-    },
-    /// The torrent could not be added or failed while downloading.
-    #[error("downloading {name}")]
-    Download {
-        /// Image.
-        name: ImageName,
-        /// librqbit's error.
-        #[source]
-        source: LibError,
-    },
     /// The download did not finish in time.
     #[error("downloading {name}: not complete after {limit:?} ({have} of {total} bytes)")]
     Timeout {
@@ -140,13 +123,19 @@ pub struct FetchReport {
     pub stopped_because: &'static str,
 }
 
-fn lib(e: anyhow::Error) -> LibError {
-    e.into()
-}
-
 async fn swarm_view(server: SocketAddr, name: &ImageName) -> Result<TorrentView, FetchError> {
     let body = http_get::get(server, &format!("/api/swarm/{name}"), HTTP_LIMIT).await?;
     serde_json::from_slice(&body).map_err(|source| FetchError::Api { name: name.clone(), source })
+}
+
+/// Blocks asked of one peer at a time: [`DEFAULT_DEPTH`], or `SI_SWARM_DEPTH` (1..=256) for
+/// benchmarking other values.
+fn depth() -> usize {
+    std::env::var("SI_SWARM_DEPTH").ok().and_then(|v| v.parse().ok()).filter(|d| (1..=256).contains(d)).unwrap_or(DEFAULT_DEPTH)
+}
+
+fn engine_err(name: &ImageName) -> impl Fn(EngineError) -> FetchError + '_ {
+    move |source| FetchError::Engine { name: name.clone(), source }
 }
 
 /// Runs a fetch to completion and through its seeding phase.
@@ -156,7 +145,7 @@ async fn swarm_view(server: SocketAddr, name: &ImageName) -> Result<TorrentView,
 pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<FetchReport, FetchError> {
     let name = &opts.image;
     let torrent = http_get::get(opts.server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT).await?;
-    let ti: TorrentInfo = torrent_info(&torrent).map_err(|why| FetchError::BadTorrent { name: name.clone(), why })?;
+    let meta = Meta::from_torrent(&torrent).map_err(engine_err(name))?;
     let mut initial: Vec<SocketAddr> = opts.peers.clone();
     let mut seed_limit = MAX_SEED_UNTIL_DONE;
     if opts.use_tracker {
@@ -166,43 +155,21 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
     let part_dir = staging(&opts.out)?;
     std::fs::create_dir_all(&part_dir).map_err(|source| FetchError::Output { path: part_dir.clone(), source })?;
-
-    let session_token = token.child_token();
-    let sopts = session_options(opts.iface.clone(), opts.use_tracker, listen, &session_token);
-    let session = Session::new_with_opts(part_dir.clone(), sopts)
-        .await
-        .map_err(|e| FetchError::Session { listen, source: lib(e) })?;
-    let result = download_and_seed(opts, &session, torrent, &ti, initial, own_ip, &part_dir, seed_limit, token).await;
-    session.stop().await;
-    session_token.cancel();
+    let eopts = EngineOptions {
+        listen,
+        iface: opts.iface.clone(),
+        peers: initial,
+        tracker: opts.use_tracker.then_some(opts.server),
+        depth: depth(),
+        label: name.to_string(),
+    };
+    let file = part_dir.join(&meta.file_name);
+    let engine = Engine::start(meta, &file, eopts, token).await.map_err(engine_err(name))?;
+    let result = download_and_seed(opts, &engine, &part_dir, seed_limit, token).await;
+    engine.stop().await;
     result
 }
 
-/// The session of a node: no DHT, no local discovery, no UPnP, TCP on `listen` only, the
-/// appliance's tracker unless `use_tracker` is false.
-fn session_options(iface: Option<String>, use_tracker: bool, listen: SocketAddr, token: &CancellationToken) -> SessionOptions {
-    SessionOptions {
-        dht: None,
-        bind_device_name: iface,
-        disable_trackers: !use_tracker,
-        persistence: None,
-        listen: Some(ListenerOptions {
-            mode: ListenerMode::TcpOnly,
-            listen_addr: listen,
-            enable_upnp_port_forwarding: false,
-            announce_port: Some(listen.port()),
-            ipv4_only: true,
-            ..Default::default()
-        }),
-        cancellation_token: Some(token.clone()),
-        disable_local_service_discovery: true,
-        ipv4_only: true,
-        ..Default::default()
-    }
-}
-
-/// The staging directory `<dir of out>/.<out name>.part` librqbit writes into (same file system
-/// as `out`, so the finished file is renamed, not copied).
 /// Asks the appliance for the swarm's view: adds its seed to `initial` (unless the tracker hands
 /// the seed out itself, `swarm.seed_peers`) and returns how long to seed after completion
 /// (`MAX_SEED_UNTIL_DONE` when the appliance does not answer: the tracker alone then).
@@ -221,7 +188,7 @@ async fn seed_peer_and_limit(server: SocketAddr, name: &ImageName, initial: &mut
     }
 }
 
-/// The node's own address on `iface` (librqbit listens there, so peers see that address), if any.
+/// The node's own address on `iface` (the engine listens there, so peers see that address), if any.
 fn own_ip(iface: Option<&str>) -> Result<Option<Ipv4Addr>, FetchError> {
     Ok(match iface {
         Some(i) => Some(crate::net::discover(i, None)?.ip),
@@ -229,6 +196,8 @@ fn own_ip(iface: Option<&str>) -> Result<Option<Ipv4Addr>, FetchError> {
     })
 }
 
+/// The staging directory `<dir of out>/.<out name>.part` the download is written in (same file
+/// system as `out`, so the finished file is renamed, not copied).
 fn staging(out: &Path) -> Result<PathBuf, FetchError> {
     let bad = || FetchError::Output {
         path: out.to_owned(),
@@ -242,78 +211,42 @@ fn staging(out: &Path) -> Result<PathBuf, FetchError> {
     Ok(dir.join(format!(".{file}.part")))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn download_and_seed(
     opts: &FetchOptions,
-    session: &std::sync::Arc<Session>,
-    torrent: Vec<u8>,
-    ti: &TorrentInfo,
-    initial: Vec<SocketAddr>,
-    own_ip: Option<Ipv4Addr>,
+    engine: &Engine,
     part_dir: &Path,
     seed_limit: Duration,
     token: &CancellationToken,
 ) -> Result<FetchReport, FetchError> {
     let name = &opts.image;
-    let dl_err = |e: anyhow::Error| FetchError::Download { name: name.clone(), source: lib(e) };
-    let part_str = part_dir.to_str().ok_or_else(|| FetchError::Output {
-        path: part_dir.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
-    })?;
-    let aopts = AddTorrentOptions {
-        // Resume: a partial file from an earlier run is checked and kept.
-        overwrite: true,
-        output_folder: Some(part_str.to_owned()),
-        initial_peers: Some(initial.clone()),
-        ..Default::default()
-    };
     let t0 = Instant::now();
-    let handle = session
-        .add_torrent(AddTorrent::from_bytes(torrent), Some(aopts))
-        .await
-        .map_err(dl_err)?
-        .into_handle()
-        .ok_or_else(|| FetchError::Download { name: name.clone(), source: "list-only response".into() })?;
-    info!(%name, info_hash = %ti.info_hash, size = ti.size, peers = ?initial, tracker = opts.use_tracker, "joined the swarm");
-
-    // Download, with a progress line every period, in this node's rotated piece order.
     let mut last = (Instant::now(), 0u64);
     let deadline = tokio::time::Instant::now() + opts.timeout;
     {
-        let start = rotation_start(ti.size, own_ip);
-        let rotation = rotate(handle.clone(), start, ti.size);
-        tokio::pin!(rotation);
-        let mut rotating = true;
-        info!(%name, start, "piece order rotated");
-        let done = handle.wait_until_completed();
+        let done = engine.wait_complete();
         tokio::pin!(done);
         let mut tick = tokio::time::interval(opts.progress_every);
         loop {
             tokio::select! {
-                r = &mut done => { r.map_err(dl_err)?; break; }
-                // CANCEL-SAFETY: the rotation only reads; dropping it mid-read loses nothing.
-                r = &mut rotation, if rotating => {
-                    rotating = false;
-                    if let Err(e) = r { warn!(%name, "piece order rotation stopped, file order from here: {e:#}") }
-                }
-                _ = tick.tick() => last = progress(name, &handle, last),
-                _ = tokio::time::sleep_until(deadline) => {
-                    let st = handle.stats();
-                    return Err(FetchError::Timeout { name: name.clone(), limit: opts.timeout, have: st.progress_bytes, total: st.total_bytes });
-                }
+                biased;
                 _ = token.cancelled() => return Err(FetchError::Interrupted(name.clone())),
+                r = &mut done => { r.map_err(engine_err(name))?; break; }
+                _ = tick.tick() => last = progress(name, engine, last),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let st = engine.stats();
+                    return Err(FetchError::Timeout { name: name.clone(), limit: opts.timeout, have: st.have, total: st.total });
+                }
             }
         }
     }
     let download_secs = t0.elapsed().as_secs_f64();
-    // The file stays open in librqbit (seeding goes on from the same inode), so renaming it is safe.
-    let done_file = part_dir.join(&ti.file_name);
-    std::fs::rename(&done_file, &opts.out).map_err(|source| FetchError::Output { path: opts.out.clone(), source })?;
-    let st = handle.stats();
+    // The engine keeps the file open (seeding goes on from the same inode), so renaming it is safe.
+    std::fs::rename(engine.path(), &opts.out).map_err(|source| FetchError::Output { path: opts.out.clone(), source })?;
+    let st = engine.stats();
     info!(
-        %name, bytes = st.total_bytes, secs = format!("{download_secs:.2}"),
-        mbit_s = format!("{:.1}", st.total_bytes as f64 * 8.0 / 1e6 / download_secs.max(1e-3)),
-        uploaded = st.uploaded_bytes, out = %opts.out.display(), "download complete"
+        %name, bytes = st.total, secs = format!("{download_secs:.2}"),
+        mbit_s = format!("{:.1}", st.total as f64 * 8.0 / 1e6 / download_secs.max(1e-3)),
+        uploaded = st.uploaded, hash_failures = st.hash_failures, banned = st.banned, out = %opts.out.display(), "download complete"
     );
 
     // Seed until the appliance says done, or the deadline.
@@ -332,7 +265,7 @@ async fn download_and_seed(
             tokio::select! {
                 _ = tokio::time::sleep_until(seed_deadline) => break,
                 _ = token.cancelled() => { stopped_because = "signal"; break; }
-                _ = tick.tick() => last = progress(name, &handle, last),
+                _ = tick.tick() => last = progress(name, engine, last),
                 _ = poll.tick(), if opts.seed_until_done && opts.use_tracker => {
                     match swarm_view(opts.server, name).await {
                         Ok(v) if v.done => { stopped_because = "swarm-done"; break; }
@@ -344,76 +277,34 @@ async fn download_and_seed(
         }
     }
     let _ = std::fs::remove_dir(part_dir);
-    let st = handle.stats();
+    let st = engine.stats();
     let seed_secs = t1.elapsed().as_secs_f64();
-    info!(%name, uploaded = st.uploaded_bytes, seed_secs = format!("{seed_secs:.2}"), reason = stopped_because, "stopped seeding");
+    info!(%name, uploaded = st.uploaded, seed_secs = format!("{seed_secs:.2}"), reason = stopped_because, "stopped seeding");
     Ok(FetchReport {
         out: opts.out.clone(),
-        bytes: st.total_bytes,
+        bytes: st.total,
         download_secs,
         seed_secs,
-        uploaded_bytes: st.uploaded_bytes,
+        uploaded_bytes: st.uploaded,
         stopped_because,
     })
 }
 
-/// Where this node starts in the file, so that nodes starting together want different pieces
-/// first (librqbit otherwise picks in file order, and a flash crowd asks the seed for the same
-/// pieces at the same time: unicast again). From the node's address by the golden-ratio (Weyl)
-/// sequence, which spreads consecutive addresses (DHCP hands them out in order) evenly over the
-/// file; random without an address.
-fn rotation_start(len: u64, ip: Option<Ipv4Addr>) -> u64 {
-    if len == 0 {
-        return 0;
-    }
-    let frac = match ip {
-        Some(ip) => (u32::from(ip) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) as f64 / u64::MAX as f64,
-        None => rand::random::<f64>(),
-    };
-    ((len as f64 * frac) as u64).min(len - 1)
-}
-
-/// Imposes the piece order start..len, then 0..start, through librqbit's public streaming hook:
-/// a stream's next 32 MiB are priority pieces for every peer connection, and reading it (the
-/// data is discarded) slides that window as pieces are verified. Later the unpacker will be the
-/// reader (in file order); this is the download-only order.
-async fn rotate(handle: std::sync::Arc<librqbit::ManagedTorrent>, start: u64, len: u64) -> Result<(), LibError> {
-    use std::io::SeekFrom;
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut s = handle.stream(0).await.map_err(lib)?;
-    let mut buf = vec![0u8; 256 * 1024];
-    for (from, to) in [(start, len), (0, start)] {
-        s.seek(SeekFrom::Start(from)).await?;
-        let mut at = from;
-        // Bounded: each read advances by at least one byte or ends the segment.
-        while at < to {
-            let want = ((to - at) as usize).min(buf.len());
-            let n = s.read(&mut buf[..want]).await?;
-            if n == 0 {
-                break;
-            }
-            at += n as u64;
-        }
-    }
-    Ok(())
-}
-
-fn progress(name: &ImageName, h: &librqbit::ManagedTorrent, (t, b): (Instant, u64)) -> (Instant, u64) {
-    let st = h.stats();
+fn progress(name: &ImageName, e: &Engine, (t, b): (Instant, u64)) -> (Instant, u64) {
+    let st = e.stats();
     let now = Instant::now();
     let dt = now.duration_since(t).as_secs_f64().max(1e-3);
-    let rate = st.progress_bytes.saturating_sub(b) as f64 * 8.0 / 1e6 / dt;
-    let peers = st.live.as_ref().map_or(0, |l| l.snapshot.peer_stats.live);
-    let pct = if st.total_bytes == 0 { 100.0 } else { st.progress_bytes as f64 * 100.0 / st.total_bytes as f64 };
+    let rate = st.have.saturating_sub(b) as f64 * 8.0 / 1e6 / dt;
+    let pct = if st.total == 0 { 100.0 } else { st.have as f64 * 100.0 / st.total as f64 };
     info!(
-        %name, have = st.progress_bytes, total = st.total_bytes, pct = format!("{pct:.1}"),
-        mbit_s = format!("{rate:.1}"), uploaded = st.uploaded_bytes, peers, "progress"
+        %name, have = st.have, total = st.total, pct = format!("{pct:.1}"),
+        mbit_s = format!("{rate:.1}"), uploaded = st.uploaded, peers = st.peers, "progress"
     );
-    (now, st.progress_bytes)
+    (now, st.have)
 }
 
 // ---------------------------------------------------------------------------------------------
-// The installer's streaming download: the archive is stored by librqbit in a directory the
+// The installer's streaming download: the archive is stored by the engine in a directory the
 // caller chooses (the target disk, so it is seeded afterwards without a RAM copy) while a reader
 // hands its bytes, in file order and only once verified, to a synchronous consumer (the unpacker).
 
@@ -424,7 +315,7 @@ pub struct StreamOptions {
     pub server: SocketAddr,
     /// The image.
     pub image: ImageName,
-    /// Directory librqbit keeps the archive in (created if missing).
+    /// Directory the archive is kept in (created if missing).
     pub dir: PathBuf,
     /// Interface to bind to (SO_BINDTODEVICE) and listen on; None: all addresses.
     pub iface: Option<String>,
@@ -445,7 +336,7 @@ pub struct StreamStats {
     pub peers: u32,
     /// Every piece verified.
     pub finished: bool,
-    /// librqbit's error, when the torrent stopped with one.
+    /// The engine's error, when it stopped with one.
     pub error: Option<String>,
 }
 
@@ -454,132 +345,68 @@ pub struct StreamStats {
 pub struct SwarmStream {
     name: ImageName,
     server: SocketAddr,
-    session: std::sync::Arc<Session>,
-    session_token: CancellationToken,
-    handle: std::sync::Arc<librqbit::ManagedTorrent>,
-    file: PathBuf,
+    engine: Engine,
     seed_limit: Duration,
 }
 
 /// A blocking [`std::io::Read`] over the archive from offset 0, for a consumer running in
 /// `spawn_blocking` (or any thread outside the runtime): each read waits for the next verified
-/// bytes. The stream's position makes the next 32 MiB priority pieces for every peer connection.
-pub struct ArchiveReader {
-    // librqbit's FileStream (its type is not exported).
-    stream: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
-    rt: tokio::runtime::Handle,
-    cancel: CancellationToken,
-}
-
-impl std::io::Read for ArchiveReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use tokio::io::AsyncReadExt;
-        let (stream, cancel) = (&mut self.stream, &self.cancel);
-        // Not `Interrupted`: readers retry on that kind, and a cancelled download must end them.
-        self.rt.block_on(async {
-            tokio::select! {
-                // CANCEL-SAFETY: a read dropped on cancellation consumed nothing the caller sees.
-                r = stream.read(buf) => r,
-                _ = cancel.cancelled() => Err(std::io::Error::other("download stopped")),
-            }
-        })
-    }
-}
+/// bytes, and its position makes the next pieces the first choice.
+pub type ArchiveReader = super::engine::Reader;
 
 impl SwarmStream {
-    /// Fetches the .torrent, starts a session and adds the torrent (its file under `opts.dir`).
+    /// Fetches the .torrent and starts the engine (its file under `opts.dir`).
     ///
     /// # Errors
-    /// [`FetchError`] when the appliance, the torrent or librqbit fail.
+    /// [`FetchError`] when the appliance, the torrent or the engine fail.
     pub async fn start(opts: &StreamOptions, token: &CancellationToken) -> Result<SwarmStream, FetchError> {
         let name = &opts.image;
         let torrent = http_get::get(opts.server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT).await?;
-        let ti: TorrentInfo = torrent_info(&torrent).map_err(|why| FetchError::BadTorrent { name: name.clone(), why })?;
+        let meta = Meta::from_torrent(&torrent).map_err(engine_err(name))?;
         let mut initial = Vec::new();
         let seed_limit = seed_peer_and_limit(opts.server, name, &mut initial).await;
         let own_ip = own_ip(opts.iface.as_deref())?;
         let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
         std::fs::create_dir_all(&opts.dir).map_err(|source| FetchError::Output { path: opts.dir.clone(), source })?;
-        let dir_str = opts.dir.to_str().ok_or_else(|| FetchError::Output {
-            path: opts.dir.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
-        })?;
-        let session_token = token.child_token();
-        let sopts = session_options(opts.iface.clone(), true, listen, &session_token);
-        let session = Session::new_with_opts(opts.dir.clone(), sopts)
-            .await
-            .map_err(|e| FetchError::Session { listen, source: lib(e) })?;
-        let aopts = AddTorrentOptions {
-            overwrite: true,
-            output_folder: Some(dir_str.to_owned()),
-            initial_peers: Some(initial.clone()),
-            ..Default::default()
+        let file = opts.dir.join(&meta.file_name);
+        let eopts = EngineOptions {
+            listen,
+            iface: opts.iface.clone(),
+            peers: initial.clone(),
+            tracker: Some(opts.server),
+            depth: depth(),
+            label: name.to_string(),
         };
-        let added = session.add_torrent(AddTorrent::from_bytes(torrent), Some(aopts)).await;
-        let handle = match added.map(|r| r.into_handle()) {
-            Ok(Some(h)) => h,
-            Ok(None) => {
-                session.stop().await;
-                return Err(FetchError::Download { name: name.clone(), source: "list-only response".into() });
-            }
-            Err(e) => {
-                session.stop().await;
-                return Err(FetchError::Download { name: name.clone(), source: lib(e) });
-            }
-        };
-        info!(%name, info_hash = %ti.info_hash, size = ti.size, peers = ?initial, dir = %opts.dir.display(), "joined the swarm (streaming)");
-        Ok(SwarmStream {
-            name: name.clone(),
-            server: opts.server,
-            session,
-            session_token,
-            handle,
-            file: opts.dir.join(&ti.file_name),
-            seed_limit,
-        })
+        let engine = Engine::start(meta, &file, eopts, token).await.map_err(engine_err(name))?;
+        info!(%name, peers = ?initial, dir = %opts.dir.display(), "joined the swarm (streaming)");
+        Ok(SwarmStream { name: name.clone(), server: opts.server, engine, seed_limit })
     }
 
     /// A reader of the whole archive from offset 0; `cancel` ends a read that waits.
     ///
     /// # Errors
-    /// [`FetchError::Download`] when librqbit cannot open the stream.
+    /// None today; kept fallible for the callers.
     pub async fn reader(&self, cancel: CancellationToken) -> Result<ArchiveReader, FetchError> {
-        let stream = self
-            .handle
-            .clone()
-            .stream(0)
-            .await
-            .map_err(|e| FetchError::Download { name: self.name.clone(), source: lib(e) })?;
-        Ok(ArchiveReader { stream: Box::pin(stream), rt: tokio::runtime::Handle::current(), cancel })
+        Ok(self.engine.reader(cancel))
     }
 
     /// The counters now.
     pub fn stats(&self) -> StreamStats {
-        let st = self.handle.stats();
-        StreamStats {
-            have: st.progress_bytes,
-            total: st.total_bytes,
-            uploaded: st.uploaded_bytes,
-            peers: st.live.as_ref().map_or(0, |l| l.snapshot.peer_stats.live as u32),
-            finished: st.finished,
-            error: st.error.clone(),
-        }
+        let st = self.engine.stats();
+        StreamStats { have: st.have, total: st.total, uploaded: st.uploaded, peers: st.peers, finished: st.finished, error: st.error }
     }
 
-    /// Where librqbit keeps the archive.
+    /// Where the archive is kept.
     pub fn file(&self) -> &Path {
-        &self.file
+        self.engine.path()
     }
 
     /// Waits until every piece is verified.
     ///
     /// # Errors
-    /// [`FetchError::Download`] when the torrent fails.
+    /// [`FetchError::Engine`] when the download stops first.
     pub async fn wait_complete(&self) -> Result<(), FetchError> {
-        self.handle
-            .wait_until_completed()
-            .await
-            .map_err(|e| FetchError::Download { name: self.name.clone(), source: lib(e) })
+        self.engine.wait_complete().await.map_err(engine_err(&self.name))
     }
 
     /// Seeds until the appliance reports the swarm done, `limit` (capped by the appliance's
@@ -606,27 +433,13 @@ impl SwarmStream {
 
     /// Leaves the swarm and closes the archive file.
     pub async fn stop(self) {
-        self.session.stop().await;
-        self.session_token.cancel();
+        self.engine.stop().await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn consecutive_addresses_start_far_apart() {
-        let len = 1 << 30;
-        let mut starts: Vec<u64> = (11..19).map(|i| rotation_start(len, Some(Ipv4Addr::new(10, 0, 0, i)))).collect();
-        starts.sort();
-        let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-        // Eight golden-ratio points on a circle: no two closer than a twentieth of the file.
-        assert!(gaps.iter().all(|g| *g > len / 20), "{starts:?}");
-        assert!(starts.iter().all(|s| *s < len));
-        assert_eq!(rotation_start(0, None), 0);
-        assert!(rotation_start(1, None) == 0);
-    }
 
     #[test]
     fn staging_is_next_to_the_output() {

@@ -1,0 +1,663 @@
+//! Which block to ask which peer for: the node-to-node engine's piece scheduler, pure (no I/O,
+//! time passed in), so every rule is unit-tested.
+//!
+//! Rules, in order, each time a peer can take more requests:
+//! 1. Blocks of a piece already in progress that this peer has (finish pieces before starting
+//!    new ones: only whole pieces can be passed on).
+//! 2. The streaming window: missing pieces just after the reader's position, lowest first.
+//! 3. A new piece, rarest first among the pieces the peer has (availability = connected peers
+//!    holding it), ties broken by a random starting point, so nodes that start together
+//!    (flash crowd) ask the seed for different pieces and have something to trade at once.
+//! 4. Endgame: when no piece is missing any more (all in progress), blocks already asked of
+//!    another peer, at most [`ENDGAME_DUPES`] askers per block; the first copy wins and the
+//!    others are cancelled.
+//!
+//! A peer's requests are re-planned on every event that can give it work: its HAVE or
+//! BITFIELD, its unchoke, a block arriving, a piece failing its hash, another peer leaving or
+//! timing out with blocks asked. Nothing waits on a timer to find new work.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::wire::BLOCK;
+
+/// A connection's key (unique for the engine's life).
+pub type PeerKey = u64;
+
+/// Most peers asked for one block in endgame.
+pub const ENDGAME_DUPES: usize = 2;
+
+/// One block request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Block {
+    /// Piece index.
+    pub piece: u32,
+    /// Offset in the piece.
+    pub begin: u32,
+    /// Length.
+    pub len: u32,
+}
+
+#[derive(Debug)]
+enum Bs {
+    Free,
+    Asked(Vec<PeerKey>),
+    Got(PeerKey),
+}
+
+#[derive(Debug)]
+struct Active {
+    blocks: Vec<Bs>,
+    got: u32,
+    from: Vec<PeerKey>,
+}
+
+#[derive(Debug)]
+enum Ps {
+    Missing,
+    Active(Active),
+    Verifying(Vec<PeerKey>),
+    Have,
+}
+
+#[derive(Debug)]
+struct PeerView {
+    has: Vec<bool>,
+    count: u32,
+    choked: bool,
+    asked: Vec<(Block, Instant)>,
+}
+
+/// What a received block means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Got {
+    /// Not asked of this peer (or already received): drop it, do not write it.
+    Unexpected,
+    /// Take it (write it); `complete` when the piece now has every block (verify it next);
+    /// `cancel` lists the other peers asked for the same block (endgame).
+    Take {
+        /// Every block of the piece is here.
+        complete: bool,
+        /// (peer, block) requests to cancel.
+        cancel: Vec<(PeerKey, Block)>,
+    },
+}
+
+/// The scheduler's state for one torrent.
+#[derive(Debug)]
+pub struct Picker {
+    piece_len: u32,
+    total: u64,
+    pieces: Vec<Ps>,
+    avail: Vec<u16>,
+    have_count: u32,
+    missing: u32,
+    peers: HashMap<PeerKey, PeerView>,
+    window: Option<(u32, u32)>,
+}
+
+impl Picker {
+    /// A picker for `total` bytes in pieces of `piece_len`, with `have` already verified.
+    pub fn new(piece_len: u32, total: u64, have: &[bool]) -> Picker {
+        let pieces: Vec<Ps> = have.iter().map(|h| if *h { Ps::Have } else { Ps::Missing }).collect();
+        let have_count = have.iter().filter(|h| **h).count() as u32;
+        Picker {
+            piece_len,
+            total,
+            avail: vec![0; pieces.len()],
+            missing: pieces.len() as u32 - have_count,
+            have_count,
+            pieces,
+            peers: HashMap::new(),
+            window: None,
+        }
+    }
+
+    /// Number of pieces.
+    pub fn len(&self) -> u32 {
+        self.pieces.len() as u32
+    }
+
+    /// True when the torrent has no pieces.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// Length of piece `i`.
+    pub fn piece_size(&self, i: u32) -> u32 {
+        let start = i as u64 * self.piece_len as u64;
+        (self.total - start).min(self.piece_len as u64) as u32
+    }
+
+    fn blocks_in(&self, i: u32) -> u32 {
+        self.piece_size(i).div_ceil(BLOCK)
+    }
+
+    fn block(&self, piece: u32, b: u32) -> Block {
+        let begin = b * BLOCK;
+        Block { piece, begin, len: (self.piece_size(piece) - begin).min(BLOCK) }
+    }
+
+    /// Verified pieces.
+    pub fn have_count(&self) -> u32 {
+        self.have_count
+    }
+
+    /// Whether piece `i` is verified.
+    pub fn has(&self, i: u32) -> bool {
+        matches!(self.pieces.get(i as usize), Some(Ps::Have))
+    }
+
+    /// Verified pieces as flags.
+    pub fn have_flags(&self) -> Vec<bool> {
+        self.pieces.iter().map(|p| matches!(p, Ps::Have)).collect()
+    }
+
+    /// Verified bytes.
+    pub fn have_bytes(&self) -> u64 {
+        (0..self.len()).filter(|i| self.has(*i)).map(|i| self.piece_size(i) as u64).sum()
+    }
+
+    /// Every piece verified.
+    pub fn complete(&self) -> bool {
+        self.have_count == self.len()
+    }
+
+    /// Makes pieces `from..from+n` the first choice (a sequential reader's next pieces).
+    pub fn set_window(&mut self, from: u32, n: u32) {
+        self.window = Some((from, n));
+    }
+
+    /// A new connection (choked until it unchokes us, no pieces until its bitfield).
+    pub fn add_peer(&mut self, k: PeerKey) {
+        let n = self.pieces.len();
+        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new() });
+    }
+
+    /// A connection ended: its pieces leave the availability counts and its asked blocks are
+    /// free again. Returns true when blocks were freed (other peers may have work now).
+    pub fn remove_peer(&mut self, k: PeerKey) -> bool {
+        let Some(p) = self.peers.remove(&k) else { return false };
+        for (i, h) in p.has.iter().enumerate() {
+            if *h {
+                self.avail[i] = self.avail[i].saturating_sub(1);
+            }
+        }
+        let freed = !p.asked.is_empty();
+        for (b, _) in p.asked {
+            self.unask(k, b);
+        }
+        freed
+    }
+
+    fn unask(&mut self, k: PeerKey, b: Block) {
+        if let Some(Ps::Active(a)) = self.pieces.get_mut(b.piece as usize) {
+            let slot = &mut a.blocks[(b.begin / BLOCK) as usize];
+            if let Bs::Asked(v) = slot {
+                v.retain(|x| *x != k);
+                if v.is_empty() {
+                    *slot = Bs::Free;
+                }
+            }
+        }
+    }
+
+    /// The peer's bitfield. Returns whether we are interested in it.
+    pub fn bitfield(&mut self, k: PeerKey, bits: Vec<bool>) -> bool {
+        let Some(p) = self.peers.get_mut(&k) else { return false };
+        for (i, (old, new)) in p.has.iter().zip(&bits).enumerate() {
+            match (*old, *new) {
+                (false, true) => self.avail[i] += 1,
+                (true, false) => self.avail[i] = self.avail[i].saturating_sub(1),
+                _ => {}
+            }
+        }
+        p.count = bits.iter().filter(|b| **b).count() as u32;
+        p.has = bits;
+        self.interested(k)
+    }
+
+    /// The peer announced piece `i`. Returns whether we are interested in it now; false for an
+    /// index out of range (the caller drops such a peer).
+    pub fn have(&mut self, k: PeerKey, i: u32) -> Option<bool> {
+        let p = self.peers.get_mut(&k)?;
+        let slot = p.has.get_mut(i as usize)?;
+        if !*slot {
+            *slot = true;
+            p.count += 1;
+            self.avail[i as usize] += 1;
+        }
+        Some(self.interested(k))
+    }
+
+    /// Whether the peer has a piece we lack.
+    pub fn interested(&self, k: PeerKey) -> bool {
+        let Some(p) = self.peers.get(&k) else { return false };
+        if self.complete() {
+            return false;
+        }
+        p.has.iter().zip(&self.pieces).any(|(h, s)| *h && !matches!(s, Ps::Have))
+    }
+
+    /// Whether the peer has every piece.
+    pub fn is_seed(&self, k: PeerKey) -> bool {
+        self.peers.get(&k).is_some_and(|p| p.count == self.len())
+    }
+
+    /// The peer choked (its asked blocks are dropped by it, so they are freed) or unchoked us.
+    /// Returns true when blocks were freed.
+    pub fn choked(&mut self, k: PeerKey, choked: bool) -> bool {
+        let Some(p) = self.peers.get_mut(&k) else { return false };
+        p.choked = choked;
+        if !choked {
+            return false;
+        }
+        let asked = std::mem::take(&mut p.asked);
+        let freed = !asked.is_empty();
+        for (b, _) in asked {
+            self.unask(k, b);
+        }
+        freed
+    }
+
+    /// Blocks asked of `k` and not answered.
+    pub fn asked(&self, k: PeerKey) -> usize {
+        self.peers.get(&k).map_or(0, |p| p.asked.len())
+    }
+
+    /// Plans requests for `k` until it has `depth` outstanding; returns the new ones.
+    pub fn next_requests(&mut self, k: PeerKey, depth: usize, now: Instant, rng: &mut impl Rng) -> Vec<Block> {
+        let mut out = Vec::new();
+        let Some(p) = self.peers.get(&k) else { return out };
+        if p.choked || self.complete() {
+            return out;
+        }
+        let mut room = depth.saturating_sub(p.asked.len());
+        while room > 0 {
+            let Some(b) = self.pick(k, rng) else { break };
+            if let Some(Ps::Active(a)) = self.pieces.get_mut(b.piece as usize) {
+                let slot = &mut a.blocks[(b.begin / BLOCK) as usize];
+                match slot {
+                    Bs::Asked(v) => v.push(k),
+                    _ => *slot = Bs::Asked(vec![k]),
+                }
+            }
+            if let Some(p) = self.peers.get_mut(&k) {
+                p.asked.push((b, now));
+            }
+            out.push(b);
+            room -= 1;
+        }
+        out
+    }
+
+    fn peer_has(&self, k: PeerKey, i: usize) -> bool {
+        self.peers.get(&k).is_some_and(|p| p.has[i])
+    }
+
+    fn pick(&mut self, k: PeerKey, rng: &mut impl Rng) -> Option<Block> {
+        let n = self.pieces.len();
+        // 1. A free block of a piece in progress, the most advanced piece first.
+        let mut best: Option<(u32, u32)> = None;
+        for (i, s) in self.pieces.iter().enumerate() {
+            if let Ps::Active(a) = s {
+                if self.peer_has(k, i) && a.blocks.iter().any(|b| matches!(b, Bs::Free)) && best.is_none_or(|(_, g)| a.got > g) {
+                    best = Some((i as u32, a.got));
+                }
+            }
+        }
+        if let Some((i, _)) = best {
+            if let Ps::Active(a) = &self.pieces[i as usize] {
+                let b = a.blocks.iter().position(|b| matches!(b, Bs::Free)).unwrap_or(0) as u32;
+                return Some(self.block(i, b));
+            }
+        }
+        // 2. The streaming window.
+        let mut chosen = None;
+        if let Some((from, w)) = self.window {
+            chosen = (from..from.saturating_add(w).min(n as u32))
+                .find(|i| matches!(self.pieces[*i as usize], Ps::Missing) && self.peer_has(k, *i as usize));
+        }
+        // 3. Rarest first, from a random starting point.
+        if chosen.is_none() && self.missing > 0 && n > 0 {
+            let start = rng.random_range(0..n);
+            let mut best: Option<(usize, u16)> = None;
+            for j in 0..n {
+                let i = (start + j) % n;
+                if matches!(self.pieces[i], Ps::Missing) && self.peer_has(k, i) && best.is_none_or(|(_, a)| self.avail[i] < a) {
+                    best = Some((i, self.avail[i]));
+                    if self.avail[i] <= 1 {
+                        break;
+                    }
+                }
+            }
+            chosen = best.map(|(i, _)| i as u32);
+        }
+        if let Some(i) = chosen {
+            let blocks = (0..self.blocks_in(i)).map(|_| Bs::Free).collect();
+            self.pieces[i as usize] = Ps::Active(Active { blocks, got: 0, from: Vec::new() });
+            self.missing -= 1;
+            return Some(self.block(i, 0));
+        }
+        // 4. Endgame: nothing missing, duplicate a block asked of someone else.
+        if self.missing == 0 {
+            for (i, s) in self.pieces.iter().enumerate() {
+                let Ps::Active(a) = s else { continue };
+                if !self.peer_has(k, i) {
+                    continue;
+                }
+                let found = a.blocks.iter().position(|b| matches!(b, Bs::Asked(v) if v.len() < ENDGAME_DUPES && !v.contains(&k)));
+                if let Some(b) = found {
+                    return Some(self.block(i as u32, b as u32));
+                }
+            }
+        }
+        None
+    }
+
+    /// A block arrived from `k`.
+    pub fn got(&mut self, k: PeerKey, piece: u32, begin: u32, len: usize) -> Got {
+        let expected = self.block_at(piece, begin).filter(|b| b.len as usize == len);
+        let Some(b) = expected else { return Got::Unexpected };
+        let Some(p) = self.peers.get_mut(&k) else { return Got::Unexpected };
+        let Some(pos) = p.asked.iter().position(|(x, _)| *x == b) else { return Got::Unexpected };
+        p.asked.swap_remove(pos);
+        let Some(Ps::Active(a)) = self.pieces.get_mut(piece as usize) else { return Got::Unexpected };
+        let slot = &mut a.blocks[(begin / BLOCK) as usize];
+        if matches!(slot, Bs::Got(_)) {
+            // Another peer's copy came first (endgame): keep the first, drop this one.
+            return Got::Unexpected;
+        }
+        let others = match std::mem::replace(slot, Bs::Got(k)) {
+            Bs::Asked(v) => v.into_iter().filter(|x| *x != k).collect::<Vec<_>>(),
+            _ => Vec::new(),
+        };
+        a.got += 1;
+        if !a.from.contains(&k) {
+            a.from.push(k);
+        }
+        let complete = a.got as usize == a.blocks.len();
+        if complete {
+            let from = std::mem::take(&mut a.from);
+            self.pieces[piece as usize] = Ps::Verifying(from);
+        }
+        let mut cancel = Vec::new();
+        for o in others {
+            if let Some(op) = self.peers.get_mut(&o) {
+                op.asked.retain(|(x, _)| *x != b);
+                cancel.push((o, b));
+            }
+        }
+        Got::Take { complete, cancel }
+    }
+
+    fn block_at(&self, piece: u32, begin: u32) -> Option<Block> {
+        if piece >= self.len() || begin % BLOCK != 0 || begin >= self.piece_size(piece) {
+            return None;
+        }
+        Some(self.block(piece, begin / BLOCK))
+    }
+
+    /// The hash check of a complete piece: on success it is ours; on failure it is missing
+    /// again and the peers that sent its blocks are returned (to be distrusted).
+    pub fn verified(&mut self, piece: u32, ok: bool) -> Vec<PeerKey> {
+        let Some(slot) = self.pieces.get_mut(piece as usize) else { return Vec::new() };
+        let from = match std::mem::replace(slot, if ok { Ps::Have } else { Ps::Missing }) {
+            Ps::Verifying(from) => from,
+            other => {
+                *slot = other;
+                return Vec::new();
+            }
+        };
+        if ok {
+            self.have_count += 1;
+            Vec::new()
+        } else {
+            self.missing += 1;
+            from
+        }
+    }
+
+    /// Forgets every block `k` sent to pieces not yet complete (a distrusted peer's data is
+    /// fetched again from others). Returns true when blocks were freed.
+    pub fn drop_blocks_from(&mut self, k: PeerKey) -> bool {
+        let mut freed = false;
+        for s in &mut self.pieces {
+            if let Ps::Active(a) = s {
+                for b in &mut a.blocks {
+                    if matches!(b, Bs::Got(x) if *x == k) {
+                        *b = Bs::Free;
+                        a.got -= 1;
+                        freed = true;
+                    }
+                }
+                a.from.retain(|x| *x != k);
+            }
+        }
+        freed
+    }
+
+    /// Requests older than `limit` are given up (the peer is too slow or silent): they are freed
+    /// for others. Returns the peers concerned (to re-plan, and to count against them).
+    pub fn expire(&mut self, now: Instant, limit: Duration) -> Vec<(PeerKey, Vec<Block>)> {
+        let mut out = Vec::new();
+        for (k, p) in &mut self.peers {
+            let old: Vec<Block> = p.asked.iter().filter(|(_, t)| now.duration_since(*t) > limit).map(|(b, _)| *b).collect();
+            if !old.is_empty() {
+                p.asked.retain(|(_, t)| now.duration_since(*t) <= limit);
+                out.push((*k, old));
+            }
+        }
+        for (k, bs) in &out {
+            for b in bs {
+                self.unask(*k, *b);
+            }
+        }
+        out
+    }
+
+    /// Keys of the connected peers.
+    pub fn peer_keys(&self) -> Vec<PeerKey> {
+        self.peers.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    const PL: u32 = 4 * BLOCK;
+
+    fn all(n: usize) -> Vec<bool> {
+        vec![true; n]
+    }
+
+    fn rng() -> StdRng {
+        StdRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn sizes_and_last_piece() {
+        let p = Picker::new(PL, 2 * PL as u64 + 100, &[false; 3]);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.piece_size(2), 100);
+        assert_eq!(p.blocks_in(2), 1);
+        assert_eq!(p.block(2, 0), Block { piece: 2, begin: 0, len: 100 });
+    }
+
+    #[test]
+    fn a_peer_gets_whole_pieces_and_finishes_them_first() {
+        let mut p = Picker::new(PL, 8 * PL as u64, &[false; 8]);
+        let now = Instant::now();
+        p.add_peer(1);
+        assert!(p.bitfield(1, all(8)));
+        assert!(p.next_requests(1, 4, now, &mut rng()).is_empty(), "choked");
+        p.choked(1, false);
+        let r = p.next_requests(1, 6, now, &mut rng());
+        assert_eq!(r.len(), 6);
+        // The first four are one piece, then a second piece starts.
+        assert!(r[..4].iter().all(|b| b.piece == r[0].piece));
+        assert_ne!(r[4].piece, r[0].piece);
+        // A second peer joins the unfinished second piece before starting a third.
+        p.add_peer(2);
+        p.bitfield(2, all(8));
+        p.choked(2, false);
+        let r2 = p.next_requests(2, 1, now, &mut rng());
+        assert_eq!(r2[0].piece, r[4].piece);
+        assert_eq!(r2[0].begin, 2 * BLOCK);
+    }
+
+    #[test]
+    fn rarest_pieces_come_first() {
+        let mut p = Picker::new(PL, 4 * PL as u64, &[false; 4]);
+        for k in 1..=3 {
+            p.add_peer(k);
+            p.choked(k, false);
+        }
+        p.bitfield(1, all(4));
+        p.bitfield(2, vec![true, true, false, true]);
+        p.bitfield(3, vec![true, true, false, false]);
+        // Availability: 3, 3, 1, 2. Peer 1 is asked for piece 2, then piece 3.
+        let r = p.next_requests(1, 8, Instant::now(), &mut rng());
+        let pieces: Vec<u32> = r.iter().map(|b| b.piece).collect();
+        assert_eq!(pieces, vec![2, 2, 2, 2, 3, 3, 3, 3]);
+    }
+
+    #[test]
+    fn flash_crowd_spreads_over_the_pieces() {
+        // 16 nodes ask one seed for their first piece: random tie-breaks give mostly
+        // different pieces.
+        let mut firsts = std::collections::HashSet::new();
+        let mut r = rng();
+        for _ in 0..16 {
+            let mut p = Picker::new(PL, 1024 * PL as u64, &vec![false; 1024]);
+            p.add_peer(1);
+            p.bitfield(1, all(1024));
+            p.choked(1, false);
+            firsts.insert(p.next_requests(1, 1, Instant::now(), &mut r)[0].piece);
+        }
+        assert!(firsts.len() >= 14, "{firsts:?}");
+    }
+
+    #[test]
+    fn blocks_complete_verify_and_a_bad_piece_names_its_senders() {
+        let mut p = Picker::new(PL, PL as u64, &[false]);
+        p.add_peer(1);
+        p.bitfield(1, all(1));
+        p.choked(1, false);
+        let r = p.next_requests(1, 10, Instant::now(), &mut rng());
+        assert_eq!(r.len(), 4);
+        assert_eq!(p.got(1, 0, 0, 5), Got::Unexpected, "wrong length");
+        assert_eq!(p.got(2, 0, 0, BLOCK as usize), Got::Unexpected, "not asked of it");
+        for b in &r[..3] {
+            assert_eq!(p.got(1, 0, b.begin, BLOCK as usize), Got::Take { complete: false, cancel: vec![] });
+        }
+        assert_eq!(p.got(1, 0, 0, BLOCK as usize), Got::Unexpected, "twice");
+        assert_eq!(p.got(1, 0, r[3].begin, BLOCK as usize), Got::Take { complete: true, cancel: vec![] });
+        assert_eq!(p.verified(0, false), vec![1]);
+        assert_eq!(p.have_count(), 0);
+        // Asked again, and this time it verifies.
+        let r = p.next_requests(1, 10, Instant::now(), &mut rng());
+        assert_eq!(r.len(), 4);
+        for b in &r {
+            p.got(1, 0, b.begin, BLOCK as usize);
+        }
+        assert!(p.verified(0, true).is_empty());
+        assert!(p.complete());
+        assert_eq!(p.have_bytes(), PL as u64);
+        assert!(!p.interested(1));
+    }
+
+    #[test]
+    fn a_distrusted_peers_blocks_are_fetched_again() {
+        let mut p = Picker::new(PL, PL as u64, &[false]);
+        for k in 1..=2 {
+            p.add_peer(k);
+            p.bitfield(k, all(1));
+            p.choked(k, false);
+        }
+        let r = p.next_requests(1, 2, Instant::now(), &mut rng());
+        for b in &r {
+            p.got(1, 0, b.begin, BLOCK as usize);
+        }
+        p.remove_peer(1);
+        assert!(p.drop_blocks_from(1));
+        // All four blocks come from peer 2 now, and only it is named if the piece fails.
+        let r = p.next_requests(2, 8, Instant::now(), &mut rng());
+        assert_eq!(r.len(), 4);
+        for b in &r {
+            p.got(2, 0, b.begin, BLOCK as usize);
+        }
+        assert_eq!(p.verified(0, false), vec![2]);
+    }
+
+    #[test]
+    fn endgame_duplicates_and_cancels() {
+        let mut p = Picker::new(PL, PL as u64, &[false]);
+        for k in 1..=3 {
+            p.add_peer(k);
+            p.bitfield(k, all(1));
+            p.choked(k, false);
+        }
+        let now = Instant::now();
+        assert_eq!(p.next_requests(1, 10, now, &mut rng()).len(), 4);
+        // Nothing is missing: peer 2 duplicates, peer 3 too, then no more than two askers.
+        assert_eq!(p.next_requests(2, 10, now, &mut rng()).len(), 4);
+        assert!(p.next_requests(3, 10, now, &mut rng()).is_empty());
+        match p.got(2, 0, 0, BLOCK as usize) {
+            Got::Take { cancel, .. } => assert_eq!(cancel, vec![(1, Block { piece: 0, begin: 0, len: BLOCK })]),
+            g => panic!("{g:?}"),
+        }
+        assert_eq!(p.asked(1), 3);
+        assert_eq!(p.got(1, 0, 0, BLOCK as usize), Got::Unexpected, "cancelled copy");
+    }
+
+    #[test]
+    fn leaving_choking_and_timing_out_free_blocks() {
+        let mut p = Picker::new(PL, 2 * PL as u64, &[false; 2]);
+        let t0 = Instant::now();
+        for k in 1..=2 {
+            p.add_peer(k);
+            p.bitfield(k, all(2));
+            p.choked(k, false);
+        }
+        assert_eq!(p.next_requests(1, 8, t0, &mut rng()).len(), 8);
+        assert!(p.next_requests(2, 8, t0, &mut rng()).len() == 8, "endgame duplicates");
+        assert!(p.remove_peer(1));
+        assert_eq!(p.avail, vec![1, 1]);
+        assert!(p.choked(2, true));
+        assert_eq!(p.asked(2), 0);
+        p.choked(2, false);
+        assert_eq!(p.next_requests(2, 8, t0, &mut rng()).len(), 8);
+        let later = t0 + Duration::from_secs(30);
+        let exp = p.expire(later, Duration::from_secs(10));
+        assert_eq!(exp.len(), 1);
+        assert_eq!(exp[0].1.len(), 8);
+        assert_eq!(p.asked(2), 0);
+        assert_eq!(p.next_requests(2, 8, later, &mut rng()).len(), 8);
+    }
+
+    #[test]
+    fn the_streaming_window_comes_before_rarity() {
+        let mut p = Picker::new(PL, 8 * PL as u64, &[false; 8]);
+        p.add_peer(1);
+        p.bitfield(1, all(8));
+        p.choked(1, false);
+        p.set_window(5, 2);
+        let r = p.next_requests(1, 8, Instant::now(), &mut rng());
+        assert!(r[..4].iter().all(|b| b.piece == 5) && r[4..].iter().all(|b| b.piece == 6), "{r:?}");
+    }
+
+    #[test]
+    fn have_out_of_range_is_reported() {
+        let mut p = Picker::new(PL, PL as u64, &[false]);
+        p.add_peer(1);
+        assert_eq!(p.have(1, 5), None);
+        assert_eq!(p.have(1, 0), Some(true));
+        assert!(p.is_seed(1));
+    }
+}

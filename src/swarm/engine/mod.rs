@@ -177,6 +177,10 @@ struct Conn {
     ip: IpAddr,
     peer_id: [u8; 20],
     interested: bool,
+    outgoing: bool,
+    /// Block bytes received from it, sent to it.
+    down: u64,
+    up: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -397,6 +401,7 @@ impl Engine {
         self.sh.cancel.cancel();
         let mut st = self.sh.lock();
         for c in st.conns.values() {
+            debug!(ip = %c.ip, outgoing = c.outgoing, down = c.down, up = c.up.load(Ordering::Relaxed), "connection at stop");
             let _ = c.tx.send(Out::Close);
         }
         st.conns.clear();
@@ -596,6 +601,7 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
     let (rd, wr) = s.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     let queued_up = Arc::new(AtomicU64::new(0));
+    let up = Arc::new(AtomicU64::new(0));
     let depth = sh.opts.depth;
     let key = {
         let mut st = sh.lock();
@@ -629,21 +635,24 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
         }
         // A LAN swarm of cooperating nodes: everyone is unchoked, always.
         let _ = tx.send(Out::Frame(Msg::Unchoke.encode()));
-        st.conns.insert(key, Conn { tx: tx.clone(), ip: addr.ip(), peer_id: hs.peer_id, interested: false });
+        st.conns.insert(key, Conn { tx: tx.clone(), ip: addr.ip(), peer_id: hs.peer_id, interested: false, outgoing, down: 0, up: up.clone() });
         if let Some(k) = known.and_then(|a| st.known.get_mut(&a)) {
             k.fails = 0;
         }
         key
     };
     debug!(%addr, key, outgoing, "peer connected");
-    let writer = tokio::spawn(write_loop(sh.clone(), wr, rx, queued_up.clone()));
+    let writer = tokio::spawn(write_loop(sh.clone(), wr, rx, queued_up.clone(), up));
     let why = read_loop(&sh, key, rd, &queued_up).await;
-    debug!(%addr, key, "peer gone: {why}");
     let _ = tx.send(Out::Close);
     drop(tx);
     {
         let mut st = sh.lock();
-        if st.conns.remove(&key).is_some() && st.picker.remove_peer(key) {
+        let gone = st.conns.remove(&key);
+        if let Some(c) = &gone {
+            debug!(%addr, key, outgoing, down = c.down, up = c.up.load(Ordering::Relaxed), "peer gone: {why}");
+        }
+        if gone.is_some() && st.picker.remove_peer(key) {
             plan_all(&mut st, depth);
         } else {
             st.picker.remove_peer(key);
@@ -718,6 +727,9 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
                 match st.picker.got(key, piece, begin, data.len()) {
                     Got::Unexpected => {}
                     Got::Take { complete, cancel } => {
+                        if let Some(c) = st.conns.get_mut(&key) {
+                            c.down += data.len() as u64;
+                        }
                         let off = piece as u64 * sh.meta.piece_len as u64 + begin as u64;
                         if let Err(e) = sh.file.write_all_at(&data, off) {
                             drop(st);
@@ -741,7 +753,13 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
     }
 }
 
-async fn write_loop(sh: Arc<Shared>, wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>, queued_up: Arc<AtomicU64>) {
+async fn write_loop(
+    sh: Arc<Shared>,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    queued_up: Arc<AtomicU64>,
+    up: Arc<AtomicU64>,
+) {
     let mut wr = wr;
     let mut buf: Vec<u8> = Vec::with_capacity(128 * 1024);
     let plen = sh.meta.piece_len as u64;
@@ -773,6 +791,7 @@ async fn write_loop(sh: Arc<Shared>, wr: tokio::net::tcp::OwnedWriteHalf, mut rx
                         continue;
                     }
                     sh.uploaded.fetch_add(b.len as u64, Ordering::Relaxed);
+                    up.fetch_add(b.len as u64, Ordering::Relaxed);
                 }
             }
             if buf.len() < 256 * 1024 {

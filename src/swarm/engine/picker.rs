@@ -52,6 +52,8 @@ struct Active {
     blocks: Vec<Bs>,
     got: u32,
     from: Vec<PeerKey>,
+    /// The peer that started it; None once that peer left, choked us or timed out.
+    owner: Option<PeerKey>,
 }
 
 #[derive(Debug)]
@@ -189,7 +191,19 @@ impl Picker {
         for (b, _) in p.asked {
             self.unask(k, b);
         }
+        self.orphan(k);
         freed
+    }
+
+    /// Pieces `k` started may be continued by anyone now.
+    fn orphan(&mut self, k: PeerKey) {
+        for s in &mut self.pieces {
+            if let Ps::Active(a) = s {
+                if a.owner == Some(k) {
+                    a.owner = None;
+                }
+            }
+        }
     }
 
     fn unask(&mut self, k: PeerKey, b: Block) {
@@ -259,6 +273,7 @@ impl Picker {
         for (b, _) in asked {
             self.unask(k, b);
         }
+        self.orphan(k);
         freed
     }
 
@@ -299,11 +314,15 @@ impl Picker {
 
     fn pick(&mut self, k: PeerKey, rng: &mut impl Rng) -> Option<Block> {
         let n = self.pieces.len();
-        // 1. A free block of a piece in progress, the most advanced piece first.
+        // 1. A free block of a piece in progress that this peer started, or whose starter is
+        //    gone, the most advanced piece first. Not a piece another peer is sending: asking
+        //    the seed for the rest of a piece a node is passing on would spend the seed's
+        //    upload on data the swarm already has.
         let mut best: Option<(u32, u32)> = None;
         for (i, s) in self.pieces.iter().enumerate() {
             if let Ps::Active(a) = s {
-                if self.peer_has(k, i) && a.blocks.iter().any(|b| matches!(b, Bs::Free)) && best.is_none_or(|(_, g)| a.got > g) {
+                let mine = a.owner.is_none_or(|o| o == k);
+                if mine && self.peer_has(k, i) && a.blocks.iter().any(|b| matches!(b, Bs::Free)) && best.is_none_or(|(_, g)| a.got > g) {
                     best = Some((i as u32, a.got));
                 }
             }
@@ -337,7 +356,7 @@ impl Picker {
         }
         if let Some(i) = chosen {
             let blocks = (0..self.blocks_in(i)).map(|_| Bs::Free).collect();
-            self.pieces[i as usize] = Ps::Active(Active { blocks, got: 0, from: Vec::new() });
+            self.pieces[i as usize] = Ps::Active(Active { blocks, got: 0, from: Vec::new(), owner: Some(k) });
             self.missing -= 1;
             return Some(self.block(i, 0));
         }
@@ -454,6 +473,7 @@ impl Picker {
             for b in bs {
                 self.unask(*k, *b);
             }
+            self.orphan(*k);
         }
         out
     }
@@ -502,13 +522,21 @@ mod tests {
         // The first four are one piece, then a second piece starts.
         assert!(r[..4].iter().all(|b| b.piece == r[0].piece));
         assert_ne!(r[4].piece, r[0].piece);
-        // A second peer joins the unfinished second piece before starting a third.
+        // A second peer starts its own piece: the unfinished one is peer 1's.
         p.add_peer(2);
         p.bitfield(2, all(8));
         p.choked(2, false);
         let r2 = p.next_requests(2, 1, now, &mut rng());
-        assert_eq!(r2[0].piece, r[4].piece);
-        assert_eq!(r2[0].begin, 2 * BLOCK);
+        assert!(r2[0].piece != r[4].piece && r2[0].piece != r[0].piece && r2[0].begin == 0, "{r2:?}");
+        // Peer 1 continues its own piece first.
+        let r1 = p.next_requests(1, 7, now, &mut rng());
+        assert_eq!((r1[0].piece, r1[0].begin), (r[4].piece, 2 * BLOCK));
+        // Once peer 1 leaves, peer 2 takes over its unfinished pieces before new ones.
+        p.remove_peer(1);
+        let started = [r[0].piece, r[4].piece, r2[0].piece];
+        let more = p.next_requests(2, 4, now, &mut rng());
+        assert_eq!(more.len(), 3);
+        assert!(more.iter().all(|b| started.contains(&b.piece)), "{more:?}");
     }
 
     #[test]

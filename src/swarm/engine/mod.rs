@@ -286,7 +286,7 @@ impl Engine {
         for b in &mut peer_id[8..] {
             *b = b"0123456789abcdefghijklmnopqrstuvwxyz"[rand::random_range(0..36)];
         }
-        let picker = Picker::new(meta.piece_len, meta.total, &have);
+        let mut picker = Picker::new(meta.piece_len, meta.total, &have);
         let mut known = HashMap::new();
         for p in &opts.peers {
             known.insert(*p, Known::default());
@@ -295,6 +295,9 @@ impl Engine {
             IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
             _ => None,
         };
+        if let Some(ip) = own {
+            picker.set_own_order(u32::from(ip));
+        }
         let sh = Arc::new(Shared {
             file,
             path: path.to_owned(),
@@ -629,6 +632,9 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
         let key = st.next_key;
         st.next_key += 1;
         st.picker.add_peer(key);
+        if let IpAddr::V4(ip) = addr.ip() {
+            st.picker.set_order(key, u32::from(ip));
+        }
         st.ip_of.insert(key, addr.ip());
         if st.picker.have_count() > 0 {
             let _ = tx.send(Out::Frame(Msg::Bitfield(wire::bitfield(&st.picker.have_flags())).encode()));
@@ -835,6 +841,10 @@ async fn verify(sh: Arc<Shared>, piece: u32) {
     let mut st = sh.lock();
     let senders = st.picker.verified(piece, ok);
     if ok {
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let from: Vec<IpAddr> = senders.iter().filter_map(|k| st.ip_of.get(k).copied()).collect();
+            tracing::trace!(piece, ?from, "piece verified");
+        }
         let have = Msg::Have(piece).encode();
         for c in st.conns.values() {
             let _ = c.tx.send(Out::Frame(have.clone()));

@@ -70,6 +70,7 @@ struct PeerView {
     count: u32,
     choked: bool,
     asked: Vec<(Block, Instant)>,
+    order: Option<u32>,
 }
 
 /// What a received block means.
@@ -98,6 +99,7 @@ pub struct Picker {
     missing: u32,
     peers: HashMap<PeerKey, PeerView>,
     window: Option<(u32, u32)>,
+    own_order: Option<u32>,
 }
 
 impl Picker {
@@ -114,6 +116,7 @@ impl Picker {
             pieces,
             peers: HashMap::new(),
             window: None,
+            own_order: None,
         }
     }
 
@@ -175,7 +178,43 @@ impl Picker {
     /// A new connection (choked until it unchokes us, no pieces until its bitfield).
     pub fn add_peer(&mut self, k: PeerKey) {
         let n = self.pieces.len();
-        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new() });
+        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new(), order: None });
+    }
+
+    /// Places the peer in the order that shares out the seed's pieces (its IPv4 address).
+    pub fn set_order(&mut self, k: PeerKey, order: u32) {
+        if let Some(p) = self.peers.get_mut(&k) {
+            p.order = Some(order);
+        }
+    }
+
+    /// Our own place in that order. With it, a seed (a peer with every piece) is asked first
+    /// for our share of the pieces: those whose index is our rank modulo the number of
+    /// downloading peers we know (ordered peers without every piece, and us). Nodes starting
+    /// together then fetch disjoint pieces from the seed instead of colliding on the same
+    /// rare pieces (a piece in flight is invisible until its HAVE), so the seed's upload
+    /// carries new data; once our share is done, any rarest piece.
+    pub fn set_own_order(&mut self, order: u32) {
+        self.own_order = Some(order);
+    }
+
+    /// (our rank, downloading peers including us) when shares apply.
+    fn share(&self) -> Option<(usize, usize)> {
+        let me = self.own_order?;
+        let n = self.len();
+        let mut rank = 0;
+        let mut m = 1;
+        for p in self.peers.values() {
+            if let Some(o) = p.order {
+                if p.count < n {
+                    m += 1;
+                    if o < me {
+                        rank += 1;
+                    }
+                }
+            }
+        }
+        (m > 1).then_some((rank, m))
     }
 
     /// A connection ended: its pieces leave the availability counts and its asked blocks are
@@ -339,12 +378,20 @@ impl Picker {
             chosen = (from..from.saturating_add(w).min(n as u32))
                 .find(|i| matches!(self.pieces[*i as usize], Ps::Missing) && self.peer_has(k, *i as usize));
         }
-        // 3. Rarest first, from a random starting point.
-        if chosen.is_none() && self.missing > 0 && n > 0 {
+        // 3. Rarest first, from a random starting point; from a seed, our share first.
+        let share = if self.is_seed(k) { self.share() } else { None };
+        for only_share in [true, false] {
+            if chosen.is_some() || self.missing == 0 || n == 0 || (only_share && share.is_none()) {
+                continue;
+            }
             let start = rng.random_range(0..n);
             let mut best: Option<(usize, u16)> = None;
             for j in 0..n {
                 let i = (start + j) % n;
+                // Our share: pieces only the seed has.
+                if only_share && (share.is_some_and(|(r, m)| i % m != r) || self.avail[i] > 1) {
+                    continue;
+                }
                 if matches!(self.pieces[i], Ps::Missing) && self.peer_has(k, i) && best.is_none_or(|(_, a)| self.avail[i] < a) {
                     best = Some((i, self.avail[i]));
                     if self.avail[i] <= 1 {
@@ -420,7 +467,7 @@ impl Picker {
     }
 
     /// The hash check of a complete piece: on success it is ours; on failure it is missing
-    /// again and the peers that sent its blocks are returned (to be distrusted).
+    /// again. Returns the peers that sent its blocks (on failure: to be distrusted).
     pub fn verified(&mut self, piece: u32, ok: bool) -> Vec<PeerKey> {
         let Some(slot) = self.pieces.get_mut(piece as usize) else { return Vec::new() };
         let from = match std::mem::replace(slot, if ok { Ps::Have } else { Ps::Missing }) {
@@ -432,7 +479,7 @@ impl Picker {
         };
         if ok {
             self.have_count += 1;
-            Vec::new()
+            from
         } else {
             self.missing += 1;
             from
@@ -572,6 +619,26 @@ mod tests {
     }
 
     #[test]
+    fn from_a_seed_each_node_takes_its_share_first() {
+        let n = 12;
+        let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
+        p.set_own_order(20);
+        // The seed (every piece), and two downloading peers ordered before and after us.
+        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n]), (3, 30, vec![false; n])] {
+            p.add_peer(k);
+            p.set_order(k, order);
+            p.bitfield(k, bits);
+            p.choked(k, false);
+        }
+        // Rank 1 of 3: pieces 1, 4, 7, 10 first, then the others.
+        let r = p.next_requests(1, 4 * 6, Instant::now(), &mut rng());
+        let mut first: Vec<u32> = r[..16].iter().step_by(4).map(|b| b.piece).collect();
+        first.sort();
+        assert_eq!(first, vec![1, 4, 7, 10]);
+        assert!(r[16..].iter().all(|b| b.piece % 3 != 1));
+    }
+
+    #[test]
     fn blocks_complete_verify_and_a_bad_piece_names_its_senders() {
         let mut p = Picker::new(PL, PL as u64, &[false]);
         p.add_peer(1);
@@ -594,7 +661,7 @@ mod tests {
         for b in &r {
             p.got(1, 0, b.begin, BLOCK as usize);
         }
-        assert!(p.verified(0, true).is_empty());
+        assert_eq!(p.verified(0, true), vec![1]);
         assert!(p.complete());
         assert_eq!(p.have_bytes(), PL as u64);
         assert!(!p.interested(1));

@@ -71,6 +71,8 @@ struct PeerView {
     choked: bool,
     asked: Vec<(Block, Instant)>,
     order: Option<u32>,
+    /// It had every piece when it joined (a seed, not a downloading peer with a share).
+    joined_complete: bool,
 }
 
 /// What a received block means.
@@ -178,7 +180,7 @@ impl Picker {
     /// A new connection (choked until it unchokes us, no pieces until its bitfield).
     pub fn add_peer(&mut self, k: PeerKey) {
         let n = self.pieces.len();
-        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new(), order: None });
+        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new(), order: None, joined_complete: false });
     }
 
     /// Places the peer in the order that shares out the seed's pieces (its IPv4 address).
@@ -198,15 +200,15 @@ impl Picker {
         self.own_order = Some(order);
     }
 
-    /// (our rank, downloading peers including us) when shares apply.
+    /// (our rank, downloading peers including us) when shares apply. Peers that finish stay
+    /// in the count (the shares do not move under the nodes still fetching theirs).
     fn share(&self) -> Option<(usize, usize)> {
         let me = self.own_order?;
-        let n = self.len();
         let mut rank = 0;
         let mut m = 1;
         for p in self.peers.values() {
             if let Some(o) = p.order {
-                if p.count < n {
+                if !p.joined_complete {
                     m += 1;
                     if o < me {
                         rank += 1;
@@ -267,7 +269,11 @@ impl Picker {
                 _ => {}
             }
         }
-        p.count = bits.iter().filter(|b| **b).count() as u32;
+        let count = bits.iter().filter(|b| **b).count() as u32;
+        if p.count == 0 && count == bits.len() as u32 {
+            p.joined_complete = true;
+        }
+        p.count = count;
         p.has = bits;
         self.interested(k)
     }
@@ -383,6 +389,21 @@ impl Picker {
         for only_share in [true, false] {
             if chosen.is_some() || self.missing == 0 || n == 0 || (only_share && share.is_none()) {
                 continue;
+            }
+            // After our share, from a seed: the pieces still only on the seed (their node is
+            // slow or starved), each helper at its own place in that list (rank / peers), so
+            // helpers spread out instead of all fetching the same last pieces.
+            if !only_share {
+                if let Some((r, m)) = share {
+                    let left: Vec<u32> = (0..n)
+                        .filter(|i| matches!(self.pieces[*i], Ps::Missing) && self.avail[*i] <= 1 && self.peer_has(k, *i))
+                        .map(|i| i as u32)
+                        .collect();
+                    if !left.is_empty() {
+                        chosen = Some(left[r * left.len() / m]);
+                        continue;
+                    }
+                }
             }
             let start = rng.random_range(0..n);
             let mut best: Option<(usize, u16)> = None;

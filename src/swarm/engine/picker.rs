@@ -399,8 +399,16 @@ impl Picker {
                         .filter(|i| matches!(self.pieces[*i], Ps::Missing) && self.avail[*i] <= 1 && self.peer_has(k, *i))
                         .map(|i| i as u32)
                         .collect();
-                    if !left.is_empty() {
-                        chosen = Some(left[r * left.len() / m]);
+                    // When fewer pieces are left than helpers, only the first helper placed on
+                    // each piece takes it: a piece fetched by every helper at once would share
+                    // the seed's upload many ways, and the swarm passes it on anyway.
+                    let len = left.len();
+                    let pos = r * len / m;
+                    if len > 0 && r == (pos * m).div_ceil(len) {
+                        chosen = Some(left[pos]);
+                        continue;
+                    }
+                    if len > 0 {
                         continue;
                     }
                 }

@@ -50,7 +50,9 @@ fn fetch(a: si_appliance::cli::FetchArgs) -> anyhow::Result<()> {
         progress_every: a.progress_every.max(std::time::Duration::from_millis(100)),
         timeout: a.timeout,
     };
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    // One thread: the engine's work is short bursts under one lock, and many fetches share a
+    // machine in the benchmark (measured: less CPU per client than the multi-thread runtime).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     let report = rt.block_on(async {
         let token = tokio_util::sync::CancellationToken::new();
         let t = token.clone();

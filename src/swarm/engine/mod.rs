@@ -854,9 +854,13 @@ async fn verify(sh: Arc<Shared>, piece: u32) {
             let from: Vec<IpAddr> = senders.iter().filter_map(|k| st.ip_of.get(k).copied()).collect();
             tracing::trace!(piece, ?from, "piece verified");
         }
+        // HAVE only to peers that lack the piece (those that have it never ask for it; half
+        // the small packets of a swarm that spreads pieces rarest-first).
         let have = Msg::Have(piece).encode();
-        for c in st.conns.values() {
-            let _ = c.tx.send(Out::Frame(have.clone()));
+        for (k, c) in &st.conns {
+            if !st.picker.peer_has_piece(*k, piece) {
+                let _ = c.tx.send(Out::Frame(have.clone()));
+            }
         }
         if st.picker.complete() {
             info!(torrent = %sh.opts.label, bytes = sh.meta.total, "every piece verified");

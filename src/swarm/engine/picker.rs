@@ -357,6 +357,11 @@ impl Picker {
         self.peers.get(&k).is_some_and(|p| p.has[i])
     }
 
+    /// Whether peer `k` announced piece `i`.
+    pub fn peer_has_piece(&self, k: PeerKey, i: u32) -> bool {
+        self.peers.get(&k).is_some_and(|p| p.has.get(i as usize).copied().unwrap_or(false))
+    }
+
     fn pick(&mut self, k: PeerKey, rng: &mut impl Rng) -> Option<Block> {
         let n = self.pieces.len();
         // 1. A free block of a piece in progress that this peer started, or whose starter is

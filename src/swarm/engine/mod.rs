@@ -990,9 +990,12 @@ struct AnnounceReply {
 
 async fn announce(sh: &Shared, tracker: SocketAddr, event: &str) -> Result<Duration, String> {
     use percent_encoding::{NON_ALPHANUMERIC, percent_encode};
+    // `downloaded` is the verified bytes (the monitor reads it as the node's progress), not the
+    // raw count with endgame duplicates and failed pieces.
     let (left, uploaded, downloaded) = {
         let st = sh.lock();
-        (sh.meta.total - st.picker.have_bytes(), sh.uploaded.load(Ordering::Relaxed), sh.downloaded.load(Ordering::Relaxed))
+        let have = st.picker.have_bytes();
+        (sh.meta.total - have, sh.uploaded.load(Ordering::Relaxed), have)
     };
     let mut path = format!(
         "/announce?info_hash={}&peer_id={}&port={}&uploaded={uploaded}&downloaded={downloaded}&left={left}&compact=1&numwant={MAX_CONNS}",

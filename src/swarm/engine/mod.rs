@@ -420,6 +420,14 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    /// An engine dropped without [`Engine::stop`] (an error path) still ends its tasks and
+    /// connections.
+    fn drop(&mut self) {
+        self.sh.cancel.cancel();
+    }
+}
+
 /// See [`Engine::reader`].
 pub struct Reader {
     sh: Arc<Shared>,

@@ -143,6 +143,10 @@ pub struct TorrentInfo {
     pub file_name: String,
     /// Its length.
     pub size: u64,
+    /// Piece length.
+    pub piece_len: u32,
+    /// SHA-1 of every piece (as many as the length needs).
+    pub hashes: Vec<[u8; 20]>,
 }
 
 /// Parses torrent bytes: a single-file v1 torrent whose name is one plain path component.
@@ -162,7 +166,14 @@ pub fn torrent_info(bytes: &[u8]) -> Result<TorrentInfo, String> {
     if !matches!((comps.next(), comps.next()), (Some(Component::Normal(_)), None)) {
         return Err(format!("name {file_name:?} is not a plain file name"));
     }
-    Ok(TorrentInfo { info_hash: InfoHash(t.info_hash.0), file_name, size })
+    let pieces: &[u8] = info.pieces.as_ref();
+    let piece_len = info.piece_length;
+    let n = if piece_len == 0 { 0 } else { size.div_ceil(piece_len as u64) };
+    if piece_len == 0 || pieces.len() as u64 != n * 20 {
+        return Err(format!("{} bytes of piece hashes for {size} bytes in pieces of {piece_len}", pieces.len()));
+    }
+    let hashes = pieces.chunks_exact(20).map(|c| c.try_into().unwrap_or([0; 20])).collect();
+    Ok(TorrentInfo { info_hash: InfoHash(t.info_hash.0), file_name, size, piece_len, hashes })
 }
 
 /// The image name of an archive: its file name less `.tar.zst` (or the whole file name).

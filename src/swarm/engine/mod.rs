@@ -115,18 +115,7 @@ impl Meta {
     /// [`EngineError::Torrent`].
     pub fn from_torrent(bytes: &[u8]) -> Result<Meta, EngineError> {
         let ti = super::seed::torrent_info(bytes).map_err(EngineError::Torrent)?;
-        let t = librqbit::torrent_from_bytes(bytes).map_err(|e| EngineError::Torrent(format!("not a torrent: {e}")))?;
-        let pieces: &[u8] = t.info.data.pieces.as_ref();
-        let piece_len = t.info.data.piece_length;
-        if pieces.len() % 20 != 0 || piece_len == 0 {
-            return Err(EngineError::Torrent(format!("piece length {piece_len} or hash list of {} bytes", pieces.len())));
-        }
-        let n = ti.size.div_ceil(piece_len as u64);
-        if pieces.len() as u64 != n * 20 {
-            return Err(EngineError::Torrent(format!("{} piece hashes for {n} pieces", pieces.len() / 20)));
-        }
-        let hashes = pieces.chunks_exact(20).map(|c| c.try_into().unwrap_or([0; 20])).collect();
-        Ok(Meta { info_hash: ti.info_hash.0, piece_len, total: ti.size, hashes, file_name: ti.file_name })
+        Ok(Meta { info_hash: ti.info_hash.0, piece_len: ti.piece_len, total: ti.size, hashes: ti.hashes, file_name: ti.file_name })
     }
 }
 
@@ -156,8 +145,6 @@ pub struct EngineStats {
     pub total: u64,
     /// Block bytes sent to peers.
     pub uploaded: u64,
-    /// Block bytes received (including discarded duplicates and bad pieces).
-    pub downloaded: u64,
     /// Connected peers.
     pub peers: u32,
     /// Every piece verified.
@@ -221,7 +208,6 @@ struct Shared {
     /// Bumped on every verified piece and on a fatal error (readers and waiters watch it).
     changes: watch::Sender<u64>,
     uploaded: AtomicU64,
-    downloaded: AtomicU64,
     cancel: CancellationToken,
 }
 
@@ -327,7 +313,6 @@ impl Engine {
             }),
             changes: watch::channel(0).0,
             uploaded: AtomicU64::new(0),
-            downloaded: AtomicU64::new(0),
             cancel: token.child_token(),
             meta,
             opts,
@@ -351,18 +336,12 @@ impl Engine {
             have: st.picker.have_bytes(),
             total: self.sh.meta.total,
             uploaded: self.sh.uploaded.load(Ordering::Relaxed),
-            downloaded: self.sh.downloaded.load(Ordering::Relaxed),
             peers: st.conns.len() as u32,
             finished: st.picker.complete(),
             error: st.error.clone(),
             hash_failures: st.hash_failures,
             banned: st.banned.len() as u32,
         }
-    }
-
-    /// The torrent's description.
-    pub fn meta(&self) -> &Meta {
-        &self.sh.meta
     }
 
     /// The port peers connect to.
@@ -730,11 +709,7 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
                 plan(&mut st, key, depth);
             }
             Msg::Request { piece, begin, len } => {
-                let ok = st.picker.has(piece)
-                    && len > 0
-                    && len <= wire::MAX_REQUEST
-                    && begin as u64 + len as u64 <= st.picker.piece_size(piece) as u64;
-                if !ok {
+                if !st.picker.can_serve(piece, begin, len) {
                     debug!(key, piece, begin, len, "request for what we do not have: ignored");
                     continue;
                 }
@@ -746,7 +721,6 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
                 }
             }
             Msg::Piece { piece, begin, data } => {
-                sh.downloaded.fetch_add(data.len() as u64, Ordering::Relaxed);
                 match st.picker.got(key, piece, begin, data.len()) {
                     Got::Unexpected => {}
                     Got::Take { complete, cancel } => {

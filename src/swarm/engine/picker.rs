@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::wire::BLOCK;
+use super::wire::{BLOCK, MAX_REQUEST};
 
 /// A connection's key (unique for the engine's life).
 pub type PeerKey = u64;
@@ -155,6 +155,12 @@ impl Picker {
     /// Whether piece `i` is verified.
     pub fn has(&self, i: u32) -> bool {
         matches!(self.pieces.get(i as usize), Some(Ps::Have))
+    }
+
+    /// Whether a peer's request is for bytes we have verified, within one piece and at most
+    /// [`MAX_REQUEST`] long.
+    pub fn can_serve(&self, piece: u32, begin: u32, len: u32) -> bool {
+        self.has(piece) && len > 0 && len <= MAX_REQUEST && begin as u64 + len as u64 <= self.piece_size(piece) as u64
     }
 
     /// Verified pieces as flags.
@@ -779,6 +785,18 @@ mod tests {
         p.set_window(5, 2);
         let r = p.next_requests(1, 8, Instant::now(), &mut rng());
         assert!(r[..4].iter().all(|b| b.piece == 5) && r[4..].iter().all(|b| b.piece == 6), "{r:?}");
+    }
+
+    #[test]
+    fn only_verified_bytes_within_a_piece_are_served() {
+        let mut p = Picker::new(PL, PL as u64 + 100, &[true, false]);
+        assert!(p.can_serve(0, 0, BLOCK) && p.can_serve(0, PL - 10, 10));
+        assert!(!p.can_serve(0, PL - 10, 11), "past the piece");
+        assert!(!p.can_serve(0, 0, 0) && !p.can_serve(0, 0, MAX_REQUEST + 1));
+        assert!(!p.can_serve(1, 0, 10), "not verified");
+        assert!(!p.can_serve(2, 0, 10), "no such piece");
+        p.add_peer(1);
+        assert!(!p.can_serve(u32::MAX, 0, 1));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 # Shared by the pxe-assets build scripts (sourced, not run): Debian packages through apt only.
 # The caller defines `say` and `die`; the kernel functions use $meta (a linux-image meta-package)
 # and $cache (where .deb files are kept) and set $pkg, $ver and $deb.
+. "$(dirname "${BASH_SOURCE[0]}")/cache-lib.sh"
 
 # Installs the packages that are missing; refreshes stale package lists and retries once.
 apt_ensure() {
@@ -38,20 +39,35 @@ resolve_kernel_deb() {
   [ -n "$pkg" ] && [ -n "$ver" ] || die "cannot resolve the package behind $meta"
 }
 
-# Downloads $deb unless it is there (call with the output lock held). Stale package lists name a
-# version the mirror no longer has: then the lists are refreshed once and the download retried.
+# Downloads $deb unless a good copy is there (its SHA256 checked against apt's lists). One
+# download at a time per cache directory ($cache/.lock, on file descriptor 8, released at the
+# end); each download goes to a private directory and is renamed into place when it is whole.
+# Stale package lists name a version the mirror no longer has: then the lists are refreshed once
+# and the download retried.
 download_kernel_deb() {
   _download() {
+    local t
+    t=$(mktemp -d "$cache/.download.XXXXXX")
     say "downloading $pkg $ver into $cache"
-    (cd "$cache" && apt-get download "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+    (cd "$t" && apt-get download "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+    local got=("$t"/*.deb)
+    [ -s "${got[0]}" ] && mv "${got[0]}" "$deb"
+    rm -rf "$t"
   }
-  [ -s "$deb" ] && return 0
-  _download
-  if [ ! -s "$deb" ]; then
-    say "download failed: apt-get update and retry"
-    apt-get update -q >&2
-    resolve_kernel_deb
-    [ -s "$deb" ] || _download
+  mkdir -p "$cache"
+  exec 8>"$cache/.lock"
+  flock -w 900 8 || die "timed out waiting for $cache/.lock"
+  if ! deb_valid "$deb" "$pkg" "$ver"; then
+    # Holding the lock, a private download directory that is still there belongs to a dead run.
+    rm -rf "$cache"/.download.*
+    _download
+    if ! deb_valid "$deb" "$pkg" "$ver"; then
+      say "download failed: apt-get update and retry"
+      apt-get update -q >&2
+      resolve_kernel_deb
+      deb_valid "$deb" "$pkg" "$ver" || _download
+    fi
+    deb_valid "$deb" "$pkg" "$ver" || die "apt-get download $pkg=$ver produced no valid $deb"
   fi
-  [ -s "$deb" ] || die "apt-get download $pkg=$ver produced no $deb"
+  exec 8>&-
 }

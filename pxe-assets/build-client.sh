@@ -11,11 +11,12 @@
 #                      /init that loads drivers by modalias, brings up the NIC named by si.mac,
 #                      runs udhcpc and then `si-appliance install` (a shell on failure).
 #
-# Usage: pxe-assets/build-client.sh [OUTDIR]      (default /var/cache/si-appliance/client-boot)
+# Usage: pxe-assets/build-client.sh [OUTDIR]      (default $SI_CACHE/client-boot; SI_CACHE is
+#        /var/cache/si-appliance unless set, see pxe-assets/cache-lib.sh)
 #   SI_APPLIANCE_BIN  the installer binary (default
 #                     $CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/si-appliance); it must
 #                     be statically linked (.cargo/config.toml builds it with crt-static)
-#   SI_DEB_CACHE      where downloaded .deb files are kept (default /var/cache/si-appliance/debs)
+#   SI_DEB_CACHE      where downloaded .deb files are kept (default $SI_CACHE/debs)
 #   SI_KERNEL_PKG     meta-package naming the kernel (default linux-image-amd64)
 #   SI_INITRD_COMP    zstd (default) or xz
 #
@@ -24,17 +25,20 @@
 # every copied binary, the installer, this script) nothing is rebuilt. Must run as root (apt,
 # mknod). Prints the two sizes at the end.
 set -euo pipefail
+# One block, parsed before it runs: editing this file while a build runs cannot change it.
+{
 
-out=${1:-/var/cache/si-appliance/client-boot}
-cache=${SI_DEB_CACHE:-/var/cache/si-appliance/debs}
-meta=${SI_KERNEL_PKG:-linux-image-amd64}
-comp=${SI_INITRD_COMP:-zstd}
-target_dir=${CARGO_TARGET_DIR:-/var/cache/si-appliance/cargo-target}
-installer=${SI_APPLIANCE_BIN:-$target_dir/x86_64-unknown-linux-gnu/release/si-appliance}
 self=$(readlink -f "$0")
-
 say() { echo "build-client: $*" >&2; }
 die() { say "error: $*"; exit 1; }
+. "$(dirname "$self")/cache-lib.sh"
+
+out=${1:-$SI_CACHE/client-boot}
+cache=${SI_DEB_CACHE:-$SI_CACHE/debs}
+meta=${SI_KERNEL_PKG:-linux-image-amd64}
+comp=${SI_INITRD_COMP:-zstd}
+target_dir=${CARGO_TARGET_DIR:-$SI_CACHE/cargo-target}
+installer=${SI_APPLIANCE_BIN:-$target_dir/x86_64-unknown-linux-gnu/release/si-appliance}
 
 [ "$(id -u)" = 0 ] || die "run as root (apt, mknod)"
 [ -x "$installer" ] || die "no installer binary at $installer (cargo build --release, or set SI_APPLIANCE_BIN)"
@@ -50,8 +54,7 @@ apt_ensure busybox-static cpio zstd xz-utils kmod file binutils util-linux fdisk
 resolve_kernel_deb
 
 mkdir -p "$cache" "$out"
-exec 9>"$out/.lock"
-flock -w 900 9 || die "timed out waiting for $out/.lock"
+cache_lock "$out/build" 900
 download_kernel_deb
 
 # What goes in. Modules: NICs (virtio, Intel, Broadcom), disk controllers (virtio, AHCI, NVMe,
@@ -73,12 +76,16 @@ for t in "$busybox" "${tools[@]}"; do [ -x "$t" ] || die "$t missing"; done
 [ -s /etc/ssl/certs/ca-certificates.crt ] || die "/etc/ssl/certs/ca-certificates.crt missing (package ca-certificates)"
 
 stamp="$(stat -c "%n %s %Y" "$deb") $comp $(sha256sum "$self" /etc/ssl/certs/ca-certificates.crt "$(dirname "$self")/client-init.sh" "$(dirname "$self")/client-udhcpc.sh" "$busybox" "${tools[@]}" "$installer" | awk '{print $1}' | tr '\n' ' ')"
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$(cat "$out/.inputs" 2>/dev/null)" = "$stamp" ]; then
+if [ "$(cat "$out/.inputs" 2>/dev/null)" = "$stamp" ] && cache_files_valid "$out/.sha256"; then
   say "up to date ($pkg $ver)"
 else
   started=$(date +%s.%N)
-  work=$(mktemp -d)
+  # Scratch space beside the outputs; holding the lock, an old one belongs to a dead run.
+  rm -rf "$out"/.work.*
+  work=$(mktemp -d "$out/.work.XXXXXX")
   trap 'rm -rf "$work"' EXIT
+  trap 'say "interrupted"; exit 143' TERM
+  trap 'say "interrupted"; exit 130' INT
   dpkg-deb -x "$deb" "$work/deb"
   kernel=$(ls "$work"/deb/boot/vmlinuz-* | head -n1)
   config=$(ls "$work"/deb/boot/config-* | head -n1)
@@ -164,9 +171,12 @@ else
   "${compress[@]}" "$work/initrd.cpio" > "$work/initrd.img"
   unpacked=$(stat -c %s "$work/initrd.cpio")
 
+  # The stamp goes first and comes back last: outputs replaced half-way are never reused.
+  rm -f "$out/.inputs" "$out/.sha256"
   install -m 644 "$kernel" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
   install -m 644 "$work/initrd.img" "$out/initrd.img.tmp" && mv "$out/initrd.img.tmp" "$out/initrd.img"
   printf '%s %s initrd=%s unpacked=%s modules=%s\n' "$pkg" "$ver" "$comp" "$unpacked" "${#seen[@]}" > "$out/VERSION"
+  (cd "$out" && sha256sum vmlinuz initrd.img) > "$out/.sha256"
   printf '%s' "$stamp" > "$out/.inputs"
   say "built from $pkg $ver in $(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s: ${#seen[@]} modules, initramfs $comp, $unpacked bytes unpacked"
 fi
@@ -175,3 +185,5 @@ k=$(stat -c %s "$out/vmlinuz"); i=$(stat -c %s "$out/initrd.img")
 printf '%-10s %9d bytes  %s\n' vmlinuz "$k" "$out/vmlinuz"
 printf '%-10s %9d bytes  %s\n' initrd.img "$i" "$out/initrd.img"
 printf '%-10s %9d bytes  (%.1f MiB; target <= 40 MiB)\n' total "$((k + i))" "$(awk -v t=$((k + i)) 'BEGIN{print t/1048576}')"
+exit
+}

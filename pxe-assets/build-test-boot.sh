@@ -5,8 +5,8 @@
 #   OUTDIR/initrd.img  a tiny busybox initramfs whose /init prints a marker line and the kernel
 #                      command line to the console, then powers off
 #
-# Usage: pxe-assets/build-test-boot.sh OUTDIR
-#   SI_DEB_CACHE   where downloaded .deb files are kept (default /var/cache/si-appliance/debs)
+# Usage: pxe-assets/build-test-boot.sh [OUTDIR]   (default $SI_CACHE/test-boot)
+#   SI_DEB_CACHE   where downloaded .deb files are kept (default $SI_CACHE/debs)
 #   SI_KERNEL_PKG  meta-package that names the kernel (default linux-image-cloud-amd64)
 #
 # The kernel package is fetched with `apt-get download` and unpacked with `dpkg-deb`; it is never
@@ -14,15 +14,18 @@
 # inputs (kernel .deb, busybox binary, this script), nothing is rebuilt. Must run as root (it
 # installs missing build tools through apt and creates the /dev/console node of the cpio).
 set -euo pipefail
+# One block, parsed before it runs: editing this file while a build runs cannot change it.
+{
 
 MARKER="SI-APPLIANCE-INITRD-OK"
-out=${1:?usage: $0 OUTDIR}
-cache=${SI_DEB_CACHE:-/var/cache/si-appliance/debs}
-meta=${SI_KERNEL_PKG:-linux-image-cloud-amd64}
 self=$(readlink -f "$0")
-
 say() { echo "build-test-boot: $*" >&2; }
 die() { say "error: $*"; exit 1; }
+. "$(dirname "$self")/cache-lib.sh"
+
+out=${1:-$SI_CACHE/test-boot}
+cache=${SI_DEB_CACHE:-$SI_CACHE/debs}
+meta=${SI_KERNEL_PKG:-linux-image-cloud-amd64}
 
 [ "$(id -u)" = 0 ] || die "run as root (apt, mknod)"
 
@@ -34,19 +37,22 @@ resolve_kernel_deb
 
 mkdir -p "$cache" "$out"
 # One build at a time per output directory (tests may call this concurrently).
-exec 9>"$out/.lock"
-flock -w 600 9 || die "timed out waiting for $out/.lock"
+cache_lock "$out/build" 600
 download_kernel_deb
 
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "$busybox missing (package busybox-static)"
 
 stamp="$(stat -c "%n %s %Y" "$deb") $(sha256sum "$busybox" "$self" | awk "{print \$1}" | tr "\n" " ")$MARKER"
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$(cat "$out/.inputs" 2>/dev/null)" = "$stamp" ]; then
+if [ "$(cat "$out/.inputs" 2>/dev/null)" = "$stamp" ] && cache_files_valid "$out/.sha256"; then
   say "up to date ($pkg $ver)"
 else
-  work=$(mktemp -d)
+  # Scratch space beside the outputs; holding the lock, an old one belongs to a dead run.
+  rm -rf "$out"/.work.*
+  work=$(mktemp -d "$out/.work.XXXXXX")
   trap 'rm -rf "$work"' EXIT
+  trap 'say "interrupted"; exit 143' TERM
+  trap 'say "interrupted"; exit 130' INT
 
   # Kernel: unpack the package into a scratch dir and take boot/vmlinuz-*.
   dpkg-deb -x "$deb" "$work/deb"
@@ -88,9 +94,12 @@ INIT
   (cd "$root" && find . -mindepth 1 | LC_ALL=C sort \
      | cpio --quiet -o -H newc -R 0:0 --reproducible) | "${compress[@]}" > "$work/initrd.img"
 
+  # The stamp goes first and comes back last: outputs replaced half-way are never reused.
+  rm -f "$out/.inputs" "$out/.sha256"
   install -m 644 "$kernel" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
   install -m 644 "$work/initrd.img" "$out/initrd.img.tmp" && mv "$out/initrd.img.tmp" "$out/initrd.img"
   printf '%s %s %s\n' "$pkg" "$ver" "$comp" > "$out/VERSION"
+  (cd "$out" && sha256sum vmlinuz initrd.img) > "$out/.sha256"
   printf '%s' "$stamp" > "$out/.inputs"
   say "built from $pkg $ver (initramfs: $comp)"
 fi
@@ -98,3 +107,5 @@ fi
 for f in vmlinuz initrd.img; do
   printf '%-10s %9d bytes  %s\n' "$f" "$(stat -c %s "$out/$f")" "$out/$f"
 done
+exit
+}

@@ -25,7 +25,12 @@
 #   LAB_DIR=…          logs, disks, state (default /tmp/si-lab.<pid>; kept when LAB_KEEP=1)
 #   LAB_HOLD=1         keep the lab running after the table until Ctrl-C (to look around)
 #   LAB_SMALL_DISK=N   give VM number N a 64 MiB disk (the "disk too small" fault)
-#   CARGO_TARGET_DIR   the release build (default /var/cache/si-appliance/cargo-target)
+#   SI_CACHE, SI_TEST_CACHE  the cache roots (default /var/cache/si-appliance and
+#                      /var/cache/si-appliance-test; pxe-assets/cache-lib.sh)
+#   SI_COLD=1          as a machine that never saw the project: every cache (cargo target and
+#                      registry, .debs, boot files, demo tree, lab store) in a new empty
+#                      directory, removed at the end unless LAB_KEEP=1
+#   CARGO_TARGET_DIR   the release build (default $SI_CACHE/cargo-target)
 #   SI_APPLIANCE_BIN   use this binary (appliance and installer) instead of building one
 set -euo pipefail
 # The whole script is one block, parsed before it runs: editing this file during a run (a lab runs
@@ -42,16 +47,25 @@ labdir=${LAB_DIR:-/tmp/si-lab.$$}
 image=demo
 net=10.77.0
 server=$net.1
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/si-appliance/cargo-target}
+cold=
+if [ "${SI_COLD:-0}" = 1 ]; then
+  cold=$(mktemp -d /var/tmp/si-lab-cold.XXXXXX)
+  export SI_CACHE=$cold/cache SI_TEST_CACHE=$cold/test-cache
+  export CARGO_TARGET_DIR=$cold/cache/cargo-target CARGO_HOME=$cold/cargo-home
+  mkdir -p "$CARGO_HOME"
+fi
+say() { printf '%s lab: %s\n' "$(date +%T)" "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+. pxe-assets/cache-lib.sh
+export SI_CACHE SI_TEST_CACHE
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SI_CACHE/cargo-target}
 bin=$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/si-appliance
-client_dir=${LAB_CLIENT_DIR:-/var/cache/si-appliance/client-boot}
-demo_dir=${LAB_DEMO_DIR:-/var/cache/si-appliance-test/demo-bookworm}
-store=${LAB_STORE:-/var/cache/si-appliance-test/lab-store}
+client_dir=${LAB_CLIENT_DIR:-$SI_CACHE/client-boot}
+demo_dir=${LAB_DEMO_DIR:-$SI_TEST_CACHE/demo-bookworm}
+store=${LAB_STORE:-$SI_TEST_CACHE/lab-store}
 sw=sialab-$$-sw
 ap=sialab-$$-ap
 
-say() { printf '%s lab: %s\n' "$(date +%T)" "$*" >&2; }
-die() { say "error: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (namespaces, taps, apt)"
 [[ $vms =~ ^[0-9]+$ ]] && [ "$vms" -ge 1 ] && [ "$vms" -le 50 ] || die "LAB_VMS: 1..50"
 
@@ -71,6 +85,9 @@ cleanup() {
     say "logs kept in $labdir"
   else
     rm -rf "$labdir"
+  fi
+  if [ -n "$cold" ]; then
+    if [ "${LAB_KEEP:-0}" = 1 ]; then say "cold caches kept in $cold"; else cache_rm "$cold" || true; fi
   fi
   exit $rc
 }

@@ -11,46 +11,41 @@
 # on every Ethernet NIC through systemd-networkd, then trimmed (docs, man pages, locales, apt
 # lists and caches, host keys, machine-id).
 #
-# The mirror is the first Debian URI of this machine's apt sources. The result is cached: when
-# DIR.complete names this recipe's version nothing is done (built once per machine; bump RECIPE
-# when the recipe changes).
-# Built in DIR.tmp and renamed, so an interrupted run never leaves a half image at DIR. Bounded
-# by `timeout`. Must run as root.
+# The mirror is the first Debian URI of this machine's apt sources.
 #
-# Usage: qemu/make-demo-image.sh [DIR]   (default /var/cache/si-appliance-test/demo-bookworm)
+# Cached, and safe to call from parallel tests and labs (the rules are in
+# pxe-assets/cache-lib.sh): one build at a time under DIR.lock, a concurrent caller waits and
+# reuses the result; built in DIR.tmp and renamed into place; reused only when DIR.complete names
+# this recipe (bump RECIPE when the recipe changes) and the digest of the tree's listing still
+# matches; on any exit, SIGTERM and SIGINT included, what debootstrap mounted inside DIR.tmp is
+# unmounted and the partial tree removed. Packages are kept in
+# $SI_TEST_CACHE/debootstrap-debs/demo-<suite>. Bounded by `timeout`. Must run as root.
+#
+# Usage: qemu/make-demo-image.sh [DIR]          (default $SI_TEST_CACHE/demo-bookworm)
+#        qemu/make-demo-image.sh --check DIR    exit 0 when DIR is a valid finished build
 set -euo pipefail
-dir="${1:-/var/cache/si-appliance-test/demo-bookworm}"
+# One block, parsed before it runs: editing this file while a build runs cannot change it.
+{
+self=$(readlink -f "$0")
+say() { echo "make-demo-image: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+. "$(dirname "$self")/../pxe-assets/cache-lib.sh"
+
 suite="${SUITE:-bookworm}"
 limit="${DEBOOTSTRAP_TIMEOUT:-1200}"
 RECIPE="demo-1 $suite"
-stamp="$RECIPE"
-say() { echo "make-demo-image: $*" >&2; }
-
-[ "$(id -u)" = 0 ] || { say "run as root"; exit 1; }
-if [ "$(cat "$dir.complete" 2>/dev/null)" = "$stamp" ]; then
-  say "reusing $dir ($(du -sh --apparent-size "$dir" | cut -f1))"
-  exit 0
-fi
+keys="bin/sh usr/sbin/grub-install boot etc/default/grub etc/systemd/network/80-dhcp.network lib/systemd/systemd"
+cache_tree_start "$SI_TEST_CACHE/demo-bookworm" "$RECIPE" "$limit" "$keys" "$@"
 command -v debootstrap >/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >&2; }
-
-mirror="$(grep -hs -E '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
-  | grep -o -E 'https?://[^ ]*debian[^ ]*' | grep -v -- '-security' | head -n1 || true)"
-mirror="${mirror:-http://deb.debian.org/debian}"
-mkdir -p "$(dirname "$dir")"
-exec 9>"$dir.lock"
-flock -w "$limit" 9 || { say "timed out waiting for $dir.lock"; exit 1; }
-# Another run may have finished it while we waited for the lock.
-if [ "$(cat "$dir.complete" 2>/dev/null)" = "$stamp" ]; then
-  say "reusing $dir"; exit 0
-fi
-tmp="$dir.tmp"
-rm -rf "$tmp"
+debs="$SI_TEST_CACHE/debootstrap-debs/demo-$suite"
+mkdir -p "$debs"
+mirror=$(debian_mirror)
 start=$(date +%s)
 say "debootstrap $suite from $mirror into $tmp (timeout ${limit}s)"
-timeout --kill-after=30 "$limit" debootstrap --variant=minbase \
+cache_run_bounded "$limit" debootstrap --variant=minbase --cache-dir="$debs" \
   --include=linux-image-cloud-amd64,grub-pc,systemd-sysv,udev,e2fsprogs,openssh-server,iproute2 \
-  "$suite" "$tmp" "$mirror" >&2
+  "$suite" "$tmp" "$mirror" >&2 || die "debootstrap failed"
 
 # Serial console everywhere: GRUB on the serial port with no menu wait, the kernel on ttyS0
 # (systemd then starts a getty there: the login prompt shows the node's host name).
@@ -102,8 +97,7 @@ path-exclude=/usr/share/info/*
 path-exclude=/usr/share/locale/*
 DPKG
 
-rm -f "$dir.complete"
-rm -rf "$dir"
-mv "$tmp" "$dir"
-echo "$stamp" > "$dir.complete"
+cache_tree_commit "$tmp" "$dir" "$RECIPE"
 say "done in $(( $(date +%s) - start )) s: $dir ($(du -sh --apparent-size "$dir" | cut -f1))"
+exit
+}

@@ -10,6 +10,8 @@
 //! CPU and the write path, and load from other processes hits both sides alike).
 //! Run as root (the tree has root-owned files and device nodes).
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,12 +66,7 @@ fn fresh(dir: &Path) {
 }
 
 fn main() {
-    let tree = std::env::var_os("SI_BENCH_TREE").map(PathBuf::from).unwrap_or_else(|| {
-        let dir = PathBuf::from("/var/cache/si-appliance-test/bookworm-minbase");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-tests/make-debian-image.sh");
-        assert!(Command::new(&script).arg(&dir).status().expect("make-debian-image.sh").success());
-        dir
-    });
+    let tree = std::env::var_os("SI_BENCH_TREE").map(PathBuf::from).unwrap_or_else(common::debian_image);
     let work = tempfile::tempdir().expect("tempdir");
     let ours_archive = work.path().join("ours.tar.zst");
     let gnu_archive = work.path().join("gnu.tar.zst");

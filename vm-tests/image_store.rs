@@ -3,6 +3,8 @@
 //! base + diff, hostile archives, rsync capture, the CLI, and a debootstrap-made Debian image that
 //! must chroot after a round trip.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
@@ -665,13 +667,7 @@ fn cli_import_pack_skip_unchanged_torrent_list_rm() {
 
 /// The cached debootstrap image (built by vm-tests/make-debian-image.sh on first use).
 fn debian_image() -> PathBuf {
-    let dir = std::env::var_os("SI_TEST_DEBIAN_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/si-appliance-test/bookworm-minbase"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-tests/make-debian-image.sh");
-    let st = Command::new(&script).arg(&dir).status().expect("running make-debian-image.sh");
-    assert!(st.success(), "debootstrap failed (see output above)");
-    dir
+    common::debian_image()
 }
 
 #[test]

@@ -242,11 +242,7 @@ fn installs_an_image_onto_a_loop_disk() {
 /// The debootstrap image (cached by vm-tests/make-debian-image.sh): a real root file system.
 #[test]
 fn installs_the_debootstrap_image() {
-    let image = std::env::var_os("SI_TEST_DEBIAN_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/si-appliance-test/bookworm-minbase"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-tests/make-debian-image.sh");
-    assert!(Command::new(&script).arg(&image).status().expect("make-debian-image.sh").success(), "debootstrap failed");
+    let image = common::debian_image();
     let (lab, _clean) = lab("in2");
     let store = lab.path("store");
     let m = make_store(&store, &image);
@@ -377,7 +373,7 @@ fn memory_of_a_1gib_install() {
 fn installs_grub_from_the_demo_image() {
     let image = std::env::var_os("SI_TEST_DEMO_IMAGE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/si-appliance-test/demo-bookworm"));
+        .unwrap_or_else(|| common::test_cache_root().join("demo-bookworm"));
     assert!(image.join("usr/sbin/grub-install").exists(), "no demo image with grub at {}", image.display());
     let (lab, _clean) = lab("in7");
     let store = lab.path("store");

@@ -38,19 +38,7 @@ struct BootFiles {
 /// Runs `pxe-assets/build-test-boot.sh` so a fresh clone works; it returns at once when its
 /// cached outputs are up to date.
 fn ensure_boot_assets() -> BootFiles {
-    let dir = std::env::var_os("SI_TEST_BOOT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/si-appliance/test-boot"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pxe-assets/build-test-boot.sh");
-    let out = Command::new(&script).arg(&dir).output().expect("run build-test-boot.sh");
-    assert!(
-        out.status.success(),
-        "{} failed: {}\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let dir = common::test_boot_dir();
     let files = BootFiles { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") };
     assert!(files.kernel.is_file() && files.initrd.is_file(), "no boot files in {}", dir.display());
     files

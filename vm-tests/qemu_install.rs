@@ -36,34 +36,9 @@ const DEPLOY_TIMEOUT: Duration = Duration::from_secs(1200);
 const SERVER: &str = "10.79.0.1";
 const IMAGE: &str = "demo";
 
-/// Runs a project script (build or cached), panicking with its output when it fails.
-fn run_script(rel: &str, args: &[&str], env: &[(&str, &str)]) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    let out = Command::new(&script).args(args).envs(env.iter().copied()).output().expect("run script");
-    assert!(
-        out.status.success(),
-        "{} failed: {}\n{}\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-}
-
 /// Client kernel + initramfs around this very binary, and the demo image tree (both cached).
 fn ensure_assets() -> (PathBuf, PathBuf) {
-    let client = std::env::var_os("SI_CLIENT_BOOT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/si-appliance/client-boot"));
-    let demo = PathBuf::from("/var/cache/si-appliance-test/demo-bookworm");
-    run_script(
-        "pxe-assets/build-client.sh",
-        &[client.to_str().expect("utf-8 path")],
-        &[("SI_APPLIANCE_BIN", common::appliance_bin())],
-    );
-    run_script("qemu/make-demo-image.sh", &[demo.to_str().expect("utf-8 path")], &[]);
-    (client, demo)
+    (common::client_boot_dir(), common::demo_image())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -247,6 +247,76 @@ pub fn appliance_bin() -> &'static str {
     env!("CARGO_BIN_EXE_si-appliance")
 }
 
+/// The cache roots, as the project's scripts read them (pxe-assets/cache-lib.sh): `SI_CACHE`
+/// (downloaded packages, client boot files) and `SI_TEST_CACHE` (debootstrap trees).
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("SI_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/si-appliance"))
+}
+
+pub fn test_cache_root() -> PathBuf {
+    std::env::var_os("SI_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/si-appliance-test"))
+}
+
+/// Runs one of the project's cache builders (each locks its artefact, checks it and returns at
+/// once when it is good; see pxe-assets/cache-lib.sh), panicking with its output when it fails.
+pub fn run_builder(rel: &str, args: &[&Path], env: &[(&str, &str)]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let out = Command::new(&script)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}\n{}\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// A directory named by `var`, else `default`.
+fn dir_from(var: &str, default: PathBuf) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
+}
+
+/// The debootstrap minbase tree (`SI_TEST_DEBIAN_IMAGE`, default in the test cache), built on
+/// first use by vm-tests/make-debian-image.sh.
+pub fn debian_image() -> PathBuf {
+    let dir = dir_from("SI_TEST_DEBIAN_IMAGE", test_cache_root().join("bookworm-minbase"));
+    run_builder("vm-tests/make-debian-image.sh", &[&dir], &[]);
+    dir
+}
+
+/// The lab's bootable demo tree (`SI_TEST_DEMO_IMAGE`, default in the test cache), built on
+/// first use by qemu/make-demo-image.sh.
+pub fn demo_image() -> PathBuf {
+    let dir = dir_from("SI_TEST_DEMO_IMAGE", test_cache_root().join("demo-bookworm"));
+    run_builder("qemu/make-demo-image.sh", &[&dir], &[]);
+    dir
+}
+
+/// The clients' kernel + installer initramfs around this very binary (`SI_CLIENT_BOOT_DIR`,
+/// default in the cache), built by pxe-assets/build-client.sh when its inputs changed.
+pub fn client_boot_dir() -> PathBuf {
+    let dir = dir_from("SI_CLIENT_BOOT_DIR", cache_root().join("client-boot"));
+    run_builder("pxe-assets/build-client.sh", &[&dir], &[("SI_APPLIANCE_BIN", appliance_bin())]);
+    dir
+}
+
+/// The test boot files (cloud kernel + a marker initramfs; `SI_TEST_BOOT_DIR`, default in the
+/// cache), built by pxe-assets/build-test-boot.sh when its inputs changed.
+pub fn test_boot_dir() -> PathBuf {
+    let dir = dir_from("SI_TEST_BOOT_DIR", cache_root().join("test-boot"));
+    run_builder("pxe-assets/build-test-boot.sh", &[&dir], &[]);
+    dir
+}
+
 /// Starts the appliance inside `ns` with `config` (TOML text) and extra flags, and waits for
 /// its "ready" line.
 pub fn start_appliance(lab: &Lab, host: usize, name: &str, config: &str, args: &[&str]) -> Proc {

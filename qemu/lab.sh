@@ -153,6 +153,9 @@ iface = "eth0"
 image = "$image"
 store = "$store"
 state_dir = "$labdir/state"
+# The lab installs every VM that PXE-boots (on a real rack: list the nodes in
+# [[dhcp.reservation]] and keep the default enroll = "listed").
+enroll = "any"
 
 [dhcp]
 mode = "full"

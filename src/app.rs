@@ -14,6 +14,8 @@ use crate::boot::{self, BootContext};
 use crate::config::{Config, DhcpMode};
 use crate::dhcp;
 use crate::net::{self, NetError};
+use crate::nodes::NodeBook;
+use crate::nodes::http::AdminAuth;
 use crate::swarm::{self, api_http::SwarmApi, seed::{Seed, SeedError, SeedOptions}, tracker_http::SharedTracker};
 
 /// Errors that stop the appliance.
@@ -46,6 +48,9 @@ pub enum AppError {
     /// Packing the default image at start failed.
     #[error("image store")]
     Image(#[from] crate::image::ImageError),
+    /// The node book could not be opened.
+    #[error("node book")]
+    Nodes(#[from] crate::nodes::NodesError),
     /// The node plans cannot be served (an invalid disk layout file).
     #[error("node plans")]
     Plan(#[from] crate::plan::PlanError),
@@ -72,12 +77,19 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     pack_default_image(&mut cfg).await?;
     // Before anything is served: a bad `<store>/<image>.layout.toml` stops start-up with its reason.
     let facts = cfg.image.as_ref().and_then(|i| crate::plan::archive_facts(&cfg.swarm.archives, i));
-    let plan_api = crate::plan::PlanApi::new(&cfg, secret.clone(), facts)?;
+    let manifest = facts.as_ref().and_then(|f| f.manifest.clone());
+    let book = Arc::new(NodeBook::open(&cfg.state_dir, cfg.enroll, &cfg.dhcp.reservations)?);
+    let token_path = cfg.state_dir.join(crate::nodes::http::ADMIN_TOKEN);
+    let admin_token = crate::nodes::http::load_or_create_token(&cfg.state_dir)
+        .map_err(|source| AppError::State { path: token_path.clone(), source })?;
+    let admin = AdminAuth::new(admin_token.clone(), cfg.admin.trust_loopback);
+    let plan_api = crate::plan::PlanApi::new(&cfg, secret.clone(), facts, book.clone())?;
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
     // The monitor first: every service gets its event sink.
     let monitor = crate::monitor::Monitor::new(&cfg.monitor, secret.clone(), cfg.report_dir(), cfg.swarm.announce_interval);
+    monitor.attach(book.clone(), manifest, admin.clone());
     let events = monitor.sink();
     let plan_api = Arc::new(plan_api.with_events(events.clone()));
 
@@ -104,7 +116,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         Err(e) => warn!("no IPv6 router advertisements: {e:#}"),
     }
 
-    let mut ctx = BootContext::new(&cfg, &iface, secret);
+    let mut ctx = BootContext::new(&cfg, &iface, secret, book.clone());
     ctx.events = events.clone();
     let ctx = Arc::new(ctx);
     if cfg.tftp.enable {
@@ -119,6 +131,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         router = router.merge(start_swarm(&cfg, &iface, &shutdown, &mut tasks, &events).await?);
     }
     router = router.merge(monitor.routes());
+    let observed: Arc<dyn crate::nodes::http::Observed> = monitor.shared();
+    router = router.merge(crate::nodes::http::routes(book.clone(), admin, observed));
     {
         let token = shutdown.clone();
         tasks.spawn(async move {
@@ -144,7 +158,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     info!(
         iface = %iface.name, ip = %iface.ip, net = %iface.net, dhcp = ?cfg.dhcp.mode,
-        tftp = cfg.tftp.enable, http_port = cfg.http.port, "si-appliance ready"
+        tftp = cfg.tftp.enable, http_port = cfg.http.port, enroll = ?cfg.enroll, "si-appliance ready"
+    );
+    let port = if cfg.http.port == 80 { String::new() } else { format!(":{}", cfg.http.port) };
+    info!(
+        token = %token_path.display(),
+        "admin: `si-appliance node ...` reads the admin token; dashboard with admin actions: http://{}{port}/dashboard#admin={admin_token}",
+        iface.ip
     );
 
     let mut result = Ok(());

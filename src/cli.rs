@@ -112,6 +112,10 @@ pub enum Command {
     Install(InstallArgs),
     /// Print the state of a running appliance: deployment summary and one line per node.
     Status(StatusArgs),
+    /// The nodes of a running appliance: enrol (`add`), mark for a new install (`reimage`),
+    /// `list` their records and the discovered PXE clients, print a node's installer console
+    /// (`log`). Uses the admin token in <state_dir>/admin-token.
+    Node(NodeArgs),
     /// Write a deployment report now on a running appliance (JSON + SVG charts) and print
     /// where; with --latest (or when no appliance answers) print the latest report's directory.
     Report(ReportArgs),
@@ -126,6 +130,63 @@ pub struct StatusArgs {
     /// Print the deployment and every node as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `si-appliance node`.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// The appliance's HTTP address (default 127.0.0.1:<http.port>).
+    #[arg(long, value_name = "IP:PORT", global = true)]
+    pub server: Option<std::net::SocketAddr>,
+    /// The admin token (default: the file <state_dir>/admin-token).
+    #[arg(long, env = "SI_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: NodeAction,
+}
+
+/// `node` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// Enrol nodes: the appliance installs them at their next network boot.
+    Add {
+        /// MAC addresses (aa:bb:cc:dd:ee:ff).
+        #[arg(required = true)]
+        macs: Vec<String>,
+        /// Host name of the installed system (one MAC only).
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Disk to install on, e.g. /dev/sda.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Group (for `reimage --group`).
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Mark nodes for a new install at their next network boot.
+    Reimage {
+        /// MAC addresses.
+        #[arg(conflicts_with_all = ["group", "all"], required_unless_present_any = ["group", "all"])]
+        macs: Vec<String>,
+        /// Every node of this group.
+        #[arg(long, conflicts_with = "all")]
+        group: Option<String>,
+        /// Every enrolled node.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Every node's record, and the discovered (not enrolled) PXE clients.
+    List {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A node's installer console, as it streamed it to the appliance.
+    Log {
+        /// The node's MAC.
+        mac: String,
+    },
 }
 
 /// `si-appliance report`.

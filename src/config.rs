@@ -86,14 +86,17 @@ pub struct PoolConfig {
     pub dns: Vec<Ipv4Addr>,
 }
 
-/// A fixed address (and host name) for one MAC.
+/// One node of this appliance: its MAC enrols it (with `enroll = "listed"`, only these nodes and
+/// those added at run time are installed), with an optional fixed address, host name, disk and
+/// group.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Reservation {
     /// The client's MAC.
     pub mac: MacAddr,
-    /// Its address; must lie inside one pool's subnet.
-    pub ip: Ipv4Addr,
+    /// Its fixed address; must lie inside one pool's subnet. Default: one from the pool.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
     /// Its host name (option 12), also the installed system's name.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -102,6 +105,33 @@ pub struct Reservation {
     /// architecture (option 93), and the iPXE script URL for iPXE clients.
     #[serde(default)]
     pub loader: Option<crate::types::Loader>,
+    /// The disk this node installs on (overrides `install.disk`), e.g. `/dev/sda`.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Its group, for `si-appliance node reimage --group`.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// Which nodes the appliance installs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enroll {
+    /// Only nodes listed in `[[dhcp.reservation]]` or added at run time (`si-appliance node
+    /// add`); any other PXE client is told to boot from its disk and shown as discovered.
+    #[default]
+    Listed,
+    /// Every PXE client that asks (lab use only: on a shared switch this wipes any machine that
+    /// falls back to network boot).
+    Any,
+}
+
+/// `[admin]`: the credential of the mutating routes (`/api/admin/...`, `POST /api/report`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Requests from 127.0.0.1 need no admin token.
+    pub trust_loopback: bool,
 }
 
 /// `[dhcp]`.
@@ -362,6 +392,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The appliance's address on the interface. Default: the interface's first IPv4 address.
     pub server_ip: Option<Ipv4Addr>,
+    /// Which nodes are installed: `listed` (the reservations and `node add`) or `any`.
+    pub enroll: Enroll,
+    /// `[admin]`.
+    pub admin: AdminConfig,
     /// `[dhcp]`.
     pub dhcp: DhcpConfig,
     /// `[tftp]`.
@@ -386,6 +420,8 @@ impl Default for Config {
             store: PathBuf::from("/var/lib/si-appliance"),
             state_dir: PathBuf::from("/var/lib/si-appliance/state"),
             server_ip: None,
+            enroll: Enroll::Listed,
+            admin: AdminConfig::default(),
             dhcp: DhcpConfig::default(),
             tftp: TftpConfig::default(),
             http: HttpConfig::default(),
@@ -454,8 +490,14 @@ impl Config {
             }
         }
         for (i, r) in self.dhcp.reservations.iter().enumerate() {
-            if !self.dhcp.pools.is_empty() && !self.dhcp.pools.iter().any(|p| p.subnet.contains(&r.ip)) {
-                return bad(format!("dhcp.reservation[{i}].ip"), format!("{} is in no dhcp.pool subnet", r.ip));
+            if let Some(ip) = r.ip {
+                if !self.dhcp.pools.is_empty() && !self.dhcp.pools.iter().any(|p| p.subnet.contains(&ip)) {
+                    return bad(format!("dhcp.reservation[{i}].ip"), format!("{ip} is in no dhcp.pool subnet"));
+                }
+            }
+            let e = crate::nodes::Enrol { macs: vec![r.mac], hostname: None, disk: r.disk.clone(), group: r.group.clone() };
+            if let Err(e) = crate::nodes::check_enrol(&e) {
+                return bad(format!("dhcp.reservation[{i}]"), e.to_string());
             }
             if let Some(h) = &r.hostname {
                 let ok = !h.is_empty()
@@ -470,8 +512,10 @@ impl Config {
                 if s.mac == r.mac {
                     return bad(format!("dhcp.reservation[{i}].mac"), format!("{} is reserved twice (also [{j}])", r.mac));
                 }
-                if s.ip == r.ip {
-                    return bad(format!("dhcp.reservation[{i}].ip"), format!("{} is reserved twice (also [{j}])", r.ip));
+                if let (Some(a), Some(b)) = (s.ip, r.ip) {
+                    if a == b {
+                        return bad(format!("dhcp.reservation[{i}].ip"), format!("{a} is reserved twice (also [{j}])"));
+                    }
                 }
             }
         }

@@ -17,6 +17,7 @@ pub mod install;
 pub mod monitor;
 pub mod net;
 pub mod node_api;
+pub mod nodes;
 pub mod plan;
 pub mod swarm;
 pub mod types;

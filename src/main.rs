@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    init_tracing(cli.verbose, matches!(cli.command, Some(Command::Install(_))));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, installer: bool) {
     let default = match verbose {
         0 => "info",
         1 => "info,si_appliance=debug",
@@ -31,7 +31,12 @@ fn init_tracing(verbose: u8) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Colours only on a terminal: logs captured to files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    if installer {
+        // The installer's console also goes to the appliance with its reports.
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(si_appliance::install::console::Tee).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    }
 }
 
 /// `si-appliance fetch`: download through the swarm, then seed; SIGINT/SIGTERM stop it.
@@ -189,12 +194,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some(Command::Node(a)) => node(&cfg, a),
         Some(Command::Report(a)) => {
             let addr = a.server.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], cfg.http.port)));
             let dir = cfg.report_dir();
             if !a.latest {
                 let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-                match rt.block_on(si_appliance::monitor::client::report(addr)) {
+                let token = si_appliance::nodes::http::read_token(&cfg.state_dir).ok();
+                match rt.block_on(si_appliance::monitor::client::report(addr, token.as_deref())) {
                     Ok(path) => {
                         println!("{}", path.display());
                         return Ok(());
@@ -216,6 +223,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `si-appliance node …`: the admin API of a running appliance.
+fn node(cfg: &Config, a: si_appliance::cli::NodeArgs) -> anyhow::Result<()> {
+    use si_appliance::cli::NodeAction;
+    use si_appliance::nodes::{Enrol, Selector, client};
+    use si_appliance::types::MacAddr;
+    let addr = a.server.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], cfg.http.port)));
+    let token = match a.token {
+        Some(t) => t,
+        None => si_appliance::nodes::http::read_token(&cfg.state_dir).with_context(|| {
+            format!("reading the admin token in {} (--state-dir, --token or SI_ADMIN_TOKEN)", cfg.state_dir.display())
+        })?,
+    };
+    let macs = |v: &[String]| -> anyhow::Result<Vec<MacAddr>> {
+        v.iter().map(|m| m.parse::<MacAddr>().with_context(|| format!("{m:?} is not a MAC address"))).collect()
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let text = match a.action {
+        NodeAction::Add { macs: m, hostname, disk, group } => {
+            rt.block_on(client::add(addr, &token, &Enrol { macs: macs(&m)?, hostname, disk, group }))?
+        }
+        NodeAction::Reimage { macs: m, group, all } => {
+            let sel = match (all, group) {
+                (true, _) => Selector::All,
+                (false, Some(g)) => Selector::Group(g),
+                (false, None) => Selector::Macs(macs(&m)?),
+            };
+            rt.block_on(client::reimage(addr, &token, &sel))?
+        }
+        NodeAction::List { json } => rt.block_on(client::list(addr, &token, json))?,
+        NodeAction::Log { mac } => {
+            let mac: MacAddr = mac.parse().with_context(|| format!("{mac:?} is not a MAC address"))?;
+            rt.block_on(client::log(addr, &token, mac))?
+        }
+    };
+    print!("{text}");
+    Ok(())
 }
 
 /// The `image` subcommands: thin calls into `si_appliance::image::store`.

@@ -141,6 +141,10 @@ pub struct NodeReport {
     /// Why the node failed (with `phase: failed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The installer's console output since its previous report (and, with `failed`, the last
+    /// kernel messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
 }
 
 /// What a node is to do: answered by the appliance to the installer.

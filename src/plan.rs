@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, InstallConfig};
+use crate::nodes::{NodeBook, NodeRecord, PlanGate};
 use crate::node_api::{self, AuthError, DiskLayout, NodePlan};
 use crate::types::{ImageName, MacAddr};
 
@@ -53,6 +54,8 @@ pub struct ArchiveFacts {
     pub size: u64,
     /// File bytes of the unpacked tree (manifest), 0 when the archive has no manifest.
     pub unpacked: u64,
+    /// The manifest's digest (recorded with each installed node), when there is a manifest.
+    pub manifest: Option<String>,
 }
 
 /// What the plan route reads; immutable after start.
@@ -64,6 +67,7 @@ pub struct PlanApi {
     hostnames: HashMap<MacAddr, String>,
     install: InstallConfig,
     events: crate::types::events::EventSink,
+    nodes: Arc<NodeBook>,
 }
 
 /// Firmware of the node, as the installer sees it (`/sys/firmware/efi`).
@@ -109,14 +113,14 @@ pub fn archive_facts(archives: &[PathBuf], image: &ImageName) -> Option<ArchiveF
     let archive = archives.iter().find(|a| crate::swarm::seed::name_of(a).ok().as_ref() == Some(image))?;
     let size = std::fs::metadata(archive).ok()?.len();
     let manifest = archive.with_file_name(format!("{image}.manifest"));
-    let unpacked = match crate::image::manifest::Manifest::load(&manifest) {
-        Ok(m) => m.file_bytes(),
+    let (unpacked, manifest) = match crate::image::manifest::Manifest::load(&manifest) {
+        Ok(m) => (m.file_bytes(), Some(m.digest())),
         Err(e) => {
             warn!(manifest = %manifest.display(), "no manifest for the plan's unpacked size: {e:#}");
-            0
+            (0, None)
         }
     };
-    Some(ArchiveFacts { size, unpacked })
+    Some(ArchiveFacts { size, unpacked, manifest })
 }
 
 /// The host name of a node without a reserved one: `node-` and the last three MAC bytes.
@@ -131,7 +135,7 @@ impl PlanApi {
     ///
     /// # Errors
     /// [`PlanError`] for an invalid layout file.
-    pub fn new(cfg: &Config, secret: Vec<u8>, archive: Option<ArchiveFacts>) -> Result<PlanApi, PlanError> {
+    pub fn new(cfg: &Config, secret: Vec<u8>, archive: Option<ArchiveFacts>, nodes: Arc<NodeBook>) -> Result<PlanApi, PlanError> {
         let layout = match &cfg.image {
             Some(img) => load_layout(&cfg.store, img)?,
             None => None,
@@ -141,7 +145,7 @@ impl PlanApi {
         }
         let hostnames =
             cfg.dhcp.reservations.iter().filter_map(|r| Some((r.mac, r.hostname.clone()?))).collect();
-        Ok(PlanApi { secret, image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone(), events: crate::types::events::EventSink::disabled() })
+        Ok(PlanApi { secret, image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone(), events: crate::types::events::EventSink::disabled(), nodes })
     }
 
     /// Sends a `PlanFetched` event to the monitor for every plan handed out.
@@ -150,8 +154,14 @@ impl PlanApi {
         self
     }
 
+    /// The manifest digest of the served archive, if known.
+    pub fn manifest(&self) -> Option<&str> {
+        self.archive.as_ref().and_then(|a| a.manifest.as_deref())
+    }
+
     /// The plan of one node; `None` when there is no image (or no archive of it) to install.
-    pub fn plan(&self, mac: MacAddr, firmware: Firmware) -> Option<NodePlan> {
+    /// The node's record (host name, disk) wins over the reservation and `[install]`.
+    pub fn plan(&self, mac: MacAddr, firmware: Firmware, record: Option<&NodeRecord>) -> Option<NodePlan> {
         let image = self.image.clone()?;
         let archive = self.archive.as_ref()?;
         let layout = self.layout.clone().unwrap_or_else(|| match firmware {
@@ -159,12 +169,15 @@ impl PlanApi {
             Firmware::Uefi => DiskLayout::default_uefi(),
         });
         Some(NodePlan {
-            hostname: self.hostnames.get(&mac).cloned().unwrap_or_else(|| default_hostname(mac)),
+            hostname: record
+                .and_then(|r| r.hostname.clone())
+                .or_else(|| self.hostnames.get(&mac).cloned())
+                .unwrap_or_else(|| default_hostname(mac)),
             torrent: format!("/torrents/{image}.torrent"),
             image,
             archive_size: archive.size,
             unpacked_size: archive.unpacked,
-            disk: self.install.disk.clone(),
+            disk: record.and_then(|r| r.disk.clone()).or_else(|| self.install.disk.clone()),
             layout,
             finish: self.install.finish,
             seed_for_secs: self.install.seed_for.as_secs(),
@@ -202,7 +215,39 @@ async fn plan(
         Ok(Query(q)) => q.firmware.unwrap_or(Firmware::Bios),
         Err(_) => return (StatusCode::BAD_REQUEST, "bad query: firmware=uefi|bios\n").into_response(),
     };
-    match api.plan(mac, firmware) {
+    if api.nodes.mode() == crate::config::Enroll::Listed && api.nodes.get(mac).is_none() {
+        warn!(%mac, "plan refused: not enrolled (si-appliance node add {mac})");
+        return (StatusCode::FORBIDDEN, format!("{mac} is not enrolled on this appliance\n")).into_response();
+    }
+    let Some(image) = api.image.clone().filter(|_| api.archive.is_some()) else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no image archive to install yet\n").into_response();
+    };
+    let nodes = api.nodes.clone();
+    let img = image.clone();
+    let gate = match tokio::task::spawn_blocking(move || nodes.plan_fetched(mac, &img)).await {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => {
+            warn!(%mac, "plan refused: the node book cannot record it: {e:#}");
+            return (StatusCode::SERVICE_UNAVAILABLE, "the appliance cannot record the install now; retry\n").into_response();
+        }
+        Err(e) => {
+            warn!(%mac, "plan: {e}");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    let record = match gate {
+        PlanGate::Allowed(r) => r,
+        PlanGate::NotEnrolled => {
+            warn!(%mac, "plan refused: not enrolled (si-appliance node add {mac})");
+            return (StatusCode::FORBIDDEN, format!("{mac} is not enrolled on this appliance\n")).into_response();
+        }
+        PlanGate::Installed(image) => {
+            warn!(%mac, %image, "plan refused: installed (si-appliance node reimage {mac} to install again)");
+            return (StatusCode::CONFLICT, format!("{mac} is installed with {image}; `si-appliance node reimage {mac}` first\n"))
+                .into_response();
+        }
+    };
+    match api.plan(mac, firmware, Some(&record)) {
         Some(p) => {
             info!(%mac, hostname = %p.hostname, image = %p.image, ?firmware, "plan sent");
             api.events.send(crate::types::events::NodeEvent::PlanFetched { mac });
@@ -223,7 +268,8 @@ mod tests {
         )
         .unwrap();
         cfg.install.disk = Some("/dev/vda".into());
-        let mut a = PlanApi::new(&cfg, b"k".to_vec(), Some(ArchiveFacts { size: 10, unpacked: 30 })).unwrap();
+        let nodes = Arc::new(NodeBook::in_memory(crate::config::Enroll::Any));
+        let mut a = PlanApi::new(&cfg, b"k".to_vec(), Some(ArchiveFacts { size: 10, unpacked: 30, manifest: None }), nodes).unwrap();
         a.layout = layout;
         a
     }
@@ -231,17 +277,17 @@ mod tests {
     #[test]
     fn plans_take_reservation_names_and_firmware_defaults() {
         let a = api(None);
-        let p = a.plan("52:54:00:00:00:01".parse().unwrap(), Firmware::Uefi).unwrap();
+        let p = a.plan("52:54:00:00:00:01".parse().unwrap(), Firmware::Uefi, None).unwrap();
         assert_eq!(p.hostname, "node01");
         assert_eq!(p.layout.table, TableKind::Gpt);
         assert_eq!((p.archive_size, p.unpacked_size, p.disk.as_deref()), (10, 30, Some("/dev/vda")));
         assert_eq!(p.torrent, "/torrents/deb.torrent");
-        let p = a.plan("52:54:00:0a:0b:0c".parse().unwrap(), Firmware::Bios).unwrap();
+        let p = a.plan("52:54:00:0a:0b:0c".parse().unwrap(), Firmware::Bios, None).unwrap();
         assert_eq!(p.hostname, "node-0a0b0c");
         assert_eq!(p.layout, DiskLayout::default_bios());
         let mut own = DiskLayout::default_bios();
         own.partitions[0].fs = FsKind::Xfs;
-        let p = api(Some(own.clone())).plan("52:54:00:0a:0b:0c".parse().unwrap(), Firmware::Uefi).unwrap();
+        let p = api(Some(own.clone())).plan("52:54:00:0a:0b:0c".parse().unwrap(), Firmware::Uefi, None).unwrap();
         assert_eq!(p.layout, own, "the image's layout wins over the firmware default");
     }
 

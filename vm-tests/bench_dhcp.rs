@@ -110,7 +110,7 @@ fn start(lab: &Lab, s: Server) -> Proc {
     match s {
         Server::SiAppliance => {
             let cfg = format!(
-                "iface = \"eth0\"\nstate_dir = \"{}\"\nstore = \"{}\"\n[dhcp]\nanswer = \"all\"\nprobe = false\nlease_time = \"1h\"\n[http]\nport = 8080\n[tftp]\nenable = false\n",
+                "iface = \"eth0\"\nenroll = \"any\"\nstate_dir = \"{}\"\nstore = \"{}\"\n[dhcp]\nanswer = \"all\"\nprobe = false\nlease_time = \"1h\"\n[http]\nport = 8080\n[tftp]\nenable = false\n",
                 lab.path("state").display(),
                 lab.path("store").display()
             );

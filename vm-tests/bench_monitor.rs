@@ -52,7 +52,7 @@ fn main() {
     let kernel = lab.path("vmlinuz");
     fs::write(&kernel, vec![7u8; 1 << 20]).expect("kernel");
     let cfg = format!(
-        "iface = \"eth0\"\nstore = \"{store}\"\nstate_dir = \"{state}\"\n\
+        "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{store}\"\nstate_dir = \"{state}\"\n\
          [dhcp]\nprobe = false\nanswer = \"all\"\nlease_time = \"10m\"\n\
          [tftp]\nenable = false\n[http]\nport = {HTTP_PORT}\n[boot]\nkernel = \"{k}\"\ninitrd = \"{k}\"\n\
          [swarm]\nenable = false\n[monitor]\nstuck_after = \"5m\"\nsample_interval = \"1s\"\n",

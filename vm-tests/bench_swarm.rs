@@ -310,7 +310,7 @@ fn server_cpu(pids: &[u32]) -> f64 {
 
 fn appliance_config(lab: &Lab, tag: &str, archive: &Path, n: usize, extra: &str) -> String {
     format!(
-        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
+        "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
          [http]\nport = {HTTP_PORT}\n[swarm]\narchives = [\"{}\"]\nlisten_port = 6881\n\
          announce_interval = \"5s\"\npeer_timeout = \"30s\"\nexpected_nodes = {n}\n{extra}\n",
         lab.path(&format!("{tag}-store")).display(),

@@ -53,7 +53,7 @@ fn main() {
     drop(data);
 
     let config = format!(
-        "iface = \"eth0\"\nstore = \"{store}\"\nstate_dir = \"{state}\"\n[dhcp]\nmode = \"off\"\n\
+        "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{store}\"\nstate_dir = \"{state}\"\n[dhcp]\nmode = \"off\"\n\
          [tftp]\nmax_windowsize = 64\n[http]\nport = 80\n[boot]\nkernel = \"{k}\"\ninitrd = \"{k}\"\n",
         store = lab.path("store").display(),
         state = lab.path("state").display(),

@@ -44,7 +44,7 @@ fn wait_count(p: &Proc, needle: &str, n: usize) {
 
 fn appliance_config(lab: &Lab, extra_dhcp: &str) -> String {
     format!(
-        "iface = \"eth0\"\nstate_dir = \"{state}\"\nstore = \"{store}\"\n\
+        "iface = \"eth0\"\nenroll = \"any\"\nstate_dir = \"{state}\"\nstore = \"{store}\"\n\
          [dhcp]\nprobe = false\nlease_time = \"2m\"\n{extra_dhcp}\n\
          [[dhcp.reservation]]\nmac = \"{RESERVED_MAC}\"\nip = \"{RESERVED_IP}\"\nhostname = \"node77\"\n\
          [http]\nport = 8080\n[tftp]\nenable = false\n",

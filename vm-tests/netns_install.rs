@@ -121,7 +121,7 @@ fn make_store(store: &Path, tree: &Path) -> Manifest {
 
 fn config(lab: &Lab, store: &Path, extra_swarm: &str) -> String {
     format!(
-        "iface = \"eth0\"\nimage = \"demo\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n\
+        "iface = \"eth0\"\nenroll = \"any\"\nimage = \"demo\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n\
          [[dhcp.reservation]]\nmac = \"{MAC}\"\nip = \"10.66.1.11\"\nhostname = \"node01\"\n\
          [tftp]\nenable = false\n[http]\nport = {HTTP_PORT}\n\
          [swarm]\nannounce_interval = \"3s\"\npeer_timeout = \"30s\"\n{extra_swarm}\n\

@@ -156,7 +156,7 @@ fn registry_follows_a_netns_run_dashboard_renders_and_report_is_written() {
     fs::write(&initrd, vec![2u8; 500_000]).expect("initrd");
     let reports = lab.path("reports");
     let cfg = format!(
-        "iface = \"eth0\"\nstore = \"{store}\"\nstate_dir = \"{state}\"\n\
+        "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{store}\"\nstate_dir = \"{state}\"\n\
          [dhcp]\nprobe = false\nanswer = \"all\"\nlease_time = \"10m\"\n\
          [tftp]\nenable = false\n[http]\nport = {HTTP_PORT}\n\
          [boot]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\n\
@@ -308,7 +308,9 @@ fn registry_follows_a_netns_run_dashboard_renders_and_report_is_written() {
         check_svg(&dir.join(svg));
     }
     // On demand, through the command: a second report, named by `report`.
-    let out = exec(&lab, 1, appliance_bin(), &["report", "--server", &format!("{server}:{HTTP_PORT}")]);
+    // It wants the admin token (read from the appliance's state directory).
+    let state = lab.path("state").display().to_string();
+    let out = exec(&lab, 1, appliance_bin(), &["--state-dir", &state, "report", "--server", &format!("{server}:{HTTP_PORT}")]);
     let named = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(out.status.success() && Path::new(&named).join("report.json").is_file(), "report: {named} {}", String::from_utf8_lossy(&out.stderr));
     let keep = artefact_dir().join("report");
@@ -332,7 +334,7 @@ fn forged_and_malformed_reports_are_refused_and_logged() {
     let app = lab.add_host(Some("10.71.1.1/24"), None);
     let cl = lab.add_host(Some("10.71.1.20/24"), None);
     let cfg = format!(
-        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
+        "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
          [http]\nport = {HTTP_PORT}\n[swarm]\nenable = false\n",
         lab.path("store").display(),
         lab.path("state").display()

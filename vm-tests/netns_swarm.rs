@@ -45,7 +45,7 @@ fn config(lab: &Lab, tag: &str, archive: &Path, extra_swarm: &str) -> String {
     let state = lab.path(&format!("{tag}-state"));
     let store = lab.path(&format!("{tag}-store"));
     format!(
-        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
+        "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n\
          [http]\nport = {HTTP_PORT}\n[swarm]\narchives = [\"{}\"]\nlisten_port = {SEED_PORT}\n\
          announce_interval = \"3s\"\npeer_timeout = \"30s\"\n{extra_swarm}\n",
         store.display(),
@@ -450,7 +450,7 @@ fn appliance_packs_its_image_at_start_and_a_node_fetches_it() {
     std::os::unix::fs::symlink("etc/hostname", tree.join("link")).unwrap();
     let cfg = config(&lab, "i", Path::new("/unused"), "")
         .replace("archives = [\"/unused\"]", "archives = []")
-        .replace("iface = \"eth0\"", "iface = \"eth0\"\nimage = \"demo\"");
+        .replace("iface = \"eth0\"", "iface = \"eth0\"\nenroll = \"any\"\nimage = \"demo\"");
     let archive = store.join("archives/demo.tar.zst");
     {
         let appliance = start_appliance(&lab, app, "appliance", &cfg, &[]);

@@ -61,6 +61,7 @@ impl Setup {
         let d = |p: PathBuf| p.display().to_string();
         let config = format!(
             r#"iface = "eth0"
+enroll = "any"
 image = "test-img"
 store = "{store}"
 state_dir = "{state}"

@@ -229,6 +229,7 @@ fn token_of(state_dir: &Path, mac: MacAddr) -> NodeToken {
 fn boot_config(lab: &Lab, files: &BootFiles, extra: &str) -> String {
     format!(
         r#"iface = "eth0"
+enroll = "any"
 store = "{store}"
 state_dir = "{state}"
 
@@ -461,7 +462,7 @@ fn router_advertisement_reaches_the_link_and_routes_nobody() {
     dump.wait_log("listening on", Duration::from_secs(10));
 
     let config = format!(
-        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n[http]\nport = 8080\n",
+        "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n[http]\nport = 8080\n",
         lab.path("store").display(),
         lab.path("state").display()
     );
@@ -517,7 +518,7 @@ fn appliance_without_ipv6_starts_and_says_why() {
     lab.add_host(Some("10.68.2.1/24"), None);
     run_sysctl(&lab.hosts[0], "net.ipv6.conf.eth0.disable_ipv6=1");
     let config = format!(
-        "iface = \"eth0\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n[http]\nport = 8080\n",
+        "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenable = false\n[http]\nport = 8080\n",
         lab.path("store").display(),
         lab.path("state").display()
     );

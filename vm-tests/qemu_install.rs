@@ -237,6 +237,7 @@ fn plan_hostname(lab: &Lab, mac: MacAddr) -> String {
 fn config(lab: &Lab, client: &Path) -> String {
     format!(
         r#"iface = "eth0"
+enroll = "any"
 image = "{IMAGE}"
 store = "{store}"
 state_dir = "{state}"

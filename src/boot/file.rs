@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use crate::boot::BootContext;
 use crate::boot::error::{BadName, OpenError};
-use crate::boot::script::{self, NodeBoot};
+use crate::boot::script;
+use crate::nodes::{BootAction, LocalWhy};
+use tracing::{info, warn};
 use crate::types::{Loader, MacAddr};
 
 /// Longest name we look at; longer requests are refused before any parsing.
@@ -202,19 +204,40 @@ pub fn open(ctx: &BootContext, f: &BootFile) -> Result<Source, OpenError> {
         BootFile::Com32(m) => open_in_loader_dirs(&ctx.loader_dirs, m.as_str()),
         BootFile::Kernel => open_configured(&ctx.kernel, BootFile::KERNEL),
         BootFile::Initrd => open_configured(&ctx.initrd, BootFile::INITRD),
-        BootFile::PxelinuxCfg(mac) => {
-            Ok(Source::Rendered(script::pxelinux_cfg(&ctx.server(), node(ctx, *mac).as_ref()).into_bytes()))
+        // Without a MAC nothing says which node asks: boot locally (never an installer).
+        BootFile::PxelinuxCfg(None) => {
+            Ok(Source::Rendered(script::pxelinux_local(None, "no per-node config asked for").into_bytes()))
         }
-        BootFile::NodeScript(mac) => {
-            let n = node(ctx, Some(*mac)).ok_or(OpenError::NeedsMac("node script"))?;
-            Ok(Source::Rendered(script::ipxe_node(&ctx.server(), &n).into_bytes()))
+        BootFile::PxelinuxCfg(Some(mac)) => Ok(Source::Rendered(match action(ctx, *mac) {
+            BootAction::Install => script::pxelinux_cfg(&ctx.server(), Some(&ctx.node(*mac))),
+            BootAction::Local(why) => script::pxelinux_local(Some(*mac), &why.to_string()),
         }
+        .into_bytes())),
+        BootFile::NodeScript(mac) => Ok(Source::Rendered(match action(ctx, *mac) {
+            BootAction::Install => script::ipxe_node(&ctx.server(), &ctx.node(*mac)),
+            BootAction::Local(why) => script::ipxe_local(*mac, &why.to_string()),
+        }
+        .into_bytes())),
         BootFile::ChainScript => Ok(Source::Rendered(script::ipxe_chain(&ctx.server()).into_bytes())),
     }
 }
 
-fn node(ctx: &BootContext, mac: Option<MacAddr>) -> Option<NodeBoot> {
-    mac.map(|mac| ctx.node(mac))
+/// The node book's answer for `mac`, logged and told to the monitor when it is "boot locally".
+/// A book that cannot record an `enroll = "any"` node answers "boot locally": a node whose
+/// install the appliance could not remember would be reinstalled at every boot.
+fn action(ctx: &BootContext, mac: MacAddr) -> BootAction {
+    let a = ctx.nodes.boot_action(mac).unwrap_or_else(|e| {
+        warn!(%mac, "node book: {e:#}; the node boots locally");
+        BootAction::Local(LocalWhy::NotEnrolled)
+    });
+    if let BootAction::Local(why) = &a {
+        match why {
+            LocalWhy::NotEnrolled => info!(%mac, "boot: not enrolled: told to boot from its disk (discovered)"),
+            LocalWhy::Installed { image, .. } => info!(%mac, %image, "boot: installed: told to boot from its disk"),
+        }
+        ctx.events.send(crate::types::events::NodeEvent::LocalBoot { mac, why: why.to_string() });
+    }
+    a
 }
 
 /// Looks for `name` (a key, never request text) in each loader directory in order.

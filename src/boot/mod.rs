@@ -50,11 +50,13 @@ pub struct BootContext {
     secret: Vec<u8>,
     /// Where boot-file fetches are reported to the monitor (never waits).
     pub events: crate::types::events::EventSink,
+    /// Which node boots what (installer or local disk).
+    pub nodes: Arc<crate::nodes::NodeBook>,
 }
 
 impl BootContext {
     /// Builds the context from the config, the interface and the node-token secret.
-    pub fn new(cfg: &Config, iface: &Iface, secret: Vec<u8>) -> BootContext {
+    pub fn new(cfg: &Config, iface: &Iface, secret: Vec<u8>, nodes: Arc<crate::nodes::NodeBook>) -> BootContext {
         BootContext {
             server_ip: iface.ip,
             http_port: cfg.http.port,
@@ -65,6 +67,7 @@ impl BootContext {
             loader_dirs: cfg.boot.loader_dirs.clone(),
             secret,
             events: crate::types::events::EventSink::disabled(),
+            nodes,
         }
     }
 
@@ -101,6 +104,7 @@ impl BootContext {
             loader_dirs,
             secret: b"test-secret".to_vec(),
             events: crate::types::events::EventSink::disabled(),
+            nodes: Arc::new(crate::nodes::NodeBook::in_memory(crate::config::Enroll::Any)),
         }
     }
 }

@@ -91,6 +91,33 @@ pub fn ipxe_node(s: &Server<'_>, n: &NodeBoot) -> String {
     )
 }
 
+/// The iPXE script of a node that boots from its own disk (installed, or not enrolled): `exit`
+/// hands control back to the firmware, which tries the next boot device (the disk, with the
+/// network first in the boot order). On SeaBIOS (iPXE as the NIC's option ROM) and on OVMF
+/// (iPXE's EFI driver) this is what boots the disk; `sanboot --drive 0x80` would work on BIOS
+/// only.
+pub fn ipxe_local(mac: MacAddr, why: &str) -> String {
+    format!(
+        "#!ipxe\n\
+         # si-appliance boot script for {mac}: {why}. Generated; do not edit.\n\
+         echo si-appliance: {mac} {why}: booting from the local disk\n\
+         exit\n"
+    )
+}
+
+/// The pxelinux config of a node that boots from its own disk: `LOCALBOOT 0`.
+pub fn pxelinux_local(mac: Option<MacAddr>, why: &str) -> String {
+    let who = mac.map(|m| m.to_string()).unwrap_or_else(|| "any node (default)".to_owned());
+    format!(
+        "# si-appliance pxelinux config for {who}: {why}. Generated; do not edit.\n\
+         DEFAULT local\n\
+         PROMPT 0\n\
+         TIMEOUT 0\n\
+         LABEL local\n\
+         \x20 LOCALBOOT 0\n"
+    )
+}
+
 /// `/boot/boot.ipxe`: for an iPXE that was pointed at the appliance without a per-node URL.
 pub fn ipxe_chain(s: &Server<'_>) -> String {
     format!(
@@ -162,7 +189,14 @@ mod tests {
         let (img, n) = fixture();
         let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "console=ttyS0" };
         golden("pxelinux-node.cfg", &pxelinux_cfg(&s, Some(&n)));
-        golden("pxelinux-default.cfg", &pxelinux_cfg(&s, None));
+        golden("pxelinux-default.cfg", &pxelinux_local(None, "no per-node config asked for"));
+    }
+
+    #[test]
+    fn local_boot_golden() {
+        let (_, n) = fixture();
+        golden("node-local.ipxe", &ipxe_local(n.mac, "installed with image RHEL5.1"));
+        golden("pxelinux-node-local.cfg", &pxelinux_local(Some(n.mac), "not enrolled on this appliance"));
     }
 
     #[test]

@@ -151,8 +151,8 @@ impl Pool {
 /// A static reservation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reserved {
-    /// Fixed address.
-    pub ip: Ipv4Addr,
+    /// Fixed address, if any.
+    pub ip: Option<Ipv4Addr>,
     /// Option 12.
     pub hostname: Option<String>,
     /// Boot loader forced for this node (`dhcp.reservation.loader`).
@@ -231,7 +231,7 @@ impl Policy {
     /// Whether `mac` may hold `ip` from `pool` at `now`, by configuration and by the table.
     fn allowed(&self, pool: &Pool, ip: Ipv4Addr, mac: MacAddr, leases: &Leases, now: u64) -> bool {
         if let Some(r) = self.reservations.get(&mac) {
-            if r.ip == ip {
+            if r.ip == Some(ip) {
                 return pool.subnet.contains(&ip) && leases.available_to(ip, mac, now);
             }
         }
@@ -240,7 +240,7 @@ impl Policy {
             || ip == pool.subnet.broadcast()
             || pool.router == Some(ip)
             || !pool.in_range(ip)
-            || self.reservations.values().any(|r| r.ip == ip);
+            || self.reservations.values().any(|r| r.ip == Some(ip));
         !excluded && leases.available_to(ip, mac, now)
     }
 
@@ -249,9 +249,9 @@ impl Policy {
     /// tends to get the same address and the search is short in a sparse pool.
     fn choose(&self, pool: &Pool, req: &Request, leases: &Leases, now: u64) -> Result<Ipv4Addr, Why> {
         let mac = req.mac;
-        if let Some(r) = self.reservations.get(&mac) {
-            if pool.subnet.contains(&r.ip) && leases.available_to(r.ip, mac, now) {
-                return Ok(r.ip);
+        if let Some(ip) = self.reservations.get(&mac).and_then(|r| r.ip) {
+            if pool.subnet.contains(&ip) && leases.available_to(ip, mac, now) {
+                return Ok(ip);
             }
         }
         if let Some(l) = leases.of_mac(mac) {
@@ -406,7 +406,7 @@ fn decide_full(req: &Request, client: &Client, leases: &Leases, policy: &Policy,
                 let nak = nak_reply(req, policy);
                 return Ok(Decision::Reply { to: dest(m, Ipv4Addr::UNSPECIFIED, true), msg: Box::new(nak), change: None, note: None });
             }
-            let hostname = policy.reservations.get(&req.mac).filter(|r| r.ip == ip).and_then(|r| r.hostname.clone());
+            let hostname = policy.reservations.get(&req.mac).filter(|r| r.ip.is_none_or(|r| r == ip)).and_then(|r| r.hostname.clone());
             let lease = Lease {
                 mac: req.mac,
                 ip,
@@ -538,7 +538,7 @@ fn lease_reply(
     if let Some(d) = &policy.domain {
         o.insert(DhcpOption::DomainName(d.clone()));
     }
-    if let Some(h) = policy.reservations.get(&req.mac).filter(|r| r.ip == ip).and_then(|r| r.hostname.clone()) {
+    if let Some(h) = policy.reservations.get(&req.mac).filter(|r| r.ip.is_none_or(|r| r == ip)).and_then(|r| r.hostname.clone()) {
         o.insert(DhcpOption::Hostname(h));
     }
     let boot = boot_for(client, policy);

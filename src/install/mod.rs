@@ -15,6 +15,7 @@
 
 pub mod bootloader;
 pub mod cmdline;
+pub mod console;
 pub mod disk;
 pub mod http;
 pub mod report;

@@ -71,7 +71,10 @@ impl Reporter {
                     // CANCEL-SAFETY: ticks and cancellation carry no state.
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {
-                        let snap = lock(&st).clone();
+                        let mut snap = lock(&st).clone();
+                        if snap.phase.is_some() {
+                            snap.console = super::console::take();
+                        }
                         if snap.phase.is_some() && t.try_send(snap).is_err() {
                             d.fetch_add(1, Ordering::Relaxed);
                         }
@@ -92,7 +95,7 @@ impl Reporter {
             s.message = Some(message);
             s.clone()
         };
-        self.queue(snap);
+        self.queue(NodeReport { console: super::console::take(), ..snap });
     }
 
     /// Updates the counters (sent with the next periodic report).
@@ -117,6 +120,15 @@ impl Reporter {
             s.error = error;
             s.clone()
         };
+        let mut console = super::console::take().unwrap_or_default();
+        if phase == Phase::Failed {
+            let k = super::console::kernel_tail(40);
+            if !k.is_empty() {
+                console.push_str("--- last kernel messages ---\n");
+                console.push_str(&k);
+            }
+        }
+        let last = NodeReport { console: (!console.is_empty()).then_some(console), ..last };
         let _ = tokio::time::timeout(limit, self.tx.send(last)).await;
         drop(self.tx);
         let mut sender = self.sender;

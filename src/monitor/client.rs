@@ -41,11 +41,33 @@ pub enum ClientError {
 /// # Errors
 /// No connection, a timeout, or an answer that is not HTTP.
 pub async fn request(addr: SocketAddr, method: &'static str, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>), ClientError> {
+    request_with(addr, method, path, None, b"", timeout).await
+}
+
+/// [`request`] with a bearer token and a JSON body.
+///
+/// # Errors
+/// No connection, a timeout, or an answer that is not HTTP.
+pub async fn request_with(
+    addr: SocketAddr,
+    method: &'static str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), ClientError> {
     let fail = |why: String| ClientError::Exchange { method, path: path.to_owned(), addr, why };
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
-        let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
-        s.write_all(req.as_bytes()).await.map_err(|e| fail(e.to_string()))?;
+        let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let ctype = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}{ctype}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        s.write_all(&req).await.map_err(|e| fail(e.to_string()))?;
         let mut buf = Vec::new();
         s.take(MAX_BODY).read_to_end(&mut buf).await.map_err(|e| fail(e.to_string()))?;
         parse(&buf).ok_or_else(|| fail("not an HTTP answer".into()))
@@ -168,8 +190,8 @@ impl From<DeploymentView> for super::registry::Deployment {
 ///
 /// # Errors
 /// The appliance did not answer, or failed to write the report.
-pub async fn report(addr: SocketAddr) -> Result<std::path::PathBuf, ClientError> {
-    let (code, body) = request(addr, "POST", "/api/report", Duration::from_secs(120)).await?;
+pub async fn report(addr: SocketAddr, admin_token: Option<&str>) -> Result<std::path::PathBuf, ClientError> {
+    let (code, body) = request_with(addr, "POST", "/api/report", admin_token, b"", Duration::from_secs(120)).await?;
     let bad = |why: String| ClientError::Exchange { method: "POST", path: "/api/report".into(), addr, why };
     if code != 200 {
         return Err(bad(format!("HTTP {code}: {}", String::from_utf8_lossy(&body).trim())));

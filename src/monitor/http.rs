@@ -29,7 +29,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::warn;
 
 use super::Shared;
-use crate::node_api::{self, AuthError, NodeReport};
+use crate::node_api::{self, AuthError, NodeReport, Phase};
 use crate::types::MacAddr;
 use crate::types::events::NodeEvent;
 
@@ -133,6 +133,17 @@ async fn report(
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed report: {e}")),
     };
+    if let (Some(phase @ (Phase::Seeding | Phase::Done | Phase::Failed)), Some((book, manifest))) = (report.phase, s.book.get()) {
+        let (book, manifest, error) = (book.clone(), manifest.clone(), report.error.clone());
+        match tokio::task::spawn_blocking(move || book.reported(m, phase, error.as_deref(), manifest.as_deref())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(node = %m, "report not recorded in the node book: {e:#}");
+                return (StatusCode::SERVICE_UNAVAILABLE, "the appliance cannot record this now; send it again\n").into_response();
+            }
+            Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        }
+    }
     if s.sink.send(NodeEvent::Report { mac: m, report }) {
         StatusCode::NO_CONTENT.into_response()
     } else {
@@ -158,7 +169,16 @@ async fn events(State(s): State<Arc<Shared>>) -> Sse<impl futures_lite::Stream<I
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-async fn write_report(State(s): State<Arc<Shared>>) -> Response {
+async fn write_report(
+    State(s): State<Arc<Shared>>,
+    connect: Option<Extension<ConnectInfo<std::net::SocketAddr>>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(auth) = s.admin.get() {
+        if let Err(r) = auth.check(&headers, connect.map(|c| c.0.0), "write report") {
+            return r;
+        }
+    }
     match s.write_report().await {
         Ok(dir) => Json(serde_json::json!({ "dir": dir })).into_response(),
         Err(e) => {

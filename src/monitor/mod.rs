@@ -63,6 +63,32 @@ pub struct Shared {
     sink: EventSink,
     /// Cancelled when the registry task ends: SSE streams close, so the HTTP server can stop.
     closing: CancellationToken,
+    /// The node book and the served image's manifest digest (attached by app.rs): final
+    /// reports (seeding, done, failed) change the node's record.
+    book: std::sync::OnceLock<(Arc<crate::nodes::NodeBook>, Option<String>)>,
+    /// The admin credential `POST /api/report` wants (attached by app.rs).
+    admin: std::sync::OnceLock<crate::nodes::http::AdminAuth>,
+}
+
+impl crate::nodes::http::Observed for Shared {
+    fn discovered(&self) -> Vec<crate::nodes::http::Discovered> {
+        self.lock()
+            .nodes()
+            .filter(|n| n.enrolment == crate::types::events::Enrolment::Discovered)
+            .map(|n| crate::nodes::http::Discovered {
+                mac: n.mac,
+                ip: n.ip,
+                arch: n.arch.clone(),
+                vendor_class: n.vendor_class.clone(),
+                first_seen_ms: n.first_seen_ms,
+                last_seen_ms: n.last_seen_ms,
+            })
+            .collect()
+    }
+
+    fn console(&self, mac: crate::types::MacAddr) -> Option<String> {
+        self.lock().node(mac).and_then(|n| (!n.console.is_empty()).then(|| n.console_text()))
+    }
 }
 
 impl Shared {
@@ -117,8 +143,18 @@ impl Monitor {
             report_dir,
             sink,
             closing: CancellationToken::new(),
+            book: std::sync::OnceLock::new(),
+            admin: std::sync::OnceLock::new(),
         });
         Monitor { shared, rx, cfg: cfg.clone() }
+    }
+
+    /// Connects the node book (final reports change records; the registry starts with the
+    /// book's nodes) and the admin credential of `POST /api/report`.
+    pub fn attach(&self, book: Arc<crate::nodes::NodeBook>, manifest: Option<String>, admin: crate::nodes::http::AdminAuth) {
+        book.attach_events(self.shared.sink.clone());
+        let _ = self.shared.book.set((book, manifest));
+        let _ = self.shared.admin.set(admin);
     }
 
     /// The sink to hand to the services.

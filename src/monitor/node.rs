@@ -56,6 +56,8 @@ pub struct Node {
     pub vendor_class: Option<String>,
     /// The phase it is in.
     pub phase: Phase,
+    /// What the node book says of it (`discovered`: not enrolled, never installed here).
+    pub enrolment: crate::types::events::Enrolment,
     /// Every phase it entered, in order (a reboot that starts over appends again).
     pub phases: Vec<PhaseStamp>,
     /// First seen, ms since the Unix epoch.
@@ -101,7 +103,15 @@ pub struct Node {
     /// (ms, down bytes/s) samples for the per-node chart.
     #[serde(skip)]
     pub rate_history: VecDeque<(u64, u64)>,
+    /// The installer's console output (its last [`CONSOLE_MAX`] bytes).
+    #[serde(skip)]
+    pub console: VecDeque<String>,
+    #[serde(skip)]
+    console_bytes: usize,
 }
+
+/// Console bytes kept per node.
+pub const CONSOLE_MAX: usize = 64 << 10;
 
 impl Node {
     /// A node first seen at `now`, in `phase`.
@@ -113,6 +123,7 @@ impl Node {
             arch: None,
             vendor_class: None,
             phase,
+            enrolment: crate::types::events::Enrolment::Discovered,
             phases: vec![PhaseStamp { phase, at_ms: now }],
             first_seen_ms: now,
             last_seen_ms: now,
@@ -134,7 +145,34 @@ impl Node {
             last_report_ms: 0,
             report_rates: false,
             rate_history: VecDeque::new(),
+            console: VecDeque::new(),
+            console_bytes: 0,
         }
+    }
+
+    /// Adds console text from a report (the oldest text goes beyond [`CONSOLE_MAX`]).
+    pub fn add_console(&mut self, text: &str) {
+        let mut text = text;
+        if text.len() > CONSOLE_MAX {
+            let mut cut = text.len() - CONSOLE_MAX;
+            while !text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            text = &text[cut..];
+        }
+        self.console_bytes += text.len();
+        self.console.push_back(text.to_owned());
+        while self.console_bytes > CONSOLE_MAX {
+            match self.console.pop_front() {
+                Some(old) => self.console_bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The console text kept.
+    pub fn console_text(&self) -> String {
+        self.console.iter().map(String::as_str).collect()
     }
 
     /// Moves to `phase` (recording it) when it differs from the current one.
@@ -256,6 +294,9 @@ impl Node {
     /// shows (counters, rates), so there is no return value.
     pub fn on_report(&mut self, r: &NodeReport, now: u64) {
         self.reports += 1;
+        if let Some(c) = &r.console {
+            self.add_console(c);
+        }
         self.last_report_ms = now;
         self.report_rates = r.down_bps > 0 || r.up_bps > 0;
         if let Some(p) = r.phase {

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::node::{Node, TrackerSample};
 use crate::node_api::Phase;
 use crate::types::MacAddr;
-use crate::types::events::{NodeEvent, Stamped};
+use crate::types::events::{Enrolment, NodeEvent, Stamped};
 
 /// Aggregate samples kept (at one per `sample_interval`: 2 h at 1 s).
 pub const SAMPLES: usize = 7200;
@@ -54,8 +54,10 @@ pub struct Sample {
 /// `/api/deployment`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Deployment {
-    /// Nodes known.
+    /// Nodes of the deployment (enrolled, installing, installed, failed).
     pub nodes: usize,
+    /// PXE clients seen that are not enrolled (told to boot locally; not in `nodes`).
+    pub discovered: usize,
     /// Nodes per phase (every phase present, 0 included).
     pub phases: BTreeMap<&'static str, usize>,
     /// Nodes flagged stuck.
@@ -161,7 +163,11 @@ impl Registry {
         let now = ms(ev.at);
         self.events += 1;
         let named = match &ev.event {
-            NodeEvent::Dhcp { mac, .. } | NodeEvent::PlanFetched { mac } | NodeEvent::Report { mac, .. } => Some(*mac),
+            NodeEvent::Dhcp { mac, .. }
+            | NodeEvent::PlanFetched { mac }
+            | NodeEvent::Report { mac, .. }
+            | NodeEvent::Enrolment { mac, .. }
+            | NodeEvent::LocalBoot { mac, .. } => Some(*mac),
             NodeEvent::BootFile { mac, .. } => *mac,
             _ => None,
         };
@@ -206,12 +212,52 @@ impl Registry {
             NodeEvent::PlanFetched { mac } => {
                 let n = self.node_mut(*mac, now);
                 n.last_seen_ms = now;
+                // Only enrolled nodes get plans and tokens: whatever the book's events said.
+                if n.enrolment == Enrolment::Discovered {
+                    n.enrolment = Enrolment::Installing;
+                }
                 (*mac, n.advance(Phase::Installer, now))
             }
             NodeEvent::Report { mac, report } => {
                 let n = self.node_mut(*mac, now);
                 n.last_seen_ms = now;
+                if n.enrolment == Enrolment::Discovered {
+                    n.enrolment = Enrolment::Installing;
+                }
                 n.on_report(report, now);
+                (*mac, true)
+            }
+            NodeEvent::Enrolment { mac, state, hostname } => {
+                let new = !self.nodes.contains_key(mac);
+                let n = self.node_mut(*mac, now);
+                let mut changed = new || n.enrolment != *state;
+                n.enrolment = *state;
+                if hostname.is_some() && n.hostname != *hostname {
+                    n.hostname = hostname.clone();
+                    changed = true;
+                }
+                if new {
+                    // Known from the book before anything was seen of it (a restart).
+                    match state {
+                        Enrolment::Installed => {
+                            n.enter(Phase::Done, now);
+                        }
+                        Enrolment::Failed => {
+                            n.enter(Phase::Failed, now);
+                            n.error = Some("the last install failed (before the appliance restarted)".into());
+                        }
+                        _ => {}
+                    }
+                }
+                (*mac, changed)
+            }
+            NodeEvent::LocalBoot { mac, why } => {
+                let n = self.node_mut(*mac, now);
+                n.last_seen_ms = now;
+                n.message = Some(format!("booting from its disk: {why}"));
+                if n.enrolment == Enrolment::Installed {
+                    n.enter(Phase::Done, now);
+                }
                 (*mac, true)
             }
             NodeEvent::Seed { uploaded, archive_size } => {
@@ -247,7 +293,7 @@ impl Registry {
         for n in self.nodes.values_mut() {
             n.expire_rates(now, self.announce_fresh_ms);
             n.sample_rate(now);
-            if n.check_stuck(now, self.stuck_after_ms) {
+            if n.enrolment != Enrolment::Discovered && n.check_stuck(now, self.stuck_after_ms) {
                 newly_stuck.push(n.mac);
             }
         }
@@ -285,7 +331,8 @@ impl Registry {
         let mut phases: BTreeMap<&'static str, usize> = Phase::ALL.iter().map(|p| (p.as_str(), 0)).collect();
         let (mut down, mut up, mut downloaded, mut remaining, mut stuck) = (0u64, 0u64, 0u64, 0u64, 0usize);
         let archive = self.archive_size.max(self.nodes.values().map(|n| n.bytes_total).max().unwrap_or(0));
-        for n in self.nodes.values() {
+        let members = || self.nodes.values().filter(|n| n.enrolment != Enrolment::Discovered);
+        for n in members() {
             *phases.entry(n.phase.as_str()).or_insert(0) += 1;
             down += n.down_bps;
             up += n.up_bps;
@@ -293,9 +340,10 @@ impl Registry {
             remaining += n.remaining(archive);
             stuck += usize::from(n.stuck);
         }
-        let complete = !self.nodes.is_empty() && self.nodes.values().all(|n| n.phase.is_final());
+        let count = members().count();
+        let complete = count > 0 && members().all(|n| n.phase.is_final());
         let eta_secs = if remaining == 0 {
-            if self.nodes.is_empty() { None } else { Some(0) }
+            if count == 0 { None } else { Some(0) }
         } else if down > 0 {
             Some(remaining.div_ceil(down))
         } else {
@@ -303,7 +351,8 @@ impl Registry {
         };
         let seed_share = (downloaded > 0).then(|| (self.seed_uploaded as f64 / downloaded as f64).min(1.0));
         Deployment {
-            nodes: self.nodes.len(),
+            nodes: count,
+            discovered: self.nodes.len() - count,
             phases,
             stuck,
             complete,

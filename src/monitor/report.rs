@@ -112,6 +112,16 @@ pub fn write(dir: &Path, data: &ReportData) -> Result<PathBuf, ReportError> {
     node_rates(&out.join("node-rates.svg"), data, t0)?;
     aggregate(&out.join("aggregate.svg"), data, t0)?;
     timeline(&out.join("timeline.svg"), data, t0)?;
+    // Each node's installer console, kept with the report.
+    let with_console: Vec<_> = data.nodes.iter().filter(|n| !n.node.console.is_empty()).collect();
+    if !with_console.is_empty() {
+        let dir = out.join("consoles");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        for n in with_console {
+            let f = dir.join(format!("{}.log", n.node.mac.hyphenated()));
+            std::fs::write(&f, n.node.console_text()).map_err(io(&f))?;
+        }
+    }
     let latest = dir.join("latest");
     let tmp = dir.join(".latest.tmp");
     let _ = std::fs::remove_file(&tmp);

@@ -25,6 +25,25 @@ pub enum BootVia {
     Http,
 }
 
+/// What the node book says of a node (shown beside its phase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enrolment {
+    /// Seen on the network, not enrolled: told to boot from its disk, never installed.
+    #[default]
+    Discovered,
+    /// Enrolled, not installed yet.
+    Enrolled,
+    /// Its installer runs.
+    Installing,
+    /// Installed: boots from its disk.
+    Installed,
+    /// Its last install failed.
+    Failed,
+    /// Marked for a new install at its next boot.
+    Reimage,
+}
+
 /// One observation about a node.
 #[derive(Debug, Clone)]
 pub enum NodeEvent {
@@ -81,6 +100,22 @@ pub enum NodeEvent {
         mac: MacAddr,
         /// What it said.
         report: NodeReport,
+    },
+    /// The node book changed a node's record (or tells the registry at start).
+    Enrolment {
+        /// The node.
+        mac: MacAddr,
+        /// What it is now.
+        state: Enrolment,
+        /// Its host name, when the record has one.
+        hostname: Option<String>,
+    },
+    /// A node's boot script told it to boot from its local disk.
+    LocalBoot {
+        /// The node.
+        mac: MacAddr,
+        /// Why, for the operator.
+        why: String,
     },
     /// The appliance's own seed: bytes uploaded so far (all torrents) and archive size.
     Seed {

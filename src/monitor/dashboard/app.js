@@ -34,6 +34,38 @@ function sortValue(n, k) {
   return v == null ? "" : v;
 }
 
+// Admin actions (enrol, re-image) want the admin token: the appliance prints the dashboard's
+// URL with `#admin=<token>` at start; it is kept in this browser's localStorage.
+const ADMIN_KEY = "si-appliance-admin";
+{
+  const m = /(?:^|[#&])admin=([0-9a-f]+)/.exec(location.hash);
+  if (m) { localStorage.setItem(ADMIN_KEY, m[1]); history.replaceState(null, "", location.pathname + location.search); }
+}
+const adminToken = () => localStorage.getItem(ADMIN_KEY);
+
+async function admin(path, body) {
+  const r = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json", "Authorization": "Bearer " + (adminToken() || "") }, body: JSON.stringify(body) });
+  const text = await r.text();
+  $("admin-note").textContent = (r.ok ? "" : "refused (" + r.status + "): ") + text.slice(0, 300);
+  return r.ok;
+}
+
+function actionFor(n) {
+  if (!adminToken()) return "";
+  if (n.enrolment === "discovered") return `<button class="act" data-act="enrol" data-mac="${esc(n.mac)}">enrol</button>`;
+  if (n.enrolment === "installed" || n.enrolment === "failed" || n.enrolment === "installing")
+    return `<button class="act" data-act="reimage" data-mac="${esc(n.mac)}">re-image</button>`;
+  return "";
+}
+
+document.addEventListener("click", async (e) => {
+  const b = e.target.closest("button.act");
+  if (!b) return;
+  const mac = b.dataset.mac;
+  if (b.dataset.act === "enrol") await admin("/api/admin/nodes", { macs: [mac] });
+  if (b.dataset.act === "reimage" && confirm("Install " + mac + " again at its next network boot?")) await admin("/api/admin/reimage", { macs: [mac] });
+});
+
 function renderTable() {
   const now = Date.now() + serverSkew;
   const list = [...nodes.values()];
@@ -47,7 +79,7 @@ function renderTable() {
     const pct = Math.round(progress(n) * 100);
     const msg = n.phase === "failed" ? (n.error || "") : (n.stuck ? "stuck: no progress. " : "") + (n.message || n.boot_files[n.boot_files.length - 1] || "");
     return `<tr class="${cls}" data-mac="${esc(n.mac)}"><td>${esc(n.mac)}</td><td>${esc(n.ip)}</td><td>${esc(n.hostname)}</td>` +
-      `<td>${esc(n.arch)}</td><td><span class="phase" style="background:${COLORS[n.phase]}">${esc(n.phase)}</span></td>` +
+      `<td>${esc(n.arch)}</td><td>${esc(n.enrolment)} ${actionFor(n)}</td><td><span class="phase" style="background:${COLORS[n.phase]}">${esc(n.phase)}</span></td>` +
       `<td><span class="bar"><div style="width:${pct}%"></div></span> ${pct}%</td><td>${mb(n.down_bps)}</td><td>${mb(n.up_bps)}</td>` +
       `<td>${n.peers}</td><td>${dur((now - n.last_progress_ms) / 1000)}</td><td class="msg">${esc(msg)}</td></tr>`;
   });

@@ -450,7 +450,7 @@ fn appliance_packs_its_image_at_start_and_a_node_fetches_it() {
     std::os::unix::fs::symlink("etc/hostname", tree.join("link")).unwrap();
     let cfg = config(&lab, "i", Path::new("/unused"), "")
         .replace("archives = [\"/unused\"]", "archives = []")
-        .replace("iface = \"eth0\"", "iface = \"eth0\"\nenroll = \"any\"\nimage = \"demo\"");
+        .replace("iface = \"eth0\"", "iface = \"eth0\"\nimage = \"demo\"");
     let archive = store.join("archives/demo.tar.zst");
     {
         let appliance = start_appliance(&lab, app, "appliance", &cfg, &[]);

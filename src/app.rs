@@ -70,6 +70,7 @@ pub enum AppError {
 /// # Errors
 /// The first error that stopped a service, or a start-up error.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
+    raise_open_file_limit();
     let iface_name = cfg.iface.clone().ok_or(AppError::NoIface)?;
     let iface = net::discover(&iface_name, cfg.server_ip)?;
     let secret = load_or_create_secret(&cfg.state_dir)?;
@@ -147,12 +148,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             .await
             .map_err(|source| AppError::Http { addr, source })?;
         let (router, token) = (router.clone(), shutdown.clone());
+        let limits = crate::http_serve::Limits { max_connections: cfg.http.max_connections, header_timeout: cfg.http.header_timeout };
         tasks.spawn(async move {
             // Connect info: the boot routes log each client's address; the tracker needs it.
-            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-                .map_err(|source| AppError::Http { addr, source })
+            crate::http_serve::serve(listener, router, limits, token).await;
+            Ok(())
         });
     }
 
@@ -334,6 +334,28 @@ fn flatten(r: Result<Result<(), AppError>, tokio::task::JoinError>) -> Result<()
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(_) => Ok(()),
     }
+}
+
+/// Raises the soft limit of open files to the hard limit: a systemd unit's default soft limit
+/// (1024) is reached by a thousand idle HTTP connections, after which accepts and TFTP
+/// transfers fail with EMFILE.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write/read the one struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        warn!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+        return;
+    }
+    let was = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            warn!(soft = was, hard = lim.rlim_max, "cannot raise the open-file limit: {}", std::io::Error::last_os_error());
+            return;
+        }
+    }
+    info!(was, now = lim.rlim_cur, "open-file limit");
 }
 
 /// Resolves on SIGINT or SIGTERM (also used by `si-appliance fetch`).

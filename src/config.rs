@@ -216,11 +216,16 @@ impl Default for TftpConfig {
 pub struct HttpConfig {
     /// TCP port for boot scripts, kernels, the node API and the dashboard.
     pub port: u16,
+    /// Connections open at once, per listen address, at most (beyond: closed at once, counted).
+    pub max_connections: usize,
+    /// Time a client has to send a request's head (idle and half-open connections are closed).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { port: 80 }
+        HttpConfig { port: 80, max_connections: 4096, header_timeout: Duration::from_secs(10) }
     }
 }
 

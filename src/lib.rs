@@ -12,6 +12,7 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod dhcp;
+pub mod http_serve;
 pub mod image;
 pub mod install;
 pub mod monitor;

@@ -94,39 +94,6 @@ fn artefact_dir() -> PathBuf {
     d
 }
 
-/// Headless Chromium in host `h`'s namespace: the dashboard's DOM after `budget_ms` of
-/// (virtual) time, and a screenshot at `shot`. No sandbox (root), no background networking,
-/// its own profile directory in the lab.
-fn chromium(lab: &Lab, h: usize, url: &str, shot: &Path) -> String {
-    let profile = lab.path("chromium-profile");
-    let common = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-default-apps",
-        "--disable-sync",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--metrics-recording-only",
-        "--virtual-time-budget=5000",
-        "--window-size=1400,1100",
-    ];
-    let run = |extra: &str| -> Output {
-        let mut c = lab.hosts[h].cmd("timeout");
-        c.args(["60", "chromium"]).args(common).arg(format!("--user-data-dir={}", profile.display())).arg(extra).arg(url);
-        c.env("HOME", lab.path("chromium-home"));
-        c.output().expect("chromium (Debian package chromium; vm-tests/install-deps.sh)")
-    };
-    let dom = run("--dump-dom");
-    assert!(dom.status.success(), "chromium --dump-dom: {}", String::from_utf8_lossy(&dom.stderr));
-    let out = run(&format!("--screenshot={}", shot.display()));
-    assert!(out.status.success() && shot.is_file(), "chromium --screenshot: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&dom.stdout).into_owned()
-}
-
 /// Checks that `path` parses as XML with an `<svg>` root and holds drawn elements.
 fn check_svg(path: &Path) {
     let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -226,7 +193,7 @@ fn registry_follows_a_netns_run_dashboard_renders_and_report_is_written() {
     let _ = fs::remove_file(&shot);
     // `?events=3`: the page closes its event stream after three events, so the headless clock
     // (which stands still while a request is open) can run out its budget and dump the DOM.
-    let dom = chromium(&lab, 1, &format!("{base}/?events=3"), &shot);
+    let dom = common::chromium(&lab, 1, &format!("{base}/?events=3"), Some(&shot));
     let rows = dom.matches("<tr class=\"node").count();
     assert_eq!(rows, N, "node rows in the dashboard DOM:\n{dom}");
     for m in &macs {

@@ -152,6 +152,12 @@ fn unenrolled_pxe_clients_boot_locally_until_added_and_installed_nodes_stay_loca
     assert!(pxe.contains("LOCALBOOT 0") && !pxe.contains("si.token"), "{pxe}");
     let (code, body) = plan(&lab, mac);
     assert_eq!(code, 403, "{body}");
+    // The dashboard, opened with the admin token in its URL, offers "enrol" for it.
+    let admin = fs::read_to_string(lab.path("state").join("admin-token")).unwrap();
+    let dom = common::chromium(&lab, 1, &format!("http://{SERVER}:8080/dashboard?events=2#admin={}", admin.trim()), None);
+    assert!(dom.contains(&format!("data-act=\"enrol\" data-mac=\"{NODE_MAC}\"")), "no enrol button:\n{dom}");
+    let dom = common::chromium(&lab, 1, &format!("http://{SERVER}:8080/dashboard?events=2"), None);
+    assert!(!dom.contains("data-act=\"enrol\""), "an enrol button without the admin token:\n{dom}");
     assert!(log(&app).contains("plan refused: not enrolled"), "{}", log(&app));
 
     // The admin routes want the admin token, from any host on the segment.

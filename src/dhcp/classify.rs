@@ -218,6 +218,9 @@ pub enum Firmware {
     Pxe,
     /// iPXE (user class `iPXE`): gets the boot script URL, never the loader again.
     Ipxe,
+    /// UEFI HTTP boot (vendor class `HTTPClient`, option 93 = 16): gets the iPXE EFI binary's
+    /// `http://` URL.
+    HttpBoot,
     /// Our own installer (vendor class `si-appliance`).
     Installer,
     /// Anything else (an OS's DHCP client).
@@ -246,6 +249,8 @@ pub fn classify(req: &Request) -> Client {
         Firmware::Installer
     } else if ipxe {
         Firmware::Ipxe
+    } else if vc.starts_with(b"HTTPClient") {
+        Firmware::HttpBoot
     } else if pxe_class {
         Firmware::Pxe
     } else {

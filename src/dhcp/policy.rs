@@ -308,6 +308,8 @@ pub enum Boot {
     Loader(Loader),
     /// iPXE: the script URL (no chainload loop).
     Script(String),
+    /// UEFI HTTP boot: the URL of the EFI binary.
+    Url(String),
     /// Nothing (an OS client, the installer, or a PXE ROM we cannot serve).
     Nothing(Option<Why>),
 }
@@ -326,6 +328,14 @@ pub fn boot_for(client: &Client, policy: &Policy) -> Boot {
             policy.http_port,
             ipxe_script_path(client.mac)
         )),
+        // UEFI HTTP boot (UEFI 2.5 §24.7): the boot file is a URL of an EFI binary, here iPXE,
+        // which then asks for its script as any iPXE does.
+        Firmware::HttpBoot => match client.arch {
+            Arch::X64UefiHttp | Arch::X64Uefi => {
+                Boot::Url(format!("http://{}:{}/boot/{}", policy.server_ip, policy.http_port, Loader::IpxeEfi.tftp_name()))
+            }
+            other => Boot::Nothing(Some(Why::UnknownArch(other))),
+        },
         Firmware::Pxe => match Loader::for_arch(client.arch) {
             None => Boot::Nothing(Some(Why::UnknownArch(client.arch))),
             Some(_) if !policy.tftp => Boot::Nothing(Some(Why::TftpDisabled)),
@@ -461,7 +471,7 @@ fn decide_full(req: &Request, client: &Client, leases: &Leases, policy: &Policy,
 
 /// proxyDHCP (PXE 2.1 §2.2.5 / §2.4): no addresses, boot information only, to PXE clients.
 fn decide_proxy(req: &Request, client: &Client, via: Via, policy: &Policy) -> Decision {
-    if !client.pxe_class && client.firmware != Firmware::Ipxe {
+    if !client.pxe_class && !matches!(client.firmware, Firmware::Ipxe | Firmware::HttpBoot) {
         return Decision::Ignore(Why::NotPxe);
     }
     let boot = boot_for(client, policy);
@@ -555,8 +565,8 @@ fn add_boot(r: &mut v4::Message, req: &Request, client: &Client, boot: &Boot, po
     let server = policy.server_ip.to_string();
     let file = match boot {
         Boot::Loader(l) => Some(l.tftp_name().to_owned()),
-        Boot::Script(url) if url.len() <= 128 => Some(url.clone()),
-        Boot::Script(_) | Boot::Nothing(_) => None,
+        Boot::Script(url) | Boot::Url(url) if url.len() <= 128 => Some(url.clone()),
+        Boot::Script(_) | Boot::Url(_) | Boot::Nothing(_) => None,
     };
     if let Some(file) = &file {
         r.set_siaddr(policy.server_ip);
@@ -568,6 +578,10 @@ fn add_boot(r: &mut v4::Message, req: &Request, client: &Client, boot: &Boot, po
         o.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
     }
     let o = r.opts_mut();
+    if client.firmware == Firmware::HttpBoot {
+        // UEFI HTTP boot: a server answering an HTTPClient echoes option 60 as `HTTPClient`.
+        o.insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
+    }
     if client.pxe_class {
         // PXE 2.1 §2.4.1: a server answering a PXEClient must echo option 60.
         o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));

@@ -122,6 +122,10 @@ impl Reporter {
         };
         let mut console = super::console::take().unwrap_or_default();
         if phase == Phase::Failed {
+            // The error itself is printed by the binary's edge after this report: say it here.
+            if let Some(e) = &last.error {
+                console.push_str(&format!("si-appliance install: FAILED: {e}\n"));
+            }
             let k = super::console::kernel_tail(40);
             if !k.is_empty() {
                 console.push_str("--- last kernel messages ---\n");

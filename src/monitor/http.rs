@@ -133,6 +133,11 @@ async fn report(
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed report: {e}")),
     };
+    if let (Some(text), Some((book, _))) = (report.console.clone(), s.book.get()) {
+        let book = book.clone();
+        let text = truncate_console(text);
+        let _ = tokio::task::spawn_blocking(move || book.append_console(m, &text)).await;
+    }
     if let (Some(phase @ (Phase::Seeding | Phase::Done | Phase::Failed)), Some((book, manifest))) = (report.phase, s.book.get()) {
         let (book, manifest, error) = (book.clone(), manifest.clone(), report.error.clone());
         match tokio::task::spawn_blocking(move || book.reported(m, phase, error.as_deref(), manifest.as_deref())).await {
@@ -149,6 +154,21 @@ async fn report(
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "monitor busy, report dropped\n").into_response()
     }
+}
+
+/// Console text per report at most (an installer sends about 12 KiB at most).
+const CONSOLE_PER_REPORT: usize = 32 << 10;
+
+fn truncate_console(mut text: String) -> String {
+    if text.len() > CONSOLE_PER_REPORT {
+        let mut cut = CONSOLE_PER_REPORT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("\n[... console text of this report cut ...]\n");
+    }
+    text
 }
 
 async fn events(State(s): State<Arc<Shared>>) -> Sse<impl futures_lite::Stream<Item = Result<Event, Infallible>>> {

@@ -201,7 +201,7 @@ impl Node {
     /// A DHCP packet. A node that was done or failed and comes back from PXE firmware is
     /// booting again: it starts over.
     pub fn on_dhcp(&mut self, ip: Option<Ipv4Addr>, hostname: Option<String>, arch: String, vendor: Option<String>, now: u64) -> bool {
-        let firmware = vendor.as_deref().is_some_and(|v| v.starts_with("PXEClient"));
+        let firmware = vendor.as_deref().is_some_and(|v| v.starts_with("PXEClient") || v.starts_with("HTTPClient"));
         let mut changed = false;
         if self.phase.is_final() && firmware {
             self.restart(now);

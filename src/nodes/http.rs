@@ -215,7 +215,7 @@ async fn console(State(api): State<Arc<Api>>, p: Peer, headers: HeaderMap, UrlPa
     let Ok(mac) = mac.parse::<MacAddr>() else {
         return (StatusCode::BAD_REQUEST, "not a MAC address\n").into_response();
     };
-    match api.observed.console(mac) {
+    match api.book.console(mac).or_else(|| api.observed.console(mac)) {
         Some(text) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
         None => (StatusCode::NOT_FOUND, format!("no console output from {mac}\n")).into_response(),
     }

@@ -38,6 +38,8 @@ use crate::types::{ImageName, MacAddr};
 pub const JOURNAL: &str = "nodes.journal";
 /// Longest host name, group or disk name accepted.
 const MAX_FIELD: usize = 64;
+/// Console bytes kept per node on disk (and twice that with the previous file).
+pub const CONSOLE_FILE_MAX: u64 = 1 << 20;
 /// Longest failure text kept in a record.
 const MAX_ERROR: usize = 512;
 
@@ -336,6 +338,8 @@ struct Inner {
 pub struct NodeBook {
     mode: Enroll,
     path: PathBuf,
+    /// `<state_dir>/consoles`: each node's installer console (`None`: in memory only).
+    consoles: Option<PathBuf>,
     inner: Mutex<Inner>,
     events: std::sync::OnceLock<EventSink>,
 }
@@ -386,6 +390,7 @@ impl NodeBook {
         NodeBook {
             mode,
             path: PathBuf::from("(memory)"),
+            consoles: None,
             inner: Mutex::new(Inner { nodes: BTreeMap::new(), file: None, lines: 0 }),
             events: std::sync::OnceLock::new(),
         }
@@ -443,7 +448,8 @@ impl NodeBook {
         });
         info!(journal = %path.display(), nodes = nodes.len(), ?counts, enroll = ?mode, "node book open");
         let lines = nodes.len();
-        Ok(NodeBook { mode, path, inner: Mutex::new(Inner { nodes, file: Some(file), lines }), events: std::sync::OnceLock::new() })
+        let consoles = Some(dir.join("consoles"));
+        Ok(NodeBook { mode, path, consoles, inner: Mutex::new(Inner { nodes, file: Some(file), lines }), events: std::sync::OnceLock::new() })
     }
 
     /// Sends an `Enrolment` event to the monitor for every change from now on, and one for every
@@ -506,6 +512,37 @@ impl NodeBook {
             }
         }
         Ok(())
+    }
+
+    fn console_path(&self, mac: MacAddr) -> Option<PathBuf> {
+        self.consoles.as_ref().map(|d| d.join(format!("{}.log", mac.hyphenated())))
+    }
+
+    /// Appends installer console text to the node's console file (`<state_dir>/consoles/<mac>.log`,
+    /// kept across restarts; beyond [`CONSOLE_FILE_MAX`] the file is started anew, the previous
+    /// one kept as `.log.1`). Best effort: a failure is logged, never stops a report.
+    pub fn append_console(&self, mac: MacAddr, text: &str) {
+        let Some(path) = self.console_path(mac) else { return };
+        let r = (|| -> std::io::Result<()> {
+            if let Some(d) = path.parent() {
+                fs::create_dir_all(d)?;
+            }
+            if fs::metadata(&path).map(|m| m.len() > CONSOLE_FILE_MAX).unwrap_or(false) {
+                fs::rename(&path, path.with_extension("log.1"))?;
+            }
+            OpenOptions::new().create(true).append(true).open(&path)?.write_all(text.as_bytes())
+        })();
+        if let Err(e) = r {
+            warn!(%mac, path = %path.display(), "node console not kept: {e}");
+        }
+    }
+
+    /// The node's console as kept on disk (its last [`CONSOLE_FILE_MAX`] bytes at most).
+    pub fn console(&self, mac: MacAddr) -> Option<String> {
+        let path = self.console_path(mac)?;
+        let bytes = fs::read(&path).ok()?;
+        let from = bytes.len().saturating_sub(CONSOLE_FILE_MAX as usize);
+        Some(String::from_utf8_lossy(&bytes[from..]).into_owned())
     }
 
     /// What the boot script of `mac` says. With `enroll = "any"` an unknown node is enrolled

@@ -355,3 +355,40 @@ pub fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// Headless Chromium in host `h`'s namespace: the dashboard's DOM after `budget_ms` of
+/// (virtual) time, and a screenshot at `shot` if given. No sandbox (root), no background networking,
+/// a new profile directory in the lab.
+pub fn chromium(lab: &Lab, h: usize, url: &str, shot: Option<&Path>) -> String {
+    // A new profile per call: nothing (localStorage, cache) carries over between calls.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let profile = lab.path(&format!("chromium-profile-{}", CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-sync",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--metrics-recording-only",
+        "--virtual-time-budget=5000",
+        "--window-size=1400,1100",
+    ];
+    let run = |extra: &str| -> Output {
+        let mut c = lab.hosts[h].cmd("timeout");
+        c.args(["60", "chromium"]).args(common).arg(format!("--user-data-dir={}", profile.display())).arg(extra).arg(url);
+        c.env("HOME", lab.path("chromium-home"));
+        c.output().expect("chromium (Debian package chromium; vm-tests/install-deps.sh)")
+    };
+    let dom = run("--dump-dom");
+    assert!(dom.status.success(), "chromium --dump-dom: {}", String::from_utf8_lossy(&dom.stderr));
+    if let Some(shot) = shot {
+        let out = run(&format!("--screenshot={}", shot.display()));
+        assert!(out.status.success() && shot.is_file(), "chromium --screenshot: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&dom.stdout).into_owned()
+}

@@ -76,6 +76,16 @@ fn discover_rows_per_firmware() {
         ("unknown arch (25)", pxe(25), None, false, false),
         ("iPXE", [pxe(0), vec![DhcpOption::UserClass(b"iPXE".to_vec())]].concat(), Some(url), false, true),
         ("installer", vec![DhcpOption::ClassIdentifier(b"si-appliance".to_vec())], None, false, false),
+        (
+            "UEFI HTTP boot (16)",
+            vec![
+                DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003001".to_vec()),
+                DhcpOption::ClientSystemArchitecture(Architecture(16)),
+            ],
+            Some("http://10.66.0.1:8080/boot/ipxe.efi"),
+            false,
+            false,
+        ),
     ];
     for (name, opts, file, o43, o175) in rows {
         let (m, to, change) = reply(run(&p, &l, MessageType::Discover, MAC, opts));
@@ -94,6 +104,16 @@ fn discover_rows_per_firmware() {
         assert_eq!(opt_bytes(&m, OptionCode::ClassIdentifier).is_some(), pxe_class, "{name}");
         assert!(encode_reply(&m).unwrap().len() >= BOOTP_MIN_LEN, "{name}");
     }
+    // UEFI HTTP boot clients get `HTTPClient` back as vendor class (UEFI 2.5 §24.7.2).
+    let http = vec![
+        DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003001".to_vec()),
+        DhcpOption::ClientSystemArchitecture(Architecture(16)),
+    ];
+    let (m, _, _) = reply(run(&p, &l, MessageType::Discover, MAC, http.clone()));
+    assert_eq!(opt_bytes(&m, OptionCode::ClassIdentifier).as_deref(), Some(&b"HTTPClient"[..]));
+    let pp = policy("mode = \"proxy\"");
+    let (m, _, _) = reply(run(&pp, &l, MessageType::Discover, MAC, http));
+    assert_eq!(opt_bytes(&m, OptionCode::BootfileName).as_deref(), Some(&b"http://10.66.0.1:8080/boot/ipxe.efi"[..]), "proxy mode too");
     // A plain OS client with answer = "pxe" is ignored.
     let d = run(&p, &l, MessageType::Discover, MAC, vec![DhcpOption::ClassIdentifier(b"udhcp 1.36.1".to_vec())]);
     assert!(matches!(d, Decision::Ignore(Why::NotPxe)), "{d:?}");

@@ -236,8 +236,9 @@ declare -a macs qpid start state restart_t boot_t boots fw why
 # the appliance decides. A node it has not installed gets the installer; an installed one gets
 # "boot local" (an iPXE script that is `echo` + `exit`), and iPXE's `exit` hands control back to
 # the firmware, which boots the next device in the order, the disk. SeaBIOS runs iPXE as the NIC's
-# option ROM (QEMU's efi-virtio.rom holds both the BIOS and the EFI iPXE); OVMF runs the same ROM's
-# EFI driver. UEFI VMs get OVMF as two pflash drives: the firmware code read-only, and a per-VM
+# option ROM (QEMU's default ROM for virtio-net-pci, /usr/lib/ipxe/qemu/efi-virtio.rom, holds both
+# the BIOS and the EFI iPXE); OVMF runs the same ROM's EFI driver. (Naming that ROM explicitly with
+# romfile= loses SeaBIOS its NIC boot entry here, QEMU 7.2: SeaBIOS then boots the disk first.) UEFI VMs get OVMF as two pflash drives: the firmware code read-only, and a per-VM
 # copy of the variable store (ovmf-vars-N.fd in the lab directory), kept across its power-ons.
 start_vm() { # N
   local i=$1 fifo="$labdir/serial-$1.fifo"
@@ -266,7 +267,7 @@ start_vm() { # N
     -nodefaults -machine pc,graphics=off -accel tcg -display none -m "$mem" -no-reboot \
     "${fwargs[@]}" \
     -netdev "tap,id=n0,ifname=tap$i,script=no,downscript=no" \
-    -device "virtio-net-pci,netdev=n0,mac=${macs[$i]},romfile=/usr/lib/ipxe/qemu/efi-virtio.rom,bootindex=1" \
+    -device "virtio-net-pci,netdev=n0,mac=${macs[$i]},bootindex=1" \
     -drive "file=$labdir/disk-$i.img,format=raw,if=none,id=d0" \
     -device "virtio-blk-pci,drive=d0,bootindex=2" \
     -device virtio-rng-pci -serial "file:$fifo" -monitor none > "$labdir/qemu-$i.log" 2>&1 &

@@ -21,7 +21,9 @@
 # that and runs `exit`, which returns from iPXE (QEMU's efi-virtio.rom: SeaBIOS runs its BIOS
 # option ROM, OVMF its EFI driver) to the firmware, and the firmware boots the next device in the
 # order, the disk (GRUB i386-pc in the MBR gap on BIOS; \EFI\BOOT\BOOTX64.EFI, GRUB x86_64-efi
-# installed --removable, on the ESP on UEFI). Measured on both. It waits, bounded, for every login
+# installed --removable, on the ESP on UEFI). Measured on both: SeaBIOS boots the disk at once;
+# OVMF's boot manager goes on down its order, which is why the lab turns OVMF's own network boot
+# options off (see start_vm). It waits, bounded, for every login
 # prompt, prints a per-node table of phase times taken on the host clock (serial lines
 # timestamped as they arrive, and the appliance log), and where the dashboard is.
 # Ctrl-C or the end removes everything it created (processes by PID, namespaces, taps).
@@ -379,7 +381,9 @@ app_ts() { # MAC WORDS
     done
     login="" local_t=""
     [ -n "$r" ] && login=$(first_ts "$log" ' login:' "$r")
-    [ -n "$r" ] && local_t=$(first_ts "$log" 'booting from the local disk' "$r")
+    # The start of the script's echo ("si-appliance: MAC why: booting from the local disk"):
+    # iPXE's BIOS console wraps it at 80 columns.
+    [ -n "$r" ] && local_t=$(first_ts "$log" 'si-appliance: [0-9a-f][0-9a-f]:[0-9a-f:]* ' "$r")
     result=${state[$i]}
     [ "$result" = up ] && result="up: $(login_name "$log" "$r")"
     [ "$result" = failed ] && result="failed: ${why[$i]:-$(grep -m1 -o 'si-init: FAILED.*' "$log" | cut -c 17- | cut -c 1-100)}"

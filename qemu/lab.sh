@@ -5,18 +5,27 @@
 #
 #   sudo qemu/lab.sh              # 3 VMs
 #   sudo LAB_VMS=5 qemu/lab.sh
+#   sudo LAB_FIRMWARE=uefi qemu/lab.sh   # OVMF; LAB_FIRMWARE=mixed: odd VMs BIOS, even VMs UEFI
 #
 # What it does, in order: installs its Debian packages if missing (vm-tests/install-deps.sh),
 # builds the binary (the one release build the tests use), the client kernel + initramfs
 # (pxe-assets/build-client.sh) and the demo image (qemu/make-demo-image.sh, cached), imports the
 # image into a lab store (cached), creates two network namespaces — a switch with a bridge and one
 # tap per VM, and the appliance's, joined to the bridge by a veth pair — starts the appliance there
-# (full DHCP on 10.77.0.0/24, its own state directory in the lab directory) and the VMs (TCG,
-# -nodefaults, NIC first in the boot order, a blank sparse disk each). A VM's installer ends with a
-# reboot; QEMU runs with -no-reboot, so the lab sees that reboot, and starts the VM again from its
-# disk (the appliance does not yet tell an installed node to boot locally, see README). It waits,
-# bounded, for every login prompt, prints a per-node table of phase times taken on the host clock
-# (serial lines timestamped as they arrive, and the appliance log), and where the dashboard is.
+# (full DHCP on 10.77.0.0/24, enroll = "any", its own state directory in the lab directory) and the
+# VMs (TCG, -nodefaults, a blank sparse disk each; BIOS = SeaBIOS, UEFI = OVMF, see LAB_FIRMWARE).
+# Every power-on of every VM boots the network first (bootindex: virtio NIC 1, virtio disk 2): the
+# appliance decides what the node boots. A VM's installer ends with a reboot; QEMU runs with
+# -no-reboot, so the lab sees that reboot and powers the VM on again, network first as always. The
+# appliance now knows the node as installed and answers "boot local": an iPXE script that echoes
+# that and runs `exit`, which returns from iPXE (QEMU's efi-virtio.rom: SeaBIOS runs its BIOS
+# option ROM, OVMF its EFI driver) to the firmware, and the firmware boots the next device in the
+# order, the disk (GRUB i386-pc in the MBR gap on BIOS; \EFI\BOOT\BOOTX64.EFI, GRUB x86_64-efi
+# installed --removable, on the ESP on UEFI). Measured on both: SeaBIOS boots the disk at once;
+# OVMF's boot manager goes on down its order, which is why the lab turns OVMF's own network boot
+# options off (see start_vm). It waits, bounded, for every login
+# prompt, prints a per-node table of phase times taken on the host clock (serial lines
+# timestamped as they arrive, and the appliance log), and where the dashboard is.
 # Ctrl-C or the end removes everything it created (processes by PID, namespaces, taps).
 #
 # Environment:
@@ -25,6 +34,11 @@
 #   LAB_DIR=…          logs, disks, state (default /tmp/si-lab.<pid>; kept when LAB_KEEP=1)
 #   LAB_HOLD=1         keep the lab running after the table until Ctrl-C (to look around)
 #   LAB_SMALL_DISK=N   give VM number N a 64 MiB disk (the "disk too small" fault)
+#   LAB_FIRMWARE=bios  bios (SeaBIOS), uefi (OVMF) or mixed (odd VMs BIOS, even VMs UEFI). A UEFI
+#                      VM gets two pflash drives: OVMF_CODE.fd read-only and its own writable copy
+#                      of OVMF_VARS.fd (LAB_DIR/ovmf-vars-N.fd); LAB_OVMF_CODE, LAB_OVMF_VARS
+#                      override /usr/share/OVMF/OVMF_CODE.fd and OVMF_VARS.fd (package ovmf);
+#                      OVMF's own PXE/HTTP boot is off (fw_cfg) unless LAB_OVMF_NETBOOT=1
 #   SI_CACHE, SI_TEST_CACHE  the cache roots (default /var/cache/si-appliance and
 #                      /var/cache/si-appliance-test; pxe-assets/cache-lib.sh)
 #   SI_COLD=1          as a machine that never saw the project: every cache (cargo target and
@@ -40,6 +54,9 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 vms=${LAB_VMS:-3}
+firmware=${LAB_FIRMWARE:-bios}
+ovmf_code=${LAB_OVMF_CODE:-/usr/share/OVMF/OVMF_CODE.fd}
+ovmf_vars=${LAB_OVMF_VARS:-/usr/share/OVMF/OVMF_VARS.fd}
 mem=${LAB_MEM:-512}
 disk_size=${LAB_DISK:-2G}
 limit=${LAB_TIMEOUT:-1800}
@@ -68,6 +85,10 @@ ap=sialab-$$-ap
 
 [ "$(id -u)" = 0 ] || die "run as root (namespaces, taps, apt)"
 [[ $vms =~ ^[0-9]+$ ]] && [ "$vms" -ge 1 ] && [ "$vms" -le 50 ] || die "LAB_VMS: 1..50"
+case $firmware in bios|uefi|mixed) ;; *) die "LAB_FIRMWARE: bios, uefi or mixed" ;; esac
+fw_of() { # N -> bios|uefi (mixed: odd VMs BIOS, even VMs UEFI)
+  case $firmware in mixed) if [ $(( $1 % 2 )) = 1 ]; then echo bios; else echo uefi; fi ;; *) echo "$firmware" ;; esac
+}
 
 # --- cleanup: only what this run started, by PID; then the namespaces (taps and veths go with them)
 pids=()
@@ -97,6 +118,9 @@ trap 'say "interrupted"; exit 130' INT TERM
 t0=$(date +%s)
 # --- 1. packages, binary, boot files, demo image
 vm-tests/install-deps.sh >&2
+if [ "$firmware" != bios ]; then
+  [ -f "$ovmf_code" ] && [ -f "$ovmf_vars" ] || die "no OVMF firmware at $ovmf_code / $ovmf_vars (package ovmf)"
+fi
 if [ -n "${SI_APPLIANCE_BIN:-}" ]; then
   bin=$SI_APPLIANCE_BIN
   say "using $bin (SI_APPLIANCE_BIN; not building)"
@@ -209,23 +233,45 @@ stamp_serial() { # FIFO LOG
              for my $p (split /(?<=\n)/, $c) { printf "%.3f ", time if $bol; print $p; $bol = ($p =~ /\n\z/); }
            }' "$1" "$2"
 }
-declare -a macs qpid start state restart_t boot_t boots
-start_vm() { # N BOOT(net|disk)
-  local i=$1 boot=$2 fifo="$labdir/serial-$1.fifo"
+declare -a macs qpid start state restart_t boot_t boots fw why
+# Every power-on boots the network first (bootindex: NIC 1, disk 2), as a rack's nodes are set up:
+# the appliance decides. A node it has not installed gets the installer; an installed one gets
+# "boot local" (an iPXE script that is `echo` + `exit`), and iPXE's `exit` hands control back to
+# the firmware, which boots the next device in the order, the disk. SeaBIOS runs iPXE as the NIC's
+# option ROM (QEMU's default ROM for virtio-net-pci, /usr/lib/ipxe/qemu/efi-virtio.rom, holds both
+# the BIOS and the EFI iPXE); OVMF runs the same ROM's EFI driver. (Naming that ROM explicitly with
+# romfile= loses SeaBIOS its NIC boot entry here, QEMU 7.2: SeaBIOS then boots the disk first.) UEFI VMs get OVMF as two pflash drives: the firmware code read-only, and a per-VM
+# copy of the variable store (ovmf-vars-N.fd in the lab directory), kept across its power-ons.
+start_vm() { # N
+  local i=$1 fifo="$labdir/serial-$1.fifo"
+  local -a fwargs=()
   rm -f "$fifo"; mkfifo "$fifo"
   stamp_serial "$fifo" "$labdir/serial-$i.log" &
   pids+=("$!")
-  local nic_idx=1 disk_idx=2
-  [ "$boot" = disk ] && { nic_idx=2; disk_idx=1; }
+  if [ "${fw[$i]}" = uefi ]; then
+    # OVMF makes several boot options of the NIC, all first in the order (bootindex names the
+    # device): iPXE's (the ROM's EFI driver), then its own network stack's PXEv4, PXEv6,
+    # HTTPv4, HTTPv6 over iPXE's SNP. After iPXE's `exit` it tries each of those before the
+    # disk (measured: 172 s under TCG). The fw_cfg knobs switch OVMF's own network boot off,
+    # as one would in a rack's firmware set-up; iPXE's option is untouched.
+    fwargs=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$ovmf_code"
+            -drive "if=pflash,format=raw,unit=1,file=$labdir/ovmf-vars-$i.fd")
+    if [ "${LAB_OVMF_NETBOOT:-0}" != 1 ]; then
+      for k in IPv4PXESupport IPv6PXESupport IPv4Support IPv6Support; do
+        fwargs+=(-fw_cfg "name=opt/org.tianocore/$k,string=no")
+      done
+    fi
+  fi
   boot_t[$i]=$(date +%s.%N)
   boots[$i]=$(( ${boots[$i]:-0} + 1 ))
-  printf '%s === lab: VM %s powered on (%s first) ===\n' "${boot_t[$i]}" "$i" "$boot" >> "$labdir/serial-$i.log"
+  printf '%s === lab: VM %s powered on (%s, network first) ===\n' "${boot_t[$i]}" "$i" "${fw[$i]}" >> "$labdir/serial-$i.log"
   ip netns exec "$sw" qemu-system-x86_64 -name "si-lab-vm$i" \
     -nodefaults -machine pc,graphics=off -accel tcg -display none -m "$mem" -no-reboot \
+    "${fwargs[@]}" \
     -netdev "tap,id=n0,ifname=tap$i,script=no,downscript=no" \
-    -device "virtio-net-pci,netdev=n0,mac=${macs[$i]},bootindex=$nic_idx" \
+    -device "virtio-net-pci,netdev=n0,mac=${macs[$i]},bootindex=1" \
     -drive "file=$labdir/disk-$i.img,format=raw,if=none,id=d0" \
-    -device "virtio-blk-pci,drive=d0,bootindex=$disk_idx" \
+    -device "virtio-blk-pci,drive=d0,bootindex=2" \
     -device virtio-rng-pci -serial "file:$fifo" -monitor none > "$labdir/qemu-$i.log" 2>&1 &
   qpid[$i]=$!
   pids+=("${qpid[$i]}")
@@ -238,10 +284,12 @@ for i in $(seq 1 "$vms"); do
   size=$disk_size
   [ "${LAB_SMALL_DISK:-0}" = "$i" ] && size=64M
   truncate -s "$size" "$labdir/disk-$i.img"
+  fw[$i]=$(fw_of "$i")
+  [ "${fw[$i]}" = uefi ] && cp "$ovmf_vars" "$labdir/ovmf-vars-$i.fd"
   start[$i]=$(date +%s.%N)
   state[$i]=installing
-  start_vm "$i" net
-  say "VM $i (${macs[$i]}, disk $size) PXE-booting; serial: $labdir/serial-$i.log"
+  start_vm "$i"
+  say "VM $i (${macs[$i]}, ${fw[$i]}, disk $size) PXE-booting; serial: $labdir/serial-$i.log"
 done
 
 first_ts() { # LOG REGEX [AFTER_TS] -> first timestamp of a matching line after AFTER_TS
@@ -254,7 +302,8 @@ login_name() { # LOG AFTER_TS -> the host name of the first login prompt after A
   awk -v after="$2" '$1 > after && / login:/ { for (i = 2; i <= NF; i++) if ($(i) == "login:") { print $(i-1); exit } }' "$1"
 }
 
-# --- 6. wait for every VM: installing -> rebooted from disk -> login (or failed)
+# --- 6. wait for every VM: installing -> powered on again, network first -> "boot local" -> its
+# disk -> login (or failed)
 deadline=$(( $(date +%s) + limit ))
 while :; do
   pending=0
@@ -265,26 +314,34 @@ while :; do
         if grep -q 'si-init: FAILED' "$log"; then
           state[$i]=failed; say "VM $i failed: $(grep -m1 'si-init: FAILED' "$log" | cut -d' ' -f2-)"
         elif ! kill -0 "${qpid[$i]}" 2>/dev/null; then
-          # The guest rebooted or powered off (-no-reboot ends QEMU). After a finished install
-          # (the installer's "done" and the kernel's restart since this power-on) it is powered
-          # on again from its disk, otherwise from the network again (a reset mid-install).
+          # The guest rebooted or powered off (-no-reboot ends QEMU, so the lab sees it). It is
+          # powered on again, network first as always: after a finished install (the
+          # installer's "seeding" phase or its "install-done" line, then the kernel's restart,
+          # since this power-on; "seeding" is what makes the appliance book the node installed,
+          # and the "install-done" line can be lost: the installer reboots right after printing
+          # it, before /init's tee has copied it to the console) the appliance should answer
+          # "boot local"; after a reset mid-install it installs again.
           since=${boot_t[$i]}
-          if [ -n "$(first_ts "$log" 'install-done ' "$since")" ] && [ -n "$(first_ts "$log" 'reboot: Restarting system' "$since")" ]; then
-            state[$i]=disk; restart_t[$i]=$(date +%s.%N)
-            say "VM $i rebooted after its install: starting it from its disk"
-            start_vm "$i" disk
+          if [ -n "$(first_ts "$log" 'install-done |phase=seeding' "$since")" ] && [ -n "$(first_ts "$log" 'reboot: Restarting system' "$since")" ]; then
+            state[$i]=local; restart_t[$i]=$(date +%s.%N)
+            say "VM $i rebooted after its install: powering it on again (network first)"
+            start_vm "$i"
           elif [ "${boots[$i]}" -lt 4 ]; then
-            say "VM $i stopped before its install finished: PXE-booting it again"
-            start_vm "$i" net
+            say "VM $i stopped before its install finished: powering it on again (network first)"
+            start_vm "$i"
           else
             state[$i]=failed; say "VM $i stopped four times without finishing its install"
           fi
         fi ;;
-      disk)
+      local)
         if [ -n "$(first_ts "$log" ' login:' "${restart_t[$i]}")" ]; then
           state[$i]=up; say "VM $i: $(login_name "$log" "${restart_t[$i]}") login prompt"
+        elif [ -n "$(first_ts "$log" 'si-init: running' "${restart_t[$i]}")" ]; then
+          state[$i]=failed; why[$i]="installed, but the appliance sent the installer again"
+          say "VM $i: ${why[$i]}"
         elif ! kill -0 "${qpid[$i]}" 2>/dev/null; then
-          state[$i]=failed; say "VM $i stopped while booting from its disk"
+          state[$i]=failed; why[$i]="stopped after the \"boot local\" answer, before a login prompt"
+          say "VM $i ${why[$i]}"
         fi ;;
     esac
     case ${state[$i]} in up|failed) ;; *) pending=$((pending + 1)) ;; esac
@@ -305,13 +362,13 @@ app_ts() { # MAC WORDS
 {
   echo
   echo "Per-node phase times (seconds since the VM was first powered on; host clock)"
-  printf '%-3s %-17s %6s %6s %6s %6s %6s %6s %6s %7s %7s %7s %7s %7s %7s  %s\n' VM MAC dhcp files kernel init net \
-    plan part dl+unp config loader done reboot login result
+  printf '%-3s %-4s %-17s %6s %6s %6s %6s %6s %6s %6s %7s %7s %7s %7s %7s %7s %7s  %s\n' VM fw MAC dhcp files kernel init net \
+    plan part dl+unp config loader done reboot local login result
   for i in $(seq 1 "$vms"); do
     log="$labdir/serial-$i.log"; b=${start[$i]}
     r=${restart_t[$i]:-}
     # The installer phases of the last network boot (after a reset: the clean install).
-    last_net=$(awk '/=== lab: VM .* powered on \(net first\)/ { t = $1 } END { print t }' "$log")
+    last_net=$(awk -v r="${r:-9e99}" '/=== lab: VM .* powered on/ && $1 < r { t = $1 } END { print t }' "$log")
     dhcp=$(app_ts "${macs[$i]}" "lease bound")
     [ -n "$dhcp" ] || dhcp=$(first_ts "$log" 'Configuring \(net0.*ok')
     files=$(first_ts "$log" '/boot/initrd.img.*ok')
@@ -319,22 +376,26 @@ app_ts() { # MAC WORDS
     init=$(first_ts "$log" 'si-init: running')
     netup=$(first_ts "$log" 'si-init: network up')
     cols=""
-    for ph in phase=installer phase=partitioning phase=downloading phase=configuring phase=boot-loader 'install-done '; do
+    for ph in phase=installer phase=partitioning phase=downloading phase=configuring phase=boot-loader 'install-done |stopped seeding'; do
       cols="$cols $(rel "$(first_ts "$log" "$ph" "$last_net")" "$b")"
     done
-    login=""
+    login="" local_t=""
     [ -n "$r" ] && login=$(first_ts "$log" ' login:' "$r")
+    # The start of the script's echo ("si-appliance: MAC why: booting from the local disk"):
+    # iPXE's BIOS console wraps it at 80 columns.
+    [ -n "$r" ] && local_t=$(first_ts "$log" 'si-appliance: [0-9a-f][0-9a-f]:[0-9a-f:]* ' "$r")
     result=${state[$i]}
     [ "$result" = up ] && result="up: $(login_name "$log" "$r")"
-    [ "$result" = failed ] && result="failed: $(grep -m1 -o 'si-init: FAILED.*' "$log" | cut -c 17- | cut -c 1-100)"
-    printf '%-3s %-17s %s %s %s %s %s%s %s %s  %s\n' "$i" "${macs[$i]}" "$(rel "$dhcp" "$b")" "$(rel "$files" "$b")" \
+    [ "$result" = failed ] && result="failed: ${why[$i]:-$(grep -m1 -o 'si-init: FAILED.*' "$log" | cut -c 17- | cut -c 1-100)}"
+    printf '%-3s %-4s %-17s %s %s %s %s %s%s %s %s %s  %s\n' "$i" "${fw[$i]}" "${macs[$i]}" "$(rel "$dhcp" "$b")" "$(rel "$files" "$b")" \
       "$(rel "$kern" "$b")" "$(rel "$init" "$b")" "$(rel "$netup" "$b")" "$cols" "$(rel "$r" "$b")" \
-      "$(rel "$login" "$b")" "$result"
+      "$(rel "$local_t" "$b")" "$(rel "$login" "$b")" "$result"
   done
   echo "  dhcp: lease bound (appliance log); files: initrd fetched by iPXE; kernel: the kernel's first lines on the"
   echo "  console; init: the initramfs runs; net: its udhcpc lease; plan … done: the installer's phases"
   echo "  (plan fetched, partitioning, download+unpack, configuring, boot loader, done); reboot: QEMU"
-  echo "  powered on again from the disk; login: the installed system's login prompt."
+  echo "  powered on again (network first); local: iPXE printed the appliance's \"boot local\" answer"
+  echo "  (then \`exit\`); login: the installed system's login prompt (from its disk)."
   echo "Preparation (deps, build, boot files, image): $((t_prep - t0)) s; appliance ready (packing): $((t_ready - t_prep)) s;"
   echo "deployment (first VM power-on to last login or failure): $((t_end - t_ready)) s."
   echo "Kernel $(stat -c %s "$client_dir/vmlinuz") bytes + initrd $(stat -c %s "$client_dir/initrd.img") bytes ($(cat "$client_dir/VERSION" 2>/dev/null))."

@@ -4,6 +4,8 @@
 #   linux-image-cloud-amd64  (LZ4: boots ~8x faster under QEMU TCG than the standard kernel, and
 #                             has the virtio drivers the lab VMs use; see /work/shared/QEMU-LAB.md)
 #   grub-pc                  (the installer runs grub-install/update-grub from the image, chrooted)
+#   grub-efi-amd64-bin       (GRUB's x86_64-efi modules, beside grub-pc: the installer runs
+#                             grub-install --target=x86_64-efi --removable on UEFI nodes)
 #   systemd-sysv udev        (init; a serial getty on ttyS0 comes from console=ttyS0)
 #   e2fsprogs                (the root file system is ext4)
 #   openssh-server           (small; the installer gives each node fresh host keys)
@@ -33,8 +35,8 @@ die() { say "error: $*"; exit 1; }
 
 suite="${SUITE:-bookworm}"
 limit="${DEBOOTSTRAP_TIMEOUT:-1200}"
-RECIPE="demo-1 $suite"
-keys="bin/sh usr/sbin/grub-install boot etc/default/grub etc/systemd/network/80-dhcp.network lib/systemd/systemd"
+RECIPE="demo-2 $suite grub-pc+grub-efi-amd64-bin"
+keys="bin/sh usr/sbin/grub-install usr/lib/grub/i386-pc usr/lib/grub/x86_64-efi boot etc/default/grub etc/systemd/network/80-dhcp.network lib/systemd/systemd"
 cache_tree_start "$SI_TEST_CACHE/demo-bookworm" "$RECIPE" "$limit" "$keys" "$@"
 command -v debootstrap >/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >&2; }
@@ -44,7 +46,7 @@ mirror=$(debian_mirror)
 start=$(date +%s)
 say "debootstrap $suite from $mirror into $tmp (timeout ${limit}s)"
 cache_run_bounded "$limit" debootstrap --variant=minbase --cache-dir="$debs" \
-  --include=linux-image-cloud-amd64,grub-pc,systemd-sysv,udev,e2fsprogs,openssh-server,iproute2 \
+  --include=linux-image-cloud-amd64,grub-pc,grub-efi-amd64-bin,systemd-sysv,udev,e2fsprogs,openssh-server,iproute2 \
   "$suite" "$tmp" "$mirror" >&2 || die "debootstrap failed"
 
 # Serial console everywhere: GRUB on the serial port with no menu wait, the kernel on ttyS0

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests, benchmarks and the lab use: real DHCP/TFTP/BitTorrent
-# clients and servers to test against, QEMU with its iPXE ROMs, boot loaders, and the tools that
+# clients and servers to test against, QEMU with its iPXE ROMs and OVMF (UEFI), boot loaders, and the tools that
 # build the clients' initramfs. Idempotent: does nothing when everything is there.
 set -euo pipefail
 pkgs=(
   iproute2 iputils-ping procps kmod psmisc
   udhcpc isc-dhcp-client dhcpcd-base kea-admin kea-dhcp4-server dnsmasq-base
   tftp-hpa tftpd-hpa atftp curl aria2 transmission-cli opentracker
-  qemu-system-x86 ipxe-qemu ipxe pxelinux syslinux-common busybox-static cpio zstd gzip
+  qemu-system-x86 ipxe-qemu ipxe ovmf pxelinux syslinux-common busybox-static cpio zstd gzip
   tcpdump ndisc6
   debootstrap attr acl rsync libcap2-bin
   fdisk util-linux e2fsprogs xfsprogs dosfstools

@@ -6,6 +6,8 @@
 //! (iPXE `exit`), and the serial console shows each node's own host name in its login prompt
 //! (`rack-01 login:`), the name of its reservation.
 //!
+//! VM 2 runs OVMF (UEFI: GPT with an ESP, GRUB x86_64-efi `--removable`), the others SeaBIOS.
+//!
 //! Faults, in the same run to keep it cheap (one appliance, one image pack, VMs in parallel):
 //! - one VM is reset (QEMU monitor `system_reset`) while it downloads: it boots from the network
 //!   again and completes a clean install;
@@ -45,6 +47,18 @@ fn ensure_assets() -> (PathBuf, PathBuf) {
     (common::client_boot_dir(), common::demo_image())
 }
 
+/// The VM's firmware.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Firmware {
+    /// SeaBIOS, QEMU's iPXE as the NIC's option ROM.
+    Bios,
+    /// OVMF (Debian's `ovmf`), the same ROM's EFI driver.
+    Uefi,
+}
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+
 /// What a power-on is expected to do (QEMU always boots the NIC first).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Boot {
@@ -65,6 +79,7 @@ enum State {
 /// One VM: its QEMU (respawned per power-on), its serial lines stamped on the host clock.
 struct Vm {
     n: usize,
+    firmware: Firmware,
     mac: MacAddr,
     tap: String,
     disk: PathBuf,
@@ -84,7 +99,7 @@ struct Vm {
 }
 
 impl Vm {
-    fn new(lab: &Lab, n: usize, disk_bytes: u64) -> Vm {
+    fn new(lab: &Lab, n: usize, disk_bytes: u64, firmware: Firmware) -> Vm {
         let mac = vm_mac(n);
         let tap = format!("tap{n}");
         lab.switch.ip(&["tuntap", "add", &tap, "mode", "tap"]);
@@ -93,8 +108,13 @@ impl Vm {
         let disk = lab.path(&format!("disk-{n}.img"));
         let f = fs::File::create(&disk).expect("disk image");
         f.set_len(disk_bytes).expect("sparse disk");
+        if firmware == Firmware::Uefi {
+            // Its own variable store, kept across its power-ons.
+            fs::copy(OVMF_VARS, lab.path(&format!("ovmf-vars-{n}.fd"))).expect("OVMF_VARS.fd (package ovmf)");
+        }
         Vm {
             n,
+            firmware,
             mac,
             tap,
             disk,
@@ -125,7 +145,17 @@ impl Vm {
         let (nic, disk) = (1, 2);
         let mut cmd = lab.switch.cmd("qemu-system-x86_64");
         cmd.args(["-nodefaults", "-machine", "pc,graphics=off", "-accel", "tcg", "-display", "none"])
-            .args(["-m", "512", "-no-reboot"])
+            .args(["-m", "512", "-no-reboot"]);
+        if self.firmware == Firmware::Uefi {
+            cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"));
+            cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", lab.path(&format!("ovmf-vars-{}.fd", self.n)).display()));
+            // OVMF's own PXE/HTTP boot options (over iPXE's SNP) come after iPXE's and before the
+            // disk: after iPXE's `exit` it would try each for minutes. Off, as in a rack's set-up.
+            for k in ["IPv4PXESupport", "IPv6PXESupport", "IPv4Support", "IPv6Support"] {
+                cmd.arg("-fw_cfg").arg(format!("name=opt/org.tianocore/{k},string=no"));
+            }
+        }
+        cmd
             .args(["-netdev", &format!("tap,id=n0,ifname={},script=no,downscript=no", self.tap)])
             .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={},bootindex={nic}", self.mac)])
             .args(["-drive", &format!("file={},format=raw,if=none,id=d0", self.disk.display())])
@@ -340,12 +370,16 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
     // The appliance killed with SIGKILL and started again (when the first VM reboots).
     let mut restarted: Option<(f64, Proc)> = None;
 
-    // VM 1: plain install, then re-imaged. VM 2: reset while downloading. VM 3: 64 MiB disk.
+    // VM 1 (BIOS): plain install, then re-imaged. VM 2 (UEFI, OVMF): reset while downloading.
+    // VM 3 (BIOS): 64 MiB disk.
     const REIMAGE_VM: usize = 1;
     const RESET_VM: usize = 2;
     const SMALL_VM: usize = 3;
     let mut vms: Vec<Vm> = (1..=3)
-        .map(|n| Vm::new(&lab, n, if n == SMALL_VM { 64 << 20 } else { 2 << 30 }))
+        .map(|n| {
+            let fw = if n == RESET_VM { Firmware::Uefi } else { Firmware::Bios };
+            Vm::new(&lab, n, if n == SMALL_VM { 64 << 20 } else { 2 << 30 }, fw)
+        })
         .collect();
     let start = Instant::now();
     for vm in &mut vms {
@@ -361,7 +395,9 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
                     let boot = vm.this_boot();
                     let failed = boot.iter().find(|(_, l)| l.contains("si-init: FAILED")).map(|(_, l)| l.clone());
                     let downloading = boot.iter().any(|(_, l)| l.contains("downloading + unpacking"));
-                    let finished = boot.iter().any(|(_, l)| l.contains("install-done "))
+                    // `install-done` is the installer's last line; `phase=seeding` means the disk
+                    // is complete too (the line has been lost to a reboot right after it).
+                    let finished = boot.iter().any(|(_, l)| l.contains("install-done ") || l.contains(&phase_mark("seeding")))
                         && boot.iter().any(|(_, l)| l.contains("reboot: Restarting system"));
                     if let Some(l) = failed {
                         vm.state = State::Failed(l);
@@ -437,7 +473,7 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
             writeln!(
                 table,
                 "{:<5} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  {}{}",
-                format!("{}.{round}", vm.n),
+                format!("{}.{round}{}", vm.n, if vm.firmware == Firmware::Uefi { "u" } else { "b" }),
                 f("/boot/initrd.img"),
                 f("Kernel command line:"),
                 f("si-init: running"),

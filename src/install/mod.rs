@@ -597,6 +597,12 @@ pub fn finish(f: Finish) {
         warn!(?f, "not in an initramfs (/ is not ramfs/tmpfs): not touching this machine, staying up");
         return;
     }
+    // The last lines (install-done) go through /init's tee to the console: give it a moment,
+    // a reboot right after the write has lost them.
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::thread::sleep(std::time::Duration::from_secs(1));
     // SAFETY: sync and reboot have no memory preconditions; reboot only returns on failure.
     unsafe {
         libc::sync();

@@ -176,36 +176,37 @@ async fn list(State(api): State<Arc<Api>>, p: Peer, headers: HeaderMap) -> Respo
     Json(serde_json::json!({ "enroll": api.book.mode(), "nodes": nodes, "discovered": discovered })).into_response()
 }
 
-async fn enrol(State(api): State<Arc<Api>>, p: Peer, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = api.auth.check(&headers, peer(&p), "enrol") {
+/// A mutating admin request: the credential, a JSON body of type `T`, then `f` on the book off
+/// the async threads (it writes the journal).
+async fn mutate<T: serde::de::DeserializeOwned + Send + 'static>(
+    api: Arc<Api>,
+    p: Peer,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    what: &'static str,
+    f: fn(&NodeBook, T) -> Result<serde_json::Value, NodesError>,
+) -> Response {
+    if let Err(r) = api.auth.check(&headers, peer(&p), what) {
         return r;
     }
-    let e: Enrol = match parse_body(&body) {
-        Ok(e) => e,
+    let req: T = match parse_body(&body) {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let book = api.book.clone();
-    match tokio::task::spawn_blocking(move || book.enrol(&e)).await {
-        Ok(Ok(out)) => Json(serde_json::json!({ "enrolled": out })).into_response(),
+    match tokio::task::spawn_blocking(move || f(&book, req)).await {
+        Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(e)) => error(&e),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 
+async fn enrol(State(api): State<Arc<Api>>, p: Peer, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    mutate(api, p, headers, body, "enrol", |book, e: Enrol| Ok(serde_json::json!({ "enrolled": book.enrol(&e)? }))).await
+}
+
 async fn reimage(State(api): State<Arc<Api>>, p: Peer, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = api.auth.check(&headers, peer(&p), "reimage") {
-        return r;
-    }
-    let sel: Selector = match parse_body(&body) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let book = api.book.clone();
-    match tokio::task::spawn_blocking(move || book.reimage(&sel)).await {
-        Ok(Ok(macs)) => Json(serde_json::json!({ "marked": macs })).into_response(),
-        Ok(Err(e)) => error(&e),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
-    }
+    mutate(api, p, headers, body, "reimage", |book, sel: Selector| Ok(serde_json::json!({ "marked": book.reimage(&sel)? }))).await
 }
 
 async fn console(State(api): State<Arc<Api>>, p: Peer, headers: HeaderMap, UrlPath(mac): UrlPath<String>) -> Response {

@@ -217,6 +217,11 @@ fn unenrolled_pxe_clients_boot_locally_until_added_and_installed_nodes_stay_loca
     assert!(text.contains("[vda] 131072") && text.contains("partitioning /dev/vda"), "{text}");
     let (_, list) = node_cmd(&lab, &["list"]);
     assert!(list.lines().any(|l| l.starts_with(NODE_MAC) && l.contains("failed") && l.contains("too small")), "{list}");
+    // The dashboard offers its console and a re-image.
+    let dom = common::chromium(&lab, 1, &format!("http://{SERVER}:8080/dashboard?events=2#admin={}", admin.trim()), None);
+    for act in ["log", "reimage"] {
+        assert!(dom.contains(&format!("data-act=\"{act}\" data-mac=\"{NODE_MAC}\"")), "no {act} button:\n{dom}");
+    }
     assert!(script(&lab, mac).contains("kernel "), "a failed node installs again at its next boot");
     app.terminate();
 }

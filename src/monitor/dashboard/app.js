@@ -52,10 +52,19 @@ async function admin(path, body) {
 
 function actionFor(n) {
   if (!adminToken()) return "";
-  if (n.enrolment === "discovered") return `<button class="act" data-act="enrol" data-mac="${esc(n.mac)}">enrol</button>`;
-  if (n.enrolment === "installed" || n.enrolment === "failed" || n.enrolment === "installing")
-    return `<button class="act" data-act="reimage" data-mac="${esc(n.mac)}">re-image</button>`;
-  return "";
+  const b = (act, label) => `<button class="act" data-act="${act}" data-mac="${esc(n.mac)}">${label}</button>`;
+  if (n.enrolment === "discovered") return b("enrol", "enrol");
+  let out = b("log", "console");
+  if (n.enrolment === "installed" || n.enrolment === "failed" || n.enrolment === "installing") out += b("reimage", "re-image");
+  return out;
+}
+
+// A node's installer console (GET /api/admin/nodes/<mac>/log), shown below the table.
+async function showConsole(mac) {
+  const r = await fetch("/api/admin/nodes/" + mac + "/log", { headers: { "Authorization": "Bearer " + (adminToken() || "") }, cache: "no-store" });
+  $("console-title").textContent = "console of " + mac + (r.ok ? "" : " (" + r.status + ")");
+  $("console").textContent = await r.text();
+  $("console-view").hidden = false;
 }
 
 document.addEventListener("click", async (e) => {
@@ -63,6 +72,7 @@ document.addEventListener("click", async (e) => {
   if (!b) return;
   const mac = b.dataset.mac;
   if (b.dataset.act === "enrol") await admin("/api/admin/nodes", { macs: [mac] });
+  if (b.dataset.act === "log") await showConsole(mac);
   if (b.dataset.act === "reimage" && confirm("Install " + mac + " again at its next network boot?")) await admin("/api/admin/reimage", { macs: [mac] });
 });
 

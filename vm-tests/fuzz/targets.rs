@@ -26,6 +26,7 @@ pub const ALL: &[Target] = &[
     Target { name: "dhcp", max_len: 1500, seeds: dhcp_seeds, run: dhcp_run },
     Target { name: "journal", max_len: 8192, seeds: journal_seeds, run: journal_run },
     Target { name: "tftp", max_len: 600, seeds: tftp_seeds, run: tftp_run },
+    Target { name: "tftp-server", max_len: 600, seeds: tftp_seeds, run: tftp_server_run },
     Target { name: "tracker", max_len: 1024, seeds: tracker_seeds, run: tracker_run },
     Target { name: "torrent", max_len: 4096, seeds: torrent_seeds, run: torrent_run },
     Target { name: "wire", max_len: 512, seeds: wire_seeds, run: wire_run },
@@ -470,4 +471,127 @@ fn tar_run(_: &mut State, input: &[u8]) -> u64 {
             Err(e) => return sig(("err", entries.min(4), kinds, e.kind(), e.to_string().chars().take(24).collect::<String>())),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The TFTP server itself (async-tftp's packet parser and our handler): each input is one
+// datagram sent to the appliance's TFTP service on 127.0.0.1. Datagrams are fired without waiting
+// (the server answers asynchronously); every 256 of them a probe from another address fetches a
+// real loader and must get its first block within 3 s, or the target panics: a datagram that
+// crashes the server task, wedges its executor or leaks it out of sockets shows up there.
+
+struct TftpSrv {
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    server: std::net::SocketAddr,
+    /// Senders, used in turn: async-tftp ignores a request from an address:port that still has
+    /// a transfer running, so one sender would reach our handler a few times a second only.
+    fuzz: Vec<std::net::UdpSocket>,
+    probe: std::net::UdpSocket,
+    sent: u64,
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), si_appliance::boot::BootError>>>,
+}
+
+impl Drop for TftpSrv {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn tftp_server() -> TftpSrv {
+    use si_appliance::boot::{serve_tftp, BootContext};
+    use std::sync::Arc;
+    raise_nofile();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let loaders = dir.path().join("loaders");
+    std::fs::create_dir_all(&loaders).expect("mkdir");
+    std::fs::write(loaders.join("undionly.kpxe"), vec![0x55u8; 70_000]).expect("write");
+    let text = format!(
+        "store = \"{store}\"\n[http]\nport = 8080\n[dhcp]\nprobe = false\n[boot]\nloader_dirs = [\"{loaders}\"]\n[tftp]\ntimeout = \"1s\"\n",
+        store = dir.path().display(),
+        loaders = loaders.display()
+    );
+    let cfg = Config::from_toml(&text, Path::new("fuzz")).expect("the fuzz config is valid");
+    let iface = Iface { name: "lo".into(), index: 1, mac: None, ip: Ipv4Addr::LOCALHOST, net: "127.0.0.0/8".parse().expect("net") };
+    let nodes = Arc::new(si_appliance::nodes::NodeBook::in_memory(Enroll::Any));
+    let ctx = Arc::new(BootContext::new(&cfg, &iface, b"fuzz-secret".to_vec(), nodes));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let server = sock.local_addr().expect("addr");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tftp = cfg.tftp.clone();
+    let token = stop.clone();
+    let task = Some(rt.spawn(async move { serve_tftp(ctx, &tftp, sock, token).await }));
+    let fuzz = (0..64).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind")).collect();
+    let probe = std::net::UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    probe.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let mut srv = TftpSrv { rt, _dir: dir, server, fuzz, probe, sent: 0, stop, task };
+    assert!(probe_once(&mut srv), "the TFTP server does not answer a plain read request");
+    srv
+}
+
+/// Transfers use a socket each: let the process have every descriptor its hard limit allows.
+fn raise_nofile() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the one struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Asks for undionly.kpxe from the probe address, from a new port each time (async-tftp drops a
+/// request from an address:port that still has a transfer running); true when block 1 (or an
+/// OACK) comes back within 3 s. The transfer is then abandoned with an ERROR packet.
+fn probe_once(s: &mut TftpSrv) -> bool {
+    let Ok(probe) = std::net::UdpSocket::bind("127.0.0.2:0") else { return false };
+    if probe.set_read_timeout(Some(Duration::from_millis(200))).is_err() {
+        return false;
+    }
+    s.probe = probe;
+    let mut rrq = vec![0, 1];
+    rrq.extend_from_slice(b"undionly.kpxe\0octet\0");
+    if s.probe.send_to(&rrq, s.server).is_err() {
+        return false;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, from)) = s.probe.recv_from(&mut buf) {
+            if n >= 4 && (buf[1] == 3 || buf[1] == 6) {
+                let _ = s.probe.send_to(b"\0\x05\0\0done\0", from);
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn tftp_server_run(st: &mut State, input: &[u8]) -> u64 {
+    let s = st.any.get_or_insert_with(|| Box::new(tftp_server()));
+    let Some(s) = s.downcast_mut::<TftpSrv>() else { return 0 };
+    let _ = s.fuzz[(s.sent % 64) as usize].send_to(input, s.server);
+    s.sent += 1;
+    if s.sent % 256 == 0 {
+        // Let the server work through what was sent, then check it still serves.
+        std::thread::sleep(Duration::from_millis(20));
+        if !probe_once(s) {
+            // Say whether the service ended (and why) or is alive but silent.
+            let ended = match s.task.take() {
+                Some(t) if t.is_finished() => format!("the service ended: {:?}", s.rt.block_on(t)),
+                other => {
+                    s.task = other;
+                    "the service still runs".to_owned()
+                }
+            };
+            panic!("the TFTP server stopped answering after {} datagrams ({ended})", s.sent);
+        }
+    }
+    // Its answers are not read (a fuzzer has no time for them): the signature is what was sent.
+    let opcode = input.get(..2).map(|o| u16::from_be_bytes([o[0], o[1]])).unwrap_or(u16::MAX);
+    let fields = input.get(2..).map_or(0, |b| b.split(|x| *x == 0).count().min(8));
+    sig(("tftp-server", opcode.min(7), fields))
 }

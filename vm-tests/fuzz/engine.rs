@@ -75,6 +75,12 @@ pub fn shape(text: &str) -> String {
     out
 }
 
+/// The variant name at the start of a `Debug` rendering (`Offer { mac: … }` → `Offer`).
+pub fn variant(debug: &str) -> &str {
+    let end = debug.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(debug.len());
+    &debug[..end]
+}
+
 /// xorshift64*: fast, deterministic from its seed (a run is reproducible with `FUZZ_SEED`).
 pub struct Rng(u64);
 

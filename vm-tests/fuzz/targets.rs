@@ -19,7 +19,7 @@ use si_appliance::dhcp::policy::{self, Decision, Policy, Via};
 use si_appliance::net::Iface;
 use si_appliance::swarm::tracker::{self, Announce, Tracker, TrackerPolicy};
 
-use super::engine::{shape, sig, State, Target};
+use super::engine::{shape, sig, variant, State, Target};
 
 /// Every target, in the order the bench runs them.
 pub const ALL: &[Target] = &[
@@ -125,6 +125,15 @@ fn dhcp_run(st: &mut State, input: &[u8]) -> u64 {
             if let Err(e) = policy::encode_reply(msg) {
                 panic!("a reply the policy built does not encode: {e}");
             }
+            // An address handed out is a pool address (10.66.0.100–119, or the relay pool's
+            // 10.67.0.0/24 less its network, broadcast and router addresses) or the reservation.
+            let y = msg.yiaddr();
+            let o = y.octets();
+            let ok = y.is_unspecified()
+                || y == Ipv4Addr::new(10, 66, 0, 11)
+                || (o[..3] == [10, 66, 0] && (100..=119).contains(&o[3]))
+                || (o[..3] == [10, 67, 0] && o[3] > 1 && o[3] < 255);
+            assert!(ok, "offered {y}, outside every pool, to {:?}", req.mac);
             change.clone()
         }
         Decision::Record(c) => Some(c.clone()),
@@ -138,7 +147,7 @@ fn dhcp_run(st: &mut State, input: &[u8]) -> u64 {
     }
     let what = match &decision {
         Decision::Reply { msg, note, .. } => format!("reply {:?} {:?} {}", msg.opts().msg_type(), note.as_ref().map(|n| shape(&format!("{n:?}"))), d.leases.len().min(4)),
-        Decision::Record(c) => format!("record {}", shape(&format!("{c:?}"))),
+        Decision::Record(c) => format!("record {}", variant(&format!("{c:?}"))),
         Decision::Ignore(w) => format!("ignore {}", shape(&format!("{w:?}"))),
     };
     sig((format!("{:?}", client.firmware), what))
@@ -451,10 +460,23 @@ fn tar_run(_: &mut State, input: &[u8]) -> u64 {
                 if kinds.len() < 4 {
                     kinds.push(h.typeflag);
                 }
+                let mut got = 0u64;
                 loop {
                     match r.read_data(&mut buf) {
-                        Ok(0) => break,
+                        Ok(0) => {
+                            // An entry yields exactly the data it stores (for a sparse file: its
+                            // extents' bytes, the holes are the unpacker's), and a sparse map
+                            // never claims more data than is stored.
+                            assert_eq!(got, h.size, "entry {:?}: read {got} bytes of {}", String::from_utf8_lossy(&h.name), h.size);
+                            if let Some((logical, extents)) = &h.sparse {
+                                let stored: u64 = extents.iter().map(|(_, len)| *len).sum();
+                                assert_eq!(stored, h.size, "sparse map of {:?} holds {stored} bytes, {} stored", String::from_utf8_lossy(&h.name), h.size);
+                                assert!(extents.iter().all(|(off, len)| off.checked_add(*len).is_some_and(|end| end <= *logical)), "sparse extent past the logical size {logical}: {extents:?}");
+                            }
+                            break;
+                        }
                         Ok(n) => {
+                            got += n as u64;
                             data += n;
                             if data > 1 << 20 {
                                 return sig(("data-cap", kinds));
@@ -468,7 +490,7 @@ fn tar_run(_: &mut State, input: &[u8]) -> u64 {
                 }
             }
             Ok(None) => return sig(("end", entries.min(8), kinds)),
-            Err(e) => return sig(("err", entries.min(4), kinds, e.kind(), e.to_string().chars().take(24).collect::<String>())),
+            Err(e) => return sig(("err", entries.min(4), kinds, e.kind(), shape(&e.to_string()).chars().take(32).collect::<String>())),
         }
     }
 }

@@ -595,10 +595,25 @@ fn add_boot(r: &mut v4::Message, req: &Request, client: &Client, boot: &Boot, po
             o.insert(DhcpOption::ClientMachineIdentifier(g.clone()));
         }
     }
-    if client.firmware == Firmware::Ipxe && policy.ipxe_no_pxedhcp {
-        // iPXE encapsulated option 175, setting 176 "no-pxedhcp" = 1: do not wait for proxyDHCP.
-        o.insert(DhcpOption::Unknown(UnknownOption::new(OptionCode::Unknown(175), vec![176, 1, 1])));
+    if client.firmware == Firmware::Ipxe {
+        o.insert(DhcpOption::Unknown(UnknownOption::new(OptionCode::Unknown(175), ipxe_settings(policy.ipxe_no_pxedhcp))));
     }
+}
+
+/// iPXE's encapsulated option 175 in our answers: setting 1 "priority" = 127, the highest, and
+/// (when configured) setting 176 "no-pxedhcp" = 1.
+///
+/// iPXE keeps, of the DHCPOFFERs it collects, the one with the highest priority (a later offer of
+/// equal priority replaces an earlier one), and with no-pxedhcp it stops collecting at once
+/// (iPXE `src/net/udp/dhcp.c`, `dhcp_discovery_rx`). So a foreign DHCP server on the segment that
+/// answers first does not win the node's iPXE stage: ours replaces its offer, unless it too sends
+/// priority 127 and answers after us.
+fn ipxe_settings(no_pxedhcp: bool) -> Vec<u8> {
+    let mut v = vec![1, 1, 127];
+    if no_pxedhcp {
+        v.extend_from_slice(&[176, 1, 1]);
+    }
+    v
 }
 
 /// RFC 2131 §4.1 destination rules.

@@ -100,6 +100,11 @@ fn discover_rows_per_firmware() {
         }
         assert_eq!(m.opts().contains(OptionCode::VendorExtensions), o43, "{name}");
         assert_eq!(m.opts().contains(OptionCode::Unknown(175)), o175, "{name}");
+        if o175 {
+            // iPXE priority 127 first (a foreign server's offer does not win the iPXE stage).
+            let ipxe = opt_bytes(&m, OptionCode::Unknown(175)).unwrap();
+            assert_eq!(&ipxe[..3], &[1, 1, 127], "{name}");
+        }
         let pxe_class = name != "installer";
         assert_eq!(opt_bytes(&m, OptionCode::ClassIdentifier).is_some(), pxe_class, "{name}");
         assert!(encode_reply(&m).unwrap().len() >= BOOTP_MIN_LEN, "{name}");

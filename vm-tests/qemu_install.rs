@@ -17,7 +17,10 @@
 //! - the appliance is killed (SIGKILL) and restarted when the first VM reboots after its
 //!   install: the installed nodes still boot from their disks;
 //! - `si-appliance node reimage` of VM 1 once it is up, then a reset: it installs again and
-//!   comes back to its login prompt.
+//!   comes back to its login prompt;
+//! - a rogue host beside the nodes runs a DHCP server (dnsmasq) handing out another subnet's
+//!   addresses to every client, the installers' included: every node still boots and installs
+//!   from the appliance, which warns about the foreign server.
 //!
 //! QEMU runs with `-no-reboot`, NIC first in the boot order: a reboot ends QEMU and the test
 //! powers the VM on again, always from the network.
@@ -353,6 +356,19 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
         let s = String::from_utf8_lossy(&out.stdout).into_owned();
         (s.contains("fe80::") && !s.contains("tentative")).then_some(())
     });
+    // A rogue host beside the nodes, as on a production switch: a DHCP server (dnsmasq) that
+    // hands out addresses of another subnet to anyone who asks, the installers' udhcpc included.
+    // A node that took its lease could not reach the appliance. iPXE keeps our offer (option
+    // 175: no-pxedhcp, priority 127); the initramfs accepts only the server named by si.server.
+    lab.add_host(Some("10.80.0.250/24"), Some("52:54:00:80:00:fa"));
+    let mut dq = lab.hosts[1].cmd("dnsmasq");
+    dq.args(["--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0", "--bind-interfaces"])
+        .args(["--user=root", "--group=root", "--log-dhcp", "--log-facility=-", "--dhcp-authoritative"])
+        .arg("--dhcp-range=10.80.0.100,10.80.0.150,1h")
+        .arg(format!("--dhcp-leasefile={}", lab.path("rogue.leases").display()))
+        .arg(format!("--pid-file={}", lab.path("rogue.pid").display()));
+    let mut rogue = Proc::spawn("rogue-dnsmasq", dq, lab.path("rogue.log"));
+    rogue.wait_log("DHCP, IP range", Duration::from_secs(20));
     let store = lab.path("store");
     let t = Instant::now();
     common::run(
@@ -545,8 +561,21 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
     println!("--- node log {} (VM 3) ---\n{}", v3.mac, tail(&console, 12));
     assert!(console.to_lowercase().contains("too small"), "node log of VM 3: {console}");
 
+    // The rogue server was there all along and answered the nodes (its log has its offers), and
+    // the appliance saw it and said so.
+    let rogue_log = rogue.log_text();
+    let rogue_offers = rogue_log.lines().filter(|l| l.contains("DHCPOFFER")).count();
+    println!("rogue DHCP server: {rogue_offers} offers made");
+    assert!(rogue_offers > 0, "the rogue DHCP server never answered:\n{}", tail(&rogue_log, 20));
+    assert!(
+        app_log.lines().any(|l| l.contains("WARN") && l.to_lowercase().contains("dhcp server") && l.contains("10.80.0.250")),
+        "the appliance never warned about the foreign DHCP server 10.80.0.250\n{}",
+        tail(&app_log, 40)
+    );
+
     drop(vms);
     drop(appliance);
     drop(restarted);
+    drop(rogue);
     let _ = fs::remove_dir_all(&lab.dir);
 }

@@ -51,6 +51,10 @@ pub enum Malformed {
     NoMessageType,
     /// Option 53 is a server-to-client or unknown type.
     NotClientMessage(u8),
+    /// giaddr is set but is no relay agent's address (broadcast, multicast, loopback, this
+    /// network, class E): an answer would go to the whole segment or nowhere (RFC 1542 §4.1.1:
+    /// giaddr is the relay's own IP address).
+    BadRelay(Ipv4Addr),
 }
 
 impl fmt::Display for Malformed {
@@ -65,6 +69,7 @@ impl fmt::Display for Malformed {
             Malformed::Undecodable(e) => write!(f, "undecodable: {e}"),
             Malformed::NoMessageType => f.write_str("no message type (BOOTP is not served)"),
             Malformed::NotClientMessage(t) => write!(f, "message type {t} is not sent by clients"),
+            Malformed::BadRelay(g) => write!(f, "giaddr {g} is not a relay agent's unicast address"),
         }
     }
 }
@@ -173,6 +178,10 @@ pub fn parse(bytes: &[u8]) -> Result<Request, Malformed> {
         | MessageType::Inform => {}
         other => return Err(Malformed::NotClientMessage(u8::from(other))),
     }
+    let giaddr = msg.giaddr();
+    if !giaddr.is_unspecified() && !is_unicast_host(giaddr) {
+        return Err(Malformed::BadRelay(giaddr));
+    }
     // hlen == 6 was checked above, so chaddr has six bytes.
     let mac = MacAddr::from_chaddr(msg.chaddr()).ok_or(Malformed::NotEthernet { htype: 1, hlen: bytes[2] })?;
     let requested_ip = match msg.opts().get(OptionCode::RequestedIpAddress) {
@@ -200,6 +209,13 @@ pub fn parse(bytes: &[u8]) -> Result<Request, Malformed> {
         server_id,
         hostname,
     })
+}
+
+/// An address a host (here: a relay agent) can have: not 0.0.0.0/8, loopback, multicast,
+/// class E or the limited broadcast.
+fn is_unicast_host(ip: Ipv4Addr) -> bool {
+    let first = ip.octets()[0];
+    first != 0 && !ip.is_loopback() && !ip.is_multicast() && first < 240
 }
 
 #[derive(Default)]
@@ -281,6 +297,30 @@ pub(crate) mod tests {
         let mut v = Vec::new();
         m.encode(&mut dhcproto::Encoder::new(&mut v)).expect("encodes");
         v
+    }
+
+    /// A relayed packet whose giaddr is no relay's address is dropped (issue 13: proxy mode
+    /// answered giaddr 255.255.255.255).
+    #[test]
+    fn giaddr_must_be_a_relay_agents_unicast_address() {
+        for (g, ok) in [
+            ("0.0.0.0", true),
+            ("10.67.0.1", true),
+            ("192.0.2.9", true),
+            ("255.255.255.255", false),
+            ("224.0.0.1", false),
+            ("127.0.0.1", false),
+            ("0.1.2.3", false),
+            ("240.0.0.1", false),
+        ] {
+            let ip: Ipv4Addr = g.parse().unwrap();
+            let mut b = request(MessageType::Discover, [2, 0, 0, 0, 0, 1], vec![DhcpOption::ClassIdentifier(b"PXEClient".to_vec())]);
+            b[24..28].copy_from_slice(&ip.octets());
+            match parse(&b) {
+                Ok(r) => assert!(ok, "{g} accepted: {:?}", r.msg.giaddr()),
+                Err(e) => assert!(!ok && e == Malformed::BadRelay(ip), "{g}: {e}"),
+            }
+        }
     }
 
     #[test]

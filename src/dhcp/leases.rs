@@ -260,12 +260,17 @@ pub enum JournalError {
 }
 
 /// What replaying the journal found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Replay {
     /// Records applied.
     pub records: usize,
     /// Bytes dropped at the end (a torn or corrupt tail).
     pub dropped_bytes: usize,
+    /// Damaged stretches in the middle, skipped to the next good record: (offset in the file,
+    /// length). Empty for a journal that is whole or only torn at its end.
+    pub damaged: Vec<(usize, usize)>,
+    /// Where the damaged journal was kept before compaction rewrote it (only when `damaged`).
+    pub kept_aside: Option<PathBuf>,
 }
 
 const FILE_MAGIC: &[u8; 8] = b"SIALEAS1";
@@ -341,37 +346,81 @@ fn decode_payload(p: &[u8]) -> Option<Change> {
     }
 }
 
-/// Decodes journal bytes into its records, in order: stops at the first record that is short,
-/// fails its checksum or has an unknown kind (a torn tail after a crash) and reports how many
-/// bytes were dropped from there on.
-pub fn read_records(bytes: &[u8]) -> (Vec<Change>, usize) {
-    let Some(body) = bytes.strip_prefix(FILE_MAGIC.as_slice()) else {
-        return (Vec::new(), bytes.len());
-    };
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < body.len() {
-        let Some(h) = body.get(i..i + REC_HEADER) else { break };
-        let len = u16::from_le_bytes([h[0], h[1]]) as usize;
-        let crc = u32::from_le_bytes([h[2], h[3], h[4], h[5]]);
-        let Some(p) = body.get(i + REC_HEADER..i + REC_HEADER + len) else { break };
-        if crc32(p) != crc {
-            break;
-        }
-        let Some(change) = decode_payload(p) else { break };
-        out.push(change);
-        i += REC_HEADER + len;
+/// Largest record payload: the fixed fields and a 255-byte host name.
+const MAX_PAYLOAD: usize = 20 + 255;
+
+/// The record at `at` in `body`, with its framed length, if it is whole and checks out.
+fn record_at(body: &[u8], at: usize) -> Option<(Change, usize)> {
+    let h = body.get(at..at + REC_HEADER)?;
+    let len = u16::from_le_bytes([h[0], h[1]]) as usize;
+    if !(20..=MAX_PAYLOAD).contains(&len) {
+        return None;
     }
-    (out, body.len() - i)
+    let crc = u32::from_le_bytes([h[2], h[3], h[4], h[5]]);
+    let p = body.get(at + REC_HEADER..at + REC_HEADER + len)?;
+    if crc32(p) != crc {
+        return None;
+    }
+    Some((decode_payload(p)?, REC_HEADER + len))
 }
 
-/// Replays journal bytes into `leases` (see [`read_records`] for where it stops).
+/// What [`scan`] found in journal bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// The good records, in order.
+    pub records: Vec<Change>,
+    /// Damaged stretches followed by good records: (offset in the file, length).
+    pub damaged: Vec<(usize, usize)>,
+    /// Bytes at the end after the last good record (a torn append).
+    pub tail: usize,
+}
+
+/// Decodes journal bytes into their records, in order. A record that is short, fails its
+/// checksum or has an unknown kind starts a damaged stretch: the scan looks for the next offset
+/// where a whole, checksummed record begins and goes on from there, so one bad sector or a
+/// corrupted record in the middle costs only what it overwrote. Damage with no good record after
+/// it is a torn tail (a crash while appending).
+pub fn scan(bytes: &[u8]) -> Scan {
+    let Some(body) = bytes.strip_prefix(FILE_MAGIC.as_slice()) else {
+        return Scan { tail: bytes.len(), ..Scan::default() };
+    };
+    let mut out = Scan::default();
+    let mut i = 0;
+    while i < body.len() {
+        if let Some((change, n)) = record_at(body, i) {
+            out.records.push(change);
+            i += n;
+            continue;
+        }
+        // Damage at i: the next good record, if any.
+        match (i + 1..body.len()).find(|&j| record_at(body, j).is_some()) {
+            Some(j) => {
+                out.damaged.push((FILE_MAGIC.len() + i, j - i));
+                i = j;
+            }
+            None => {
+                out.tail = body.len() - i;
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The good records of journal bytes and the number of bytes that were not (see [`scan`]).
+pub fn read_records(bytes: &[u8]) -> (Vec<Change>, usize) {
+    let s = scan(bytes);
+    let lost = s.tail + s.damaged.iter().map(|(_, n)| n).sum::<usize>();
+    (s.records, lost)
+}
+
+/// Replays journal bytes into `leases` (see [`scan`] for what is skipped).
 pub fn replay(bytes: &[u8], leases: &mut Leases) -> Replay {
-    let (records, dropped_bytes) = read_records(bytes);
-    for c in &records {
+    let s = scan(bytes);
+    for c in &s.records {
         leases.apply(c);
     }
-    Replay { records: records.len(), dropped_bytes }
+    Replay { records: s.records.len(), dropped_bytes: s.tail, damaged: s.damaged, kept_aside: None }
 }
 
 /// Snapshot records of a table: what compaction writes. Offers are not kept; expired
@@ -429,7 +478,14 @@ impl Journal {
             Err(e) => return Err(open_err(e)),
         }
         let mut leases = Leases::new();
-        let rep = if bytes.is_empty() { Replay::default() } else { replay(&bytes, &mut leases) };
+        let mut rep = if bytes.is_empty() { Replay::default() } else { replay(&bytes, &mut leases) };
+        if !rep.damaged.is_empty() {
+            // Compaction is about to rewrite the journal from what could be read: keep the
+            // damaged file for a look (and for a better recovery by hand) first.
+            let aside = path.with_extension(format!("journal.damaged-{now}"));
+            fs::copy(&path, &aside).map_err(open_err)?;
+            rep.kept_aside = Some(aside);
+        }
         let file = Self::write_compacted(&path, &snapshot(&leases, now))?;
         let records = leases.len();
         Ok((Journal { path, file, staged: Vec::new(), records }, leases, rep))
@@ -550,7 +606,7 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_record_stops_replay() {
+    fn corrupt_last_record_is_a_torn_tail() {
         let mut bytes = FILE_MAGIC.to_vec();
         encode_record(&bind(1, 10, 1000), &mut bytes);
         let good = bytes.len();
@@ -561,6 +617,52 @@ mod tests {
         let rep = replay(&bytes, &mut l);
         assert_eq!(rep.records, 1);
         assert_eq!(rep.dropped_bytes, bytes.len() - good);
+        assert!(rep.damaged.is_empty());
+    }
+
+    /// Issue 13: a corrupt record in the middle stopped the replay, and the compaction at start
+    /// then overwrote the journal with the shorter snapshot: every lease after the damage was
+    /// lost. Now the replay resyncs on the next good record, and the damaged file is kept.
+    #[test]
+    fn damage_in_the_middle_skips_to_the_next_good_record_and_keeps_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(Journal::FILE);
+        let mut bytes = FILE_MAGIC.to_vec();
+        let mut offsets = Vec::new();
+        for n in 1..=6u8 {
+            offsets.push(bytes.len());
+            encode_record(&bind(n, 10 + n, 5000), &mut bytes);
+        }
+        // Record 3: payload garbled (bad CRC); record 4: its length field smashed.
+        bytes[offsets[2] + 12] ^= 0x5a;
+        bytes[offsets[3]] = 0xff;
+        bytes[offsets[3] + 1] = 0xff;
+        fs::write(&path, &bytes).unwrap();
+        let (_j, l, rep) = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(rep.records, 4, "{rep:?}");
+        assert_eq!(rep.damaged, vec![(offsets[2], offsets[4] - offsets[2])]);
+        assert_eq!(rep.dropped_bytes, 0);
+        for n in [1u8, 2, 5, 6] {
+            assert_eq!(l.of_mac(mac(n)).map(|x| x.ip), Some(ip(10 + n)), "lease {n} after the damage was lost");
+        }
+        assert!(l.of_mac(mac(3)).is_none() && l.of_mac(mac(4)).is_none());
+        let aside = rep.kept_aside.expect("the damaged journal was kept aside");
+        assert_eq!(fs::read(&aside).unwrap(), bytes, "the kept file is the damaged journal as it was");
+        // The rewritten journal holds the four leases and reads clean.
+        let (_j, l2, rep2) = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!((rep2.records, rep2.damaged.len(), rep2.dropped_bytes), (4, 0, 0));
+        assert_eq!(l2.len(), 4);
+    }
+
+    /// Garbage that happens to look like a record header is not taken for one (the CRC and the
+    /// payload's kind must check out), and a scan of arbitrary bytes never panics.
+    #[test]
+    fn scan_of_garbage_finds_nothing() {
+        let mut bytes = FILE_MAGIC.to_vec();
+        bytes.extend((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
+        let s = scan(&bytes);
+        assert!(s.records.is_empty());
+        assert_eq!(s.tail, 4096);
     }
 
     #[test]

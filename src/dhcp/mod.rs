@@ -22,7 +22,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Config, DhcpMode};
 use crate::net::{self, Iface};
@@ -91,6 +91,15 @@ impl DhcpServer {
                 path = %j.path().display(), leases = l.len(), records = rep.records,
                 dropped_bytes = rep.dropped_bytes, "lease journal replayed"
             );
+            if let Some(aside) = &rep.kept_aside {
+                let lost: usize = rep.damaged.iter().map(|(_, n)| n).sum();
+                warn!(
+                    path = %j.path().display(), kept = %aside.display(), stretches = rep.damaged.len(), lost_bytes = lost,
+                    "LEASE JOURNAL DAMAGED: replay skipped damaged records and recovered every good record after them; \
+                     the damaged file is kept; leases in the damaged stretches are lost (their clients will be NAK'd or get \
+                     a new address at renewal)"
+                );
+            }
             (Some(j), l)
         } else {
             (None, leases::Leases::new())

@@ -168,6 +168,32 @@ fn unenrolled_pxe_clients_boot_locally_until_added_and_installed_nodes_stay_loca
     assert_eq!(code, 403);
     let (code, _) = curl(&lab, 1, &["-X", "POST"], &format!("http://{SERVER}:8080/api/report"));
     assert_eq!(code, 401, "writing a report wants the admin token");
+    let (code, _) = curl(&lab, 1, &["-X", "POST", "-H", "Authorization: Bearer bogus"], &format!("http://{SERVER}:8080/api/report"));
+    assert_eq!(code, 403, "a bogus admin token is refused");
+    // Issue 13: 50 report requests at once from the segment made 50 report directories (each a
+    // blocking job on the disk that holds the lease journal). Now one at a time: the others get
+    // 429 while one is written, and no more directories appear than requests succeeded.
+    let url = format!("http://{SERVER}:8080/api/report");
+    let auth = format!("Authorization: Bearer {}", admin.trim());
+    let report_dirs = || {
+        fs::read_dir(lab.path("store").join("reports"))
+            .map(|d| d.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).count())
+            .unwrap_or(0)
+    };
+    let before = report_dirs();
+    let mut args: Vec<&str> = vec!["-sS", "--max-time", "30", "-Z", "--parallel-max", "50", "-w", "%{http_code}\n"];
+    for _ in 0..50 {
+        args.extend(["-o", "/dev/null", "-X", "POST", "-H", &auth, &url]);
+    }
+    let out = lab.hosts[1].cmd("curl").args(&args).output().expect("curl");
+    let codes: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    let ok = codes.iter().filter(|c| *c == "200").count();
+    let busy = codes.iter().filter(|c| *c == "429").count();
+    let dirs = report_dirs() - before;
+    println!("50 concurrent report requests: {ok} written, {busy} refused busy (429), {dirs} new report directories");
+    assert_eq!(ok + busy, 50, "codes: {codes:?}");
+    assert!(ok >= 1 && busy >= 1, "codes: {codes:?}");
+    assert_eq!(dirs, ok, "one directory per report written");
 
     // 2. `node add`: the script now boots the installer, and the plan goes out.
     let (ok, out) = node_cmd(&lab, &["add", NODE_MAC, "--hostname", "n101", "--group", "rack1"]);

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use axum::{Extension, Json};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -46,7 +46,7 @@ pub fn routes(shared: Arc<Shared>) -> Router {
         .route("/dashboard/app.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], APP_CSS) }))
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{mac}", get(one_node))
-        .route("/api/nodes/{mac}/report", post(report))
+        .route("/api/nodes/{mac}/report", post(report).layer(DefaultBodyLimit::max(REPORT_BODY_MAX)))
         .route("/api/deployment", get(deployment))
         .route("/api/samples", get(samples))
         .route("/api/rates", get(rates))
@@ -156,6 +156,11 @@ async fn report(
     }
 }
 
+/// Largest report body accepted (413 beyond). An installer's report is a few hundred bytes
+/// plus the console text printed since the previous one (at most 12 KiB before JSON escaping,
+/// `install::console::PENDING_MAX`) and, in a failure report, the reason and 40 kernel lines.
+pub const REPORT_BODY_MAX: usize = 64 << 10;
+
 /// Console text per report at most (an installer sends about 12 KiB at most).
 const CONSOLE_PER_REPORT: usize = 32 << 10;
 
@@ -180,7 +185,12 @@ async fn events(State(s): State<Arc<Shared>>) -> Sse<impl futures_lite::Stream<I
             _ = closing.cancelled() => return None,
             r = rx.recv() => match r {
                 Ok((name, data)) => Event::default().event(name).data(&*data),
-                Err(RecvError::Lagged(n)) => Event::default().event("lagged").data(n.to_string()),
+                // A subscriber that does not keep up is dropped (the dashboard's EventSource
+                // reconnects and starts from a fresh snapshot); it never holds events back.
+                Err(RecvError::Lagged(n)) => {
+                    warn!(missed = n, "dashboard event stream too slow, closed");
+                    return None;
+                }
                 Err(RecvError::Closed) => return None,
             },
         };
@@ -201,6 +211,9 @@ async fn write_report(
     }
     match s.write_report().await {
         Ok(dir) => Json(serde_json::json!({ "dir": dir })).into_response(),
+        Err(e @ super::MonitorError::ReportBusy) => {
+            (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "5")], format!("{e}\n")).into_response()
+        }
         Err(e) => {
             warn!("report: {e:#}");
             (StatusCode::INTERNAL_SERVER_ERROR, format!("report failed: {e:#}\n")).into_response()

@@ -39,6 +39,10 @@ pub enum MonitorError {
     /// Talking to a running appliance (`status`, `report`) failed.
     #[error(transparent)]
     Client(#[from] client::ClientError),
+    /// Another report is being written (one at a time: each is a blocking job that writes every
+    /// node's JSON and charts on the disk that also holds the lease journal).
+    #[error("a report is being written; ask again when it is done")]
+    ReportBusy,
 }
 
 /// SSE messages buffered per subscriber before it lags (and skips).
@@ -68,6 +72,8 @@ pub struct Shared {
     book: std::sync::OnceLock<(Arc<crate::nodes::NodeBook>, Option<String>)>,
     /// The admin credential `POST /api/report` wants (attached by app.rs).
     admin: std::sync::OnceLock<crate::nodes::http::AdminAuth>,
+    /// Held while a report is written: one at a time.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl crate::nodes::http::Observed for Shared {
@@ -107,7 +113,11 @@ impl Shared {
     ///
     /// # Errors
     /// The directory or a file could not be written.
+    ///
+    /// # Errors
+    /// [`MonitorError::ReportBusy`] while another report is being written, or the write's error.
     pub async fn write_report(self: &Arc<Self>) -> Result<PathBuf, MonitorError> {
+        let Ok(_one) = self.writing.try_lock() else { return Err(MonitorError::ReportBusy) };
         let data = report::ReportData::capture(self);
         let dir = self.report_dir.clone();
         let path = tokio::task::spawn_blocking(move || report::write(&dir, &data))
@@ -145,6 +155,7 @@ impl Monitor {
             closing: CancellationToken::new(),
             book: std::sync::OnceLock::new(),
             admin: std::sync::OnceLock::new(),
+            writing: tokio::sync::Mutex::new(()),
         });
         Monitor { shared, rx, cfg: cfg.clone() }
     }

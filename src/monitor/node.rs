@@ -113,6 +113,23 @@ pub struct Node {
 /// Console bytes kept per node.
 pub const CONSOLE_MAX: usize = 64 << 10;
 
+/// Phase stamps kept per node (the first and the latest).
+pub const MAX_PHASES: usize = 64;
+/// Longest `message`/`error` kept from a report, in bytes (a longer one is cut with a marker).
+pub const MAX_TEXT: usize = 1024;
+
+/// `text`, cut at [`MAX_TEXT`] bytes on a character boundary, marked when cut.
+pub fn capped(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_owned();
+    }
+    let mut cut = MAX_TEXT;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{} [… {} bytes cut]", &text[..cut], text.len() - cut)
+}
+
 impl Node {
     /// A node first seen at `now`, in `phase`.
     pub fn new(mac: MacAddr, phase: Phase, now: u64) -> Node {
@@ -182,6 +199,11 @@ impl Node {
             return false;
         }
         self.phase = phase;
+        if self.phases.len() >= MAX_PHASES {
+            // A node that flaps (an installer in a reboot loop, a forged stream of reports)
+            // keeps its first phase and the latest ones: bounded memory and JSON per node.
+            self.phases.remove(1);
+        }
         self.phases.push(PhaseStamp { phase, at_ms: now });
         self.progress(now);
         true
@@ -319,11 +341,11 @@ impl Node {
             self.up_bps = r.up_bps;
         }
         self.peers = r.peers;
-        if r.message.is_some() {
-            self.message = r.message.clone();
+        if let Some(m) = &r.message {
+            self.message = Some(capped(m));
         }
-        if r.error.is_some() {
-            self.error = r.error.clone();
+        if let Some(e) = &r.error {
+            self.error = Some(capped(e));
         }
         if r.phase == Some(Phase::Failed) && self.error.is_none() {
             self.error = Some("failed (no reason given)".to_owned());
@@ -401,6 +423,28 @@ mod tests {
         n.on_dhcp(None, None, "bios".into(), Some("PXEClient:Arch:00000:UNDI:002001".into()), 2000);
         assert_eq!(n.phase, Phase::Dhcp);
         assert_eq!(n.bytes_done, 0);
+    }
+
+    /// Issue 13: a report's `message`/`error` and the phase list were kept whole, so a forged
+    /// or looping stream of reports grew a node without bound.
+    #[test]
+    fn report_text_and_phase_history_are_bounded() {
+        let mut n = Node::new(mac(), Phase::Dhcp, 0);
+        let long = "é".repeat(10_000);
+        let r = NodeReport { message: Some(long.clone()), error: Some(long), ..Default::default() };
+        n.on_report(&r, 1);
+        for t in [&n.message, &n.error] {
+            let t = t.as_deref().unwrap();
+            assert!(t.len() <= MAX_TEXT + 32 && t.ends_with("bytes cut]"), "{} bytes", t.len());
+        }
+        for i in 0..10_000u64 {
+            let phase = if i % 2 == 0 { Phase::Downloading } else { Phase::Configuring };
+            n.on_report(&NodeReport { phase: Some(phase), ..Default::default() }, 10 + i);
+        }
+        assert_eq!(n.phases.len(), MAX_PHASES);
+        assert_eq!(n.phases[0].phase, Phase::Dhcp, "the first phase is kept");
+        assert_eq!(n.phases.last().unwrap().at_ms, 10 + 9_999, "and the latest");
+        assert_eq!(capped("short"), "short");
     }
 
     #[test]

@@ -300,6 +300,9 @@ pub struct SwarmConfig {
     /// peers meet once they have pieces to trade. 0s = off.
     #[serde(with = "humantime_serde")]
     pub join_delay: Duration,
+    /// Most peers the tracker keeps per image; further new peers are refused (each address
+    /// holds at most 4 entries besides).
+    pub max_peers: u32,
 }
 
 impl Default for SwarmConfig {
@@ -316,6 +319,7 @@ impl Default for SwarmConfig {
             expected_nodes: 0,
             seed_peers: 0,
             join_delay: Duration::ZERO,
+            max_peers: 16_384,
         }
     }
 }

@@ -43,6 +43,10 @@ pub struct SwarmApi {
     pub seed_peers: u32,
 }
 
+/// Peers listed per torrent in `/api/swarm`: the JSON stays small whatever the swarm's size
+/// (nodes poll it for `done` while they seed).
+pub const VIEW_PEERS: usize = 256;
+
 /// One torrent's state as `/api/swarm` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TorrentView {
@@ -59,9 +63,13 @@ pub struct TorrentView {
     pub seed: Option<SeedStats>,
     /// The seed's upload so far, in bytes (also inside `seed`, here for clients' convenience).
     pub seed_uploaded_bytes: u64,
-    /// The other peers, as the tracker last heard of them.
+    /// The other peers, as the tracker last heard of them: the first [`VIEW_PEERS`] by address
+    /// (the counts below cover all of them).
     #[serde(skip_deserializing)]
     pub peers: Vec<PeerState>,
+    /// How many peers there are in all (`peers` lists at most [`VIEW_PEERS`]).
+    #[serde(default)]
+    pub peers_total: usize,
     /// Peers (other than the appliance) that reported `left == 0`.
     pub complete: usize,
     /// Peers still downloading.
@@ -151,7 +159,8 @@ pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
         expected_nodes: api.expected_nodes,
         seed_peers: api.seed_peers,
         seed_limit_secs: api.client_seed_limit_secs,
-        peers,
+        peers_total: peers.len(),
+        peers: peers.into_iter().take(VIEW_PEERS).collect(),
     }
 }
 
@@ -242,5 +251,25 @@ mod tests {
         announce(&api, &peer(13, 0));
         let v = view(&api, &s);
         assert_eq!((v.completed_nodes, v.expected_nodes, v.done), (3, 3, true));
+    }
+
+    /// Issue 13: `/api/swarm/<name>` listed every peer; a flooded swarm made every node's poll
+    /// for `done` a multi-megabyte answer. Now at most VIEW_PEERS, with the total and the counts
+    /// over all of them.
+    #[test]
+    fn the_view_lists_a_bounded_number_of_peers_and_counts_all() {
+        let (mut api, s) = api();
+        let mut t = Tracker::new(TrackerPolicy { subnets: vec!["10.0.0.0/16".parse().unwrap()], ..Default::default() });
+        t.register(s.info_hash);
+        api.tracker = Arc::new(Mutex::new(t));
+        for n in 0..1000u32 {
+            let mut a = peer(0, u64::from(n % 2));
+            a.addr = SocketAddrV4::new(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 8, 0)) + n), 6881);
+            a.peer_id[..4].copy_from_slice(&n.to_be_bytes());
+            announce(&api, &a);
+        }
+        let v = view(&api, &s);
+        assert_eq!((v.peers.len(), v.peers_total, v.complete, v.incomplete), (VIEW_PEERS, 1000, 500, 500));
+        assert!(serde_json::to_vec(&v).unwrap().len() < 64 << 10);
     }
 }

@@ -72,7 +72,17 @@ pub enum Refusal {
     /// The peer's address is outside the provisioning subnets.
     #[error("address {0} is outside the provisioning subnets")]
     Foreign(Ipv4Addr),
+    /// The address already holds [`MAX_PEERS_PER_IP`] entries in this swarm (one node runs one
+    /// client; a host announcing from thousands of ports is flooding).
+    #[error("address {0} already has {MAX_PEERS_PER_IP} peers in this swarm")]
+    TooManyFromAddress(Ipv4Addr),
+    /// The swarm holds `max_peers` entries.
+    #[error("the swarm is full ({0} peers)")]
+    SwarmFull(usize),
 }
+
+/// Entries one address may hold in one swarm.
+pub const MAX_PEERS_PER_IP: usize = 4;
 
 /// A parsed announce (BEP 3 keys; `ip` from the connection, never from the query).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,6 +239,9 @@ pub struct TrackerPolicy {
     /// again when it ends): peers meet once each has pieces the others lack, instead of at once
     /// with empty bitfields (librqbit then idles on such a peer for up to 5 s). Zero: off.
     pub join_delay: Duration,
+    /// Most peers one swarm holds; a new peer beyond is refused (announces of known peers still
+    /// work). Bounds the tracker's memory and the work per announce under a flood.
+    pub max_peers: usize,
 }
 
 impl Default for TrackerPolicy {
@@ -240,9 +253,13 @@ impl Default for TrackerPolicy {
             appliance_seed: None,
             seed_peers: 0,
             join_delay: Duration::ZERO,
+            max_peers: DEFAULT_MAX_PEERS,
         }
     }
 }
+
+/// Default [`TrackerPolicy::max_peers`]: room for several racks of nodes.
+pub const DEFAULT_MAX_PEERS: usize = 16_384;
 
 /// The answer to a successful announce.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -310,6 +327,15 @@ impl Tracker {
         if a.event == Event::Stopped {
             swarm.peers.remove(&a.peer_id);
         } else {
+            if !swarm.peers.contains_key(&a.peer_id) {
+                // A new entry: an address may hold a few, a swarm a bounded number.
+                if swarm.peers.values().filter(|p| *p.addr.ip() == ip).count() >= MAX_PEERS_PER_IP {
+                    return Err(Refusal::TooManyFromAddress(ip));
+                }
+                if swarm.peers.len() >= self.policy.max_peers {
+                    return Err(Refusal::SwarmFull(swarm.peers.len()));
+                }
+            }
             let p = swarm.peers.entry(a.peer_id).or_insert_with(|| PeerState {
                 addr: a.addr,
                 uploaded: 0,
@@ -336,7 +362,7 @@ impl Tracker {
             p.last_seen = now;
         }
         let (complete, incomplete) = counts(swarm);
-        let mut peers = pick_peers(swarm, a, rng);
+        let mut peers = pick_peers(swarm, a, self.policy.appliance_seed, rng);
         let mut interval = self.policy.interval;
         if let Some(me) = swarm.peers.get(&a.peer_id) {
             let age = now.duration_since(me.first_seen);
@@ -415,8 +441,10 @@ fn closeness(a: Ipv4Addr, b: Ipv4Addr) -> u32 {
 
 /// Picks up to `numwant` peers for the requester: closest first (random within equal
 /// closeness). A seed gets only leechers. A leecher gets leechers first and at most a quarter of
-/// its list in seeds (at least one, so it can always make progress).
-fn pick_peers<R: rand::Rng>(swarm: &Swarm, a: &Announce, rng: &mut R) -> Vec<SocketAddrV4> {
+/// its list in seeds (at least one, so it can always make progress), the appliance's own seed
+/// first among them: seeds announced by others (a node that finished, or a host that lies
+/// about `left`) never push it out.
+fn pick_peers<R: rand::Rng>(swarm: &Swarm, a: &Announce, appliance: Option<SocketAddrV4>, rng: &mut R) -> Vec<SocketAddrV4> {
     let me = *a.addr.ip();
     let mut seeds = Vec::new();
     let mut leechers = Vec::new();
@@ -432,6 +460,10 @@ fn pick_peers<R: rand::Rng>(swarm: &Swarm, a: &Announce, rng: &mut R) -> Vec<Soc
     };
     by_closeness(&mut seeds, rng);
     by_closeness(&mut leechers, rng);
+    if let Some(i) = appliance.and_then(|ap| seeds.iter().position(|p| *p == ap)) {
+        let ap = seeds.remove(i);
+        seeds.insert(0, ap);
+    }
     let want = a.numwant;
     if a.left == 0 {
         leechers.truncate(want);

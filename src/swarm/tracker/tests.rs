@@ -227,3 +227,70 @@ fn join_delay_gives_new_leechers_only_seeds_and_a_short_interval() {
     assert_eq!(r.peers.len(), 2, "then everyone: {r:?}");
     assert_eq!(r.interval, Duration::from_secs(15));
 }
+
+/// Issue 13: one address could hold an entry per port (65,535), so one host could fill the
+/// swarm and the peer lists. Now four per address; the fifth port is refused.
+#[test]
+fn one_address_holds_at_most_four_entries() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    let mut refused = 0;
+    for port in 1..=1000u16 {
+        let a = Announce::parse(&q(&IH.0, (port % 250) as u8, port, 100, ""), ip("10.0.9.9")).unwrap();
+        let mut a = a;
+        a.peer_id = [(port >> 8) as u8, port as u8, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9];
+        match t.announce(&a, now, &mut rng) {
+            Ok(_) => {}
+            Err(Refusal::TooManyFromAddress(x)) => {
+                assert_eq!(x, ip("10.0.9.9"));
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(refused, 1000 - MAX_PEERS_PER_IP);
+    assert_eq!(t.peers(&IH).len(), MAX_PEERS_PER_IP);
+    // Known peers keep announcing.
+    let mut a = Announce::parse(&q(&IH.0, 1, 1, 50, ""), ip("10.0.9.9")).unwrap();
+    a.peer_id = [0, 1, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9];
+    assert!(t.announce(&a, now, &mut rng).is_ok());
+}
+
+#[test]
+fn a_full_swarm_refuses_new_peers_only() {
+    let mut t = Tracker::new(TrackerPolicy { subnets: vec!["10.0.0.0/16".parse().unwrap()], max_peers: 10, ..TrackerPolicy::default() });
+    t.register(IH);
+    let mut rng = StdRng::seed_from_u64(2);
+    let now = Instant::now();
+    for n in 0..10u8 {
+        t.announce(&Announce::parse(&q(&IH.0, n, 6881, 100, ""), ip(&format!("10.0.1.{n}"))).unwrap(), now, &mut rng).unwrap();
+    }
+    let e = t.announce(&Announce::parse(&q(&IH.0, 99, 6881, 100, ""), ip("10.0.1.99")).unwrap(), now, &mut rng).unwrap_err();
+    assert_eq!(e, Refusal::SwarmFull(10));
+    assert!(t.announce(&Announce::parse(&q(&IH.0, 3, 6881, 10, ""), ip("10.0.1.3")).unwrap(), now, &mut rng).is_ok());
+}
+
+/// Issue 13: random ties let fake seeds (hosts announcing `left=0`) push the appliance's seed
+/// out of a leecher's list. It now always comes first among the seeds a leecher gets, so it is
+/// in every leecher's list.
+#[test]
+fn fake_seeds_never_push_the_appliance_seed_out() {
+    let seed: SocketAddrV4 = "10.0.0.1:6881".parse().unwrap();
+    let mut t = Tracker::new(TrackerPolicy { subnets: vec!["10.0.0.0/16".parse().unwrap()], appliance_seed: Some(seed), ..TrackerPolicy::default() });
+    t.register(IH);
+    let mut rng = StdRng::seed_from_u64(3);
+    let now = Instant::now();
+    t.announce(&Announce::parse(&q(&IH.0, 200, 6881, 0, ""), ip("10.0.0.1")).unwrap(), now, &mut rng).unwrap();
+    // 1000 fake seeds, closer to the leechers' rack than the appliance is.
+    for n in 0..1000u32 {
+        let addr = Ipv4Addr::from(u32::from(ip("10.0.5.0")) + n);
+        let mut a = Announce::parse(&q(&IH.0, 0, 7000, 0, ""), addr).unwrap();
+        a.peer_id[..4].copy_from_slice(&n.to_be_bytes());
+        t.announce(&a, now, &mut rng).unwrap();
+    }
+    for n in 0..50u8 {
+        let r = t.announce(&Announce::parse(&q(&IH.0, 100 + n, 6881, 100, ""), ip(&format!("10.0.5.{}", 200 + n % 50))).unwrap(), now, &mut rng).unwrap();
+        assert!(r.peers.contains(&seed), "leecher {n} did not get the appliance's seed: {:?}", r.peers);
+    }
+}

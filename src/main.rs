@@ -314,6 +314,10 @@ fn run_image(cfg: &Config, action: ImageAction) -> anyhow::Result<()> {
         }
         ImageAction::Capture { name: n, from } => store.capture(&name(&n)?, &CaptureSource::parse(&from))?,
         ImageAction::Unpack { archive, to, verify } => {
+            // A target that was missing or empty is cleared again when the unpack fails: no
+            // partial tree of a refused or broken archive stays behind. A target that held files
+            // (a diff unpacked onto its base) keeps what was written, and the error says so.
+            let fresh = unpack::is_fresh_target(&to);
             std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
             let manifest = verify.as_deref().map(si_appliance::image::manifest::Manifest::load).transpose()?;
             // Progress against the manifest's file bytes when it describes a full archive.
@@ -325,8 +329,19 @@ fn run_image(cfg: &Config, action: ImageAction) -> anyhow::Result<()> {
                 Box::new(std::fs::File::open(&archive).with_context(|| format!("opening {}", archive.display()))?)
             };
             let r = match &manifest {
-                Some(m) => unpack::unpack_verified(input, &to, &opts, m)?,
-                None => unpack::unpack(input, &to, &opts)?,
+                Some(m) => unpack::unpack_verified(input, &to, &opts, m),
+                None => unpack::unpack(input, &to, &opts),
+            };
+            let r = match r {
+                Ok(r) => r,
+                Err(e) if fresh => {
+                    unpack::clear_after_failure(&to)?;
+                    return Err(anyhow::Error::new(e).context(format!("nothing was left in {}", to.display())));
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("{} held files before: what was unpacked into it stays", to.display())));
+                }
             };
             println!("unpacked {} entries ({} bytes, {} deleted){}", r.entries, r.bytes, r.deleted, if manifest.is_some() { ", verified" } else { "" });
         }

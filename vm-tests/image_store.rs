@@ -689,3 +689,71 @@ fn debootstrap_image_packs_unpacks_and_chroots() {
         .unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("base-files"));
 }
+
+/// A ustar header block for `name` (`typeflag` b'0' file, b'5' directory) of `size` bytes.
+fn ustar_header(name: &str, typeflag: u8, mode: u32, size: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    let field = |h: &mut [u8; 512], at: usize, len: usize, v: u64| {
+        let s = format!("{v:0w$o}\0", w = len - 1);
+        h[at..at + len].copy_from_slice(s.as_bytes());
+    };
+    field(&mut h, 100, 8, u64::from(mode));
+    field(&mut h, 108, 8, 0);
+    field(&mut h, 116, 8, 0);
+    field(&mut h, 124, 12, size);
+    field(&mut h, 136, 12, 0);
+    h[156] = typeflag;
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u64 = h.iter().map(|b| u64::from(*b)).sum();
+    let s = format!("{sum:06o}\0 ");
+    h[148..156].copy_from_slice(s.as_bytes());
+    h
+}
+
+/// Issue 13: an archive the unpacker refuses part-way (here: a `../` entry after a directory
+/// and a 256 KiB file of mode 0600) left its first entries in the target. `image unpack` into a
+/// new or empty directory now removes what it wrote; into a directory that held files it says
+/// that what was written stays.
+#[test]
+fn refused_archive_leaves_no_partial_tree() {
+    let t = tempfile::tempdir().unwrap();
+    let mut tar = Vec::new();
+    tar.extend_from_slice(&ustar_header("dir/", b'5', 0o500, 0));
+    tar.extend_from_slice(&ustar_header("dir/huge256.bin", b'0', 0o600, 256 << 10));
+    tar.extend(std::iter::repeat_n(0x42u8, 256 << 10));
+    tar.extend_from_slice(&ustar_header("../escape", b'0', 0o644, 0));
+    tar.extend(std::iter::repeat_n(0u8, 1024));
+    let archive = t.path().join("bad.tar");
+    fs::write(&archive, &tar).unwrap();
+    let run = |to: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_si-appliance"))
+            .args(["--store"])
+            .arg(t.path().join("store"))
+            .args(["image", "unpack"])
+            .arg(&archive)
+            .arg("--to")
+            .arg(to)
+            .output()
+            .unwrap()
+    };
+    // A new target: refused, and nothing is left of it.
+    let fresh = t.path().join("new");
+    let out = run(&fresh);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("escape"), "{err}");
+    assert!(err.contains("nothing was left"), "{err}");
+    let left: Vec<_> = fs::read_dir(&fresh).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "partial tree left: {left:?}");
+    assert!(!t.path().join("escape").exists());
+    // A target that held files keeps them, and what the archive wrote, and says so.
+    let full = t.path().join("full");
+    fs::create_dir_all(&full).unwrap();
+    fs::write(full.join("mine"), b"x").unwrap();
+    let out = run(&full);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("held files before"), "{err}");
+    assert!(full.join("mine").exists());
+}

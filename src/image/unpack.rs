@@ -195,6 +195,38 @@ pub fn unpack_verified<R: Read + Send>(
     Ok(r)
 }
 
+/// Whether `dir` is missing or an empty directory: a target that an unpack may clear again when
+/// it fails (see [`clear_after_failure`]).
+pub fn is_fresh_target(dir: &Path) -> bool {
+    match fs::read_dir(dir) {
+        Ok(mut d) => d.next().is_none(),
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    }
+}
+
+/// After a failed unpack into a target that was fresh before it ([`is_fresh_target`]): removes
+/// everything the unpack wrote under `root` (never following symlinks), so a refused or broken
+/// archive leaves no partial tree behind. `root` itself stays.
+///
+/// # Errors
+/// [`ImageError::WriteTree`] naming what could not be removed.
+pub fn clear_after_failure(root: &Path) -> Result<(), ImageError> {
+    let entries = match fs::read_dir(root) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ImageError::write_tree(root)(e)),
+    };
+    for e in entries {
+        let e = e.map_err(ImageError::write_tree(root))?;
+        let p = e.path();
+        // A read-only directory written by the archive (mode 0500) still lets root remove its
+        // entries; file_type() does not follow a symlink.
+        let r = if e.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        r.map_err(ImageError::write_tree(&p))?;
+    }
+    Ok(())
+}
+
 /// Scans `root`, hashing every file, and compares it with `manifest` entry by entry.
 ///
 /// # Errors

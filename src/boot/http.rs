@@ -32,7 +32,8 @@ fn not_found() -> Response {
 }
 
 /// `mac=<aa-bb-..>` from the query: the node scripts add it to kernel and initrd URLs so the
-/// log can say which node fetched them. Only ever logged, never trusted.
+/// log can say which node fetched them. A claim by whoever asks: logged, and the monitor
+/// believes it only for a known node at that address (`monitor::registry`).
 fn mac_from_query(query: Option<&str>) -> Option<MacAddr> {
     query?.split('&').find_map(|kv| kv.strip_prefix("mac=")).and_then(|m| m.parse().ok())
 }

@@ -158,6 +158,16 @@ impl Registry {
         named.or_else(|| self.by_ip.get(&ip).copied())
     }
 
+    /// The node a boot-file fetch from `ip` belongs to. A MAC the request names (a per-node
+    /// file name, `?mac=`) is only a claim by whoever asks: it is believed for a node already
+    /// known (from DHCP, the node book or a report) that has no address yet or this one. Else
+    /// the fetch goes to the node DHCP gave the address to, or to nobody (counted unmatched):
+    /// a fetch never creates a node and never moves an address to another node.
+    fn boot_file_owner(&self, ip: Ipv4Addr, claimed: Option<MacAddr>) -> Option<MacAddr> {
+        let believed = claimed.filter(|m| self.nodes.get(m).is_some_and(|n| n.ip.is_none_or(|known| known == ip)));
+        believed.or_else(|| self.by_ip.get(&ip).copied())
+    }
+
     /// Applies one event; returns the node it changed, if any.
     pub fn apply(&mut self, ev: &Stamped) -> Option<MacAddr> {
         let now = ms(ev.at);
@@ -188,12 +198,13 @@ impl Registry {
                 (*mac, changed || new)
             }
             NodeEvent::BootFile { ip, mac, file, .. } => {
-                let Some(mac) = self.mac_of(*ip, *mac) else {
+                let Some(mac) = self.boot_file_owner(*ip, *mac) else {
                     self.unmatched += 1;
                     return None;
                 };
-                // A file that names its node (per-node script) teaches us its address.
-                self.by_ip.insert(*ip, mac);
+                // A known node that names itself from a new address (no DHCP lease of ours:
+                // proxy mode) teaches us its address.
+                self.by_ip.entry(*ip).or_insert(mac);
                 let n = self.node_mut(mac, now);
                 n.ip.get_or_insert(*ip);
                 n.last_seen_ms = now;
@@ -398,6 +409,15 @@ mod tests {
         assert_eq!(r.apply(&at(2_000, bf)), Some(mac));
         let stranger = NodeEvent::BootFile { ip: Ipv4Addr::new(10, 0, 0, 99), mac: None, file: "x".into(), size: 1, via: BootVia::Http };
         assert_eq!(r.apply(&at(2_000, stranger)), None);
+        // Issue 13: `?mac=` (or a per-node file name) from any host created a node for any MAC
+        // and moved the asker's address to it. A claimed MAC is now believed only for a known
+        // node at that address.
+        let forged = MacAddr([2, 0, 0, 0, 0, 0x66]);
+        let claim = |m: MacAddr, from: Ipv4Addr| NodeEvent::BootFile { ip: from, mac: Some(m), file: "vmlinuz".into(), size: 1, via: BootVia::Http };
+        assert_eq!(r.apply(&at(2_100, claim(forged, Ipv4Addr::new(10, 0, 0, 99)))), None, "a fetch created a node");
+        assert!(r.node(forged).is_none());
+        assert_eq!(r.apply(&at(2_100, claim(mac, Ipv4Addr::new(10, 0, 0, 98)))), None, "another host claimed a known node");
+        assert_eq!(r.apply(&at(2_100, claim(forged, ip))), Some(mac), "the address's own node keeps it");
         let an = NodeEvent::Announce { ip, info_hash: "ab".into(), downloaded: 0, uploaded: 0, left: 100 };
         r.apply(&at(3_000, an));
         let rep = NodeReport { phase: Some(Phase::Done), bytes_done: 100, bytes_total: 100, ..Default::default() };
@@ -408,7 +428,7 @@ mod tests {
         r.tick(5_000);
         let d = r.deployment(5_000, 0, 0);
         assert!(d.complete);
-        assert_eq!((d.unmatched_events, d.phases["done"], d.eta_secs), (1, 1, Some(0)));
+        assert_eq!((d.unmatched_events, d.phases["done"], d.eta_secs), (3, 1, Some(0)));
         assert_eq!(r.completed(), Some(5_000));
     }
 

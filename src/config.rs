@@ -147,6 +147,10 @@ pub struct DhcpConfig {
     /// How long the probe listens for offers.
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
+    /// While serving (full mode), probe for foreign DHCP servers this often and warn about each
+    /// one that answers (a server plugged in after start). 0s = never.
+    #[serde(with = "humantime_serde")]
+    pub watch_every: Duration,
     /// Lease time (option 51).
     #[serde(with = "humantime_serde")]
     pub lease_time: Duration,
@@ -171,6 +175,7 @@ impl Default for DhcpConfig {
             answer: Answer::Pxe,
             probe: true,
             probe_timeout: Duration::from_secs(4),
+            watch_every: Duration::from_secs(60),
             lease_time: Duration::from_secs(3600),
             router: None,
             dns: Vec::new(),

@@ -389,6 +389,41 @@ fn pxe_discover(mac: [u8; 6], xid: u32) -> Vec<u8> {
     ))
 }
 
+/// Issue 13: a DHCP server that appears after start was only a debug line. The appliance now
+/// looks for foreign servers every `dhcp.watch_every` and warns, naming the server; its own
+/// probe (sent from its MAC) is not answered by its own service, and when the foreign server
+/// goes away it says so.
+#[test]
+fn a_dhcp_server_plugged_in_after_start_is_warned_about() {
+    let mut lab = Lab::new("dw");
+    lab.add_host(Some("10.66.0.1/24"), Some("02:66:00:00:00:01")); // appliance
+    lab.add_host(Some("10.66.0.2/24"), Some("02:66:00:00:00:02")); // dnsmasq, later
+    let cfg = appliance_config(&lab, "answer = \"all\"\nwatch_every = \"2s\"\nprobe_timeout = \"4s\"");
+    let app = start_appliance(&lab, 0, "app", &cfg, &[]);
+    // A first watch with nobody else on the segment: no warning, and the appliance did not
+    // answer (or record) its own DISCOVER.
+    let first = wait_for(Duration::from_secs(30), || log(&app).contains("own probe").then_some(()));
+    assert!(first.is_some() || !log(&app).contains("WARN"), "{}", log(&app));
+    let mut dq = lab.hosts[1].cmd("dnsmasq");
+    dq.args(["--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0", "--bind-interfaces", "--user=root", "--group=root", "--log-dhcp"])
+        .arg("--dhcp-range=10.66.0.100,10.66.0.150,1h")
+        .arg(format!("--dhcp-leasefile={}", lab.path("dnsmasq.leases").display()))
+        .arg(format!("--pid-file={}", lab.path("dnsmasq.pid").display()));
+    let mut dnsmasq = Proc::spawn("dnsmasq", dq, lab.path("dnsmasq.log"));
+    dnsmasq.wait_log("DHCP, IP range", T);
+    let warned = wait_for(Duration::from_secs(40), || {
+        log(&app).lines().find(|l| l.contains("WARN") && l.contains("foreign DHCP server 10.66.0.2")).map(str::to_owned)
+    });
+    let line = warned.unwrap_or_else(|| panic!("no warning about dnsmasq:\n{}", log(&app)));
+    println!("{line}");
+    assert_eq!(count(&app, "foreign DHCP server 10.66.0.2"), 1, "warned more than once:\n{}", log(&app));
+    assert!(!log(&app).contains("lease bound"), "the appliance leased to itself:\n{}", log(&app));
+    dnsmasq.terminate();
+    let gone = wait_for(Duration::from_secs(40), || log(&app).contains("foreign DHCP server no longer answers").then_some(()));
+    assert!(gone.is_some(), "{}", log(&app));
+    drop(app);
+}
+
 #[test]
 fn dnsmasq_on_segment_refuses_full_mode_and_proxy_mode_answers_pxe() {
     let mut lab = Lab::new("dq");

@@ -363,7 +363,7 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
     lab.add_host(Some("10.80.0.250/24"), Some("52:54:00:80:00:fa"));
     let mut dq = lab.hosts[1].cmd("dnsmasq");
     dq.args(["--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0", "--bind-interfaces"])
-        .args(["--user=root", "--group=root", "--log-dhcp", "--log-facility=-", "--dhcp-authoritative"])
+        .args(["--user=root", "--group=root", "--log-dhcp", "--log-facility=-", "--dhcp-authoritative", "--no-ping"])
         .arg("--dhcp-range=10.80.0.100,10.80.0.150,1h")
         .arg(format!("--dhcp-leasefile={}", lab.path("rogue.leases").display()))
         .arg(format!("--pid-file={}", lab.path("rogue.pid").display()));

@@ -20,6 +20,7 @@ pub mod service;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -31,6 +32,8 @@ pub use error::DhcpError;
 /// The DHCP service: probed, lease store opened, sockets bound.
 pub struct DhcpServer {
     service: service::Service,
+    /// The interface and period of the watch for foreign servers (full mode, `dhcp.watch_every`).
+    watch: Option<(Iface, Duration, Duration)>,
 }
 
 /// Receive buffer asked for: a burst of PXE clients powering on together (or a relay flushing
@@ -111,7 +114,9 @@ impl DhcpServer {
         }
         info!(mode = ?cfg.dhcp.mode, answer = ?cfg.dhcp.answer, iface = %iface.name, "dhcp serving");
         let service = service::Service::new(policy, leases, journal, iface.name.clone(), sock, pxe_sock);
-        Ok(DhcpServer { service })
+        let every = cfg.dhcp.watch_every;
+        let watch = (full && !every.is_zero()).then(|| (iface, every, cfg.dhcp.probe_timeout));
+        Ok(DhcpServer { service, watch })
     }
 
     /// Reports every answered client to the monitor through `events` (default: nowhere).
@@ -124,6 +129,66 @@ impl DhcpServer {
     /// # Errors
     /// A journal write failure or a socket failure that cannot be recovered from.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DhcpError> {
-        self.service.run(shutdown).await
+        let Some((iface, every, listen)) = self.watch else { return self.service.run(shutdown).await };
+        let stop = shutdown.clone();
+        let (served, ()) = tokio::join!(self.service.run(shutdown), watch(iface, every, listen, stop));
+        served
+    }
+}
+
+/// How often one foreign server is warned about while it keeps answering.
+const WARN_AGAIN: Duration = Duration::from_secs(3600);
+
+/// Probes the segment every `every` (the start-up probe's DISCOVER, from the appliance's own
+/// MAC, which our service ignores) and logs a WARN line for each foreign server that answers:
+/// on a production switch a DHCP server plugged in after start hands out addresses next to
+/// ours. Each server is named again after [`WARN_AGAIN`] if it is still there, and its
+/// disappearance is logged. Ends with `shutdown`.
+async fn watch(iface: Iface, every: Duration, listen: Duration, shutdown: CancellationToken) {
+    let mut warned: std::collections::HashMap<Ipv4Addr, tokio::time::Instant> = std::collections::HashMap::new();
+    let mut bind_warned = false;
+    // The first look soon after start (the start-up probe may be off), then every `every`.
+    let mut next = tokio::time::Instant::now() + Duration::from_secs(10).min(every);
+    loop {
+        // CANCEL-SAFETY: a sleep or a probe in progress is dropped whole; the probe's socket
+        // closes with it and nothing is half-done.
+        let offers = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = async {
+                tokio::time::sleep_until(next).await;
+                probe::probe(&iface, listen).await
+            } => r,
+        };
+        next = tokio::time::Instant::now() + every;
+        let offers = match offers {
+            Ok(o) => o,
+            Err(e) => {
+                if !bind_warned {
+                    warn!(iface = %iface.name, "cannot watch for foreign DHCP servers: {e:#}");
+                    bind_warned = true;
+                }
+                continue;
+            }
+        };
+        let now = tokio::time::Instant::now();
+        let seen: Vec<_> = offers.into_iter().filter(|o| o.from != iface.ip && o.server_id != Some(iface.ip)).collect();
+        for o in &seen {
+            let server = o.server_id.unwrap_or(o.from);
+            if warned.get(&server).is_none_or(|t| now.duration_since(*t) >= WARN_AGAIN) {
+                warn!(
+                    iface = %iface.name, %server, offered = %o.offered,
+                    "foreign DHCP server {o} answers on this segment: its clients get addresses and boot \
+                     settings that are not ours"
+                );
+                warned.insert(server, now);
+            }
+        }
+        warned.retain(|server, _| {
+            let here = seen.iter().any(|o| o.server_id.unwrap_or(o.from) == *server);
+            if !here {
+                info!(iface = %iface.name, %server, "foreign DHCP server no longer answers");
+            }
+            here
+        });
     }
 }

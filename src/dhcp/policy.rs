@@ -53,6 +53,8 @@ pub enum Why {
     NotProxyMode,
     /// A message type the full server does not handle.
     Unsupported(MessageType),
+    /// Our own watch for foreign DHCP servers (sent from the appliance's MAC).
+    OwnProbe,
 }
 
 impl fmt::Display for Why {
@@ -71,6 +73,7 @@ impl fmt::Display for Why {
             Why::NotForProxy(t) => write!(f, "proxyDHCP does not answer {t:?}"),
             Why::NotProxyMode => f.write_str("port 4011 is served only in proxy mode"),
             Why::Unsupported(t) => write!(f, "message type {t:?} is not handled"),
+            Why::OwnProbe => f.write_str("our own probe for foreign DHCP servers"),
         }
     }
 }
@@ -182,6 +185,9 @@ pub struct Policy {
     pub http_port: u16,
     /// Send iPXE option 175.176 = 1.
     pub ipxe_no_pxedhcp: bool,
+    /// The appliance's own MAC: its watch for foreign DHCP servers sends DISCOVERs from it,
+    /// which the service must not answer.
+    pub own_mac: Option<MacAddr>,
 }
 
 impl Policy {
@@ -217,6 +223,7 @@ impl Policy {
             tftp: cfg.tftp.enable,
             http_port: cfg.http.port,
             ipxe_no_pxedhcp: cfg.boot.ipxe_no_pxedhcp,
+            own_mac: iface.mac,
         }
     }
 
@@ -347,6 +354,9 @@ pub fn boot_for(client: &Client, policy: &Policy) -> Boot {
 
 /// The pure decision for one validated request. `now` is Unix seconds.
 pub fn decide(req: &Request, via: Via, leases: &Leases, policy: &Policy, now: u64) -> Decision {
+    if policy.own_mac == Some(req.mac) {
+        return Decision::Ignore(Why::OwnProbe);
+    }
     let client = classify(req);
     match policy.mode {
         DhcpMode::Proxy => decide_proxy(req, &client, via, policy),

@@ -84,7 +84,8 @@ impl Handler for BootHandler {
         };
         let ctx = self.ctx.clone();
         let key = f.clone();
-        let src = blocking::unblock(move || file::open(&ctx, &key)).await;
+        let ip = crate::types::addrs::v4(*client);
+        let src = blocking::unblock(move || file::open(&ctx, &key, ip, "tftp")).await;
         let src = match src {
             Ok(s) => s,
             Err(e) if e.is_not_found() => {

@@ -105,6 +105,16 @@ impl DhcpServer {
         Ok(DhcpServer { service })
     }
 
+    /// Records each client's address (lease, or ciaddr in proxy mode) in `addrs`, where the
+    /// boot services check who may fetch a node's script.
+    /// The leases kept over a restart are recorded at once.
+    pub fn set_addrs(&mut self, addrs: std::sync::Arc<crate::types::addrs::ClientAddrs>) {
+        for l in self.service.leases.iter().filter(|l| l.state == leases::LeaseState::Bound) {
+            addrs.note(l.mac, l.ip);
+        }
+        self.service.addrs = addrs;
+    }
+
     /// Reports every answered client to the monitor through `events` (default: nowhere).
     pub fn set_events(&mut self, events: crate::types::events::EventSink) {
         self.service.events = events;

@@ -68,6 +68,9 @@ pub struct Shared {
     book: std::sync::OnceLock<(Arc<crate::nodes::NodeBook>, Option<String>)>,
     /// The admin credential `POST /api/report` wants (attached by app.rs).
     admin: std::sync::OnceLock<crate::nodes::http::AdminAuth>,
+    /// MAC -> address as our DHCP saw it (attached by app.rs unless `dhcp.mode = "off"`):
+    /// reports are bound to it.
+    addrs: std::sync::OnceLock<Arc<crate::types::addrs::ClientAddrs>>,
 }
 
 impl crate::nodes::http::Observed for Shared {
@@ -145,6 +148,7 @@ impl Monitor {
             closing: CancellationToken::new(),
             book: std::sync::OnceLock::new(),
             admin: std::sync::OnceLock::new(),
+            addrs: std::sync::OnceLock::new(),
         });
         Monitor { shared, rx, cfg: cfg.clone() }
     }
@@ -155,6 +159,11 @@ impl Monitor {
         book.attach_events(self.shared.sink.clone());
         let _ = self.shared.book.set((book, manifest));
         let _ = self.shared.admin.set(admin);
+    }
+
+    /// Binds node reports to the address our DHCP saw for the node.
+    pub fn attach_addrs(&self, addrs: Arc<crate::types::addrs::ClientAddrs>) {
+        let _ = self.shared.addrs.set(addrs);
     }
 
     /// The sink to hand to the services.

@@ -385,3 +385,53 @@ fn tftp_windowsize_with_atftp() {
         assert_eq!(sha_file(&out), Some(sha(&s.kernel)), "windowsize {ws}");
     }
 }
+
+/// Issue 13 item 12: a loader that is in none of `boot.loader_dirs` (here ARM64's
+/// `ipxe-arm64.efi`, which Debian's ipxe does not ship) is not offered: the start-up log says
+/// which loaders are served (INFO) and which are missing (WARN), and an ARM64 PXE client
+/// (busybox udhcpc with option 93 = 11) gets an address, no boot file, and a WARN line.
+#[test]
+fn missing_loader_is_not_offered_and_start_says_which_are_served() {
+    let mut lab = Lab::new("tl");
+    lab.add_host(Some(&format!("{SERVER}/24")), Some("52:54:00:67:00:01"));
+    lab.add_host(None, Some(CLIENT_MAC));
+    let loaders = lab.path("loaders");
+    fs::create_dir_all(&loaders).unwrap();
+    fs::write(loaders.join("undionly.kpxe"), b"bios loader").unwrap();
+    fs::write(loaders.join("snponly.efi"), b"uefi loader").unwrap();
+    let config = format!(
+        "iface = \"eth0\"\nenroll = \"any\"\nstate_dir = \"{}\"\nstore = \"{}\"\n\
+         [dhcp]\nprobe = false\n[tftp]\nenable = true\n[http]\nport = 8080\n[boot]\nloader_dirs = [\"{}\"]\n",
+        lab.path("state").display(),
+        lab.path("store").display(),
+        loaders.display()
+    );
+    let app = start_appliance(&lab, 0, "app", &config, &[]);
+    let text = common::strip_ansi(&app.log_text());
+    let served = text.lines().find(|l| l.contains("boot loaders served")).unwrap_or_else(|| panic!("{text}"));
+    assert!(served.contains("undionly.kpxe") && served.contains("snponly.efi") && !served.contains("arm64"), "{served}");
+    let missing = text.lines().find(|l| l.contains("boot loaders missing")).unwrap_or_else(|| panic!("{text}"));
+    assert!(missing.contains("WARN") && missing.contains("ipxe-arm64.efi (ARM64 UEFI)"), "{missing}");
+
+    let hook = lab.path("udhcpc.sh");
+    let env = lab.path("udhcpc.env");
+    fs::write(&hook, format!("#!/bin/sh\nenv | sort > {}.$1\nexit 0\n", env.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = lab.hosts[1]
+        .cmd("timeout")
+        .args(["30", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2"])
+        .args(["-V", "PXEClient:Arch:00011:UNDI:003016", "-x", "0x5d:000b", "-O", "bootfile", "-s"])
+        .arg(&hook)
+        .output()
+        .expect("udhcpc");
+    assert!(out.status.success(), "udhcpc: {}", String::from_utf8_lossy(&out.stderr));
+    let bound = fs::read_to_string(format!("{}.bound", env.display())).unwrap_or_default();
+    assert!(bound.contains("ip=10.67.0."), "no address: {bound}");
+    assert!(!bound.contains("ipxe-arm64.efi"), "offered a loader that is not there: {bound}");
+    let ok = common::wait_for(Duration::from_secs(10), || {
+        let t = common::strip_ansi(&app.log_text());
+        t.lines().any(|l| l.contains("WARN") && l.contains("no boot file for this client") && l.contains("ipxe-arm64.efi")).then_some(())
+    });
+    assert!(ok.is_some(), "{}", common::strip_ansi(&app.log_text()));
+}

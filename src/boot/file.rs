@@ -250,6 +250,12 @@ fn action(ctx: &BootContext, mac: MacAddr) -> BootAction {
     a
 }
 
+/// The loaders found in `dirs` (served) and those not (a client must not be offered them).
+/// Blocking: one `stat`/`open` per loader; run at start.
+pub fn available_loaders(dirs: &[PathBuf]) -> (Vec<crate::types::Loader>, Vec<crate::types::Loader>) {
+    crate::types::Loader::ALL.iter().partition(|l| open_in_loader_dirs(dirs, l.tftp_name()).is_ok())
+}
+
 /// Looks for `name` (a key, never request text) in each loader directory in order.
 fn open_in_loader_dirs(dirs: &[PathBuf], name: &str) -> Result<Source, OpenError> {
     // Canonical roots, so a symlink's target can be checked against them. A configured

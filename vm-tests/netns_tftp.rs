@@ -392,7 +392,7 @@ fn tftp_windowsize_with_atftp() {
 /// (busybox udhcpc with option 93 = 11) gets an address, no boot file, and a WARN line.
 #[test]
 fn missing_loader_is_not_offered_and_start_says_which_are_served() {
-    let mut lab = Lab::new("tl");
+    let mut lab = Lab::new("tm");
     lab.add_host(Some(&format!("{SERVER}/24")), Some("52:54:00:67:00:01"));
     lab.add_host(None, Some(CLIENT_MAC));
     let loaders = lab.path("loaders");
@@ -434,4 +434,44 @@ fn missing_loader_is_not_offered_and_start_says_which_are_served() {
         t.lines().any(|l| l.contains("WARN") && l.contains("no boot file for this client") && l.contains("ipxe-arm64.efi")).then_some(())
     });
     assert!(ok.is_some(), "{}", common::strip_ansi(&app.log_text()));
+}
+
+/// Issue 13 item 10: one client address runs at most `tftp.max_transfers_per_client` (8)
+/// transfers. A hostile peer (python, in the client's namespace) opens 8 and never ACKs; the
+/// 9th, from curl on the same address, gets TFTP error "busy" and the appliance logs it once
+/// (WARN), then serves the next request once the held transfers have ended.
+#[test]
+fn tftp_refuses_transfers_over_the_per_client_cap_with_busy() {
+    let mut s = Setup::new("tc", 1);
+    let hold = format!(
+        "import socket, sys, time\n\
+         socks = []\n\
+         for i in range(8):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.settimeout(5)\n\
+         \x20   s.sendto(b'\\x00\\x01vmlinuz\\x00octet\\x00', ('{SERVER}', 69))\n\
+         \x20   data, _ = s.recvfrom(600)\n\
+         \x20   assert data[1] == 3, data[:40]\n\
+         \x20   socks.append(s)\n\
+         print('held', len(socks), flush=True)\n\
+         time.sleep(30)\n"
+    );
+    let mut c = s.lab.hosts[1].cmd("timeout");
+    c.args(["40", "/usr/bin/python3", "-c", &hold]);
+    let mut holder = Proc::spawn("holder", c, s.out("holder.log"));
+    holder.wait_log("held 8", Duration::from_secs(20));
+    let out = s.out("busy.bin");
+    let o = s.curl_tftp("initrd.img", &out);
+    assert!(!o.status.success(), "a 9th transfer was served: {}", text(&o));
+    assert!(text(&o).contains("busy") || fs::metadata(&out).map(|m| m.len()).unwrap_or(0) == 0, "{}", text(&o));
+    let log = plain(&s.app.log_text());
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("tftp: busy") && l.contains("10.67.0.2")), "{log}");
+    holder.kill();
+    // The held transfers end after their retries (6 × 3 s); then the client is served again.
+    let ok = common::wait_for(Duration::from_secs(40), || {
+        let o = s.curl_tftp("initrd.img", &out);
+        (o.status.success() && sha_file(&out) == Some(sha(&s.initrd))).then_some(())
+    });
+    assert!(ok.is_some(), "never served again:\n{}", plain(&s.app.log_text()));
+    s.assert_alive();
 }

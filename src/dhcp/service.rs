@@ -149,6 +149,15 @@ impl Service {
         };
         let mac = req.mac;
         let xid = req.msg.xid();
+        if self.policy.mode == crate::config::DhcpMode::Proxy {
+            // Proxy mode leases nothing: the node's own word on its address (ciaddr, or the
+            // address it requests from the real server, seen in its broadcast REQUEST) is what
+            // binds its boot script. iPXE told `175.176 = 1` skips the port-4011 request.
+            let ci = Some(req.msg.ciaddr()).filter(|a| !a.is_unspecified());
+            if let Some(ip) = ci.or(if req.kind == dhcproto::v4::MessageType::Request { req.requested_ip } else { None }) {
+                self.addrs.note(mac, ip);
+            }
+        }
         match decide(&req, via, &self.leases, &self.policy, now) {
             Decision::Ignore(why) => debug!(%mac, xid, msg_type = ?req.kind, %src, "ignored: {why}"),
             Decision::Record(change) => {

@@ -88,17 +88,24 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
+    // MAC -> address as DHCP saw it: node scripts (tokens), plans and reports go only to it.
+    let addrs = Arc::new(crate::types::addrs::ClientAddrs::default());
     // The monitor first: every service gets its event sink.
     let monitor = crate::monitor::Monitor::new(&cfg.monitor, secret.clone(), cfg.report_dir(), cfg.swarm.announce_interval);
     monitor.attach(book.clone(), manifest, admin.clone());
     let events = monitor.sink();
-    let plan_api = Arc::new(plan_api.with_events(events.clone()));
+    let bound = (cfg.dhcp.mode != DhcpMode::Off).then(|| addrs.clone());
+    if let Some(a) = &bound {
+        monitor.attach_addrs(a.clone());
+    }
+    let plan_api = Arc::new(plan_api.with_events(events.clone()).with_addrs(bound));
 
     if cfg.dhcp.mode != DhcpMode::Off {
         // Probing and opening the lease journal happen before anything is served, so a refusal
         // (another DHCP server in full mode) stops start-up with its message.
         let mut server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
         server.set_events(events.clone());
+        server.set_addrs(addrs.clone());
         let token = shutdown.clone();
         tasks.spawn(async move { server.run(token).await.map_err(AppError::from) });
     }
@@ -119,6 +126,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     let mut ctx = BootContext::new(&cfg, &iface, secret, book.clone());
     ctx.events = events.clone();
+    ctx.addrs = addrs.clone();
     let ctx = Arc::new(ctx);
     if cfg.tftp.enable {
         let addr = SocketAddrV4::new(iface.ip, cfg.tftp.port);

@@ -201,6 +201,10 @@ pub struct TftpConfig {
     /// Retransmission timeout.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Transfers one client address may run at once; more get TFTP error "busy".
+    pub max_transfers_per_client: usize,
+    /// Transfers the server runs at once; more get TFTP error "busy".
+    pub max_transfers: usize,
 }
 
 impl Default for TftpConfig {
@@ -211,6 +215,8 @@ impl Default for TftpConfig {
             max_blksize: 1468,
             max_windowsize: 8,
             timeout: Duration::from_secs(3),
+            max_transfers_per_client: 8,
+            max_transfers: 512,
         }
     }
 }
@@ -535,6 +541,9 @@ impl Config {
         }
         if !(512..=65464).contains(&self.tftp.max_blksize) {
             return bad("tftp.max_blksize".into(), "must be within 512..=65464 (RFC 2348)".into());
+        }
+        if self.tftp.max_transfers_per_client == 0 || self.tftp.max_transfers < self.tftp.max_transfers_per_client {
+            return bad("tftp.max_transfers".into(), "want 1 <= max_transfers_per_client <= max_transfers".into());
         }
         if self.tftp.max_windowsize == 0 {
             return bad("tftp.max_windowsize".into(), "must be at least 1".into());

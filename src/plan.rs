@@ -68,6 +68,8 @@ pub struct PlanApi {
     install: InstallConfig,
     events: crate::types::events::EventSink,
     nodes: Arc<NodeBook>,
+    /// MAC -> address as our DHCP saw it; None with `dhcp.mode = "off"` (plans not bound).
+    addrs: Option<Arc<crate::types::addrs::ClientAddrs>>,
 }
 
 /// Firmware of the node, as the installer sees it (`/sys/firmware/efi`).
@@ -145,10 +147,16 @@ impl PlanApi {
         }
         let hostnames =
             cfg.dhcp.reservations.iter().filter_map(|r| Some((r.mac, r.hostname.clone()?))).collect();
-        Ok(PlanApi { secret, image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone(), events: crate::types::events::EventSink::disabled(), nodes })
+        Ok(PlanApi { secret, image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone(), events: crate::types::events::EventSink::disabled(), nodes, addrs: None })
     }
 
     /// Sends a `PlanFetched` event to the monitor for every plan handed out.
+    pub fn with_addrs(mut self, addrs: Option<Arc<crate::types::addrs::ClientAddrs>>) -> PlanApi {
+        self.addrs = addrs;
+        self
+    }
+
+    /// Plans fetched are reported to the monitor through `events`.
     pub fn with_events(mut self, events: crate::types::events::EventSink) -> PlanApi {
         self.events = events;
         self
@@ -195,6 +203,7 @@ async fn plan(
     State(api): State<Arc<PlanApi>>,
     UrlPath(mac): UrlPath<String>,
     query: Result<Query<PlanQuery>, axum::extract::rejection::QueryRejection>,
+    connect: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
 ) -> Response {
     let Ok(mac) = mac.parse::<MacAddr>() else {
@@ -209,6 +218,12 @@ async fn plan(
             warn!(%mac, "plan: {e}");
             return (StatusCode::FORBIDDEN, format!("{e}\n")).into_response();
         }
+    }
+    // A valid token is bound to the node's address too (a token seen elsewhere is no key).
+    let client = connect.and_then(|c| crate::types::addrs::v4(c.0.0));
+    if let Err(why) = crate::types::addrs::check_node_source(api.addrs.as_deref(), mac, client) {
+        warn!(%mac, client = ?client, "plan refused: {why}");
+        return (StatusCode::FORBIDDEN, "this token belongs to another address\n").into_response();
     }
     // A query that does not parse (`?firmware=amiga`) is refused, not guessed.
     let firmware = match query {

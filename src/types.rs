@@ -295,3 +295,4 @@ pub fn ipxe_script_path(mac: MacAddr) -> String {
 }
 
 pub mod events;
+pub mod addrs;

@@ -251,3 +251,84 @@ fn unenrolled_pxe_clients_boot_locally_until_added_and_installed_nodes_stay_loca
     assert!(script(&lab, mac).contains("kernel "), "a failed node installs again at its next boot");
     app.terminate();
 }
+
+/// Issue 13 item 1: a node's installer script, pxelinux config (its token), plan and reports
+/// go only to the address our DHCP leased to its MAC. Another host on the segment that asks
+/// for the victim's files (curl, tftp-hpa) gets "boot locally" and no token, logged with both
+/// addresses; with the victim's token (stolen) its plan and report are refused (403).
+#[test]
+fn node_token_plan_and_report_only_from_the_address_leased_to_the_node() {
+    let mut lab = Lab::new("nt");
+    lab.add_host(Some(&format!("{SERVER}/24")), Some("02:68:00:00:00:01"));
+    lab.add_host(None, Some(LISTED_MAC));
+    lab.add_host(Some("10.68.0.200/24"), Some("02:68:00:00:03:03"));
+    let victim: MacAddr = LISTED_MAC.parse().unwrap();
+    let tree = lab.path("tiny-tree");
+    fs::create_dir_all(tree.join("etc")).unwrap();
+    fs::write(tree.join("etc/hostname"), "tiny\n").unwrap();
+    common::run(
+        Command::new(common::appliance_bin()).arg("--store").arg(lab.path("store")).args(["image", "import", "tiny", "--from"]).arg(&tree),
+    );
+    let app = start_appliance(&lab, 0, "app", &config(&lab), &[]);
+
+    // The victim (listed, so it installs) leases an address with busybox udhcpc.
+    let ev = lab.path("udhcpc.env");
+    let hook = lab.path("udhcpc.sh");
+    fs::write(&hook, format!("#!/bin/sh\nenv | sort > {}.$1\nexit 0\n", ev.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = lab.hosts[1]
+        .cmd("udhcpc")
+        .args(["-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-V", "PXEClient:Arch:00000:UNDI:002001", "-s"])
+        .arg(&hook)
+        .output()
+        .expect("udhcpc");
+    assert!(out.status.success(), "udhcpc: {}", String::from_utf8_lossy(&out.stderr));
+    let bound = fs::read_to_string(format!("{}.bound", ev.display())).unwrap_or_default();
+    let ip = bound.lines().find_map(|l| l.strip_prefix("ip=")).unwrap_or_else(|| panic!("{bound}")).to_owned();
+    lab.hosts[1].ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    let stolen = token(&lab, victim);
+    let script_url = format!("http://{SERVER}:8080/boot/{}.ipxe", victim.hyphenated());
+    let tftp_get = |h: usize, out: &str| {
+        let r = lab.hosts[h]
+            .cmd("tftp")
+            .args([SERVER, "6969", "-c", "get", &format!("pxelinux.cfg/01-{}", victim.hyphenated())])
+            .arg(lab.path(out))
+            .output()
+            .expect("tftp");
+        assert!(r.status.success(), "tftp: {}", String::from_utf8_lossy(&r.stderr));
+        fs::read_to_string(lab.path(out)).unwrap_or_default()
+    };
+
+    // The other host: local boot, no token, over HTTP and TFTP; its plan and report refused.
+    let (code, s) = curl(&lab, 2, &[], &script_url);
+    assert_eq!(code, 200, "{s}");
+    assert!(s.contains("\nexit\n") && !s.contains("si.token") && !s.contains(&stolen), "another host got the script:\n{s}");
+    let pxe = tftp_get(2, "attacker.cfg");
+    assert!(pxe.contains("LOCALBOOT 0") && !pxe.contains(&stolen), "another host got the pxelinux config:\n{pxe}");
+    let auth = format!("Authorization: Bearer {stolen}");
+    let (code, body) = curl(&lab, 2, &["-H", &auth], &format!("http://{SERVER}:8080/api/nodes/{victim}/plan?firmware=bios"));
+    assert_eq!(code, 403, "plan with a stolen token: {body}");
+    let (code, body) = curl(
+        &lab,
+        2,
+        &["-H", &auth, "-H", "Content-Type: application/json", "--data-binary", r#"{"phase":"failed","message":"forged"}"#],
+        &format!("http://{SERVER}:8080/api/nodes/{victim}/report"),
+    );
+    assert_eq!(code, 403, "report with a stolen token: {body}");
+    let text = log(&app);
+    assert!(
+        text.lines().any(|l| l.contains("WARN") && l.contains("another address than the node's") && l.contains("10.68.0.200") && l.contains(&ip)),
+        "no WARN with both addresses:\n{text}"
+    );
+    assert!(text.contains("plan refused") && text.contains("report refused"), "{text}");
+
+    // The victim itself: its installer script and token, its plan.
+    let (code, s) = curl(&lab, 1, &[], &script_url);
+    assert_eq!(code, 200, "{s}");
+    assert!(s.contains(&format!("si.token={stolen}")), "the node did not get its script:\n{s}");
+    let pxe = tftp_get(1, "victim.cfg");
+    assert!(pxe.contains(&format!("si.token={stolen}")), "the node did not get its pxelinux config:\n{pxe}");
+    let (code, body) = plan(&lab, victim);
+    assert_eq!(code, 200, "{body}");
+}

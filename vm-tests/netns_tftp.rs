@@ -385,3 +385,93 @@ fn tftp_windowsize_with_atftp() {
         assert_eq!(sha_file(&out), Some(sha(&s.kernel)), "windowsize {ws}");
     }
 }
+
+/// Issue 13 item 12: a loader that is in none of `boot.loader_dirs` (here ARM64's
+/// `ipxe-arm64.efi`, which Debian's ipxe does not ship) is not offered: the start-up log says
+/// which loaders are served (INFO) and which are missing (WARN), and an ARM64 PXE client
+/// (busybox udhcpc with option 93 = 11) gets an address, no boot file, and a WARN line.
+#[test]
+fn missing_loader_is_not_offered_and_start_says_which_are_served() {
+    let mut lab = Lab::new("tm");
+    lab.add_host(Some(&format!("{SERVER}/24")), Some("52:54:00:67:00:01"));
+    lab.add_host(None, Some(CLIENT_MAC));
+    let loaders = lab.path("loaders");
+    fs::create_dir_all(&loaders).unwrap();
+    fs::write(loaders.join("undionly.kpxe"), b"bios loader").unwrap();
+    fs::write(loaders.join("snponly.efi"), b"uefi loader").unwrap();
+    let config = format!(
+        "iface = \"eth0\"\nenroll = \"any\"\nstate_dir = \"{}\"\nstore = \"{}\"\n\
+         [dhcp]\nprobe = false\n[tftp]\nenable = true\n[http]\nport = 8080\n[boot]\nloader_dirs = [\"{}\"]\n",
+        lab.path("state").display(),
+        lab.path("store").display(),
+        loaders.display()
+    );
+    let app = start_appliance(&lab, 0, "app", &config, &[]);
+    let text = common::strip_ansi(&app.log_text());
+    let served = text.lines().find(|l| l.contains("boot loaders served")).unwrap_or_else(|| panic!("{text}"));
+    assert!(served.contains("undionly.kpxe") && served.contains("snponly.efi") && !served.contains("arm64"), "{served}");
+    let missing = text.lines().find(|l| l.contains("boot loaders missing")).unwrap_or_else(|| panic!("{text}"));
+    assert!(missing.contains("WARN") && missing.contains("ipxe-arm64.efi (ARM64 UEFI)"), "{missing}");
+
+    let hook = lab.path("udhcpc.sh");
+    let env = lab.path("udhcpc.env");
+    fs::write(&hook, format!("#!/bin/sh\nenv | sort > {}.$1\nexit 0\n", env.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = lab.hosts[1]
+        .cmd("timeout")
+        .args(["30", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2"])
+        .args(["-V", "PXEClient:Arch:00011:UNDI:003016", "-x", "0x5d:000b", "-O", "bootfile", "-s"])
+        .arg(&hook)
+        .output()
+        .expect("udhcpc");
+    assert!(out.status.success(), "udhcpc: {}", String::from_utf8_lossy(&out.stderr));
+    let bound = fs::read_to_string(format!("{}.bound", env.display())).unwrap_or_default();
+    assert!(bound.contains("ip=10.67.0."), "no address: {bound}");
+    assert!(!bound.contains("ipxe-arm64.efi"), "offered a loader that is not there: {bound}");
+    let ok = common::wait_for(Duration::from_secs(10), || {
+        let t = common::strip_ansi(&app.log_text());
+        t.lines().any(|l| l.contains("WARN") && l.contains("no boot file for this client") && l.contains("ipxe-arm64.efi")).then_some(())
+    });
+    assert!(ok.is_some(), "{}", common::strip_ansi(&app.log_text()));
+}
+
+/// Issue 13 item 10: one client address runs at most `tftp.max_transfers_per_client` (8)
+/// transfers. A hostile peer (python, in the client's namespace) opens 8 and never ACKs; the
+/// 9th, from curl on the same address, gets TFTP error "busy" and the appliance logs it once
+/// (WARN), then serves the next request once the held transfers have ended.
+#[test]
+fn tftp_refuses_transfers_over_the_per_client_cap_with_busy() {
+    let mut s = Setup::new("tc", 1);
+    let hold = format!(
+        "import socket, sys, time\n\
+         socks = []\n\
+         for i in range(8):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.settimeout(5)\n\
+         \x20   s.sendto(b'\\x00\\x01vmlinuz\\x00octet\\x00', ('{SERVER}', 69))\n\
+         \x20   data, _ = s.recvfrom(600)\n\
+         \x20   assert data[1] == 3, data[:40]\n\
+         \x20   socks.append(s)\n\
+         print('held', len(socks), flush=True)\n\
+         time.sleep(30)\n"
+    );
+    let mut c = s.lab.hosts[1].cmd("timeout");
+    c.args(["40", "/usr/bin/python3", "-c", &hold]);
+    let mut holder = Proc::spawn("holder", c, s.out("holder.log"));
+    holder.wait_log("held 8", Duration::from_secs(20));
+    let out = s.out("busy.bin");
+    let o = s.curl_tftp("initrd.img", &out);
+    assert!(!o.status.success(), "a 9th transfer was served: {}", text(&o));
+    assert!(text(&o).contains("busy") || fs::metadata(&out).map(|m| m.len()).unwrap_or(0) == 0, "{}", text(&o));
+    let log = plain(&s.app.log_text());
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("tftp: busy") && l.contains("10.67.0.2")), "{log}");
+    holder.kill();
+    // The held transfers end after their retries (6 × 3 s); then the client is served again.
+    let ok = common::wait_for(Duration::from_secs(40), || {
+        let o = s.curl_tftp("initrd.img", &out);
+        (o.status.success() && sha_file(&out) == Some(sha(&s.initrd))).then_some(())
+    });
+    assert!(ok.is_some(), "never served again:\n{}", plain(&s.app.log_text()));
+    s.assert_alive();
+}

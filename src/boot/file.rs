@@ -198,7 +198,11 @@ impl Source {
 /// # Errors
 /// [`OpenError`]: not found, a symlink escaping the loader directories, not a regular file, or
 /// an I/O error.
-pub fn open(ctx: &BootContext, f: &BootFile) -> Result<Source, OpenError> {
+///
+/// A node's own files (iPXE script, pxelinux config) render its installer and token only when
+/// `client` is the node's address ([`BootContext::may_serve`]); otherwise "boot locally".
+pub fn open(ctx: &BootContext, f: &BootFile, client: Option<std::net::Ipv4Addr>, via: &str) -> Result<Source, OpenError> {
+    const NOT_ITS_ADDRESS: &str = "asked from another address than the node's";
     match f {
         BootFile::Loader(l) => open_in_loader_dirs(&ctx.loader_dirs, l.tftp_name()),
         BootFile::Com32(m) => open_in_loader_dirs(&ctx.loader_dirs, m.as_str()),
@@ -207,6 +211,12 @@ pub fn open(ctx: &BootContext, f: &BootFile) -> Result<Source, OpenError> {
         // Without a MAC nothing says which node asks: boot locally (never an installer).
         BootFile::PxelinuxCfg(None) => {
             Ok(Source::Rendered(script::pxelinux_local(None, "no per-node config asked for").into_bytes()))
+        }
+        BootFile::PxelinuxCfg(Some(mac)) if !ctx.may_serve(*mac, client, via) => {
+            Ok(Source::Rendered(script::pxelinux_local(Some(*mac), NOT_ITS_ADDRESS).into_bytes()))
+        }
+        BootFile::NodeScript(mac) if !ctx.may_serve(*mac, client, via) => {
+            Ok(Source::Rendered(script::ipxe_local(*mac, NOT_ITS_ADDRESS).into_bytes()))
         }
         BootFile::PxelinuxCfg(Some(mac)) => Ok(Source::Rendered(match action(ctx, *mac) {
             BootAction::Install => script::pxelinux_cfg(&ctx.server(), Some(&ctx.node(*mac))),
@@ -238,6 +248,12 @@ fn action(ctx: &BootContext, mac: MacAddr) -> BootAction {
         ctx.events.send(crate::types::events::NodeEvent::LocalBoot { mac, why: why.to_string() });
     }
     a
+}
+
+/// The loaders found in `dirs` (served) and those not (a client must not be offered them).
+/// Blocking: one `stat`/`open` per loader; run at start.
+pub fn available_loaders(dirs: &[PathBuf]) -> (Vec<crate::types::Loader>, Vec<crate::types::Loader>) {
+    crate::types::Loader::ALL.iter().partition(|l| open_in_loader_dirs(dirs, l.tftp_name()).is_ok())
 }
 
 /// Looks for `name` (a key, never request text) in each loader directory in order.
@@ -382,13 +398,13 @@ mod tests {
         std::fs::create_dir(loaders.join("dir.c32")).unwrap();
         let ctx = ctx_with_dirs(vec![root.path().join("missing"), loaders.clone()], root.path().join("k"));
 
-        let src = open(&ctx, &BootFile::parse("undionly.kpxe").unwrap()).unwrap();
+        let src = open(&ctx, &BootFile::parse("undionly.kpxe").unwrap(), None, "test").unwrap();
         assert_eq!(src.len(), 4);
         // A symlink inside the directory is fine.
-        assert_eq!(open(&ctx, &BootFile::parse("ldlinux.c32").unwrap()).unwrap().len(), 6);
-        assert!(matches!(open(&ctx, &BootFile::parse("menu.c32").unwrap()), Err(OpenError::Escapes { .. })));
-        assert!(matches!(open(&ctx, &BootFile::parse("dir.c32").unwrap()), Err(OpenError::NotRegular(_))));
-        assert!(matches!(open(&ctx, &BootFile::parse("pxelinux.0").unwrap()), Err(OpenError::NotFound { .. })));
-        assert!(matches!(open(&ctx, &BootFile::Kernel), Err(OpenError::NotFound { .. })));
+        assert_eq!(open(&ctx, &BootFile::parse("ldlinux.c32").unwrap(), None, "test").unwrap().len(), 6);
+        assert!(matches!(open(&ctx, &BootFile::parse("menu.c32").unwrap(), None, "test"), Err(OpenError::Escapes { .. })));
+        assert!(matches!(open(&ctx, &BootFile::parse("dir.c32").unwrap(), None, "test"), Err(OpenError::NotRegular(_))));
+        assert!(matches!(open(&ctx, &BootFile::parse("pxelinux.0").unwrap(), None, "test"), Err(OpenError::NotFound { .. })));
+        assert!(matches!(open(&ctx, &BootFile::Kernel, None, "test"), Err(OpenError::NotFound { .. })));
     }
 }

@@ -58,7 +58,8 @@ async fn boot_file(
         }
     };
     let (c, key) = (ctx.clone(), f.clone());
-    let src = match tokio::task::spawn_blocking(move || file::open(&c, &key)).await {
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().and_then(|c| crate::types::addrs::v4(c.0));
+    let src = match tokio::task::spawn_blocking(move || file::open(&c, &key, ip, "http")).await {
         Ok(Ok(src)) => src,
         Ok(Err(e)) if e.is_not_found() => {
             debug!(client, file = %f, "http: not found: {e}");
@@ -134,6 +135,35 @@ mod tests {
                     "/boot/k", "/boot/", "/boot/pxelinux.cfg/../../k", "/boot/%ff", "/etc/passwd"] {
             assert_eq!(get(&r, bad, None).await.0, StatusCode::NOT_FOUND, "{bad}");
         }
+    }
+
+    async fn get_from(router: &Router, uri: &str, from: &str) -> String {
+        let mut req = axum::http::Request::builder().uri(uri).body(Body::empty()).unwrap();
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(from.parse().unwrap()));
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        String::from_utf8(axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn node_script_and_token_only_to_the_nodes_leased_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"0123456789").unwrap();
+        let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
+        ctx.bind_nodes = true;
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        ctx.addrs.note(mac, "10.0.0.5".parse().unwrap());
+        let token = ctx.node(mac).token.as_str().to_owned();
+        let r = routes(Arc::new(ctx));
+        let own = get_from(&r, "/boot/52-54-00-12-34-56.ipxe", "10.0.0.5:1234").await;
+        assert!(own.contains(&format!("si.token={token}")), "{own}");
+        let other = get_from(&r, "/boot/52-54-00-12-34-56.ipxe", "10.0.0.6:1234").await;
+        assert!(other.contains("\nexit\n") && !other.contains("si.token"), "{other}");
+        let unknown = get_from(&r, "/boot/52-54-00-ab-cd-ef.ipxe", "10.0.0.5:1234").await;
+        assert!(!unknown.contains("si.token"), "{unknown}");
+        let pxe = get_from(&r, "/boot/pxelinux.cfg/01-52-54-00-12-34-56", "10.0.0.6:1234").await;
+        assert!(pxe.contains("LOCALBOOT") && !pxe.contains("si.token"), "{pxe}");
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub struct BootContext {
     pub events: crate::types::events::EventSink,
     /// Which node boots what (installer or local disk).
     pub nodes: Arc<crate::nodes::NodeBook>,
+    /// MAC -> address as our DHCP saw it: a node's script (its token) goes only there.
+    pub addrs: Arc<crate::types::addrs::ClientAddrs>,
+    /// Whether node scripts are bound to `addrs` (false with `dhcp.mode = "off"`: another
+    /// server leases, we cannot know who holds which address).
+    pub bind_nodes: bool,
 }
 
 impl BootContext {
@@ -68,6 +73,33 @@ impl BootContext {
             secret,
             events: crate::types::events::EventSink::disabled(),
             nodes,
+            addrs: Arc::default(),
+            bind_nodes: cfg.dhcp.mode != crate::config::DhcpMode::Off,
+        }
+    }
+
+    /// Whether `client` may have `mac`'s installer script (and token): it is the address our
+    /// DHCP leased to `mac` (proxy mode: the address `mac` asked us from). Logs a WARN with both
+    /// addresses when not.
+    pub fn may_serve(&self, mac: MacAddr, client: Option<std::net::Ipv4Addr>, via: &str) -> bool {
+        use crate::types::addrs::Binding;
+        if !self.bind_nodes {
+            return true;
+        }
+        let Some(client) = client else {
+            tracing::warn!(%mac, via, "boot: node script asked by an unknown address: told to boot locally");
+            return false;
+        };
+        match self.addrs.check(mac, client) {
+            Binding::Bound => true,
+            Binding::Elsewhere(leased) => {
+                tracing::warn!(%mac, %client, %leased, via, "boot: node script asked from another address than the node's: told to boot locally, no token");
+                false
+            }
+            Binding::Unknown => {
+                tracing::warn!(%mac, %client, via, "boot: node script asked for a MAC our DHCP never saw with an address: told to boot locally, no token");
+                false
+            }
         }
     }
 
@@ -105,6 +137,8 @@ impl BootContext {
             secret: b"test-secret".to_vec(),
             events: crate::types::events::EventSink::disabled(),
             nodes: Arc::new(crate::nodes::NodeBook::in_memory(crate::config::Enroll::Any)),
+            addrs: Arc::default(),
+            bind_nodes: false,
         }
     }
 }

@@ -57,6 +57,97 @@ pub struct TftpError(#[from] async_tftp::Error);
 /// The handler: maps request names to boot files.
 struct BootHandler {
     ctx: Arc<BootContext>,
+    slots: Arc<Slots>,
+}
+
+/// Running transfers, per client address and in all, against `tftp.max_transfers*`.
+#[derive(Debug)]
+struct Slots {
+    per_client_max: usize,
+    total_max: usize,
+    state: std::sync::Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    total: usize,
+    per_client: std::collections::HashMap<std::net::IpAddr, usize>,
+    /// Refusals since the last WARN, and when that was (WARN at most every [`BUSY_WARN_EVERY`]).
+    refused: u64,
+    warned: Option<std::time::Instant>,
+}
+
+/// Busy refusals are WARNed at most this often (each one is a debug line).
+const BUSY_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One running transfer's place; given back on drop (the transfer task drops its reader when it
+/// ends, however it ends).
+struct Slot {
+    slots: Arc<Slots>,
+    ip: std::net::IpAddr,
+}
+
+impl Slots {
+    fn new(cfg: &TftpConfig) -> Slots {
+        Slots { per_client_max: cfg.max_transfers_per_client, total_max: cfg.max_transfers, state: Default::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for a transfer to `client`, or None (logged, rate-limited) when a cap is reached.
+    fn take(self: &Arc<Self>, client: &SocketAddr, name: &str) -> Option<Slot> {
+        let ip = client.ip();
+        let mut st = self.lock();
+        let mine = st.per_client.get(&ip).copied().unwrap_or(0);
+        if mine >= self.per_client_max || st.total >= self.total_max {
+            st.refused += 1;
+            let (total, refused) = (st.total, st.refused);
+            debug!(%client, name, running = mine, total, "tftp: busy: refused");
+            if st.warned.is_none_or(|t| t.elapsed() >= BUSY_WARN_EVERY) {
+                st.warned = Some(std::time::Instant::now());
+                st.refused = 0;
+                warn!(
+                    %client, running = mine, total, per_client_max = self.per_client_max, max = self.total_max, refused,
+                    "tftp: busy: transfers refused (tftp.max_transfers_per_client / tftp.max_transfers)"
+                );
+            }
+            return None;
+        }
+        st.total += 1;
+        *st.per_client.entry(ip).or_insert(0) += 1;
+        Some(Slot { slots: self.clone(), ip })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = self.slots.lock();
+        st.total = st.total.saturating_sub(1);
+        if let Some(n) = st.per_client.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.per_client.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A transfer's reader with its [`Slot`].
+struct Counted {
+    inner: Reader,
+    _slot: Slot,
+}
+
+impl futures_lite::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, out)
+    }
 }
 
 type Reader = Box<dyn futures_lite::AsyncRead + Unpin + Send>;
@@ -82,9 +173,13 @@ impl Handler for BootHandler {
                 });
             }
         };
+        let Some(slot) = self.slots.take(client, name) else {
+            return Err(packet::Error::Msg("busy".to_owned()));
+        };
         let ctx = self.ctx.clone();
         let key = f.clone();
-        let src = blocking::unblock(move || file::open(&ctx, &key)).await;
+        let ip = crate::types::addrs::v4(*client);
+        let src = blocking::unblock(move || file::open(&ctx, &key, ip, "tftp")).await;
         let src = match src {
             Ok(s) => s,
             Err(e) if e.is_not_found() => {
@@ -108,7 +203,7 @@ impl Handler for BootHandler {
             Source::Disk { file, .. } => Box::new(ChunkReader::new(file)),
             Source::Rendered(bytes) => Box::new(futures_lite::io::Cursor::new(bytes)),
         };
-        Ok((reader, Some(size)))
+        Ok((Box::new(Counted { inner: reader, _slot: slot }), Some(size)))
     }
 
     async fn write_req_open(
@@ -211,7 +306,8 @@ pub async fn serve(
 ) -> Result<(), BootError> {
     let addr = socket.local_addr().map_err(BootError::TftpSocket)?;
     let err = |e: async_tftp::Error| BootError::Tftp { addr, source: TftpError(e) };
-    let server = TftpServerBuilder::with_handler(BootHandler { ctx })
+    let slots = Arc::new(Slots::new(cfg));
+    let server = TftpServerBuilder::with_handler(BootHandler { ctx, slots })
         .std_socket(socket)
         .map_err(err)?
         .timeout(cfg.timeout)
@@ -221,7 +317,10 @@ pub async fn serve(
         .build()
         .await
         .map_err(err)?;
-    info!(%addr, max_blksize = cfg.max_blksize, max_windowsize = cfg.max_windowsize, "tftp: serving");
+    info!(
+        %addr, max_blksize = cfg.max_blksize, max_windowsize = cfg.max_windowsize,
+        max_transfers_per_client = cfg.max_transfers_per_client, max_transfers = cfg.max_transfers, "tftp: serving"
+    );
     // async-tftp runs its transfers on its own executor inside `serve()`, and its sockets on
     // the async-io reactor. Driving it with `async_io::block_on` on a thread of its own lets
     // that thread poll the reactor itself: one thread hop less per block than polling it from
@@ -429,6 +528,44 @@ mod tests {
         eprintln!("OACKs sent after the client's ERROR: {}", oacks - 1);
         assert!(oacks <= MAX_SEND_RETRIES + 1, "{oacks} OACKs");
         assert!(ended_with_error || oacks == 1, "the transfer neither ended nor honoured the ERROR");
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// Transfers that stay open (the client never ACKs) hold their place: with a cap of 2 per
+    /// client, a third RRQ from the same address gets ERROR "busy", another address does not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfers_over_the_per_client_cap_get_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, vec![7u8; 100_000]).unwrap();
+        let ctx = Arc::new(BootContext::for_tests(vec![dir.path().to_owned()], kernel));
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let token = CancellationToken::new();
+        let t2 = token.clone();
+        let cfg = TftpConfig { timeout: Duration::from_secs(1), max_transfers_per_client: 2, ..TftpConfig::default() };
+        let task = tokio::spawn(async move { serve(ctx, &cfg, socket, t2).await });
+
+        let first_reply = move |from: &str| -> (u8, Vec<u8>) {
+            let s = UdpSocket::bind(format!("{from}:0")).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.send_to(b"\0\x01vmlinuz\0octet\0", format!("{from}:{port}")).unwrap();
+            let mut buf = [0u8; 600];
+            let (n, _) = s.recv_from(&mut buf).expect("a reply within 5 s");
+            (buf[1], buf[4..n].to_vec())
+        };
+        let r = tokio::task::spawn_blocking(move || {
+            // Never ACKed: each transfer stays open for its retries (6 s here).
+            [first_reply("127.0.0.1"), first_reply("127.0.0.1"), first_reply("127.0.0.1"), first_reply("127.0.0.2")]
+        })
+        .await
+        .unwrap();
+        assert_eq!((r[0].0, r[1].0), (3, 3), "the first two get DATA");
+        assert_eq!(r[2].0, 5, "the third gets an ERROR");
+        assert!(r[2].1.starts_with(b"busy"), "{:?}", String::from_utf8_lossy(&r[2].1));
+        assert_eq!(r[3].0, 3, "another address is not capped by this one");
         token.cancel();
         task.await.unwrap().unwrap();
     }

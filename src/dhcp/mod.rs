@@ -77,7 +77,27 @@ impl DhcpServer {
     /// [`DhcpError::OtherServer`] (another DHCP server answers in full mode), a journal or
     /// socket error.
     pub async fn start(cfg: Arc<Config>, iface: Iface) -> Result<DhcpServer, DhcpError> {
-        let policy = policy::Policy::new(&cfg, &iface);
+        let mut policy = policy::Policy::new(&cfg, &iface);
+        // Offer only loaders that exist: a client offered a missing one fails with a TFTP
+        // error and nothing in our log.
+        let dirs = cfg.boot.loader_dirs.clone();
+        let (served, missing) = tokio::task::spawn_blocking(move || crate::boot::file::available_loaders(&dirs))
+            .await
+            .unwrap_or_else(|_| (Vec::new(), crate::types::Loader::ALL.to_vec()));
+        let archs = |ls: &[crate::types::Loader]| {
+            use crate::types::Loader as L;
+            let arch = |l: &L| match l {
+                L::Undionly | L::Pxelinux => "x86 BIOS",
+                L::IpxeEfi | L::SnpOnly => "x86-64 UEFI",
+                L::IpxeArm64Efi => "ARM64 UEFI",
+            };
+            ls.iter().map(|l| format!("{} ({})", l.tftp_name(), arch(l))).collect::<Vec<_>>().join(", ")
+        };
+        info!(loaders = %archs(&served), "boot loaders served");
+        if !missing.is_empty() {
+            tracing::warn!(loaders = %archs(&missing), dirs = ?cfg.boot.loader_dirs, "boot loaders missing: clients that need them are not offered a boot file");
+        }
+        policy.missing_loaders = missing;
         let full = cfg.dhcp.mode == DhcpMode::Full;
         if full && cfg.dhcp.probe {
             info!(iface = %iface.name, "probing for other DHCP servers");
@@ -117,6 +137,16 @@ impl DhcpServer {
         let every = cfg.dhcp.watch_every;
         let watch = (full && !every.is_zero()).then(|| (iface, every, cfg.dhcp.probe_timeout));
         Ok(DhcpServer { service, watch })
+    }
+
+    /// Records each client's address (lease, or ciaddr in proxy mode) in `addrs`, where the
+    /// boot services check who may fetch a node's script.
+    /// The leases kept over a restart are recorded at once.
+    pub fn set_addrs(&mut self, addrs: std::sync::Arc<crate::types::addrs::ClientAddrs>) {
+        for l in self.service.leases.iter().filter(|l| l.state == leases::LeaseState::Bound) {
+            addrs.note(l.mac, l.ip);
+        }
+        self.service.addrs = addrs;
     }
 
     /// Reports every answered client to the monitor through `events` (default: nowhere).

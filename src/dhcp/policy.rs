@@ -47,6 +47,8 @@ pub enum Why {
     UnknownArch(Arch),
     /// proxyDHCP: TFTP is disabled, a PXE ROM would get nothing.
     TftpDisabled,
+    /// The loader for this client is in none of `boot.loader_dirs`.
+    LoaderMissing(Loader),
     /// proxyDHCP: the message type is not one proxyDHCP answers.
     NotForProxy(MessageType),
     /// A packet on port 4011 while not in proxy mode.
@@ -70,6 +72,7 @@ impl fmt::Display for Why {
             Why::NoSuchLease(ip) => write!(f, "client holds no lease on {ip}"),
             Why::UnknownArch(a) => write!(f, "no boot loader for architecture {a}"),
             Why::TftpDisabled => f.write_str("TFTP is disabled: a PXE ROM would get no boot loader"),
+            Why::LoaderMissing(l) => write!(f, "its boot loader {} is in none of boot.loader_dirs", l.tftp_name()),
             Why::NotForProxy(t) => write!(f, "proxyDHCP does not answer {t:?}"),
             Why::NotProxyMode => f.write_str("port 4011 is served only in proxy mode"),
             Why::Unsupported(t) => write!(f, "message type {t:?} is not handled"),
@@ -188,6 +191,9 @@ pub struct Policy {
     /// The appliance's own MAC: its watch for foreign DHCP servers sends DISCOVERs from it,
     /// which the service must not answer.
     pub own_mac: Option<MacAddr>,
+    /// Loaders not found in `boot.loader_dirs` at start: never offered (set by the server
+    /// after its check; empty in `new`).
+    pub missing_loaders: Vec<Loader>,
 }
 
 impl Policy {
@@ -224,6 +230,7 @@ impl Policy {
             http_port: cfg.http.port,
             ipxe_no_pxedhcp: cfg.boot.ipxe_no_pxedhcp,
             own_mac: iface.mac,
+            missing_loaders: Vec::new(),
         }
     }
 
@@ -324,6 +331,16 @@ pub enum Boot {
 /// The boot answer for a client. A reservation's `loader` wins over the architecture and over
 /// iPXE's script URL (e.g. to boot a node through pxelinux), for boot firmware only.
 pub fn boot_for(client: &Client, policy: &Policy) -> Boot {
+    match boot_wanted(client, policy) {
+        Boot::Loader(l) if policy.missing_loaders.contains(&l) => Boot::Nothing(Some(Why::LoaderMissing(l))),
+        Boot::Url(u) if policy.missing_loaders.contains(&Loader::IpxeEfi) && u.ends_with(Loader::IpxeEfi.tftp_name()) => {
+            Boot::Nothing(Some(Why::LoaderMissing(Loader::IpxeEfi)))
+        }
+        b => b,
+    }
+}
+
+fn boot_wanted(client: &Client, policy: &Policy) -> Boot {
     let forced = policy.reservations.get(&client.mac).and_then(|r| r.loader);
     if let (Some(l), Firmware::Pxe | Firmware::Ipxe) = (forced, client.firmware) {
         return if policy.tftp { Boot::Loader(l) } else { Boot::Nothing(Some(Why::TftpDisabled)) };

@@ -46,6 +46,8 @@ pub struct Service {
     noted: std::collections::HashSet<MacAddr>,
     /// Where answered clients are reported to the monitor (never waits).
     pub(super) events: EventSink,
+    /// MAC → address as we saw it: the boot services bind node scripts to it.
+    pub(super) addrs: std::sync::Arc<crate::types::addrs::ClientAddrs>,
 }
 
 impl Service {
@@ -58,7 +60,7 @@ impl Service {
         sock: UdpSocket,
         pxe_sock: Option<UdpSocket>,
     ) -> Service {
-        Service { policy, leases, journal, iface, sock, pxe_sock, noted: Default::default(), events: EventSink::disabled() }
+        Service { policy, leases, journal, iface, sock, pxe_sock, noted: Default::default(), events: EventSink::disabled(), addrs: Default::default() }
     }
 
     /// Serves until `shutdown`.
@@ -147,6 +149,15 @@ impl Service {
         };
         let mac = req.mac;
         let xid = req.msg.xid();
+        if self.policy.mode == crate::config::DhcpMode::Proxy {
+            // Proxy mode leases nothing: the node's own word on its address (ciaddr, or the
+            // address it requests from the real server, seen in its broadcast REQUEST) is what
+            // binds its boot script. iPXE told `175.176 = 1` skips the port-4011 request.
+            let ci = Some(req.msg.ciaddr()).filter(|a| !a.is_unspecified());
+            if let Some(ip) = ci.or(if req.kind == dhcproto::v4::MessageType::Request { req.requested_ip } else { None }) {
+                self.addrs.note(mac, ip);
+            }
+        }
         match decide(&req, via, &self.leases, &self.policy, now) {
             Decision::Ignore(why) => debug!(%mac, xid, msg_type = ?req.kind, %src, "ignored: {why}"),
             Decision::Record(change) => {
@@ -180,6 +191,16 @@ impl Service {
     /// Tells the monitor about a client we answered or recorded (a bounded, non-blocking send).
     fn note_client(&self, req: &classify::Request, ip: Option<Ipv4Addr>) {
         let ip = ip.or_else(|| self.leases.of_mac(req.mac).map(|l| l.ip));
+        // Full mode: only an address we lease binds a node. Proxy mode leases nothing: the
+        // address the node itself put in its request (ciaddr, set by iPXE on port 4011) is all
+        // there is.
+        let bound = match self.policy.mode {
+            crate::config::DhcpMode::Proxy => ip.or(Some(req.msg.ciaddr())),
+            _ => ip,
+        };
+        if let Some(b) = bound {
+            self.addrs.note(req.mac, b);
+        }
         let hostname = req.hostname.clone().or_else(|| self.leases.of_mac(req.mac).and_then(|l| l.hostname.clone()));
         self.events.send(NodeEvent::Dhcp {
             mac: req.mac,

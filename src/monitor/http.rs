@@ -113,7 +113,7 @@ async fn report(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let client = connect.map(|c| tracing::field::display(c.0.0));
+    let client = connect.as_ref().map(|c| tracing::field::display(c.0.0));
     let refuse = |code: StatusCode, why: String| {
         s.rejected.fetch_add(1, Ordering::Relaxed);
         warn!(client, node = %mac, status = code.as_u16(), "report refused: {why}");
@@ -128,6 +128,10 @@ async fn report(
         Ok(()) => {}
         Err(e @ AuthError::Missing) => return refuse(StatusCode::UNAUTHORIZED, e.to_string()),
         Err(e @ AuthError::Wrong) => return refuse(StatusCode::FORBIDDEN, e.to_string()),
+    }
+    let ip = connect.as_ref().and_then(|c| crate::types::addrs::v4(c.0.0));
+    if let Err(why) = crate::types::addrs::check_node_source(s.addrs.get().map(|a| &**a), m, ip) {
+        return refuse(StatusCode::FORBIDDEN, why);
     }
     let report: NodeReport = match serde_json::from_slice(&body) {
         Ok(r) => r,

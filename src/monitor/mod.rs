@@ -74,6 +74,9 @@ pub struct Shared {
     admin: std::sync::OnceLock<crate::nodes::http::AdminAuth>,
     /// Held while a report is written: one at a time.
     writing: tokio::sync::Mutex<()>,
+    /// MAC -> address as our DHCP saw it (attached by app.rs unless `dhcp.mode = "off"`):
+    /// reports are bound to it.
+    addrs: std::sync::OnceLock<Arc<crate::types::addrs::ClientAddrs>>,
 }
 
 impl crate::nodes::http::Observed for Shared {
@@ -156,6 +159,7 @@ impl Monitor {
             book: std::sync::OnceLock::new(),
             admin: std::sync::OnceLock::new(),
             writing: tokio::sync::Mutex::new(()),
+            addrs: std::sync::OnceLock::new(),
         });
         Monitor { shared, rx, cfg: cfg.clone() }
     }
@@ -166,6 +170,11 @@ impl Monitor {
         book.attach_events(self.shared.sink.clone());
         let _ = self.shared.book.set((book, manifest));
         let _ = self.shared.admin.set(admin);
+    }
+
+    /// Binds node reports to the address our DHCP saw for the node.
+    pub fn attach_addrs(&self, addrs: Arc<crate::types::addrs::ClientAddrs>) {
+        let _ = self.shared.addrs.set(addrs);
     }
 
     /// The sink to hand to the services.

@@ -433,6 +433,29 @@ mod tests {
     }
 
     #[test]
+    fn boot_files_naming_unknown_macs_create_no_node() {
+        let mut r = Registry::new(0, 60_000, 30_000);
+        let mac = MacAddr([2, 0, 0, 0, 0, 7]);
+        let ip = Ipv4Addr::new(10, 0, 0, 7);
+        let dhcp = NodeEvent::Dhcp { mac, ip: Some(ip), hostname: None, arch: Arch::X86Bios, vendor_class: None, kind: "Request".into() };
+        r.apply(&at(1_000, dhcp));
+        // `?mac=<random>` from a stranger's address, and from the node's own address.
+        let random = MacAddr([2, 0xde, 0xad, 0, 0, 1]);
+        let stranger = NodeEvent::BootFile { ip: Ipv4Addr::new(10, 0, 0, 99), mac: Some(random), file: "vmlinuz".into(), size: 1, via: BootVia::Http };
+        assert_eq!(r.apply(&at(2_000, stranger)), None);
+        let own = NodeEvent::BootFile { ip, mac: Some(random), file: "vmlinuz".into(), size: 1, via: BootVia::Http };
+        assert_eq!(r.apply(&at(2_000, own)), Some(mac), "attributed to the address's holder");
+        assert!(r.node(random).is_none());
+        // Another known node's MAC named from this address does not move the address.
+        let other = MacAddr([2, 0, 0, 0, 0, 8]);
+        r.apply(&at(3_000, NodeEvent::Dhcp { mac: other, ip: Some(Ipv4Addr::new(10, 0, 0, 8)), hostname: None, arch: Arch::X86Bios, vendor_class: None, kind: "Request".into() }));
+        let lie = NodeEvent::BootFile { ip, mac: Some(other), file: "vmlinuz".into(), size: 1, via: BootVia::Http };
+        r.apply(&at(4_000, lie));
+        assert_eq!(r.by_ip.get(&ip), Some(&mac), "the address stays with its holder");
+        assert_eq!(r.node(other).and_then(|n| n.ip), Some(Ipv4Addr::new(10, 0, 0, 8)));
+    }
+
+    #[test]
     fn eta_and_seed_share_from_rates_and_counters() {
         let mut r = Registry::new(0, 60_000, 30_000);
         r.apply(&at(0, NodeEvent::Seed { uploaded: 0, archive_size: 1000 }));

@@ -151,6 +151,21 @@ fn tftp_disabled_gives_address_but_notes_it() {
 }
 
 #[test]
+fn missing_loader_is_not_offered_and_noted() {
+    let mut p = policy("answer = \"pxe\"");
+    p.missing_loaders = vec![Loader::IpxeArm64Efi];
+    match run(&p, &Leases::new(), MessageType::Discover, MAC, pxe(11)) {
+        Decision::Reply { note: Some(Why::LoaderMissing(Loader::IpxeArm64Efi)), msg, .. } => {
+            assert!(!msg.opts().contains(OptionCode::BootfileName));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Other architectures still get theirs.
+    let (m, _, _) = reply(run(&p, &Leases::new(), MessageType::Discover, MAC, pxe(7)));
+    assert_eq!(opt_bytes(&m, OptionCode::BootfileName).as_deref(), Some(&b"snponly.efi"[..]));
+}
+
+#[test]
 fn reservation_gets_fixed_address_and_hostname() {
     let p = policy("answer = \"all\"");
     let l = Leases::new();

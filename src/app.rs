@@ -94,7 +94,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let monitor = crate::monitor::Monitor::new(&cfg.monitor, secret.clone(), cfg.report_dir(), cfg.swarm.announce_interval);
     monitor.attach(book.clone(), manifest, admin.clone());
     let events = monitor.sink();
-    let bound = (cfg.dhcp.mode != DhcpMode::Off).then(|| addrs.clone());
+    let bound = (cfg.dhcp.bind_nodes && cfg.dhcp.mode != DhcpMode::Off).then(|| addrs.clone());
     if let Some(a) = &bound {
         monitor.attach_addrs(a.clone());
     }

@@ -151,6 +151,10 @@ pub struct DhcpConfig {
     /// one that answers (a server plugged in after start). 0s = never.
     #[serde(with = "humantime_serde")]
     pub watch_every: Duration,
+    /// A node's installer script (its token), plan and reports go only to the address this
+    /// DHCP server saw for its MAC. Off (or `mode = "off"`): any address (benchmarks that
+    /// simulate many installers from one host; nodes addressed by another server).
+    pub bind_nodes: bool,
     /// Lease time (option 51).
     #[serde(with = "humantime_serde")]
     pub lease_time: Duration,
@@ -176,6 +180,7 @@ impl Default for DhcpConfig {
             probe: true,
             probe_timeout: Duration::from_secs(4),
             watch_every: Duration::from_secs(60),
+            bind_nodes: true,
             lease_time: Duration::from_secs(3600),
             router: None,
             dns: Vec::new(),

@@ -53,7 +53,7 @@ fn main() {
     fs::write(&kernel, vec![7u8; 1 << 20]).expect("kernel");
     let cfg = format!(
         "iface = \"eth0\"\nenroll = \"any\"\nstore = \"{store}\"\nstate_dir = \"{state}\"\n\
-         [dhcp]\nprobe = false\nanswer = \"all\"\nlease_time = \"10m\"\n\
+         [dhcp]\nprobe = false\nanswer = \"all\"\nlease_time = \"10m\"\nbind_nodes = false\n\
          [tftp]\nenable = false\n[http]\nport = {HTTP_PORT}\n[boot]\nkernel = \"{k}\"\ninitrd = \"{k}\"\n\
          [swarm]\nenable = false\n[monitor]\nstuck_after = \"5m\"\nsample_interval = \"1s\"\n",
         store = lab.path("store").display(),

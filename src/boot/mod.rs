@@ -74,7 +74,7 @@ impl BootContext {
             events: crate::types::events::EventSink::disabled(),
             nodes,
             addrs: Arc::default(),
-            bind_nodes: cfg.dhcp.mode != crate::config::DhcpMode::Off,
+            bind_nodes: cfg.dhcp.bind_nodes && cfg.dhcp.mode != crate::config::DhcpMode::Off,
         }
     }
 

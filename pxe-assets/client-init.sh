@@ -13,6 +13,12 @@
 #   si.mac=aa:bb:..   the NIC to use (the appliance puts it there); BOOTIF=01-aa-bb-.. also works
 #   si.onfail=shell|reboot|poweroff   what to do when something fails (default shell)
 #   si.break=1        start a shell before the installer (debugging)
+#   si.ip=A.B.C.D si.netmask=M si.gw=G   the address iPXE got from the appliance (its node script
+#                     writes iPXE's ${ip}, ${netmask}, ${gateway}): the NIC is configured with it
+#                     and no second DHCP exchange happens, so a rogue DHCP server on the segment
+#                     cannot hand the installer another address, gateway or server. Without
+#                     si.ip (pxelinux), udhcpc runs and only a lease from si.server's address is
+#                     kept (a lease from another server is dropped and asked again, bounded).
 #
 # Lines starting with "si-init:" mark the steps on the serial console (the lab times them).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -31,9 +37,17 @@ say() { echo "si-init: $*"; }
 onfail=shell
 mac=
 brk=
+sip=
+smask=
+sgw=
+server=
 for w in $(cat /proc/cmdline); do
   case "$w" in
     si.mac=*) mac=${w#si.mac=} ;;
+    si.ip=*) sip=${w#si.ip=} ;;
+    si.netmask=*) smask=${w#si.netmask=} ;;
+    si.gw=*) sgw=${w#si.gw=} ;;
+    si.server=*) server=${w#si.server=}; server=${server%:*} ;;
     BOOTIF=*) [ -z "$mac" ] && mac=$(echo "${w#BOOTIF=}" | sed 's/^01-//; s/-/:/g') ;;
     si.onfail=*) onfail=${w#si.onfail=} ;;
     si.break=1) brk=1 ;;
@@ -92,12 +106,41 @@ ip link set lo up
 ip link set "$nic" up
 say "interface $nic${mac:+ ($mac)} up"
 
-tries=0
-until udhcpc -i "$nic" -s /etc/udhcpc.script -V si-appliance -t 6 -T 2 -A 2 -n -S 2>&1; do
-  tries=$((tries + 1))
-  [ $tries -ge 5 ] && rescue "no DHCP lease on $nic after $tries attempts"
-  say "no DHCP lease on $nic yet, retrying"
-done
+# A dotted quad, each part 0-255 (what iPXE writes; an unset setting is empty).
+is_ip() {
+  echo "$1" | grep -qE '^([0-9]{1,3}\.){3}[0-9]{1,3}$' || return 1
+  for o in $(echo "$1" | tr . ' '); do [ "$o" -le 255 ] || return 1; done
+}
+if is_ip "$sip"; then
+  # The address iPXE was leased by the appliance a moment ago: no second DHCP exchange.
+  is_ip "$smask" || smask=255.255.255.0
+  ifconfig "$nic" "$sip" netmask "$smask"
+  if is_ip "$sgw" && [ "$sgw" != 0.0.0.0 ]; then ip route add default via "$sgw" dev "$nic"; fi
+  cat > /run/si-net.env <<ENV
+SI_IFACE=$nic
+SI_IP=$sip
+SI_NETMASK=$smask
+SI_ROUTER=$sgw
+SI_SERVER=$server
+SI_HOSTNAME=
+ENV
+  say "address from iPXE's lease: $sip/$smask on $nic${sgw:+ via $sgw} (no second DHCP)"
+else
+  tries=0
+  until udhcpc -i "$nic" -s /etc/udhcpc.script -V si-appliance -t 6 -T 2 -A 2 -n -S 2>&1 && . /run/si-net.env \
+    && { [ -z "$server" ] || [ "$SI_SERVER" = "$server" ]; }; do
+    if [ -f /run/si-net.env ] && [ -n "$server" ] && [ "$SI_SERVER" != "$server" ]; then
+      # A lease from another DHCP server: not ours to use. Drop it and ask again.
+      say "dropped a lease from DHCP server ${SI_SERVER:-?}: not the appliance ($server)"
+      ip -4 addr flush dev "$nic"
+      rm -f /run/si-net.env
+      for p in $(pidof udhcpc); do kill "$p" 2>/dev/null; done
+    fi
+    tries=$((tries + 1))
+    [ $tries -ge 10 ] && rescue "no DHCP lease from $server on $nic after $tries attempts"
+    say "no DHCP lease on $nic from the appliance yet, retrying"
+  done
+fi
 . /run/si-net.env
 say "network up: $nic $SI_IP"
 

@@ -80,7 +80,7 @@ pub fn ipxe_node(s: &Server<'_>, n: &NodeBoot) -> String {
         "#!ipxe\n\
          # si-appliance boot script for {mac}. Generated; do not edit.\n\
          :retry\n\
-         kernel --name {k} {base}/{k}{q} initrd={i} {args} || goto failed\n\
+         kernel --name {k} {base}/{k}{q} initrd={i} {args} si.ip=${{ip}} si.netmask=${{netmask}} si.gw=${{gateway}} || goto failed\n\
          initrd --name {i} {base}/{i}{q} || goto failed\n\
          boot || goto failed\n\
          :failed\n\

@@ -389,6 +389,19 @@ fn pxe_discover(mac: [u8; 6], xid: u32) -> Vec<u8> {
     ))
 }
 
+/// dnsmasq on host `h` of the lab (10.66.0.2/24), handing out 10.66.0.100–150, logging each
+/// DHCP exchange; started and waited for.
+fn dnsmasq_on(lab: &Lab, h: usize) -> Proc {
+    let mut dq = lab.hosts[h].cmd("dnsmasq");
+    dq.args(["--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0", "--bind-interfaces", "--user=root", "--group=root", "--log-dhcp"])
+        .arg("--dhcp-range=10.66.0.100,10.66.0.150,1h")
+        .arg(format!("--dhcp-leasefile={}", lab.path("dnsmasq.leases").display()))
+        .arg(format!("--pid-file={}", lab.path("dnsmasq.pid").display()));
+    let mut dnsmasq = Proc::spawn("dnsmasq", dq, lab.path("dnsmasq.log"));
+    dnsmasq.wait_log("DHCP, IP range", T);
+    dnsmasq
+}
+
 /// Issue 13: a DHCP server that appears after start was only a debug line. The appliance now
 /// looks for foreign servers every `dhcp.watch_every` and warns, naming the server; its own
 /// probe (sent from its MAC) is not answered by its own service, and when the foreign server
@@ -404,13 +417,7 @@ fn a_dhcp_server_plugged_in_after_start_is_warned_about() {
     // answer (or record) its own DISCOVER.
     let first = wait_for(Duration::from_secs(30), || log(&app).contains("own probe").then_some(()));
     assert!(first.is_some() || !log(&app).contains("WARN"), "{}", log(&app));
-    let mut dq = lab.hosts[1].cmd("dnsmasq");
-    dq.args(["--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0", "--bind-interfaces", "--user=root", "--group=root", "--log-dhcp"])
-        .arg("--dhcp-range=10.66.0.100,10.66.0.150,1h")
-        .arg(format!("--dhcp-leasefile={}", lab.path("dnsmasq.leases").display()))
-        .arg(format!("--pid-file={}", lab.path("dnsmasq.pid").display()));
-    let mut dnsmasq = Proc::spawn("dnsmasq", dq, lab.path("dnsmasq.log"));
-    dnsmasq.wait_log("DHCP, IP range", T);
+    let mut dnsmasq = dnsmasq_on(&lab, 1);
     let warned = wait_for(Duration::from_secs(40), || {
         log(&app).lines().find(|l| l.contains("WARN") && l.contains("foreign DHCP server 10.66.0.2")).map(str::to_owned)
     });
@@ -431,13 +438,7 @@ fn dnsmasq_on_segment_refuses_full_mode_and_proxy_mode_answers_pxe() {
     lab.add_host(Some("10.66.0.2/24"), Some("02:66:00:00:00:02")); // dnsmasq
     lab.add_host(None, Some("02:66:00:00:03:01")); // PXE client (no address)
     lab.add_host(Some("10.66.0.3/24"), Some("02:66:00:00:03:02")); // client with an address (port 4011)
-    let mut dq = lab.hosts[1].cmd("dnsmasq");
-    dq.args(["--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0", "--bind-interfaces", "--user=root", "--group=root", "--log-dhcp"])
-        .arg("--dhcp-range=10.66.0.100,10.66.0.150,1h")
-        .arg(format!("--dhcp-leasefile={}", lab.path("dnsmasq.leases").display()))
-        .arg(format!("--pid-file={}", lab.path("dnsmasq.pid").display()));
-    let mut dnsmasq = Proc::spawn("dnsmasq", dq, lab.path("dnsmasq.log"));
-    dnsmasq.wait_log("DHCP, IP range", T);
+    let dnsmasq = dnsmasq_on(&lab, 1);
 
     // Full mode with the probe on: refused, with a message naming dnsmasq and proxy mode.
     let cfg = lab.path("full.toml");

@@ -85,6 +85,24 @@ fn report(lab: &Lab, mac: MacAddr, body: &str) -> u16 {
     curl(lab, 1, &["-H", &auth, "-H", "Content-Type: application/json", "--data-binary", body], &url).0
 }
 
+/// busybox udhcpc on host `h` as a PXE ROM would ask (vendor class PXEClient), once; the
+/// environment its script saw at `bound` (boot_file=, ip=, …). The address is not configured.
+fn pxe_udhcpc(lab: &Lab, h: usize) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let ev = lab.path(&format!("udhcpc{h}.env"));
+    let hook = lab.path(&format!("udhcpc{h}.sh"));
+    fs::write(&hook, format!("#!/bin/sh\nenv | sort > {}.$1\nexit 0\n", ev.display())).unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = lab.hosts[h]
+        .cmd("udhcpc")
+        .args(["-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-V", "PXEClient:Arch:00000:UNDI:002001", "-s"])
+        .arg(&hook)
+        .output()
+        .expect("udhcpc");
+    assert!(out.status.success(), "udhcpc: {}", String::from_utf8_lossy(&out.stderr));
+    fs::read_to_string(format!("{}.bound", ev.display())).unwrap_or_default()
+}
+
 fn log(p: &Proc) -> String {
     strip_ansi(&p.log_text())
 }
@@ -114,19 +132,7 @@ fn unenrolled_pxe_clients_boot_locally_until_added_and_installed_nodes_stay_loca
     // 1. A PXE ROM that is not enrolled: udhcpc with the PXE vendor class gets an address and
     //    the boot loader (the ROM's only way to a script), and the appliance lists it as
     //    discovered.
-    let ev = lab.path("udhcpc.env");
-    let hook = lab.path("udhcpc.sh");
-    fs::write(&hook, format!("#!/bin/sh\nenv | sort > {}.$1\nexit 0\n", ev.display())).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-    let out = lab.hosts[1]
-        .cmd("udhcpc")
-        .args(["-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-V", "PXEClient:Arch:00000:UNDI:002001", "-s"])
-        .arg(&hook)
-        .output()
-        .expect("udhcpc");
-    assert!(out.status.success(), "udhcpc: {}", String::from_utf8_lossy(&out.stderr));
-    let bound = fs::read_to_string(format!("{}.bound", ev.display())).unwrap_or_default();
+    let bound = pxe_udhcpc(&lab, 1);
     assert!(bound.contains("boot_file=undionly.kpxe"), "{bound}");
     // The hook only records: configure the address it was given, as a ROM would use it.
     let ip = bound.lines().find_map(|l| l.strip_prefix("ip=")).unwrap_or_else(|| panic!("{bound}"));
@@ -272,19 +278,7 @@ fn node_token_plan_and_report_only_from_the_address_leased_to_the_node() {
     let app = start_appliance(&lab, 0, "app", &config(&lab), &[]);
 
     // The victim (listed, so it installs) leases an address with busybox udhcpc.
-    let ev = lab.path("udhcpc.env");
-    let hook = lab.path("udhcpc.sh");
-    fs::write(&hook, format!("#!/bin/sh\nenv | sort > {}.$1\nexit 0\n", ev.display())).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-    let out = lab.hosts[1]
-        .cmd("udhcpc")
-        .args(["-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-V", "PXEClient:Arch:00000:UNDI:002001", "-s"])
-        .arg(&hook)
-        .output()
-        .expect("udhcpc");
-    assert!(out.status.success(), "udhcpc: {}", String::from_utf8_lossy(&out.stderr));
-    let bound = fs::read_to_string(format!("{}.bound", ev.display())).unwrap_or_default();
+    let bound = pxe_udhcpc(&lab, 1);
     let ip = bound.lines().find_map(|l| l.strip_prefix("ip=")).unwrap_or_else(|| panic!("{bound}")).to_owned();
     lab.hosts[1].ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
     let stolen = token(&lab, victim);

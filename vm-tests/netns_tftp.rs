@@ -47,6 +47,11 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str, max_windowsize: u16) -> Setup {
+        Setup::new_under(tag, max_windowsize, &[])
+    }
+
+    /// The appliance started through `wrapper` (see `common::start_appliance_under`).
+    fn new_under(tag: &str, max_windowsize: u16, wrapper: &[&str]) -> Setup {
         let mut lab = Lab::new(tag);
         let a = lab.add_host(Some(&format!("{SERVER}/24")), Some("52:54:00:67:00:01"));
         lab.add_host(Some("10.67.0.2/24"), Some(CLIENT_MAC));
@@ -83,7 +88,7 @@ cmdline = "console=ttyS0"
             kernel = d(lab.path("kernel.bin")),
             initrd = d(lab.path("initrd.bin")),
         );
-        let app = start_appliance(&lab, a, "appliance", &config, &[]);
+        let app = common::start_appliance_under(&lab, a, "appliance", &config, &[], wrapper);
         Setup { lab, app, kernel, initrd }
     }
 
@@ -474,4 +479,62 @@ fn tftp_refuses_transfers_over_the_per_client_cap_with_busy() {
     });
     assert!(ok.is_some(), "never served again:\n{}", plain(&s.app.log_text()));
     s.assert_alive();
+}
+
+/// Issue 13 (black-box probe): with the appliance's open-file soft limit at 1024 (systemd's
+/// default), 1127 idle connections stopped every HTTP accept and a TFTP fetch failed with EMFILE,
+/// and no header-read timeout closed them. Now the appliance raises its soft limit to the hard
+/// one at start and closes connections that send no complete request head within
+/// `http.header_timeout`: with 2000 half-open connections held by another host, the kernel
+/// still comes over HTTP and a loader over TFTP, and the idle connections are closed.
+#[test]
+fn boot_files_are_served_beside_2000_half_open_connections() {
+    let mut s = Setup::new_under("tn", 1, &["prlimit", "--nofile=1024:", "--"]);
+    let holder = s.lab.path("hold.py");
+    fs::write(
+        &holder,
+        r#"import socket, sys, time
+socks = []
+for i in range(2000):
+    c = socket.create_connection(("10.67.0.1", 80), timeout=10)
+    c.sendall(b"GET /boot/vmlinuz HTTP/1.1\r\nHost: x\r\n")  # no blank line: the head never ends
+    socks.append(c)
+print("open", len(socks), flush=True)
+time.sleep(float(sys.argv[1]))
+closed = 0
+for c in socks:
+    c.setblocking(False)
+    try:
+        closed += c.recv(1) == b""
+    except BlockingIOError:
+        pass
+    except OSError:
+        closed += 1
+print("closed", closed, flush=True)
+"#,
+    )
+    .unwrap();
+    let mut c = s.lab.hosts[1].cmd("prlimit");
+    c.args(["--nofile=8192:", "--", "python3"]).arg(&holder).arg("25");
+    let mut hold = Proc::spawn("holder", c, s.lab.path("holder.log"));
+    hold.wait_log("open 2000", Duration::from_secs(60));
+    // While they are held: the kernel over HTTP and a loader over TFTP.
+    let (code, body) = s.http("/boot/vmlinuz", &[], "k.bin");
+    assert_eq!(code, "200", "{}", plain(&s.app.log_text()));
+    assert_eq!(sha_file(&body), Some(sha(&s.kernel)));
+    let out = s.out("u.kpxe");
+    let o = s.curl_tftp("undionly.kpxe", &out);
+    assert!(o.status.success(), "tftp beside 2000 idle connections: {}", text(&o));
+    assert_eq!(sha_file(&out), sha_file(Path::new("/usr/lib/ipxe/undionly.kpxe")));
+    s.assert_alive();
+    // The header-read timeout (10 s) closed them.
+    hold.wait_log("closed", Duration::from_secs(60));
+    let closed: usize = hold
+        .log_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("closed ").and_then(|n| n.trim().parse().ok()))
+        .unwrap_or(0);
+    println!("2000 half-open connections held for 25 s: {closed} closed by the appliance");
+    assert!(closed >= 1990, "only {closed} of 2000 idle connections were closed");
+    assert!(!plain(&s.app.log_text()).contains("Too many open files"), "{}", plain(&s.app.log_text()));
 }

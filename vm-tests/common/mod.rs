@@ -320,9 +320,21 @@ pub fn test_boot_dir() -> PathBuf {
 /// Starts the appliance inside `ns` with `config` (TOML text) and extra flags, and waits for
 /// its "ready" line.
 pub fn start_appliance(lab: &Lab, host: usize, name: &str, config: &str, args: &[&str]) -> Proc {
+    start_appliance_under(lab, host, name, config, args, &[])
+}
+
+/// [`start_appliance`] through a wrapper command (e.g. `["prlimit", "--nofile=1024:", "--"]`).
+pub fn start_appliance_under(lab: &Lab, host: usize, name: &str, config: &str, args: &[&str], wrapper: &[&str]) -> Proc {
     let cfg = lab.path(&format!("{name}.toml"));
     fs::write(&cfg, config).expect("write config");
-    let mut cmd = lab.hosts[host].cmd(appliance_bin());
+    let mut cmd = match wrapper.split_first() {
+        Some((prog, rest)) => {
+            let mut c = lab.hosts[host].cmd(prog);
+            c.args(rest).arg(appliance_bin());
+            c
+        }
+        None => lab.hosts[host].cmd(appliance_bin()),
+    };
     cmd.arg("--config").arg(&cfg).args(args).env("RUST_LOG", "info,si_appliance=debug");
     let mut p = Proc::spawn(name, cmd, lab.path(&format!("{name}.log")));
     p.wait_log("si-appliance ready", Duration::from_secs(30));

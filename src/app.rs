@@ -51,6 +51,9 @@ pub enum AppError {
     /// The node book could not be opened.
     #[error("node book")]
     Nodes(#[from] crate::nodes::NodesError),
+    /// The image-signing key or the initrd that carries it.
+    #[error("image signing")]
+    Sign(#[from] crate::image::sign::SignError),
     /// The node plans cannot be served (an invalid disk layout file).
     #[error("node plans")]
     Plan(#[from] crate::plan::PlanError),
@@ -77,14 +80,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let mut cfg = cfg;
     pack_default_image(&mut cfg).await?;
     // Before anything is served: a bad `<store>/<image>.layout.toml` stops start-up with its reason.
-    let facts = cfg.image.as_ref().and_then(|i| crate::plan::archive_facts(&cfg.swarm.archives, i));
+    let mut facts = cfg.image.as_ref().and_then(|i| crate::plan::archive_facts(&cfg.swarm.archives, i));
     let manifest = facts.as_ref().and_then(|f| f.manifest.clone());
+    let signing = crate::image::sign::SigningKey::load_or_create(&cfg.state_dir)?;
+    info!(public_key = %signing.public_hex(), "image signing key (its public half is in the nodes' initramfs)");
     let book = Arc::new(NodeBook::open(&cfg.state_dir, cfg.enroll, &cfg.dhcp.reservations)?);
     let token_path = cfg.state_dir.join(crate::nodes::http::ADMIN_TOKEN);
     let admin_token = crate::nodes::http::load_or_create_token(&cfg.state_dir)
         .map_err(|source| AppError::State { path: token_path.clone(), source })?;
     let admin = AdminAuth::new(admin_token.clone(), cfg.admin.trust_loopback);
-    let plan_api = crate::plan::PlanApi::new(&cfg, secret.clone(), facts, book.clone())?;
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), AppError>> = JoinSet::new();
@@ -94,6 +98,17 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let monitor = crate::monitor::Monitor::new(&cfg.monitor, secret.clone(), cfg.report_dir(), cfg.swarm.announce_interval);
     monitor.attach(book.clone(), manifest, admin.clone());
     let events = monitor.sink();
+    // The swarm first: its info-hashes go into the signed seal of every plan and boot script.
+    let mut swarm_router = None;
+    if cfg.swarm.enable {
+        let (router, hashes) = start_swarm(&cfg, &iface, &shutdown, &mut tasks, &events).await?;
+        swarm_router = Some(router);
+        if let (Some(image), Some(f)) = (&cfg.image, facts.as_mut()) {
+            f.seal = hashes.get(image).map(|ih| seal(&signing, image, ih, f.manifest.as_deref()));
+        }
+    }
+    let seal = facts.as_ref().and_then(|f| f.seal.clone());
+    let plan_api = crate::plan::PlanApi::new(&cfg, secret.clone(), facts, book.clone())?;
     let bound = (cfg.dhcp.bind_nodes && cfg.dhcp.mode != DhcpMode::Off).then(|| addrs.clone());
     if let Some(a) = &bound {
         monitor.attach_addrs(a.clone());
@@ -127,6 +142,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let mut ctx = BootContext::new(&cfg, &iface, secret, book.clone());
     ctx.events = events.clone();
     ctx.addrs = addrs.clone();
+    ctx.seal = seal;
+    ctx.initrd = initrd_with_key(&cfg, &ctx.initrd, &signing)?;
     let ctx = Arc::new(ctx);
     if cfg.tftp.enable {
         let addr = SocketAddrV4::new(iface.ip, cfg.tftp.port);
@@ -136,8 +153,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
 
     let mut router = boot::http_routes(ctx.clone());
-    if cfg.swarm.enable {
-        router = router.merge(start_swarm(&cfg, &iface, &shutdown, &mut tasks, &events).await?);
+    if let Some(r) = swarm_router {
+        router = router.merge(r);
     }
     router = router.merge(monitor.routes());
     let observed: Arc<dyn crate::nodes::http::Observed> = monitor.shared();
@@ -238,7 +255,7 @@ async fn start_swarm(
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<Result<(), AppError>>,
     events: &crate::types::events::EventSink,
-) -> Result<axum::Router, AppError> {
+) -> Result<(axum::Router, std::collections::BTreeMap<crate::types::ImageName, swarm::tracker::InfoHash>), AppError> {
     use std::collections::BTreeMap;
     let sw = &cfg.swarm;
     let mut subnets = vec![iface.net];
@@ -330,11 +347,34 @@ async fn start_swarm(
         });
     }
     info!(archives = served.len(), %announce, seed = %seed_addr, "swarm ready");
+    let hashes = served.values().map(|s| (s.name.clone(), s.info_hash)).collect();
     let client_seed_limit_secs = sw.client_seed_limit.as_secs();
     let (expected_nodes, seed_peers) = (sw.expected_nodes, sw.seed_peers);
     let api =
         Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs, expected_nodes, seed_peers });
-    Ok(swarm::tracker_http::routes(tracker, events.clone()).merge(swarm::api_http::routes(api)))
+    Ok((swarm::tracker_http::routes(tracker, events.clone()).merge(swarm::api_http::routes(api)), hashes))
+}
+
+/// The signed seal of the served image.
+fn seal(key: &crate::image::sign::SigningKey, image: &crate::types::ImageName, ih: &swarm::tracker::InfoHash, manifest: Option<&str>) -> crate::node_api::ImageSeal {
+    let info_hash = ih.to_string();
+    let st = crate::image::sign::Statement { image: image.as_str(), info_hash: &info_hash, manifest };
+    let signature = key.sign(&st);
+    info!(image = %image, %info_hash, manifest = manifest.unwrap_or("none"), "image sealed: nodes check this signature, info-hash and manifest");
+    crate::node_api::ImageSeal { info_hash, manifest_sha256: manifest.map(str::to_owned), signature }
+}
+
+/// The initrd the nodes get: the configured one with the image-signing public key appended as
+/// a second cpio archive, written to `<state_dir>/boot/initrd.img` at every start. A missing
+/// configured initrd stays missing (the boot services say so).
+fn initrd_with_key(cfg: &Config, base: &Path, key: &crate::image::sign::SigningKey) -> Result<PathBuf, AppError> {
+    if !base.is_file() {
+        return Ok(base.to_owned());
+    }
+    let dest = cfg.state_dir.join("boot").join(crate::boot::BootFile::INITRD);
+    let bytes = crate::image::sign::write_initrd_with_key(base, &dest, &key.public_hex())?;
+    info!(initrd = %dest.display(), base = %base.display(), bytes, "initrd with the image-signing key");
+    Ok(dest)
 }
 
 fn flatten(r: Result<Result<(), AppError>, tokio::task::JoinError>) -> Result<(), AppError> {

@@ -375,4 +375,12 @@ pub struct InstallArgs {
     /// Give up when the download makes no progress this long.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub stall_limit: std::time::Duration,
+    /// The appliance's image-signing public key (hex); the appliance puts it in the initramfs
+    /// it serves. An image whose signature does not verify with it is refused.
+    #[arg(long, value_name = "FILE", default_value = "/etc/si-appliance/image-signing.pub")]
+    pub trust_key: PathBuf,
+    /// Install even without a trusted key (the kernel command line's si.infohash/si.manifest
+    /// still hold the download when present).
+    #[arg(long)]
+    pub allow_unsigned: bool,
 }

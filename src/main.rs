@@ -107,6 +107,8 @@ fn install(a: si_appliance::cli::InstallArgs) -> anyhow::Result<()> {
         listen_port: a.port,
         plan_wait: a.plan_wait,
         stall_limit: a.stall_limit,
+        trust_key: a.trust_key,
+        allow_unsigned: a.allow_unsigned,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let outcome = rt.block_on(async {

@@ -179,6 +179,25 @@ pub struct NodePlan {
     /// Seconds between progress reports.
     #[serde(default = "default_report_every")]
     pub report_every_secs: u64,
+    /// What the appliance vouches for about the image (signed); `None` from an appliance that
+    /// could not compute it (no swarm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<ImageSeal>,
+}
+
+/// The image as the appliance signed it (see [`crate::image::sign`]): the installer checks the
+/// signature with the key baked into its initramfs, the info-hash against the command line and
+/// the .torrent, the manifest against its digest and the unpacked tree against the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSeal {
+    /// The torrent's info-hash (40 hex digits).
+    pub info_hash: String,
+    /// The manifest's SHA-256 (64 hex digits), served at `/manifests/<image>.manifest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
+    /// Ed25519 signature (128 hex digits) over [`crate::image::sign::Statement`].
+    pub signature: String,
 }
 
 fn default_report_every() -> u64 {

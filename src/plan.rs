@@ -56,6 +56,10 @@ pub struct ArchiveFacts {
     pub unpacked: u64,
     /// The manifest's digest (recorded with each installed node), when there is a manifest.
     pub manifest: Option<String>,
+    /// The manifest file, served to installers at `/manifests/<image>.manifest`.
+    pub manifest_file: Option<PathBuf>,
+    /// The signed facts handed out with every plan (set once the swarm knows the info-hash).
+    pub seal: Option<node_api::ImageSeal>,
 }
 
 /// What the plan route reads; immutable after start.
@@ -114,15 +118,15 @@ pub fn load_layout(store: &Path, image: &ImageName) -> Result<Option<DiskLayout>
 pub fn archive_facts(archives: &[PathBuf], image: &ImageName) -> Option<ArchiveFacts> {
     let archive = archives.iter().find(|a| crate::swarm::seed::name_of(a).ok().as_ref() == Some(image))?;
     let size = std::fs::metadata(archive).ok()?.len();
-    let manifest = archive.with_file_name(format!("{image}.manifest"));
-    let (unpacked, manifest) = match crate::image::manifest::Manifest::load(&manifest) {
-        Ok(m) => (m.file_bytes(), Some(m.digest())),
+    let file = archive.with_file_name(format!("{image}.manifest"));
+    let (unpacked, manifest, manifest_file) = match crate::image::manifest::Manifest::load(&file) {
+        Ok(m) => (m.file_bytes(), Some(m.digest()), Some(file)),
         Err(e) => {
-            warn!(manifest = %manifest.display(), "no manifest for the plan's unpacked size: {e:#}");
-            (0, None)
+            warn!(manifest = %file.display(), "no manifest: the plan has no unpacked size and nodes cannot verify the unpacked tree: {e:#}");
+            (0, None, None)
         }
     };
-    Some(ArchiveFacts { size, unpacked, manifest })
+    Some(ArchiveFacts { size, unpacked, manifest, manifest_file, seal: None })
 }
 
 /// The host name of a node without a reserved one: `node-` and the last three MAC bytes.
@@ -190,13 +194,29 @@ impl PlanApi {
             finish: self.install.finish,
             seed_for_secs: self.install.seed_for.as_secs(),
             report_every_secs: self.install.report_every.as_secs().max(1),
+            seal: archive.seal.clone(),
         })
     }
 }
 
-/// `GET /api/nodes/{mac}/plan`.
+/// `GET /api/nodes/{mac}/plan`, and `GET /manifests/<image>.manifest` (the served image's
+/// manifest, public like its .torrent; the installer checks it against the signed digest).
 pub fn routes(api: Arc<PlanApi>) -> Router {
-    Router::new().route("/api/nodes/{mac}/plan", get(plan)).with_state(api)
+    Router::new().route("/api/nodes/{mac}/plan", get(plan)).route("/manifests/{file}", get(manifest_file)).with_state(api)
+}
+
+async fn manifest_file(State(api): State<Arc<PlanApi>>, UrlPath(file): UrlPath<String>) -> Response {
+    let wanted = api.image.as_ref().map(|i| format!("{i}.manifest"));
+    let Some(path) = api.archive.as_ref().and_then(|a| a.manifest_file.clone()).filter(|_| wanted.as_deref() == Some(file.as_str())) else {
+        return (StatusCode::NOT_FOUND, "no such manifest\n").into_response();
+    };
+    match tokio::fs::read(&path).await {
+        Ok(b) => ([(axum::http::header::CONTENT_TYPE, "application/jsonl")], b).into_response(),
+        Err(e) => {
+            warn!(path = %path.display(), "serving the manifest: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "manifest unreadable\n").into_response()
+        }
+    }
 }
 
 async fn plan(
@@ -284,7 +304,7 @@ mod tests {
         .unwrap();
         cfg.install.disk = Some("/dev/vda".into());
         let nodes = Arc::new(NodeBook::in_memory(crate::config::Enroll::Any));
-        let mut a = PlanApi::new(&cfg, b"k".to_vec(), Some(ArchiveFacts { size: 10, unpacked: 30, manifest: None }), nodes).unwrap();
+        let mut a = PlanApi::new(&cfg, b"k".to_vec(), Some(ArchiveFacts { size: 10, unpacked: 30, manifest: None, manifest_file: None, seal: None }), nodes).unwrap();
         a.layout = layout;
         a
     }

@@ -120,6 +120,10 @@ fn make_store(store: &Path, tree: &Path) -> Manifest {
 }
 
 fn config(lab: &Lab, store: &Path, extra_swarm: &str) -> String {
+    config_in(store, &lab.path("state"), extra_swarm)
+}
+
+fn config_in(store: &Path, state: &Path, extra_swarm: &str) -> String {
     format!(
         "iface = \"eth0\"\nenroll = \"any\"\nimage = \"demo\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n\
          [[dhcp.reservation]]\nmac = \"{MAC}\"\nip = \"10.66.1.11\"\nhostname = \"node01\"\n\
@@ -127,7 +131,7 @@ fn config(lab: &Lab, store: &Path, extra_swarm: &str) -> String {
          [swarm]\nannounce_interval = \"3s\"\npeer_timeout = \"30s\"\n{extra_swarm}\n\
          [install]\nseed_for = \"5s\"\nreport_every = \"1s\"\n",
         store.display(),
-        lab.path("state").display()
+        state.display()
     )
 }
 
@@ -143,24 +147,43 @@ fn lab(tag: &str) -> (Lab, RemoveOnSuccess) {
 /// The node's token, derived like the appliance does from its secret (available once the
 /// appliance has started).
 fn token(lab: &Lab) -> String {
-    let secret = fs::read(lab.path("state/secret")).expect("appliance secret");
+    token_of(&lab.path("state"))
+}
+
+fn token_of(state: &Path) -> String {
+    let secret = fs::read(state.join("secret")).expect("appliance secret");
     NodeToken::derive(&secret, MAC.parse::<MacAddr>().unwrap()).as_str().to_owned()
 }
 
 /// Starts the installer in the client namespace; its orders come from a cmdline file, like the
 /// appliance's boot script writes them, except the disk and the finish (flags).
 fn installer(lab: &Lab, token: &str, disk: &str, extra: &[&str]) -> Proc {
+    let line = format!("initrd=initrd.img si.server=10.66.1.1:{HTTP_PORT} si.mac={MAC} si.image=demo si.token={token} console=ttyS0");
+    installer_with_line(lab, &line, &lab.path("state"), disk, extra)
+}
+
+/// The kernel command line the appliance at `ip` writes into this node's iPXE script (fetched
+/// from the client's namespace with curl), less iPXE's own `${...}` settings.
+fn line_from_script(lab: &Lab, ip: &str) -> String {
+    let hy = MAC.replace(':', "-");
+    let o = run(lab.hosts[1].cmd("curl").args(["-sS", "--max-time", "20", &format!("http://{ip}:{HTTP_PORT}/boot/{hy}.ipxe")]));
+    let script = String::from_utf8_lossy(&o.stdout).into_owned();
+    let kernel = script.lines().find(|l| l.starts_with("kernel ")).unwrap_or_else(|| panic!("no kernel line:\n{script}"));
+    kernel.split_whitespace().filter(|w| w.contains('=') && !w.contains("${")).collect::<Vec<_>>().join(" ")
+}
+
+/// Starts the installer with `line` as its /proc/cmdline, trusting the key of the appliance
+/// whose state directory is `trusted`.
+fn installer_with_line(lab: &Lab, line: &str, trusted: &Path, disk: &str, extra: &[&str]) -> Proc {
     let cmdline = lab.path("cmdline");
-    fs::write(
-        &cmdline,
-        format!("initrd=initrd.img si.server=10.66.1.1:{HTTP_PORT} si.mac={MAC} si.image=demo si.token={token} console=ttyS0\n"),
-    )
-    .unwrap();
+    fs::write(&cmdline, format!("{line}\n")).unwrap();
     let mut cmd = lab.hosts[1].cmd(appliance_bin());
     cmd.args(["install", "--disk", disk, "--finish", "shell", "--firmware", "bios", "--cmdline"])
         .arg(&cmdline)
         .arg("--workdir")
         .arg(lab.path("work"))
+        .arg("--trust-key")
+        .arg(trusted.join("image-signing.pub"))
         .args(extra)
         .env("RUST_LOG", "info,si_appliance=debug");
     Proc::spawn("install", cmd, lab.path("install.log"))
@@ -225,10 +248,17 @@ fn installs_an_image_onto_a_loop_disk() {
     let m = make_store(&store, &tree);
     let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
     let mut disk = LoopDisk::new(lab.path("disk.img"), 256);
-    let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &[]);
+    // The command line exactly as the appliance's boot script writes it (with the image's
+    // info-hash and manifest digest), the key as its initramfs would hold it.
+    let words = line_from_script(&lab, "10.66.1.1");
+    assert!(words.contains("si.infohash=") && words.contains("si.manifest=") && words.contains("si.token="), "{words}");
+    let mut inst = installer_with_line(&lab, &words, &lab.path("state"), &disk.dev.clone(), &[]);
     let st = inst.wait_exit(Duration::from_secs(120));
     let log = strip_ansi(&inst.log_text());
     assert!(st.success(), "install failed ({st}):\n{log}");
+    for want in ["image signature verified", "the unpacked tree matches the image's manifest"] {
+        assert!(log.contains(want), "no {want:?} in the log:\n{log}");
+    }
     let line = summary(&log);
     println!("{line}");
     assert!(line.contains("hostname=node01") && line.contains("finish=Shell"), "{line}");
@@ -287,6 +317,8 @@ fn the_installer_waits_for_a_late_appliance() {
     // The token needs the appliance's secret: make it now, the appliance keeps it.
     fs::create_dir_all(lab.path("state")).unwrap();
     fs::write(lab.path("state/secret"), [7u8; 32]).unwrap();
+    // So is the image-signing key, which a node's initramfs holds before the appliance answers.
+    si_appliance::image::sign::SigningKey::load_or_create(&lab.path("state")).unwrap();
     let mut disk = LoopDisk::new(lab.path("disk.img"), 256);
     let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &["--plan-wait", "90s"]);
     // Not listening for about 5 s: the installer must retry and say why.
@@ -399,4 +431,84 @@ fn installs_grub_from_the_demo_image() {
         .filter(|d| !d.starts_with("boot/grub") && !d.starts_with("etc/systemd/network") && !d.starts_with("etc/network"))
         .collect();
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+/// A lab with the client (host 1, MAC) and `n` appliance hosts: 10.66.1.1 (host 0) and
+/// 10.66.1.2.. (hosts 2..).
+fn lab_with_appliances(tag: &str, n: usize) -> (Lab, RemoveOnSuccess) {
+    let (mut lab, clean) = lab(tag);
+    for i in 1..n {
+        lab.add_host(Some(&format!("10.66.1.{}/24", i + 1)), None);
+    }
+    (lab, clean)
+}
+
+/// Issue 13.7: the node holds the image to what its appliance signed and its boot line pinned.
+/// Appliance A (whose key the node trusts and whose boot script it booted with) serves image
+/// `demo`; B, another appliance with its own key, serves a different `demo`; C has A's key but
+/// serves a different `demo` than A sealed when the node booted. Both are refused before the
+/// disk is touched.
+#[test]
+fn an_image_another_appliance_or_a_changed_store_offers_is_refused_before_writing() {
+    let (lab, _clean) = lab_with_appliances("in7", 3);
+    let (tree_a, tree_b) = (lab.path("tree-a"), lab.path("tree-b"));
+    synthetic_tree(&tree_a);
+    synthetic_tree(&tree_b);
+    let (store_a, store_b) = (lab.path("store-a"), lab.path("store-b"));
+    make_store(&store_a, &tree_a);
+    make_store(&store_b, &tree_b);
+    let _a = start_appliance(&lab, 0, "app-a", &config(&lab, &store_a, ""), &[]);
+    let words = line_from_script(&lab, "10.66.1.1");
+    let state_b = lab.path("state-b");
+    let _b = start_appliance(&lab, 2, "app-b", &config_in(&store_b, &state_b, ""), &[]);
+    // C: A's key (the same appliance after its store was changed, or a stolen key).
+    let state_c = lab.path("state-c");
+    fs::create_dir_all(&state_c).unwrap();
+    fs::copy(lab.path("state/image-signing.key"), state_c.join("image-signing.key")).unwrap();
+    let _c = start_appliance(&lab, 3, "app-c", &config_in(&store_b, &state_c, ""), &[]);
+    let disk = LoopDisk::new(lab.path("disk.img"), 256);
+    for (server, state, want) in [
+        ("10.66.1.2", &state_b, "does not verify with the trusted key"),
+        ("10.66.1.3", &state_c, "the boot command line pinned"),
+    ] {
+        // The node was sent to the other appliance (and it accepts the node's token).
+        let line = words.replace("si.server=10.66.1.1:", &format!("si.server={server}:"));
+        let line = line.split_whitespace().map(|w| if w.starts_with("si.token=") { format!("si.token={}", token_of(state)) } else { w.to_owned() }).collect::<Vec<_>>().join(" ");
+        let mut inst = installer_with_line(&lab, &line, &lab.path("state"), &disk.dev.clone(), &["--plan-wait", "20s"]);
+        let st = inst.wait_exit(Duration::from_secs(60));
+        let log = strip_ansi(&inst.log_text());
+        assert!(!st.success(), "the image from {server} was installed:\n{log}");
+        assert!(log.contains(want), "{server}: no {want:?} in the log:\n{log}");
+        assert!(!log.contains("phase=partitioning"), "{server}: the disk was touched:\n{log}");
+        assert!(disk.first_sector().iter().all(|b| *b == 0), "{server}: the disk was written");
+        println!("{server}: refused: {}", log.lines().filter(|l| l.contains(want)).last().unwrap_or(""));
+    }
+}
+
+/// Issue 13.7: an archive that does not match its manifest (a store changed behind the
+/// appliance's back: a new archive beside the old manifest) is signed as it is served, passes
+/// the download's piece checks, and is caught by the tree check after unpacking: the install
+/// fails before the boot loader and the disk is wiped.
+#[test]
+fn an_archive_that_differs_from_its_manifest_is_caught_after_unpacking_and_wiped() {
+    let (lab, _clean) = lab("in8");
+    let (tree_a, tree_b) = (lab.path("tree-a"), lab.path("tree-b"));
+    synthetic_tree(&tree_a);
+    synthetic_tree(&tree_b);
+    let store = lab.path("store");
+    make_store(&store, &tree_a);
+    let other = lab.path("store-b");
+    make_store(&other, &tree_b);
+    fs::copy(other.join("archives/demo.tar.zst"), store.join("archives/demo.tar.zst")).unwrap();
+    let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
+    let disk = LoopDisk::new(lab.path("disk.img"), 256);
+    let words = line_from_script(&lab, "10.66.1.1");
+    let mut inst = installer_with_line(&lab, &words, &lab.path("state"), &disk.dev.clone(), &[]);
+    let st = inst.wait_exit(Duration::from_secs(120));
+    let log = strip_ansi(&inst.log_text());
+    assert!(!st.success(), "installed an archive that is not its manifest:\n{log}");
+    assert!(log.contains("the unpacked tree differs from the image's manifest"), "{log}");
+    assert!(!log.contains("phase=boot-loader"), "the boot loader ran:\n{log}");
+    assert!(log.contains("partition table wiped"), "{log}");
+    assert!(disk.first_sector()[510..512] != [0x55, 0xaa], "the partition table is still there");
 }

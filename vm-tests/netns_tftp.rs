@@ -89,6 +89,12 @@ cmdline = "console=ttyS0"
             initrd = d(lab.path("initrd.bin")),
         );
         let app = common::start_appliance_under(&lab, a, "appliance", &config, &[], wrapper);
+        // What the nodes get: the configured initrd, zero padding to 4 bytes, then the cpio
+        // archive with the appliance's image-signing key (made at its first start).
+        let public = fs::read_to_string(lab.path("state/image-signing.pub")).expect("the appliance's public key");
+        let mut initrd = initrd;
+        initrd.resize(initrd.len().div_ceil(4) * 4, 0);
+        initrd.extend(si_appliance::image::sign::key_cpio(public.trim()));
         Setup { lab, app, kernel, initrd }
     }
 

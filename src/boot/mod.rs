@@ -57,6 +57,8 @@ pub struct BootContext {
     /// Whether node scripts are bound to `addrs` (false with `dhcp.mode = "off"`: another
     /// server leases, we cannot know who holds which address).
     pub bind_nodes: bool,
+    /// The served image's signed seal (info-hash and manifest digest on the command line).
+    pub seal: Option<crate::node_api::ImageSeal>,
 }
 
 impl BootContext {
@@ -75,6 +77,7 @@ impl BootContext {
             nodes,
             addrs: Arc::default(),
             bind_nodes: cfg.dhcp.bind_nodes && cfg.dhcp.mode != crate::config::DhcpMode::Off,
+            seal: None,
         }
     }
 
@@ -115,6 +118,7 @@ impl BootContext {
             http_port: self.http_port,
             image: self.image.as_ref(),
             cmdline: &self.cmdline,
+            seal: self.seal.as_ref(),
         }
     }
 
@@ -139,6 +143,7 @@ impl BootContext {
             nodes: Arc::new(crate::nodes::NodeBook::in_memory(crate::config::Enroll::Any)),
             addrs: Arc::default(),
             bind_nodes: false,
+            seal: None,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! golden files in the tests (`UPDATE_GOLDEN=1` rewrites them).
 //!
 //! The kernel command line carries what the installer needs to find the appliance and prove
-//! who it is: `si.server=IP:PORT si.mac=MAC si.image=NAME si.token=TOKEN`, then `boot.cmdline`.
+//! who it is: `si.server=IP:PORT si.mac=MAC si.image=NAME [si.infohash=HEX si.manifest=HEX]
+//! si.token=TOKEN`, then `boot.cmdline`.
 //! Dotted keys are not passed to /init's environment by the kernel; the installer reads
 //! `/proc/cmdline`.
 
@@ -24,6 +25,9 @@ pub struct Server<'a> {
     pub image: Option<&'a ImageName>,
     /// `boot.cmdline`.
     pub cmdline: &'a str,
+    /// The image's signed seal: its info-hash and manifest digest go on the command line, so the
+    /// installer holds them before it asks the network for anything.
+    pub seal: Option<&'a crate::node_api::ImageSeal>,
 }
 
 impl Server<'_> {
@@ -55,6 +59,12 @@ pub fn kernel_args(s: &Server<'_>, node: Option<&NodeBoot>) -> String {
     }
     if let Some(img) = s.image {
         let _ = write!(a, " si.image={img}");
+        if let Some(seal) = s.seal {
+            let _ = write!(a, " si.infohash={}", seal.info_hash);
+            if let Some(m) = &seal.manifest_sha256 {
+                let _ = write!(a, " si.manifest={m}");
+            }
+        }
     }
     if let Some(n) = node {
         let _ = write!(a, " si.token={}", n.token.as_str());
@@ -174,20 +184,20 @@ mod tests {
     #[test]
     fn ipxe_node_script_golden() {
         let (img, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 8080, image: Some(&img), cmdline: "console=ttyS0 quiet" };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 8080, image: Some(&img), cmdline: "console=ttyS0 quiet", seal: None };
         golden("node.ipxe", &ipxe_node(&s, &n));
     }
 
     #[test]
     fn ipxe_chain_golden() {
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "" };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "", seal: None };
         golden("boot.ipxe", &ipxe_chain(&s));
     }
 
     #[test]
     fn pxelinux_golden() {
         let (img, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "console=ttyS0" };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "console=ttyS0", seal: None };
         golden("pxelinux-node.cfg", &pxelinux_cfg(&s, Some(&n)));
         golden("pxelinux-default.cfg", &pxelinux_local(None, "no per-node config asked for"));
     }
@@ -202,8 +212,21 @@ mod tests {
     #[test]
     fn args_without_image_or_extra() {
         let (_, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "  " };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "  ", seal: None };
         let a = kernel_args(&s, Some(&n));
         assert_eq!(a, format!("si.server=10.0.0.1:80 si.mac=52:54:00:12:34:56 si.token={}", n.token.as_str()));
+    }
+
+    #[test]
+    fn the_seal_goes_on_the_line_after_the_image() {
+        let (img, n) = fixture();
+        let seal = crate::node_api::ImageSeal { info_hash: "ab".repeat(20), manifest_sha256: Some("cd".repeat(32)), signature: "ef".repeat(64) };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: Some(&seal) };
+        let a = kernel_args(&s, Some(&n));
+        let want = format!("si.image={img} si.infohash={} si.manifest={} si.token=", "ab".repeat(20), "cd".repeat(32));
+        assert!(a.contains(&want), "{a}");
+        assert!(!a.contains(&seal.signature), "the signature travels in the plan: {a}");
+        let o = crate::install::cmdline::parse(&a).unwrap();
+        assert_eq!((o.info_hash.as_deref(), o.manifest.as_deref()), (Some(seal.info_hash.as_str()), seal.manifest_sha256.as_deref()));
     }
 }

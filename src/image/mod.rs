@@ -20,6 +20,7 @@ pub mod pack;
 pub mod path;
 pub mod progress;
 pub mod scan;
+pub mod sign;
 pub mod store;
 pub mod tarr;
 pub mod tarw;

@@ -1,6 +1,7 @@
 //! The installer's orders from the kernel command line (`/proc/cmdline`), as the appliance's
 //! boot script writes them: `si.server=IP:PORT si.mac=MAC si.image=NAME si.token=TOKEN`, and
-//! optionally `si.disk=/dev/X` and `si.finish=reboot|poweroff|shell`. pxelinux's `BOOTIF=01-<mac>`
+//! optionally `si.disk=/dev/X`, `si.finish=reboot|poweroff|shell` and the image's seal
+//! `si.infohash=HEX si.manifest=HEX`. pxelinux's `BOOTIF=01-<mac>`
 //! stands in for a missing `si.mac`. Pure: text in, [`Orders`] out.
 
 use std::net::SocketAddr;
@@ -23,6 +24,10 @@ pub struct Orders {
     pub disk: Option<String>,
     /// `si.finish`.
     pub finish: Option<Finish>,
+    /// `si.infohash`: the torrent's info-hash the appliance sealed (40 hex digits).
+    pub info_hash: Option<String>,
+    /// `si.manifest`: the SHA-256 of the image's manifest (64 hex digits).
+    pub manifest: Option<String>,
 }
 
 /// Why a command line word was refused.
@@ -59,6 +64,8 @@ pub fn parse(line: &str) -> Result<Orders, BadWord> {
                 o.token = Some(value.to_owned());
             }
             "si.disk" => o.disk = Some(check_disk(value).map_err(bad)?),
+            "si.infohash" => o.info_hash = Some(check_hex(value, 40).map_err(bad)?),
+            "si.manifest" => o.manifest = Some(check_hex(value, 64).map_err(bad)?),
             "si.finish" => o.finish = Some(parse_finish(value).map_err(bad)?),
             // pxelinux IPAPPEND 2: `BOOTIF=01-aa-bb-cc-dd-ee-ff` (01 = Ethernet).
             "BOOTIF" => bootif = value.strip_prefix("01-").and_then(|m| m.parse::<MacAddr>().ok()),
@@ -81,6 +88,18 @@ pub fn parse_finish(s: &str) -> Result<Finish, String> {
         "poweroff" => Ok(Finish::Poweroff),
         "shell" => Ok(Finish::Shell),
         _ => Err("want reboot, poweroff or shell".into()),
+    }
+}
+
+/// `len` hex digits, returned in lower case.
+///
+/// # Errors
+/// In words, for anything else.
+pub fn check_hex(s: &str, len: usize) -> Result<String, String> {
+    if s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("want {len} hex digits"))
     }
 }
 
@@ -135,6 +154,8 @@ mod tests {
             ("si.disk=sda", "si.disk"),
             ("si.disk=/dev/../etc/passwd", "si.disk"),
             ("si.finish=explode", "si.finish"),
+            ("si.infohash=abc", "si.infohash"),
+            ("si.manifest=zz", "si.manifest"),
         ] {
             let e = parse(line).unwrap_err();
             assert_eq!(e.key, key, "{line}");

@@ -19,6 +19,7 @@ pub mod console;
 pub mod disk;
 pub mod http;
 pub mod report;
+pub mod seal;
 pub mod settings;
 
 use std::net::SocketAddr;
@@ -92,6 +93,9 @@ pub enum InstallError {
     /// Per-node settings.
     #[error("per-node settings")]
     Settings(#[from] settings::SettingsError),
+    /// The image is not the one the appliance signed (or the one the boot line pinned).
+    #[error("image refused")]
+    Seal(#[from] seal::SealError),
     /// Stopped by a signal.
     #[error("interrupted")]
     Interrupted,
@@ -127,6 +131,15 @@ pub struct Options {
     pub plan_wait: Duration,
     /// Give up when the download makes no progress for this long.
     pub stall_limit: Duration,
+    /// The appliance's image-signing public key (hex), baked into the initramfs.
+    pub trust_key: PathBuf,
+    /// Install even when no trusted key is there (the command line's pins still hold).
+    pub allow_unsigned: bool,
+}
+
+/// Where the initramfs holds the trusted key.
+pub fn default_trust_key() -> PathBuf {
+    Path::new("/").join(crate::image::sign::INITRAMFS_PUB)
 }
 
 /// The outcome of a good install.
@@ -159,6 +172,8 @@ struct Resolved {
     token: String,
     disk: Option<String>,
     finish: Option<Finish>,
+    info_hash: Option<String>,
+    manifest: Option<String>,
 }
 
 fn resolve(opts: &Options) -> Result<Resolved, InstallError> {
@@ -175,6 +190,8 @@ fn resolve(opts: &Options) -> Result<Resolved, InstallError> {
         token: opts.token.clone().or(o.token).ok_or(InstallError::Missing("node token (si.token=, --token)"))?,
         disk: opts.disk.clone().or(o.disk),
         finish: opts.finish.or(o.finish),
+        info_hash: o.info_hash,
+        manifest: o.manifest,
     })
 }
 
@@ -231,12 +248,18 @@ async fn fetch_plan(r: &Resolved, firmware: Firmware, wait: Duration, token: &Ca
 /// when partitioning had started.
 pub async fn run(opts: &Options, token: &CancellationToken) -> Result<Outcome, InstallError> {
     let r = resolve(opts)?;
+    // Before the network is asked anything: without a trusted key nothing will be installed.
+    let key = seal::trusted_key(&opts.trust_key, opts.allow_unsigned)?;
     let firmware = opts.firmware.unwrap_or_else(detect_firmware);
     info!(server = %r.server, mac = %r.mac, ?firmware, "si-appliance installer: asking the appliance for this node's plan");
     let plan = fetch_plan(&r, firmware, opts.plan_wait, token).await?;
     let reporter = Reporter::start(r.server, r.mac, r.token.clone(), Duration::from_secs(plan.report_every_secs.max(1)));
     reporter.phase(Phase::Installer, format!("plan: image {}, host name {}", plan.image, plan.hostname));
-    match install(opts, &r, &plan, firmware, &reporter, token).await {
+    let checked = match check_image(&r, &plan, key.as_ref()).await {
+        Ok(t) => install(opts, &r, &plan, &t, firmware, &reporter, token).await,
+        Err(e) => Err(e),
+    };
+    match checked {
         Ok(o) => {
             let msg = format!("installed {} on {} as {}", plan.image, o.disk.display(), o.hostname);
             reporter.finish(Phase::Done, msg, None, Duration::from_secs(5)).await;
@@ -248,6 +271,31 @@ pub async fn run(opts: &Options, token: &CancellationToken) -> Result<Outcome, I
             Err(e)
         }
     }
+}
+
+/// Checks before anything is written: the plan's seal, the command line's pins, the manifest.
+async fn check_image(r: &Resolved, plan: &NodePlan, key: Option<&[u8; 32]>) -> Result<seal::Trusted, InstallError> {
+    let (info_hash, manifest) = seal::check_plan(plan, key, r.info_hash.as_deref(), r.manifest.as_deref())?;
+    let image = plan.image.to_string();
+    let manifest = match manifest {
+        Some(want) => {
+            let path = format!("/manifests/{image}.manifest");
+            let bytes = crate::swarm::http_get::get(r.server, &path, Duration::from_secs(60))
+                .await
+                .map_err(|e| seal::SealError::Fetch { image: image.clone(), why: e.to_string() })?;
+            Some(seal::check_manifest(&image, &bytes, &want)?)
+        }
+        None => {
+            warn!(image, "the image has no manifest: the unpacked tree cannot be verified");
+            None
+        }
+    };
+    match (&info_hash, key) {
+        (Some(ih), Some(_)) => info!(image, info_hash = %ih, "image signature verified"),
+        (Some(ih), None) => warn!(image, info_hash = %ih, "image NOT signature-checked (no trusted key); held to its info-hash"),
+        (None, _) => warn!(image, "image NOT signature-checked and no info-hash pinned"),
+    }
+    Ok(seal::Trusted { info_hash: info_hash.as_deref().and_then(seal::info_hash_bytes), manifest })
 }
 
 /// The error and its causes on one line (`a: b: c`), as `{:#}` prints an anyhow chain.
@@ -295,6 +343,7 @@ async fn install(
     opts: &Options,
     r: &Resolved,
     plan: &NodePlan,
+    trusted: &seal::Trusted,
     firmware: Firmware,
     reporter: &Reporter,
     token: &CancellationToken,
@@ -312,7 +361,7 @@ async fn install(
     let mut phases = Phases { at: Instant::now(), current: None, done: Vec::new() };
     phases.enter(reporter, Phase::Partitioning, format!("partitioning {} ({} MiB, {:?})", disk_path.display(), have >> 20, layout.table));
     let root = opts.workdir.join("root");
-    let result = write_disk(opts, r, plan, &layout, firmware, &disk_path, &root, reporter, &mut phases, token).await;
+    let result = write_disk(opts, r, plan, trusted, &layout, firmware, &disk_path, &root, reporter, &mut phases, token).await;
     match result {
         Ok((uploaded, seed_stop)) => {
             // SAFETY: sync(2) has no preconditions.
@@ -356,6 +405,7 @@ async fn write_disk(
     opts: &Options,
     r: &Resolved,
     plan: &NodePlan,
+    trusted: &seal::Trusted,
     layout: &DiskLayout,
     firmware: Firmware,
     disk_path: &Path,
@@ -383,9 +433,19 @@ async fn write_disk(
         dir: store_dir(root),
         iface: opts.iface.clone(),
         listen_port: opts.listen_port,
+        info_hash: trusted.info_hash,
     };
     let dl = SwarmStream::start(&sopts, token).await?;
     let result = download_and_unpack(opts, plan, &dl, root, reporter, token).await;
+    let result = match (result, &trusted.manifest) {
+        (Ok(xattrs_unsupported), Some(m)) => {
+            reporter.update(|x| x.message = Some("verifying the unpacked tree against the image's manifest".into()));
+            let (root2, m, l) = (root.to_owned(), m.clone(), layout.clone());
+            let store = STORE_DIR.to_owned();
+            blocking("verifying", move || seal::verify_tree(&root2, &m, &l, &store, xattrs_unsupported > 0)).await?.map_err(InstallError::from)
+        }
+        (r, _) => r.map(|_| ()),
+    };
     let result = match result {
         Ok(()) => configure_and_seed(r, plan, layout, firmware, disk_path, root, &parts, &dl, reporter, phases, token).await,
         Err(e) => Err(e),
@@ -401,8 +461,11 @@ async fn write_disk(
 /// Where the swarm engine keeps the archive: a directory at the top of the target root (so it is there
 /// whatever the image holds, and on the root file system the size check counted it on).
 fn store_dir(root: &Path) -> PathBuf {
-    root.join(".si-appliance")
+    root.join(STORE_DIR)
 }
+
+/// [`store_dir`] relative to the target root.
+const STORE_DIR: &str = ".si-appliance";
 
 /// Deletes the stored archive and its directory, then gives the root directory back the mtime
 /// the unpacker restored, so the installed tree matches the image's manifest.
@@ -425,7 +488,7 @@ async fn download_and_unpack(
     root: &Path,
     reporter: &Reporter,
     token: &CancellationToken,
-) -> Result<(), InstallError> {
+) -> Result<u64, InstallError> {
     let cancel = token.child_token();
     let reader = dl.reader(cancel.clone()).await?;
     let consumed = Arc::new(AtomicU64::new(0));
@@ -504,7 +567,7 @@ async fn download_and_unpack(
         entries = rep.entries, file_bytes = rep.bytes, archive_bytes = st.total, secs = format!("{secs:.2}"),
         mbit_s = format!("{:.1}", st.total as f64 * 8.0 / 1e6 / secs.max(1e-3)), "downloaded and unpacked"
     );
-    Ok(())
+    Ok(rep.xattrs_unsupported)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -629,6 +692,8 @@ mod tests {
             listen_port: 6881,
             plan_wait: Duration::from_secs(1),
             stall_limit: Duration::from_secs(1),
+            trust_key: default_trust_key(),
+            allow_unsigned: false,
         }
     }
 

@@ -58,6 +58,16 @@ pub enum FetchError {
         /// Bytes wanted.
         total: u64,
     },
+    /// The .torrent is not the one the image's seal names.
+    #[error("{name}: the .torrent's info-hash is {got}, the signed seal says {want}")]
+    InfoHash {
+        /// Image.
+        name: ImageName,
+        /// Sealed.
+        want: String,
+        /// Served.
+        got: String,
+    },
     /// Stopped by a signal before completion.
     #[error("downloading {0}: interrupted")]
     Interrupted(ImageName),
@@ -321,6 +331,8 @@ pub struct StreamOptions {
     pub iface: Option<String>,
     /// TCP port for incoming peers.
     pub listen_port: u16,
+    /// The info-hash the .torrent must have (the image's signed seal); None: any.
+    pub info_hash: Option<[u8; 20]>,
 }
 
 /// Counters of a streaming download.
@@ -363,6 +375,11 @@ impl SwarmStream {
         let name = &opts.image;
         let torrent = http_get::get(opts.server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT).await?;
         let meta = Meta::from_torrent(&torrent).map_err(engine_err(name))?;
+        if let Some(want) = opts.info_hash {
+            if meta.info_hash != want {
+                return Err(FetchError::InfoHash { name: name.clone(), want: hex::encode(want), got: hex::encode(meta.info_hash) });
+            }
+        }
         let mut initial = Vec::new();
         let seed_limit = seed_peer_and_limit(opts.server, name, &mut initial).await;
         let own_ip = own_ip(opts.iface.as_deref())?;

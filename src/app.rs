@@ -122,7 +122,19 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         server.set_events(events.clone());
         server.set_addrs(addrs.clone());
         let token = shutdown.clone();
-        tasks.spawn(async move { server.run(token).await.map_err(AppError::from) });
+        let first = { let t = token.clone(); async move { server.run(t).await.map_err(AppError::from) } };
+        let (cfg2, iface2, events2, addrs2) = (cfg.clone(), iface.clone(), events.clone(), addrs.clone());
+        // A restart opens the journal again (replaying what was committed) and rebinds.
+        let again = move || {
+            let (cfg, iface, events, addrs, t) = (cfg2.clone(), iface2.clone(), events2.clone(), addrs2.clone(), token.clone());
+            async move {
+                let mut server = dhcp::DhcpServer::start(cfg, iface).await?;
+                server.set_events(events);
+                server.set_addrs(addrs);
+                server.run(t).await.map_err(AppError::from)
+            }
+        };
+        tasks.spawn(supervise("dhcp", shutdown.clone(), first, again));
     }
 
     // IPv6 router advertisements spare iPXE its ~15 s wait for a router. Best effort: any
@@ -149,7 +161,16 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         let addr = SocketAddrV4::new(iface.ip, cfg.tftp.port);
         let socket = net::udp_on(&iface.name, addr)?;
         let (ctx, token, tftp) = (ctx.clone(), shutdown.clone(), cfg.tftp.clone());
-        tasks.spawn(async move { boot::serve_tftp(ctx, &tftp, socket, token).await.map_err(AppError::from) });
+        let first = { let (ctx, t, tftp) = (ctx.clone(), token.clone(), tftp.clone()); async move { boot::serve_tftp(ctx, &tftp, socket, t).await.map_err(AppError::from) } };
+        let name = iface.name.clone();
+        let again = move || {
+            let (ctx, t, tftp, name) = (ctx.clone(), token.clone(), tftp.clone(), name.clone());
+            async move {
+                let socket = net::udp_on(&name, addr)?;
+                boot::serve_tftp(ctx, &tftp, socket, t).await.map_err(AppError::from)
+            }
+        };
+        tasks.spawn(supervise("tftp", shutdown.clone(), first, again));
     }
 
     let mut router = boot::http_routes(ctx.clone());
@@ -192,21 +213,115 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         iface.ip
     );
 
-    let mut result = Ok(());
-    tokio::select! {
-        _ = shutdown_signal() => info!("signal received, shutting down"),
-        Some(first) = tasks.join_next() => {
-            result = flatten(first);
-            if let Err(e) = &result { error!("service failed: {e:#}"); }
+    // Services do not stop each other: DHCP and TFTP are supervised (restarted with backoff);
+    // any other task that ends is logged and the rest serve on. Only a signal stops the appliance.
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            // CANCEL-SAFETY: the signal future is pinned outside the loop; join_next is cancel-safe.
+            _ = &mut signal => {
+                info!("signal received, shutting down");
+                break;
+            }
+            Some(done) = tasks.join_next() => match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!("a service stopped: {e:#}; the others serve on"),
+                Err(e) if e.is_panic() => error!("a service panicked: {e}; the others serve on"),
+                Err(_) => {}
+            },
         }
     }
     shutdown.cancel();
     while let Some(r) = tasks.join_next().await {
-        if let (Ok(()), Err(e)) = (&result, flatten(r)) {
-            result = Err(e);
+        match r {
+            Ok(Err(e)) => warn!("while shutting down: {e:#}"),
+            Err(e) if e.is_panic() => warn!("while shutting down, a task panicked: {e}"),
+            _ => {}
         }
     }
-    result
+    Ok(())
+}
+
+/// Pauses between restarts of a failed service.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    /// The first pause; it doubles up to `max`.
+    first: std::time::Duration,
+    /// The longest pause.
+    max: std::time::Duration,
+    /// A run this long resets the pause to `first`.
+    healthy: std::time::Duration,
+}
+
+/// 1 s doubling to 60 s, reset after 5 min of service.
+const BACKOFF: Backoff = Backoff {
+    first: std::time::Duration::from_secs(1),
+    max: std::time::Duration::from_secs(60),
+    healthy: std::time::Duration::from_secs(300),
+};
+
+async fn supervise<First, Again, F>(name: &'static str, shutdown: CancellationToken, first: First, again: F) -> Result<(), AppError>
+where
+    First: std::future::Future<Output = Result<(), AppError>> + Send + 'static,
+    Again: std::future::Future<Output = Result<(), AppError>> + Send + 'static,
+    F: FnMut() -> Again,
+{
+    supervise_with(name, shutdown, first, again, BACKOFF).await
+}
+
+/// Runs `first`, and whenever the service ends while the appliance is up (an error, a panic or
+/// an early return), logs it loudly and starts `again()` after a pause (1 s doubling to 60 s;
+/// back to 1 s after a run of 5 min), so one failing service (a journal on a full disk, a socket
+/// error) never takes the others down and comes back by itself. Each run is its own task, so a
+/// panic is caught here. Returns when `shutdown` is cancelled.
+async fn supervise_with<First, Again, F>(
+    name: &'static str,
+    shutdown: CancellationToken,
+    first: First,
+    mut again: F,
+    backoff: Backoff,
+) -> Result<(), AppError>
+where
+    First: std::future::Future<Output = Result<(), AppError>> + Send + 'static,
+    Again: std::future::Future<Output = Result<(), AppError>> + Send + 'static,
+    F: FnMut() -> Again,
+{
+    let mut run = tokio::spawn(async move {
+        first.await
+    });
+    let mut pause = backoff.first;
+    let mut restarts = 0u64;
+    loop {
+        let started = tokio::time::Instant::now();
+        // CANCEL-SAFETY: on shutdown the run is given the same token and is awaited below.
+        let ended = tokio::select! {
+            r = &mut run => r,
+            _ = shutdown.cancelled() => {
+                let _ = (&mut run).await;
+                return Ok(());
+            }
+        };
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        if started.elapsed() >= backoff.healthy {
+            pause = backoff.first;
+        }
+        restarts += 1;
+        match ended {
+            Ok(Ok(())) => error!(service = name, restarts, "service ended on its own; starting it again in {pause:?}"),
+            Ok(Err(e)) => error!(service = name, restarts, "service failed: {e:#}; starting it again in {pause:?}"),
+            Err(e) => error!(service = name, restarts, "service panicked: {e}; starting it again in {pause:?}"),
+        }
+        tokio::select! {
+            // CANCEL-SAFETY: a sleep carries no state.
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        pause = (pause * 2).min(backoff.max);
+        run = tokio::spawn(again());
+    }
 }
 
 /// The tracker, the seed of every served archive and their routes (`/announce`, `/scrape`,
@@ -377,14 +492,6 @@ fn initrd_with_key(cfg: &Config, base: &Path, key: &crate::image::sign::SigningK
     Ok(dest)
 }
 
-fn flatten(r: Result<Result<(), AppError>, tokio::task::JoinError>) -> Result<(), AppError> {
-    match r {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Ok(()),
-    }
-}
-
 /// Raises the soft limit of open files to the hard limit: a systemd unit's default soft limit
 /// (1024) is reached by a thousand idle HTTP connections, after which accepts and TFTP
 /// transfers fail with EMFILE.
@@ -457,6 +564,46 @@ fn load_or_create_secret(state_dir: &Path) -> Result<Vec<u8>, AppError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failing_or_panicking_service_is_started_again_until_shutdown() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let starts = Arc::new(AtomicU32::new(0));
+        let shutdown = CancellationToken::new();
+        let (s, t) = (starts.clone(), shutdown.clone());
+        // Run 1 fails, run 2 panics, run 3 returns early, run 4 serves until shutdown.
+        let service = move || {
+            let (s, t) = (s.clone(), t.clone());
+            async move {
+                match s.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(AppError::NoIface),
+                    1 => panic!("a bug in a service"),
+                    2 => Ok(()),
+                    _ => {
+                        t.cancelled().await;
+                        Ok(())
+                    }
+                }
+            }
+        };
+        let first = service.clone();
+        let ms = std::time::Duration::from_millis;
+        let backoff = Backoff { first: ms(10), max: ms(40), healthy: ms(60_000) };
+        let sup = tokio::spawn(supervise_with("test", shutdown.clone(), first(), service, backoff));
+        // Pauses of 10, 20 and 40 ms: the fourth run starts within a bounded wait.
+        for _ in 0..500 {
+            if starts.load(Ordering::SeqCst) >= 4 {
+                break;
+            }
+            tokio::time::sleep(ms(10)).await;
+        }
+        tokio::time::sleep(ms(100)).await;
+        assert_eq!(starts.load(Ordering::SeqCst), 4, "three restarts, then it keeps serving");
+        assert!(!sup.is_finished());
+        shutdown.cancel();
+        sup.await.unwrap().unwrap();
+        assert_eq!(starts.load(Ordering::SeqCst), 4);
+    }
 
     #[test]
     fn secret_is_created_once_and_kept() {

@@ -201,8 +201,20 @@ pub fn verify_tree(root: &Path, manifest: &Manifest, layout: &DiskLayout, store:
     let under = |path: &str, dir: &str| {
         if dir.is_empty() { true } else { path == dir || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/')) }
     };
+    // A mount point the image lacks (and its missing parents) was made by the installer to
+    // mount the partition on.
+    let made_dirs: std::collections::HashSet<String> = mounts
+        .iter()
+        .filter(|(m, _)| !m.is_empty())
+        .flat_map(|(m, _)| {
+            let parts: Vec<&str> = m.split('/').collect();
+            (1..=parts.len()).map(move |k| parts[..k].join("/"))
+        })
+        .filter(|d| !in_image.contains(d.as_str()))
+        .collect();
     let installer_made = |path: &str| {
         under(path, store)
+            || made_dirs.contains(path)
             || mounts.iter().any(|(m, _)| {
                 let lf = if m.is_empty() { "lost+found".to_owned() } else { format!("{m}/lost+found") };
                 under(path, &lf) && !in_image.contains(lf.as_str())
@@ -335,6 +347,16 @@ mod tests {
         std::fs::create_dir_all(root.join("lost+found")).unwrap();
         filetime::set_file_mtime(root, keep).unwrap();
         verify_tree(root, &m, &layout, ".si-appliance", false).unwrap();
+        // UEFI: the installer made boot/efi (not in the image) to mount the ESP on.
+        std::fs::create_dir_all(root.join("boot/efi/EFI")).unwrap();
+        filetime::set_file_mtime(root, keep).unwrap();
+        let uefi = DiskLayout::default_uefi();
+        let e = verify_tree(root, &m, &uefi, ".si-appliance", false).unwrap_err();
+        assert!(e.to_string().contains("boot/efi/EFI: unexpected"), "only what the mount point holds counts: {e}");
+        std::fs::remove_dir(root.join("boot/efi/EFI")).unwrap();
+        verify_tree(root, &m, &uefi, ".si-appliance", false).unwrap();
+        std::fs::remove_dir_all(root.join("boot")).unwrap();
+        filetime::set_file_mtime(root, keep).unwrap();
         // Same size, other content: found.
         let t = filetime::FileTime::from_last_modification_time(&std::fs::metadata(root.join("etc/motd")).unwrap());
         std::fs::write(root.join("etc/motd"), "HELLO\n").unwrap();

@@ -512,3 +512,104 @@ fn an_archive_that_differs_from_its_manifest_is_caught_after_unpacking_and_wiped
     assert!(log.contains("partition table wiped"), "{log}");
     assert!(disk.first_sector()[510..512] != [0x55, 0xaa], "the partition table is still there");
 }
+
+/// Issue 13.4: a host on the segment holds 2000 half-open HTTP connections (re-opening those the
+/// header timeout closes) and floods the report routes with forged, oversized and malformed
+/// reports, while the appliance runs with a 1024 soft open-file limit; the node still installs
+/// the debootstrap image, and its own progress reaches the appliance.
+#[test]
+fn installs_beside_2000_half_open_connections_and_a_report_flood() {
+    let image = common::debian_image();
+    let (mut lab, _clean) = lab("in9");
+    let attacker = lab.add_host(Some("10.66.1.66/24"), None);
+    let store = lab.path("store");
+    let m = make_store(&store, &image);
+    let _app = common::start_appliance_under(&lab, 0, "app", &config(&lab, &store, ""), &[], &["prlimit", "--nofile=1024:", "--"]);
+    let script = lab.path("attack.py");
+    fs::write(
+        &script,
+        format!(
+            r#"import collections, json, os, socket, sys, threading, time
+HOST, PORT, MAC = "10.66.1.1", {HTTP_PORT}, "{MAC}"
+deadline = time.time() + float(sys.argv[1])
+def running():
+    return time.time() < deadline and not os.path.exists(sys.argv[2])
+codes = collections.Counter()
+lock = threading.Lock()
+def post(path, body, token):
+    try:
+        c = socket.create_connection((HOST, PORT), timeout=5)
+        c.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                   "Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, token, len(body))).encode() + body)
+        line = c.makefile("rb").readline().split()
+        code = line[1].decode() if len(line) > 1 else "none"
+        c.close()
+    except OSError as e:
+        code = type(e).__name__
+    with lock:
+        codes[code] += 1
+def flood():
+    forged = json.dumps({{"phase": "done", "message": "x" * 900}}).encode()
+    while running():
+        post("/api/report", b"{{}}", "0" * 64)
+        post("/api/nodes/%s/report" % MAC, forged, "f" * 64)
+        post("/api/nodes/%s/report" % MAC, b"[" * 200000, "f" * 64)
+threads = [threading.Thread(target=flood) for _ in range(8)]
+for t in threads: t.start()
+socks = []
+reopened = 0
+while running():
+    while len(socks) < 2000 and running():
+        try:
+            c = socket.create_connection((HOST, PORT), timeout=5)
+            c.sendall(b"GET /boot/vmlinuz HTTP/1.1\r\nHost: x\r\n")
+            socks.append(c)
+        except OSError:
+            time.sleep(0.05)
+    if len(socks) >= 2000 and reopened == 0:
+        print("open 2000", flush=True)
+    time.sleep(1)
+    alive = []
+    for c in socks:
+        c.setblocking(False)
+        try:
+            gone = c.recv(1) == b""
+        except BlockingIOError:
+            gone = False
+        except OSError:
+            gone = True
+        if gone:
+            c.close(); reopened += 1
+        else:
+            alive.append(c)
+    socks = alive
+for t in threads: t.join()
+print("reopened", reopened, "answers", dict(codes), flush=True)
+"#
+        ),
+    )
+    .unwrap();
+    let mut c = lab.hosts[attacker].cmd("prlimit");
+    // Until the test says stop (or 180 s at most).
+    let stop = lab.path("attack.stop");
+    c.args(["--nofile=8192:", "--", "python3"]).arg(&script).arg("180").arg(&stop);
+    let mut attack = Proc::spawn("attacker", c, lab.path("attack.log"));
+    attack.wait_log("open 2000", Duration::from_secs(60));
+    let mut disk = LoopDisk::new(lab.path("disk.img"), 1024);
+    let words = line_from_script(&lab, "10.66.1.1");
+    let mut inst = installer_with_line(&lab, &words, &lab.path("state"), &disk.dev.clone(), &[]);
+    let st = inst.wait_exit(Duration::from_secs(240));
+    let log = strip_ansi(&inst.log_text());
+    assert!(st.success(), "install failed under attack ({st}):\n{log}\n--- attacker:\n{}", attack.log_text());
+    println!("{}", summary(&log));
+    // The node's own reports got through: the appliance's node list shows it done.
+    let o = run(lab.hosts[0].cmd("curl").args(["-sS", "--max-time", "20", &format!("http://127.0.0.1:{HTTP_PORT}/api/nodes")]));
+    let nodes = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(nodes.contains(MAC) && nodes.contains("\"done\""), "the appliance did not see the node finish: {nodes}");
+    fs::write(&stop, "").unwrap();
+    attack.wait_log("answers", Duration::from_secs(60));
+    let tail = attack.log_text();
+    println!("attacker: {}", tail.lines().last().unwrap_or(""));
+    assert!(tail.contains("'403'") && !tail.contains("'200'"), "forged reports were accepted: {tail}");
+    checks_of_an_installed_disk(&lab, &mut disk, &m);
+}

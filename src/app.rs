@@ -533,8 +533,6 @@ pub async fn shutdown_signal() {
 /// The node-token secret: 32 random bytes in `<state_dir>/secret`, created (mode 0600) on the
 /// first start and kept, so tokens handed out before a restart stay valid.
 fn load_or_create_secret(state_dir: &Path) -> Result<Vec<u8>, AppError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let st = |path: &Path| {
         let path = path.to_owned();
         move |source| AppError::State { path, source }
@@ -548,16 +546,7 @@ fn load_or_create_secret(state_dir: &Path) -> Result<Vec<u8>, AppError> {
         Err(e) => return Err(AppError::State { path, source: e }),
     }
     let secret: [u8; 32] = rand::random();
-    let tmp = state_dir.join("secret.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(st(&tmp))?;
-    f.write_all(&secret).and_then(|()| f.sync_all()).map_err(st(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(st(&path))?;
+    crate::private_file::write(&path, &secret).map_err(|(path, source)| AppError::State { path, source })?;
     Ok(secret.to_vec())
 }
 

@@ -20,5 +20,6 @@ pub mod net;
 pub mod node_api;
 pub mod nodes;
 pub mod plan;
+pub mod private_file;
 pub mod swarm;
 pub mod types;

@@ -11,7 +11,6 @@
 //! Pure apart from [`SigningKey::load_or_create`].
 
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
@@ -131,16 +130,7 @@ impl SigningKey {
                 std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
                 let seed: [u8; 32] = rand::random();
                 let key = SigningKey::from_seed(&seed, &path)?;
-                let tmp = state_dir.join(format!("{KEY_FILE}.tmp"));
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(io(&tmp))?;
-                f.write_all(&seed).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
-                std::fs::rename(&tmp, &path).map_err(io(&path))?;
+                crate::private_file::write(&path, &seed).map_err(|(path, source)| SignError::Io { path, source })?;
                 key
             }
             Err(e) => return Err(SignError::Io { path, source: e }),

@@ -44,8 +44,6 @@ pub struct AdminAuth {
 /// # Errors
 /// The file cannot be read or written.
 pub fn load_or_create_token(state_dir: &Path) -> std::io::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join(ADMIN_TOKEN);
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_owned()),
@@ -55,11 +53,7 @@ pub fn load_or_create_token(state_dir: &Path) -> std::io::Result<String> {
     }
     std::fs::create_dir_all(state_dir)?;
     let token = hex::encode(rand::random::<[u8; 32]>());
-    let tmp = state_dir.join(format!("{ADMIN_TOKEN}.tmp"));
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(token.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    crate::private_file::write(&path, token.as_bytes()).map_err(|(_, e)| e)?;
     Ok(token)
 }
 

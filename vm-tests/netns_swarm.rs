@@ -693,4 +693,7 @@ fn a_rogue_peer_on_alias_addresses_is_banned_and_the_seed_never_is() {
         text.lines().filter(|l| l.contains("did not validate")).count(),
         banned.len()
     );
+    for l in text.lines().filter(|l| l.contains("banned") || l.contains("several senders") || l.contains("from one peer") || l.contains("too often")) {
+        eprintln!("  {}", l.split_once(": ").map_or(l, |(_, m)| m));
+    }
 }

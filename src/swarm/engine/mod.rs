@@ -204,7 +204,8 @@ struct St {
     /// Suspect pieces: (sender, SHA-1) of each block of the copy that failed, until a copy
     /// from one peer verifies and names the liars.
     bad_copies: HashMap<u32, Vec<(IpAddr, [u8; 20])>>,
-    /// Every connection's address, kept after it closes (a failed piece names its senders).
+    /// Every connection's address, kept after it closes while its blocks are in unverified
+    /// pieces (a failed piece names its senders).
     ip_of: HashMap<PeerKey, IpAddr>,
     rng: StdRng,
     next_key: PeerKey,
@@ -716,6 +717,11 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
         } else {
             st.picker.remove_peer(key);
         }
+        // Its address is kept only while its blocks wait for a verdict (a peer reconnecting
+        // again and again must not grow the map).
+        if !st.picker.holds_blocks_from(key) {
+            st.ip_of.remove(&key);
+        }
         if let Some(k) = known.and_then(|a| st.known.get_mut(&a)) {
             k.next_try = Some(Instant::now() + backoff(k.fails));
         }
@@ -966,6 +972,15 @@ async fn verify(sh: Arc<Shared>, piece: u32) {
             }
         }
         plan_all(&mut st, depth);
+    }
+    // Senders that left and have nothing else waiting for a verdict: their addresses go.
+    let mut done = senders;
+    done.sort_unstable();
+    done.dedup();
+    for k in done {
+        if !st.conns.contains_key(&k) && !st.picker.holds_blocks_from(k) {
+            st.ip_of.remove(&k);
+        }
     }
     drop(st);
     sh.changes.send_modify(|g| *g += 1);

@@ -625,6 +625,16 @@ impl Picker {
         out
     }
 
+    /// Whether blocks from `k` sit in a piece not yet verified (its address is still needed to
+    /// judge that piece).
+    pub fn holds_blocks_from(&self, k: PeerKey) -> bool {
+        self.pieces.iter().any(|s| match s {
+            Ps::Active(a) => a.blocks.iter().any(|b| matches!(b, Bs::Got(x) if *x == k)),
+            Ps::Verifying(from) => from.contains(&k),
+            _ => false,
+        })
+    }
+
     /// Keys of the connected peers.
     pub fn peer_keys(&self) -> Vec<PeerKey> {
         self.peers.keys().copied().collect()
@@ -813,7 +823,9 @@ mod tests {
         for b in &r {
             p.got(1, 0, b.begin, BLOCK as usize);
         }
+        assert!(p.holds_blocks_from(2));
         assert_eq!(p.verified(0, false), vec![2, 2, 1, 1]);
+        assert!(!p.holds_blocks_from(2), "a judged piece no longer needs its senders");
         p.set_suspect(0);
         assert!(p.next_requests(3, 8, now, &mut rng()).is_empty(), "untrusted peer 3 waits for the seed");
         let r = p.next_requests(1, 8, now, &mut rng());

@@ -513,3 +513,187 @@ fn interop_transmission_downloads_through_the_tracker() {
     assert!(done.is_some(), "transmission-cli never finished:\n{}", &log[log.len().saturating_sub(3000)..]);
     assert_eq!(sha256(&dir.join("tr.tar.zst")), want);
 }
+
+// ---- a rogue BitTorrent peer, written here (the attacker) ------------------------------------
+
+/// What the rogue did, per alias address: garbage blocks accepted by the node's requests.
+#[derive(Default)]
+struct RogueLog {
+    garbage_blocks: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
+    connections: u32,
+}
+
+/// One rogue connection (blocking, bounded by `stop` and read timeouts): handshake (echoing the
+/// node's info-hash), a bitfield claiming every piece, unchoke; then, in cycles, garbage blocks
+/// in answer to requests until half a piece's worth went out, choke, a short pause, unchoke.
+fn rogue_conn(
+    mut s: std::net::TcpStream,
+    me: std::net::Ipv4Addr,
+    pieces: usize,
+    piece_len: u32,
+    log: &std::sync::Mutex<RogueLog>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut hs = [0u8; 68];
+    s.read_exact(&mut hs)?;
+    let mut ours = hs;
+    ours[48..56].copy_from_slice(b"-RG0001-");
+    ours[56..60].copy_from_slice(&me.octets());
+    s.write_all(&ours)?;
+    let frame = |id: u8, body: &[u8]| {
+        let mut f = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        f.push(id);
+        f.extend_from_slice(body);
+        f
+    };
+    let mut bits = vec![0u8; pieces.div_ceil(8)];
+    for i in 0..pieces {
+        bits[i / 8] |= 0x80 >> (i % 8);
+    }
+    s.write_all(&frame(5, &bits))?;
+    s.write_all(&frame(1, &[]))?;
+    let (mut choked, mut sent, mut cycles) = (false, 0u32, 0u32);
+    let mut choked_at = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) && cycles < 200 {
+        if choked && choked_at.elapsed() > Duration::from_millis(300) {
+            s.write_all(&frame(1, &[]))?;
+            (choked, sent) = (false, 0);
+        }
+        let mut len = [0u8; 4];
+        match s.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(e),
+        }
+        let n = u32::from_be_bytes(len) as usize;
+        if n > 1 << 20 {
+            return Ok(());
+        }
+        let mut body = vec![0u8; n];
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.read_exact(&mut body)?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        // REQUEST: garbage of the asked length, until half a piece went out in this cycle.
+        if n == 13 && body[0] == 6 && !choked {
+            let blen = u32::from_be_bytes(body[9..13].try_into().expect("4 bytes"));
+            let mut pb = body[1..9].to_vec();
+            pb.extend(std::iter::repeat_n(0x5a, blen as usize));
+            s.write_all(&frame(7, &pb))?;
+            *log.lock().expect("rogue log").garbage_blocks.entry(me).or_default() += 1;
+            sent += blen;
+            if sent >= piece_len / 2 {
+                s.write_all(&frame(0, &[]))?;
+                (choked, choked_at) = (true, std::time::Instant::now());
+                cycles += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Issue 13 item 5: a rogue peer on four alias addresses of one host claims every piece,
+/// answers with garbage for half a piece, then chokes (so the honest seed finishes the piece),
+/// and repeats. The node still completes from the appliance's seed with the right SHA-256;
+/// every rogue address that got garbage into a piece is banned; the seed is never banned.
+#[test]
+fn a_rogue_peer_on_alias_addresses_is_banned_and_the_seed_never_is() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut lab = Lab::new("swr");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    let app = lab.add_host(Some("10.69.8.1/24"), None);
+    let rogue = lab.add_host(Some("10.69.8.12/24"), None);
+    let node = lab.add_host(Some("10.69.8.20/24"), None);
+    let aliases: Vec<std::net::Ipv4Addr> = (12..16).map(|i| std::net::Ipv4Addr::new(10, 69, 8, i)).collect();
+    for a in &aliases[1..] {
+        lab.hosts[rogue].ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"]);
+    }
+    let archive = lab.path("rg.tar.zst");
+    random_file(&archive, 16 * MIB);
+    let want = sha256(&archive);
+    // A slow seed (4 MiB/s), so the rogue takes part for seconds.
+    let cfg = config(&lab, "r", &archive, "upload_limit = 4194304");
+    let _appliance = start_appliance(&lab, app, "appliance", &cfg, &[]);
+    let torrent = curl(&lab, rogue, "http://10.69.8.1:8080/torrents/rg.torrent", &[]);
+    let ti = si_appliance::swarm::seed::torrent_info(&torrent).expect("torrent");
+    let (pieces, piece_len) = (ti.hashes.len(), ti.piece_len);
+
+    // The rogue: a listener per alias address, inside the rogue host's namespace.
+    let log = Arc::new(Mutex::new(RogueLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ns = lab.hosts[rogue].name.clone();
+    let mut listeners = Vec::new();
+    for a in aliases.clone() {
+        let (log, stop, ns) = (log.clone(), stop.clone(), ns.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        listeners.push(std::thread::spawn(move || {
+            let path = format!("/var/run/netns/{ns}");
+            let fd = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid namespace fd; CLONE_NEWNET switches only this thread (and the
+            // sockets it creates stay in that namespace).
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            let l = std::net::TcpListener::bind((a, 6882)).expect("rogue bind");
+            l.set_nonblocking(true).expect("nonblocking");
+            tx.send(()).expect("ready");
+            let mut conns = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        log.lock().expect("rogue log").connections += 1;
+                        let (log, stop) = (log.clone(), stop.clone());
+                        conns.push(std::thread::spawn(move || {
+                            let _ = rogue_conn(s, a, pieces, piece_len, &log, &stop);
+                        }));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        }));
+        rx.recv_timeout(Duration::from_secs(10)).expect("rogue listening");
+    }
+
+    let out = mkdir(&lab.path("n")).join("rg.tar.zst");
+    let mut extra = vec!["--timeout".to_string(), "90s".to_string()];
+    for a in &aliases {
+        extra.extend(["--peer".to_string(), format!("{a}:6882")]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut f = fetch(&lab, node, "10.69.8.1", "rg", &out, &extra);
+    let st = f.wait_exit(Duration::from_secs(120));
+    stop.store(true, Ordering::Relaxed);
+    for l in listeners {
+        let _ = l.join();
+    }
+    let text = strip_ansi(&f.log_text());
+    let banned: Vec<&str> = text.lines().filter(|l| l.contains("peer banned")).collect();
+    let banned_ip = |ip: &str| banned.iter().any(|l| l.split_whitespace().any(|w| w == format!("ip={ip}")));
+    assert!(!banned_ip("10.69.8.1"), "the appliance's seed was banned:\n{text}");
+    assert!(st.success(), "fetch failed ({st}):\n{text}");
+    assert_eq!(sha256(&out), want);
+    let log = log.lock().expect("rogue log");
+    let liars: Vec<String> = log.garbage_blocks.keys().map(|a| a.to_string()).collect();
+    assert!(!liars.is_empty(), "the rogue never got a request (connections {}):\n{text}", log.connections);
+    for a in &liars {
+        assert!(banned_ip(a), "rogue {a} sent garbage and was not banned:\n{text}");
+    }
+    eprintln!(
+        "FIGURES rogue peer: {} connections, garbage blocks per address {:?}; {} pieces failed their hash; banned: {}",
+        log.connections,
+        log.garbage_blocks,
+        text.lines().filter(|l| l.contains("did not validate")).count(),
+        banned.len()
+    );
+    for l in text.lines().filter(|l| l.contains("banned") || l.contains("several senders") || l.contains("from one peer") || l.contains("too often")) {
+        eprintln!("  {}", l.split_once(": ").map_or(l, |(_, m)| m));
+    }
+}

@@ -6,7 +6,7 @@
 //!
 //! Discovery is the tracker only: no DHT, no local service discovery, no UPnP.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -158,8 +158,10 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
     let meta = Meta::from_torrent(&torrent).map_err(engine_err(name))?;
     let mut initial: Vec<SocketAddr> = opts.peers.clone();
     let mut seed_limit = MAX_SEED_UNTIL_DONE;
+    // The appliance (it served the .torrent) and its seed: never banned by the engine.
+    let mut trusted = vec![opts.server.ip()];
     if opts.use_tracker {
-        seed_limit = seed_peer_and_limit(opts.server, name, &mut initial).await;
+        seed_limit = seed_peer_and_limit(opts.server, name, &mut initial, &mut trusted).await;
     }
     let own_ip = own_ip(opts.iface.as_deref())?;
     let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
@@ -169,6 +171,7 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
         listen,
         iface: opts.iface.clone(),
         peers: initial,
+        trusted,
         tracker: opts.use_tracker.then_some(opts.server),
         depth: depth(),
         label: name.to_string(),
@@ -181,11 +184,16 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
 }
 
 /// Asks the appliance for the swarm's view: adds its seed to `initial` (unless the tracker hands
-/// the seed out itself, `swarm.seed_peers`) and returns how long to seed after completion
-/// (`MAX_SEED_UNTIL_DONE` when the appliance does not answer: the tracker alone then).
-async fn seed_peer_and_limit(server: SocketAddr, name: &ImageName, initial: &mut Vec<SocketAddr>) -> Duration {
+/// the seed out itself, `swarm.seed_peers`) and its address to `trusted`, and returns how long
+/// to seed after completion (`MAX_SEED_UNTIL_DONE` when the appliance does not answer: the
+/// tracker alone then).
+async fn seed_peer_and_limit(server: SocketAddr, name: &ImageName, initial: &mut Vec<SocketAddr>, trusted: &mut Vec<IpAddr>) -> Duration {
     match swarm_view(server, name).await {
         Ok(v) => {
+            let seed_ip = IpAddr::V4(*v.seed_addr.ip());
+            if !trusted.contains(&seed_ip) {
+                trusted.push(seed_ip);
+            }
             if v.seed_peers == 0 {
                 initial.push(SocketAddr::V4(v.seed_addr));
             }
@@ -381,7 +389,8 @@ impl SwarmStream {
             }
         }
         let mut initial = Vec::new();
-        let seed_limit = seed_peer_and_limit(opts.server, name, &mut initial).await;
+        let mut trusted = vec![opts.server.ip()];
+        let seed_limit = seed_peer_and_limit(opts.server, name, &mut initial, &mut trusted).await;
         let own_ip = own_ip(opts.iface.as_deref())?;
         let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
         std::fs::create_dir_all(&opts.dir).map_err(|source| FetchError::Output { path: opts.dir.clone(), source })?;
@@ -390,6 +399,7 @@ impl SwarmStream {
             listen,
             iface: opts.iface.clone(),
             peers: initial.clone(),
+            trusted,
             tracker: Some(opts.server),
             depth: depth(),
             label: name.to_string(),

@@ -13,8 +13,13 @@
 //! connection's writer) and a writer task (frames, and blocks read from the file when their turn
 //! comes, so queued uploads cost no memory). Blocks are written to the file as they arrive; a
 //! complete piece is read back and hashed off the runtime; a piece that fails its hash is
-//! fetched again and its senders are banned (sole sender) or struck (two strikes: banned).
+//! fetched again: a sole sender is banned, a piece with several senders is fetched whole from
+//! one peer (the appliance's seed first) and the blocks that differ name the liars. Hostile
+//! peers meet the rules of [`guard`]: connection caps (total and per address, after the
+//! handshake too), a bounded send queue per connection, choke flapping cut off, and the
+//! appliance's seed (`EngineOptions::trusted`) never banned.
 
+pub mod guard;
 pub mod picker;
 pub mod wire;
 
@@ -36,6 +41,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use self::guard::{Admit, ChokeMeter, Cooloff, Failure};
+pub use self::guard::{MAX_CONNS, MAX_CONNS_PER_IP};
 use self::picker::{Block, Got, PeerKey, Picker};
 use self::wire::{Handshake, Msg, WireError};
 use super::http_get;
@@ -47,8 +54,8 @@ pub const DEFAULT_DEPTH: usize = 12;
 pub const DEPTH_BUDGET: usize = 96;
 /// Blocks asked of any one peer at least (up to the configured depth).
 pub const MIN_DEPTH: usize = 4;
-/// Most connections of a node.
-pub const MAX_CONNS: usize = 80;
+/// Incoming connections waiting for their handshake, at most (more are closed at once).
+const MAX_HANDSHAKES: usize = 32;
 /// A request unanswered this long is asked of another peer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// A connection silent this long is closed (peers send keep-alives every 2 min at most).
@@ -58,10 +65,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Uploads one peer may have queued before it is dropped as abusive.
 const MAX_QUEUED_UPLOADS: u64 = 2048;
+/// Messages queued to one connection's writer, at most: its uploads plus this many frames
+/// (requests, HAVEs). A peer that does not read fills it and is closed.
+const SEND_QUEUE: usize = MAX_QUEUED_UPLOADS as usize + 1024;
 /// Sequential readers make this much after their position the first choice.
 const STREAM_WINDOW_BYTES: u64 = 8 << 20;
-/// Failed hashes a peer may take part in before it is banned (sole sender: at once).
-const STRIKES: u32 = 2;
 const HTTP_LIMIT: Duration = Duration::from_secs(10);
 
 /// Errors of the engine.
@@ -128,6 +136,9 @@ pub struct EngineOptions {
     pub iface: Option<String>,
     /// Peers to connect to at once (the appliance's seed, `--peer`).
     pub peers: Vec<SocketAddr>,
+    /// The appliance's addresses (its seed): never banned, always admitted, first choice to
+    /// fetch again a piece that failed with several senders.
+    pub trusted: Vec<IpAddr>,
     /// The appliance's HTTP address, whose `/announce` is the tracker (None: no tracker).
     pub tracker: Option<SocketAddr>,
     /// Blocks asked of one peer at a time.
@@ -160,11 +171,12 @@ pub struct EngineStats {
 enum Out {
     Frame(Vec<u8>),
     Block(Block),
-    Close,
 }
 
 struct Conn {
-    tx: mpsc::UnboundedSender<Out>,
+    tx: mpsc::Sender<Out>,
+    /// Closes the connection (both its tasks).
+    close: CancellationToken,
     ip: IpAddr,
     peer_id: [u8; 20],
     interested: bool,
@@ -187,8 +199,13 @@ struct St {
     conns: HashMap<PeerKey, Conn>,
     known: HashMap<SocketAddr, Known>,
     banned: HashSet<IpAddr>,
-    strikes: HashMap<IpAddr, u32>,
-    /// Every connection's address, kept after it closes (a failed piece names its senders).
+    /// Flapping peers' addresses, kept away for a while.
+    cooloff: Cooloff,
+    /// Suspect pieces: (sender, SHA-1) of each block of the copy that failed, until a copy
+    /// from one peer verifies and names the liars.
+    bad_copies: HashMap<u32, Vec<(IpAddr, [u8; 20])>>,
+    /// Every connection's address, kept after it closes while its blocks are in unverified
+    /// pieces (a failed piece names its senders).
     ip_of: HashMap<PeerKey, IpAddr>,
     rng: StdRng,
     next_key: PeerKey,
@@ -203,6 +220,9 @@ struct Shared {
     peer_id: [u8; 20],
     own: Option<Ipv4Addr>,
     listen_port: u16,
+    trusted: HashSet<IpAddr>,
+    /// Incoming connections in their handshake.
+    handshakes: std::sync::atomic::AtomicUsize,
     opts: EngineOptions,
     st: Mutex<St>,
     /// Bumped on every verified piece and on a fatal error (readers and waiters watch it).
@@ -234,6 +254,16 @@ impl Shared {
     }
 }
 
+/// Queues `o` to a connection's writer; a full queue (the peer does not read) closes it.
+fn send(c: &Conn, o: Out) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(o) {
+        if !c.close.is_cancelled() {
+            warn!(ip = %c.ip, "peer closed: its send queue is full (it does not read)");
+            c.close.cancel();
+        }
+    }
+}
+
 /// Re-plans `k`'s requests and interest; sends what is new.
 fn plan(st: &mut St, k: PeerKey, depth: usize) {
     let want = st.picker.interested(k);
@@ -246,10 +276,10 @@ fn plan(st: &mut St, k: PeerKey, depth: usize) {
     let Some(c) = st.conns.get_mut(&k) else { return };
     if want != c.interested {
         c.interested = want;
-        let _ = c.tx.send(Out::Frame(if want { Msg::Interested } else { Msg::NotInterested }.encode()));
+        send(c, Out::Frame(if want { Msg::Interested } else { Msg::NotInterested }.encode()));
     }
     for b in reqs {
-        let _ = c.tx.send(Out::Frame(Msg::Request { piece: b.piece, begin: b.begin, len: b.len }.encode()));
+        send(c, Out::Frame(Msg::Request { piece: b.piece, begin: b.begin, len: b.len }.encode()));
     }
 }
 
@@ -299,12 +329,15 @@ impl Engine {
             peer_id,
             own,
             listen_port,
+            trusted: opts.trusted.iter().copied().collect(),
+            handshakes: std::sync::atomic::AtomicUsize::new(0),
             st: Mutex::new(St {
                 picker,
                 conns: HashMap::new(),
                 known,
                 banned: HashSet::new(),
-                strikes: HashMap::new(),
+                cooloff: Cooloff::default(),
+                bad_copies: HashMap::new(),
                 ip_of: HashMap::new(),
                 rng: StdRng::from_rng(&mut rand::rng()),
                 next_key: 1,
@@ -319,7 +352,7 @@ impl Engine {
         });
         info!(
             torrent = %sh.opts.label, pieces = sh.meta.hashes.len(), piece_len = sh.meta.piece_len, resumed,
-            port = listen_port, peers = ?sh.opts.peers, tracker = ?sh.opts.tracker, "swarm engine started"
+            port = listen_port, peers = ?sh.opts.peers, tracker = ?sh.opts.tracker, trusted = ?sh.opts.trusted, "swarm engine started"
         );
         tokio::spawn(accept_loop(sh.clone(), listener));
         tokio::spawn(tick_loop(sh.clone()));
@@ -393,7 +426,7 @@ impl Engine {
         let mut st = self.sh.lock();
         for c in st.conns.values() {
             debug!(ip = %c.ip, outgoing = c.outgoing, down = c.down, up = c.up.load(Ordering::Relaxed), "connection at stop");
-            let _ = c.tx.send(Out::Close);
+            c.close.cancel();
         }
         st.conns.clear();
     }
@@ -521,17 +554,25 @@ async fn accept_loop(sh: Arc<Shared>, l: TcpListener) {
             },
             _ = sh.cancel.cancelled() => return,
         };
-        let refuse = {
+        let trusted = sh.trusted.contains(&addr.ip());
+        let verdict = {
             let st = sh.lock();
-            st.banned.contains(&addr.ip()) || st.conns.len() >= MAX_CONNS
+            let ip = addr.ip();
+            let distrusted = st.banned.contains(&ip) || st.cooloff.holds(&ip, Instant::now());
+            let from_ip = st.conns.values().filter(|c| c.ip == ip).count();
+            guard::admit(trusted, distrusted, st.conns.len(), from_ip)
         };
-        if refuse {
-            debug!(%addr, "incoming peer refused (banned or too many)");
+        let pending = sh.handshakes.load(Ordering::Relaxed);
+        if verdict != Admit::Yes || (pending >= MAX_HANDSHAKES && !trusted) {
+            debug!(%addr, ?verdict, pending, "incoming peer refused");
             continue;
         }
+        sh.handshakes.fetch_add(1, Ordering::Relaxed);
         let sh2 = sh.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&sh2, s, false)).await {
+            let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&sh2, s, false)).await;
+            sh2.handshakes.fetch_sub(1, Ordering::Relaxed);
+            match r {
                 Ok(Ok((s, hs))) => run_conn(sh2, s, addr, hs, false, None).await,
                 Ok(Err(e)) => debug!(%addr, "incoming handshake: {e}"),
                 Err(_) => debug!(%addr, "incoming handshake timed out"),
@@ -598,28 +639,42 @@ fn backoff(fails: u32) -> Duration {
 async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake, outgoing: bool, known: Option<SocketAddr>) {
     let _ = s.set_nodelay(true);
     let (rd, wr) = s.into_split();
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(SEND_QUEUE);
+    let close = sh.cancel.child_token();
     let queued_up = Arc::new(AtomicU64::new(0));
     let up = Arc::new(AtomicU64::new(0));
     let depth = sh.opts.depth;
+    let ip = addr.ip();
+    let trusted = sh.trusted.contains(&ip);
     let key = {
         let mut st = sh.lock();
         if let Some(k) = known.and_then(|a| st.known.get_mut(&a)) {
             k.connecting = false;
         }
-        if st.banned.contains(&addr.ip()) || st.error.is_some() || sh.cancel.is_cancelled() {
+        if st.error.is_some() || sh.cancel.is_cancelled() {
             return;
         }
         // One connection per peer id: of two, keep the one opened by the smaller id (both
         // sides decide the same way).
         let keep_new = (sh.peer_id < hs.peer_id) == outgoing;
-        if let Some((&old, _)) = st.conns.iter().find(|(_, c)| c.peer_id == hs.peer_id) {
-            if !keep_new {
-                debug!(%addr, "duplicate connection dropped");
-                return;
-            }
+        let dup = st.conns.iter().find(|(_, c)| c.peer_id == hs.peer_id).map(|(k, _)| *k);
+        if dup.is_some() && !keep_new {
+            debug!(%addr, "duplicate connection dropped");
+            return;
+        }
+        // The caps again, now that the handshake is done (many may have been in flight); a
+        // duplicate about to be replaced does not count.
+        let distrusted = st.banned.contains(&ip) || st.cooloff.holds(&ip, Instant::now());
+        let others = st.conns.iter().filter(|(k, _)| Some(**k) != dup);
+        let (total, from_ip) = others.fold((0, 0), |(t, f), (_, c)| (t + 1, f + usize::from(c.ip == ip)));
+        let verdict = guard::admit(trusted, distrusted, total, from_ip);
+        if verdict != Admit::Yes {
+            debug!(%addr, ?verdict, "peer refused after its handshake");
+            return;
+        }
+        if let Some(old) = dup {
             if let Some(c) = st.conns.remove(&old) {
-                let _ = c.tx.send(Out::Close);
+                c.close.cancel();
             }
             if st.picker.remove_peer(old) {
                 plan_all(&mut st, depth);
@@ -628,26 +683,29 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
         let key = st.next_key;
         st.next_key += 1;
         st.picker.add_peer(key);
-        if let IpAddr::V4(ip) = addr.ip() {
+        if trusted {
+            st.picker.set_trusted(key);
+        }
+        if let IpAddr::V4(ip) = ip {
             st.picker.set_order(key, u32::from(ip));
         }
-        st.ip_of.insert(key, addr.ip());
+        st.ip_of.insert(key, ip);
+        let c = Conn { tx, close: close.clone(), ip, peer_id: hs.peer_id, interested: false, outgoing, down: 0, up: up.clone() };
         if st.picker.have_count() > 0 {
-            let _ = tx.send(Out::Frame(Msg::Bitfield(wire::bitfield(&st.picker.have_flags())).encode()));
+            send(&c, Out::Frame(Msg::Bitfield(wire::bitfield(&st.picker.have_flags())).encode()));
         }
         // A LAN swarm of cooperating nodes: everyone is unchoked, always.
-        let _ = tx.send(Out::Frame(Msg::Unchoke.encode()));
-        st.conns.insert(key, Conn { tx: tx.clone(), ip: addr.ip(), peer_id: hs.peer_id, interested: false, outgoing, down: 0, up: up.clone() });
+        send(&c, Out::Frame(Msg::Unchoke.encode()));
+        st.conns.insert(key, c);
         if let Some(k) = known.and_then(|a| st.known.get_mut(&a)) {
             k.fails = 0;
         }
         key
     };
     debug!(%addr, key, outgoing, "peer connected");
-    let writer = tokio::spawn(write_loop(sh.clone(), wr, rx, queued_up.clone(), up));
-    let why = read_loop(&sh, key, rd, &queued_up).await;
-    let _ = tx.send(Out::Close);
-    drop(tx);
+    let writer = tokio::spawn(write_loop(sh.clone(), wr, rx, queued_up.clone(), up, close.clone()));
+    let why = read_loop(&sh, key, ip, trusted, rd, &queued_up, &close).await;
+    close.cancel();
     {
         let mut st = sh.lock();
         let gone = st.conns.remove(&key);
@@ -659,6 +717,11 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
         } else {
             st.picker.remove_peer(key);
         }
+        // Its address is kept only while its blocks wait for a verdict (a peer reconnecting
+        // again and again must not grow the map).
+        if !st.picker.holds_blocks_from(key) {
+            st.ip_of.remove(&key);
+        }
         if let Some(k) = known.and_then(|a| st.known.get_mut(&a)) {
             k.next_try = Some(Instant::now() + backoff(k.fails));
         }
@@ -666,19 +729,30 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
     let _ = writer.await;
 }
 
-async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedReadHalf, queued_up: &AtomicU64) -> String {
+async fn read_loop(
+    sh: &Arc<Shared>,
+    key: PeerKey,
+    ip: IpAddr,
+    trusted: bool,
+    rd: tokio::net::tcp::OwnedReadHalf,
+    queued_up: &AtomicU64,
+    close: &CancellationToken,
+) -> String {
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let mut buf = Vec::new();
     let max = wire::max_body(sh.meta.hashes.len() as u32);
     let depth = sh.opts.depth;
+    let mut chokes = ChokeMeter::default();
     loop {
         let msg = tokio::select! {
+            // CANCEL-SAFETY: read_msg keeps a partial message in `rd`/`buf` only for this
+            // connection, which ends on either of the other arms.
             r = tokio::time::timeout(IDLE_TIMEOUT, wire::read_msg(&mut rd, &mut buf, max)) => match r {
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => return e.to_string(),
                 Err(_) => return "idle".into(),
             },
-            _ = sh.cancel.cancelled() => return "stopping".into(),
+            _ = close.cancelled() => return "closed".into(),
         };
         let mut st = sh.lock();
         if !st.conns.contains_key(&key) {
@@ -687,6 +761,12 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
         match msg {
             Msg::KeepAlive | Msg::Interested | Msg::NotInterested | Msg::Other(_) | Msg::Cancel { .. } => {}
             Msg::Choke => {
+                if chokes.choke(Instant::now()) && !trusted {
+                    // Each choke frees its requests and each unchoke asks again: cut it off.
+                    st.cooloff.add(ip, Instant::now());
+                    warn!(torrent = %sh.opts.label, %ip, cooloff_secs = guard::FLAP_COOLOFF.as_secs(), "peer closed: it chokes too often");
+                    return "choke flapping".into();
+                }
                 if st.picker.choked(key, true) {
                     plan_all(&mut st, depth);
                 }
@@ -717,7 +797,7 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
                     return "too many queued requests".into();
                 }
                 if let Some(c) = st.conns.get(&key) {
-                    let _ = c.tx.send(Out::Block(Block { piece, begin, len }));
+                    send(c, Out::Block(Block { piece, begin, len }));
                 }
             }
             Msg::Piece { piece, begin, data } => {
@@ -735,7 +815,7 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
                         }
                         for (k, b) in cancel {
                             if let Some(c) = st.conns.get(&k) {
-                                let _ = c.tx.send(Out::Frame(Msg::Cancel { piece: b.piece, begin: b.begin, len: b.len }.encode()));
+                                send(c, Out::Frame(Msg::Cancel { piece: b.piece, begin: b.begin, len: b.len }.encode()));
                             }
                             plan(&mut st, k, depth);
                         }
@@ -753,29 +833,29 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
 async fn write_loop(
     sh: Arc<Shared>,
     wr: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
+    mut rx: mpsc::Receiver<Out>,
     queued_up: Arc<AtomicU64>,
     up: Arc<AtomicU64>,
+    close: CancellationToken,
 ) {
     let mut wr = wr;
     let mut buf: Vec<u8> = Vec::with_capacity(128 * 1024);
     let plen = sh.meta.piece_len as u64;
     loop {
-        let first = match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
-            Ok(Some(o)) => o,
-            Ok(None) => return,
-            Err(_) => Out::Frame(Msg::KeepAlive.encode()),
+        let first = tokio::select! {
+            // CANCEL-SAFETY: recv is cancel-safe; on close the queue is dropped.
+            r = tokio::time::timeout(KEEPALIVE, rx.recv()) => match r {
+                Ok(Some(o)) => o,
+                Ok(None) => break,
+                Err(_) => Out::Frame(Msg::KeepAlive.encode()),
+            },
+            _ = close.cancelled() => break,
         };
         buf.clear();
         let mut next = Some(first);
         // Gather what is ready (up to 256 KiB) into one write.
         while let Some(o) = next.take() {
             match o {
-                Out::Close => {
-                    let _ = wr.write_all(&buf).await;
-                    let _ = wr.shutdown().await;
-                    return;
-                }
                 Out::Frame(f) => buf.extend_from_slice(&f),
                 Out::Block(b) => {
                     queued_up.fetch_sub(1, Ordering::Relaxed);
@@ -796,28 +876,39 @@ async fn write_loop(
             }
         }
         let w = tokio::select! {
+            // CANCEL-SAFETY: a write cut short ends the connection, so its stream state no
+            // longer matters.
             r = wr.write_all(&buf) => r,
-            _ = sh.cancel.cancelled() => return,
+            _ = close.cancelled() => break,
         };
         if w.is_err() {
-            return;
+            break;
         }
     }
+    // A peer that does not read must not hold this task: the shutdown is bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
 }
 
 /// Hashes a complete piece off the runtime; then it is ours (HAVE to every peer) or fetched
-/// again, its senders struck or banned.
+/// again, its senders judged by [`guard::failed_piece`]; a suspect piece that verifies names
+/// the liars of its failed copy ([`guard::liars`]).
 async fn verify(sh: Arc<Shared>, piece: u32) {
     let sh2 = sh.clone();
+    let suspect = sh.lock().bad_copies.contains_key(&piece);
     let ok = tokio::task::spawn_blocking(move || {
         let plen = sh2.meta.piece_len as u64;
         let start = piece as u64 * plen;
         let size = (sh2.meta.total - start).min(plen) as usize;
         let mut buf = vec![0u8; size];
-        sh2.file.read_exact_at(&mut buf, start).map(|()| Sha1::digest(&buf).as_slice() == sh2.meta.hashes[piece as usize])
+        sh2.file.read_exact_at(&mut buf, start)?;
+        let ok = Sha1::digest(&buf).as_slice() == sh2.meta.hashes[piece as usize];
+        // Block hashes only when they may be compared: a failed copy, or a suspect piece's new one.
+        let blocks: Vec<[u8; 20]> =
+            if ok && !suspect { Vec::new() } else { buf.chunks(wire::BLOCK as usize).map(|b| Sha1::digest(b).into()).collect() };
+        Ok::<_, io::Error>((ok, blocks))
     })
     .await;
-    let ok = match ok {
+    let (ok, blocks) = match ok {
         Ok(Ok(ok)) => ok,
         Ok(Err(e)) => {
             sh.fail(format!("reading back piece {piece}: {e}"));
@@ -831,7 +922,17 @@ async fn verify(sh: Arc<Shared>, piece: u32) {
     let depth = sh.opts.depth;
     let mut st = sh.lock();
     let senders = st.picker.verified(piece, ok);
+    let ips: Vec<IpAddr> = senders.iter().map(|k| st.ip_of.get(k).copied().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))).collect();
     if ok {
+        if let Some(bad) = st.bad_copies.remove(&piece) {
+            let liars = guard::liars(&bad, &blocks, &sh.trusted);
+            let mut from = ips.clone();
+            from.dedup();
+            info!(torrent = %sh.opts.label, piece, from = ?from, liars = ?liars, "suspect piece {piece} verified from one peer: its failed copy names the liars");
+            for ip in liars {
+                ban(&mut st, &sh, ip, "its blocks differ from the verified piece");
+            }
+        }
         if tracing::enabled!(tracing::Level::TRACE) {
             let from: Vec<IpAddr> = senders.iter().filter_map(|k| st.ip_of.get(k).copied()).collect();
             tracing::trace!(piece, ?from, "piece verified");
@@ -841,7 +942,7 @@ async fn verify(sh: Arc<Shared>, piece: u32) {
         let have = Msg::Have(piece).encode();
         for (k, c) in &st.conns {
             if !st.picker.peer_has_piece(*k, piece) {
-                let _ = c.tx.send(Out::Frame(have.clone()));
+                send(c, Out::Frame(have.clone()));
             }
         }
         if st.picker.complete() {
@@ -851,37 +952,55 @@ async fn verify(sh: Arc<Shared>, piece: u32) {
         }
     } else {
         st.hash_failures += 1;
-        let mut ips: Vec<IpAddr> = senders.iter().filter_map(|k| st.ip_of.get(k).copied()).collect();
-        ips.sort();
-        ips.dedup();
-        warn!(torrent = %sh.opts.label, piece, senders = ?ips, "piece {piece} did not validate (SHA-1 mismatch): fetching it again");
-        // A sender already banned explains the failure; otherwise a sole sender is banned at
-        // once and shared senders collect strikes.
-        if !ips.iter().any(|ip| st.banned.contains(ip)) {
-            let sole = ips.len() == 1;
-            for ip in ips {
-                let s = st.strikes.entry(ip).or_insert(0);
-                *s += 1;
-                if sole || *s >= STRIKES {
-                    ban(&mut st, &sh.opts.label, ip);
+        let mut distinct = ips.clone();
+        distinct.sort();
+        distinct.dedup();
+        warn!(torrent = %sh.opts.label, piece, senders = ?distinct, "piece {piece} did not validate (SHA-1 mismatch): fetching it again");
+        match guard::failed_piece(&ips, &sh.trusted, &st.banned) {
+            Failure::Explained => {}
+            Failure::Ban(ip) => ban(&mut st, &sh, ip, "it alone sent a piece that failed the hash"),
+            Failure::TrustedSent => {
+                warn!(torrent = %sh.opts.label, piece, "the appliance's seed alone sent a piece that failed the hash: not banned (check its disk); fetching it again")
+            }
+            Failure::Suspect => {
+                // Keep the first failed copy until a copy from one peer verifies.
+                if !st.bad_copies.contains_key(&piece) && blocks.len() == ips.len() {
+                    st.bad_copies.insert(piece, ips.into_iter().zip(blocks).collect());
                 }
+                st.picker.set_suspect(piece);
+                info!(torrent = %sh.opts.label, piece, senders = ?distinct, "several senders: fetching piece {piece} again from one peer (the seed first) to find the liar");
             }
         }
         plan_all(&mut st, depth);
+    }
+    // Senders that left and have nothing else waiting for a verdict: their addresses go.
+    let mut done = senders;
+    done.sort_unstable();
+    done.dedup();
+    for k in done {
+        if !st.conns.contains_key(&k) && !st.picker.holds_blocks_from(k) {
+            st.ip_of.remove(&k);
+        }
     }
     drop(st);
     sh.changes.send_modify(|g| *g += 1);
 }
 
 /// Distrusts `ip`: its connections close, the blocks it sent to unfinished pieces are fetched
-/// again, and it is never connected to or accepted again.
-fn ban(st: &mut St, label: &str, ip: IpAddr) {
-    warn!(torrent = %label, %ip, "peer banned: sent data that failed the hash");
-    st.banned.insert(ip);
+/// again, and it is never connected to or accepted again. Never the appliance's seed.
+fn ban(st: &mut St, sh: &Shared, ip: IpAddr, why: &str) {
+    if sh.trusted.contains(&ip) || ip.is_unspecified() {
+        warn!(torrent = %sh.opts.label, %ip, "not banning the appliance's seed ({why})");
+        return;
+    }
+    if !st.banned.insert(ip) {
+        return;
+    }
+    warn!(torrent = %sh.opts.label, %ip, "peer banned: {why}");
     let gone: Vec<PeerKey> = st.ip_of.iter().filter(|(_, a)| **a == ip).map(|(k, _)| *k).collect();
     for k in gone {
         if let Some(c) = st.conns.remove(&k) {
-            let _ = c.tx.send(Out::Close);
+            c.close.cancel();
         }
         st.picker.remove_peer(k);
         st.picker.drop_blocks_from(k);
@@ -908,18 +1027,22 @@ async fn tick_loop(sh: Arc<Shared>) {
             if st.picker.complete() {
                 continue;
             }
+            st.cooloff.prune(now);
             let mut room = MAX_CONNS.saturating_sub(st.conns.len());
             let connected: HashSet<IpAddr> = st.conns.values().map(|c| c.ip).collect();
-            let banned = st.banned.clone();
-            for (a, k) in st.known.iter_mut() {
-                if room == 0 {
-                    break;
+            let St { known, banned, cooloff, .. } = &mut *st;
+            for (a, k) in known.iter_mut() {
+                let ip = a.ip();
+                let trusted = sh.trusted.contains(&ip);
+                if room == 0 && !trusted {
+                    continue;
                 }
                 let due = k.next_try.is_none_or(|t| t <= now);
-                if due && !k.connecting && !k.is_self && !connected.contains(&a.ip()) && !banned.contains(&a.ip()) {
+                let away = !trusted && (banned.contains(&ip) || cooloff.holds(&ip, now));
+                if due && !k.connecting && !k.is_self && !connected.contains(&ip) && !away {
                     k.connecting = true;
                     dial.push(*a);
-                    room -= 1;
+                    room = room.saturating_sub(1);
                 }
             }
         }
@@ -1044,6 +1167,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             iface: None,
             peers,
+            trusted: Vec::new(),
             tracker: None,
             depth: DEFAULT_DEPTH,
             label: "test".into(),
@@ -1163,6 +1287,165 @@ mod tests {
         }
         let l = Engine::start(meta_of(&d), &dir.path().join("l"), opts(vec![local(seed.port())]), &t).await.unwrap();
         within(l.wait_complete()).await.unwrap();
+        t.cancel();
+    }
+
+    /// A mock peer's connection from `from` to `port`: handshake done (peer id `id`).
+    async fn mock_peer(from: [u8; 4], port: u16, ih: [u8; 20], id: u8) -> TcpStream {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((from, 0))).unwrap();
+        let mut s = s.connect(local(port)).await.unwrap();
+        s.write_all(&Handshake { info_hash: ih, peer_id: [id; 20] }.encode()).await.unwrap();
+        let mut hs = [0u8; wire::HANDSHAKE_LEN];
+        s.read_exact(&mut hs).await.unwrap();
+        s
+    }
+
+    /// Reads until the engine closes the connection (bounded by `within`).
+    async fn until_closed(s: &mut TcpStream) {
+        let mut b = vec![0u8; 64 * 1024];
+        within(async {
+            while s.read(&mut b).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+    }
+
+    /// Five connections from one address, all handshaking at once: at most
+    /// MAX_CONNS_PER_IP stay; the others are closed (before or after their handshake).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_beyond_the_per_address_cap_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(300_000);
+        std::fs::write(dir.path().join("s"), &d).unwrap();
+        let t = CancellationToken::new();
+        let seed = Engine::start(meta_of(&d), &dir.path().join("s"), opts(vec![]), &t).await.unwrap();
+        let mut socks = Vec::new();
+        for i in 0..5u8 {
+            let s = TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::from(([127, 0, 0, 3], 0))).unwrap();
+            let mut s = s.connect(local(seed.port())).await.unwrap();
+            s.write_all(&Handshake { info_hash: [7; 20], peer_id: [30 + i; 20] }.encode()).await.unwrap();
+            socks.push(s);
+        }
+        // Each socket either stays (a handshake, then the engine's unchoke) or is closed.
+        let mut open = 0;
+        for s in &mut socks {
+            let mut hs = [0u8; wire::HANDSHAKE_LEN];
+            if within(s.read_exact(&mut hs)).await.is_ok() {
+                let mut buf = Vec::new();
+                let closed = !matches!(within(wire::read_msg(s, &mut buf, 1 << 20)).await, Ok(Msg::Bitfield(_)));
+                open += usize::from(!closed);
+            }
+        }
+        assert!(open <= MAX_CONNS_PER_IP, "{open} connections from one address stayed");
+        assert!(seed.stats().peers as usize <= MAX_CONNS_PER_IP, "{:?}", seed.stats());
+        // Another address is still welcome.
+        let l = Engine::start(meta_of(&d), &dir.path().join("l"), opts(vec![local(seed.port())]), &t).await.unwrap();
+        within(l.wait_complete()).await.unwrap();
+        t.cancel();
+    }
+
+    /// A peer that chokes and unchokes again and again (each unchoke re-asks every request) is
+    /// closed, and its address is not accepted again for a while.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_flaps_choke_is_closed_and_kept_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(1024 * 1024);
+        let meta = meta_of(&d);
+        let t = CancellationToken::new();
+        let leech = Engine::start(meta.clone(), &dir.path().join("l"), opts(vec![]), &t).await.unwrap();
+        let mut s = mock_peer([127, 0, 0, 4], leech.port(), meta.info_hash, 4).await;
+        s.write_all(&Msg::Bitfield(wire::bitfield(&vec![true; meta.hashes.len()])).encode()).await.unwrap();
+        let mut flaps = Vec::new();
+        for _ in 0..=guard::FLAP_CHOKES {
+            flaps.extend(Msg::Unchoke.encode());
+            flaps.extend(Msg::Choke.encode());
+        }
+        s.write_all(&flaps).await.unwrap();
+        until_closed(&mut s).await;
+        assert!(leech.sh.lock().cooloff.holds(&IpAddr::from([127, 0, 0, 4]), Instant::now()));
+        // Kept away: a new connection from that address is closed without a handshake.
+        let s2 = TcpSocket::new_v4().unwrap();
+        s2.bind(SocketAddr::from(([127, 0, 0, 4], 0))).unwrap();
+        let mut s2 = s2.connect(local(leech.port())).await.unwrap();
+        let _ = s2.write_all(&Handshake { info_hash: meta.info_hash, peer_id: [5; 20] }.encode()).await;
+        let mut b = Vec::new();
+        assert_eq!(within(s2.read_to_end(&mut b)).await.unwrap_or(0), 0, "refused while cooling off");
+        t.cancel();
+    }
+
+    /// A connection whose queue is full (its peer does not read) is closed, not queued to
+    /// without bound.
+    #[tokio::test]
+    async fn a_full_send_queue_closes_the_connection() {
+        let (tx, _rx) = mpsc::channel(2);
+        let c = Conn {
+            tx,
+            close: CancellationToken::new(),
+            ip: IpAddr::from([127, 0, 0, 1]),
+            peer_id: [1; 20],
+            interested: false,
+            outgoing: false,
+            down: 0,
+            up: Arc::default(),
+        };
+        send(&c, Out::Frame(Msg::KeepAlive.encode()));
+        send(&c, Out::Frame(Msg::KeepAlive.encode()));
+        assert!(!c.close.is_cancelled());
+        send(&c, Out::Frame(Msg::KeepAlive.encode()));
+        assert!(c.close.is_cancelled());
+    }
+
+    /// The appliance's seed is trusted: a piece that fails with its blocks and a liar's is
+    /// fetched again from it alone, and only the liar is banned (here the liar sends half a
+    /// piece of garbage and chokes, on its own address; the seed runs with every piece).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_then_choke_bans_the_liar_and_never_the_trusted_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(2 * 1024 * 1024);
+        let meta = meta_of(&d);
+        std::fs::write(dir.path().join("seed"), &d).unwrap();
+        let t = CancellationToken::new();
+        let seed = Engine::start(meta.clone(), &dir.path().join("seed"), opts(vec![]), &t).await.unwrap();
+        let liar = TcpListener::bind("127.0.0.5:0").await.unwrap();
+        let liar_addr = liar.local_addr().unwrap();
+        let (ih, n, half) = (meta.info_hash, meta.hashes.len(), PL / 2);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = liar.accept().await {
+                tokio::spawn(async move {
+                    let mut hs = [0u8; wire::HANDSHAKE_LEN];
+                    s.read_exact(&mut hs).await?;
+                    s.write_all(&Handshake { info_hash: ih, peer_id: [9; 20] }.encode()).await?;
+                    s.write_all(&Msg::Bitfield(wire::bitfield(&vec![true; n])).encode()).await?;
+                    s.write_all(&Msg::Unchoke.encode()).await?;
+                    let (mut buf, mut sent) = (Vec::new(), 0);
+                    loop {
+                        if let Msg::Request { piece, begin, len } = wire::read_msg(&mut s, &mut buf, 1 << 20).await? {
+                            if sent < half {
+                                s.write_all(&Msg::Piece { piece, begin, data: vec![0xa5; len as usize] }.encode()).await?;
+                                sent += len;
+                                if sent >= half {
+                                    s.write_all(&Msg::Choke.encode()).await?;
+                                }
+                            }
+                        }
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), WireError>(())
+                });
+            }
+        });
+        let mut o = opts(vec![liar_addr, local(seed.port())]);
+        o.trusted = vec![IpAddr::from([127, 0, 0, 1])];
+        let leech = Engine::start(meta, &dir.path().join("l"), o, &t).await.unwrap();
+        within(leech.wait_complete()).await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("l")).unwrap(), d);
+        let st = leech.sh.lock();
+        assert!(!st.banned.contains(&IpAddr::from([127, 0, 0, 1])), "the trusted seed was banned");
+        if st.hash_failures > 0 {
+            assert!(st.banned.contains(&liar_addr.ip()), "the liar was not banned ({} failures)", st.hash_failures);
+        }
+        drop(st);
         t.cancel();
     }
 }

@@ -12,6 +12,11 @@
 //!    another peer, at most [`ENDGAME_DUPES`] askers per block; the first copy wins and the
 //!    others are cancelled.
 //!
+//! A *suspect* piece (it failed its hash with blocks from several senders) is fetched again
+//! whole from one peer, to find the liar: a trusted peer (the appliance's seed) takes it first,
+//! others only when no unchoked trusted peer has it; no endgame copies; if its peer leaves,
+//! chokes or times out, the piece starts over (never finished by a second sender).
+//!
 //! A peer's requests are re-planned on every event that can give it work: its HAVE or
 //! BITFIELD, its unchoke, a block arriving, a piece failing its hash, another peer leaving or
 //! timing out with blocks asked. Nothing waits on a timer to find new work.
@@ -51,15 +56,17 @@ enum Bs {
 struct Active {
     blocks: Vec<Bs>,
     got: u32,
-    from: Vec<PeerKey>,
     /// The peer that started it; None once that peer left, choked us or timed out.
     owner: Option<PeerKey>,
+    /// Fetched from its owner alone (a suspect piece).
+    single: bool,
 }
 
 #[derive(Debug)]
 enum Ps {
     Missing,
     Active(Active),
+    /// Complete, being hashed: the sender of each block.
     Verifying(Vec<PeerKey>),
     Have,
 }
@@ -73,6 +80,8 @@ struct PeerView {
     order: Option<u32>,
     /// It had every piece when it joined (a seed, not a downloading peer with a share).
     joined_complete: bool,
+    /// The appliance's seed: first choice for suspect pieces.
+    trusted: bool,
 }
 
 /// What a received block means.
@@ -102,6 +111,8 @@ pub struct Picker {
     peers: HashMap<PeerKey, PeerView>,
     window: Option<(u32, u32)>,
     own_order: Option<u32>,
+    /// Pieces to fetch again from one peer (they failed with several senders).
+    suspect: Vec<bool>,
 }
 
 impl Picker {
@@ -119,6 +130,7 @@ impl Picker {
             peers: HashMap::new(),
             window: None,
             own_order: None,
+            suspect: vec![false; have.len()],
         }
     }
 
@@ -186,7 +198,35 @@ impl Picker {
     /// A new connection (choked until it unchokes us, no pieces until its bitfield).
     pub fn add_peer(&mut self, k: PeerKey) {
         let n = self.pieces.len();
-        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new(), order: None, joined_complete: false });
+        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new(), order: None, joined_complete: false, trusted: false });
+    }
+
+    /// Marks the peer as the appliance's seed (see the module's notes on suspect pieces).
+    pub fn set_trusted(&mut self, k: PeerKey) {
+        if let Some(p) = self.peers.get_mut(&k) {
+            p.trusted = true;
+        }
+    }
+
+    /// Makes piece `i` suspect: fetched again whole from one peer, a trusted one first. Cleared
+    /// when it verifies.
+    pub fn set_suspect(&mut self, i: u32) {
+        if let Some(s) = self.suspect.get_mut(i as usize) {
+            *s = true;
+        }
+    }
+
+    /// Whether piece `i` is suspect.
+    pub fn is_suspect(&self, i: u32) -> bool {
+        self.suspect.get(i as usize).copied().unwrap_or(false)
+    }
+
+    /// Whether `k` may start piece `i`: any piece, but a suspect one only a trusted peer, or
+    /// anyone when no unchoked trusted peer has it.
+    fn may_start(&self, k: PeerKey, i: usize) -> bool {
+        !self.suspect[i]
+            || self.peers.get(&k).is_some_and(|p| p.trusted)
+            || !self.peers.values().any(|p| p.trusted && !p.choked && p.has[i])
     }
 
     /// Places the peer in the order that shares out the seed's pieces (its IPv4 address).
@@ -242,13 +282,25 @@ impl Picker {
         freed
     }
 
-    /// Pieces `k` started may be continued by anyone now.
+    /// Pieces `k` started may be continued by anyone now; a suspect piece it was fetching
+    /// starts over (one sender per copy).
     fn orphan(&mut self, k: PeerKey) {
-        for s in &mut self.pieces {
+        let mut restart = Vec::new();
+        for (i, s) in self.pieces.iter_mut().enumerate() {
             if let Ps::Active(a) = s {
                 if a.owner == Some(k) {
                     a.owner = None;
+                    if a.single {
+                        restart.push(i);
+                    }
                 }
+            }
+        }
+        for i in restart {
+            self.pieces[i] = Ps::Missing;
+            self.missing += 1;
+            for p in self.peers.values_mut() {
+                p.asked.retain(|(b, _)| b.piece as usize != i);
             }
         }
     }
@@ -389,11 +441,16 @@ impl Picker {
                 return Some(self.block(i, b));
             }
         }
-        // 2. The streaming window.
+        // Suspect pieces, from a trusted peer: before anything new.
         let mut chosen = None;
-        if let Some((from, w)) = self.window {
-            chosen = (from..from.saturating_add(w).min(n as u32))
-                .find(|i| matches!(self.pieces[*i as usize], Ps::Missing) && self.peer_has(k, *i as usize));
+        if self.peers.get(&k).is_some_and(|p| p.trusted) {
+            chosen = (0..n).find(|i| self.suspect[*i] && matches!(self.pieces[*i], Ps::Missing) && self.peer_has(k, *i)).map(|i| i as u32);
+        }
+        // 2. The streaming window.
+        if let (None, Some((from, w))) = (chosen, self.window) {
+            chosen = (from..from.saturating_add(w).min(n as u32)).find(|i| {
+                matches!(self.pieces[*i as usize], Ps::Missing) && self.peer_has(k, *i as usize) && self.may_start(k, *i as usize)
+            });
         }
         // 3. Rarest first, from a random starting point; from a seed, our share first.
         let share = if self.is_seed(k) { self.share() } else { None };
@@ -407,7 +464,7 @@ impl Picker {
             if !only_share {
                 if let Some((r, m)) = share {
                     let left: Vec<u32> = (0..n)
-                        .filter(|i| matches!(self.pieces[*i], Ps::Missing) && self.avail[*i] <= 1 && self.peer_has(k, *i))
+                        .filter(|i| matches!(self.pieces[*i], Ps::Missing) && self.avail[*i] <= 1 && self.peer_has(k, *i) && self.may_start(k, *i))
                         .map(|i| i as u32)
                         .collect();
                     // When fewer pieces are left than helpers, only the first helper placed on
@@ -432,7 +489,11 @@ impl Picker {
                 if only_share && (share.is_some_and(|(r, m)| i % m != r) || self.avail[i] > 1) {
                     continue;
                 }
-                if matches!(self.pieces[i], Ps::Missing) && self.peer_has(k, i) && best.is_none_or(|(_, a)| self.avail[i] < a) {
+                if matches!(self.pieces[i], Ps::Missing)
+                    && self.peer_has(k, i)
+                    && best.is_none_or(|(_, a)| self.avail[i] < a)
+                    && self.may_start(k, i)
+                {
                     best = Some((i, self.avail[i]));
                     if self.avail[i] <= 1 {
                         break;
@@ -443,7 +504,8 @@ impl Picker {
         }
         if let Some(i) = chosen {
             let blocks = (0..self.blocks_in(i)).map(|_| Bs::Free).collect();
-            self.pieces[i as usize] = Ps::Active(Active { blocks, got: 0, from: Vec::new(), owner: Some(k) });
+            let single = self.suspect[i as usize];
+            self.pieces[i as usize] = Ps::Active(Active { blocks, got: 0, owner: Some(k), single });
             self.missing -= 1;
             return Some(self.block(i, 0));
         }
@@ -451,7 +513,7 @@ impl Picker {
         if self.missing == 0 {
             for (i, s) in self.pieces.iter().enumerate() {
                 let Ps::Active(a) = s else { continue };
-                if !self.peer_has(k, i) {
+                if a.single || !self.peer_has(k, i) {
                     continue;
                 }
                 let found = a.blocks.iter().position(|b| matches!(b, Bs::Asked(v) if v.len() < ENDGAME_DUPES && !v.contains(&k)));
@@ -481,12 +543,9 @@ impl Picker {
             _ => Vec::new(),
         };
         a.got += 1;
-        if !a.from.contains(&k) {
-            a.from.push(k);
-        }
         let complete = a.got as usize == a.blocks.len();
         if complete {
-            let from = std::mem::take(&mut a.from);
+            let from = a.blocks.iter().map(|b| if let Bs::Got(x) = b { *x } else { k }).collect();
             self.pieces[piece as usize] = Ps::Verifying(from);
         }
         let mut cancel = Vec::new();
@@ -506,8 +565,9 @@ impl Picker {
         Some(self.block(piece, begin / BLOCK))
     }
 
-    /// The hash check of a complete piece: on success it is ours; on failure it is missing
-    /// again. Returns the peers that sent its blocks (on failure: to be distrusted).
+    /// The hash check of a complete piece: on success it is ours (no longer suspect); on
+    /// failure it is missing again. Returns the sender of each of its blocks, in order (on
+    /// failure: to be judged, see `guard::failed_piece`).
     pub fn verified(&mut self, piece: u32, ok: bool) -> Vec<PeerKey> {
         let Some(slot) = self.pieces.get_mut(piece as usize) else { return Vec::new() };
         let from = match std::mem::replace(slot, if ok { Ps::Have } else { Ps::Missing }) {
@@ -519,6 +579,7 @@ impl Picker {
         };
         if ok {
             self.have_count += 1;
+            self.suspect[piece as usize] = false;
             from
         } else {
             self.missing += 1;
@@ -539,7 +600,6 @@ impl Picker {
                         freed = true;
                     }
                 }
-                a.from.retain(|x| *x != k);
             }
         }
         freed
@@ -563,6 +623,16 @@ impl Picker {
             self.orphan(*k);
         }
         out
+    }
+
+    /// Whether blocks from `k` sit in a piece not yet verified (its address is still needed to
+    /// judge that piece).
+    pub fn holds_blocks_from(&self, k: PeerKey) -> bool {
+        self.pieces.iter().any(|s| match s {
+            Ps::Active(a) => a.blocks.iter().any(|b| matches!(b, Bs::Got(x) if *x == k)),
+            Ps::Verifying(from) => from.contains(&k),
+            _ => false,
+        })
     }
 
     /// Keys of the connected peers.
@@ -693,7 +763,7 @@ mod tests {
         }
         assert_eq!(p.got(1, 0, 0, BLOCK as usize), Got::Unexpected, "twice");
         assert_eq!(p.got(1, 0, r[3].begin, BLOCK as usize), Got::Take { complete: true, cancel: vec![] });
-        assert_eq!(p.verified(0, false), vec![1]);
+        assert_eq!(p.verified(0, false), vec![1; 4]);
         assert_eq!(p.have_count(), 0);
         // Asked again, and this time it verifies.
         let r = p.next_requests(1, 10, Instant::now(), &mut rng());
@@ -701,7 +771,7 @@ mod tests {
         for b in &r {
             p.got(1, 0, b.begin, BLOCK as usize);
         }
-        assert_eq!(p.verified(0, true), vec![1]);
+        assert_eq!(p.verified(0, true), vec![1; 4]);
         assert!(p.complete());
         assert_eq!(p.have_bytes(), PL as u64);
         assert!(!p.interested(1));
@@ -727,7 +797,75 @@ mod tests {
         for b in &r {
             p.got(2, 0, b.begin, BLOCK as usize);
         }
-        assert_eq!(p.verified(0, false), vec![2]);
+        assert_eq!(p.verified(0, false), vec![2; 4]);
+    }
+
+    /// Peer 2 sends half a piece and chokes; the seed (1) finishes it: the failed piece names
+    /// each block's sender. Made suspect, it is fetched again whole from the trusted seed, not
+    /// from peer 3, and not duplicated in endgame.
+    #[test]
+    fn a_suspect_piece_is_fetched_again_whole_from_the_trusted_seed() {
+        let mut p = Picker::new(PL, PL as u64, &[false]);
+        let now = Instant::now();
+        for k in 1..=3 {
+            p.add_peer(k);
+            p.bitfield(k, all(1));
+            p.choked(k, false);
+        }
+        p.set_trusted(1);
+        let r = p.next_requests(2, 2, now, &mut rng());
+        for b in &r {
+            p.got(2, 0, b.begin, BLOCK as usize);
+        }
+        p.choked(2, true);
+        let r = p.next_requests(1, 8, now, &mut rng());
+        assert_eq!(r.iter().map(|b| b.begin / BLOCK).collect::<Vec<_>>(), vec![2, 3], "the seed finishes the orphan");
+        for b in &r {
+            p.got(1, 0, b.begin, BLOCK as usize);
+        }
+        assert!(p.holds_blocks_from(2));
+        assert_eq!(p.verified(0, false), vec![2, 2, 1, 1]);
+        assert!(!p.holds_blocks_from(2), "a judged piece no longer needs its senders");
+        p.set_suspect(0);
+        assert!(p.next_requests(3, 8, now, &mut rng()).is_empty(), "untrusted peer 3 waits for the seed");
+        let r = p.next_requests(1, 8, now, &mut rng());
+        assert_eq!(r.len(), 4, "the seed fetches all of it");
+        assert!(p.next_requests(3, 8, now, &mut rng()).is_empty(), "no endgame copy of a suspect piece");
+        for b in &r {
+            p.got(1, 0, b.begin, BLOCK as usize);
+        }
+        assert_eq!(p.verified(0, true), vec![1; 4]);
+        assert!(!p.is_suspect(0));
+    }
+
+    /// Without a trusted peer, any one peer takes a suspect piece; if it chokes half-way the
+    /// piece starts over, and the next peer fetches every block.
+    #[test]
+    fn a_suspect_piece_whose_sender_chokes_starts_over() {
+        let mut p = Picker::new(PL, 2 * PL as u64, &[false; 2]);
+        let now = Instant::now();
+        for k in 2..=3 {
+            p.add_peer(k);
+            p.bitfield(k, all(2));
+            p.choked(k, false);
+        }
+        p.set_suspect(0);
+        p.set_window(0, 1);
+        let r = p.next_requests(2, 4, now, &mut rng());
+        assert!(r.iter().all(|b| b.piece == 0) && r.len() == 4, "{r:?}");
+        for b in &r[..2] {
+            p.got(2, 0, b.begin, BLOCK as usize);
+        }
+        // Peer 3 neither continues nor duplicates it.
+        assert!(p.next_requests(3, 8, now, &mut rng()).iter().all(|b| b.piece == 1));
+        assert!(p.choked(2, true));
+        let r = p.next_requests(3, 8, now, &mut rng());
+        let zero: Vec<u32> = r.iter().filter(|b| b.piece == 0).map(|b| b.begin / BLOCK).collect();
+        assert_eq!(zero, vec![0, 1, 2, 3], "{r:?}");
+        for b in r.iter().filter(|b| b.piece == 0) {
+            p.got(3, 0, b.begin, BLOCK as usize);
+        }
+        assert_eq!(p.verified(0, false), vec![3; 4], "a sole sender, named alone");
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         let mut server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
         server.set_events(events.clone());
         server.set_addrs(addrs.clone());
+        let known = book.clone();
+        server.set_known(Arc::new(move |mac| known.get(mac).is_some()));
         let token = shutdown.clone();
         tasks.spawn(async move { server.run(token).await.map_err(AppError::from) });
     }

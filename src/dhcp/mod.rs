@@ -6,6 +6,7 @@
 //! - `policy`: `decide(request, via, leases, policy, now) -> Decision`: pure, table-tested.
 //! - `leases`: the in-memory table and the append-only, fsync'd journal.
 //! - `service`: the thin socket loop (group commit, RFC 2131 §4.1 delivery).
+//! - `guard`: the new-client limiter (token buckets per relay) of the starvation guard.
 //! - `probe`: the start-up check for other DHCP servers. `arp`: SIOCSARP injection.
 //!
 //! This module must not touch sockets inside the policy, nor import other service modules.
@@ -13,6 +14,7 @@
 pub mod arp;
 pub mod classify;
 pub mod error;
+pub mod guard;
 pub mod leases;
 pub mod policy;
 pub mod probe;
@@ -133,7 +135,12 @@ impl DhcpServer {
             info!(subnet = %p.subnet, first = %p.first, last = %p.last, "dhcp pool");
         }
         info!(mode = ?cfg.dhcp.mode, answer = ?cfg.dhcp.answer, iface = %iface.name, "dhcp serving");
-        let service = service::Service::new(policy, leases, journal, iface.name.clone(), sock, pxe_sock);
+        let mut service = service::Service::new(policy, leases, journal, iface.name.clone(), sock, pxe_sock);
+        service.set_limiter(guard::Limiter::new(cfg.dhcp.new_client_rate, cfg.dhcp.new_client_burst));
+        info!(
+            new_client_rate = cfg.dhcp.new_client_rate, new_client_burst = cfg.dhcp.new_client_burst,
+            known_reserve_percent = cfg.dhcp.known_reserve_percent, "dhcp starvation guard"
+        );
         let every = cfg.dhcp.watch_every;
         let watch = (full && !every.is_zero()).then(|| (iface, every, cfg.dhcp.probe_timeout));
         Ok(DhcpServer { service, watch })
@@ -147,6 +154,12 @@ impl DhcpServer {
             addrs.note(l.mac, l.ip);
         }
         self.service.addrs = addrs;
+    }
+
+    /// Tells the starvation guard which MACs are enrolled nodes (the node book): they are
+    /// exempt from the new-client limiter and may take the addresses held back for known nodes.
+    pub fn set_known(&mut self, known: service::KnownNodes) {
+        self.service.known = known;
     }
 
     /// Reports every answered client to the monitor through `events` (default: nowhere).

@@ -174,7 +174,8 @@ impl DhcpServer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DhcpError> {
         let Some((iface, every, listen)) = self.watch else { return self.service.run(shutdown).await };
         let stop = shutdown.clone();
-        let (served, ()) = tokio::join!(self.service.run(shutdown), watch(iface, every, listen, stop));
+        let events = self.service.events.clone();
+        let (served, ()) = tokio::join!(self.service.run(shutdown), watch(iface, every, listen, events, stop));
         served
     }
 }
@@ -186,8 +187,9 @@ const WARN_AGAIN: Duration = Duration::from_secs(3600);
 /// MAC, which our service ignores) and logs a WARN line for each foreign server that answers:
 /// on a production switch a DHCP server plugged in after start hands out addresses next to
 /// ours. Each server is named again after [`WARN_AGAIN`] if it is still there, and its
-/// disappearance is logged. Ends with `shutdown`.
-async fn watch(iface: Iface, every: Duration, listen: Duration, shutdown: CancellationToken) {
+/// disappearance is logged. Every sighting also goes to the monitor (`/api/deployment`
+/// `foreign_dhcp_servers`): one event per server per watch. Ends with `shutdown`.
+async fn watch(iface: Iface, every: Duration, listen: Duration, events: crate::types::events::EventSink, shutdown: CancellationToken) {
     let mut warned: std::collections::HashMap<Ipv4Addr, tokio::time::Instant> = std::collections::HashMap::new();
     let mut bind_warned = false;
     // The first look soon after start (the start-up probe may be off), then every `every`.
@@ -217,6 +219,7 @@ async fn watch(iface: Iface, every: Duration, listen: Duration, shutdown: Cancel
         let seen: Vec<_> = offers.into_iter().filter(|o| o.from != iface.ip && o.server_id != Some(iface.ip)).collect();
         for o in &seen {
             let server = o.server_id.unwrap_or(o.from);
+            events.send(crate::types::events::NodeEvent::ForeignDhcp { server, offered: o.offered });
             if warned.get(&server).is_none_or(|t| now.duration_since(*t) >= WARN_AGAIN) {
                 warn!(
                     iface = %iface.name, %server, offered = %o.offered,

@@ -741,6 +741,35 @@ mod tests {
         assert!(l2.available_to(ip(11), mac(3), 600));
     }
 
+    /// A batch whose commit failed is undone entry by entry: the table is as before it.
+    #[test]
+    fn undoing_a_failed_batch_restores_the_table() {
+        let mut l = Leases::new();
+        l.apply(&bind(1, 10, 100));
+        l.apply(&bind(2, 11, 50));
+        l.apply(&Change::Offer { mac: mac(3), ip: ip(12), until: 60 });
+        let before: std::collections::BTreeMap<_, _> = l.iter().map(|x| (x.ip, x.clone())).collect();
+        let batch = [
+            bind(1, 11, 200), // MAC 1 moves onto MAC 2's (expired) address
+            bind(3, 12, 200), // MAC 3 binds its offer
+            Change::Release { mac: mac(3), ip: ip(12), at: 70 },
+            Change::Decline { mac: mac(2), ip: ip(13), until: 90 },
+        ];
+        let mut undo = Vec::new();
+        for c in &batch {
+            undo.extend(l.touched_by(c));
+            l.apply(c);
+        }
+        for (i, old) in undo.into_iter().rev() {
+            l.restore(i, old);
+        }
+        let after: std::collections::BTreeMap<_, _> = l.iter().map(|x| (x.ip, x.clone())).collect();
+        assert_eq!(before, after);
+        l.check_invariants().unwrap();
+        assert_eq!(l.of_mac(mac(1)).map(|x| x.ip), Some(ip(10)));
+        assert_eq!(l.of_mac(mac(2)).map(|x| x.ip), Some(ip(11)));
+    }
+
     #[test]
     fn no_address_is_held_by_two_macs() {
         let mut l = Leases::new();

@@ -121,16 +121,21 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         let mut server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
         server.set_events(events.clone());
         server.set_addrs(addrs.clone());
+        let known = book.clone();
+        let known: Arc<dyn Fn(crate::types::MacAddr) -> bool + Send + Sync> = Arc::new(move |mac| known.get(mac).is_some());
+        server.set_known(known.clone());
         let token = shutdown.clone();
         let first = { let t = token.clone(); async move { server.run(t).await.map_err(AppError::from) } };
-        let (cfg2, iface2, events2, addrs2) = (cfg.clone(), iface.clone(), events.clone(), addrs.clone());
+        let (cfg2, iface2, events2, addrs2, known2) = (cfg.clone(), iface.clone(), events.clone(), addrs.clone(), known);
         // A restart opens the journal again (replaying what was committed) and rebinds.
         let again = move || {
             let (cfg, iface, events, addrs, t) = (cfg2.clone(), iface2.clone(), events2.clone(), addrs2.clone(), token.clone());
+            let known = known2.clone();
             async move {
                 let mut server = dhcp::DhcpServer::start(cfg, iface).await?;
                 server.set_events(events);
                 server.set_addrs(addrs);
+                server.set_known(known);
                 server.run(t).await.map_err(AppError::from)
             }
         };

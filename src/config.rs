@@ -170,6 +170,14 @@ pub struct DhcpConfig {
     /// Static reservations.
     #[serde(rename = "reservation")]
     pub reservations: Vec<Reservation>,
+    /// New clients (a MAC with no lease, not reserved, not enrolled) offered an address per
+    /// second, per relay (giaddr) and for the local segment; 0 = no limit.
+    pub new_client_rate: u32,
+    /// Burst of new clients allowed at once before `new_client_rate` applies.
+    pub new_client_burst: u32,
+    /// Share of each pool (percent, rounded up) that new clients may not take: it stays free
+    /// for reserved and enrolled nodes under a starvation attack. 0 = none.
+    pub known_reserve_percent: u8,
 }
 
 impl Default for DhcpConfig {
@@ -187,6 +195,9 @@ impl Default for DhcpConfig {
             domain: None,
             pools: Vec::new(),
             reservations: Vec::new(),
+            new_client_rate: 20,
+            new_client_burst: 100,
+            known_reserve_percent: 20,
         }
     }
 }
@@ -493,6 +504,9 @@ impl Config {
         }
         if self.dhcp.lease_time > Duration::from_secs(u32::MAX as u64) {
             return bad("dhcp.lease_time".into(), "too long for DHCP's 32-bit seconds".into());
+        }
+        if self.dhcp.known_reserve_percent > 100 {
+            return bad("dhcp.known_reserve_percent".into(), "must be 0..=100".into());
         }
         for (i, p) in self.dhcp.pools.iter().enumerate() {
             if p.subnet.prefix_len() > 30 {

@@ -425,6 +425,10 @@ fn a_dhcp_server_plugged_in_after_start_is_warned_about() {
     println!("{line}");
     assert_eq!(count(&app, "foreign DHCP server 10.66.0.2"), 1, "warned more than once:\n{}", log(&app));
     assert!(!log(&app).contains("lease bound"), "the appliance leased to itself:\n{}", log(&app));
+    // The monitor shows it too.
+    let dep = lab.hosts[0].cmd("curl").args(["-sf", "http://10.66.0.1:8080/api/deployment"]).output().unwrap();
+    let dep = String::from_utf8_lossy(&dep.stdout).into_owned();
+    assert!(dep.contains("\"foreign_dhcp_servers\":[{\"server\":\"10.66.0.2\""), "{dep}");
     dnsmasq.terminate();
     let gone = wait_for(Duration::from_secs(40), || log(&app).contains("foreign DHCP server no longer answers").then_some(()));
     assert!(gone.is_some(), "{}", log(&app));
@@ -505,7 +509,8 @@ fn perf_lab(tag: &str) -> Lab {
 }
 
 fn perf_config(lab: &Lab) -> String {
-    appliance_config(lab, "answer = \"all\"").replace("lease_time = \"2m\"", "lease_time = \"1h\"")
+    // Thousands of new clients from one relay, on purpose: the starvation guard is off here.
+    appliance_config(lab, "answer = \"all\"\nnew_client_rate = 0\nknown_reserve_percent = 0").replace("lease_time = \"2m\"", "lease_time = \"1h\"")
 }
 
 fn perfdhcp(lab: &Lab, rate: u32, n: u32, name: &str) -> Command {
@@ -641,4 +646,174 @@ fn relayed_requests_use_the_pool_of_giaddr() {
     let got = exchange(&lab.hosts[1].name, 67, server, vec![relayed(Ipv4Addr::new(10, 68, 0, 1), 62)], 62, Duration::from_secs(2), 1);
     assert!(got.is_empty(), "{got:?}");
     wait_count(&app, "relayed via 10.68.0.1, which is in no dhcp.pool subnet", 1);
+}
+
+// ---- issue 13: starvation ---------------------------------------------------------------------
+
+const ENROLLED_MAC: &str = "02:66:00:00:0e:02";
+const PXE_CLASS: &str = "PXEClient:Arch:00000:UNDI:002001";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Issue 13, item 8 (found by a black-box probe; dnsmasq fails it too): random-MAC DORAs that
+/// carry vendor class PXEClient and option 93 took every free address of a 20-address pool, a
+/// new PXE node got nothing and nothing was logged. Now a share of the pool (20 % = 4 here) is
+/// never handed to new clients: the enrolled node (a reservation without a fixed address) still
+/// gets one, and the log says "pool exhausted" once, with counts.
+#[test]
+fn starvation_with_pxe_options_leaves_the_enrolled_pxe_node_an_address() {
+    let mut lab = Lab::new("ds");
+    lab.add_host(Some("10.66.0.1/24"), Some("02:66:00:00:00:01")); // appliance
+    lab.add_host(Some("10.66.0.2/24"), Some("02:66:00:00:00:02")); // attacker: perfdhcp, relaying
+    lab.add_host(None, Some(ENROLLED_MAC)); // the enrolled PXE node
+    let cfg = format!(
+        "iface = \"eth0\"\nenroll = \"listed\"\nstate_dir = \"{state}\"\nstore = \"{store}\"\n\
+         [dhcp]\nprobe = false\nlease_time = \"10m\"\n\
+         [[dhcp.pool]]\nsubnet = \"10.66.0.0/24\"\nrange = [\"10.66.0.100\", \"10.66.0.119\"]\n\
+         [[dhcp.reservation]]\nmac = \"{ENROLLED_MAC}\"\nhostname = \"pxe01\"\n\
+         [http]\nport = 8080\n[tftp]\nenable = false\n",
+        state = lab.path("state").display(),
+        store = lab.path("store").display(),
+    );
+    let app = start_appliance(&lab, 0, "app", &cfg, &[]);
+    // The attacker: 200 DORAs from 200 random MACs, each with option 60 PXEClient and option 93.
+    let mut c = lab.hosts[1].cmd("perfdhcp");
+    c.args(["-4", "-l", "eth0", "-r", "100", "-n", "200", "-R", "200", "-W", "1000000"])
+        .arg("-o")
+        .arg(format!("60,{}", hex(PXE_CLASS.as_bytes())))
+        .args(["-o", "93,0000"]);
+    let mut attacker = Proc::spawn("perfdhcp", c, lab.path("perfdhcp.log"));
+    let _ = attacker.wait_exit(Duration::from_secs(60));
+    let (records, _) = journal(&lab);
+    let taken = bindings(&records);
+    eprintln!("attacker bound {} addresses:\n{}", taken.len(), attacker.log_text());
+    assert!(taken.len() >= 10, "the attack did not take the pool: {} bindings\n{}", taken.len(), log(&app));
+    assert!(taken.len() <= 16, "new clients took the share held for known nodes: {} bindings", taken.len());
+    wait_count(&app, "pool exhausted", 1);
+    assert_eq!(count(&app, "pool exhausted"), 1, "warned more than once per episode:\n{}", log(&app));
+    // The enrolled PXE node, as a PXE ROM would ask (vendor class, option 93).
+    let ev = lab.path("udhcpc.events");
+    let s = script(&lab, "udhcpc.sh", &format!("echo \"$1 ip=$ip host=$hostname\" >> {}", ev.display()));
+    let mut c = lab.hosts[2].cmd("udhcpc");
+    c.args(["-f", "-q", "-n", "-i", "eth0", "-s", &s, "-t", "5", "-T", "1", "-A", "1", "-V", PXE_CLASS, "-x", "0x5d:0000", "-p"])
+        .arg(lab.path("udhcpc.pid"));
+    let mut node = Proc::spawn("udhcpc", c, lab.path("udhcpc.log"));
+    let st = node.wait_exit(Duration::from_secs(30));
+    let e = read(&ev);
+    assert!(st.success() && e.contains("bound ip=10.66.0.1"), "the enrolled node got no address ({st}): {e}\n{}\n{}", node.log_text(), log(&app));
+    assert!(e.contains("host=pxe01"), "{e}");
+    wait_count(&app, &format!("lease bound mac={ENROLLED_MAC}"), 1);
+    let line = log(&app).lines().find(|l| l.contains("pool exhausted")).unwrap_or_default().to_owned();
+    println!("{line}");
+}
+
+// ---- issue 13: a full disk under the lease journal -------------------------------------------
+
+/// A tmpfs mounted by the test on a directory of its lab, unmounted on drop.
+struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    fn new(dir: &Path, size: &str) -> TmpfsMount {
+        fs::create_dir_all(dir).unwrap();
+        common::run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
+        TmpfsMount(dir.to_owned())
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Issue 13, item 3 (DHCP half): a journal write error (here ENOSPC: the state directory is a
+/// small tmpfs the test fills) ended the DHCP service, and with it the appliance. Now the
+/// service degrades: the failed batch is undone and its ACK withheld, a new client gets nothing
+/// (logged), a client renewing its journaled lease is acknowledged for the time already on disk,
+/// and once space is freed the journal is rewritten and new clients get leases again. The
+/// process never exits.
+#[test]
+fn full_disk_under_the_journal_degrades_and_recovers_without_exiting() {
+    let mut lab = Lab::new("df");
+    lab.add_host(Some("10.66.0.1/24"), Some("02:66:00:00:00:01")); // appliance
+    lab.add_host(None, Some("02:66:00:00:01:01")); // A: leased before the disk fills, renews
+    lab.add_host(None, Some("02:66:00:00:01:02")); // B: new while the disk is full
+    let state = lab.path("state");
+    let _mount = TmpfsMount::new(&state, "512k");
+    // Seed the journal so that after the start-up compaction and A's binding (26 bytes) the file
+    // ends exactly on a 4 KiB page: the next append needs a page the full tmpfs does not have.
+    let (n, want) = (16u8, 4096 - 26);
+    let mut seed = Leases::new();
+    let pad = want - 8 - 26 * n as usize;
+    for i in 0..n {
+        let h = pad / n as usize + usize::from((i as usize) < pad % n as usize);
+        seed.apply(&Change::Bind(leases::Lease {
+            mac: MacAddr([2, 0x66, 0, 0, 0x0f, i]),
+            ip: Ipv4Addr::new(10, 66, 0, 200 + i),
+            expires: now() + 3600,
+            state: LeaseState::Bound,
+            hostname: Some("a".repeat(h)),
+        }));
+    }
+    let bytes = leases::snapshot(&seed, now());
+    assert_eq!(bytes.len(), want);
+    fs::write(state.join(leases::Journal::FILE), &bytes).unwrap();
+    let cfg = appliance_config(&lab, "answer = \"all\"");
+    let mut app = start_appliance(&lab, 0, "app", &cfg, &[]);
+    let ev = lab.path("udhcpc.events");
+    let s = script(
+        &lab,
+        "udhcpc.sh",
+        &format!(
+            "echo \"$1 ip=$ip lease=$lease\" >> {}\ncase \"$1\" in\n bound|renew) ip addr flush dev $interface; ip addr add $ip/$mask dev $interface ;;\nesac",
+            ev.display()
+        ),
+    );
+    let udhcpc = |host: usize, name: &str, once: bool| {
+        let mut c = lab.hosts[host].cmd("udhcpc");
+        c.args(["-f", "-i", "eth0", "-s", &s, "-t", "3", "-T", "1", "-A", "1", "-p"]).arg(lab.path(&format!("{name}.pid")));
+        if once {
+            c.args(["-q", "-n"]);
+        }
+        Proc::spawn(name, c, lab.path(&format!("{name}.log")))
+    };
+    let a = udhcpc(1, "a", false);
+    wait_file(&ev, "bound ip=");
+    let a_mac = "02:66:00:00:01:01";
+    wait_count(&app, &format!("lease bound mac={a_mac}"), 1);
+    let a_ip = bound_ip(&app, a_mac);
+    assert_eq!(fs::metadata(state.join(leases::Journal::FILE)).unwrap().len(), 4096);
+    // Fill the file system.
+    let fill = state.join("fill");
+    let _ = Command::new("dd").args(["if=/dev/zero", "bs=4k"]).arg(format!("of={}", fill.display())).status();
+    // B: no lease, and the log says why.
+    let mut b = udhcpc(2, "b1", true);
+    let st = b.wait_exit(Duration::from_secs(30));
+    assert!(!st.success(), "B got a lease on a full disk:\n{}", read(&ev));
+    assert_eq!(read(&ev).matches("bound ip=").count(), 1, "B was bound: {}", read(&ev));
+    wait_count(&app, "LEASE JOURNAL NOT WRITABLE", 1);
+    wait_count(&app, "new client refused: the lease journal cannot be written", 1);
+    assert!(app.child.try_wait().unwrap().is_none(), "the appliance exited:\n{}", log(&app));
+    // A renews: ACK'd, for no longer than the journal holds (lease time 2m, minus the time since).
+    common::run(Command::new("kill").args(["-USR1", &a.child.id().to_string()]));
+    let e = wait_file(&ev, &format!("renew ip={a_ip}"));
+    let lease: u64 = e.lines().rev().find(|l| l.starts_with("renew")).and_then(|l| l.split("lease=").nth(1)).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    assert!((1..120).contains(&lease), "renewal lease time {lease} not cut to the journaled time: {e}");
+    eprintln!("renewal while the journal is full: ACK with lease time {lease} s (configured 120 s)");
+    assert_eq!(count(&app, "lease renewed"), 0, "a renewal was recorded while the journal could not be written");
+    // Space comes back: the journal is rewritten and B gets a lease.
+    fs::remove_file(&fill).unwrap();
+    wait_count(&app, "lease journal writable again", 1);
+    let mut b = udhcpc(2, "b2", true);
+    let st = b.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "B got no lease after recovery:\n{}\n{}", read(&ev), log(&app));
+    wait_count(&app, "lease bound mac=02:66:00:00:01:02", 1);
+    let (_, l) = journal(&lab);
+    assert!(l.iter().any(|x| x.mac == MacAddr([2, 0x66, 0, 0, 1, 2]) && x.state == LeaseState::Bound), "B's lease not journaled");
+    assert!(l.iter().any(|x| x.mac == MacAddr([2, 0x66, 0, 0, 1, 1]) && x.state == LeaseState::Bound), "A's lease lost");
+    assert!(app.child.try_wait().unwrap().is_none(), "the appliance exited:\n{}", log(&app));
+    drop(a);
+    app.terminate();
 }

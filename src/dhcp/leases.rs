@@ -207,6 +207,34 @@ impl Leases {
         }
     }
 
+    /// Puts back `old` as the entry of `ip` (or none): undoes a change whose record did not
+    /// reach the journal. Restore the entries a change touched in reverse order.
+    pub fn restore(&mut self, ip: Ipv4Addr, old: Option<Lease>) {
+        self.remove_ip(ip);
+        if let Some(o) = old {
+            self.insert(o);
+        }
+    }
+
+    /// The entries a change may touch, for [`Leases::restore`]: its address and the address
+    /// its MAC held before (first to restore last).
+    pub fn touched_by(&self, change: &Change) -> Vec<(Ipv4Addr, Option<Lease>)> {
+        let (mac, ip) = match change {
+            Change::Bind(l) => (l.mac, l.ip),
+            Change::Offer { mac, ip, .. } | Change::Release { mac, ip, .. } | Change::Decline { mac, ip, .. } => (*mac, *ip),
+            Change::ForgetOffer { mac } => match self.by_mac.get(mac) {
+                Some(ip) => (*mac, *ip),
+                None => return Vec::new(),
+            },
+        };
+        let mut v = Vec::with_capacity(2);
+        if let Some(prev) = self.by_mac.get(&mac).copied().filter(|p| *p != ip) {
+            v.push((prev, self.by_ip.get(&prev).cloned()));
+        }
+        v.push((ip, self.by_ip.get(&ip).cloned()));
+        v
+    }
+
     /// Checks the table's invariants (for tests): the two maps agree.
     pub fn check_invariants(&self) -> Result<(), String> {
         for (mac, ip) in &self.by_mac {
@@ -454,6 +482,8 @@ pub struct Journal {
     file: File,
     staged: Vec<u8>,
     records: usize,
+    /// Bytes known to be in the file: a failed append is cut back to this.
+    len: u64,
 }
 
 impl Journal {
@@ -486,9 +516,10 @@ impl Journal {
             fs::copy(&path, &aside).map_err(open_err)?;
             rep.kept_aside = Some(aside);
         }
-        let file = Self::write_compacted(&path, &snapshot(&leases, now))?;
+        let snap = snapshot(&leases, now);
+        let file = Self::write_compacted(&path, &snap)?;
         let records = leases.len();
-        Ok((Journal { path, file, staged: Vec::new(), records }, leases, rep))
+        Ok((Journal { path, file, staged: Vec::new(), records, len: snap.len() as u64 }, leases, rep))
     }
 
     /// The journal's path.
@@ -499,10 +530,14 @@ impl Journal {
     fn write_compacted(path: &Path, bytes: &[u8]) -> Result<File, JournalError> {
         let err = |source| JournalError::Compact { path: path.to_owned(), source };
         let tmp = path.with_extension("journal.tmp");
-        {
-            let mut f = File::create(&tmp).map_err(err)?;
-            f.write_all(bytes).map_err(err)?;
-            f.sync_all().map_err(err)?;
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            // A partial temp file would only hold the space a full disk needs back.
+            let _ = fs::remove_file(&tmp);
+            return Err(err(e));
         }
         fs::rename(&tmp, path).map_err(err)?;
         // The rename is durable only once the directory is synced.
@@ -536,8 +571,20 @@ impl Journal {
             return Ok(());
         }
         let r = self.file.write_all(&self.staged).and_then(|()| self.file.sync_data());
+        let n = self.staged.len() as u64;
         self.staged.clear();
-        r.map_err(|source| JournalError::Write { path: self.path.clone(), source })
+        match r {
+            Ok(()) => {
+                self.len += n;
+                Ok(())
+            }
+            Err(source) => {
+                // Cut off what part of the batch reached the file (a torn record would be a
+                // damaged stretch for the next replay). Best effort: replay copes if this fails.
+                let _ = self.file.set_len(self.len);
+                Err(JournalError::Write { path: self.path.clone(), source })
+            }
+        }
     }
 
     /// Whether the journal has grown enough past the live table to be worth compacting.
@@ -551,8 +598,11 @@ impl Journal {
     /// # Errors
     /// [`JournalError::Compact`].
     pub fn compact(&mut self, leases: &Leases, now: u64) -> Result<(), JournalError> {
-        self.file = Self::write_compacted(&self.path, &snapshot(leases, now))?;
+        self.staged.clear();
+        let snap = snapshot(leases, now);
+        self.file = Self::write_compacted(&self.path, &snap)?;
         self.records = leases.len();
+        self.len = snap.len() as u64;
         Ok(())
     }
 }
@@ -689,6 +739,35 @@ mod tests {
         assert_eq!(l2.of_mac(mac(1)).unwrap().expires, 1049);
         assert_eq!(l2.of_mac(mac(2)).unwrap().state, LeaseState::Released);
         assert!(l2.available_to(ip(11), mac(3), 600));
+    }
+
+    /// A batch whose commit failed is undone entry by entry: the table is as before it.
+    #[test]
+    fn undoing_a_failed_batch_restores_the_table() {
+        let mut l = Leases::new();
+        l.apply(&bind(1, 10, 100));
+        l.apply(&bind(2, 11, 50));
+        l.apply(&Change::Offer { mac: mac(3), ip: ip(12), until: 60 });
+        let before: std::collections::BTreeMap<_, _> = l.iter().map(|x| (x.ip, x.clone())).collect();
+        let batch = [
+            bind(1, 11, 200), // MAC 1 moves onto MAC 2's (expired) address
+            bind(3, 12, 200), // MAC 3 binds its offer
+            Change::Release { mac: mac(3), ip: ip(12), at: 70 },
+            Change::Decline { mac: mac(2), ip: ip(13), until: 90 },
+        ];
+        let mut undo = Vec::new();
+        for c in &batch {
+            undo.extend(l.touched_by(c));
+            l.apply(c);
+        }
+        for (i, old) in undo.into_iter().rev() {
+            l.restore(i, old);
+        }
+        let after: std::collections::BTreeMap<_, _> = l.iter().map(|x| (x.ip, x.clone())).collect();
+        assert_eq!(before, after);
+        l.check_invariants().unwrap();
+        assert_eq!(l.of_mac(mac(1)).map(|x| x.ip), Some(ip(10)));
+        assert_eq!(l.of_mac(mac(2)).map(|x| x.ip), Some(ip(11)));
     }
 
     #[test]

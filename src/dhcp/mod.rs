@@ -6,6 +6,7 @@
 //! - `policy`: `decide(request, via, leases, policy, now) -> Decision`: pure, table-tested.
 //! - `leases`: the in-memory table and the append-only, fsync'd journal.
 //! - `service`: the thin socket loop (group commit, RFC 2131 §4.1 delivery).
+//! - `guard`: the new-client limiter (token buckets per relay) of the starvation guard.
 //! - `probe`: the start-up check for other DHCP servers. `arp`: SIOCSARP injection.
 //!
 //! This module must not touch sockets inside the policy, nor import other service modules.
@@ -13,6 +14,7 @@
 pub mod arp;
 pub mod classify;
 pub mod error;
+pub mod guard;
 pub mod leases;
 pub mod policy;
 pub mod probe;
@@ -133,7 +135,12 @@ impl DhcpServer {
             info!(subnet = %p.subnet, first = %p.first, last = %p.last, "dhcp pool");
         }
         info!(mode = ?cfg.dhcp.mode, answer = ?cfg.dhcp.answer, iface = %iface.name, "dhcp serving");
-        let service = service::Service::new(policy, leases, journal, iface.name.clone(), sock, pxe_sock);
+        let mut service = service::Service::new(policy, leases, journal, iface.name.clone(), sock, pxe_sock);
+        service.set_limiter(guard::Limiter::new(cfg.dhcp.new_client_rate, cfg.dhcp.new_client_burst));
+        info!(
+            new_client_rate = cfg.dhcp.new_client_rate, new_client_burst = cfg.dhcp.new_client_burst,
+            known_reserve_percent = cfg.dhcp.known_reserve_percent, "dhcp starvation guard"
+        );
         let every = cfg.dhcp.watch_every;
         let watch = (full && !every.is_zero()).then(|| (iface, every, cfg.dhcp.probe_timeout));
         Ok(DhcpServer { service, watch })
@@ -149,6 +156,12 @@ impl DhcpServer {
         self.service.addrs = addrs;
     }
 
+    /// Tells the starvation guard which MACs are enrolled nodes (the node book): they are
+    /// exempt from the new-client limiter and may take the addresses held back for known nodes.
+    pub fn set_known(&mut self, known: service::KnownNodes) {
+        self.service.known = known;
+    }
+
     /// Reports every answered client to the monitor through `events` (default: nowhere).
     pub fn set_events(&mut self, events: crate::types::events::EventSink) {
         self.service.events = events;
@@ -161,7 +174,8 @@ impl DhcpServer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DhcpError> {
         let Some((iface, every, listen)) = self.watch else { return self.service.run(shutdown).await };
         let stop = shutdown.clone();
-        let (served, ()) = tokio::join!(self.service.run(shutdown), watch(iface, every, listen, stop));
+        let events = self.service.events.clone();
+        let (served, ()) = tokio::join!(self.service.run(shutdown), watch(iface, every, listen, events, stop));
         served
     }
 }
@@ -173,8 +187,9 @@ const WARN_AGAIN: Duration = Duration::from_secs(3600);
 /// MAC, which our service ignores) and logs a WARN line for each foreign server that answers:
 /// on a production switch a DHCP server plugged in after start hands out addresses next to
 /// ours. Each server is named again after [`WARN_AGAIN`] if it is still there, and its
-/// disappearance is logged. Ends with `shutdown`.
-async fn watch(iface: Iface, every: Duration, listen: Duration, shutdown: CancellationToken) {
+/// disappearance is logged. Every sighting also goes to the monitor (`/api/deployment`
+/// `foreign_dhcp_servers`): one event per server per watch. Ends with `shutdown`.
+async fn watch(iface: Iface, every: Duration, listen: Duration, events: crate::types::events::EventSink, shutdown: CancellationToken) {
     let mut warned: std::collections::HashMap<Ipv4Addr, tokio::time::Instant> = std::collections::HashMap::new();
     let mut bind_warned = false;
     // The first look soon after start (the start-up probe may be off), then every `every`.
@@ -204,6 +219,7 @@ async fn watch(iface: Iface, every: Duration, listen: Duration, shutdown: Cancel
         let seen: Vec<_> = offers.into_iter().filter(|o| o.from != iface.ip && o.server_id != Some(iface.ip)).collect();
         for o in &seen {
             let server = o.server_id.unwrap_or(o.from);
+            events.send(crate::types::events::NodeEvent::ForeignDhcp { server, offered: o.offered });
             if warned.get(&server).is_none_or(|t| now.duration_since(*t) >= WARN_AGAIN) {
                 warn!(
                     iface = %iface.name, %server, offered = %o.offered,

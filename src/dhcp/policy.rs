@@ -23,6 +23,35 @@ pub const BOOTP_MIN_LEN: usize = 300;
 pub const OFFER_HOLD_SECS: u64 = 60;
 /// How long a declined address stays out of use (RFC 2131 §3.1.5 leaves it to the server).
 pub const PROBATION_SECS: u64 = 600;
+/// A DECLINE is honoured only this long after the ACK (RFC 2131 §4.4.1: the client checks the
+/// address right after it is bound): later, a DECLINE with a victim's MAC would take its address.
+pub const DECLINE_WINDOW_SECS: u64 = 60;
+/// Declined addresses on probation at once, per pool: at most this share (1/n) of the pool, and
+/// at least [`QUARANTINE_MIN`]. Beyond it DECLINEs are ignored, so declines cannot empty a pool.
+pub const QUARANTINE_SHARE: u32 = 8;
+/// See [`QUARANTINE_SHARE`].
+pub const QUARANTINE_MIN: u32 = 4;
+
+/// What the service knows beyond the table and the configuration, passed to [`decide_guarded`]
+/// so that `decide` stays pure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Guard {
+    /// The lease journal accepts writes. When false: no new leases (no offer, no ACK), renewals
+    /// of journaled leases are acknowledged for the time the journal already holds, nothing is
+    /// released or declined.
+    pub journal_ok: bool,
+    /// The new-client limiter of the packet's relay (giaddr, 0.0.0.0 locally) has a token.
+    pub new_allowed: bool,
+    /// The MAC is a known node (reservation or enrolled): exempt from the limiter and the reserve.
+    pub known: bool,
+    /// The packet's IPv4 source address (RELEASE must come from the released address).
+    pub src: Option<Ipv4Addr>,
+}
+
+impl Guard {
+    /// No limiter, no reserve, a writable journal: [`decide`]'s behaviour.
+    pub const OPEN: Guard = Guard { journal_ok: true, new_allowed: true, known: true, src: None };
+}
 
 /// Why a packet got no reply. Displayed in the debug log line of each ignored packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +86,25 @@ pub enum Why {
     Unsupported(MessageType),
     /// Our own watch for foreign DHCP servers (sent from the appliance's MAC).
     OwnProbe,
+    /// Too many new clients from this relay (0.0.0.0: the local segment) just now.
+    RateLimited(Ipv4Addr),
+    /// The free addresses left in the pool are held back for reserved and enrolled nodes.
+    HeldForKnown {
+        /// The pool.
+        subnet: Ipv4Net,
+        /// Free addresses left.
+        free: u32,
+    },
+    /// The lease journal cannot be written: no new leases until it can.
+    JournalDown,
+    /// INIT-REBOOT for an address we have no record of for this client (RFC 2131 §4.3.2: silent).
+    NoRecord(Ipv4Addr),
+    /// A DECLINE long after the address was acknowledged.
+    DeclineTooLate(Ipv4Addr),
+    /// Too many declined addresses already on probation in this pool.
+    QuarantineFull(Ipv4Net),
+    /// A RELEASE sent from another address than the one released.
+    ReleaseFrom(Ipv4Addr),
 }
 
 impl fmt::Display for Why {
@@ -77,6 +125,15 @@ impl fmt::Display for Why {
             Why::NotProxyMode => f.write_str("port 4011 is served only in proxy mode"),
             Why::Unsupported(t) => write!(f, "message type {t:?} is not handled"),
             Why::OwnProbe => f.write_str("our own probe for foreign DHCP servers"),
+            Why::RateLimited(g) => write!(f, "new clients via {g} are rate-limited (dhcp.new_client_rate)"),
+            Why::HeldForKnown { subnet, free } => {
+                write!(f, "pool {subnet} exhausted for new clients: its {free} free addresses are held for known nodes")
+            }
+            Why::JournalDown => f.write_str("the lease journal cannot be written: no new leases"),
+            Why::NoRecord(ip) => write!(f, "INIT-REBOOT for {ip}, which this client does not hold"),
+            Why::DeclineTooLate(ip) => write!(f, "DECLINE of {ip} long after its ACK"),
+            Why::QuarantineFull(n) => write!(f, "too many declined addresses on probation in {n}"),
+            Why::ReleaseFrom(src) => write!(f, "RELEASE sent from {src}, not from the released address"),
         }
     }
 }
@@ -146,6 +203,10 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Addresses in the range.
+    pub fn size_of(&self) -> u32 {
+        self.size()
+    }
     fn size(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
     }
@@ -194,6 +255,8 @@ pub struct Policy {
     /// Loaders not found in `boot.loader_dirs` at start: never offered (set by the server
     /// after its check; empty in `new`).
     pub missing_loaders: Vec<Loader>,
+    /// Percent of each pool kept from new clients (`dhcp.known_reserve_percent`).
+    pub known_reserve_percent: u8,
 }
 
 impl Policy {
@@ -231,7 +294,47 @@ impl Policy {
             ipxe_no_pxedhcp: cfg.boot.ipxe_no_pxedhcp,
             own_mac: iface.mac,
             missing_loaders: Vec::new(),
+            known_reserve_percent: d.known_reserve_percent.min(100),
         }
+    }
+
+    /// Addresses of `pool` kept from new clients.
+    pub fn reserve_of(&self, pool: &Pool) -> u32 {
+        let p = u64::from(self.known_reserve_percent);
+        u32::try_from((u64::from(pool.size()) * p).div_ceil(100)).unwrap_or(u32::MAX)
+    }
+
+    /// Free addresses of `pool` at `now` (a count over the table, not the range: O(leases)):
+    /// the range less our own address, the router, reserved addresses and entries that hold
+    /// (bound or offered and unexpired, declined on probation).
+    pub fn free_in(&self, pool: &Pool, leases: &Leases, now: u64) -> u32 {
+        let mut taken: u32 = 0;
+        let fixed = [Some(self.server_ip), pool.router];
+        for ip in fixed.iter().flatten() {
+            if pool.in_range(*ip) {
+                taken += 1;
+            }
+        }
+        let in_pool_reserved = self.reservations.values().filter_map(|r| r.ip).filter(|ip| pool.in_range(*ip) && !fixed.contains(&Some(*ip)));
+        taken = taken.saturating_add(u32::try_from(in_pool_reserved.count()).unwrap_or(u32::MAX));
+        let reserved = |ip: Ipv4Addr| fixed.contains(&Some(ip)) || self.reservations.values().any(|r| r.ip == Some(ip));
+        for l in leases.iter() {
+            if pool.in_range(l.ip) && l.expires > now && l.state != LeaseState::Released && !reserved(l.ip) {
+                taken += 1;
+            }
+        }
+        pool.size().saturating_sub(taken)
+    }
+
+    /// Declined addresses of `pool` on probation at `now`.
+    fn quarantined(pool: &Pool, leases: &Leases, now: u64) -> u32 {
+        let n = leases.iter().filter(|l| l.state == LeaseState::Declined && l.expires > now && pool.subnet.contains(&l.ip)).count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The pool serving a relay (0.0.0.0: the local segment), if any.
+    pub fn pool_for_relay(&self, giaddr: Ipv4Addr) -> Option<&Pool> {
+        self.pool_for(giaddr).ok()
     }
 
     fn pool_for(&self, giaddr: Ipv4Addr) -> Result<&Pool, Why> {
@@ -369,8 +472,15 @@ fn boot_wanted(client: &Client, policy: &Policy) -> Boot {
     }
 }
 
-/// The pure decision for one validated request. `now` is Unix seconds.
+/// The pure decision for one validated request. `now` is Unix seconds. No starvation guard
+/// ([`Guard::OPEN`]); the service calls [`decide_guarded`].
 pub fn decide(req: &Request, via: Via, leases: &Leases, policy: &Policy, now: u64) -> Decision {
+    decide_guarded(req, via, leases, policy, now, &Guard::OPEN)
+}
+
+/// [`decide`] with the service's state: the new-client limiter, known nodes, the journal's
+/// health and the packet's source address.
+pub fn decide_guarded(req: &Request, via: Via, leases: &Leases, policy: &Policy, now: u64, guard: &Guard) -> Decision {
     if policy.own_mac == Some(req.mac) {
         return Decision::Ignore(Why::OwnProbe);
     }
@@ -384,7 +494,7 @@ pub fn decide(req: &Request, via: Via, leases: &Leases, policy: &Policy, now: u6
             if policy.answer == Answer::Pxe && client.firmware == Firmware::Other && !continues_our_lease(req, leases) {
                 return Decision::Ignore(Why::NotPxe);
             }
-            match decide_full(req, &client, leases, policy, now) {
+            match decide_full(req, &client, leases, policy, now, guard) {
                 Ok(d) => d,
                 Err(why) => Decision::Ignore(why),
             }
@@ -409,12 +519,53 @@ fn continues_our_lease(req: &Request, leases: &Leases) -> bool {
     }
 }
 
-fn decide_full(req: &Request, client: &Client, leases: &Leases, policy: &Policy, now: u64) -> Result<Decision, Why> {
+/// The client's journaled binding, unexpired at `now`: what a degraded server still confirms.
+fn live_binding(leases: &Leases, mac: MacAddr, now: u64) -> Option<&Lease> {
+    leases.of_mac(mac).filter(|l| l.state == LeaseState::Bound && l.expires > now)
+}
+
+/// A reply for a journaled binding while the journal cannot be written: the lease time is what
+/// the journal holds (no extension that a crash would forget), no change.
+fn degraded_reply(req: &Request, client: &Client, kind: MessageType, l: &Lease, pool: &Pool, policy: &Policy, now: u64) -> Decision {
+    let (mut msg, note) = lease_reply(req, client, kind, l.ip, pool, policy);
+    let t = u32::try_from(l.expires.saturating_sub(now)).unwrap_or(u32::MAX).max(1);
+    let o = msg.opts_mut();
+    o.insert(DhcpOption::AddressLeaseTime(t));
+    o.insert(DhcpOption::Renewal(t / 2));
+    o.insert(DhcpOption::Rebinding((t / 8).saturating_mul(7)));
+    Decision::Reply { to: dest(&req.msg, l.ip, false), msg: Box::new(msg), change: None, note }
+}
+
+/// Whether `req` comes from a new client (no entry in the table) that the guard refuses:
+/// rate-limited, or the pool's last free addresses are held for known nodes.
+fn refuse_new(req: &Request, pool: &Pool, leases: &Leases, policy: &Policy, now: u64, guard: &Guard) -> Result<(), Why> {
+    if guard.known || leases.of_mac(req.mac).is_some() {
+        return Ok(());
+    }
+    if !guard.new_allowed {
+        return Err(Why::RateLimited(req.msg.giaddr()));
+    }
+    let reserve = policy.reserve_of(pool);
+    if reserve > 0 {
+        let free = policy.free_in(pool, leases, now);
+        if free <= reserve {
+            return Err(Why::HeldForKnown { subnet: pool.subnet, free });
+        }
+    }
+    Ok(())
+}
+
+fn decide_full(req: &Request, client: &Client, leases: &Leases, policy: &Policy, now: u64, guard: &Guard) -> Result<Decision, Why> {
     let m = &req.msg;
     let ours = policy.server_ip;
     match req.kind {
         MessageType::Discover => {
             let pool = policy.pool_for(m.giaddr())?;
+            if !guard.journal_ok {
+                let l = live_binding(leases, req.mac, now).filter(|l| pool.subnet.contains(&l.ip)).ok_or(Why::JournalDown)?;
+                return Ok(degraded_reply(req, client, MessageType::Offer, l, pool, policy, now));
+            }
+            refuse_new(req, pool, leases, policy, now, guard)?;
             let ip = policy.choose(pool, req, leases, now)?;
             let (msg, note) = lease_reply(req, client, MessageType::Offer, ip, pool, policy);
             let change = Change::Offer { mac: req.mac, ip, until: now + OFFER_HOLD_SECS };
@@ -439,9 +590,34 @@ fn decide_full(req: &Request, client: &Client, leases: &Leases, policy: &Policy,
             // this client (its offer, its binding, or an unused address after a restart lost
             // the offer), NAK'd if not (wrong subnet, held by another MAC, reserved for
             // another, outside the range). RFC 2131 §4.3.2.
-            if !policy.allowed(pool, ip, req.mac, leases, now) {
+            let nak = || {
                 let nak = nak_reply(req, policy);
-                return Ok(Decision::Reply { to: dest(m, Ipv4Addr::UNSPECIFIED, true), msg: Box::new(nak), change: None, note: None });
+                Ok(Decision::Reply { to: dest(m, Ipv4Addr::UNSPECIFIED, true), msg: Box::new(nak), change: None, note: None })
+            };
+            if !policy.allowed(pool, ip, req.mac, leases, now) {
+                return nak();
+            }
+            // The client's own entry for this address (offer, binding, release).
+            let ours_to_confirm = leases.get(ip).is_some_and(|l| l.mac == req.mac && l.state != LeaseState::Declined);
+            if !ours_to_confirm {
+                if req.server_id.is_none() && m.ciaddr().is_unspecified() {
+                    // INIT-REBOOT: a client we have no record of must hear nothing (RFC 2131
+                    // §4.3.2); it falls back to DISCOVER, which the guard limits. A client that
+                    // holds another address is wrong about its own: NAK.
+                    if leases.of_mac(req.mac).is_some_and(|l| l.ip != ip) {
+                        return nak();
+                    }
+                    return Err(Why::NoRecord(ip));
+                }
+                // SELECTING (an offer we lost in a restart) or RENEWING an address we do not
+                // hold for it: a new binding, so the guard applies; refused → NAK (it restarts).
+                if !guard.journal_ok || refuse_new(req, pool, leases, policy, now, guard).is_err() {
+                    return nak();
+                }
+            }
+            if !guard.journal_ok {
+                let l = live_binding(leases, req.mac, now).filter(|l| l.ip == ip).ok_or(Why::JournalDown)?;
+                return Ok(degraded_reply(req, client, MessageType::Ack, l, pool, policy, now));
             }
             let hostname = policy.reservations.get(&req.mac).filter(|r| r.ip.is_none_or(|r| r == ip)).and_then(|r| r.hostname.clone());
             let lease = Lease {
@@ -459,10 +635,26 @@ fn decide_full(req: &Request, client: &Client, leases: &Leases, policy: &Policy,
                 return Err(Why::OtherServer(req.server_id.unwrap_or(ours)));
             }
             let ip = req.requested_ip.ok_or(Why::NoAddress)?;
+            if !guard.journal_ok {
+                return Err(Why::JournalDown);
+            }
+            // Only an address just offered or acknowledged to this MAC: the ACK's time is
+            // `expires - lease time`.
+            let just = |l: &Lease| match l.state {
+                LeaseState::Offered => l.expires > now,
+                LeaseState::Bound => l.expires.saturating_sub(u64::from(policy.lease_secs)) + DECLINE_WINDOW_SECS >= now,
+                _ => false,
+            };
             match leases.get(ip) {
-                Some(l) if l.mac == req.mac && matches!(l.state, LeaseState::Bound | LeaseState::Offered) => {
+                Some(l) if l.mac == req.mac && just(l) => {
+                    if let Some(pool) = policy.pools.iter().find(|p| p.subnet.contains(&ip)) {
+                        if Policy::quarantined(pool, leases, now) >= (pool.size() / QUARANTINE_SHARE).max(QUARANTINE_MIN) {
+                            return Err(Why::QuarantineFull(pool.subnet));
+                        }
+                    }
                     Ok(Decision::Record(Change::Decline { mac: req.mac, ip, until: now + PROBATION_SECS }))
                 }
+                Some(l) if l.mac == req.mac && l.state == LeaseState::Bound => Err(Why::DeclineTooLate(ip)),
                 _ => Err(Why::NoSuchLease(ip)),
             }
         }
@@ -471,6 +663,13 @@ fn decide_full(req: &Request, client: &Client, leases: &Leases, policy: &Policy,
                 return Err(Why::OtherServer(req.server_id.unwrap_or(ours)));
             }
             let ip = m.ciaddr();
+            if !guard.journal_ok {
+                return Err(Why::JournalDown);
+            }
+            // Sent by the client from its address (RFC 2131 §4.4.6), unless relayed.
+            if let Some(src) = guard.src.filter(|s| m.giaddr().is_unspecified() && *s != ip) {
+                return Err(Why::ReleaseFrom(src));
+            }
             match leases.get(ip) {
                 Some(l) if l.mac == req.mac && l.state == LeaseState::Bound => {
                     Ok(Decision::Record(Change::Release { mac: req.mac, ip, at: now }))

@@ -2,17 +2,20 @@
 //! once (group commit), then send the batch's replies. No protocol logic lives here.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
 
 use super::arp;
 use super::classify;
 use super::error::DhcpError;
-use super::leases::{Change, Journal, LeaseState, Leases};
-use super::policy::{Decision, Dest, Policy, Via, Why, decide, encode_reply};
+use super::guard::Limiter;
+use super::leases::{Change, Journal, Lease, LeaseState, Leases};
+use super::policy::{Decision, Dest, Guard, Policy, Via, Why, decide_guarded, encode_reply};
 use crate::types::MacAddr;
 use crate::types::events::{EventSink, NodeEvent};
 
@@ -26,11 +29,63 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// How often a journal that cannot be written is tried again (a compaction: a fresh file).
+const JOURNAL_RETRY: Duration = Duration::from_secs(2);
+/// Repeated warnings (new clients refused, journal still failing) at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+/// An episode of refused new clients ends after this long without a refusal.
+const EPISODE_GAP: Duration = Duration::from_secs(60);
+
+/// Whether a MAC is an enrolled node (the node book, set by the app); reservations are known
+/// without it.
+pub type KnownNodes = Arc<dyn Fn(MacAddr) -> bool + Send + Sync>;
+
 /// A reply waiting for the batch's commit.
 struct Outgoing {
     bytes: Vec<u8>,
     to: Dest,
     pxe_port: bool,
+    /// Its change was staged in the journal: it goes only if the commit succeeds.
+    durable: bool,
+}
+
+/// The journal failed: since when, and what was refused meanwhile.
+struct Degraded {
+    since: Instant,
+    retry_at: Instant,
+    refused: u64,
+    warned: Instant,
+    failures: u64,
+}
+
+/// One run of refusals of one kind (pool exhausted for new clients, rate-limited), warned about
+/// once when it starts and summed up when it ends.
+#[derive(Default)]
+struct Episode {
+    /// First and last refusal, and the count.
+    open: Option<(Instant, Instant, u64)>,
+}
+
+impl Episode {
+    /// Counts a refusal; returns true when it opens an episode (warn then).
+    fn refuse(&mut self, now: Instant) -> bool {
+        match &mut self.open {
+            Some((_, last, n)) if now.duration_since(*last) < EPISODE_GAP => {
+                *last = now;
+                *n += 1;
+                false
+            }
+            _ => {
+                self.open = Some((now, now, 1));
+                true
+            }
+        }
+    }
+
+    /// Closes the episode (a new client was served, or it went quiet); returns (duration, refused).
+    fn close(&mut self) -> Option<(Duration, u64)> {
+        self.open.take().map(|(first, last, n)| (last.duration_since(first), n))
+    }
 }
 
 /// The running service: its sockets, the table and the journal.
@@ -48,6 +103,20 @@ pub struct Service {
     pub(super) events: EventSink,
     /// MAC → address as we saw it: the boot services bind node scripts to it.
     pub(super) addrs: std::sync::Arc<crate::types::addrs::ClientAddrs>,
+    /// Enrolled nodes (exempt from the starvation guard).
+    pub(super) known: KnownNodes,
+    /// New clients per relay.
+    limiter: Limiter,
+    /// The limiter's clock.
+    epoch: Instant,
+    /// Set while the journal cannot be written.
+    degraded: Option<Degraded>,
+    /// Table entries to put back if this batch's commit fails.
+    undo: Vec<(Ipv4Addr, Option<Lease>)>,
+    /// New clients refused because the pool is exhausted (or held for known nodes).
+    exhausted: Episode,
+    /// New clients refused by the limiter.
+    limited: Episode,
 }
 
 impl Service {
@@ -60,7 +129,33 @@ impl Service {
         sock: UdpSocket,
         pxe_sock: Option<UdpSocket>,
     ) -> Service {
-        Service { policy, leases, journal, iface, sock, pxe_sock, noted: Default::default(), events: EventSink::disabled(), addrs: Default::default() }
+        Service {
+            policy,
+            leases,
+            journal,
+            iface,
+            sock,
+            pxe_sock,
+            noted: Default::default(),
+            events: EventSink::disabled(),
+            addrs: Default::default(),
+            known: Arc::new(|_| false),
+            limiter: Limiter::unlimited(),
+            epoch: Instant::now(),
+            degraded: None,
+            undo: Vec::new(),
+            exhausted: Episode::default(),
+            limited: Episode::default(),
+        }
+    }
+
+    /// Sets the new-client limiter (`dhcp.new_client_rate`, `dhcp.new_client_burst`).
+    pub fn set_limiter(&mut self, limiter: Limiter) {
+        self.limiter = limiter;
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Serves until `shutdown`.
@@ -74,8 +169,14 @@ impl Service {
         loop {
             // CANCEL-SAFETY: UdpSocket::recv_from is cancel-safe: a datagram not returned stays
             // queued. Nothing else is in flight across this select.
+            let retry_at = self.degraded.as_ref().map(|d| d.retry_at);
             let (first, pxe) = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                // CANCEL-SAFETY: a sleep; the retry runs after the select, nothing is lost.
+                _ = sleep_opt(retry_at) => {
+                    self.retry_journal();
+                    continue;
+                }
                 r = self.sock.recv_from(&mut buf) => (r.map(|(n, a)| (buf[..n].to_vec(), a)), false),
                 r = recv_opt(self.pxe_sock.as_ref(), &mut buf2) => (r.map(|(n, a)| (buf2[..n].to_vec(), a)), true),
             };
@@ -101,22 +202,105 @@ impl Service {
             if let Some(j) = self.journal.as_mut() {
                 // The ACKs of this batch leave only after their bindings are on disk.
                 if let Err(e) = j.commit() {
-                    out.clear();
-                    return Err(e.into());
+                    // Not fatal: the batch's changes are undone, their replies withheld, and
+                    // the service degrades until the journal can be written again.
+                    out.retain(|o| !o.durable);
+                    for (ip, old) in self.undo.drain(..).rev() {
+                        self.leases.restore(ip, old);
+                    }
+                    self.degrade(&e);
                 }
             }
+            self.undo.clear();
             for o in out.drain(..) {
                 self.send(o).await;
             }
             if let Some(j) = self.journal.as_mut() {
-                if j.wants_compaction(self.leases.len()) {
-                    j.compact(&self.leases, now)?;
-                    info!(leases = self.leases.len(), "lease journal compacted");
+                if self.degraded.is_none() && j.wants_compaction(self.leases.len()) {
+                    match j.compact(&self.leases, now) {
+                        Ok(()) => info!(leases = self.leases.len(), "lease journal compacted"),
+                        Err(e) => self.degrade(&e),
+                    }
                 }
             }
         }
         info!("dhcp service stopped");
         Ok(())
+    }
+
+    /// Enters (or stays in) degraded mode after a journal error.
+    fn degrade(&mut self, e: &super::leases::JournalError) {
+        let now = Instant::now();
+        let cause = std::error::Error::source(e).map(ToString::to_string).unwrap_or_default();
+        match &mut self.degraded {
+            None => {
+                error!(
+                    error = %e, %cause, retry_every = ?JOURNAL_RETRY,
+                    "LEASE JOURNAL NOT WRITABLE: no new leases until it is (new clients get no offer); \
+                     renewals of journaled leases are acknowledged for the time already on disk; DHCP keeps serving"
+                );
+                self.degraded = Some(Degraded { since: now, retry_at: now + JOURNAL_RETRY, refused: 0, warned: now, failures: 1 });
+            }
+            Some(d) => {
+                d.failures += 1;
+                d.retry_at = now + JOURNAL_RETRY;
+                if now.duration_since(d.warned) >= WARN_EVERY {
+                    d.warned = now;
+                    error!(error = %e, %cause, failures = d.failures, refused = d.refused, down_for = ?now.duration_since(d.since), "lease journal still not writable");
+                }
+            }
+        }
+    }
+
+    /// Degraded: tries a compaction (a fresh file from the table); success ends degraded mode.
+    fn retry_journal(&mut self) {
+        let Some(j) = self.journal.as_mut() else {
+            self.degraded = None;
+            return;
+        };
+        match j.compact(&self.leases, unix_now()) {
+            Ok(()) => {
+                if let Some(d) = self.degraded.take() {
+                    info!(
+                        down_for = ?d.since.elapsed(), refused = d.refused, leases = self.leases.len(),
+                        "lease journal writable again: new leases are served"
+                    );
+                }
+            }
+            Err(e) => self.degrade(&e),
+        }
+    }
+
+    /// Logs a refused new client: once per episode of each kind, with counts.
+    fn refused(&mut self, why: &Why, giaddr: Ipv4Addr, now: u64) {
+        let t = Instant::now();
+        match why {
+            Why::JournalDown => {
+                if let Some(d) = self.degraded.as_mut() {
+                    d.refused += 1;
+                    if t.duration_since(d.warned) >= WARN_EVERY || d.refused == 1 {
+                        d.warned = t;
+                        warn!(refused = d.refused, down_for = ?t.duration_since(d.since), "new client refused: the lease journal cannot be written");
+                    }
+                }
+            }
+            // Each arm's guard counts the refusal; the body runs when it opens an episode.
+            Why::RateLimited(g) if self.limited.refuse(t) => {
+                warn!(relay = %g, "new DHCP clients rate-limited (dhcp.new_client_rate): a starvation attack or a mass power-on; known nodes are still served");
+            }
+            Why::HeldForKnown { .. } | Why::PoolExhausted(_) if self.exhausted.refuse(t) => {
+                let pool = self.policy.pool_for_relay(giaddr);
+                let (size, free, reserve) = match pool {
+                    Some(p) => (p.size_of(), self.policy.free_in(p, &self.leases, now), self.policy.reserve_of(p)),
+                    None => (0, 0, 0),
+                };
+                warn!(
+                    size, free, held_for_known = reserve, leases = self.leases.len(),
+                    "pool exhausted: {why}; new clients get no address until leases expire"
+                );
+            }
+            _ => {}
+        }
     }
 
     fn recv_error(&self, e: std::io::Error, pxe: bool) -> Result<(), DhcpError> {
@@ -158,8 +342,36 @@ impl Service {
                 self.addrs.note(mac, ip);
             }
         }
-        match decide(&req, via, &self.leases, &self.policy, now) {
-            Decision::Ignore(why) => debug!(%mac, xid, msg_type = ?req.kind, %src, "ignored: {why}"),
+        let giaddr = req.msg.giaddr();
+        let new_client = self.leases.of_mac(mac).is_none();
+        let known = !new_client || self.policy.reservations.contains_key(&mac) || (self.known)(mac);
+        let ms = self.now_ms();
+        let guard = Guard {
+            journal_ok: self.degraded.is_none(),
+            new_allowed: self.limiter.allows(giaddr, ms),
+            known,
+            src: match src {
+                SocketAddr::V4(a) => Some(*a.ip()),
+                SocketAddr::V6(_) => None,
+            },
+        };
+        let decision = decide_guarded(&req, via, &self.leases, &self.policy, now, &guard);
+        if new_client && !known {
+            if let Decision::Reply { change: Some(Change::Offer { .. } | Change::Bind(_)), .. } = &decision {
+                self.limiter.take(giaddr, ms);
+                // A new client served: any refusal episode is over.
+                for (e, what) in [(&mut self.exhausted, "pool exhausted"), (&mut self.limited, "rate limit")] {
+                    if let Some((lasted, refused)) = e.close() {
+                        info!(refused, lasted = ?lasted, "{what} episode over: new clients are served again");
+                    }
+                }
+            }
+        }
+        match decision {
+            Decision::Ignore(why) => {
+                debug!(%mac, xid, msg_type = ?req.kind, %src, "ignored: {why}");
+                self.refused(&why, giaddr, now);
+            }
             Decision::Record(change) => {
                 debug!(%mac, xid, msg_type = ?req.kind, "recorded: {change:?}");
                 self.note_client(&req, None);
@@ -177,10 +389,11 @@ impl Service {
                         debug!(%mac, xid, msg_type = ?req.kind, reply = ?kind, yiaddr = %msg.yiaddr(), ?to, "reply");
                         let ip = Some(msg.yiaddr()).filter(|a| !a.is_unspecified());
                         self.note_client(&req, ip);
+                        let durable = change.as_ref().is_some_and(Change::is_durable);
                         if let Some(c) = change {
                             self.apply(c);
                         }
-                        out.push(Outgoing { bytes, to, pxe_port: pxe });
+                        out.push(Outgoing { bytes, to, pxe_port: pxe, durable });
                     }
                     Err(e) => warn!(%mac, xid, "reply not encodable, dropped: {e}"),
                 }
@@ -223,9 +436,11 @@ impl Service {
             _ => None,
         }
         .unwrap_or_default();
+        let touched = if self.journal.is_some() && change.is_durable() { self.leases.touched_by(&change) } else { Vec::new() };
         if !self.leases.apply(&change) {
             return;
         }
+        self.undo.extend(touched);
         if let Some(j) = self.journal.as_mut() {
             j.stage(&change);
         }
@@ -269,6 +484,13 @@ impl Service {
         if let Err(e) = sock.send_to(&o.bytes, addr).await {
             warn!(%addr, "send failed: {e}");
         }
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

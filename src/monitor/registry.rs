@@ -94,11 +94,28 @@ pub struct Deployment {
     pub completed_ms: Option<u64>,
     /// Server time of this answer.
     pub now_ms: u64,
+    /// Foreign DHCP servers seen on the segment (at most 16, the latest first).
+    pub foreign_dhcp_servers: Vec<ForeignDhcp>,
 }
+
+/// A foreign DHCP server seen by the DHCP service's watch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ForeignDhcp {
+    /// Its server identifier.
+    pub server: Ipv4Addr,
+    /// The address it offered to the watch.
+    pub offered: Ipv4Addr,
+    /// When it last answered, ms since the Unix epoch.
+    pub last_seen_ms: u64,
+}
+
+/// Foreign DHCP servers kept for `/api/deployment`.
+const MAX_FOREIGN_DHCP: usize = 16;
 
 /// The state.
 #[derive(Debug)]
 pub struct Registry {
+    foreign_dhcp: Vec<ForeignDhcp>,
     nodes: BTreeMap<MacAddr, Node>,
     by_ip: HashMap<Ipv4Addr, MacAddr>,
     samples: VecDeque<Sample>,
@@ -119,6 +136,7 @@ impl Registry {
     /// flagged, tracker rates count for `announce_fresh_ms`.
     pub fn new(now: u64, stuck_after_ms: u64, announce_fresh_ms: u64) -> Registry {
         Registry {
+            foreign_dhcp: Vec::new(),
             nodes: BTreeMap::new(),
             by_ip: HashMap::new(),
             samples: VecDeque::new(),
@@ -271,6 +289,12 @@ impl Registry {
                 }
                 (*mac, true)
             }
+            NodeEvent::ForeignDhcp { server, offered } => {
+                self.foreign_dhcp.retain(|f| f.server != *server);
+                self.foreign_dhcp.insert(0, ForeignDhcp { server: *server, offered: *offered, last_seen_ms: now });
+                self.foreign_dhcp.truncate(MAX_FOREIGN_DHCP);
+                return None;
+            }
             NodeEvent::Seed { uploaded, archive_size } => {
                 if let Some((t0, u0)) = self.seed_prev {
                     let dt = now.saturating_sub(t0);
@@ -382,6 +406,7 @@ impl Registry {
             started_ms: self.started_ms,
             completed_ms: self.completed_ms,
             now_ms: now,
+            foreign_dhcp_servers: self.foreign_dhcp.clone(),
         }
     }
 }

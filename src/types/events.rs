@@ -117,6 +117,14 @@ pub enum NodeEvent {
         /// Why, for the operator.
         why: String,
     },
+    /// A foreign DHCP server answered the appliance's periodic watch (at most one event per
+    /// server per watch period).
+    ForeignDhcp {
+        /// Its server identifier (else the offer's source address).
+        server: Ipv4Addr,
+        /// The address it offered.
+        offered: Ipv4Addr,
+    },
     /// The appliance's own seed: bytes uploaded so far (all torrents) and archive size.
     Seed {
         /// Bytes uploaded since start.

@@ -396,3 +396,134 @@ proptest! {
         }
     }
 }
+
+// ---- issue 13: the starvation guard, RELEASE/DECLINE with a victim's MAC, degraded journal ----
+
+fn guarded(p: &Policy, l: &Leases, kind: MessageType, mac: [u8; 6], opts: Vec<DhcpOption>, now: u64, g: &Guard) -> Decision {
+    let req = parse(&request(kind, mac, opts)).unwrap();
+    decide_guarded(&req, Via::Dhcp, l, p, now, g)
+}
+
+const STRANGER: Guard = Guard { journal_ok: true, new_allowed: true, known: false, src: None };
+
+#[test]
+fn new_clients_leave_the_reserve_to_known_nodes() {
+    // 20 addresses, 20 % held back: strangers get 16, a known node still gets one.
+    let p = policy("answer = \"all\"\nknown_reserve_percent = 20\n[[dhcp.pool]]\nsubnet = \"10.66.0.0/24\"\nrange = [\"10.66.0.100\", \"10.66.0.119\"]");
+    assert_eq!(p.reserve_of(&p.pools[0]), 4);
+    let mut l = Leases::new();
+    let mut got = 0;
+    for i in 0..40u8 {
+        match guarded(&p, &l, MessageType::Discover, [2, 9, 0, 0, 0, i], pxe(0), NOW, &STRANGER) {
+            Decision::Reply { change: Some(c), .. } => {
+                l.apply(&c);
+                got += 1;
+            }
+            Decision::Ignore(Why::HeldForKnown { free: 4, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, 16);
+    let known = Guard { known: true, ..STRANGER };
+    let (offer, _, _) = reply(guarded(&p, &l, MessageType::Discover, [2, 9, 0, 0, 1, 1], pxe(0), NOW, &known));
+    assert!(p.pools[0].in_range(offer.yiaddr()));
+    // A stranger that already holds an entry (its own offer) is not new: it may go on.
+    let (again, _, _) = reply(guarded(&p, &l, MessageType::Discover, [2, 9, 0, 0, 0, 0], pxe(0), NOW, &STRANGER));
+    assert!(p.pools[0].in_range(again.yiaddr()));
+}
+
+#[test]
+fn rate_limited_new_client_gets_nothing_but_known_and_leased_ones_do() {
+    let p = policy("answer = \"all\"");
+    let mut l = Leases::new();
+    let limited = Guard { new_allowed: false, ..STRANGER };
+    assert!(matches!(guarded(&p, &l, MessageType::Discover, MAC, vec![], NOW, &limited), Decision::Ignore(Why::RateLimited(_))));
+    assert!(matches!(guarded(&p, &l, MessageType::Discover, MAC, vec![], NOW, &Guard { known: true, ..limited }), Decision::Reply { .. }));
+    let (_, _, ch) = reply(guarded(&p, &l, MessageType::Discover, MAC, vec![], NOW, &STRANGER));
+    l.apply(&ch.unwrap());
+    assert!(matches!(guarded(&p, &l, MessageType::Discover, MAC, vec![], NOW, &limited), Decision::Reply { .. }));
+}
+
+#[test]
+fn init_reboot_for_a_free_address_binds_nothing() {
+    let p = policy("answer = \"all\"");
+    let l = Leases::new();
+    // One spoofed INIT-REBOOT per address used to bind each for the full lease time.
+    let d = guarded(&p, &l, MessageType::Request, MAC, vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 66, 0, 50))], NOW, &STRANGER);
+    assert!(matches!(d, Decision::Ignore(Why::NoRecord(_))), "{d:?}");
+    // SELECTING an offer we do not know (lost in a restart) is a new binding: limited → NAK.
+    let sel = vec![DhcpOption::ServerIdentifier(p.server_ip), DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 66, 0, 50))];
+    let (nak, _, ch) = reply(guarded(&p, &l, MessageType::Request, MAC, sel.clone(), NOW, &Guard { new_allowed: false, ..STRANGER }));
+    assert_eq!((nak.opts().msg_type(), ch), (Some(MessageType::Nak), None));
+    let (ack, _, ch) = reply(guarded(&p, &l, MessageType::Request, MAC, sel, NOW, &STRANGER));
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert!(matches!(ch, Some(Change::Bind(_))));
+}
+
+fn bound(p: &Policy, mac: [u8; 6], at: u64) -> (Leases, Ipv4Addr) {
+    let mut l = Leases::new();
+    let (offer, _, ch) = reply(guarded(p, &l, MessageType::Discover, mac, vec![], at, &STRANGER));
+    l.apply(&ch.unwrap());
+    let sel = vec![DhcpOption::ServerIdentifier(p.server_ip), DhcpOption::RequestedIpAddress(offer.yiaddr())];
+    let (_, _, ch) = reply(guarded(p, &l, MessageType::Request, mac, sel, at, &STRANGER));
+    l.apply(&ch.unwrap());
+    (l, offer.yiaddr())
+}
+
+#[test]
+fn release_with_a_victims_mac_from_elsewhere_is_ignored() {
+    let p = policy("answer = \"all\"");
+    let (l, ip) = bound(&p, MAC, NOW);
+    let mut rel = v4::Message::new_with_id(10, ip, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &MAC);
+    rel.opts_mut().insert(DhcpOption::MessageType(MessageType::Release));
+    rel.opts_mut().insert(DhcpOption::ServerIdentifier(p.server_ip));
+    let req = parse(&encode_reply(&rel).unwrap()).unwrap();
+    let attacker = Guard { src: Some(Ipv4Addr::new(10, 66, 0, 200)), ..STRANGER };
+    assert!(matches!(decide_guarded(&req, Via::Dhcp, &l, &p, NOW + 5, &attacker), Decision::Ignore(Why::ReleaseFrom(_))));
+    let itself = Guard { src: Some(ip), ..STRANGER };
+    assert!(matches!(decide_guarded(&req, Via::Dhcp, &l, &p, NOW + 5, &itself), Decision::Record(Change::Release { .. })));
+}
+
+#[test]
+fn decline_only_right_after_the_ack_and_quarantine_is_bounded() {
+    let p = policy("answer = \"all\"");
+    let (l, ip) = bound(&p, MAC, NOW);
+    let dec = vec![DhcpOption::ServerIdentifier(p.server_ip), DhcpOption::RequestedIpAddress(ip)];
+    assert!(matches!(guarded(&p, &l, MessageType::Decline, MAC, dec.clone(), NOW + 5, &STRANGER), Decision::Record(Change::Decline { .. })));
+    // A DECLINE with the victim's MAC an hour... or ten minutes later: ignored.
+    let late = NOW + DECLINE_WINDOW_SECS + 1;
+    assert!(matches!(guarded(&p, &l, MessageType::Decline, MAC, dec, late, &STRANGER), Decision::Ignore(Why::DeclineTooLate(_))));
+    // At most max(pool/8, 4) addresses on probation: 253 / 8 = 31.
+    let mut l = Leases::new();
+    for i in 0..31u8 {
+        l.apply(&Change::Decline { mac: MacAddr([2, 8, 0, 0, 0, i]), ip: Ipv4Addr::new(10, 66, 0, 100 + i), until: NOW + PROBATION_SECS });
+    }
+    let (offer, _, ch) = reply(guarded(&p, &l, MessageType::Discover, MAC, vec![], NOW, &STRANGER));
+    l.apply(&ch.unwrap());
+    let dec = vec![DhcpOption::ServerIdentifier(p.server_ip), DhcpOption::RequestedIpAddress(offer.yiaddr())];
+    assert!(matches!(guarded(&p, &l, MessageType::Decline, MAC, dec, NOW, &STRANGER), Decision::Ignore(Why::QuarantineFull(_))));
+}
+
+#[test]
+fn journal_down_refuses_new_leases_and_acks_renewals_without_extending() {
+    let p = policy("answer = \"all\"");
+    let (l, ip) = bound(&p, MAC, NOW);
+    let down = Guard { journal_ok: false, ..STRANGER };
+    // A new client: nothing, whatever it sends.
+    let other = [2, 0, 0, 0, 0, 8];
+    assert!(matches!(guarded(&p, &l, MessageType::Discover, other, vec![], NOW, &down), Decision::Ignore(Why::JournalDown)));
+    // RENEWING half way through: ACK, no change, the lease time left on disk (1800 s).
+    let mut m = v4::Message::new_with_id(9, ip, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &MAC);
+    m.opts_mut().insert(DhcpOption::MessageType(MessageType::Request));
+    let req = parse(&encode_reply(&m).unwrap()).unwrap();
+    let (ack, to, ch) = reply(decide_guarded(&req, Via::Dhcp, &l, &p, NOW + 1800, &down));
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!((to, ch), (Dest::Unicast(ip), None));
+    assert!(matches!(ack.opts().get(OptionCode::AddressLeaseTime), Some(DhcpOption::AddressLeaseTime(1800))));
+    // Its DISCOVER after a reboot: offered its address, for the time left.
+    let (offer, _, ch) = reply(guarded(&p, &l, MessageType::Discover, MAC, vec![], NOW + 600, &down));
+    assert_eq!((offer.yiaddr(), ch), (ip, None));
+    // RELEASE/DECLINE are not recorded while nothing can be written.
+    let dec = vec![DhcpOption::ServerIdentifier(p.server_ip), DhcpOption::RequestedIpAddress(ip)];
+    assert!(matches!(guarded(&p, &l, MessageType::Decline, MAC, dec, NOW, &down), Decision::Ignore(Why::JournalDown)));
+}

@@ -178,6 +178,12 @@ pub struct DhcpConfig {
     /// Share of each pool (percent, rounded up) that new clients may not take: it stays free
     /// for reserved and enrolled nodes under a starvation attack. 0 = none.
     pub known_reserve_percent: u8,
+    /// Before a pool without a configured `range` (the whole subnet) offers an address on the
+    /// local segment to a client that did not hold it, ask the segment who has it (ARP) and wait
+    /// this long for an answer; an address someone answers for is put on probation and not
+    /// offered. 0 s: no check.
+    #[serde(with = "humantime_serde")]
+    pub arp_probe: Duration,
 }
 
 impl Default for DhcpConfig {
@@ -198,6 +204,7 @@ impl Default for DhcpConfig {
             new_client_rate: 20,
             new_client_burst: 100,
             known_reserve_percent: 20,
+            arp_probe: Duration::from_millis(500),
         }
     }
 }

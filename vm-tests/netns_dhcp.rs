@@ -817,3 +817,39 @@ fn full_disk_under_the_journal_degrades_and_recovers_without_exiting() {
     drop(a);
     app.terminate();
 }
+
+/// Issue 13.8: a pool without a range is the whole subnet, where hosts the appliance does not
+/// know may sit. Another host holds four of the five free addresses of a /29 (static, not from
+/// us); the appliance asks the segment before each offer, puts the addresses that answer on
+/// probation, and udhcpc ends up with the one free address.
+#[test]
+fn addresses_in_use_on_the_segment_are_not_offered() {
+    let mut lab = Lab::new("da");
+    lab.add_host(Some("10.66.0.1/24"), Some("02:66:00:00:00:01"));
+    lab.add_host(None, Some("02:66:00:00:0a:01"));
+    let squatter = lab.add_host(Some("10.66.0.2/24"), None);
+    for ip in ["10.66.0.3/24", "10.66.0.4/24", "10.66.0.5/24"] {
+        common::run(lab.hosts[squatter].cmd("ip").args(["addr", "add", ip, "dev", "eth0"]));
+    }
+    let cfg = format!(
+        "iface = \"eth0\"\nenroll = \"any\"\nstate_dir = \"{state}\"\nstore = \"{store}\"\n\
+         [dhcp]\nprobe = false\nlease_time = \"2m\"\nanswer = \"all\"\nknown_reserve_percent = 0\narp_probe = \"300ms\"\n\
+         [[dhcp.pool]]\nsubnet = \"10.66.0.0/29\"\n\
+         [http]\nport = 8080\n[tftp]\nenable = false\n",
+        state = lab.path("state").display(),
+        store = lab.path("store").display(),
+    );
+    let app = start_appliance(&lab, 0, "app", &cfg, &[]);
+    let ev = lab.path("udhcpc.events");
+    let s = script(&lab, "udhcpc.sh", &format!("echo \"$1 ip=$ip\" >> {}", ev.display()));
+    let mut c = lab.hosts[1].cmd("udhcpc");
+    c.args(["-f", "-q", "-i", "eth0", "-s", &s, "-t", "20", "-T", "1", "-A", "1"]);
+    let _client = Proc::spawn("udhcpc", c, lab.path("udhcpc.log"));
+    let e = wait_file(&ev, "bound ip=");
+    assert!(e.contains("bound ip=10.66.0.6"), "udhcpc got an address another host holds: {e}\n{}", log(&app));
+    let l = log(&app);
+    let conflicts = l.lines().filter(|x| x.contains("address in use on the segment")).count();
+    println!("udhcpc bound 10.66.0.6 after {conflicts} addresses were found in use");
+    assert!(conflicts >= 1, "no address was found in use (the test MAC's first pick was the free one):\n{l}");
+    assert!(l.contains("owner=") , "{l}");
+}

@@ -200,6 +200,9 @@ pub struct Pool {
     pub router: Option<Ipv4Addr>,
     /// Option 6.
     pub dns: Vec<Ipv4Addr>,
+    /// No `range` was configured: the whole subnet, where hosts the appliance does not know
+    /// may sit (addresses are ARP-checked before an offer, `dhcp.arp_probe`).
+    pub implicit: bool,
 }
 
 impl Pool {
@@ -257,6 +260,8 @@ pub struct Policy {
     pub missing_loaders: Vec<Loader>,
     /// Percent of each pool kept from new clients (`dhcp.known_reserve_percent`).
     pub known_reserve_percent: u8,
+    /// `dhcp.arp_probe`.
+    pub arp_probe: std::time::Duration,
 }
 
 impl Policy {
@@ -295,6 +300,7 @@ impl Policy {
             own_mac: iface.mac,
             missing_loaders: Vec::new(),
             known_reserve_percent: d.known_reserve_percent.min(100),
+            arp_probe: d.arp_probe,
         }
     }
 
@@ -330,6 +336,16 @@ impl Policy {
     fn quarantined(pool: &Pool, leases: &Leases, now: u64) -> u32 {
         let n = leases.iter().filter(|l| l.state == LeaseState::Declined && l.expires > now && pool.subnet.contains(&l.ip)).count();
         u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Whether an offer of `ip` to a client on the local segment (not relayed) wants an ARP
+    /// check first: `dhcp.arp_probe` is on, `ip` comes from a pool without a configured range,
+    /// and it is nobody's reservation.
+    pub fn wants_arp_probe(&self, giaddr: Ipv4Addr, ip: Ipv4Addr) -> bool {
+        !self.arp_probe.is_zero()
+            && giaddr.is_unspecified()
+            && self.pool_for(giaddr).is_ok_and(|p| p.implicit && p.in_range(ip))
+            && !self.reservations.values().any(|r| r.ip == Some(ip))
     }
 
     /// The pool serving a relay (0.0.0.0: the local segment), if any.
@@ -405,7 +421,7 @@ fn default_pool(subnet: Ipv4Net, range: Option<[Ipv4Addr; 2]>, router: Option<Ip
         // Config validation keeps prefixes ≤ 30; a /31 or /32 interface gets an empty-ish pool.
         [Ipv4Addr::from(n.saturating_add(1).min(b)), Ipv4Addr::from(b.saturating_sub(1).max(n))]
     });
-    Pool { subnet, first, last, router, dns }
+    Pool { subnet, first, last, router, dns, implicit: range.is_none() }
 }
 
 fn mac_hash(mac: MacAddr) -> u32 {

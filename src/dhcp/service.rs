@@ -40,6 +40,17 @@ const EPISODE_GAP: Duration = Duration::from_secs(60);
 /// without it.
 pub type KnownNodes = Arc<dyn Fn(MacAddr) -> bool + Send + Sync>;
 
+/// An offer held back for its ARP check.
+struct Probed {
+    out: Outgoing,
+    mac: MacAddr,
+    ip: Ipv4Addr,
+    answered: std::io::Result<Option<MacAddr>>,
+}
+
+/// ARP checks running at once; more offers than this go out unchecked (logged).
+const MAX_PROBES: usize = 256;
+
 /// A reply waiting for the batch's commit.
 struct Outgoing {
     bytes: Vec<u8>,
@@ -117,6 +128,8 @@ pub struct Service {
     exhausted: Episode,
     /// New clients refused by the limiter.
     limited: Episode,
+    /// Offers waiting for their ARP check (`dhcp.arp_probe`).
+    probes: tokio::task::JoinSet<Probed>,
 }
 
 impl Service {
@@ -146,6 +159,7 @@ impl Service {
             undo: Vec::new(),
             exhausted: Episode::default(),
             limited: Episode::default(),
+            probes: tokio::task::JoinSet::new(),
         }
     }
 
@@ -176,6 +190,13 @@ impl Service {
                 _ = sleep_opt(retry_at) => {
                     self.retry_journal();
                     continue;
+                }
+                // CANCEL-SAFETY: JoinSet::join_next is cancel-safe; a finished check stays queued.
+                Some(done) = self.probes.join_next(), if !self.probes.is_empty() => {
+                    if let Ok(p) = done {
+                        self.probed(p, unix_now(), &mut out);
+                    }
+                    (Err(std::io::Error::from(std::io::ErrorKind::WouldBlock)), false)
                 }
                 r = self.sock.recv_from(&mut buf) => (r.map(|(n, a)| (buf[..n].to_vec(), a)), false),
                 r = recv_opt(self.pxe_sock.as_ref(), &mut buf2) => (r.map(|(n, a)| (buf2[..n].to_vec(), a)), true),
@@ -390,13 +411,52 @@ impl Service {
                         let ip = Some(msg.yiaddr()).filter(|a| !a.is_unspecified());
                         self.note_client(&req, ip);
                         let durable = change.as_ref().is_some_and(Change::is_durable);
+                        // A fresh offer from the whole subnet: ask the segment first.
+                        let probe = match &change {
+                            Some(Change::Offer { ip, .. })
+                                if !pxe && self.leases.of_mac(mac).map(|l| l.ip) != Some(*ip) && self.policy.wants_arp_probe(giaddr, *ip) =>
+                            {
+                                Some(*ip)
+                            }
+                            _ => None,
+                        };
                         if let Some(c) = change {
                             self.apply(c);
                         }
-                        out.push(Outgoing { bytes, to, pxe_port: pxe, durable });
+                        let o = Outgoing { bytes, to, pxe_port: pxe, durable };
+                        match probe {
+                            Some(ip) if self.probes.len() < MAX_PROBES => {
+                                let (iface, wait) = (self.iface.clone(), self.policy.arp_probe);
+                                self.probes.spawn(async move {
+                                    let answered = arp::probe(&iface, ip, wait).await;
+                                    Probed { out: o, mac, ip, answered }
+                                });
+                            }
+                            Some(ip) => {
+                                debug!(%mac, %ip, "too many ARP checks running: offered unchecked");
+                                out.push(o);
+                            }
+                            None => out.push(o),
+                        }
                     }
                     Err(e) => warn!(%mac, xid, "reply not encodable, dropped: {e}"),
                 }
+            }
+        }
+    }
+
+    /// An offer's ARP check is done: send it, or, when another host answers for the address,
+    /// put the address on probation (the client asks again and gets another one).
+    fn probed(&mut self, p: Probed, now: u64, out: &mut Vec<Outgoing>) {
+        match p.answered {
+            Ok(Some(owner)) if owner != p.mac => {
+                warn!(ip = %p.ip, %owner, client = %p.mac, "address in use on the segment (answers ARP), not offered; on probation");
+                self.apply(Change::Decline { mac: p.mac, ip: p.ip, until: now + super::policy::PROBATION_SECS });
+            }
+            Ok(_) => out.push(p.out),
+            Err(e) => {
+                debug!(ip = %p.ip, "ARP check failed, offering anyway: {e}");
+                out.push(p.out);
             }
         }
     }

@@ -119,7 +119,16 @@ fn dhcp_run(st: &mut State, input: &[u8]) -> u64 {
     } else {
         Via::Dhcp
     };
-    let decision = policy::decide(&req, via, &d.leases, &d.policy, d.now);
+    // The byte before it sets what the service knows beyond the table (journal health, the
+    // new-client limiter, enrolment, the packet's source address).
+    let g = input.len().checked_sub(2).map_or(0, |i| input[i]);
+    let guard = policy::Guard {
+        journal_ok: g & 2 == 0,
+        new_allowed: g & 4 == 0,
+        known: g & 8 != 0,
+        src: (g & 16 != 0).then(|| Ipv4Addr::new(10, 66, 0, 100 + (g >> 5))),
+    };
+    let decision = policy::decide_guarded(&req, via, &d.leases, &d.policy, d.now, &guard);
     let change = match &decision {
         Decision::Reply { msg, change, .. } => {
             if let Err(e) = policy::encode_reply(msg) {
@@ -140,6 +149,8 @@ fn dhcp_run(st: &mut State, input: &[u8]) -> u64 {
         Decision::Ignore(_) => None,
     };
     if let Some(c) = &change {
+        // A journal that cannot be written gets nothing to write: no new lease, no release.
+        assert!(guard.journal_ok || !c.is_durable(), "a durable change while the journal is down: {c:?} for {:?}", req.kind);
         d.leases.apply(c);
         if let Err(e) = d.leases.check_invariants() {
             panic!("lease table broken after {c:?}: {e}");

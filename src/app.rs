@@ -117,27 +117,17 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     if cfg.dhcp.mode != DhcpMode::Off {
         // Probing and opening the lease journal happen before anything is served, so a refusal
-        // (another DHCP server in full mode) stops start-up with its message.
-        let mut server = dhcp::DhcpServer::start(cfg.clone(), iface.clone()).await?;
-        server.set_events(events.clone());
-        server.set_addrs(addrs.clone());
+        // (another DHCP server in full mode) stops start-up with its message. A restart does
+        // the same again (replaying what was committed) and rebinds.
         let known = book.clone();
-        let known: Arc<dyn Fn(crate::types::MacAddr) -> bool + Send + Sync> = Arc::new(move |mac| known.get(mac).is_some());
-        server.set_known(known.clone());
+        let hooks = DhcpHooks { events: events.clone(), addrs: addrs.clone(), known: Arc::new(move |mac| known.get(mac).is_some()) };
+        let server = start_dhcp(cfg.clone(), iface.clone(), hooks.clone()).await?;
         let token = shutdown.clone();
         let first = { let t = token.clone(); async move { server.run(t).await.map_err(AppError::from) } };
-        let (cfg2, iface2, events2, addrs2, known2) = (cfg.clone(), iface.clone(), events.clone(), addrs.clone(), known);
-        // A restart opens the journal again (replaying what was committed) and rebinds.
+        let (cfg2, iface2) = (cfg.clone(), iface.clone());
         let again = move || {
-            let (cfg, iface, events, addrs, t) = (cfg2.clone(), iface2.clone(), events2.clone(), addrs2.clone(), token.clone());
-            let known = known2.clone();
-            async move {
-                let mut server = dhcp::DhcpServer::start(cfg, iface).await?;
-                server.set_events(events);
-                server.set_addrs(addrs);
-                server.set_known(known);
-                server.run(t).await.map_err(AppError::from)
-            }
+            let (cfg, iface, hooks, t) = (cfg2.clone(), iface2.clone(), hooks.clone(), token.clone());
+            async move { start_dhcp(cfg, iface, hooks).await?.run(t).await.map_err(AppError::from) }
         };
         tasks.spawn(supervise("dhcp", shutdown.clone(), first, again));
     }
@@ -473,6 +463,23 @@ async fn start_swarm(
     let api =
         Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs, expected_nodes, seed_peers });
     Ok((swarm::tracker_http::routes(tracker, events.clone()).merge(swarm::api_http::routes(api)), hashes))
+}
+
+/// What the DHCP service reports to and asks of the rest of the appliance.
+#[derive(Clone)]
+struct DhcpHooks {
+    events: crate::types::events::EventSink,
+    addrs: Arc<crate::types::addrs::ClientAddrs>,
+    known: dhcp::service::KnownNodes,
+}
+
+/// Starts the DHCP server (probe, journal replay, sockets) and wires it to the appliance.
+async fn start_dhcp(cfg: Arc<Config>, iface: net::Iface, hooks: DhcpHooks) -> Result<dhcp::DhcpServer, AppError> {
+    let mut server = dhcp::DhcpServer::start(cfg, iface).await?;
+    server.set_events(hooks.events);
+    server.set_addrs(hooks.addrs);
+    server.set_known(hooks.known);
+    Ok(server)
 }
 
 /// The signed seal of the served image.

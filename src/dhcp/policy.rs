@@ -338,11 +338,12 @@ impl Policy {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// Whether an offer of `ip` to a client on the local segment (not relayed) wants an ARP
-    /// check first: `dhcp.arp_probe` is on, `ip` comes from a pool without a configured range,
-    /// and it is nobody's reservation.
-    pub fn wants_arp_probe(&self, giaddr: Ipv4Addr, ip: Ipv4Addr) -> bool {
+    /// Whether an offer of `ip` to `mac` on the local segment (not relayed) wants an ARP check
+    /// first: `dhcp.arp_probe` is on, `ip` comes from a pool without a configured range, it is
+    /// nobody's reservation, and `mac` did not already hold it (checked when first offered).
+    pub fn wants_arp_probe(&self, giaddr: Ipv4Addr, ip: Ipv4Addr, mac: MacAddr, leases: &Leases) -> bool {
         !self.arp_probe.is_zero()
+            && leases.of_mac(mac).map(|l| l.ip) != Some(ip)
             && giaddr.is_unspecified()
             && self.pool_for(giaddr).is_ok_and(|p| p.implicit && p.in_range(ip))
             && !self.reservations.values().any(|r| r.ip == Some(ip))

@@ -184,7 +184,8 @@ impl Service {
             // CANCEL-SAFETY: UdpSocket::recv_from is cancel-safe: a datagram not returned stays
             // queued. Nothing else is in flight across this select.
             let retry_at = self.degraded.as_ref().map(|d| d.retry_at);
-            let (first, pxe) = tokio::select! {
+            // None: an offer's ARP check finished (handled here); nothing was received.
+            let got = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 // CANCEL-SAFETY: a sleep; the retry runs after the select, nothing is lost.
                 _ = sleep_opt(retry_at) => {
@@ -196,27 +197,29 @@ impl Service {
                     if let Ok(p) = done {
                         self.probed(p, unix_now(), &mut out);
                     }
-                    (Err(std::io::Error::from(std::io::ErrorKind::WouldBlock)), false)
+                    None
                 }
-                r = self.sock.recv_from(&mut buf) => (r.map(|(n, a)| (buf[..n].to_vec(), a)), false),
-                r = recv_opt(self.pxe_sock.as_ref(), &mut buf2) => (r.map(|(n, a)| (buf2[..n].to_vec(), a)), true),
+                r = self.sock.recv_from(&mut buf) => Some((r.map(|(n, a)| (buf[..n].to_vec(), a)), false)),
+                r = recv_opt(self.pxe_sock.as_ref(), &mut buf2) => Some((r.map(|(n, a)| (buf2[..n].to_vec(), a)), true)),
             };
             let now = unix_now();
-            match first {
-                Ok((bytes, src)) => self.handle(&bytes, src, pxe, now, &mut out),
-                Err(e) => self.recv_error(e, pxe)?,
-            }
-            // Drain what is already queued: these replies share one fsync.
-            for _ in 0..BATCH {
-                match self.sock.try_recv_from(&mut buf) {
-                    Ok((n, src)) => {
-                        let bytes = buf[..n].to_vec();
-                        self.handle(&bytes, src, false, now, &mut out);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        self.recv_error(e, false)?;
-                        break;
+            if let Some((first, pxe)) = got {
+                match first {
+                    Ok((bytes, src)) => self.handle(&bytes, src, pxe, now, &mut out),
+                    Err(e) => self.recv_error(e, pxe)?,
+                }
+                // Drain what is already queued: these replies share one fsync.
+                for _ in 0..BATCH {
+                    match self.sock.try_recv_from(&mut buf) {
+                        Ok((n, src)) => {
+                            let bytes = buf[..n].to_vec();
+                            self.handle(&bytes, src, false, now, &mut out);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            self.recv_error(e, false)?;
+                            break;
+                        }
                     }
                 }
             }
@@ -413,11 +416,7 @@ impl Service {
                         let durable = change.as_ref().is_some_and(Change::is_durable);
                         // A fresh offer from the whole subnet: ask the segment first.
                         let probe = match &change {
-                            Some(Change::Offer { ip, .. })
-                                if !pxe && self.leases.of_mac(mac).map(|l| l.ip) != Some(*ip) && self.policy.wants_arp_probe(giaddr, *ip) =>
-                            {
-                                Some(*ip)
-                            }
+                            Some(Change::Offer { ip, .. }) if !pxe && self.policy.wants_arp_probe(giaddr, *ip, mac, &self.leases) => Some(*ip),
                             _ => None,
                         };
                         if let Some(c) = change {

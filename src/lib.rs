@@ -22,4 +22,5 @@ pub mod nodes;
 pub mod plan;
 pub mod private_file;
 pub mod swarm;
+pub mod task;
 pub mod types;

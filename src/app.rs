@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::boot::{self, BootContext};
 use crate::config::{Config, DhcpMode};
@@ -129,7 +129,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             let (cfg, iface, hooks, t) = (cfg2.clone(), iface2.clone(), hooks.clone(), token.clone());
             async move { start_dhcp(cfg, iface, hooks).await?.run(t).await.map_err(AppError::from) }
         };
-        tasks.spawn(supervise("dhcp", shutdown.clone(), first, again));
+        tasks.spawn(supervise("dhcp", shutdown.clone(), first, again).instrument(info_span!("dhcp", iface = %iface.name)));
     }
 
     // IPv6 router advertisements spare iPXE its ~15 s wait for a router. Best effort: any
@@ -137,10 +137,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     match net::ra::RouterAdvertiser::open(&iface) {
         Ok(Some(ra)) => {
             let token = shutdown.clone();
-            tasks.spawn(async move {
-                ra.run(token).await;
-                Ok(())
-            });
+            tasks.spawn(
+                async move {
+                    ra.run(token).await;
+                    Ok(())
+                }
+                .instrument(info_span!("ra")),
+            );
         }
         Ok(None) => {}
         Err(e) => warn!("no IPv6 router advertisements: {e:#}"),
@@ -165,7 +168,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 boot::serve_tftp(ctx, &tftp, socket, t).await.map_err(AppError::from)
             }
         };
-        tasks.spawn(supervise("tftp", shutdown.clone(), first, again));
+        tasks.spawn(supervise("tftp", shutdown.clone(), first, again).instrument(info_span!("tftp", %addr)));
     }
 
     let mut router = boot::http_routes(ctx.clone());
@@ -177,10 +180,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     router = router.merge(crate::nodes::http::routes(book.clone(), admin, observed));
     {
         let token = shutdown.clone();
-        tasks.spawn(async move {
-            monitor.run(token).await;
-            Ok(())
-        });
+        tasks.spawn(
+            async move {
+                monitor.run(token).await;
+                Ok(())
+            }
+            .instrument(info_span!("monitor")),
+        );
     }
     router = router.merge(crate::plan::routes(plan_api));
     for ip in [iface.ip, Ipv4Addr::LOCALHOST] {
@@ -190,11 +196,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             .map_err(|source| AppError::Http { addr, source })?;
         let (router, token) = (router.clone(), shutdown.clone());
         let limits = crate::http_serve::Limits { max_connections: cfg.http.max_connections, header_timeout: cfg.http.header_timeout };
-        tasks.spawn(async move {
-            // Connect info: the boot routes log each client's address; the tracker needs it.
-            crate::http_serve::serve(listener, router, limits, token).await;
-            Ok(())
-        });
+        tasks.spawn(
+            async move {
+                // Connect info: the boot routes log each client's address; the tracker needs it.
+                crate::http_serve::serve(listener, router, limits, token).await;
+                Ok(())
+            }
+            .instrument(info_span!("http", %addr)),
+        );
     }
 
     info!(
@@ -282,9 +291,8 @@ where
     Again: std::future::Future<Output = Result<(), AppError>> + Send + 'static,
     F: FnMut() -> Again,
 {
-    let mut run = tokio::spawn(async move {
-        first.await
-    });
+    // Each run is its own task (a panic is caught here) in the supervisor's span.
+    let mut run = tokio::spawn(first.instrument(tracing::Span::current()));
     let mut pause = backoff.first;
     let mut restarts = 0u64;
     loop {
@@ -315,7 +323,7 @@ where
             _ = shutdown.cancelled() => return Ok(()),
         }
         pause = (pause * 2).min(backoff.max);
-        run = tokio::spawn(again());
+        run = tokio::spawn(again().instrument(tracing::Span::current()));
     }
 }
 
@@ -430,7 +438,7 @@ async fn start_swarm(
                 }
             }
             Ok(())
-        });
+        }.instrument(info_span!("seed-stats")));
     }
     if let Some(seed) = seed.clone() {
         let (token, tracker, interval) = (shutdown.clone(), tracker.clone(), sw.announce_interval);
@@ -454,7 +462,7 @@ async fn start_swarm(
             }
             seed.stop().await;
             Ok(())
-        });
+        }.instrument(info_span!("seed-refresh", seed = %seed_addr)));
     }
     info!(archives = served.len(), %announce, seed = %seed_addr, "swarm ready");
     let hashes = served.values().map(|s| (s.name.clone(), s.info_hash)).collect();
@@ -536,6 +544,8 @@ pub async fn shutdown_signal() {
             return std::future::pending().await;
         }
     };
+    // CANCEL-SAFETY: whichever signal comes first ends the wait; the other listener is dropped
+    // with nothing pending.
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -234,6 +234,7 @@ async fn fetch_plan(r: &Resolved, firmware: Firmware, wait: Duration, token: &Ca
         }
         warn!("appliance {} {why}, retry in {} s", r.server, delay.as_secs());
         tokio::select! {
+            // CANCEL-SAFETY: a sleep and a cancellation carry no state.
             _ = tokio::time::sleep(delay) => {}
             _ = token.cancelled() => return Err(InstallError::Interrupted),
         }
@@ -507,6 +508,8 @@ async fn download_and_unpack(
     let mut log_every = 0u32;
     let outcome = loop {
         tokio::select! {
+            // CANCEL-SAFETY: `task` is polled by reference and survives the other arm; a tick
+            // carries no state.
             res = &mut task => break res.map_err(|_| InstallError::Join("unpacking")),
             _ = tick.tick() => {
                 let st = dl.stats();
@@ -626,6 +629,8 @@ async fn configure_and_seed(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let stop = loop {
         tokio::select! {
+            // CANCEL-SAFETY: `seed` is pinned outside the loop and polled by reference; a tick
+            // carries no state.
             s = &mut seed => break s,
             _ = tick.tick() => {
                 let st = dl.stats();

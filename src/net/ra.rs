@@ -193,6 +193,8 @@ impl RouterAdvertiser {
         info!(iface = %self.iface, "sending IPv6 router advertisements (lifetime 0, no prefix)");
         loop {
             tokio::select! {
+                // CANCEL-SAFETY: cancellation and a deadline (`next` lives outside the loop)
+                // carry no state.
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(next) => {
                     self.send(Why::Periodic, &mut sent, &mut failures).await;
@@ -226,6 +228,7 @@ impl RouterAdvertiser {
                     Err(e) => {
                         self.note_failure(&mut failures, "receive", &e);
                         // A persistent receive error must not spin.
+                        // CANCEL-SAFETY: a pause; nothing in flight.
                         tokio::select! {
                             () = shutdown.cancelled() => break,
                             () = tokio::time::sleep(RETRY_INTERVAL) => {}

@@ -60,8 +60,9 @@ file -L "$bin" | grep -Eq 'statically linked|static-pie linked' || die "$bin is 
 apt_ensure mmdebstrap grub-pc-bin grub-efi-amd64-bin mtools dosfstools e2fsprogs fdisk file binutils uuid-runtime
 
 # The packages of the stick's root. initramfs-tools builds its initramfs (ext4 and the USB,
-# SATA, NVMe and virtio drivers are modules in Debian's kernel).
-pkgs=linux-image-amd64,systemd,systemd-sysv,udev,initramfs-tools,zstd,e2fsprogs,fdisk,iproute2,kmod,procps,less,ipxe,pxelinux,syslinux-common
+# SATA, NVMe and virtio drivers are modules in Debian's kernel). ca-certificates: the seed's
+# BitTorrent library refuses to start without a CA bundle, although the tracker is plain HTTP.
+pkgs=linux-image-amd64,ca-certificates,systemd,systemd-sysv,udev,initramfs-tools,zstd,e2fsprogs,fdisk,iproute2,kmod,procps,less,ipxe,pxelinux,syslinux-common
 mkdir -p "$(dirname "$out")" "$debs"
 cache_lock "$out" 1800
 

@@ -112,6 +112,12 @@ pub enum Command {
     Install(InstallArgs),
     /// Print the state of a running appliance: deployment summary and one line per node.
     Status(StatusArgs),
+    /// The appliance's USB stick (built by pxe-assets/build-usb.sh), from a workstation.
+    Usb {
+        /// What to do.
+        #[command(subcommand)]
+        action: UsbAction,
+    },
     /// The nodes of a running appliance: enrol (`add`), mark for a new install (`reimage`),
     /// `list` their records and the discovered PXE clients, print a node's installer console
     /// (`log`). Uses the admin token in <state_dir>/admin-token.
@@ -186,6 +192,27 @@ pub enum NodeAction {
     Log {
         /// The node's MAC.
         mac: String,
+    },
+}
+
+/// `usb` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UsbAction {
+    /// Import a tree or tarball into the stick's image store and pack it there, so the stick
+    /// comes up ready to serve it (run as root: the stick's data partition is mounted).
+    AddImage {
+        /// The stick: the image file build-usb.sh wrote, or its block device (/dev/sdX).
+        stick: PathBuf,
+        /// Image name.
+        name: String,
+        /// Source directory or tar / tar.zst file.
+        source: PathBuf,
+        /// Make it the image nodes install by default (`image = NAME` in the stick's config).
+        #[arg(long)]
+        default: bool,
+        /// Enrol a node: MAC or MAC=HOSTNAME (repeatable).
+        #[arg(long, value_name = "MAC[=HOSTNAME]")]
+        enroll: Vec<String>,
     },
 }
 

@@ -24,3 +24,4 @@ pub mod private_file;
 pub mod swarm;
 pub mod task;
 pub mod types;
+pub mod usb;

@@ -162,6 +162,31 @@ fn cpu_secs() -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// `si-appliance usb …`.
+fn usb(action: si_appliance::cli::UsbAction) -> anyhow::Result<()> {
+    use si_appliance::cli::UsbAction;
+    use si_appliance::usb::{self, AddImage};
+    match action {
+        UsbAction::AddImage { stick, name, source, default, enroll } => {
+            let name = name.parse::<si_appliance::types::ImageName>()?;
+            let enroll = enroll
+                .iter()
+                .map(|e| {
+                    let (mac, host) = match e.split_once('=') {
+                        Some((m, h)) => (m, Some(h.to_owned())),
+                        None => (e.as_str(), None),
+                    };
+                    Ok((mac.parse().with_context(|| format!("--enroll {e}"))?, host))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let added = usb::add_image(&stick, &name, &source, &AddImage { default, enroll })?;
+            let packed = added.archive_bytes.map_or("unchanged".to_owned(), |b| format!("{b} bytes"));
+            println!("added {name}: {} entries ({} bytes), archive {} ({packed})", added.entries, added.bytes, added.archive.display());
+            Ok(())
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut cfg = match &cli.config {
         Some(p) => Config::load(p)?,
@@ -197,6 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Node(a)) => node(&cfg, a),
+        Some(Command::Usb { action }) => usb(action),
         Some(Command::Report(a)) => {
             let addr = a.server.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], cfg.http.port)));
             let dir = cfg.report_dir();

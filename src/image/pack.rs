@@ -367,7 +367,7 @@ pub fn digests_for(
     for n in nodes {
         if let Kind::File { .. } = n.kind {
             match cache.get(&n.rel) {
-                Some((key, d)) if *key == n.stat_key => {
+                Some((key, d)) if key.same_file(&n.stat_key) => {
                     out.insert(n.rel.clone(), *d);
                 }
                 _ if read_missing => {

@@ -83,6 +83,18 @@ pub struct StatKey {
     pub size: u64,
 }
 
+impl StatKey {
+    /// Whether both keys describe the same, unchanged file. The device number is left out: a
+    /// tree never spans file systems (see [`ScanOptions`]), and the number of the one it is on
+    /// changes when that file system is mounted from another device — the stick's data
+    /// partition packed on a workstation (a loop device) and served from the stick (/dev/sdX)
+    /// would otherwise be read and hashed whole again. Inode, ctime to the nanosecond, mtime
+    /// nanoseconds and size all equal by chance on a different file system is not a case.
+    pub fn same_file(&self, other: &StatKey) -> bool {
+        (self.ino, self.ctime, self.ctime_ns, self.mtime_ns, self.size) == (other.ino, other.ctime, other.ctime_ns, other.mtime_ns, other.size)
+    }
+}
+
 impl Node {
     /// Absolute path of this node under `root`.
     pub fn path_under(&self, root: &Path) -> PathBuf {
@@ -267,4 +279,19 @@ fn data_extents(path: &Path, size: u64) -> Result<Option<Vec<(u64, u64)>>, Image
         pos = hole;
     }
     Ok(Some(extents))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StatKey;
+
+    #[test]
+    fn a_file_is_the_same_on_another_device_number_but_not_after_a_change() {
+        let k = StatKey { dev: 2049, ino: 12, ctime: 1_700_000_000, ctime_ns: 5, mtime_ns: 7, size: 100 };
+        assert!(k.same_file(&StatKey { dev: 1793, ..k }));
+        assert!(!k.same_file(&StatKey { ctime_ns: 6, ..k }));
+        assert!(!k.same_file(&StatKey { ino: 13, ..k }));
+        assert!(!k.same_file(&StatKey { size: 101, ..k }));
+        assert!(!k.same_file(&StatKey { mtime_ns: 8, ..k }));
+    }
 }

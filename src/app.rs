@@ -80,7 +80,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let mut cfg = cfg;
     pack_default_image(&mut cfg).await?;
     // Before anything is served: a bad `<store>/<image>.layout.toml` stops start-up with its reason.
-    let mut facts = cfg.image.as_ref().and_then(|i| crate::plan::archive_facts(&cfg.swarm.archives, i));
+    let mut facts = cfg.image.as_ref().and_then(|i| archive_facts(&cfg.swarm.archives, i));
     let manifest = facts.as_ref().and_then(|f| f.manifest.clone());
     let signing = crate::image::sign::SigningKey::load_or_create(&cfg.state_dir)?;
     info!(public_key = %signing.public_hex(), "image signing key (its public half is in the nodes' initramfs)");
@@ -108,7 +108,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
     }
     let seal = facts.as_ref().and_then(|f| f.seal.clone());
-    let plan_api = crate::plan::PlanApi::new(&cfg, secret.clone(), facts, book.clone())?;
+    let planner = crate::plan::Planner::new(&cfg, facts)?;
+    let plan_api = crate::plan::http::PlanApi::new(planner, secret.clone(), book.clone());
     let bound = (cfg.dhcp.bind_nodes && cfg.dhcp.mode != DhcpMode::Off).then(|| addrs.clone());
     if let Some(a) = &bound {
         monitor.attach_addrs(a.clone());
@@ -182,7 +183,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             Ok(())
         });
     }
-    router = router.merge(crate::plan::routes(plan_api));
+    router = router.merge(crate::plan::http::routes(plan_api));
     for ip in [iface.ip, Ipv4Addr::LOCALHOST] {
         let addr = SocketAddr::V4(SocketAddrV4::new(ip, cfg.http.port));
         let listener = tokio::net::TcpListener::bind(addr)
@@ -482,13 +483,31 @@ async fn start_dhcp(cfg: Arc<Config>, iface: net::Iface, hooks: DhcpHooks) -> Re
     Ok(server)
 }
 
+/// What the planner needs of the served archive named `image` among `archives` (named by file
+/// name less `.tar.zst`, as the swarm publishes them): its size and its manifest
+/// (`NAME.manifest` next to it). The swarm's naming and the manifest reader meet here, not in
+/// the planner.
+fn archive_facts(archives: &[PathBuf], image: &crate::types::ImageName) -> Option<crate::plan::ArchiveFacts> {
+    let archive = archives.iter().find(|a| swarm::seed::name_of(a).ok().as_ref() == Some(image))?;
+    let size = std::fs::metadata(archive).ok()?.len();
+    let file = archive.with_file_name(format!("{image}.manifest"));
+    let (unpacked, manifest, manifest_file) = match crate::image::manifest::Manifest::load(&file) {
+        Ok(m) => (m.file_bytes(), Some(m.digest()), Some(file)),
+        Err(e) => {
+            warn!(manifest = %file.display(), "no manifest: the plan has no unpacked size and nodes cannot verify the unpacked tree: {e:#}");
+            (0, None, None)
+        }
+    };
+    Some(crate::plan::ArchiveFacts { size, unpacked, manifest, manifest_file, seal: None })
+}
+
 /// The signed seal of the served image.
-fn seal(key: &crate::image::sign::SigningKey, image: &crate::types::ImageName, ih: &swarm::tracker::InfoHash, manifest: Option<&str>) -> crate::node_api::ImageSeal {
+fn seal(key: &crate::image::sign::SigningKey, image: &crate::types::ImageName, ih: &swarm::tracker::InfoHash, manifest: Option<&str>) -> crate::types::node_api::ImageSeal {
     let info_hash = ih.to_string();
     let st = crate::image::sign::Statement { image: image.as_str(), info_hash: &info_hash, manifest };
     let signature = key.sign(&st);
     info!(image = %image, %info_hash, manifest = manifest.unwrap_or("none"), "image sealed: nodes check this signature, info-hash and manifest");
-    crate::node_api::ImageSeal { info_hash, manifest_sha256: manifest.map(str::to_owned), signature }
+    crate::types::node_api::ImageSeal { info_hash, manifest_sha256: manifest.map(str::to_owned), signature }
 }
 
 /// The initrd the nodes get: the configured one with the image-signing public key appended as

@@ -366,7 +366,7 @@ pub struct InstallConfig {
     /// non-removable disk large enough.
     pub disk: Option<String>,
     /// What a node does after a good install: `reboot`, `poweroff` or `shell`.
-    pub finish: crate::node_api::Finish,
+    pub finish: crate::types::node_api::Finish,
     /// How long a node keeps seeding after its install at most, waiting for the swarm to be done.
     #[serde(with = "humantime_serde")]
     pub seed_for: Duration,
@@ -379,7 +379,7 @@ impl Default for InstallConfig {
     fn default() -> Self {
         InstallConfig {
             disk: None,
-            finish: crate::node_api::Finish::Reboot,
+            finish: crate::types::node_api::Finish::Reboot,
             seed_for: Duration::from_secs(600),
             report_every: Duration::from_secs(2),
         }

@@ -296,3 +296,7 @@ pub fn ipxe_script_path(mac: MacAddr) -> String {
 
 pub mod events;
 pub mod addrs;
+pub mod firmware;
+pub mod node_api;
+
+pub use firmware::Firmware;

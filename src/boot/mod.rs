@@ -58,7 +58,7 @@ pub struct BootContext {
     /// server leases, we cannot know who holds which address).
     pub bind_nodes: bool,
     /// The served image's signed seal (info-hash and manifest digest on the command line).
-    pub seal: Option<crate::node_api::ImageSeal>,
+    pub seal: Option<crate::types::node_api::ImageSeal>,
 }
 
 impl BootContext {

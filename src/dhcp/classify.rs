@@ -227,9 +227,11 @@ struct RawOpts {
     ipxe: bool,
 }
 
-/// What kind of software is asking.
+/// Which boot program sent the request: the stage of the node's network boot (PXE ROM, then
+/// iPXE, then our installer), or something that is not booting from us at all. Not the node's
+/// BIOS/UEFI firmware (that is [`crate::types::Firmware`]; the architecture is [`Arch`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Firmware {
+pub enum BootStage {
     /// A PXE ROM (vendor class starts with `PXEClient`), not iPXE.
     Pxe,
     /// iPXE (user class `iPXE`): gets the boot script URL, never the loader again.
@@ -248,8 +250,8 @@ pub enum Firmware {
 pub struct Client {
     /// Its MAC.
     pub mac: MacAddr,
-    /// What it is.
-    pub firmware: Firmware,
+    /// Which boot program is asking.
+    pub stage: BootStage,
     /// Its architecture (option 93; absent means BIOS).
     pub arch: Arch,
     /// Vendor class starts with `PXEClient` (iPXE sends it too): echo option 60.
@@ -261,18 +263,18 @@ pub fn classify(req: &Request) -> Client {
     let vc = req.vendor_class.as_deref().unwrap_or_default();
     let pxe_class = vc.starts_with(b"PXEClient");
     let ipxe = req.ipxe_opts || req.user_class.as_deref().is_some_and(|u| u.windows(4).any(|w| w == b"iPXE"));
-    let firmware = if vc.starts_with(b"si-appliance") {
-        Firmware::Installer
+    let stage = if vc.starts_with(b"si-appliance") {
+        BootStage::Installer
     } else if ipxe {
-        Firmware::Ipxe
+        BootStage::Ipxe
     } else if vc.starts_with(b"HTTPClient") {
-        Firmware::HttpBoot
+        BootStage::HttpBoot
     } else if pxe_class {
-        Firmware::Pxe
+        BootStage::Pxe
     } else {
-        Firmware::Other
+        BootStage::Other
     };
-    Client { mac: req.mac, firmware, arch: Arch::from_option93(req.arch_code), pxe_class }
+    Client { mac: req.mac, stage, arch: Arch::from_option93(req.arch_code), pxe_class }
 }
 
 #[cfg(test)]
@@ -328,7 +330,7 @@ pub(crate) mod tests {
         let b = request(MessageType::Discover, [2, 0, 0, 0, 0, 1], vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007".to_vec())]);
         let r = parse(&b).unwrap();
         assert_eq!(r.kind, MessageType::Discover);
-        assert_eq!(classify(&r).firmware, Firmware::Pxe);
+        assert_eq!(classify(&r).stage, BootStage::Pxe);
     }
 
     #[test]
@@ -371,14 +373,14 @@ pub(crate) mod tests {
 
     #[test]
     fn classification_rows() {
-        let rows: Vec<(Vec<DhcpOption>, Firmware, Arch)> = vec![
-            (vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec())], Firmware::Pxe, Arch::X86Bios),
+        let rows: Vec<(Vec<DhcpOption>, BootStage, Arch)> = vec![
+            (vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec())], BootStage::Pxe, Arch::X86Bios),
             (
                 vec![
                     DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007:UNDI:003016".to_vec()),
                     DhcpOption::ClientSystemArchitecture(v4::Architecture(7)),
                 ],
-                Firmware::Pxe,
+                BootStage::Pxe,
                 Arch::X64Uefi,
             ),
             (
@@ -386,17 +388,17 @@ pub(crate) mod tests {
                     DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
                     DhcpOption::UserClass(b"iPXE".to_vec()),
                 ],
-                Firmware::Ipxe,
+                BootStage::Ipxe,
                 Arch::X86Bios,
             ),
-            (vec![DhcpOption::ClassIdentifier(b"si-appliance/1".to_vec())], Firmware::Installer, Arch::X86Bios),
-            (vec![DhcpOption::ClassIdentifier(b"udhcp 1.36".to_vec())], Firmware::Other, Arch::X86Bios),
-            (vec![], Firmware::Other, Arch::X86Bios),
+            (vec![DhcpOption::ClassIdentifier(b"si-appliance/1".to_vec())], BootStage::Installer, Arch::X86Bios),
+            (vec![DhcpOption::ClassIdentifier(b"udhcp 1.36".to_vec())], BootStage::Other, Arch::X86Bios),
+            (vec![], BootStage::Other, Arch::X86Bios),
         ];
         for (opts, fw, arch) in rows {
             let b = request(MessageType::Discover, [2, 0, 0, 0, 0, 1], opts.clone());
             let c = classify(&parse(&b).unwrap());
-            assert_eq!((c.firmware, c.arch), (fw, arch), "{opts:?}");
+            assert_eq!((c.stage, c.arch), (fw, arch), "{opts:?}");
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::node::{Node, TrackerSample};
-use crate::node_api::Phase;
+use crate::types::node_api::Phase;
 use crate::types::MacAddr;
 use crate::types::events::{Enrolment, NodeEvent, Stamped};
 
@@ -414,7 +414,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node_api::NodeReport;
+    use crate::types::node_api::NodeReport;
     use crate::types::Arch;
     use crate::types::events::BootVia;
     use std::time::Duration;

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use tokio::sync::mpsc;
 
 use super::{Arch, MacAddr};
-use crate::node_api::NodeReport;
+use crate::types::node_api::NodeReport;
 
 /// How a boot file went out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -164,8 +164,8 @@ pub(crate) fn note_boot_file(
             None => return,
         },
     };
-    if f.is_node_step() {
-        ctx.events.send(crate::types::events::NodeEvent::BootFile { ip, mac, file: f.to_string(), size, via });
+    if let Some(step) = f.node_step() {
+        ctx.events.send(crate::types::events::NodeEvent::BootFile { ip, mac, file: step, size, via });
     }
 }
 

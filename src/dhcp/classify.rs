@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use dhcproto::v4::{self, DhcpOption, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder};
 
+use crate::types::events::DhcpKind;
 use crate::types::{Arch, MacAddr};
 
 /// Fixed BOOTP header (236 bytes) plus the magic cookie.
@@ -170,13 +171,8 @@ pub fn parse(bytes: &[u8]) -> Result<Request, Malformed> {
         Some(DhcpOption::MessageType(t)) => *t,
         _ => return Err(Malformed::NoMessageType),
     };
-    match kind {
-        MessageType::Discover
-        | MessageType::Request
-        | MessageType::Decline
-        | MessageType::Release
-        | MessageType::Inform => {}
-        other => return Err(Malformed::NotClientMessage(u8::from(other))),
+    if client_kind(kind).is_none() {
+        return Err(Malformed::NotClientMessage(u8::from(kind)));
     }
     let giaddr = msg.giaddr();
     if !giaddr.is_unspecified() && !is_unicast_host(giaddr) {
@@ -225,6 +221,19 @@ struct RawOpts {
     arch: Option<u16>,
     guid: Option<Vec<u8>>,
     ipxe: bool,
+}
+
+/// The client-to-server message kinds served; `None` for the rest (offers, acks ... from a
+/// client are refused by [`parse`]).
+pub fn client_kind(kind: MessageType) -> Option<DhcpKind> {
+    match kind {
+        MessageType::Discover => Some(DhcpKind::Discover),
+        MessageType::Request => Some(DhcpKind::Request),
+        MessageType::Decline => Some(DhcpKind::Decline),
+        MessageType::Release => Some(DhcpKind::Release),
+        MessageType::Inform => Some(DhcpKind::Inform),
+        _ => None,
+    }
 }
 
 /// Which boot program sent the request: the stage of the node's network boot (PXE ROM, then

@@ -77,10 +77,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let iface_name = cfg.iface.clone().ok_or(AppError::NoIface)?;
     let iface = net::discover(&iface_name, cfg.server_ip)?;
     let secret = load_or_create_secret(&cfg.state_dir)?;
-    let mut cfg = cfg;
-    pack_default_image(&mut cfg).await?;
+    // What the swarm serves: `swarm.archives` (file and --seed) and the default image's archive.
+    let mut archives = cfg.swarm.archives.clone();
+    if let Some(a) = pack_default_image(&cfg).await? {
+        if !archives.contains(&a) {
+            archives.push(a);
+        }
+    }
     // Before anything is served: a bad `<store>/<image>.layout.toml` stops start-up with its reason.
-    let mut facts = cfg.image.as_ref().and_then(|i| archive_facts(&cfg.swarm.archives, i));
+    let mut facts = cfg.image.as_ref().and_then(|i| archive_facts(&archives, i));
     let manifest = facts.as_ref().and_then(|f| f.manifest.clone());
     let signing = crate::image::sign::SigningKey::load_or_create(&cfg.state_dir)?;
     info!(public_key = %signing.public_hex(), "image signing key (its public half is in the nodes' initramfs)");
@@ -101,7 +106,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // The swarm first: its info-hashes go into the signed seal of every plan and boot script.
     let mut swarm_router = None;
     if cfg.swarm.enable {
-        let (router, hashes) = start_swarm(&cfg, &iface, &shutdown, &mut tasks, &events).await?;
+        let (router, hashes) = start_swarm(&cfg, &archives, &iface, &shutdown, &mut tasks, &events).await?;
         swarm_router = Some(router);
         if let (Some(image), Some(f)) = (&cfg.image, facts.as_mut()) {
             f.seal = hashes.get(image).map(|ih| seal(&signing, image, ih, f.manifest.as_deref()));
@@ -324,20 +329,20 @@ where
 /// `/torrents/<name>.torrent`, `/api/swarm`). The seed is registered in the tracker directly
 /// and refreshed every announce interval; it stops (flushing fastresume state) on shutdown.
 /// Packs the default image (`image` / `--image`) when its tree is in the store and changed since
-/// the last pack (an unchanged tree costs a scan, not a repack), and adds its archive to what the
-/// swarm serves, published under the image's name. The previous archive stays in place until the
-/// new one is complete (the store writes to a temporary name and renames).
-async fn pack_default_image(cfg: &mut Config) -> Result<(), AppError> {
+/// the last pack (an unchanged tree costs a scan, not a repack), and returns its archive for the
+/// swarm to serve, published under the image's name. The previous archive stays in place until
+/// the new one is complete (the store writes to a temporary name and renames).
+async fn pack_default_image(cfg: &Config) -> Result<Option<PathBuf>, AppError> {
     use crate::image::pack::PackOptions;
     use crate::image::store::{PackOutcome, Store, TreeKind};
-    let Some(name) = cfg.image.clone() else { return Ok(()) };
+    let Some(name) = cfg.image.clone() else { return Ok(None) };
     let store = Store::new(cfg.store.clone());
     if !store.tree_dir(TreeKind::Image, &name).is_dir() {
-        match store.archive(TreeKind::Image, &name) {
-            Some(a) => add_archive(cfg, a),
-            None => warn!(image = %name, store = %cfg.store.display(), "image has no tree and no archive in the store"),
+        let archive = store.archive(TreeKind::Image, &name);
+        if archive.is_none() {
+            warn!(image = %name, store = %cfg.store.display(), "image has no tree and no archive in the store");
         }
-        return Ok(());
+        return Ok(archive);
     }
     let outcome = tokio::task::spawn_blocking(move || store.pack(TreeKind::Image, &name, &PackOptions::default(), None, false))
         .await
@@ -350,18 +355,12 @@ async fn pack_default_image(cfg: &mut Config) -> Result<(), AppError> {
         }
         PackOutcome::Unchanged { archive } => archive,
     };
-    add_archive(cfg, archive);
-    Ok(())
-}
-
-fn add_archive(cfg: &mut Config, archive: PathBuf) {
-    if !cfg.swarm.archives.contains(&archive) {
-        cfg.swarm.archives.push(archive);
-    }
+    Ok(Some(archive))
 }
 
 async fn start_swarm(
     cfg: &Config,
+    archives: &[PathBuf],
     iface: &net::Iface,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<Result<(), AppError>>,
@@ -388,7 +387,7 @@ async fn start_swarm(
     let make: swarm::seed::TorrentMaker = Arc::new(|archive: &Path, name: &str, announce: &str| {
         crate::image::torrent::make(archive, name, announce).map(|t| t.bytes).map_err(|e| format!("{e:#}"))
     });
-    for a in &sw.archives {
+    for a in archives {
         let s = swarm::seed::prepare(a, &announce, &swarm_dir.join("torrents"), &make).await?;
         if served.contains_key(&s.name) {
             return Err(SeedError::DuplicateName(s.name).into());

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use si_appliance::cli::{Cli, Command, ImageAction, PackFlags};
-use si_appliance::config::Config;
+use si_appliance::config::{Config, ConfigFile};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -156,11 +156,12 @@ fn cpu_secs() -> Option<f64> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut cfg = match &cli.config {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
+    let mut file = match &cli.config {
+        Some(p) => ConfigFile::load(p)?,
+        None => ConfigFile::default(),
     };
-    cfg.apply_flags(&cli.appliance)?;
+    file.apply_flags(&cli.appliance)?;
+    let cfg = Config::try_from(file)?;
     match cli.command {
         Some(Command::Fetch(a)) => fetch(a),
         Some(Command::Install(a)) => install(a),

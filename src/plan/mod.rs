@@ -170,11 +170,11 @@ mod tests {
     use crate::types::node_api::{FsKind, TableKind};
 
     fn api(layout: Option<DiskLayout>) -> Planner {
-        let mut cfg: Config = toml::from_str(
-            "image = \"deb\"\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nhostname = \"node01\"\n",
+        let cfg = Config::from_toml(
+            "image = \"deb\"\n[install]\ndisk = \"/dev/vda\"\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.11\"\nhostname = \"node01\"\n",
+            Path::new("test"),
         )
         .unwrap();
-        cfg.install.disk = Some("/dev/vda".into());
         let mut a = Planner::new(&cfg, Some(ArchiveFacts { size: 10, unpacked: 30, manifest: None, manifest_file: None, seal: None })).unwrap();
         a.layout = layout;
         a

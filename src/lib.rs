@@ -14,13 +14,13 @@
 //! |---|---|
 //! | `types` (newtypes, node API, firmware, events), `task`, `private_file`, `http_serve` | nothing of ours |
 //! | `cli` | `types` |
-//! | `net` | `types` |
+//! | `net` (interfaces, sockets, the HTTP client) | `types` |
 //! | `config` | `types`, `cli` (flag overrides), `nodes` (the enrolment rules) |
 //! | `image` | `types`, `private_file` |
 //! | `swarm` | `types`, `net`, `image`, `task` |
-//! | `install` (the nodes' role) | `types`, `image` (unpack, manifest, signature), `swarm` (download side), `task` |
-//! | `nodes` | `types`, `config`, `private_file`, `monitor` (the CLI client, clock) |
-//! | `monitor` | `types`, `config`, `nodes` |
+//! | `install` (the nodes' role) | `types`, `net`, `image` (unpack, manifest, signature), `swarm` (download side), `task` |
+//! | `nodes` | `types`, `net`, `config`, `private_file`, `monitor` (the CLI client, clock) |
+//! | `monitor` | `types`, `net`, `config`, `nodes` |
 //! | `boot` | `types`, `config`, `net`, `nodes` (what a node boots) |
 //! | `dhcp` | `types`, `config`, `net`, `boot` (which loaders are served), `task` |
 //! | `plan` (pure planner + its route) | `types`, `config`, `nodes` |
@@ -65,9 +65,9 @@ mod tests {
         ("config", &["types", "cli", "nodes"]),
         ("image", &["types", "private_file"]),
         ("swarm", &["types", "net", "image", "task"]),
-        ("install", &["types", "image", "swarm", "task"]),
-        ("nodes", &["types", "config", "private_file", "monitor"]),
-        ("monitor", &["types", "config", "nodes"]),
+        ("install", &["types", "net", "image", "swarm", "task"]),
+        ("nodes", &["types", "net", "config", "private_file", "monitor"]),
+        ("monitor", &["types", "net", "config", "nodes"]),
         ("boot", &["types", "config", "net", "nodes"]),
         ("dhcp", &["types", "config", "net", "boot", "task"]),
         ("plan", &["types", "config", "nodes"]),

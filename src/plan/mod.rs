@@ -198,6 +198,24 @@ mod tests {
     }
 
     #[test]
+    fn only_the_served_images_manifest_is_handed_out_and_plans_wait_for_an_archive() {
+        let cfg = Config::from_toml("image = \"deb\"\n", Path::new("test")).unwrap();
+        let facts = ArchiveFacts { size: 1, unpacked: 0, manifest: Some("d".into()), manifest_file: Some("/s/deb.manifest".into()), seal: None };
+        let with = Planner::new(&cfg, Some(facts.clone())).unwrap();
+        let rows = [("deb.manifest", true), ("other.manifest", false), ("deb", false), ("../deb.manifest", false)];
+        for (file, served) in rows {
+            assert_eq!(with.manifest_file(file).is_some(), served, "{file}");
+        }
+        assert_eq!(with.ready_image().map(ImageName::as_str), Some("deb"));
+        let mac: MacAddr = "52:54:00:00:00:02".parse().unwrap();
+        let without = Planner::new(&cfg, None).unwrap();
+        assert_eq!((without.ready_image(), without.manifest_file("deb.manifest")), (None, None));
+        assert!(without.plan(mac, Firmware::Bios, None).is_none(), "no archive, no plan");
+        let no_image = Planner::new(&Config::from_toml("", Path::new("t")).unwrap(), Some(facts)).unwrap();
+        assert!(no_image.ready_image().is_none() && no_image.plan(mac, Firmware::Bios, None).is_none());
+    }
+
+    #[test]
     fn the_readme_layout_example_is_valid() {
         let text = "table = \"gpt\"\n[[partitions]]\nsize_mib = 1\nfs = \"bios-grub\"\n[[partitions]]\nsize_mib = 1024\nfs = \"swap\"\n[[partitions]]\nfs = \"xfs\"\nmount = \"/\"\nlabel = \"root\"\n";
         let l: DiskLayout = toml::from_str(text).unwrap();

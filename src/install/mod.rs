@@ -10,7 +10,7 @@
 //! never booted) and reports `failed` with the reason. Reports never block the install.
 //!
 //! Owns: the step sequence and its error type. Must not: depend on appliance-only modules
-//! beyond the shared node API (`node_api`, `plan::Firmware`), the swarm's download side and the
+//! beyond the shared node API (`types::node_api`, `types::Firmware`), the swarm's download side and the
 //! image unpacker.
 
 pub mod bootloader;
@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::image::unpack::{UnpackOptions, unpack};
-use crate::node_api::{DiskLayout, Finish, NodePlan, Phase, TableKind};
-use crate::plan::Firmware;
+use crate::types::node_api::{DiskLayout, Finish, NodePlan, Phase, TableKind};
+use crate::types::Firmware;
 use crate::swarm::fetch::{FetchError, StreamOptions, SwarmStream};
 use crate::types::MacAddr;
 use disk::DiskError;
@@ -203,11 +203,7 @@ pub fn detect_firmware() -> Firmware {
 /// Fetches the plan, retrying connection failures and 5xx answers with exponential backoff
 /// (1 s doubling, capped at 30 s) for at most `wait`; 4xx answers are final.
 async fn fetch_plan(r: &Resolved, firmware: Firmware, wait: Duration, token: &CancellationToken) -> Result<NodePlan, InstallError> {
-    let fw = match firmware {
-        Firmware::Bios => "bios",
-        Firmware::Uefi => "uefi",
-    };
-    let path = format!("/api/nodes/{}/plan?firmware={fw}", r.mac);
+    let path = format!("/api/nodes/{}/plan?firmware={firmware}", r.mac);
     let t0 = Instant::now();
     let mut delay = Duration::from_secs(1);
     loop {
@@ -594,7 +590,7 @@ async fn configure_and_seed(
         let mut uuids = Vec::new();
         let mut root_uuid = String::new();
         for (p, dev) in layout2.partitions.iter().zip(&parts2) {
-            if p.fs == crate::node_api::FsKind::BiosGrub {
+            if p.fs == crate::types::node_api::FsKind::BiosGrub {
                 continue;
             }
             let u = disk::uuid_of(dev)?;

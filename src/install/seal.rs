@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::image::manifest::{Entry, Manifest};
 use crate::image::scan::{self, ScanOptions};
 use crate::image::sign::{self, SignError, Statement};
-use crate::node_api::{DiskLayout, FsKind, NodePlan};
+use crate::types::node_api::{DiskLayout, FsKind, NodePlan};
 
 /// Why an image is refused.
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +245,7 @@ pub fn verify_tree(root: &Path, manifest: &Manifest, layout: &DiskLayout, store:
 mod tests {
     use super::*;
     use crate::image::sign::SigningKey;
-    use crate::node_api::ImageSeal;
+    use crate::types::node_api::ImageSeal;
 
     fn plan(seal: Option<ImageSeal>) -> NodePlan {
         NodePlan {

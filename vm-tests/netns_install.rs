@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Lab, Proc, appliance_bin, run, start_appliance, strip_ansi};
+use common::{Lab, Proc, RemoveOnSuccess, appliance_bin, run, start_appliance, strip_ansi};
 use si_appliance::image::manifest::Manifest;
 use si_appliance::image::pack::{self, PackOptions};
 use si_appliance::image::progress::ProgressMode;
@@ -70,17 +70,6 @@ impl Drop for LoopDisk {
         let _ = Command::new("partx").args(["-d", &self.dev]).status();
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
         let _ = fs::remove_file(&self.file);
-    }
-}
-
-/// Removes the lab directory when the test passes; a failed test keeps it for reading.
-struct RemoveOnSuccess(PathBuf);
-
-impl Drop for RemoveOnSuccess {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
     }
 }
 

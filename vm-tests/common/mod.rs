@@ -404,3 +404,37 @@ pub fn chromium(lab: &Lab, h: usize, url: &str, shot: Option<&Path>) -> String {
     }
     String::from_utf8_lossy(&dom.stdout).into_owned()
 }
+
+/// utime + stime of a process (all its threads; a zombie's too) in seconds, from
+/// `/proc/PID/stat` at the kernel's clock rate `sysconf(_SC_CLK_TCK)`; None once it is reaped.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count from its end.
+    // utime and stime are fields 14 and 15 of proc_pid_stat(5); after ") " comes field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    // SAFETY: sysconf has no preconditions and touches no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (f.len() == 2 && hz > 0).then(|| (f[0] + f[1]) as f64 / hz as f64)
+}
+
+/// Removes a directory (a lab's archives, copies and state) when the test passes; a failed
+/// test keeps it for reading. Declare it after the Lab, so it drops after every Proc.
+pub struct RemoveOnSuccess(pub PathBuf);
+
+impl Drop for RemoveOnSuccess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Writes `n` random bytes to `path` and returns them.
+pub fn random_file(path: &Path, n: u64) -> Vec<u8> {
+    use rand::RngCore;
+    let mut data = vec![0u8; usize::try_from(n).expect("size fits memory")];
+    rand::rng().fill_bytes(&mut data);
+    fs::write(path, &data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    data
+}

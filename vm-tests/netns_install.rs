@@ -310,8 +310,8 @@ fn the_installer_waits_for_a_late_appliance() {
     si_appliance::image::sign::SigningKey::load_or_create(&lab.path("state")).unwrap();
     let mut disk = LoopDisk::new(lab.path("disk.img"), 256);
     let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &["--plan-wait", "90s"]);
-    // Not listening for about 5 s: the installer must retry and say why.
-    std::thread::sleep(Duration::from_secs(5));
+    // Not listening until the installer has been refused twice: it must retry and say why.
+    inst.wait_log("retry in 2 s", Duration::from_secs(60));
     let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
     let st = inst.wait_exit(Duration::from_secs(120));
     let log = strip_ansi(&inst.log_text());
@@ -333,7 +333,13 @@ fn an_appliance_dying_mid_download_leaves_a_wiped_disk() {
     let disk = LoopDisk::new(lab.path("disk.img"), 256);
     let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &["--stall-limit", "5s"]);
     inst.wait_log("phase=downloading", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(3));
+    // Pull the plug once blocks are flowing and some (not all) are in: a progress line with
+    // have > 0 and have < total.
+    let field = |l: &str, k: &str| -> Option<u64> { l.split_whitespace().find_map(|kv| kv.strip_prefix(k)?.parse().ok()) };
+    inst.wait_line("a progress line with some data in", Duration::from_secs(60), |l| {
+        l.contains("downloading + unpacking")
+            && matches!((field(l, "have="), field(l, "total=")), (Some(h), Some(t)) if h > 0 && h < t)
+    });
     app.kill();
     let st = inst.wait_exit(Duration::from_secs(90));
     let log = strip_ansi(&inst.log_text());

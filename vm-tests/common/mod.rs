@@ -154,6 +154,21 @@ impl Proc {
         assert!(ok.is_some(), "{} never logged {needle:?}:\n{}", self.name, self.log_text());
     }
 
+    /// Waits until a line of the log (colours stripped) satisfies `pred` and returns it; panics
+    /// with the log after `timeout`, or if the process exits first. `what` names the wait.
+    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let line = wait_for(timeout, || {
+            if let Some(l) = strip_ansi(&self.log_text()).lines().find(|l| pred(l)) {
+                return Some(l.to_owned());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{} exited ({st}) before {what}:\n{}", self.name, self.log_text());
+            }
+            None
+        });
+        line.unwrap_or_else(|| panic!("{} never logged {what} within {timeout:?}:\n{}", self.name, self.log_text()))
+    }
+
     /// Waits for the process to exit within `timeout`; kills it and panics otherwise.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         match wait_for(timeout, || self.child.try_wait().ok().flatten()) {

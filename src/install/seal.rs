@@ -49,12 +49,13 @@ pub enum SealError {
         pinned: String,
     },
     /// The manifest could not be fetched.
-    #[error("fetching the manifest of {image}: {why}")]
+    #[error("fetching the manifest of {image}")]
     Fetch {
         /// The image.
         image: String,
-        /// Why.
-        why: String,
+        /// The HTTP client's error (its message holds the status or the I/O cause).
+        #[source]
+        source: crate::net::http_client::HttpError,
     },
     /// The manifest does not hash to the sealed digest.
     #[error("the manifest of {image} hashes to {got}, the seal says {want}")]

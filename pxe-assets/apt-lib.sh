@@ -1,14 +1,21 @@
 # Shared by the pxe-assets build scripts (sourced, not run): Debian packages through apt only.
-# The caller defines `say` and `die`; the kernel functions use $meta (a linux-image meta-package)
+# The caller defines `say` and `die` (apt_missing needs neither); the kernel functions use $meta (a linux-image meta-package)
 # and $cache (where .deb files are kept) and set $pkg, $ver and $deb.
 . "$(dirname "${BASH_SOURCE[0]}")/cache-lib.sh"
 
+# The packages among "$@" that dpkg does not list as installed, one per line (the one copy of
+# this check: vm-tests/install-deps.sh and pxe-assets/install-loaders.sh use it too).
+apt_missing() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || printf '%s\n' "$p"
+  done
+}
+
 # Installs the packages that are missing; refreshes stale package lists and retries once.
 apt_ensure() {
-  local need=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-  done
+  local need=()
+  mapfile -t need < <(apt_missing "$@")
   [ ${#need[@]} -gt 0 ] || return 0
   say "installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2 \

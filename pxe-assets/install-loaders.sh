@@ -16,10 +16,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 pkgs=(ipxe pxelinux syslinux-common)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+. "$(dirname "${BASH_SOURCE[0]}")/apt-lib.sh"
+mapfile -t missing < <(apt_missing "${pkgs[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-loaders: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

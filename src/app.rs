@@ -77,10 +77,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let iface_name = cfg.iface.clone().ok_or(AppError::NoIface)?;
     let iface = net::discover(&iface_name, cfg.server_ip)?;
     let secret = load_or_create_secret(&cfg.state_dir)?;
-    let mut cfg = cfg;
-    pack_default_image(&mut cfg).await?;
+    // What the swarm serves: `swarm.archives` (file and --seed) and the default image's archive.
+    let mut archives = cfg.swarm.archives.clone();
+    if let Some(a) = pack_default_image(&cfg).await? {
+        if !archives.contains(&a) {
+            archives.push(a);
+        }
+    }
     // Before anything is served: a bad `<store>/<image>.layout.toml` stops start-up with its reason.
-    let mut facts = cfg.image.as_ref().and_then(|i| crate::plan::archive_facts(&cfg.swarm.archives, i));
+    let mut facts = cfg.image.as_ref().and_then(|i| archive_facts(&archives, i));
     let manifest = facts.as_ref().and_then(|f| f.manifest.clone());
     let signing = crate::image::sign::SigningKey::load_or_create(&cfg.state_dir)?;
     info!(public_key = %signing.public_hex(), "image signing key (its public half is in the nodes' initramfs)");
@@ -101,14 +106,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // The swarm first: its info-hashes go into the signed seal of every plan and boot script.
     let mut swarm_router = None;
     if cfg.swarm.enable {
-        let (router, hashes) = start_swarm(&cfg, &iface, &shutdown, &mut tasks, &events).await?;
+        let (router, hashes) = start_swarm(&cfg, &archives, &iface, &shutdown, &mut tasks, &events).await?;
         swarm_router = Some(router);
         if let (Some(image), Some(f)) = (&cfg.image, facts.as_mut()) {
             f.seal = hashes.get(image).map(|ih| seal(&signing, image, ih, f.manifest.as_deref()));
         }
     }
     let seal = facts.as_ref().and_then(|f| f.seal.clone());
-    let plan_api = crate::plan::PlanApi::new(&cfg, secret.clone(), facts, book.clone())?;
+    let planner = crate::plan::Planner::new(&cfg, facts)?;
+    let plan_api = crate::plan::http::PlanApi::new(planner, secret.clone(), book.clone());
     let bound = (cfg.dhcp.bind_nodes && cfg.dhcp.mode != DhcpMode::Off).then(|| addrs.clone());
     if let Some(a) = &bound {
         monitor.attach_addrs(a.clone());
@@ -188,7 +194,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             .instrument(info_span!("monitor")),
         );
     }
-    router = router.merge(crate::plan::routes(plan_api));
+    router = router.merge(crate::plan::http::routes(plan_api));
     for ip in [iface.ip, Ipv4Addr::LOCALHOST] {
         let addr = SocketAddr::V4(SocketAddrV4::new(ip, cfg.http.port));
         let listener = tokio::net::TcpListener::bind(addr)
@@ -331,20 +337,20 @@ where
 /// `/torrents/<name>.torrent`, `/api/swarm`). The seed is registered in the tracker directly
 /// and refreshed every announce interval; it stops (flushing fastresume state) on shutdown.
 /// Packs the default image (`image` / `--image`) when its tree is in the store and changed since
-/// the last pack (an unchanged tree costs a scan, not a repack), and adds its archive to what the
-/// swarm serves, published under the image's name. The previous archive stays in place until the
-/// new one is complete (the store writes to a temporary name and renames).
-async fn pack_default_image(cfg: &mut Config) -> Result<(), AppError> {
+/// the last pack (an unchanged tree costs a scan, not a repack), and returns its archive for the
+/// swarm to serve, published under the image's name. The previous archive stays in place until
+/// the new one is complete (the store writes to a temporary name and renames).
+async fn pack_default_image(cfg: &Config) -> Result<Option<PathBuf>, AppError> {
     use crate::image::pack::PackOptions;
     use crate::image::store::{PackOutcome, Store, TreeKind};
-    let Some(name) = cfg.image.clone() else { return Ok(()) };
+    let Some(name) = cfg.image.clone() else { return Ok(None) };
     let store = Store::new(cfg.store.clone());
     if !store.tree_dir(TreeKind::Image, &name).is_dir() {
-        match store.archive(TreeKind::Image, &name) {
-            Some(a) => add_archive(cfg, a),
-            None => warn!(image = %name, store = %cfg.store.display(), "image has no tree and no archive in the store"),
+        let archive = store.archive(TreeKind::Image, &name);
+        if archive.is_none() {
+            warn!(image = %name, store = %cfg.store.display(), "image has no tree and no archive in the store");
         }
-        return Ok(());
+        return Ok(archive);
     }
     let outcome = tokio::task::spawn_blocking(move || store.pack(TreeKind::Image, &name, &PackOptions::default(), None, false))
         .await
@@ -357,18 +363,12 @@ async fn pack_default_image(cfg: &mut Config) -> Result<(), AppError> {
         }
         PackOutcome::Unchanged { archive } => archive,
     };
-    add_archive(cfg, archive);
-    Ok(())
-}
-
-fn add_archive(cfg: &mut Config, archive: PathBuf) {
-    if !cfg.swarm.archives.contains(&archive) {
-        cfg.swarm.archives.push(archive);
-    }
+    Ok(Some(archive))
 }
 
 async fn start_swarm(
     cfg: &Config,
+    archives: &[PathBuf],
     iface: &net::Iface,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<Result<(), AppError>>,
@@ -395,7 +395,7 @@ async fn start_swarm(
     let make: swarm::seed::TorrentMaker = Arc::new(|archive: &Path, name: &str, announce: &str| {
         crate::image::torrent::make(archive, name, announce).map(|t| t.bytes).map_err(|e| format!("{e:#}"))
     });
-    for a in &sw.archives {
+    for a in archives {
         let s = swarm::seed::prepare(a, &announce, &swarm_dir.join("torrents"), &make).await?;
         if served.contains_key(&s.name) {
             return Err(SeedError::DuplicateName(s.name).into());
@@ -490,13 +490,31 @@ async fn start_dhcp(cfg: Arc<Config>, iface: net::Iface, hooks: DhcpHooks) -> Re
     Ok(server)
 }
 
+/// What the planner needs of the served archive named `image` among `archives` (named by file
+/// name less `.tar.zst`, as the swarm publishes them): its size and its manifest
+/// (`NAME.manifest` next to it). The swarm's naming and the manifest reader meet here, not in
+/// the planner.
+fn archive_facts(archives: &[PathBuf], image: &crate::types::ImageName) -> Option<crate::plan::ArchiveFacts> {
+    let archive = archives.iter().find(|a| swarm::seed::name_of(a).ok().as_ref() == Some(image))?;
+    let size = std::fs::metadata(archive).ok()?.len();
+    let file = archive.with_file_name(format!("{image}.manifest"));
+    let (unpacked, manifest, manifest_file) = match crate::image::manifest::Manifest::load(&file) {
+        Ok(m) => (m.file_bytes(), Some(m.digest()), Some(file)),
+        Err(e) => {
+            warn!(manifest = %file.display(), "no manifest: the plan has no unpacked size and nodes cannot verify the unpacked tree: {e:#}");
+            (0, None, None)
+        }
+    };
+    Some(crate::plan::ArchiveFacts { size, unpacked, manifest, manifest_file, seal: None })
+}
+
 /// The signed seal of the served image.
-fn seal(key: &crate::image::sign::SigningKey, image: &crate::types::ImageName, ih: &swarm::tracker::InfoHash, manifest: Option<&str>) -> crate::node_api::ImageSeal {
+fn seal(key: &crate::image::sign::SigningKey, image: &crate::types::ImageName, ih: &swarm::tracker::InfoHash, manifest: Option<&str>) -> crate::types::node_api::ImageSeal {
     let info_hash = ih.to_string();
     let st = crate::image::sign::Statement { image: image.as_str(), info_hash: &info_hash, manifest };
     let signature = key.sign(&st);
     info!(image = %image, %info_hash, manifest = manifest.unwrap_or("none"), "image sealed: nodes check this signature, info-hash and manifest");
-    crate::node_api::ImageSeal { info_hash, manifest_sha256: manifest.map(str::to_owned), signature }
+    crate::types::node_api::ImageSeal { info_hash, manifest_sha256: manifest.map(str::to_owned), signature }
 }
 
 /// The initrd the nodes get: the configured one with the image-signing public key appended as

@@ -388,8 +388,8 @@ pub struct InstallArgs {
     #[arg(long, value_name = "DIR", default_value = "/run/si-install")]
     pub workdir: PathBuf,
     /// Firmware to plan for: bios or uefi (default: /sys/firmware/efi decides).
-    #[arg(long, value_name = "bios|uefi")]
-    pub firmware: Option<String>,
+    #[arg(long, value_name = "bios|uefi", value_enum)]
+    pub firmware: Option<crate::types::Firmware>,
     /// Bind the swarm to this interface (SO_BINDTODEVICE).
     #[arg(long = "iface", value_name = "IF")]
     pub bind_iface: Option<String>,
@@ -410,4 +410,29 @@ pub struct InstallArgs {
     /// still hold the download when present).
     #[arg(long)]
     pub allow_unsigned: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn firmware_of(args: &[&str]) -> Result<Option<crate::types::Firmware>, clap::Error> {
+        let cli = Cli::try_parse_from(["si-appliance", "install"].iter().chain(args))?;
+        match cli.command {
+            Some(Command::Install(a)) => Ok(a.firmware),
+            other => panic!("not the install command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn firmware_flag_takes_bios_or_uefi_and_refuses_the_rest() {
+        use crate::types::Firmware;
+        assert_eq!(firmware_of(&[]).unwrap(), None);
+        assert_eq!(firmware_of(&["--firmware", "bios"]).unwrap(), Some(Firmware::Bios));
+        assert_eq!(firmware_of(&["--firmware", "uefi"]).unwrap(), Some(Firmware::Uefi));
+        let e = firmware_of(&["--firmware", "amiga"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+        assert!(e.to_string().contains("bios") && e.to_string().contains("uefi"), "{e}");
+    }
 }

@@ -1,6 +1,12 @@
 //! The configuration: the TOML file (`config/si-appliance.toml` documents every key) merged with
 //! the command-line flags into one validated [`Config`]. Nothing else in the program reads raw
 //! configuration strings. Unknown keys and bad values are refused with an error naming the key.
+//!
+//! Two types: [`ConfigFile`] is the file's shape (serde, defaults, flags applied by
+//! [`ConfigFile::apply_flags`]); [`Config`] is what the program reads, made only by
+//! `Config::try_from(file)`, which checks every rule, and never changed afterwards (it derefs to
+//! the file shape for reading, there is no mutable access). The flags go onto the file shape
+//! before the one check, so a flag value meets the same rules as the key it overrides.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -366,7 +372,7 @@ pub struct InstallConfig {
     /// non-removable disk large enough.
     pub disk: Option<String>,
     /// What a node does after a good install: `reboot`, `poweroff` or `shell`.
-    pub finish: crate::node_api::Finish,
+    pub finish: crate::types::node_api::Finish,
     /// How long a node keeps seeding after its install at most, waiting for the swarm to be done.
     #[serde(with = "humantime_serde")]
     pub seed_for: Duration,
@@ -379,7 +385,7 @@ impl Default for InstallConfig {
     fn default() -> Self {
         InstallConfig {
             disk: None,
-            finish: crate::node_api::Finish::Reboot,
+            finish: crate::types::node_api::Finish::Reboot,
             seed_for: Duration::from_secs(600),
             report_every: Duration::from_secs(2),
         }
@@ -421,10 +427,10 @@ impl Default for MonitorConfig {
     }
 }
 
-/// The whole file.
+/// The whole file, as written (not yet checked): turn it into a [`Config`] with `try_from`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Config {
+pub struct ConfigFile {
     /// Provisioning interface.
     pub iface: Option<String>,
     /// The image nodes install by default.
@@ -455,9 +461,9 @@ pub struct Config {
     pub monitor: MonitorConfig,
 }
 
-impl Default for Config {
+impl Default for ConfigFile {
     fn default() -> Self {
-        Config {
+        ConfigFile {
             iface: None,
             image: None,
             store: PathBuf::from("/var/lib/si-appliance"),
@@ -476,35 +482,81 @@ impl Default for Config {
     }
 }
 
-impl Config {
-    /// Parses a TOML text (the file's contents); `path` only labels errors.
-    ///
-    /// # Errors
-    /// [`ConfigError::Parse`] for bad TOML, unknown keys or ill-typed values;
-    /// [`ConfigError::Invalid`] for values that fail [`Config::validate`].
-    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
+/// The validated configuration: every rule of [`ConfigFile`]'s keys holds. Read-only: it
+/// derefs to the file shape, and the only way in is `Config::try_from(ConfigFile)`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config(ConfigFile);
 
-    /// Reads and parses a file.
-    ///
-    /// # Errors
-    /// As [`Config::from_toml`], plus [`ConfigError::Read`].
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Config::from_toml(&text, path)
+impl std::ops::Deref for Config {
+    type Target = ConfigFile;
+    fn deref(&self) -> &ConfigFile {
+        &self.0
     }
+}
+
+/// Shown as `Config { .. }` with the file's fields (what `check-config` prints).
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shape = if f.alternate() { format!("{:#?}", self.0) } else { format!("{:?}", self.0) };
+        f.write_str("Config")?;
+        f.write_str(shape.strip_prefix("ConfigFile").unwrap_or(&shape))
+    }
+}
+
+impl TryFrom<ConfigFile> for Config {
+    type Error = ConfigError;
 
     /// Checks what types alone cannot: ranges inside their subnets, reservations inside a pool
     /// and unique, sane sizes.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn try_from(file: ConfigFile) -> Result<Config, ConfigError> {
+        file.check()?;
+        Ok(Config(file))
+    }
+}
+
+impl Config {
+    /// Parses and checks a TOML text (the file's contents); `path` only labels errors.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] for bad TOML, unknown keys or ill-typed values;
+    /// [`ConfigError::Invalid`] for values that break a rule.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::try_from(ConfigFile::from_toml(text, path)?)
+    }
+
+    /// Reads, parses and checks a file.
+    ///
+    /// # Errors
+    /// As [`Config::from_toml`], plus [`ConfigError::Read`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::try_from(ConfigFile::load(path)?)
+    }
+}
+
+impl ConfigFile {
+    /// Parses a TOML text (the file's contents), unchecked; `path` only labels errors.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] for bad TOML, unknown keys or ill-typed values.
+    pub fn from_toml(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    }
+
+    /// Reads and parses a file, unchecked.
+    ///
+    /// # Errors
+    /// As [`ConfigFile::from_toml`], plus [`ConfigError::Read`].
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        ConfigFile::from_toml(&text, path)
+    }
+
+    /// The rules of [`Config::try_from`].
+    fn check(&self) -> Result<(), ConfigError> {
         let bad = |key: String, why: String| Err(ConfigError::Invalid { key, why });
         if self.dhcp.lease_time < Duration::from_secs(60) {
             return bad("dhcp.lease_time".into(), "must be at least 60s".into());
@@ -622,7 +674,7 @@ mod tests {
 
     #[test]
     fn empty_file_gives_defaults() {
-        assert_eq!(Config::from_toml("", Path::new("x")).unwrap(), Config::default());
+        assert_eq!(Config::from_toml("", Path::new("x")).unwrap(), Config::try_from(ConfigFile::default()).unwrap());
     }
 
     /// Like hickory's test_reject_unknown_fields: a bogus key in every table of the shipped
@@ -642,6 +694,21 @@ mod tests {
             let err = Config::from_toml(&text, Path::new("x")).unwrap_err().to_string();
             assert!(err.contains("bogus_key_xyz"), "line {after}: {err}");
         }
+    }
+
+    #[test]
+    fn flags_override_the_file_before_the_one_check() {
+        let mut file = ConfigFile::from_toml("iface = \"eth0\"\n[http]\nport = 80\n", Path::new("x")).unwrap();
+        let flags = crate::cli::ApplianceFlags { iface: Some("lab0".into()), http_port: Some(8080), ..Default::default() };
+        file.apply_flags(&flags).unwrap();
+        let cfg = Config::try_from(file).unwrap();
+        assert_eq!((cfg.iface.as_deref(), cfg.http.port), (Some("lab0"), 8080));
+        // A broken rule in the file is refused whether flags were applied or not.
+        let mut bad = ConfigFile::from_toml("[dhcp]\nlease_time = \"5s\"\n", Path::new("x")).unwrap();
+        bad.apply_flags(&flags).unwrap();
+        assert!(Config::try_from(bad).unwrap_err().to_string().contains("dhcp.lease_time"));
+        let bad_flag = crate::cli::ApplianceFlags { image: Some("../etc".into()), ..Default::default() };
+        assert!(ConfigFile::default().apply_flags(&bad_flag).unwrap_err().to_string().contains("--image"));
     }
 
     #[test]
@@ -669,11 +736,12 @@ mod tests {
     }
 }
 
-impl Config {
-    /// Applies command-line flags over the file's values, then validates again.
+impl ConfigFile {
+    /// Applies command-line flags over the file's values (before `Config::try_from` checks
+    /// them all).
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] naming the flag's key when a flag value is bad.
+    /// [`ConfigError::Invalid`] naming the flag's key when a flag value does not parse.
     pub fn apply_flags(&mut self, f: &crate::cli::ApplianceFlags) -> Result<(), ConfigError> {
         use crate::cli::{AnswerArg, DhcpModeArg};
         if let Some(v) = &f.iface {
@@ -723,7 +791,7 @@ impl Config {
             self.boot.initrd = Some(v.clone());
         }
         self.swarm.archives.extend(f.seed.iter().cloned());
-        self.validate()
+        Ok(())
     }
 
     /// Where reports go: `monitor.report_dir` or `<store>/reports`.

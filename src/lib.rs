@@ -4,8 +4,31 @@
 //!
 //! # Layout
 //! One module per arrow of the data flow (see `../shared/ARCHITECTURE.md` in the project's
-//! workspace and README.md): `dhcp`, `boot`, `image`, … may import `types`, `config` and `net`
-//! but not each other; `app` is where they meet.
+//! workspace and README.md); `app` is where they meet.
+//!
+//! # Who may import whom
+//! A module imports only the modules listed for it (test code aside); the test
+//! `tests::modules_import_only_what_the_layering_allows` reads `src/` and holds this table true.
+//!
+//! | module | may import |
+//! |---|---|
+//! | `types` (newtypes, node API, firmware, events), `task`, `private_file`, `http_serve` | nothing of ours |
+//! | `cli` | `types` |
+//! | `net` (interfaces, sockets, the HTTP client) | `types` |
+//! | `config` | `types`, `cli` (flag overrides), `nodes` (the enrolment rules) |
+//! | `image` | `types`, `private_file` |
+//! | `swarm` | `types`, `net`, `image`, `task` |
+//! | `install` (the nodes' role) | `types`, `net`, `image` (unpack, manifest, signature), `swarm` (download side), `task` |
+//! | `nodes` | `types`, `net`, `config`, `private_file`, `monitor` (the CLI client, clock) |
+//! | `monitor` | `types`, `net`, `config`, `nodes` |
+//! | `boot` | `types`, `config`, `net`, `nodes` (what a node boots) |
+//! | `dhcp` | `types`, `config`, `net`, `boot` (which loaders are served), `task` |
+//! | `plan` (pure planner + its route) | `types`, `config`, `nodes` |
+//! | `usb` (the stick, from a workstation) | `types`, `image` |
+//! | `app` | all of them: what one service publishes (archive facts, info-hashes, the event sink) reaches another as values through `app` |
+//!
+//! So the installer links nothing of the appliance's serving side (no `config`, `dhcp`, `boot`,
+//! `plan`, `monitor`, `nodes`), and no two serving modules meet outside `app`.
 
 pub mod app;
 pub mod boot;
@@ -17,7 +40,9 @@ pub mod image;
 pub mod install;
 pub mod monitor;
 pub mod net;
-pub mod node_api;
+/// The node API's types now live in [`types::node_api`]; this path stays for one step so
+/// files outside this change keep compiling.
+pub use types::node_api;
 pub mod nodes;
 pub mod plan;
 pub mod private_file;
@@ -25,3 +50,91 @@ pub mod swarm;
 pub mod task;
 pub mod types;
 pub mod usb;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// The table of the crate doc: module -> the modules it may import.
+    const ALLOWED: &[(&str, &[&str])] = &[
+        ("types", &[]),
+        ("task", &[]),
+        ("private_file", &[]),
+        ("http_serve", &[]),
+        ("cli", &["types"]),
+        ("net", &["types"]),
+        ("config", &["types", "cli", "nodes"]),
+        ("image", &["types", "private_file"]),
+        ("swarm", &["types", "net", "image", "task"]),
+        ("install", &["types", "net", "image", "swarm", "task"]),
+        ("nodes", &["types", "net", "config", "private_file", "monitor"]),
+        ("monitor", &["types", "net", "config", "nodes"]),
+        ("boot", &["types", "config", "net", "nodes"]),
+        ("dhcp", &["types", "config", "net", "boot", "task"]),
+        ("plan", &["types", "config", "nodes"]),
+        ("usb", &["types", "image"]),
+    ];
+
+    /// `crate::<module>` paths named in `text` outside comments and before its test module.
+    fn imports(text: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for line in text.lines() {
+            let code = line.trim_start();
+            if code.starts_with("#[cfg(test)]") {
+                break;
+            }
+            if code.starts_with("//") {
+                continue;
+            }
+            for (i, _) in code.match_indices("crate::") {
+                let before = code[..i].chars().next_back();
+                if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                    continue; // `si_appliance_crate::`, not ours
+                }
+                let name: String = code[i + 7..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                // `crate::node_api` is the old path of `types::node_api`.
+                out.insert(if name == "node_api" { "types".to_owned() } else { name });
+            }
+        }
+        out
+    }
+
+    fn module_files(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                module_files(&p, files);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn modules_import_only_what_the_layering_allows() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
+        let mut files = Vec::new();
+        module_files(&src, &mut files);
+        let mut broken = Vec::new();
+        for f in files {
+            let rel = f.strip_prefix(&src).unwrap();
+            let top = rel.components().next().unwrap().as_os_str().to_string_lossy().trim_end_matches(".rs").to_owned();
+            let Some(may) = allowed.get(top.as_str()) else { continue }; // app, main, lib, bin
+            for used in imports(&std::fs::read_to_string(&f).unwrap()) {
+                if used != top && !may.contains(&used.as_str()) {
+                    broken.push(format!("{} imports crate::{used}", rel.display()));
+                }
+            }
+        }
+        assert!(broken.is_empty(), "imports the layering (src/lib.rs) does not allow:\n{}", broken.join("\n"));
+    }
+
+    #[test]
+    fn the_import_scanner_sees_code_and_skips_comments_and_tests() {
+        let text = "use crate::types::MacAddr;\n// crate::app in a comment\nlet x = crate::node_api::Phase::Dhcp;\n#[cfg(test)]\nmod tests { use crate::install; }\n";
+        assert_eq!(imports(text), ["types".to_owned()].into_iter().collect());
+        assert!(imports("fn f() { crate::dhcp::run() }").contains("dhcp"));
+    }
+}

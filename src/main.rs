@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use si_appliance::cli::{Cli, Command, ImageAction, PackFlags};
-use si_appliance::config::Config;
+use si_appliance::config::{Config, ConfigFile};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -85,14 +85,7 @@ fn fetch(a: si_appliance::cli::FetchArgs) -> anyhow::Result<()> {
 /// `si-appliance install`: the installer; SIGINT/SIGTERM stop it (the disk is then wiped).
 fn install(a: si_appliance::cli::InstallArgs) -> anyhow::Result<()> {
     use si_appliance::install::{self, Options, cmdline};
-    use si_appliance::plan::Firmware;
     let finish = a.finish.as_deref().map(cmdline::parse_finish).transpose().map_err(anyhow::Error::msg).context("--finish")?;
-    let firmware = match a.firmware.as_deref() {
-        None => None,
-        Some("bios") => Some(Firmware::Bios),
-        Some("uefi") => Some(Firmware::Uefi),
-        Some(other) => anyhow::bail!("--firmware {other:?}: want bios or uefi"),
-    };
     let disk = a.disk.as_deref().map(cmdline::check_disk).transpose().map_err(anyhow::Error::msg).context("--disk")?;
     let opts = Options {
         cmdline: a.cmdline,
@@ -102,7 +95,7 @@ fn install(a: si_appliance::cli::InstallArgs) -> anyhow::Result<()> {
         disk,
         finish,
         workdir: a.workdir,
-        firmware,
+        firmware: a.firmware,
         iface: a.bind_iface,
         listen_port: a.port,
         plan_wait: a.plan_wait,
@@ -188,11 +181,12 @@ fn usb(action: si_appliance::cli::UsbAction) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut cfg = match &cli.config {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
+    let mut file = match &cli.config {
+        Some(p) => ConfigFile::load(p)?,
+        None => ConfigFile::default(),
     };
-    cfg.apply_flags(&cli.appliance)?;
+    file.apply_flags(&cli.appliance)?;
+    let cfg = Config::try_from(file)?;
     match cli.command {
         Some(Command::Fetch(a)) => fetch(a),
         Some(Command::Install(a)) => install(a),

@@ -296,3 +296,9 @@ pub fn ipxe_script_path(mac: MacAddr) -> String {
 
 pub mod events;
 pub mod addrs;
+pub mod firmware;
+pub mod info_hash;
+pub mod node_api;
+
+pub use firmware::Firmware;
+pub use info_hash::InfoHash;

@@ -28,7 +28,7 @@ use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Lab, Proc};
+use common::{Lab, Proc, cpu_secs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Server {
@@ -101,20 +101,6 @@ fn parse(out: &str) -> Run {
         }
     }
     r
-}
-
-/// utime + stime of a process from /proc/PID/stat, in seconds (the server's own cost, whatever
-/// else the machine is doing).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / if hz > 0.0 { hz } else { 100.0 }
 }
 
 fn start(lab: &Lab, s: Server) -> Proc {
@@ -196,7 +182,7 @@ fn one_run(s: Server, rate: u32, secs: u32) -> Run {
     // completed leases/s here is ACKs received over the run less that wait.
     let busy = (t0.elapsed().as_secs_f64() - 2.0).max(0.1);
     let out = p.log_text();
-    let cpu = cpu_secs(server.child.id());
+    let cpu = cpu_secs(server.child.id()).unwrap_or(0.0);
     drop(server);
     let mut r = parse(&out);
     r.rate = r.ra_recv as f64 / busy;

@@ -18,18 +18,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Lab, Proc};
+use common::{Lab, Proc, cpu_secs};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 const HTTP_PORT: u16 = 8080;
-
-fn cpu_secs(pid: u32) -> f64 {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else { return f64::NAN };
-    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
-    if f.len() == 2 { (f[0] + f[1]) as f64 / 100.0 } else { f64::NAN }
-}
 
 fn env_num(k: &str, d: u64) -> u64 {
     std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
@@ -69,9 +62,9 @@ fn main() {
     let pid = appliance.child.id();
 
     let idle_secs = 5.0;
-    let c0 = cpu_secs(pid);
+    let c0 = cpu_secs(pid).unwrap_or(f64::NAN);
     std::thread::sleep(Duration::from_secs_f64(idle_secs));
-    let idle_cpu = cpu_secs(pid) - c0;
+    let idle_cpu = cpu_secs(pid).unwrap_or(f64::NAN) - c0;
 
     // Load: the installers, perfdhcp, and a curl loop, side by side.
     let exe = std::env::current_exe().expect("current exe");
@@ -90,14 +83,14 @@ fn main() {
     );
     let mut h = lab.hosts[cl].cmd("sh");
     h.args(["-c", &script]);
-    let c1 = cpu_secs(pid);
+    let c1 = cpu_secs(pid).unwrap_or(f64::NAN);
     let t1 = Instant::now();
     let mut gen_p = Proc::spawn("loadgen", g, lab.path("loadgen.log"));
     let mut dhcp_p = Proc::spawn("perfdhcp", d, lab.path("perfdhcp.log"));
     let mut http_p = Proc::spawn("httpget", h, lab.path("httpget.log"));
     let st = gen_p.wait_exit(Duration::from_secs(secs * 3 + 60));
     let wall = t1.elapsed().as_secs_f64();
-    let load_cpu = cpu_secs(pid) - c1;
+    let load_cpu = cpu_secs(pid).unwrap_or(f64::NAN) - c1;
     dhcp_p.wait_exit(Duration::from_secs(secs * 2 + 30));
     http_p.wait_exit(Duration::from_secs(secs * 2 + 30));
 

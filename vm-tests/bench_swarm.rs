@@ -38,7 +38,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Lab, Netns, Proc, appliance_bin, start_appliance, wait_for};
+use common::{Lab, Netns, Proc, appliance_bin, cpu_secs, start_appliance, wait_for};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -150,14 +150,6 @@ fn opts() -> Opts {
 
 // ---------------------------------------------------------------------------------------------
 // /proc figures
-
-/// utime + stime of a process (zombies included), seconds.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
-    (f.len() == 2).then(|| (f[0] + f[1]) as f64 / 100.0)
-}
 
 /// VmHWM in KiB (0 for a zombie).
 fn hwm_kib(pid: u32) -> u64 {

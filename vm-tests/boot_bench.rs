@@ -21,7 +21,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Proc, start_appliance, wait_for};
+use common::{Lab, Proc, cpu_secs, start_appliance, wait_for};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -130,9 +130,9 @@ fn main() {
     let pid = ours.child.id();
     let mut cpu = [0f64; 3];
     let mut timed = |i: usize, f: &dyn Fn() -> f64| -> f64 {
-        let before = cpu_secs(pid);
+        let before = cpu_secs(pid).unwrap_or(0.0);
         let r = f();
-        cpu[i] += cpu_secs(pid) - before;
+        cpu[i] += cpu_secs(pid).unwrap_or(0.0) - before;
         r
     };
     // Interleaved rounds, so drift in machine load hits every row alike.
@@ -178,16 +178,6 @@ fn check(p: &Path, want: &str, what: &[impl std::fmt::Debug]) {
     assert_eq!(got, want, "{what:?}: wrong bytes");
 }
 
-/// utime + stime of a process (all its threads), in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();

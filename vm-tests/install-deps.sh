@@ -15,10 +15,8 @@ pkgs=(
 )
 # The client initramfs (pxe-assets/build-client.sh): the disk tools it copies, and its build tools.
 pkgs+=(file binutils xz-utils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+. "$(dirname "${BASH_SOURCE[0]}")/../pxe-assets/apt-lib.sh"
+mapfile -t missing < <(apt_missing "${pkgs[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

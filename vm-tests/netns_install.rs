@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Lab, Proc, appliance_bin, run, start_appliance, strip_ansi};
+use common::{Lab, Proc, RemoveOnSuccess, appliance_bin, run, start_appliance, strip_ansi};
 use si_appliance::image::manifest::Manifest;
 use si_appliance::image::pack::{self, PackOptions};
 use si_appliance::image::progress::ProgressMode;
@@ -70,17 +70,6 @@ impl Drop for LoopDisk {
         let _ = Command::new("partx").args(["-d", &self.dev]).status();
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
         let _ = fs::remove_file(&self.file);
-    }
-}
-
-/// Removes the lab directory when the test passes; a failed test keeps it for reading.
-struct RemoveOnSuccess(PathBuf);
-
-impl Drop for RemoveOnSuccess {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
     }
 }
 
@@ -321,8 +310,8 @@ fn the_installer_waits_for_a_late_appliance() {
     si_appliance::image::sign::SigningKey::load_or_create(&lab.path("state")).unwrap();
     let mut disk = LoopDisk::new(lab.path("disk.img"), 256);
     let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &["--plan-wait", "90s"]);
-    // Not listening for about 5 s: the installer must retry and say why.
-    std::thread::sleep(Duration::from_secs(5));
+    // Not listening until the installer has been refused twice: it must retry and say why.
+    inst.wait_log("retry in 2 s", Duration::from_secs(60));
     let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);
     let st = inst.wait_exit(Duration::from_secs(120));
     let log = strip_ansi(&inst.log_text());
@@ -344,7 +333,13 @@ fn an_appliance_dying_mid_download_leaves_a_wiped_disk() {
     let disk = LoopDisk::new(lab.path("disk.img"), 256);
     let mut inst = installer(&lab, &token(&lab), &disk.dev.clone(), &["--stall-limit", "5s"]);
     inst.wait_log("phase=downloading", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(3));
+    // Pull the plug once blocks are flowing and some (not all) are in: a progress line with
+    // have > 0 and have < total.
+    let field = |l: &str, k: &str| -> Option<u64> { l.split_whitespace().find_map(|kv| kv.strip_prefix(k)?.parse().ok()) };
+    inst.wait_line("a progress line with some data in", Duration::from_secs(60), |l| {
+        l.contains("downloading + unpacking")
+            && matches!((field(l, "have="), field(l, "total=")), (Some(h), Some(t)) if h > 0 && h < t)
+    });
     app.kill();
     let st = inst.wait_exit(Duration::from_secs(90));
     let log = strip_ansi(&inst.log_text());

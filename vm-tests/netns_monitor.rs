@@ -9,33 +9,15 @@
 mod common;
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Lab, Proc, appliance_bin, start_appliance, strip_ansi, wait_for};
+use common::{Lab, Proc, RemoveOnSuccess, appliance_bin, random_file, start_appliance, strip_ansi, wait_for};
 use si_appliance::types::{MacAddr, NodeToken};
 
 const HTTP_PORT: u16 = 8080;
 const MIB: u64 = 1 << 20;
-
-/// Removes the lab directory when the test passes; a failed test keeps it for reading.
-struct RemoveOnSuccess(PathBuf);
-
-impl Drop for RemoveOnSuccess {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn random_file(path: &Path, n: u64) {
-    let mut data = Vec::with_capacity(n as usize);
-    fs::File::open("/dev/urandom").expect("urandom").take(n).read_to_end(&mut data).expect("read urandom");
-    fs::write(path, data).expect("write");
-}
 
 fn exec(lab: &Lab, h: usize, prog: &str, args: &[&str]) -> Output {
     lab.hosts[h].cmd(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"))

@@ -12,19 +12,12 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Lab, Proc, appliance_bin, start_appliance, strip_ansi};
+use common::{Lab, Proc, RemoveOnSuccess, appliance_bin, cpu_secs, random_file, start_appliance, strip_ansi};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
 const HTTP_PORT: u16 = 8080;
 const SEED_PORT: u16 = 6881;
-
-/// `n` bytes from /dev/urandom into `path`.
-fn random_file(path: &Path, n: u64) {
-    let mut data = Vec::with_capacity(n as usize);
-    fs::File::open("/dev/urandom").expect("urandom").take(n).read_to_end(&mut data).expect("read urandom");
-    fs::write(path, data).expect("write archive");
-}
 
 fn sha256(path: &Path) -> String {
     let mut f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
@@ -96,30 +89,10 @@ fn field(s: &[(String, String)], k: &str) -> String {
     s.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default()
 }
 
-/// User + system CPU seconds of a running process (USER_HZ = 100).
-fn cpu_secs(pid: u32) -> f64 {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else { return f64::NAN };
-    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
-    if f.len() == 2 { (f[0] + f[1]) as f64 / 100.0 } else { f64::NAN }
-}
-
 /// Peak RSS (VmHWM) of a running process, KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
-}
-
-/// Removes the lab directory (archives of up to 64 MiB, copies, state) when the test passes;
-/// a failed test keeps it for reading. Declared after the Lab, so it drops after every Proc.
-struct RemoveOnSuccess(PathBuf);
-
-impl Drop for RemoveOnSuccess {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 fn mkdir(p: &Path) -> PathBuf {
@@ -143,7 +116,7 @@ fn eight_clients_download_one_archive_through_the_swarm() {
     random_file(&archive, size);
     let want = sha256(&archive);
     let appliance = start_appliance(&lab, app, "appliance", &config(&lab, "a", &archive, "upload_limit = 4194304"), &[]);
-    let cpu_app0 = cpu_secs(appliance.child.id());
+    let cpu_app0 = cpu_secs(appliance.child.id()).unwrap_or(f64::NAN);
 
     let mut clients: Vec<(Proc, PathBuf)> = (1..=N)
         .map(|h| {
@@ -156,7 +129,7 @@ fn eight_clients_download_one_archive_through_the_swarm() {
         assert!(st.success(), "fetch failed ({st}):\n{}", p.log_text());
         assert_eq!(sha256(out), want, "{} differs", out.display());
     }
-    let cpu_app = cpu_secs(appliance.child.id()) - cpu_app0;
+    let cpu_app = cpu_secs(appliance.child.id()).unwrap_or(f64::NAN) - cpu_app0;
     let rss_app = peak_rss_kib(appliance.child.id());
     let v = swarm_json(&lab, 1, "10.69.1.1");
     let t = &v[0];

@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::{Lab, Proc, start_appliance};
-use rand::RngCore;
+use common::{Lab, Proc, random_file, start_appliance};
 use sha2::{Digest, Sha256};
 use si_appliance::types::{MacAddr, NodeToken};
 
@@ -28,13 +27,6 @@ fn sha(data: &[u8]) -> String {
 
 fn sha_file(p: &Path) -> Option<String> {
     fs::read(p).ok().map(|d| sha(&d))
-}
-
-fn random_file(path: &Path, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    rand::rng().fill_bytes(&mut data);
-    fs::write(path, &data).expect("write test file");
-    data
 }
 
 /// The appliance and one client on a bridge, with a 20 MB kernel and a 3 MB initrd.

@@ -15,6 +15,7 @@ use crate::boot::error::{BadName, OpenError};
 use crate::boot::script;
 use crate::nodes::{BootAction, LocalWhy};
 use tracing::{info, warn};
+use crate::types::events::BootStep;
 use crate::types::{Loader, MacAddr};
 
 /// Longest name we look at; longer requests are refused before any parsing.
@@ -61,9 +62,9 @@ pub enum BootFile {
 
 impl BootFile {
     /// The TFTP name of the kernel (pxelinux configs refer to it).
-    pub const KERNEL: &'static str = "vmlinuz";
+    pub const KERNEL: &'static str = BootStep::KERNEL;
     /// The TFTP name of the initrd.
-    pub const INITRD: &'static str = "initrd.img";
+    pub const INITRD: &'static str = BootStep::INITRD;
 
     /// Parses a request name (TFTP file name, or an HTTP path below `/boot/`, already
     /// percent-decoded). One leading `/` is tolerated (some firmware sends `/pxelinux.0`);
@@ -134,7 +135,20 @@ impl BootFile {
     /// True for the files one node fetches once per boot (logged at info); syslinux modules
     /// and the generic chain script are logged at debug.
     pub fn is_node_step(&self) -> bool {
-        !matches!(self, BootFile::Com32(_) | BootFile::ChainScript)
+        self.node_step().is_some()
+    }
+
+    /// The step of the node's boot this file is (what the monitor hears of); `None` for
+    /// syslinux modules and the generic chain script.
+    pub fn node_step(&self) -> Option<BootStep> {
+        match *self {
+            BootFile::Loader(l) => Some(BootStep::Loader(l)),
+            BootFile::PxelinuxCfg(m) => Some(BootStep::PxelinuxCfg(m)),
+            BootFile::Kernel => Some(BootStep::Kernel),
+            BootFile::Initrd => Some(BootStep::Initrd),
+            BootFile::NodeScript(m) => Some(BootStep::NodeScript(m)),
+            BootFile::Com32(_) | BootFile::ChainScript => None,
+        }
     }
 }
 
@@ -329,6 +343,28 @@ mod tests {
         for (name, want) in ok {
             let got = BootFile::parse(name).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn node_steps_are_the_files_a_node_fetches_once_and_keep_their_key() {
+        let rows = [
+            ("undionly.kpxe", true),
+            ("pxelinux.0", true),
+            ("vmlinuz", true),
+            ("initrd.img", true),
+            ("pxelinux.cfg/default", true),
+            ("pxelinux.cfg/01-52-54-00-12-34-56", true),
+            ("52-54-00-12-34-56.ipxe", true),
+            ("ldlinux.c32", false),
+            ("boot.ipxe", false),
+        ];
+        for (name, step) in rows {
+            let f = BootFile::parse(name).unwrap();
+            assert_eq!(f.node_step().is_some(), step, "{name}");
+            if let Some(s) = f.node_step() {
+                assert_eq!(s.to_string(), name, "the monitor shows the key the node asked for");
+            }
         }
     }
 

@@ -58,7 +58,7 @@ pub struct BootContext {
     /// server leases, we cannot know who holds which address).
     pub bind_nodes: bool,
     /// The served image's signed seal (info-hash and manifest digest on the command line).
-    pub seal: Option<crate::node_api::ImageSeal>,
+    pub seal: Option<crate::types::node_api::ImageSeal>,
 }
 
 impl BootContext {
@@ -164,8 +164,8 @@ pub(crate) fn note_boot_file(
             None => return,
         },
     };
-    if f.is_node_step() {
-        ctx.events.send(crate::types::events::NodeEvent::BootFile { ip, mac, file: f.to_string(), size, via });
+    if let Some(step) = f.node_step() {
+        ctx.events.send(crate::types::events::NodeEvent::BootFile { ip, mac, file: step, size, via });
     }
 }
 

@@ -27,7 +27,7 @@ pub struct Server<'a> {
     pub cmdline: &'a str,
     /// The image's signed seal: its info-hash and manifest digest go on the command line, so the
     /// installer holds them before it asks the network for anything.
-    pub seal: Option<&'a crate::node_api::ImageSeal>,
+    pub seal: Option<&'a crate::types::node_api::ImageSeal>,
 }
 
 impl Server<'_> {
@@ -220,7 +220,7 @@ mod tests {
     #[test]
     fn the_seal_goes_on_the_line_after_the_image() {
         let (img, n) = fixture();
-        let seal = crate::node_api::ImageSeal { info_hash: "ab".repeat(20), manifest_sha256: Some("cd".repeat(32)), signature: "ef".repeat(64) };
+        let seal = crate::types::node_api::ImageSeal { info_hash: "ab".repeat(20), manifest_sha256: Some("cd".repeat(32)), signature: "ef".repeat(64) };
         let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: Some(&seal) };
         let a = kernel_args(&s, Some(&n));
         let want = format!("si.image={img} si.infohash={} si.manifest={} si.token=", "ab".repeat(20), "cd".repeat(32));

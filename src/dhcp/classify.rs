@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use dhcproto::v4::{self, DhcpOption, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder};
 
+use crate::types::events::DhcpKind;
 use crate::types::{Arch, MacAddr};
 
 /// Fixed BOOTP header (236 bytes) plus the magic cookie.
@@ -170,13 +171,8 @@ pub fn parse(bytes: &[u8]) -> Result<Request, Malformed> {
         Some(DhcpOption::MessageType(t)) => *t,
         _ => return Err(Malformed::NoMessageType),
     };
-    match kind {
-        MessageType::Discover
-        | MessageType::Request
-        | MessageType::Decline
-        | MessageType::Release
-        | MessageType::Inform => {}
-        other => return Err(Malformed::NotClientMessage(u8::from(other))),
+    if client_kind(kind).is_none() {
+        return Err(Malformed::NotClientMessage(u8::from(kind)));
     }
     let giaddr = msg.giaddr();
     if !giaddr.is_unspecified() && !is_unicast_host(giaddr) {
@@ -227,9 +223,24 @@ struct RawOpts {
     ipxe: bool,
 }
 
-/// What kind of software is asking.
+/// The client-to-server message kinds served; `None` for the rest (offers, acks ... from a
+/// client are refused by [`parse`]).
+pub fn client_kind(kind: MessageType) -> Option<DhcpKind> {
+    match kind {
+        MessageType::Discover => Some(DhcpKind::Discover),
+        MessageType::Request => Some(DhcpKind::Request),
+        MessageType::Decline => Some(DhcpKind::Decline),
+        MessageType::Release => Some(DhcpKind::Release),
+        MessageType::Inform => Some(DhcpKind::Inform),
+        _ => None,
+    }
+}
+
+/// Which boot program sent the request: the stage of the node's network boot (PXE ROM, then
+/// iPXE, then our installer), or something that is not booting from us at all. Not the node's
+/// BIOS/UEFI firmware (that is [`crate::types::Firmware`]; the architecture is [`Arch`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Firmware {
+pub enum BootStage {
     /// A PXE ROM (vendor class starts with `PXEClient`), not iPXE.
     Pxe,
     /// iPXE (user class `iPXE`): gets the boot script URL, never the loader again.
@@ -248,8 +259,8 @@ pub enum Firmware {
 pub struct Client {
     /// Its MAC.
     pub mac: MacAddr,
-    /// What it is.
-    pub firmware: Firmware,
+    /// Which boot program is asking.
+    pub stage: BootStage,
     /// Its architecture (option 93; absent means BIOS).
     pub arch: Arch,
     /// Vendor class starts with `PXEClient` (iPXE sends it too): echo option 60.
@@ -261,18 +272,18 @@ pub fn classify(req: &Request) -> Client {
     let vc = req.vendor_class.as_deref().unwrap_or_default();
     let pxe_class = vc.starts_with(b"PXEClient");
     let ipxe = req.ipxe_opts || req.user_class.as_deref().is_some_and(|u| u.windows(4).any(|w| w == b"iPXE"));
-    let firmware = if vc.starts_with(b"si-appliance") {
-        Firmware::Installer
+    let stage = if vc.starts_with(b"si-appliance") {
+        BootStage::Installer
     } else if ipxe {
-        Firmware::Ipxe
+        BootStage::Ipxe
     } else if vc.starts_with(b"HTTPClient") {
-        Firmware::HttpBoot
+        BootStage::HttpBoot
     } else if pxe_class {
-        Firmware::Pxe
+        BootStage::Pxe
     } else {
-        Firmware::Other
+        BootStage::Other
     };
-    Client { mac: req.mac, firmware, arch: Arch::from_option93(req.arch_code), pxe_class }
+    Client { mac: req.mac, stage, arch: Arch::from_option93(req.arch_code), pxe_class }
 }
 
 #[cfg(test)]
@@ -328,7 +339,7 @@ pub(crate) mod tests {
         let b = request(MessageType::Discover, [2, 0, 0, 0, 0, 1], vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007".to_vec())]);
         let r = parse(&b).unwrap();
         assert_eq!(r.kind, MessageType::Discover);
-        assert_eq!(classify(&r).firmware, Firmware::Pxe);
+        assert_eq!(classify(&r).stage, BootStage::Pxe);
     }
 
     #[test]
@@ -371,14 +382,14 @@ pub(crate) mod tests {
 
     #[test]
     fn classification_rows() {
-        let rows: Vec<(Vec<DhcpOption>, Firmware, Arch)> = vec![
-            (vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec())], Firmware::Pxe, Arch::X86Bios),
+        let rows: Vec<(Vec<DhcpOption>, BootStage, Arch)> = vec![
+            (vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec())], BootStage::Pxe, Arch::X86Bios),
             (
                 vec![
                     DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007:UNDI:003016".to_vec()),
                     DhcpOption::ClientSystemArchitecture(v4::Architecture(7)),
                 ],
-                Firmware::Pxe,
+                BootStage::Pxe,
                 Arch::X64Uefi,
             ),
             (
@@ -386,17 +397,17 @@ pub(crate) mod tests {
                     DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
                     DhcpOption::UserClass(b"iPXE".to_vec()),
                 ],
-                Firmware::Ipxe,
+                BootStage::Ipxe,
                 Arch::X86Bios,
             ),
-            (vec![DhcpOption::ClassIdentifier(b"si-appliance/1".to_vec())], Firmware::Installer, Arch::X86Bios),
-            (vec![DhcpOption::ClassIdentifier(b"udhcp 1.36".to_vec())], Firmware::Other, Arch::X86Bios),
-            (vec![], Firmware::Other, Arch::X86Bios),
+            (vec![DhcpOption::ClassIdentifier(b"si-appliance/1".to_vec())], BootStage::Installer, Arch::X86Bios),
+            (vec![DhcpOption::ClassIdentifier(b"udhcp 1.36".to_vec())], BootStage::Other, Arch::X86Bios),
+            (vec![], BootStage::Other, Arch::X86Bios),
         ];
         for (opts, fw, arch) in rows {
             let b = request(MessageType::Discover, [2, 0, 0, 0, 0, 1], opts.clone());
             let c = classify(&parse(&b).unwrap());
-            assert_eq!((c.firmware, c.arch), (fw, arch), "{opts:?}");
+            assert_eq!((c.stage, c.arch), (fw, arch), "{opts:?}");
         }
     }
 }

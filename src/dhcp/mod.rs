@@ -2,7 +2,7 @@
 //! and proxyDHCP modes. See LEASES.md beside this file for the journal's crash rules.
 //!
 //! # Layout
-//! - `classify`: bytes → validated `Request` → `Client` (firmware, architecture).
+//! - `classify`: bytes → validated `Request` → `Client` (boot stage, architecture).
 //! - `policy`: `decide(request, via, leases, policy, now) -> Decision`: pure, table-tested.
 //! - `leases`: the in-memory table and the append-only, fsync'd journal.
 //! - `service`: the thin socket loop (group commit, RFC 2131 §4.1 delivery).

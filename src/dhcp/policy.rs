@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use dhcproto::v4::{self, DhcpOption, Flags, HType, MessageType, Opcode, OptionCode, UnknownOption};
 use ipnet::Ipv4Net;
 
-use super::classify::{Client, Firmware, Malformed, Request, classify};
+use super::classify::{BootStage, Client, Malformed, Request, classify};
 use super::leases::{Change, Lease, LeaseState, Leases};
 use crate::config::{Answer, Config, DhcpMode};
 use crate::net::Iface;
@@ -462,11 +462,11 @@ pub fn boot_for(client: &Client, policy: &Policy) -> Boot {
 
 fn boot_wanted(client: &Client, policy: &Policy) -> Boot {
     let forced = policy.reservations.get(&client.mac).and_then(|r| r.loader);
-    if let (Some(l), Firmware::Pxe | Firmware::Ipxe) = (forced, client.firmware) {
+    if let (Some(l), BootStage::Pxe | BootStage::Ipxe) = (forced, client.stage) {
         return if policy.tftp { Boot::Loader(l) } else { Boot::Nothing(Some(Why::TftpDisabled)) };
     }
-    match client.firmware {
-        Firmware::Ipxe => Boot::Script(format!(
+    match client.stage {
+        BootStage::Ipxe => Boot::Script(format!(
             "http://{}:{}{}",
             policy.server_ip,
             policy.http_port,
@@ -474,18 +474,18 @@ fn boot_wanted(client: &Client, policy: &Policy) -> Boot {
         )),
         // UEFI HTTP boot (UEFI 2.5 §24.7): the boot file is a URL of an EFI binary, here iPXE,
         // which then asks for its script as any iPXE does.
-        Firmware::HttpBoot => match client.arch {
+        BootStage::HttpBoot => match client.arch {
             Arch::X64UefiHttp | Arch::X64Uefi => {
                 Boot::Url(format!("http://{}:{}/boot/{}", policy.server_ip, policy.http_port, Loader::IpxeEfi.tftp_name()))
             }
             other => Boot::Nothing(Some(Why::UnknownArch(other))),
         },
-        Firmware::Pxe => match Loader::for_arch(client.arch) {
+        BootStage::Pxe => match Loader::for_arch(client.arch) {
             None => Boot::Nothing(Some(Why::UnknownArch(client.arch))),
             Some(_) if !policy.tftp => Boot::Nothing(Some(Why::TftpDisabled)),
             Some(l) => Boot::Loader(l),
         },
-        Firmware::Installer | Firmware::Other => Boot::Nothing(None),
+        BootStage::Installer | BootStage::Other => Boot::Nothing(None),
     }
 }
 
@@ -508,7 +508,7 @@ pub fn decide_guarded(req: &Request, via: Via, leases: &Leases, policy: &Policy,
             if via != Via::Dhcp {
                 return Decision::Ignore(Why::NotProxyMode);
             }
-            if policy.answer == Answer::Pxe && client.firmware == Firmware::Other && !continues_our_lease(req, leases) {
+            if policy.answer == Answer::Pxe && client.stage == BootStage::Other && !continues_our_lease(req, leases) {
                 return Decision::Ignore(Why::NotPxe);
             }
             match decide_full(req, &client, leases, policy, now, guard) {
@@ -714,7 +714,7 @@ fn decide_full(req: &Request, client: &Client, leases: &Leases, policy: &Policy,
 
 /// proxyDHCP (PXE 2.1 §2.2.5 / §2.4): no addresses, boot information only, to PXE clients.
 fn decide_proxy(req: &Request, client: &Client, via: Via, policy: &Policy) -> Decision {
-    if !client.pxe_class && !matches!(client.firmware, Firmware::Ipxe | Firmware::HttpBoot) {
+    if !client.pxe_class && !matches!(client.stage, BootStage::Ipxe | BootStage::HttpBoot) {
         return Decision::Ignore(Why::NotPxe);
     }
     let boot = boot_for(client, policy);
@@ -821,7 +821,7 @@ fn add_boot(r: &mut v4::Message, req: &Request, client: &Client, boot: &Boot, po
         o.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
     }
     let o = r.opts_mut();
-    if client.firmware == Firmware::HttpBoot {
+    if client.stage == BootStage::HttpBoot {
         // UEFI HTTP boot: a server answering an HTTPClient echoes option 60 as `HTTPClient`.
         o.insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
     }
@@ -838,7 +838,7 @@ fn add_boot(r: &mut v4::Message, req: &Request, client: &Client, boot: &Boot, po
             o.insert(DhcpOption::ClientMachineIdentifier(g.clone()));
         }
     }
-    if client.firmware == Firmware::Ipxe {
+    if client.stage == BootStage::Ipxe {
         o.insert(DhcpOption::Unknown(UnknownOption::new(OptionCode::Unknown(175), ipxe_settings(policy.ipxe_no_pxedhcp))));
     }
 }

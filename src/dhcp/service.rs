@@ -462,6 +462,8 @@ impl Service {
 
     /// Tells the monitor about a client we answered or recorded (a bounded, non-blocking send).
     fn note_client(&self, req: &classify::Request, ip: Option<Ipv4Addr>) {
+        // `classify::parse` admits only client kinds, so this is always `Some`.
+        let Some(kind) = classify::client_kind(req.kind) else { return };
         let ip = ip.or_else(|| self.leases.of_mac(req.mac).map(|l| l.ip));
         // Full mode: only an address we lease binds a node. Proxy mode leases nothing: the
         // address the node itself put in its request (ciaddr, set by iPXE on port 4011) is all
@@ -480,7 +482,7 @@ impl Service {
             hostname,
             arch: crate::types::Arch::from_option93(req.arch_code),
             vendor_class: req.vendor_class.as_deref().map(|v| String::from_utf8_lossy(v).into_owned()),
-            kind: format!("{:?}", req.kind),
+            kind,
         });
     }
 

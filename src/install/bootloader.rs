@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use tracing::info;
 
 use super::disk::{self, DiskError, Mounts};
-use crate::plan::Firmware;
+use crate::types::Firmware;
 
 /// Which loader an image carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 
-use crate::node_api::Finish;
+use crate::types::node_api::Finish;
 use crate::types::{ImageName, MacAddr};
 
 /// Orders read from the command line; every field may still be overridden by a flag.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::node_api::{DiskLayout, FsKind, Partition, TableKind};
+use crate::types::node_api::{DiskLayout, FsKind, Partition, TableKind};
 
 const MIB: u64 = 1 << 20;
 

@@ -10,7 +10,7 @@
 //! never booted) and reports `failed` with the reason. Reports never block the install.
 //!
 //! Owns: the step sequence and its error type. Must not: depend on appliance-only modules
-//! beyond the shared node API (`node_api`, `plan::Firmware`), the swarm's download side and the
+//! beyond the shared node API (`types::node_api`, `types::Firmware`), the swarm's download side and the
 //! image unpacker.
 
 pub mod bootloader;
@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::image::unpack::{UnpackOptions, unpack};
-use crate::node_api::{DiskLayout, Finish, NodePlan, Phase, TableKind};
-use crate::plan::Firmware;
+use crate::types::node_api::{DiskLayout, Finish, NodePlan, Phase, TableKind};
+use crate::types::Firmware;
 use crate::swarm::fetch::{FetchError, StreamOptions, SwarmStream};
 use crate::types::MacAddr;
 use disk::DiskError;
@@ -87,8 +87,8 @@ pub enum InstallError {
     Download {
         /// The image.
         image: String,
-        /// Why.
-        why: String,
+        /// Why (printed in the message, so not chained as a source).
+        why: DownloadFailure,
     },
     /// Per-node settings.
     #[error("per-node settings")]
@@ -102,6 +102,27 @@ pub enum InstallError {
     /// A blocking step panicked or was cancelled.
     #[error("{0}: worker thread failed")]
     Join(&'static str),
+}
+
+/// Why the swarm download of the image stopped ([`InstallError::Download`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DownloadFailure {
+    /// The swarm engine stopped on an error (its status reports it as text).
+    #[error("swarm: {0}")]
+    Swarm(String),
+    /// No verified byte for `limit`.
+    #[error("no progress for {limit:?} ({have} of {total} bytes)")]
+    Stalled {
+        /// The stall limit.
+        limit: Duration,
+        /// Bytes verified.
+        have: u64,
+        /// Bytes wanted.
+        total: u64,
+    },
+    /// The reader saw the end of the image but the engine does not call it complete.
+    #[error("read to the end but not complete")]
+    Incomplete,
 }
 
 /// What the command line and flags say.
@@ -203,11 +224,7 @@ pub fn detect_firmware() -> Firmware {
 /// Fetches the plan, retrying connection failures and 5xx answers with exponential backoff
 /// (1 s doubling, capped at 30 s) for at most `wait`; 4xx answers are final.
 async fn fetch_plan(r: &Resolved, firmware: Firmware, wait: Duration, token: &CancellationToken) -> Result<NodePlan, InstallError> {
-    let fw = match firmware {
-        Firmware::Bios => "bios",
-        Firmware::Uefi => "uefi",
-    };
-    let path = format!("/api/nodes/{}/plan?firmware={fw}", r.mac);
+    let path = format!("/api/nodes/{}/plan?firmware={firmware}", r.mac);
     let t0 = Instant::now();
     let mut delay = Duration::from_secs(1);
     loop {
@@ -283,7 +300,7 @@ async fn check_image(r: &Resolved, plan: &NodePlan, key: Option<&[u8; 32]>) -> R
             let path = format!("/manifests/{image}.manifest");
             let bytes = crate::swarm::http_get::get(r.server, &path, Duration::from_secs(60))
                 .await
-                .map_err(|e| seal::SealError::Fetch { image: image.clone(), why: e.to_string() })?;
+                .map_err(|source| seal::SealError::Fetch { image: image.clone(), source })?;
             Some(seal::check_manifest(&image, &bytes, &want)?)
         }
         None => {
@@ -536,9 +553,9 @@ async fn download_and_unpack(
                     (last_have, last_progress) = (st.have, now);
                 }
                 let why = if let Some(e) = st.error {
-                    Some(format!("swarm: {e}"))
+                    Some(DownloadFailure::Swarm(e))
                 } else if !st.finished && now.duration_since(last_progress) > opts.stall_limit {
-                    Some(format!("no progress for {:?} ({} of {} bytes)", opts.stall_limit, st.have, st.total))
+                    Some(DownloadFailure::Stalled { limit: opts.stall_limit, have: st.have, total: st.total })
                 } else {
                     None
                 };
@@ -559,7 +576,7 @@ async fn download_and_unpack(
     // The reader saw every byte, so every piece is verified; this returns at once.
     tokio::time::timeout(Duration::from_secs(60), dl.wait_complete())
         .await
-        .map_err(|_| InstallError::Download { image: plan.image.to_string(), why: "read to the end but not complete".into() })??;
+        .map_err(|_| InstallError::Download { image: plan.image.to_string(), why: DownloadFailure::Incomplete })??;
     let secs = t0.elapsed().as_secs_f64();
     let st = dl.stats();
     reporter.update(|x| {
@@ -594,7 +611,7 @@ async fn configure_and_seed(
         let mut uuids = Vec::new();
         let mut root_uuid = String::new();
         for (p, dev) in layout2.partitions.iter().zip(&parts2) {
-            if p.fs == crate::node_api::FsKind::BiosGrub {
+            if p.fs == crate::types::node_api::FsKind::BiosGrub {
                 continue;
             }
             let u = disk::uuid_of(dev)?;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::http;
-use crate::node_api::{NodeReport, Phase};
+use crate::types::node_api::{NodeReport, Phase};
 use crate::types::MacAddr;
 
 /// Time limit of one report request.

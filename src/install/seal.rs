@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::image::manifest::{Entry, Manifest};
 use crate::image::scan::{self, ScanOptions};
 use crate::image::sign::{self, SignError, Statement};
-use crate::node_api::{DiskLayout, FsKind, NodePlan};
+use crate::types::node_api::{DiskLayout, FsKind, NodePlan};
 
 /// Why an image is refused.
 #[derive(Debug, thiserror::Error)]
@@ -49,12 +49,13 @@ pub enum SealError {
         pinned: String,
     },
     /// The manifest could not be fetched.
-    #[error("fetching the manifest of {image}: {why}")]
+    #[error("fetching the manifest of {image}")]
     Fetch {
         /// The image.
         image: String,
-        /// Why.
-        why: String,
+        /// The HTTP client's error (its message holds the status or the I/O cause).
+        #[source]
+        source: crate::net::http_client::HttpError,
     },
     /// The manifest does not hash to the sealed digest.
     #[error("the manifest of {image} hashes to {got}, the seal says {want}")]
@@ -245,7 +246,7 @@ pub fn verify_tree(root: &Path, manifest: &Manifest, layout: &DiskLayout, store:
 mod tests {
     use super::*;
     use crate::image::sign::SigningKey;
-    use crate::node_api::ImageSeal;
+    use crate::types::node_api::ImageSeal;
 
     fn plan(seal: Option<ImageSeal>) -> NodePlan {
         NodePlan {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
-use crate::node_api::{FsKind, Partition};
+use crate::types::node_api::{FsKind, Partition};
 use crate::types::MacAddr;
 
 /// Errors writing the settings.
@@ -164,7 +164,7 @@ pub fn write_network(root: &Path, mac: MacAddr) -> Result<String, SettingsError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node_api::DiskLayout;
+    use crate::types::node_api::DiskLayout;
 
     #[test]
     fn fstab_by_uuid() {

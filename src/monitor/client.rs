@@ -5,10 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::net::http_client::{self, Failure, HttpError, Request};
 
-/// Largest answer read (the node list of a big rack is a few MB).
-const MAX_BODY: u64 = 64 << 20;
+/// Largest answer read (the node list of a big rack is a few MB); a larger one is an error.
+const MAX_BODY: usize = 64 << 20;
 
 /// Why a request to the appliance failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,9 +20,26 @@ pub enum ClientError {
         addr: SocketAddr,
         /// The cause.
         #[source]
-        source: std::io::Error,
+        source: HttpError,
     },
-    /// The exchange failed or timed out.
+    /// The exchange failed: I/O, time limit, a malformed or too-big answer.
+    #[error(transparent)]
+    Http(HttpError),
+    /// The appliance answered with a status that is not a success.
+    #[error("{method} {path} on {addr}: HTTP {status}: {excerpt}")]
+    Refused {
+        /// GET/POST.
+        method: &'static str,
+        /// The path.
+        path: String,
+        /// Where.
+        addr: SocketAddr,
+        /// The status code.
+        status: u16,
+        /// The start of the body.
+        excerpt: String,
+    },
+    /// The answer is not what the command expects (not JSON, a field missing).
     #[error("{method} {path} on {addr}: {why}")]
     Exchange {
         /// GET/POST.
@@ -36,10 +53,19 @@ pub enum ClientError {
     },
 }
 
+impl From<HttpError> for ClientError {
+    fn from(e: HttpError) -> Self {
+        match e.failure {
+            Failure::Connect(_) => ClientError::Connect { addr: e.addr, source: e },
+            _ => ClientError::Http(e),
+        }
+    }
+}
+
 /// Sends one request and returns the status and body.
 ///
 /// # Errors
-/// No connection, a timeout, or an answer that is not HTTP.
+/// No connection, a timeout, or an answer that is not HTTP or too big.
 pub async fn request(addr: SocketAddr, method: &'static str, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>), ClientError> {
     request_with(addr, method, path, None, b"", timeout).await
 }
@@ -47,7 +73,7 @@ pub async fn request(addr: SocketAddr, method: &'static str, path: &str, timeout
 /// [`request`] with a bearer token and a JSON body.
 ///
 /// # Errors
-/// No connection, a timeout, or an answer that is not HTTP.
+/// No connection, a timeout, or an answer that is not HTTP or too big.
 pub async fn request_with(
     addr: SocketAddr,
     method: &'static str,
@@ -56,62 +82,28 @@ pub async fn request_with(
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), ClientError> {
-    let fail = |why: String| ClientError::Exchange { method, path: path.to_owned(), addr, why };
-    let work = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
-        let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let ctype = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}{ctype}Content-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(body);
-        s.write_all(&req).await.map_err(|e| fail(e.to_string()))?;
-        let mut buf = Vec::new();
-        s.take(MAX_BODY).read_to_end(&mut buf).await.map_err(|e| fail(e.to_string()))?;
-        parse(&buf).ok_or_else(|| fail("not an HTTP answer".into()))
-    };
-    tokio::time::timeout(timeout, work).await.map_err(|_| fail(format!("no answer within {timeout:?}")))?
+    let json = (!body.is_empty()).then_some(body);
+    let r = http_client::request(addr, Request { method, path, bearer, json }, MAX_BODY, timeout).await?;
+    Ok((r.status, r.body))
 }
 
-/// Status and body of a whole HTTP/1.1 answer (plain or chunked).
-fn parse(buf: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
-    let body = &buf[end + 4..];
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Some((status, body.to_vec()));
+/// [`request_with`], and a status outside 2xx is [`ClientError::Refused`].
+///
+/// # Errors
+/// As [`request_with`], and [`ClientError::Refused`].
+pub async fn call(
+    addr: SocketAddr,
+    method: &'static str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, ClientError> {
+    let (status, out) = request_with(addr, method, path, bearer, body, timeout).await?;
+    if !(200..300).contains(&status) {
+        return Err(ClientError::Refused { method, path: path.to_owned(), addr, status, excerpt: http_client::excerpt(&out) });
     }
-    let (mut out, mut rest) = (Vec::new(), body);
-    loop {
-        let nl = rest.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).ok()?.split(';').next()?.trim(), 16).ok()?;
-        rest = &rest[nl + 2..];
-        if size == 0 {
-            return Some((status, out));
-        }
-        out.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plain_chunked_and_garbage() {
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"), Some((200, b"{}".to_vec())));
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n1\r\nd\r\n0\r\n\r\n"), Some((200, b"abcd".to_vec())));
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"), None);
-        assert_eq!(parse(b"garbage"), None);
-    }
+    Ok(out)
 }
 
 /// `si-appliance status`: the deployment and its nodes from a running appliance, as text (a
@@ -122,11 +114,8 @@ mod tests {
 pub async fn status(addr: SocketAddr, json: bool) -> Result<String, ClientError> {
     let t = Duration::from_secs(10);
     let get = |path: &'static str| async move {
-        let (code, body) = request(addr, "GET", path, t).await?;
+        let body = call(addr, "GET", path, None, b"", t).await?;
         let bad = |why: String| ClientError::Exchange { method: "GET", path: path.to_owned(), addr, why };
-        if code != 200 {
-            return Err(bad(format!("HTTP {code}: {}", String::from_utf8_lossy(&body).trim())));
-        }
         serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| bad(format!("not JSON: {e}")))
     };
     let d = get("/api/deployment").await?;
@@ -191,11 +180,8 @@ impl From<DeploymentView> for super::registry::Deployment {
 /// # Errors
 /// The appliance did not answer, or failed to write the report.
 pub async fn report(addr: SocketAddr, admin_token: Option<&str>) -> Result<std::path::PathBuf, ClientError> {
-    let (code, body) = request_with(addr, "POST", "/api/report", admin_token, b"", Duration::from_secs(120)).await?;
+    let body = call(addr, "POST", "/api/report", admin_token, b"", Duration::from_secs(120)).await?;
     let bad = |why: String| ClientError::Exchange { method: "POST", path: "/api/report".into(), addr, why };
-    if code != 200 {
-        return Err(bad(format!("HTTP {code}: {}", String::from_utf8_lossy(&body).trim())));
-    }
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(format!("not JSON: {e}")))?;
     v["dir"].as_str().map(std::path::PathBuf::from).ok_or_else(|| bad("no \"dir\" in the answer".into()))
 }

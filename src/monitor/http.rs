@@ -29,7 +29,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::warn;
 
 use super::Shared;
-use crate::node_api::{self, AuthError, NodeReport, Phase};
+use crate::types::node_api::{self, AuthError, NodeReport, Phase};
 use crate::types::MacAddr;
 use crate::types::events::NodeEvent;
 

@@ -56,7 +56,7 @@ pub fn text(s: &Shared) -> Result<String, std::fmt::Error> {
             let l = vec![("mac".to_owned(), n.mac.to_string())];
             done.get_or_create(&l).set(n.bytes_done as i64);
             rate.get_or_create(&l).set(n.down_bps as i64);
-            let idx = crate::node_api::Phase::ALL.iter().position(|p| *p == n.phase).unwrap_or(0);
+            let idx = crate::types::node_api::Phase::ALL.iter().position(|p| *p == n.phase).unwrap_or(0);
             phase.get_or_create(&l).set(idx as i64);
         }
     }

@@ -270,7 +270,7 @@ fn log_phase(n: &node::Node) {
         if last.at_ms == n.updated_ms {
             let (bytes, err) = (n.bytes_done, n.error.as_deref().unwrap_or(""));
             let ip = n.ip.map(tracing::field::display);
-            if n.phase == crate::node_api::Phase::Failed {
+            if n.phase == crate::types::node_api::Phase::Failed {
                 warn!(mac = %n.mac, ip, phase = %n.phase, error = err, "node failed");
             } else {
                 info!(mac = %n.mac, ip, phase = %n.phase, bytes, "node phase");

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use crate::node_api::{NodeReport, Phase};
+use crate::types::node_api::{NodeReport, Phase};
 use crate::types::MacAddr;
 
 /// Rate samples kept per node for its chart (at one per sample interval: 15 min at 1 s).

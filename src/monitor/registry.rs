@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::node::{Node, TrackerSample};
-use crate::node_api::Phase;
+use crate::types::node_api::Phase;
 use crate::types::MacAddr;
 use crate::types::events::{Enrolment, NodeEvent, Stamped};
 
@@ -226,7 +226,7 @@ impl Registry {
                 let n = self.node_mut(mac, now);
                 n.ip.get_or_insert(*ip);
                 n.last_seen_ms = now;
-                (mac, n.on_boot_file(file, now))
+                (mac, n.on_boot_file(&file.to_string(), now))
             }
             NodeEvent::Announce { ip, downloaded, uploaded, left, .. } => {
                 let Some(mac) = self.mac_of(*ip, None) else {
@@ -414,9 +414,9 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node_api::NodeReport;
+    use crate::types::node_api::NodeReport;
     use crate::types::Arch;
-    use crate::types::events::BootVia;
+    use crate::types::events::{BootStep, BootVia, DhcpKind};
     use std::time::Duration;
 
     fn at(ms: u64, event: NodeEvent) -> Stamped {
@@ -428,22 +428,22 @@ mod tests {
         let mut r = Registry::new(0, 60_000, 30_000);
         let mac = MacAddr([2, 0, 0, 0, 0, 7]);
         let ip = Ipv4Addr::new(10, 0, 0, 7);
-        let dhcp = NodeEvent::Dhcp { mac, ip: Some(ip), hostname: Some("n7".into()), arch: Arch::X86Bios, vendor_class: Some("PXEClient:Arch:00000".into()), kind: "Discover".into() };
+        let dhcp = NodeEvent::Dhcp { mac, ip: Some(ip), hostname: Some("n7".into()), arch: Arch::X86Bios, vendor_class: Some("PXEClient:Arch:00000".into()), kind: DhcpKind::Discover };
         assert_eq!(r.apply(&at(1_000, dhcp)), Some(mac));
-        let bf = NodeEvent::BootFile { ip, mac: None, file: "undionly.kpxe".into(), size: 1, via: BootVia::Tftp };
+        let bf = NodeEvent::BootFile { ip, mac: None, file: BootStep::Loader(crate::types::Loader::Undionly), size: 1, via: BootVia::Tftp };
         assert_eq!(r.apply(&at(2_000, bf)), Some(mac));
-        let stranger = NodeEvent::BootFile { ip: Ipv4Addr::new(10, 0, 0, 99), mac: None, file: "x".into(), size: 1, via: BootVia::Http };
+        let stranger = NodeEvent::BootFile { ip: Ipv4Addr::new(10, 0, 0, 99), mac: None, file: BootStep::Initrd, size: 1, via: BootVia::Http };
         assert_eq!(r.apply(&at(2_000, stranger)), None);
         // Issue 13: `?mac=` (or a per-node file name) from any host created a node for any MAC
         // and moved the asker's address to it. A claimed MAC is now believed only for a known
         // node at that address.
         let forged = MacAddr([2, 0, 0, 0, 0, 0x66]);
-        let claim = |m: MacAddr, from: Ipv4Addr| NodeEvent::BootFile { ip: from, mac: Some(m), file: "vmlinuz".into(), size: 1, via: BootVia::Http };
+        let claim = |m: MacAddr, from: Ipv4Addr| NodeEvent::BootFile { ip: from, mac: Some(m), file: BootStep::Kernel, size: 1, via: BootVia::Http };
         assert_eq!(r.apply(&at(2_100, claim(forged, Ipv4Addr::new(10, 0, 0, 99)))), None, "a fetch created a node");
         assert!(r.node(forged).is_none());
         assert_eq!(r.apply(&at(2_100, claim(mac, Ipv4Addr::new(10, 0, 0, 98)))), None, "another host claimed a known node");
         assert_eq!(r.apply(&at(2_100, claim(forged, ip))), Some(mac), "the address's own node keeps it");
-        let an = NodeEvent::Announce { ip, info_hash: "ab".into(), downloaded: 0, uploaded: 0, left: 100 };
+        let an = NodeEvent::Announce { ip, info_hash: crate::types::InfoHash([0xab; 20]), downloaded: 0, uploaded: 0, left: 100 };
         r.apply(&at(3_000, an));
         let rep = NodeReport { phase: Some(Phase::Done), bytes_done: 100, bytes_total: 100, ..Default::default() };
         r.apply(&at(4_000, NodeEvent::Report { mac, report: rep }));
@@ -462,19 +462,19 @@ mod tests {
         let mut r = Registry::new(0, 60_000, 30_000);
         let mac = MacAddr([2, 0, 0, 0, 0, 7]);
         let ip = Ipv4Addr::new(10, 0, 0, 7);
-        let dhcp = NodeEvent::Dhcp { mac, ip: Some(ip), hostname: None, arch: Arch::X86Bios, vendor_class: None, kind: "Request".into() };
+        let dhcp = NodeEvent::Dhcp { mac, ip: Some(ip), hostname: None, arch: Arch::X86Bios, vendor_class: None, kind: DhcpKind::Request };
         r.apply(&at(1_000, dhcp));
         // `?mac=<random>` from a stranger's address, and from the node's own address.
         let random = MacAddr([2, 0xde, 0xad, 0, 0, 1]);
-        let stranger = NodeEvent::BootFile { ip: Ipv4Addr::new(10, 0, 0, 99), mac: Some(random), file: "vmlinuz".into(), size: 1, via: BootVia::Http };
+        let stranger = NodeEvent::BootFile { ip: Ipv4Addr::new(10, 0, 0, 99), mac: Some(random), file: BootStep::Kernel, size: 1, via: BootVia::Http };
         assert_eq!(r.apply(&at(2_000, stranger)), None);
-        let own = NodeEvent::BootFile { ip, mac: Some(random), file: "vmlinuz".into(), size: 1, via: BootVia::Http };
+        let own = NodeEvent::BootFile { ip, mac: Some(random), file: BootStep::Kernel, size: 1, via: BootVia::Http };
         assert_eq!(r.apply(&at(2_000, own)), Some(mac), "attributed to the address's holder");
         assert!(r.node(random).is_none());
         // Another known node's MAC named from this address does not move the address.
         let other = MacAddr([2, 0, 0, 0, 0, 8]);
-        r.apply(&at(3_000, NodeEvent::Dhcp { mac: other, ip: Some(Ipv4Addr::new(10, 0, 0, 8)), hostname: None, arch: Arch::X86Bios, vendor_class: None, kind: "Request".into() }));
-        let lie = NodeEvent::BootFile { ip, mac: Some(other), file: "vmlinuz".into(), size: 1, via: BootVia::Http };
+        r.apply(&at(3_000, NodeEvent::Dhcp { mac: other, ip: Some(Ipv4Addr::new(10, 0, 0, 8)), hostname: None, arch: Arch::X86Bios, vendor_class: None, kind: DhcpKind::Request }));
+        let lie = NodeEvent::BootFile { ip, mac: Some(other), file: BootStep::Kernel, size: 1, via: BootVia::Http };
         r.apply(&at(4_000, lie));
         assert_eq!(r.by_ip.get(&ip), Some(&mac), "the address stays with its holder");
         assert_eq!(r.node(other).and_then(|n| n.ip), Some(Ipv4Addr::new(10, 0, 0, 8)));

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::Shared;
 use super::node::Node;
 use super::registry::{Deployment, Sample};
-use crate::node_api::Phase;
+use crate::types::node_api::Phase;
 
 /// Why a report could not be written.
 #[derive(Debug, thiserror::Error)]

@@ -47,7 +47,7 @@ impl Terminal {
 /// `12 nodes: downloading 8, done 3, failed 1 | 93.1 MB/s | ETA 42s | stuck 0`
 /// (rates and ETA rounded so the log line changes only when something did).
 pub fn summary(d: &Deployment) -> String {
-    let phases: Vec<String> = crate::node_api::Phase::ALL
+    let phases: Vec<String> = crate::types::node_api::Phase::ALL
         .iter()
         .filter_map(|p| d.phases.get(p.as_str()).filter(|n| **n > 0).map(|n| format!("{p} {n}")))
         .collect();

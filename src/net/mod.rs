@@ -1,5 +1,5 @@
 //! Interface discovery (pnet) and sockets bound to the provisioning interface. No protocol
-//! knowledge lives here.
+//! knowledge lives here, except the crate's one plain HTTP/1.1 client ([`http_client`]).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
@@ -8,6 +8,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::types::MacAddr;
 
+pub mod http_client;
 pub mod ra;
 
 /// Errors from interface lookup and socket setup.

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::monitor::client::{ClientError, request_with};
+use crate::monitor::client::ClientError;
 
 use super::{Enrol, Selector};
 
@@ -14,11 +14,7 @@ fn fail(method: &'static str, path: &str, addr: SocketAddr, why: String) -> Clie
 }
 
 async fn call(addr: SocketAddr, token: &str, method: &'static str, path: &str, body: &[u8]) -> Result<Vec<u8>, ClientError> {
-    let (code, out) = request_with(addr, method, path, Some(token), body, LIMIT).await?;
-    if !(200..300).contains(&code) {
-        return Err(fail(method, path, addr, format!("HTTP {code}: {}", String::from_utf8_lossy(&out).trim())));
-    }
-    Ok(out)
+    crate::monitor::client::call(addr, method, path, Some(token), body, LIMIT).await
 }
 
 fn json(method: &'static str, path: &str, addr: SocketAddr, body: &[u8]) -> Result<serde_json::Value, ClientError> {

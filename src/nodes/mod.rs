@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::{Enroll, Reservation};
-use crate::node_api::Phase;
+use crate::types::node_api::Phase;
 use crate::types::events::{Enrolment, EventSink, NodeEvent};
 use crate::types::{ImageName, MacAddr};
 

@@ -11,7 +11,6 @@
 //! have, and the appliance's seed is not everyone's first choice.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -20,21 +19,8 @@ use percent_encoding::percent_decode;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-/// A 20-byte BitTorrent v1 info-hash.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct InfoHash(pub [u8; 20]);
-
-impl fmt::Display for InfoHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for InfoHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
+/// The info-hash type is shared with the monitor and the seal; it lives in `types`.
+pub use crate::types::InfoHash;
 
 /// A 20-byte peer id.
 pub type PeerId = [u8; 20];

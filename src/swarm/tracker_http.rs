@@ -56,7 +56,7 @@ async fn announce(
         debug!(peer = %a.addr, info_hash = %a.info_hash, left = a.left, event = ?a.event, peers = r.peers.len(), "announce");
         events.send(NodeEvent::Announce {
             ip: *a.addr.ip(),
-            info_hash: a.info_hash.to_string(),
+            info_hash: a.info_hash,
             downloaded: a.downloaded,
             uploaded: a.uploaded,
             left: a.left,

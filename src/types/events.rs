@@ -12,8 +12,8 @@ use std::time::SystemTime;
 
 use tokio::sync::mpsc;
 
-use super::{Arch, MacAddr};
-use crate::node_api::NodeReport;
+use super::node_api::NodeReport;
+use super::{Arch, InfoHash, Loader, MacAddr};
 
 /// How a boot file went out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -23,6 +23,58 @@ pub enum BootVia {
     Tftp,
     /// HTTP.
     Http,
+}
+
+/// The DHCP message a client sent (the client-to-server kinds the DHCP service accepts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DhcpKind {
+    /// DHCPDISCOVER.
+    Discover,
+    /// DHCPREQUEST.
+    Request,
+    /// DHCPDECLINE.
+    Decline,
+    /// DHCPRELEASE.
+    Release,
+    /// DHCPINFORM.
+    Inform,
+}
+
+/// A boot file that marks a step of a node's network boot, by its key (the name it is asked
+/// for): what a [`NodeEvent::BootFile`] reports. Helper files (syslinux modules, the generic
+/// `boot.ipxe`) are no step and send no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BootStep {
+    /// A boot loader (`undionly.kpxe`, `snponly.efi`, `pxelinux.0` ...).
+    Loader(Loader),
+    /// `pxelinux.cfg/01-<mac>` (`Some`) or `pxelinux.cfg/default` (`None`).
+    PxelinuxCfg(Option<MacAddr>),
+    /// The kernel, `vmlinuz`.
+    Kernel,
+    /// The initramfs, `initrd.img`.
+    Initrd,
+    /// The node's iPXE script, `<mac-hyphenated>.ipxe`.
+    NodeScript(MacAddr),
+}
+
+impl BootStep {
+    /// The kernel's key.
+    pub const KERNEL: &'static str = "vmlinuz";
+    /// The initramfs's key.
+    pub const INITRD: &'static str = "initrd.img";
+}
+
+impl std::fmt::Display for BootStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BootStep::Loader(l) => f.write_str(l.tftp_name()),
+            BootStep::PxelinuxCfg(None) => f.write_str("pxelinux.cfg/default"),
+            BootStep::PxelinuxCfg(Some(m)) => write!(f, "pxelinux.cfg/01-{}", m.hyphenated()),
+            BootStep::Kernel => f.write_str(Self::KERNEL),
+            BootStep::Initrd => f.write_str(Self::INITRD),
+            BootStep::NodeScript(m) => write!(f, "{}.ipxe", m.hyphenated()),
+        }
+    }
 }
 
 /// What the node book says of a node (shown beside its phase).
@@ -59,8 +111,8 @@ pub enum NodeEvent {
         arch: Arch,
         /// Vendor class (option 60), lossy UTF-8.
         vendor_class: Option<String>,
-        /// The DHCP message type (`Discover`, `Request`, ...).
-        kind: String,
+        /// The DHCP message type.
+        kind: DhcpKind,
     },
     /// A boot file was sent. TFTP and HTTP see only the client's address; the registry maps
     /// it to a MAC from what DHCP told it, unless the request named the node.
@@ -69,8 +121,8 @@ pub enum NodeEvent {
         ip: Ipv4Addr,
         /// The node, when the file names it (per-node script, `?mac=`).
         mac: Option<MacAddr>,
-        /// The file's key (`undionly.kpxe`, `vmlinuz`, `52-54-...ipxe`).
-        file: String,
+        /// The file, shown by its key (`undionly.kpxe`, `vmlinuz`, `52-54-...ipxe`).
+        file: BootStep,
         /// Size in bytes.
         size: u64,
         /// TFTP or HTTP.
@@ -80,8 +132,8 @@ pub enum NodeEvent {
     Announce {
         /// Peer address.
         ip: Ipv4Addr,
-        /// Hex info-hash.
-        info_hash: String,
+        /// The torrent announced.
+        info_hash: InfoHash,
         /// Bytes downloaded (the peer's own count).
         downloaded: u64,
         /// Bytes uploaded.
@@ -211,6 +263,22 @@ impl Default for EventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_steps_show_as_the_keys_they_are_asked_by() {
+        let mac = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let rows = [
+            (BootStep::Loader(Loader::Undionly), "undionly.kpxe"),
+            (BootStep::PxelinuxCfg(None), "pxelinux.cfg/default"),
+            (BootStep::PxelinuxCfg(Some(mac)), "pxelinux.cfg/01-52-54-00-12-34-56"),
+            (BootStep::Kernel, "vmlinuz"),
+            (BootStep::Initrd, "initrd.img"),
+            (BootStep::NodeScript(mac), "52-54-00-12-34-56.ipxe"),
+        ];
+        for (step, key) in rows {
+            assert_eq!(step.to_string(), key);
+        }
+    }
 
     #[test]
     fn a_full_queue_drops_and_counts_without_waiting() {

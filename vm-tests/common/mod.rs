@@ -154,6 +154,21 @@ impl Proc {
         assert!(ok.is_some(), "{} never logged {needle:?}:\n{}", self.name, self.log_text());
     }
 
+    /// Waits until a line of the log (colours stripped) satisfies `pred` and returns it; panics
+    /// with the log after `timeout`, or if the process exits first. `what` names the wait.
+    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let line = wait_for(timeout, || {
+            if let Some(l) = strip_ansi(&self.log_text()).lines().find(|l| pred(l)) {
+                return Some(l.to_owned());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{} exited ({st}) before {what}:\n{}", self.name, self.log_text());
+            }
+            None
+        });
+        line.unwrap_or_else(|| panic!("{} never logged {what} within {timeout:?}:\n{}", self.name, self.log_text()))
+    }
+
     /// Waits for the process to exit within `timeout`; kills it and panics otherwise.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         match wait_for(timeout, || self.child.try_wait().ok().flatten()) {
@@ -403,4 +418,38 @@ pub fn chromium(lab: &Lab, h: usize, url: &str, shot: Option<&Path>) -> String {
         assert!(out.status.success() && shot.is_file(), "chromium --screenshot: {}", String::from_utf8_lossy(&out.stderr));
     }
     String::from_utf8_lossy(&dom.stdout).into_owned()
+}
+
+/// utime + stime of a process (all its threads; a zombie's too) in seconds, from
+/// `/proc/PID/stat` at the kernel's clock rate `sysconf(_SC_CLK_TCK)`; None once it is reaped.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count from its end.
+    // utime and stime are fields 14 and 15 of proc_pid_stat(5); after ") " comes field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    // SAFETY: sysconf has no preconditions and touches no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (f.len() == 2 && hz > 0).then(|| (f[0] + f[1]) as f64 / hz as f64)
+}
+
+/// Removes a directory (a lab's archives, copies and state) when the test passes; a failed
+/// test keeps it for reading. Declare it after the Lab, so it drops after every Proc.
+pub struct RemoveOnSuccess(pub PathBuf);
+
+impl Drop for RemoveOnSuccess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Writes `n` random bytes to `path` and returns them.
+pub fn random_file(path: &Path, n: u64) -> Vec<u8> {
+    use rand::RngCore;
+    let mut data = vec![0u8; usize::try_from(n).expect("size fits memory")];
+    rand::rng().fill_bytes(&mut data);
+    fs::write(path, &data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    data
 }

@@ -161,7 +161,7 @@ fn dhcp_run(st: &mut State, input: &[u8]) -> u64 {
         Decision::Record(c) => format!("record {}", variant(&format!("{c:?}"))),
         Decision::Ignore(w) => format!("ignore {}", shape(&format!("{w:?}"))),
     };
-    sig((format!("{:?}", client.firmware), what))
+    sig((format!("{:?}", client.stage), what))
 }
 
 // ---------------------------------------------------------------------------------------------

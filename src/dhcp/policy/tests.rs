@@ -141,8 +141,7 @@ fn discover_rows_per_firmware() {
 
 #[test]
 fn tftp_disabled_gives_address_but_notes_it() {
-    let mut cfg = config("answer = \"pxe\"");
-    cfg.tftp.enable = false;
+    let cfg = config("answer = \"pxe\"\n[tftp]\nenable = false");
     let p = Policy::new(&cfg, &iface());
     match run(&p, &Leases::new(), MessageType::Discover, MAC, pxe(0)) {
         Decision::Reply { note: Some(Why::TftpDisabled), msg, .. } => assert!(!msg.opts().contains(OptionCode::BootfileName)),

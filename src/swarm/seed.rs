@@ -75,12 +75,22 @@ pub enum SeedError {
     #[error("two archives are named {0}")]
     DuplicateName(ImageName),
     /// Creating the .torrent (hashing the archive) failed.
-    #[error("creating the torrent of {path}: {why}")]
+    #[error("creating the torrent of {path}")]
     CreateTorrent {
         /// The archive.
         path: PathBuf,
-        /// The builder's message.
-        why: String,
+        /// The builder's error.
+        #[source]
+        source: crate::image::error::ImageError,
+    },
+    /// The task hashing the archive failed (panicked).
+    #[error("creating the torrent of {path}: the hashing task")]
+    CreateTorrentTask {
+        /// The archive.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: tokio::task::JoinError,
     },
     /// Torrent bytes that do not parse or describe something other than one file.
     #[error("torrent of {name}")]
@@ -171,7 +181,7 @@ pub fn restamp(served: &[Served], announce: &str, cache_dir: &Path) -> Result<()
 /// Makes the .torrent of an archive: `(archive, file name in the torrent, announce URL)` →
 /// torrent bytes. Handed in by the caller (the appliance uses the image store's builder), so one
 /// builder makes every torrent the appliance publishes. Called on a blocking thread.
-pub type TorrentMaker = Arc<dyn Fn(&Path, &str, &str) -> Result<Vec<u8>, String> + Send + Sync>;
+pub type TorrentMaker = Arc<dyn Fn(&Path, &str, &str) -> Result<Vec<u8>, crate::image::error::ImageError> + Send + Sync>;
 
 /// Builds [`Served`] for an archive named in the configuration: loads its .torrent from the
 /// cache in `cache_dir` when the archive's size, mtime and the announce URL are unchanged,
@@ -213,8 +223,8 @@ pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path, make: &To
     let (make, path, ann) = (make.clone(), archive.to_owned(), announce.to_owned());
     let bytes = tokio::task::spawn_blocking(move || make(&path, &file_name, &ann))
         .await
-        .map_err(|e| SeedError::CreateTorrent { path: archive.into(), why: e.to_string() })?
-        .map_err(|why| SeedError::CreateTorrent { path: archive.into(), why })?;
+        .map_err(|source| SeedError::CreateTorrentTask { path: archive.into(), source })?
+        .map_err(|source| SeedError::CreateTorrent { path: archive.into(), source })?;
     let ti = torrent::parse(&bytes).map_err(|source| SeedError::BadTorrent { name: name.clone(), source })?;
     let info_hash = InfoHash(ti.info_hash);
     info!(%name, %info_hash, size = ti.size, elapsed_ms = t0.elapsed().as_millis() as u64, "torrent created");
@@ -440,7 +450,7 @@ mod tests {
         let cache = dir.path().join("cache");
         // The appliance's builder (app.rs hands the image store's in the same way).
         let make: TorrentMaker = Arc::new(|p: &Path, name: &str, ann: &str| {
-            crate::image::torrent::make(p, name, ann).map(|t| t.bytes).map_err(|e| e.to_string())
+            crate::image::torrent::make(p, name, ann).map(|t| t.bytes)
         });
         let a = prepare(&archive, "http://10.0.0.1:80/announce", &cache, &make).await.unwrap();
         assert_eq!((a.name.as_str(), a.size), ("img", 3 << 20));

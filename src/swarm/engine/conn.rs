@@ -118,6 +118,13 @@ pub(super) fn apply(st: &mut St, acts: &mut Vec<Action>) -> Vec<Action> {
     later
 }
 
+/// A connection's span (`peer{addr}` under the engine's); while debug spans are off, the
+/// engine's own span, so that what a connection logs still names its torrent.
+fn peer_span(sh: &Shared, addr: SocketAddr, outgoing: bool) -> tracing::Span {
+    let span = tracing::debug_span!(parent: &sh.span, "peer", %addr, outgoing);
+    if span.is_disabled() { sh.span.clone() } else { span }
+}
+
 /// Starts what [`apply`] left: a hash on the blocking pool, a dial. (Writes are done by the
 /// connection that received the block, in [`read_loop`].)
 pub(super) fn spawn_later(sh: &Arc<Shared>, later: Vec<Action>) {
@@ -128,8 +135,7 @@ pub(super) fn spawn_later(sh: &Arc<Shared>, later: Vec<Action>) {
                 sh.tasks.spawn(sh.span.clone(), "verify", super::verify(sh2, piece, blocks));
             }
             Action::Dial(addr) => {
-                let span = tracing::debug_span!(parent: &sh.span, "peer", %addr, outgoing = true);
-                sh.tasks.spawn(span, "dial", connect(sh.clone(), addr));
+                sh.tasks.spawn(peer_span(sh, addr, true), "dial", connect(sh.clone(), addr));
             }
             other => debug!(?other, "action out of place: ignored"),
         }
@@ -176,8 +182,7 @@ pub(super) async fn accept_loop(sh: Arc<Shared>, l: TcpListener) {
         }
         sh.handshakes.fetch_add(1, Ordering::Relaxed);
         let sh2 = sh.clone();
-        let span = tracing::debug_span!(parent: &sh.span, "peer", %addr, outgoing = false);
-        sh.tasks.spawn(span, "peer", async move {
+        sh.tasks.spawn(peer_span(&sh, addr, false), "peer", async move {
             let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&sh2, s, false)).await;
             sh2.handshakes.fetch_sub(1, Ordering::Relaxed);
             match r {
@@ -202,6 +207,12 @@ async fn handshake(sh: &Shared, mut s: TcpStream, outgoing: bool) -> Result<(Tcp
         return Err(HandshakeError::OtherTorrent);
     }
     if hs.peer_id == sh.peer_id {
+        if !outgoing {
+            // We dialled ourselves: answer with our handshake anyway (best effort), so that the
+            // dialling side sees its own peer id and stops dialling this address, instead of an
+            // early end of stream that it would retry forever.
+            let _ = s.write_all(&ours).await;
+        }
         return Err(HandshakeError::Ourselves);
     }
     if !outgoing {
@@ -259,7 +270,7 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
         spawn_later(&sh, later);
         key
     };
-    debug!(key, "peer connected");
+    debug!(%addr, key, outgoing, "peer connected");
     let writer = sh.tasks.spawn(tracing::Span::current(), "peer writer", write_loop(sh.clone(), wr, rx, queued_up, up.clone(), close.clone()));
     let why = read_loop(&sh, key, rd, &close).await;
     close.cancel();
@@ -268,7 +279,7 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
         st.io.remove(&key);
         let mut acts = Vec::new();
         if let Some(p) = st.core.disconnect(Instant::now(), key, known, &mut acts) {
-            debug!(key, down = p.down, up = up.load(Ordering::Relaxed), why, "peer gone");
+            debug!(%addr, key, down = p.down, up = up.load(Ordering::Relaxed), why, "peer gone");
         }
         let later = apply(&mut st, &mut acts);
         drop(st);

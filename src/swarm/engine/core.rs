@@ -214,6 +214,11 @@ impl Core {
         self.cooloff.holds(ip, now)
     }
 
+    /// Whether `addr` answered with our own peer id (never dialled again).
+    pub fn is_self(&self, addr: &SocketAddr) -> bool {
+        self.known.get(addr).is_some_and(|k| k.is_self)
+    }
+
     /// A sequential reader waits at `piece`: the next `n` pieces become the first choice.
     pub fn set_window(&mut self, piece: u32, n: u32) {
         self.picker.set_window(piece, n);

@@ -709,6 +709,45 @@ mod tests {
         t.cancel();
     }
 
+    /// An address of our own (the tracker hands out every peer, a node's own address among
+    /// them when it listens on another) answers with our peer id: the typed
+    /// `HandshakeError::Ourselves` marks it, and it is never dialled again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_address_of_our_own_is_recognised_and_not_dialled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(200_000);
+        let t = CancellationToken::new();
+        let e = Engine::start(meta_of(&d), &dir.path().join("x"), opts(vec![]), &t).await.unwrap();
+        let me = SocketAddr::from(([127, 0, 0, 1], e.port()));
+        e.sh.lock().core.add_known(&[SocketAddrV4::new(Ipv4Addr::LOCALHOST, e.port())], None);
+        within(async {
+            while !e.sh.lock().core.is_self(&me) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(e.stats().peers, 0, "no connection to ourselves stays");
+        t.cancel();
+    }
+
+    /// `stop` cancels and joins every task of the engine (accept, tick, connections, writers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_joins_every_task_of_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(1024 * 1024);
+        std::fs::write(dir.path().join("s"), &d).unwrap();
+        let t = CancellationToken::new();
+        let seed = Engine::start(meta_of(&d), &dir.path().join("s"), opts(vec![]), &t).await.unwrap();
+        let l = Engine::start(meta_of(&d), &dir.path().join("l"), opts(vec![local(seed.port())]), &t).await.unwrap();
+        within(l.wait_complete()).await.unwrap();
+        let sh = seed.sh.clone();
+        // accept + tick + the connection's reader and writer, at least.
+        assert!(sh.tasks.len() >= 4, "{} tasks", sh.tasks.len());
+        within(seed.stop()).await;
+        assert!(sh.tasks.is_empty(), "{} tasks left after stop", sh.tasks.len());
+        t.cancel();
+    }
+
     /// A connection whose queue is full (its peer does not read) is closed, not queued to
     /// without bound.
     #[tokio::test]

@@ -393,7 +393,7 @@ async fn start_swarm(
     let mut served = BTreeMap::new();
     // One torrent builder for everything the appliance publishes: the image store's.
     let make: swarm::seed::TorrentMaker = Arc::new(|archive: &Path, name: &str, announce: &str| {
-        crate::image::torrent::make(archive, name, announce).map(|t| t.bytes).map_err(|e| format!("{e:#}"))
+        crate::image::torrent::make(archive, name, announce).map(|t| t.bytes)
     });
     for a in archives {
         let s = swarm::seed::prepare(a, &announce, &swarm_dir.join("torrents"), &make).await?;

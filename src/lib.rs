@@ -2,9 +2,41 @@
 //! (DHCP/PXE, TFTP, HTTP, image store, BitTorrent tracker and seed) and, inside the clients'
 //! initramfs, into their installer.
 //!
-//! # Layout
-//! One module per arrow of the data flow (see `../shared/ARCHITECTURE.md` in the project's
-//! workspace and README.md); `app` is where they meet.
+//! # Layout: the path a node takes
+//! One module per arrow of the data flow; `app` starts the services and is where they meet.
+//! Read the modules in the order a node meets them:
+//!
+//! ```text
+//!  power on ── DHCP (PXE ROM, arch 93) ──▶ dhcp       classify (which stage asks) → policy
+//!                                                      (pure decide) → leases (journal) →
+//!                                                      service (socket loop), probe/arp/guard
+//!          ── TFTP: iPXE loader        ──▶ boot       tftp, file (what a node may fetch)
+//!          ── DHCP again as iPXE       ──▶ dhcp       the boot script URL
+//!          ── HTTP: script, kernel,    ──▶ boot       script (iPXE/pxelinux text), http
+//!             initrd (+ signing key)
+//!  installer (same binary, initramfs)  ──▶ install    cmdline → plan fetch → seal (signature,
+//!                                                      manifest) → disk → swarm download
+//!                                                      unpacked as it arrives → settings →
+//!                                                      bootloader → report → seed → reboot
+//!          ── GET /api/nodes/<mac>/plan ─▶ plan       pure planner (mod) + route (http),
+//!                                                      nodes (records, enrolment, tokens)
+//!          ── tracker, pieces          ──▶ swarm      tracker (+ tracker_http), seed (the
+//!                                                      appliance's librqbit seed), engine (the
+//!                                                      nodes' client: core = pure decisions,
+//!                                                      picker, guard, wire; conn, file,
+//!                                                      announce = thin I/O), fetch
+//!          ── progress reports         ──▶ monitor    registry (state machine) → dashboard,
+//!                                                      metrics, report (JSON + charts)
+//!  the images themselves               ──▶ image      store (trees, archives), scan → pack
+//!                                                      (tar.zst + manifest), torrent, sign,
+//!                                                      unpack (hostile-archive safe)
+//! ```
+//!
+//! Beside the path: `types` (values every module shares: MAC, image names, info-hashes, the
+//! node API, events), `config` + `cli` (one validated `Config`), `net` (interfaces, sockets,
+//! the one HTTP client), `task` (named, traced, cancellable tasks), `http_serve` (the bounded
+//! HTTP server), `private_file` (secrets on disk). Protocol logic is pure functions over parsed
+//! messages, with table tests; sockets, files and clocks stay in thin loops around them.
 //!
 //! # Who may import whom
 //! A module imports only the modules listed for it (test code aside); the test
@@ -40,9 +72,6 @@ pub mod image;
 pub mod install;
 pub mod monitor;
 pub mod net;
-/// The node API's types now live in [`types::node_api`]; this path stays for one step so
-/// files outside this change keep compiling.
-pub use types::node_api;
 pub mod nodes;
 pub mod plan;
 pub mod private_file;
@@ -93,8 +122,7 @@ mod tests {
                     continue; // `si_appliance_crate::`, not ours
                 }
                 let name: String = code[i + 7..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-                // `crate::node_api` is the old path of `types::node_api`.
-                out.insert(if name == "node_api" { "types".to_owned() } else { name });
+                out.insert(name);
             }
         }
         out
@@ -133,7 +161,7 @@ mod tests {
 
     #[test]
     fn the_import_scanner_sees_code_and_skips_comments_and_tests() {
-        let text = "use crate::types::MacAddr;\n// crate::app in a comment\nlet x = crate::node_api::Phase::Dhcp;\n#[cfg(test)]\nmod tests { use crate::install; }\n";
+        let text = "use crate::types::MacAddr;\n// crate::app in a comment\nlet x = crate::types::node_api::Phase::Dhcp;\n#[cfg(test)]\nmod tests { use crate::install; }\n";
         assert_eq!(imports(text), ["types".to_owned()].into_iter().collect());
         assert!(imports("fn f() { crate::dhcp::run() }").contains("dhcp"));
     }

@@ -25,7 +25,10 @@
 //! Mbit/s (default 100), `S` archive size in MiB (default 64), `METHODS` (default
 //! `http,ours,aria2c`; a method may repeat), `SWARM` extra `[swarm]` lines for the appliance in
 //! the `ours` runs (design experiments; `||` separates variants for successive `ours` runs, e.g.
-//! `METHODS=ours,ours SWARM='seed_peers = 0||seed_peers = 2'`), `KEEP=1` keeps the logs, `FETCH_LOG` is the clients' RUST_LOG (default info), `CAP` seconds a method may run at most (default
+//! `METHODS=ours,ours SWARM='seed_peers = 0||seed_peers = 2'`), `BINS` the clients' binary per `ours`
+//! run, `||`-separated and cycled like `SWARM`, empty = the one built (before/after in one run:
+//! `METHODS=ours,ours BINS='/var/tmp/si-appliance-before||'`; the appliance is always the one
+//! built), `KEEP=1` keeps the logs, `FETCH_LOG` is the clients' RUST_LOG (default info), `CAP` seconds a method may run at most (default
 //! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so).
 #[path = "common/mod.rs"]
 mod common;
@@ -122,12 +125,13 @@ struct Opts {
     size: u64,
     methods: Vec<String>,
     swarm_extra: String,
+    bins: String,
     cap: Option<f64>,
 }
 
 fn opts() -> Opts {
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
-    for k in ["N", "C", "S", "METHODS", "SWARM", "CAP"] {
+    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.into(), v);
         }
@@ -144,6 +148,7 @@ fn opts() -> Opts {
         size: num("S", 64).clamp(1, 4096) * MIB,
         methods: kv.get("METHODS").map_or("http,ours,aria2c", |s| s.as_str()).split(',').map(|s| s.trim().to_owned()).collect(),
         swarm_extra: kv.get("SWARM").cloned().unwrap_or_default().replace("\\n", "\n"),
+        bins: kv.get("BINS").cloned().unwrap_or_default(),
         cap: kv.get("CAP").and_then(|v| v.parse().ok()),
     }
 }
@@ -363,6 +368,11 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize)
     // `SWARM` may hold variants separated by `||`, one per `ours` run (cycled).
     let variants: Vec<&str> = o.swarm_extra.split("||").map(str::trim).collect();
     let extra = variants[k % variants.len()];
+    let bins: Vec<&str> = o.bins.split("||").map(str::trim).collect();
+    let bin = match bins[k % bins.len()] {
+        "" => appliance_bin().to_owned(),
+        b => b.to_owned(),
+    };
     let appliance = start_appliance(lab, 0, &format!("r{}-app-ours", run_no()), &appliance_config(lab, &format!("r{}-o", run_no()), archive, o.n, extra), &[]);
     register(&appliance);
     let pids = [appliance.child.id()];
@@ -372,7 +382,7 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize)
     let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-ours-c{h}", run_no()))).join("img.tar.zst")).collect();
     let mut clients: Vec<Proc> = (1..=o.n)
         .map(|h| {
-            let mut c = lab.hosts[h].cmd(appliance_bin());
+            let mut c = lab.hosts[h].cmd(&bin);
             c.args(["fetch", "--server", &srv, "--image", "img", "--iface", "eth0", "--seed-until-done", "--seed-for", "900s", "--out"])
                 .arg(&outs[h - 1])
                 .env("RUST_LOG", std::env::var("FETCH_LOG").unwrap_or_else(|_| "info".into()));
@@ -399,7 +409,10 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize)
     for p in &outs {
         let _ = fs::remove_file(p);
     }
-    let method = if extra.is_empty() { "ours".into() } else { format!("ours ({})", extra.replace('\n', "; ")) };
+    let mut method = if extra.is_empty() { "ours".into() } else { format!("ours ({})", extra.replace('\n', "; ")) };
+    if bin != appliance_bin() {
+        method.push_str(&format!(" [{bin}]"));
+    }
     Outcome { method, done, seed_tx, server, clients: seen, busy_frac: busy, wall, bad_copies: bad, note, ..Default::default() }
 }
 

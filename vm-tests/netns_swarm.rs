@@ -592,7 +592,7 @@ fn a_rogue_peer_on_alias_addresses_is_banned_and_the_seed_never_is() {
     let cfg = config(&lab, "r", &archive, "upload_limit = 4194304");
     let _appliance = start_appliance(&lab, app, "appliance", &cfg, &[]);
     let torrent = curl(&lab, rogue, "http://10.69.8.1:8080/torrents/rg.torrent", &[]);
-    let ti = si_appliance::swarm::seed::torrent_info(&torrent).expect("torrent");
+    let ti = si_appliance::image::torrent::parse(&torrent).expect("torrent");
     let (pieces, piece_len) = (ti.hashes.len(), ti.piece_len);
 
     // The rogue: a listener per alias address, inside the rogue host's namespace.

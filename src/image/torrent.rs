@@ -111,6 +111,165 @@ fn build(name: &str, announce: &str, size: u64, plen: u64, pieces: &[u8]) -> Tor
     Torrent { bytes, info_hash, piece_length: plen }
 }
 
+/// Why a .torrent cannot be used by the swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum TorrentError {
+    /// Not bencode, or not a dictionary with an `info` dictionary.
+    #[error("not a torrent: {0}")]
+    NotBencode(&'static str),
+    /// The info dictionary lacks a key or has one of the wrong type.
+    #[error("not a torrent: its info dictionary")]
+    Info(#[source] serde_bencode::Error),
+    /// A multi-file torrent (an image is one archive).
+    #[error("a multi-file torrent (an image is one archive)")]
+    MultiFile,
+    /// No `length`.
+    #[error("no length")]
+    NoLength,
+    /// The name is not UTF-8.
+    #[error("name is not UTF-8")]
+    NameNotUtf8,
+    /// The name is not one plain path component.
+    #[error("name {0:?} is not a plain file name")]
+    NameNotPlain(String),
+    /// The piece hashes do not fit the length and the piece length.
+    #[error("{hashes} bytes of piece hashes for {size} bytes in pieces of {piece_len}")]
+    Pieces {
+        /// Bytes of hashes.
+        hashes: usize,
+        /// File length.
+        size: u64,
+        /// Piece length.
+        piece_len: u64,
+    },
+}
+
+/// What a torrent file says, as far as the swarm needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TorrentInfo {
+    /// Info-hash: SHA-1 of the info dictionary's bytes exactly as they are in the file.
+    pub info_hash: [u8; 20],
+    /// The single file's name.
+    pub file_name: String,
+    /// Its length.
+    pub size: u64,
+    /// Piece length.
+    pub piece_len: u32,
+    /// SHA-1 of every piece (as many as the length needs).
+    pub hashes: Vec<[u8; 20]>,
+}
+
+/// The keys of an info dictionary the swarm reads (others are ignored, and hashed as they are).
+#[derive(serde::Deserialize)]
+struct InfoIn {
+    length: Option<u64>,
+    #[serde(default, with = "serde_bytes")]
+    name: Option<Vec<u8>>,
+    #[serde(rename = "piece length")]
+    piece_length: u64,
+    #[serde(with = "serde_bytes")]
+    pieces: Vec<u8>,
+    files: Option<serde_bencode::value::Value>,
+}
+
+/// Deepest nesting of lists and dictionaries accepted (a hostile file must not exhaust the stack).
+const MAX_DEPTH: usize = 32;
+
+/// The end (exclusive) of the bencoded value that starts at `at`.
+fn value_end(b: &[u8], at: usize, depth: usize) -> Result<usize, TorrentError> {
+    let bad = TorrentError::NotBencode;
+    match b.get(at).copied() {
+        Some(b'i') => {
+            let end = at + 1 + b.get(at + 1..).and_then(|r| r.iter().position(|c| *c == b'e')).ok_or(bad("an unterminated integer"))?;
+            let digits = &b[at + 1..end];
+            let digits = digits.strip_prefix(b"-").unwrap_or(digits);
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(bad("a malformed integer"));
+            }
+            Ok(end + 1)
+        }
+        Some(b'l' | b'd') => {
+            if depth >= MAX_DEPTH {
+                return Err(bad("nested too deep"));
+            }
+            let mut i = at + 1;
+            while b.get(i) != Some(&b'e') {
+                if b.get(i).is_none() {
+                    return Err(bad("an unterminated list or dictionary"));
+                }
+                i = value_end(b, i, depth + 1)?;
+            }
+            Ok(i + 1)
+        }
+        Some(c) if c.is_ascii_digit() => {
+            let colon = at + b[at..].iter().position(|c| *c == b':').ok_or(bad("a string without its length"))?;
+            let len: usize = std::str::from_utf8(&b[at..colon]).ok().and_then(|s| s.parse().ok()).ok_or(bad("a malformed string length"))?;
+            let end = colon.checked_add(1 + len).filter(|e| *e <= b.len()).ok_or(bad("a string past the end"))?;
+            Ok(end)
+        }
+        _ => Err(bad("an unexpected byte")),
+    }
+}
+
+/// The raw bytes of the top-level dictionary's `info` value (hashed as they are: re-encoding
+/// could reorder or drop keys and change the info-hash).
+fn raw_info(b: &[u8]) -> Result<&[u8], TorrentError> {
+    let bad = TorrentError::NotBencode;
+    if b.first() != Some(&b'd') {
+        return Err(bad("not a dictionary"));
+    }
+    let mut info = None;
+    let mut i = 1;
+    while b.get(i) != Some(&b'e') {
+        if !b.get(i).is_some_and(u8::is_ascii_digit) {
+            return Err(bad("a dictionary key that is not a string"));
+        }
+        let kend = value_end(b, i, 1)?;
+        let key = &b[i..kend];
+        let vend = value_end(b, kend, 1)?;
+        if key.ends_with(b":info") && key.starts_with(b"4:") {
+            info = Some(&b[kend..vend]);
+        }
+        i = vend;
+    }
+    if i + 1 != b.len() {
+        return Err(bad("bytes after the dictionary"));
+    }
+    let info = info.ok_or(bad("no info dictionary"))?;
+    if info.first() != Some(&b'd') {
+        return Err(bad("info is not a dictionary"));
+    }
+    Ok(info)
+}
+
+/// Parses .torrent bytes: a single-file v1 torrent whose name is one plain path component.
+/// The info-hash is the SHA-1 of the info dictionary's bytes as found in the file.
+///
+/// # Errors
+/// [`TorrentError`] naming what is wrong.
+pub fn parse(bytes: &[u8]) -> Result<TorrentInfo, TorrentError> {
+    let raw = raw_info(bytes)?;
+    let info: InfoIn = serde_bencode::from_bytes(raw).map_err(TorrentError::Info)?;
+    if info.files.is_some() {
+        return Err(TorrentError::MultiFile);
+    }
+    let size = info.length.ok_or(TorrentError::NoLength)?;
+    let name = info.name.ok_or(TorrentError::NameNotPlain(String::new()))?;
+    let file_name = String::from_utf8(name).map_err(|_| TorrentError::NameNotUtf8)?;
+    let mut comps = Path::new(&file_name).components();
+    if !matches!((comps.next(), comps.next()), (Some(std::path::Component::Normal(_)), None)) {
+        return Err(TorrentError::NameNotPlain(file_name));
+    }
+    let piece_len = info.piece_length;
+    let n = if piece_len == 0 { 0 } else { size.div_ceil(piece_len) };
+    let pieces_bad = || TorrentError::Pieces { hashes: info.pieces.len(), size, piece_len };
+    if piece_len == 0 || piece_len > u32::MAX as u64 || info.pieces.len() as u64 != n * 20 {
+        return Err(pieces_bad());
+    }
+    let hashes = info.pieces.chunks_exact(20).map(|c| c.try_into().unwrap_or([0; 20])).collect();
+    Ok(TorrentInfo { info_hash: Sha1::digest(raw).into(), file_name, size, piece_len: piece_len as u32, hashes })
+}
+
 /// The info-hash (hex) of a .torrent this module wrote (`info` is its last key).
 pub fn info_hash_of(torrent: &[u8]) -> Option<String> {
     let at = torrent.windows(6).position(|w| w == b"4:info")? + 6;
@@ -146,6 +305,56 @@ mod tests {
         .concat();
         assert_eq!(t.bytes, expect);
         assert_eq!(t.info_hash, hex::encode(Sha1::digest(&expect_info)));
+    }
+
+    #[test]
+    fn parse_reads_what_make_wrote_and_hashes_the_info_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("img.tar.zst");
+        std::fs::write(&f, vec![3u8; (1 << 20) + 5]).unwrap();
+        let t = make(&f, "img.tar.zst", "http://10.0.0.1:80/announce").unwrap();
+        let ti = parse(&t.bytes).unwrap();
+        assert_eq!(hex::encode(ti.info_hash), t.info_hash);
+        assert_eq!((ti.file_name.as_str(), ti.size, ti.piece_len as u64), ("img.tar.zst", (1 << 20) + 5, t.piece_length));
+        assert_eq!(ti.hashes.len(), 5);
+        assert_eq!(ti.hashes[4], <[u8; 20]>::from(Sha1::digest([3u8; 5])));
+    }
+
+    /// Keys the parser does not read, in an order serde would not write, stay in the hash:
+    /// the info-hash is that of the bytes in the file, not of a re-encoding.
+    #[test]
+    fn the_info_hash_covers_unknown_keys_as_they_are() {
+        let info = [&b"d6:lengthi5e4:name1:x12:piece lengthi16384e6:pieces20:"[..], &[7; 20], b"7:privatei1e3:zzzli1ei2eee"].concat();
+        let t = [&b"d8:announce3:abc4:info"[..], &info, b"7:comment2:hie"].concat();
+        let ti = parse(&t).unwrap();
+        assert_eq!(ti.info_hash, <[u8; 20]>::from(Sha1::digest(&info)));
+        assert_eq!(ti.hashes, vec![[7u8; 20]]);
+    }
+
+    #[test]
+    fn unusable_torrents_are_refused_with_the_reason() {
+        let info = |body: &[u8]| [&b"d4:info"[..], body, b"e"].concat();
+        let one = [&b"d6:lengthi5e4:name1:x12:piece lengthi16384e6:pieces20:"[..], &[7; 20], b"e"].concat();
+        assert!(parse(&info(&one)).is_ok());
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"garbage".to_vec(), "not a torrent"),
+            (b"d4:infoi3ee".to_vec(), "not a dictionary"),
+            (b"d3:foo3:bare".to_vec(), "no info"),
+            ([&info(&one)[..], b"x"].concat(), "after"),
+            (info(b"d4:name1:x12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaa5:fileslee"), "multi-file"),
+            (info(b"d4:name1:x12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaae"), "no length"),
+            (info(b"d6:lengthi5e4:name2:..12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaae"), "plain"),
+            (info(b"d6:lengthi5e4:name3:a/b12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaae"), "plain"),
+            (info(b"d6:lengthi5e4:name1:x12:piece lengthi16384e6:pieces19:aaaaaaaaaaaaaaaaaaae"), "piece hashes"),
+            (info(b"d6:lengthi5e4:name1:x12:piece lengthi0e6:pieces0:e"), "piece hashes"),
+            (info(b"d6:lengthi5e4:name1:x6:pieces0:e"), "info dictionary"),
+            (b"d4:info999:xe".to_vec(), "past the end"),
+            ([&b"d4:info"[..], &[b'l'; 100], &[b'e'; 101]].concat(), "nested"),
+        ];
+        for (bytes, want) in cases {
+            let e = parse(&bytes).expect_err(want);
+            assert!(e.to_string().contains(want), "{e} (wanted {want:?}) for {:?}", String::from_utf8_lossy(&bytes));
+        }
     }
 
     #[test]

@@ -164,7 +164,7 @@ impl From<DeploymentView> for super::registry::Deployment {
         let mut d = super::registry::Registry::new(0, 0, 0).deployment(0, v.dropped_events, 0);
         d.nodes = v.nodes;
         for (k, n) in v.phases {
-            if let Some(p) = crate::node_api::Phase::ALL.iter().find(|p| p.as_str() == k) {
+            if let Some(p) = crate::types::node_api::Phase::ALL.iter().find(|p| p.as_str() == k) {
                 d.phases.insert(p.as_str(), n);
             }
         }

@@ -246,6 +246,9 @@ async fn download_and_seed(
         let mut tick = tokio::time::interval(opts.progress_every);
         loop {
             tokio::select! {
+                // CANCEL-SAFETY: `done` is pinned outside the loop and polled again, never
+                // rebuilt; a token, an interval tick (not consumed unless returned) and a sleep
+                // until a fixed deadline hold nothing.
                 biased;
                 _ = token.cancelled() => return Err(FetchError::Interrupted(name.clone())),
                 r = &mut done => { r.map_err(engine_err(name))?; break; }
@@ -281,6 +284,8 @@ async fn download_and_seed(
         let mut tick = tokio::time::interval(opts.progress_every);
         loop {
             tokio::select! {
+                // CANCEL-SAFETY: a sleep until a fixed deadline, a token and interval ticks hold
+                // nothing; the appliance is asked in the arm's body, not raced.
                 _ = tokio::time::sleep_until(seed_deadline) => break,
                 _ = token.cancelled() => { stopped_because = "signal"; break; }
                 _ = tick.tick() => last = progress(name, engine, last),
@@ -447,6 +452,8 @@ impl SwarmStream {
         let mut poll = tokio::time::interval(DONE_POLL);
         loop {
             tokio::select! {
+                // CANCEL-SAFETY: a sleep until a fixed deadline, a token and an interval tick
+                // hold nothing; the appliance is asked in the arm's body, not raced.
                 _ = tokio::time::sleep_until(deadline) => return "seed-time-over",
                 _ = token.cancelled() => return "signal",
                 _ = poll.tick() => match swarm_view(self.server, &self.name).await {

@@ -23,7 +23,7 @@ use std::collections::HashSet;
 use std::error::Error as StdError;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::num::NonZeroU32;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::tracker::{Announce, Event, InfoHash};
+use crate::image::torrent::{self, TorrentError};
 use crate::types::ImageName;
 
 /// librqbit reports errors as `anyhow::Error`; they are kept as the source of our typed
@@ -62,7 +63,7 @@ pub enum SeedError {
     #[error("archive {0}: not a file path with a directory and a name")]
     ArchivePath(PathBuf),
     /// The image name derived from the archive's file name is not valid.
-    #[error("archive {path}: {source}")]
+    #[error("archive {path}")]
     Name {
         /// The archive.
         path: PathBuf,
@@ -74,20 +75,31 @@ pub enum SeedError {
     #[error("two archives are named {0}")]
     DuplicateName(ImageName),
     /// Creating the .torrent (hashing the archive) failed.
-    #[error("creating the torrent of {path}: {why}")]
+    #[error("creating the torrent of {path}")]
     CreateTorrent {
         /// The archive.
         path: PathBuf,
-        /// The builder's message.
-        why: String,
+        /// The builder's error.
+        #[source]
+        source: crate::image::error::ImageError,
+    },
+    /// The task hashing the archive failed (panicked).
+    #[error("creating the torrent of {path}: the hashing task")]
+    CreateTorrentTask {
+        /// The archive.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: tokio::task::JoinError,
     },
     /// Torrent bytes that do not parse or describe something other than one file.
-    #[error("torrent of {name}: {why}")]
+    #[error("torrent of {name}")]
     BadTorrent {
         /// The image.
         name: ImageName,
         /// What is wrong.
-        why: String,
+        #[source]
+        source: TorrentError,
     },
     /// The torrent cache in the state directory cannot be written.
     #[error("torrent cache {path}")]
@@ -134,48 +146,6 @@ pub struct Served {
     pub size: u64,
 }
 
-/// What a torrent file says, as far as the swarm needs it.
-#[derive(Clone, Debug)]
-pub struct TorrentInfo {
-    /// Info-hash.
-    pub info_hash: InfoHash,
-    /// The single file's name.
-    pub file_name: String,
-    /// Its length.
-    pub size: u64,
-    /// Piece length.
-    pub piece_len: u32,
-    /// SHA-1 of every piece (as many as the length needs).
-    pub hashes: Vec<[u8; 20]>,
-}
-
-/// Parses torrent bytes: a single-file v1 torrent whose name is one plain path component.
-///
-/// # Errors
-/// A description of what is wrong (the caller wraps it with the image's name).
-pub fn torrent_info(bytes: &[u8]) -> Result<TorrentInfo, String> {
-    let t = librqbit::torrent_from_bytes(bytes).map_err(|e| format!("not a torrent: {e}"))?;
-    let info = &t.info.data;
-    if info.files.is_some() {
-        return Err("a multi-file torrent (an image is one archive)".into());
-    }
-    let size = info.length.ok_or("no length")?;
-    let name = info.name.as_ref().ok_or("no name")?;
-    let file_name = std::str::from_utf8(name.as_ref()).map_err(|_| "name is not UTF-8")?.to_owned();
-    let mut comps = Path::new(&file_name).components();
-    if !matches!((comps.next(), comps.next()), (Some(Component::Normal(_)), None)) {
-        return Err(format!("name {file_name:?} is not a plain file name"));
-    }
-    let pieces: &[u8] = info.pieces.as_ref();
-    let piece_len = info.piece_length;
-    let n = if piece_len == 0 { 0 } else { size.div_ceil(piece_len as u64) };
-    if piece_len == 0 || pieces.len() as u64 != n * 20 {
-        return Err(format!("{} bytes of piece hashes for {size} bytes in pieces of {piece_len}", pieces.len()));
-    }
-    let hashes = pieces.chunks_exact(20).map(|c| c.try_into().unwrap_or([0; 20])).collect();
-    Ok(TorrentInfo { info_hash: InfoHash(t.info_hash.0), file_name, size, piece_len, hashes })
-}
-
 /// The image name of an archive: its file name less `.tar.zst` (or the whole file name).
 ///
 /// # Errors
@@ -211,7 +181,7 @@ pub fn restamp(served: &[Served], announce: &str, cache_dir: &Path) -> Result<()
 /// Makes the .torrent of an archive: `(archive, file name in the torrent, announce URL)` →
 /// torrent bytes. Handed in by the caller (the appliance uses the image store's builder), so one
 /// builder makes every torrent the appliance publishes. Called on a blocking thread.
-pub type TorrentMaker = Arc<dyn Fn(&Path, &str, &str) -> Result<Vec<u8>, String> + Send + Sync>;
+pub type TorrentMaker = Arc<dyn Fn(&Path, &str, &str) -> Result<Vec<u8>, crate::image::error::ImageError> + Send + Sync>;
 
 /// Builds [`Served`] for an archive named in the configuration: loads its .torrent from the
 /// cache in `cache_dir` when the archive's size, mtime and the announce URL are unchanged,
@@ -235,10 +205,11 @@ pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path, make: &To
     let spath = cache_dir.join(format!("{name}.stamp"));
     if std::fs::read_to_string(&spath).ok().as_deref() == Some(stamp.as_str()) {
         if let Ok(bytes) = std::fs::read(&tpath) {
-            match torrent_info(&bytes) {
+            match torrent::parse(&bytes) {
                 Ok(ti) if ti.size == meta.len() => {
-                    info!(%name, info_hash = %ti.info_hash, "torrent loaded from cache");
-                    return Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash: ti.info_hash, size: ti.size });
+                    let info_hash = InfoHash(ti.info_hash);
+                    info!(%name, %info_hash, "torrent loaded from cache");
+                    return Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash, size: ti.size });
                 }
                 _ => warn!(%name, "cached torrent unusable, hashing again"),
             }
@@ -252,13 +223,14 @@ pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path, make: &To
     let (make, path, ann) = (make.clone(), archive.to_owned(), announce.to_owned());
     let bytes = tokio::task::spawn_blocking(move || make(&path, &file_name, &ann))
         .await
-        .map_err(|e| SeedError::CreateTorrent { path: archive.into(), why: e.to_string() })?
-        .map_err(|why| SeedError::CreateTorrent { path: archive.into(), why })?;
-    let ti = torrent_info(&bytes).map_err(|why| SeedError::BadTorrent { name: name.clone(), why })?;
-    info!(%name, info_hash = %ti.info_hash, size = ti.size, elapsed_ms = t0.elapsed().as_millis() as u64, "torrent created");
+        .map_err(|source| SeedError::CreateTorrentTask { path: archive.into(), source })?
+        .map_err(|source| SeedError::CreateTorrent { path: archive.into(), source })?;
+    let ti = torrent::parse(&bytes).map_err(|source| SeedError::BadTorrent { name: name.clone(), source })?;
+    let info_hash = InfoHash(ti.info_hash);
+    info!(%name, %info_hash, size = ti.size, elapsed_ms = t0.elapsed().as_millis() as u64, "torrent created");
     std::fs::write(&tpath, &bytes).map_err(cache_err(&tpath))?;
     std::fs::write(&spath, stamp).map_err(cache_err(&spath))?;
-    Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash: ti.info_hash, size: ti.size })
+    Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash, size: ti.size })
 }
 
 /// How the seed runs.
@@ -439,11 +411,28 @@ mod tests {
 
     #[test]
     fn torrent_names_must_be_plain_file_names() {
-        assert!(torrent_info(&torrent_named(b"a.tar.zst")).is_ok());
+        assert!(torrent::parse(&torrent_named(b"a.tar.zst")).is_ok());
         for bad in [&b"../x"[..], b"a/b", b"/abs", b".."] {
-            assert!(torrent_info(&torrent_named(bad)).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(torrent::parse(&torrent_named(bad)).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
-        assert!(torrent_info(b"garbage").is_err());
+        assert!(torrent::parse(b"garbage").is_err());
+    }
+
+    /// The engine's parser (serde_bencode, `image::torrent::parse`) and the seed's librqbit
+    /// agree on the info-hash: of the appliance's own torrents, and of one whose info dictionary
+    /// has keys neither reads, in the file's order.
+    #[test]
+    fn the_engine_and_librqbit_agree_on_info_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("img.tar.zst");
+        std::fs::write(&f, vec![9u8; 700_000]).unwrap();
+        let ours = crate::image::torrent::make(&f, "img.tar.zst", "http://10.0.0.1:80/announce").unwrap().bytes;
+        let info = [&b"d6:lengthi5e4:name1:x12:piece lengthi16384e6:pieces20:"[..], &[7; 20], b"7:privatei1e3:zzzli1ei2eee"].concat();
+        let odd = [&b"d8:announce3:abc4:info"[..], &info, b"7:comment2:hie"].concat();
+        for t in [ours, odd, torrent_named(b"a.tar.zst")] {
+            let lib = librqbit::torrent_from_bytes(&t).unwrap();
+            assert_eq!(torrent::parse(&t).unwrap().info_hash, lib.info_hash.0);
+        }
     }
 
     #[test]
@@ -461,7 +450,7 @@ mod tests {
         let cache = dir.path().join("cache");
         // The appliance's builder (app.rs hands the image store's in the same way).
         let make: TorrentMaker = Arc::new(|p: &Path, name: &str, ann: &str| {
-            crate::image::torrent::make(p, name, ann).map(|t| t.bytes).map_err(|e| e.to_string())
+            crate::image::torrent::make(p, name, ann).map(|t| t.bytes)
         });
         let a = prepare(&archive, "http://10.0.0.1:80/announce", &cache, &make).await.unwrap();
         assert_eq!((a.name.as_str(), a.size), ("img", 3 << 20));

@@ -463,6 +463,99 @@ fn pick_peers<R: rand::Rng>(swarm: &Swarm, a: &Announce, appliance: Option<Socke
     out
 }
 
+impl Event {
+    /// The query value (`None`: the key is left out).
+    pub fn as_query(self) -> Option<&'static str> {
+        match self {
+            Event::Started => Some("started"),
+            Event::Completed => Some("completed"),
+            Event::Stopped => Some("stopped"),
+            Event::None => None,
+        }
+    }
+}
+
+impl Announce {
+    /// The query string a client sends (`/announce?` + this): the inverse of
+    /// [`Announce::parse`] (the address is the connection's; only its port is sent), compact
+    /// peers asked for.
+    pub fn to_query(&self) -> String {
+        use percent_encoding::{NON_ALPHANUMERIC, percent_encode};
+        let mut q = format!(
+            "info_hash={}&peer_id={}&port={}&uploaded={}&downloaded={}&left={}&compact=1&numwant={}",
+            percent_encode(&self.info_hash.0, NON_ALPHANUMERIC),
+            percent_encode(&self.peer_id, NON_ALPHANUMERIC),
+            self.addr.port(),
+            self.uploaded,
+            self.downloaded,
+            self.left,
+            self.numwant,
+        );
+        if let Some(e) = self.event.as_query() {
+            q.push_str("&event=");
+            q.push_str(e);
+        }
+        q
+    }
+}
+
+/// Compact peers (BEP 23): 4 address bytes and 2 port bytes (big-endian) per peer.
+pub fn encode_compact(peers: &[SocketAddrV4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(peers.len() * 6);
+    for p in peers {
+        out.extend_from_slice(&p.ip().octets());
+        out.extend_from_slice(&p.port().to_be_bytes());
+    }
+    out
+}
+
+/// The inverse of [`encode_compact`]; a trailing partial entry is ignored.
+pub fn decode_compact(b: &[u8]) -> Vec<SocketAddrV4> {
+    b.chunks_exact(6).map(|c| SocketAddrV4::new(Ipv4Addr::new(c[0], c[1], c[2], c[3]), u16::from_be_bytes([c[4], c[5]]))).collect()
+}
+
+/// Re-announce interval a client uses when an answer gives none.
+pub const DEFAULT_CLIENT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Why an announce answer is not usable by a client.
+#[derive(Debug, thiserror::Error)]
+pub enum BadReply {
+    /// Not the bencoded dictionary of an answer.
+    #[error("tracker answer")]
+    Bencode(#[from] serde_bencode::Error),
+    /// The tracker refused (its `failure reason`).
+    #[error("tracker refused: {0}")]
+    Refused(String),
+}
+
+/// Decodes an announce answer (the client side of [`encode_reply`] and [`encode_failure`]):
+/// compact peers; an absent interval is [`DEFAULT_CLIENT_INTERVAL`].
+///
+/// # Errors
+/// [`BadReply`].
+pub fn decode_reply(body: &[u8]) -> Result<AnnounceReply, BadReply> {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        #[serde(rename = "failure reason")]
+        failure: Option<String>,
+        interval: Option<u64>,
+        complete: Option<u64>,
+        incomplete: Option<u64>,
+        #[serde(default, with = "serde_bytes")]
+        peers: Vec<u8>,
+    }
+    let w: Wire = serde_bencode::from_bytes(body)?;
+    if let Some(f) = w.failure {
+        return Err(BadReply::Refused(f));
+    }
+    Ok(AnnounceReply {
+        interval: w.interval.map_or(DEFAULT_CLIENT_INTERVAL, Duration::from_secs),
+        complete: w.complete.unwrap_or(0) as usize,
+        incomplete: w.incomplete.unwrap_or(0) as usize,
+        peers: decode_compact(&w.peers),
+    })
+}
+
 /// Bencoded announce answer (compact peers, BEP 23).
 pub fn encode_reply(r: &AnnounceReply) -> Vec<u8> {
     #[derive(Serialize)]
@@ -475,11 +568,7 @@ pub fn encode_reply(r: &AnnounceReply) -> Vec<u8> {
         #[serde(with = "serde_bytes")]
         peers: Vec<u8>,
     }
-    let mut peers = Vec::with_capacity(r.peers.len() * 6);
-    for p in &r.peers {
-        peers.extend_from_slice(&p.ip().octets());
-        peers.extend_from_slice(&p.port().to_be_bytes());
-    }
+    let peers = encode_compact(&r.peers);
     let secs = r.interval.as_secs().max(1);
     let w = Wire {
         complete: r.complete as u64,

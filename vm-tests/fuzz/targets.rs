@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use dhcproto::v4::{self, Architecture, DhcpOption, MessageType};
 use dhcproto::{Encodable, Encoder};
 use si_appliance::config::{Config, Enroll};
-use si_appliance::node_api::Phase;
+use si_appliance::types::node_api::Phase;
 use si_appliance::types::MacAddr;
 use si_appliance::dhcp::classify;
 use si_appliance::dhcp::leases::{self, Leases};

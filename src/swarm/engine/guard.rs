@@ -29,7 +29,7 @@ pub const FLAP_WINDOW: Duration = Duration::from_secs(10);
 pub const FLAP_COOLOFF: Duration = Duration::from_secs(60);
 
 /// Whether a connection that finished its handshake may stay.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admit {
     /// Register it.
     Yes,

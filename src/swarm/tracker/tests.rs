@@ -164,6 +164,45 @@ fn compact_reply_encoding() {
     assert!(s.starts_with(b"d5:filesd20:"));
 }
 
+/// The client's query (engine) and the tracker's parser are one codec: every event, raw
+/// info-hash and peer id bytes that need escaping, a port, counters.
+#[test]
+fn announce_queries_round_trip() {
+    for event in [Event::Started, Event::Completed, Event::Stopped, Event::None] {
+        let a = Announce {
+            info_hash: InfoHash([0, b'&', b'=', b'%', 0xff, b' ', b'+', 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]),
+            peer_id: *b"-SI0100-ab&=%+ 09xyz",
+            addr: "10.0.3.4:6881".parse().unwrap(),
+            uploaded: 1 << 40,
+            downloaded: 12345,
+            left: 0,
+            event,
+            numwant: MAX_NUMWANT,
+        };
+        let q = a.to_query();
+        assert_eq!(Announce::parse(&q, ip("10.0.3.4")).unwrap(), a, "{q}");
+        assert_eq!(q.contains("event="), event != Event::None, "{q}");
+    }
+}
+
+/// The tracker's answer and the client's decoder are one codec (compact peers both ways).
+#[test]
+fn announce_replies_round_trip() {
+    let r = AnnounceReply {
+        interval: Duration::from_secs(42),
+        complete: 3,
+        incomplete: 30,
+        peers: vec!["10.0.0.2:6881".parse().unwrap(), "192.168.255.1:1".parse().unwrap(), "1.2.3.4:65535".parse().unwrap()],
+    };
+    assert_eq!(decode_reply(&encode_reply(&r)).unwrap(), r);
+    let refused = decode_reply(&encode_failure(&Refusal::Foreign(ip("1.2.3.4")))).unwrap_err();
+    assert!(matches!(&refused, BadReply::Refused(why) if why.contains("outside")), "{refused}");
+    assert!(matches!(decode_reply(b"not bencode"), Err(BadReply::Bencode(_))));
+    // A partial trailing entry is dropped, not misread.
+    assert_eq!(decode_compact(&[10, 0, 0, 2, 0x1a, 0xe1, 10, 0]), vec!["10.0.0.2:6881".parse().unwrap()]);
+    assert_eq!(decode_compact(&encode_compact(&r.peers)), r.peers);
+}
+
 proptest::proptest! {
     #[test]
     fn parse_never_panics(s in ".{0,300}") {

@@ -1,0 +1,328 @@
+//! The core's rules, one row each: a state, an event, the actions expected (like picker.rs).
+
+use super::*;
+use rand::SeedableRng;
+
+/// Piece length in the tests: two blocks.
+const PL: u32 = 2 * wire::BLOCK;
+const N: u32 = 4;
+const US: [u8; 20] = [5; 20];
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([10, 0, 0, last])
+}
+
+fn core_with(have: Vec<bool>, trusted: &[u8], peers: Vec<SocketAddr>) -> Core {
+    let cfg = CoreConfig {
+        piece_len: PL,
+        total: (N * PL) as u64,
+        have,
+        peer_id: US,
+        depth: 12,
+        trusted: trusted.iter().map(|l| ip(*l)).collect(),
+        own: Some(Ipv4Addr::new(10, 0, 0, 100)),
+        peers,
+    };
+    Core::new(cfg, StdRng::seed_from_u64(1))
+}
+
+fn empty() -> Core {
+    core_with(vec![false; N as usize], &[9], Vec::new())
+}
+
+/// Registers a peer at 10.0.0.`last` with peer id [`last`; 20], incoming.
+fn join(c: &mut Core, now: Instant, last: u8) -> PeerKey {
+    c.register(now, ip(last), [last; 20], false, None, &mut Vec::new()).expect("registered")
+}
+
+fn requests(acts: &[Action], k: PeerKey) -> usize {
+    acts.iter().filter(|a| matches!(a, Action::Send(x, Msg::Request { .. }) if *x == k)).count()
+}
+
+fn all_bits() -> Msg {
+    Msg::Bitfield(wire::bitfield(&[true; N as usize]))
+}
+
+#[test]
+fn message_dispatch_table() {
+    let now = Instant::now();
+    type Setup = fn(&mut Core, Instant, PeerKey);
+    type Check = fn(&Result<(), PeerFault>, &[Action], PeerKey);
+    let rows: Vec<(&str, Setup, Msg, Check)> = vec![
+        ("a bitfield while choked: interested, no request", |_, _, _| {}, all_bits(), |r, a, k| {
+            assert!(r.is_ok());
+            assert_eq!(a, [Action::Send(k, Msg::Interested)]);
+        }),
+        (
+            "an unchoke after a bitfield: requests",
+            |c, now, k| c.handle(now, k, all_bits(), &mut Vec::new()).unwrap(),
+            Msg::Unchoke,
+            |r, a, k| {
+                assert!(r.is_ok());
+                assert!(requests(a, k) >= 2, "{a:?}");
+            },
+        ),
+        ("a HAVE out of range closes", |_, _, _| {}, Msg::Have(N), |r, a, _| {
+            assert_eq!(*r, Err(PeerFault::HaveOutOfRange(N)));
+            assert!(a.is_empty());
+        }),
+        ("a bitfield of the wrong length closes", |_, _, _| {}, Msg::Bitfield(vec![0xff, 0xff]), |r, _, _| {
+            assert_eq!(*r, Err(PeerFault::BadBitfield));
+        }),
+        ("a request for a piece we lack is ignored", |_, _, _| {}, Msg::Request { piece: 0, begin: 0, len: wire::BLOCK }, |r, a, _| {
+            assert!(r.is_ok() && a.is_empty(), "{a:?}");
+        }),
+        ("a block nobody asked for is not written", |_, _, _| {}, Msg::Piece { piece: 1, begin: 0, data: vec![1; wire::BLOCK as usize] }, |r, a, _| {
+            assert!(r.is_ok());
+            assert!(!a.iter().any(|x| matches!(x, Action::Write { .. })), "{a:?}");
+        }),
+        ("keep-alive, interest, cancel and unknown ids change nothing", |_, _, _| {}, Msg::Other(20), |r, a, _| {
+            assert!(r.is_ok() && a.is_empty());
+        }),
+    ];
+    for (name, setup, msg, check) in rows {
+        let mut c = empty();
+        let k = join(&mut c, now, 1);
+        setup(&mut c, now, k);
+        let mut acts = Vec::new();
+        let r = c.handle(now, k, msg, &mut acts);
+        eprintln!("row: {name}");
+        check(&r, &acts, k);
+    }
+}
+
+#[test]
+fn requests_for_what_we_have_become_uploads() {
+    let now = Instant::now();
+    let mut c = core_with(vec![true; N as usize], &[], Vec::new());
+    let mut acts = Vec::new();
+    let k = c.register(now, ip(1), [1; 20], false, None, &mut acts).unwrap();
+    // A complete node announces its bitfield and unchokes.
+    assert!(matches!(acts[0], Action::Send(x, Msg::Bitfield(_)) if x == k), "{acts:?}");
+    assert_eq!(acts[1], Action::Send(k, Msg::Unchoke));
+    acts.clear();
+    c.handle(now, k, Msg::Request { piece: 2, begin: wire::BLOCK, len: wire::BLOCK }, &mut acts).unwrap();
+    assert_eq!(acts, [Action::Upload(k, Block { piece: 2, begin: wire::BLOCK, len: wire::BLOCK })]);
+}
+
+/// A block is written outside the core; the piece is hashed only once all its taken blocks are
+/// reported written, whatever order the writes finish in.
+#[test]
+fn a_piece_is_hashed_only_after_every_block_is_written() {
+    let now = Instant::now();
+    let mut c = empty();
+    let k = join(&mut c, now, 1);
+    c.handle(now, k, all_bits(), &mut Vec::new()).unwrap();
+    let mut acts = Vec::new();
+    c.handle(now, k, Msg::Unchoke, &mut acts).unwrap();
+    let asked: Vec<(u32, u32)> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(_, Msg::Request { piece, begin, .. }) => Some((*piece, *begin)),
+            _ => None,
+        })
+        .collect();
+    let piece = asked[0].0;
+    let blocks: Vec<u32> = asked.iter().filter(|(p, _)| *p == piece).map(|(_, b)| *b).collect();
+    assert_eq!(blocks.len(), 2, "a whole piece asked of one peer: {asked:?}");
+    let mut writes = 0;
+    for b in &blocks {
+        let mut acts = Vec::new();
+        c.handle(now, k, Msg::Piece { piece, begin: *b, data: vec![0; wire::BLOCK as usize] }, &mut acts).unwrap();
+        writes += acts.iter().filter(|a| matches!(a, Action::Write { .. })).count();
+        assert!(!acts.iter().any(|a| matches!(a, Action::Verify { .. })), "hashed before written: {acts:?}");
+    }
+    assert_eq!(writes, 2);
+    // The same block again is not written twice.
+    let mut acts = Vec::new();
+    c.handle(now, k, Msg::Piece { piece, begin: blocks[0], data: vec![0; wire::BLOCK as usize] }, &mut acts).unwrap();
+    assert!(!acts.iter().any(|a| matches!(a, Action::Write { .. })), "{acts:?}");
+    let mut acts = Vec::new();
+    c.written(piece, &mut acts);
+    assert!(acts.is_empty(), "one block still being written: {acts:?}");
+    c.written(piece, &mut acts);
+    assert_eq!(acts, [Action::Verify { piece, blocks: false }]);
+}
+
+/// (our id vs theirs, who dialled the new connection) -> whether the new one replaces the old.
+#[test]
+fn duplicate_connection_table() {
+    let now = Instant::now();
+    // US = [5; 20]; a peer id of [1; 20] is smaller, [9; 20] larger.
+    let rows = [
+        // Our id smaller: keep the connection we opened (outgoing).
+        (9u8, true, true),
+        (9, false, false),
+        // Their id smaller: keep the one they opened (incoming).
+        (1, true, false),
+        (1, false, true),
+    ];
+    for (id, outgoing, keep_new) in rows {
+        let mut c = empty();
+        let old = c.register(now, ip(id), [id; 20], !outgoing, None, &mut Vec::new()).unwrap();
+        let mut acts = Vec::new();
+        let r = c.register(now, ip(id), [id; 20], outgoing, None, &mut acts);
+        if keep_new {
+            let new = r.expect("the new connection is kept");
+            assert!(acts.contains(&Action::Close(old)), "old closed: {acts:?}");
+            assert!(c.peers().contains_key(&new) && !c.peers().contains_key(&old));
+        } else {
+            assert_eq!(r, Err(Refused::Duplicate), "id {id} outgoing {outgoing}");
+            assert!(c.peers().contains_key(&old) && acts.is_empty());
+        }
+    }
+}
+
+#[test]
+fn admission_caps_apply_after_the_handshake_too() {
+    let now = Instant::now();
+    let mut c = empty();
+    for i in 0..guard::MAX_CONNS_PER_IP as u8 {
+        c.register(now, ip(1), [10 + i; 20], false, None, &mut Vec::new()).unwrap();
+    }
+    assert_eq!(c.admit_incoming(ip(1), now), Admit::TooManyFromIp);
+    assert_eq!(c.register(now, ip(1), [30; 20], false, None, &mut Vec::new()), Err(Refused::Admit(Admit::TooManyFromIp)));
+    // The trusted seed is always admitted.
+    for i in 0..4 {
+        c.register(now, ip(9), [40 + i; 20], false, None, &mut Vec::new()).expect("trusted");
+    }
+}
+
+#[test]
+fn choke_flapping_closes_and_keeps_the_address_away_but_never_the_seed() {
+    let now = Instant::now();
+    for (last, closed) in [(1u8, true), (9, false)] {
+        let mut c = empty();
+        let k = join(&mut c, now, last);
+        let mut r = Ok(());
+        for _ in 0..=guard::FLAP_CHOKES {
+            c.handle(now, k, Msg::Unchoke, &mut Vec::new()).unwrap();
+            r = c.handle(now, k, Msg::Choke, &mut Vec::new());
+        }
+        assert_eq!(r.is_err(), closed, "peer .{last}");
+        assert_eq!(c.cooling_off(&ip(last), now), closed);
+        assert_eq!(c.admit_incoming(ip(last), now) == Admit::Distrusted, closed);
+    }
+}
+
+/// Drives one piece from peer `k` through to its hash result.
+fn deliver_piece(c: &mut Core, now: Instant, k: PeerKey, ok: bool) -> (u32, Vec<Action>) {
+    let mut acts = Vec::new();
+    c.handle(now, k, Msg::Unchoke, &mut acts).unwrap();
+    let asked: Vec<(u32, u32)> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(x, Msg::Request { piece, begin, .. }) if *x == k => Some((*piece, *begin)),
+            _ => None,
+        })
+        .collect();
+    let piece = asked[0].0;
+    for (p, b) in asked.iter().filter(|(p, _)| *p == piece) {
+        c.handle(now, k, Msg::Piece { piece: *p, begin: *b, data: vec![0; wire::BLOCK as usize] }, &mut Vec::new()).unwrap();
+        c.written(piece, &mut Vec::new());
+    }
+    let mut acts = Vec::new();
+    c.verified(now, piece, ok, vec![[0; 20]; 2], &mut acts);
+    (piece, acts)
+}
+
+#[test]
+fn a_sole_sender_of_a_bad_piece_is_banned_and_closed_and_a_good_piece_is_announced() {
+    let now = Instant::now();
+    let mut c = empty();
+    let liar = join(&mut c, now, 1);
+    let other = join(&mut c, now, 2);
+    c.handle(now, liar, all_bits(), &mut Vec::new()).unwrap();
+    let (_, acts) = deliver_piece(&mut c, now, liar, false);
+    assert_eq!(c.hash_failures(), 1);
+    assert!(c.banned().contains(&ip(1)));
+    assert!(acts.contains(&Action::Close(liar)), "{acts:?}");
+    assert_eq!(c.admit_incoming(ip(1), now), Admit::Distrusted);
+    // A good piece: HAVE to the peers that lack it.
+    let mut c = empty();
+    let seed = join(&mut c, now, 9);
+    let other2 = join(&mut c, now, 2);
+    c.handle(now, seed, all_bits(), &mut Vec::new()).unwrap();
+    let (piece, acts) = deliver_piece(&mut c, now, seed, true);
+    assert!(acts.contains(&Action::Send(other2, Msg::Have(piece))), "{acts:?}");
+    assert!(!acts.contains(&Action::Send(seed, Msg::Have(piece))), "the seed has it: {acts:?}");
+    let _ = other;
+}
+
+#[test]
+fn the_trusted_seed_alone_sending_a_bad_piece_is_not_banned() {
+    let now = Instant::now();
+    let mut c = empty();
+    let seed = join(&mut c, now, 9);
+    c.handle(now, seed, all_bits(), &mut Vec::new()).unwrap();
+    let (_, acts) = deliver_piece(&mut c, now, seed, false);
+    assert_eq!(c.hash_failures(), 1);
+    assert!(c.banned().is_empty());
+    assert!(!acts.contains(&Action::Close(seed)));
+}
+
+/// Which known addresses a tick dials.
+#[test]
+fn dial_choice_table() {
+    let now = Instant::now();
+    let a = |last: u8| SocketAddr::from(([10, 0, 0, last], 6881));
+    let mut c = core_with(vec![false; N as usize], &[9], vec![a(1), a(2), a(3), a(4), a(9)]);
+    // .2 is connected already (incoming), .3 answered with our own peer id, .4 failed just now.
+    join(&mut c, now, 2);
+    c.dial_failed(now, a(3), true);
+    c.dial_failed(now, a(4), false);
+    let mut acts = Vec::new();
+    c.tick(now, &mut acts);
+    assert_eq!(acts, [Action::Dial(a(9)), Action::Dial(a(1))], "trusted first, then by address");
+    // Dials in flight are not started again; after the back-off .4 is due, never .3 (ourselves).
+    let mut acts = Vec::new();
+    c.tick(now + Duration::from_secs(60), &mut acts);
+    assert_eq!(acts, [Action::Dial(a(4))]);
+    c.dial_failed(now, a(1), false);
+    c.dial_failed(now, a(4), false);
+    let mut acts = Vec::new();
+    c.tick(now + Duration::from_secs(600), &mut acts);
+    assert!(!acts.contains(&Action::Dial(a(3))), "ourselves dialled again: {acts:?}");
+    assert!(acts.contains(&Action::Dial(a(1))) && acts.contains(&Action::Dial(a(4))));
+}
+
+#[test]
+fn banned_and_flapping_addresses_are_not_dialled_unless_trusted() {
+    let now = Instant::now();
+    let a = |last: u8| SocketAddr::from(([10, 0, 0, last], 6881));
+    let mut c = core_with(vec![false; N as usize], &[9], vec![]);
+    let liar = join(&mut c, now, 1);
+    c.handle(now, liar, all_bits(), &mut Vec::new()).unwrap();
+    deliver_piece(&mut c, now, liar, false);
+    assert!(c.banned().contains(&ip(1)));
+    let flap = join(&mut c, now, 3);
+    for _ in 0..=guard::FLAP_CHOKES {
+        let _ = c.handle(now, flap, Msg::Choke, &mut Vec::new());
+    }
+    c.disconnect(now, flap, None, &mut Vec::new());
+    let own = Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 6881));
+    let peers: Vec<SocketAddrV4> = [1u8, 3, 5, 100].iter().map(|l| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, *l), 6881)).collect();
+    assert_eq!(c.add_known(&peers, own), 3, "our own address is skipped");
+    let mut acts = Vec::new();
+    c.tick(now, &mut acts);
+    assert_eq!(acts, [Action::Dial(a(5))]);
+}
+
+#[test]
+fn a_peer_leaving_gives_its_requests_to_others() {
+    let now = Instant::now();
+    let mut c = empty();
+    let a = join(&mut c, now, 1);
+    let b = join(&mut c, now, 2);
+    for k in [a, b] {
+        c.handle(now, k, all_bits(), &mut Vec::new()).unwrap();
+    }
+    c.handle(now, a, Msg::Unchoke, &mut Vec::new()).unwrap();
+    let mut acts = Vec::new();
+    c.handle(now, b, Msg::Unchoke, &mut acts).unwrap();
+    let before = requests(&acts, b);
+    let mut acts = Vec::new();
+    assert!(c.disconnect(now, a, None, &mut acts).is_some());
+    assert!(requests(&acts, b) > 0 || before == 2 * N as usize, "{acts:?}");
+    assert!(c.handle(now, a, Msg::KeepAlive, &mut Vec::new()) == Err(PeerFault::Closed));
+}

@@ -169,8 +169,9 @@ menuentry "si-appliance" {
 }
 EOF
 
-# The data partition's first contents: the configuration (the example with the stick's paths
-# and no fixed interface), the address to take when the interface has none, empty store and
+# The data partition's first contents: the configuration (the example with the stick's paths,
+# no fixed interface and its sample reservation commented out: `usb add-image --enroll`, the
+# dashboard or `node add` enrol the real nodes), the address to take when the interface has none, empty store and
 # state directories.
 data=$work/data
 mkdir -p "$data/store" "$data/state" "$data/log"
@@ -179,6 +180,7 @@ sed -e 's|^iface = .*|# iface = "eth1"   (unset: the first wired interface with 
     -e 's|^state_dir = .*|state_dir = "/srv/si/state"|' \
     -e 's|^# kernel = .*|kernel = "/usr/share/si-appliance/client/vmlinuz"|' \
     -e 's|^# initrd = .*|initrd = "/usr/share/si-appliance/client/initrd.img"|' \
+    -e '/^\[\[dhcp.reservation\]\]$/,/^hostname = /s|^|# |' \
     "$here/../config/si-appliance.toml" > "$data/si-appliance.toml"
 grep -q '^kernel = "/usr/share' "$data/si-appliance.toml" || die "config/si-appliance.toml: no boot.kernel line to set"
 cat > "$data/network.conf" <<'EOF'

@@ -561,3 +561,124 @@ async fn recv_opt(sock: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The socket loop itself, on loopback in a private network namespace, under tokio's paused
+    //! clock: the limiter's refill is driven by `tokio::time::advance`, not by waiting.
+
+    use super::*;
+    use crate::config::Config;
+    use crate::dhcp::classify::tests::request;
+    use crate::dhcp::leases::Journal;
+    use crate::net::Iface;
+    use dhcproto::v4::{Architecture, DhcpOption, MessageType, OptionCode};
+    use dhcproto::Decodable;
+
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 1);
+    /// The relay agent (a second address on the namespace's loopback).
+    const RELAY: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 2);
+    const RESERVED: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+
+    /// A PXE client's packet as a relay forwards it (giaddr = RELAY).
+    fn relayed(kind: MessageType, mac: [u8; 6], extra: Vec<DhcpOption>) -> Vec<u8> {
+        let mut opts = vec![
+            DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
+            DhcpOption::ClientSystemArchitecture(Architecture(0)),
+        ];
+        opts.extend(extra);
+        let mut b = request(kind, mac, opts);
+        b[24..28].copy_from_slice(&RELAY.octets());
+        b
+    }
+
+    /// The reply to `mac` within `wait` of paused time, or None.
+    async fn reply(relay: &UdpSocket, wait: Duration) -> Option<v4::Message> {
+        let mut buf = vec![0u8; BUF];
+        let (n, from) = tokio::time::timeout(wait, relay.recv_from(&mut buf)).await.ok()?.expect("recv");
+        assert_eq!(from, SocketAddr::from((SERVER, 67)), "replies come from the server port");
+        Some(v4::Message::decode(&mut dhcproto::Decoder::new(&buf[..n])).expect("a reply decodes"))
+    }
+
+    use dhcproto::v4;
+
+    async fn exchange(dir: &std::path::Path) {
+        let cfg = Config::from_toml(
+            "[http]\nport = 8080\n[dhcp]\nprobe = false\narp_probe = \"0s\"\nnew_client_rate = 1\nnew_client_burst = 2\n\
+             [[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\nip = \"10.66.0.11\"\nhostname = \"node01\"\n",
+            std::path::Path::new("test"),
+        )
+        .expect("config");
+        let iface = Iface { name: "lo".into(), index: 1, mac: None, ip: SERVER, net: "10.66.0.0/24".parse().unwrap() };
+        let (journal, leases, _) = Journal::open(dir, unix_now()).expect("journal");
+        let sock = UdpSocket::bind((SERVER, 67)).await.expect("server socket");
+        let mut service = Service::new(Policy::new(&cfg, &iface), leases, Some(journal), "lo".into(), sock, None);
+        service.set_limiter(Limiter::new(cfg.dhcp.new_client_rate, cfg.dhcp.new_client_burst));
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(service.run(stop.clone()));
+        let relay = UdpSocket::bind((RELAY, 67)).await.expect("relay socket");
+        let to = SocketAddr::from((SERVER, 67));
+        let offer = |mac: [u8; 6]| {
+            let relay = &relay;
+            async move {
+                relay.send_to(&relayed(MessageType::Discover, mac, vec![]), to).await.expect("send");
+                reply(relay, Duration::from_millis(100)).await
+            }
+        };
+        let t0 = Instant::now();
+        // The burst of two new clients is served; the third is held back by the rate limit.
+        let a = offer([2, 0, 0, 0, 0, 0xa]).await.expect("first new client offered");
+        assert_eq!(a.opts().msg_type(), Some(MessageType::Offer));
+        assert!(offer([2, 0, 0, 0, 0, 0xb]).await.is_some(), "second new client (burst 2) offered");
+        assert!(offer([2, 0, 0, 0, 0, 0xc]).await.is_none(), "third new client refused: rate limited");
+        // A reserved node is exempt from the limit.
+        let r = offer(RESERVED).await.expect("reserved node offered while new clients are limited");
+        assert_eq!(r.yiaddr(), Ipv4Addr::new(10, 66, 0, 11));
+        // One token a second: a second of paused time later the refused client is served.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(offer([2, 0, 0, 0, 0, 0xc]).await.is_some(), "refused client served after the refill");
+        assert!(Instant::now() - t0 >= Duration::from_millis(1300), "the clock is tokio's: timeouts and the advance moved it");
+        // REQUEST → ACK, and the binding is on disk before the ACK leaves.
+        let req = relayed(
+            MessageType::Request,
+            [2, 0, 0, 0, 0, 0xa],
+            vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(a.yiaddr())],
+        );
+        relay.send_to(&req, to).await.expect("send");
+        let ack = reply(&relay, Duration::from_millis(100)).await.expect("ack");
+        assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(ack.yiaddr(), a.yiaddr());
+        assert!(ack.opts().get(OptionCode::AddressLeaseTime).is_some());
+        let (_, on_disk, _) = Journal::open(dir, unix_now()).expect("journal reopens beside the running service");
+        let l = on_disk.of_mac(MacAddr([2, 0, 0, 0, 0, 0xa])).expect("the acknowledged lease is journaled");
+        assert_eq!((l.ip, l.state), (a.yiaddr(), LeaseState::Bound));
+        // Garbage between requests is dropped; the service keeps answering.
+        relay.send_to(b"\x01\x01\x06\x00garbage", to).await.expect("send");
+        assert!(offer([2, 0, 0, 0, 0, 0xb]).await.is_some(), "still serving after a malformed datagram");
+        stop.cancel();
+        run.await.expect("joins").expect("stops cleanly");
+    }
+
+    #[test]
+    fn relayed_exchange_on_loopback_under_a_paused_clock() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: a private network namespace needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_owned();
+        // unshare(CLONE_NEWNET) moves only this thread (and what it spawns) into a new
+        // namespace: ports 67 and the 10.66.0.0/24 addresses are its own.
+        std::thread::spawn(move || {
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare: {}", std::io::Error::last_os_error());
+            for args in [&["link", "set", "lo", "up"][..], &["addr", "add", "10.66.0.1/24", "dev", "lo"], &["addr", "add", "10.66.0.2/24", "dev", "lo"]] {
+                let st = std::process::Command::new("ip").args(args).status().expect("ip");
+                assert!(st.success(), "ip {args:?}");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("runtime");
+            rt.block_on(exchange(&path));
+        })
+        .join()
+        .expect("the exchange passes");
+    }
+}

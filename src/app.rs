@@ -68,6 +68,10 @@ pub enum AppError {
     },
 }
 
+/// The environment variable that says how the interface was chosen (set by the USB stick's
+/// start script, shown on the dashboard and by `si-appliance status`).
+pub const IFACE_CHOSEN_ENV: &str = "SI_IFACE_CHOSEN";
+
 /// Runs the appliance until SIGINT/SIGTERM or the first service failure.
 ///
 /// # Errors
@@ -102,6 +106,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // The monitor first: every service gets its event sink.
     let monitor = crate::monitor::Monitor::new(&cfg.monitor, secret.clone(), cfg.report_dir(), cfg.swarm.announce_interval);
     monitor.attach(book.clone(), manifest, admin.clone());
+    // How the interface was chosen: the USB stick's start script picks one by itself and says
+    // why in SI_IFACE_CHOSEN; otherwise it was named (--iface or `iface`).
+    let chosen = std::env::var(IFACE_CHOSEN_ENV).ok().filter(|s| !s.trim().is_empty());
+    let chosen = chosen.unwrap_or_else(|| "configured (--iface or `iface` in the config file)".to_owned());
+    info!(iface = %iface.name, ip = %iface.ip, %chosen, "provisioning interface");
+    monitor.set_serving(crate::monitor::registry::Serving { iface: iface.name.clone(), ip: iface.ip, chosen });
     let events = monitor.sink();
     // The swarm first: its info-hashes go into the signed seal of every plan and boot script.
     let mut swarm_router = None;

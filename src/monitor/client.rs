@@ -125,6 +125,9 @@ pub async fn status(addr: SocketAddr, json: bool) -> Result<String, ClientError>
         return Ok(serde_json::to_string_pretty(&v).unwrap_or_default());
     }
     let mut out = String::new();
+    if let Ok(sv) = serde_json::from_value::<super::registry::Serving>(d["serving"].clone()) {
+        out.push_str(&format!("serving on {} ({}): {}\n", sv.iface, sv.ip, sv.chosen));
+    }
     let dep: Result<super::registry::Deployment, _> = serde_json::from_value::<DeploymentView>(d.clone()).map(Into::into);
     match dep {
         Ok(d) => out.push_str(&super::terminal::summary(&d)),

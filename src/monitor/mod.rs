@@ -77,6 +77,8 @@ pub struct Shared {
     /// MAC -> address as our DHCP saw it (attached by app.rs unless `dhcp.mode = "off"`):
     /// reports are bound to it.
     addrs: std::sync::OnceLock<Arc<crate::types::addrs::ClientAddrs>>,
+    /// The interface served on and why (attached by app.rs).
+    serving: std::sync::OnceLock<registry::Serving>,
 }
 
 impl crate::nodes::http::Observed for Shared {
@@ -109,7 +111,9 @@ impl Shared {
     /// The deployment aggregate now.
     pub fn deployment(&self) -> registry::Deployment {
         let (dropped, rejected) = (self.sink_stats.dropped(), self.rejected.load(Ordering::Relaxed));
-        self.lock().deployment(now_ms(), dropped, rejected)
+        let mut d = self.lock().deployment(now_ms(), dropped, rejected);
+        d.serving = self.serving.get().cloned();
+        d
     }
 
     /// Writes a report now; returns its directory.
@@ -160,6 +164,7 @@ impl Monitor {
             admin: std::sync::OnceLock::new(),
             writing: tokio::sync::Mutex::new(()),
             addrs: std::sync::OnceLock::new(),
+            serving: std::sync::OnceLock::new(),
         });
         Monitor { shared, rx, cfg: cfg.clone() }
     }
@@ -170,6 +175,12 @@ impl Monitor {
         book.attach_events(self.shared.sink.clone());
         let _ = self.shared.book.set((book, manifest));
         let _ = self.shared.admin.set(admin);
+    }
+
+    /// Says which interface the appliance serves on and why that one (the deployment view, the
+    /// dashboard's header and `si-appliance status` show it).
+    pub fn set_serving(&self, serving: registry::Serving) {
+        let _ = self.shared.serving.set(serving);
     }
 
     /// Binds node reports to the address our DHCP saw for the node.

@@ -96,6 +96,19 @@ pub struct Deployment {
     pub now_ms: u64,
     /// Foreign DHCP servers seen on the segment (at most 16, the latest first).
     pub foreign_dhcp_servers: Vec<ForeignDhcp>,
+    /// The interface the appliance serves on, and why that one (set by app.rs at start).
+    pub serving: Option<Serving>,
+}
+
+/// The provisioning interface and why it was chosen (the USB stick picks one by itself).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Serving {
+    /// Interface name.
+    pub iface: String,
+    /// The appliance's address on it.
+    pub ip: Ipv4Addr,
+    /// How it was chosen, e.g. "first wired interface with carrier" or "configured".
+    pub chosen: String,
 }
 
 /// A foreign DHCP server seen by the DHCP service's watch.
@@ -407,6 +420,7 @@ impl Registry {
             completed_ms: self.completed_ms,
             now_ms: now,
             foreign_dhcp_servers: self.foreign_dhcp.clone(),
+            serving: None,
         }
     }
 }

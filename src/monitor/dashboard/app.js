@@ -115,6 +115,8 @@ function renderSummary() {
   $("phases").innerHTML = PHASES.filter((p) => d.phases[p] > 0)
     .map((p) => `<span class="chip" style="background:${COLORS[p]}">${p} ${d.phases[p]}</span>`).join("");
   $("clock").textContent = new Date(d.now_ms).toLocaleTimeString();
+  const sv = d.serving;
+  $("serving").textContent = sv ? `on ${sv.iface} ${sv.ip} (${sv.chosen})` : "";
 }
 
 // A line chart into <svg viewBox="0 0 600 220">: series = [{color, pts: [[x, y]]}], x in ms.

@@ -3,6 +3,8 @@
 # (GRUB for both) into a small read-only Debian root that starts si-appliance at boot.
 #
 #   pxe-assets/build-usb.sh [OUT.img]      (default $SI_CACHE/usb/si-appliance-usb.img)
+#   pxe-assets/build-usb.sh --root-only    only the cached Debian root tree (needs no binary:
+#                                          vm-tests/run.sh builds it while cargo builds)
 #
 # Write it with `dd if=OUT.img of=/dev/sdX bs=4M conv=fsync` or any image writer.
 #
@@ -44,6 +46,8 @@ die() { say "error: $*"; exit 1; }
 . "$here/cache-lib.sh"
 . "$here/apt-lib.sh"
 
+root_only=0
+if [ "${1:-}" = --root-only ]; then root_only=1; shift; fi
 out=${1:-$SI_CACHE/usb/si-appliance-usb.img}
 target_dir=${CARGO_TARGET_DIR:-$SI_CACHE/cargo-target}
 bin=${SI_APPLIANCE_BIN:-$target_dir/x86_64-unknown-linux-gnu/release/si-appliance}
@@ -54,17 +58,22 @@ rootcache=$SI_CACHE/usb-root
 debs=$SI_CACHE/usb-debs
 
 [ "$(id -u)" = 0 ] || die "run as root"
+[ $root_only = 1 ] || {
 [ -x "$bin" ] || die "no si-appliance binary at $bin (cargo build --release, or set SI_APPLIANCE_BIN)"
 file -L "$bin" | grep -Eq 'statically linked|static-pie linked' || die "$bin is not statically linked"
 [ -s "$client/vmlinuz" ] && [ -s "$client/initrd.img" ] || die "no client boot files in $client (pxe-assets/build-client.sh)"
+}
 apt_ensure mmdebstrap grub-pc-bin grub-efi-amd64-bin mtools dosfstools e2fsprogs fdisk file binutils uuid-runtime
 
 # The packages of the stick's root. initramfs-tools builds its initramfs (ext4 and the USB,
 # SATA, NVMe and virtio drivers are modules in Debian's kernel). ca-certificates: the seed's
 # BitTorrent library refuses to start without a CA bundle, although the tracker is plain HTTP.
 pkgs=linux-image-amd64,ca-certificates,systemd,systemd-sysv,udev,initramfs-tools,zstd,e2fsprogs,fdisk,iproute2,kmod,procps,less,ipxe,pxelinux,syslinux-common
-mkdir -p "$(dirname "$out")" "$debs"
-cache_lock "$out" 1800
+mkdir -p "$(dirname "$out")" "$debs" "$rootcache"
+# The root tree has its own lock (fd 8; cache_lock's fd 9 is the image's), held until the
+# image's copy of the tree is made: an image build and a root-only build may run at once.
+exec 8>"$rootcache/tree.lock"
+flock -w 1800 8 || die "timed out waiting for $rootcache/tree.lock"
 
 # ---- 1. The root tree (Debian packages + trimming), cached by the package list and the hook
 # below; the appliance's own files are added to a copy each time (step 2).
@@ -106,6 +115,11 @@ if [ "$(cat "$rootcache/.key" 2>/dev/null)" != "$root_key" ] || [ ! -d "$rootcac
   printf '%s' "$root_key" > "$rootcache/.key"
   say "root tree built in $(( $(date +%s) - t0 )) s: $(du -sm "$rootcache/tree" | cut -f1) MiB"
 fi
+if [ $root_only = 1 ]; then
+  say "root tree ready: $rootcache/tree"
+  exit 0
+fi
+cache_lock "$out" 1800
 
 # ---- 2. Is the image up to date?
 stamp="$root_key $(sha256sum "$self" "$here"/usb/* "$here/../config/si-appliance.toml" "$bin" "$client/vmlinuz" "$client/initrd.img" | awk '{print $1}' | tr '\n' ' ') $data_mib"
@@ -125,6 +139,7 @@ rm -f "$out.inputs"
 # The root: a copy of the cached tree plus the appliance's files.
 tree=$work/root
 cp -a "$rootcache/tree" "$tree"
+exec 8>&-   # the copy is made: the root tree may be rebuilt by others now
 kver=$(ls "$tree/usr/lib/modules" | head -n1)
 strip -o "$tree/usr/sbin/si-appliance" "$bin"
 chmod 755 "$tree/usr/sbin/si-appliance"

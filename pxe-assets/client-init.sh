@@ -33,6 +33,19 @@ mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs tmpfs /tmp
 [ -d /sys/firmware/efi ] && mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
 
+# /dev/console is only the last console= of the command line; the kernel prints to all of them.
+# So that the installer's lines reach every console too (a rack's screen and its serial-over-LAN,
+# e.g. "console=ttyS0 console=tty0"), our output goes through tee to the others as well. The
+# preferred console is the one /proc/consoles flags C.
+dup=
+for c in $(sed -n '/(.*C.*)/!s/^\([^ ]*\) .*/\1/p' /proc/consoles 2>/dev/null); do
+  [ -c "/dev/$c" ] && dup="$dup /dev/$c"
+done
+if [ -n "$dup" ] && mkfifo /run/console.fifo 2>/dev/null; then
+  tee $dup < /run/console.fifo > /dev/console 2>/dev/null &
+  exec > /run/console.fifo 2>&1
+fi
+
 say() { echo "si-init: $*"; }
 onfail=shell
 mac=

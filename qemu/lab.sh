@@ -6,6 +6,7 @@
 #   sudo qemu/lab.sh              # 3 VMs
 #   sudo LAB_VMS=5 qemu/lab.sh
 #   sudo LAB_FIRMWARE=uefi qemu/lab.sh   # OVMF; LAB_FIRMWARE=mixed: odd VMs BIOS, even VMs UEFI
+#   sudo LAB_APPLIANCE=usb qemu/lab.sh   # the appliance boots from its USB stick image in a VM
 #
 # What it does, in order: installs its Debian packages if missing (vm-tests/install-deps.sh),
 # builds the binary (the one release build the tests use), the client kernel + initramfs
@@ -46,6 +47,15 @@
 #                      directory, removed at the end unless LAB_KEEP=1
 #   CARGO_TARGET_DIR   the release build (default $SI_CACHE/cargo-target)
 #   SI_APPLIANCE_BIN   use this binary (appliance and installer) instead of building one
+#   LAB_APPLIANCE=netns  where the appliance runs: netns (the binary in a namespace) or usb: the
+#                      stick image (pxe-assets/build-usb.sh, cached) is copied to LAB_DIR/stick.img,
+#                      made LAB_STICK_SIZE big (default 4G), the demo image is added to it as the
+#                      default with every VM enrolled (`si-appliance usb add-image`), and a VM boots
+#                      it as its only disk (USB storage on xHCI; LAB_APPLIANCE_FIRMWARE=bios or
+#                      uefi) with one NIC on the switch. The stick runs its defaults: the first
+#                      wired interface with carrier, 10.0.0.1/24, probe for other DHCP servers,
+#                      PXE clients and enrolled nodes only. The appliance namespace becomes the
+#                      operator's workstation (10.0.0.250) from which the dashboard is reached.
 set -euo pipefail
 # The whole script is one block, parsed before it runs: editing this file during a run (a lab runs
 # for minutes) cannot change what the running lab does.
@@ -63,6 +73,15 @@ limit=${LAB_TIMEOUT:-1800}
 labdir=${LAB_DIR:-/tmp/si-lab.$$}
 image=demo
 net=10.77.0
+appliance=${LAB_APPLIANCE:-netns}
+app_fw=${LAB_APPLIANCE_FIRMWARE:-bios}
+case $appliance in
+  netns) ;;
+  # The stick's own default address (network.conf on its data partition).
+  usb) net=10.0.0 ;;
+  *) echo "LAB_APPLIANCE: netns or usb" >&2; exit 1 ;;
+esac
+case $app_fw in bios|uefi) ;; *) echo "LAB_APPLIANCE_FIRMWARE: bios or uefi" >&2; exit 1 ;; esac
 server=$net.1
 cold=
 if [ "${SI_COLD:-0}" = 1 ]; then
@@ -118,7 +137,7 @@ trap 'say "interrupted"; exit 130' INT TERM
 t0=$(date +%s)
 # --- 1. packages, binary, boot files, demo image
 vm-tests/install-deps.sh >&2
-if [ "$firmware" != bios ]; then
+if [ "$firmware" != bios ] || [ "$app_fw" = uefi ]; then
   [ -f "$ovmf_code" ] && [ -f "$ovmf_vars" ] || die "no OVMF firmware at $ovmf_code / $ovmf_vars (package ovmf)"
 fi
 if [ -n "${SI_APPLIANCE_BIN:-}" ]; then
@@ -133,8 +152,13 @@ else
 fi
 SI_APPLIANCE_BIN=$bin pxe-assets/build-client.sh "$client_dir" >&2
 qemu/make-demo-image.sh "$demo_dir" >&2
+stick_img=$SI_CACHE/usb/si-appliance-usb.img
+if [ "$appliance" = usb ]; then
+  SI_APPLIANCE_BIN=$bin SI_CLIENT_BOOT=$client_dir pxe-assets/build-usb.sh "$stick_img" >&2
+fi
 
-# --- 2. the lab store: the demo image imported once (again when the demo recipe changes)
+# --- 2. the lab store: the demo image imported once (again when the demo recipe changes). On
+# the stick, the store is the stick's own (step 4).
 mkdir -p "$store"
 exec 8>"$store.lock"
 flock -w 600 8 || die "another lab or test holds $store.lock"
@@ -159,8 +183,14 @@ ip -n "$sw" link set br0 up
 ip -n "$sw" link add p0 type veth peer name eth0 netns "$ap"
 ip -n "$sw" link set p0 master br0
 ip -n "$sw" link set p0 up
-ip -n "$ap" link set eth0 address 52:54:00:77:00:01
-ip -n "$ap" addr add "$server/24" dev eth0
+if [ "$appliance" = usb ]; then
+  # The operator's workstation: reaches the stick's dashboard.
+  ip -n "$ap" link set eth0 address 52:54:00:77:00:fa
+  ip -n "$ap" addr add "$net.250/24" dev eth0
+else
+  ip -n "$ap" link set eth0 address 52:54:00:77:00:01
+  ip -n "$ap" addr add "$server/24" dev eth0
+fi
 ip -n "$ap" link set eth0 up
 # The appliance's IPv6 router advertisement (which spares iPXE a 15 s wait) needs a link-local
 # address past duplicate address detection.
@@ -171,6 +201,49 @@ for _ in $(seq 50); do
 done
 
 # --- 4. the appliance
+for i in $(seq 1 "$vms"); do macs[$i]=$(printf '52:54:00:77:01:%02x' "$i"); done
+if [ "$appliance" = usb ]; then
+  # As an operator prepares a stick on a workstation: the image, the default, the nodes.
+  say "preparing the stick: $stick_img -> $labdir/stick.img (${LAB_STICK_SIZE:-4G}), demo image added, $vms node(s) enrolled"
+  cp --sparse=always "$stick_img" "$labdir/stick.img"
+  truncate -s "${LAB_STICK_SIZE:-4G}" "$labdir/stick.img"
+  enroll=()
+  for i in $(seq 1 "$vms"); do enroll+=(--enroll "${macs[$i]}"); done
+  "$bin" usb add-image "$labdir/stick.img" "$image" "$demo_dir" --default "${enroll[@]}" >&2
+  t_prep=$(date +%s)
+  appfw=()
+  if [ "$app_fw" = uefi ]; then
+    cp "$ovmf_vars" "$labdir/ovmf-vars-appliance.fd"
+    appfw=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$ovmf_code"
+           -drive "if=pflash,format=raw,unit=1,file=$labdir/ovmf-vars-appliance.fd")
+  fi
+  ip -n "$sw" tuntap add tap0 mode tap
+  ip -n "$sw" link set tap0 master br0
+  ip -n "$sw" link set tap0 up
+  say "booting the stick ($app_fw) in a VM; its console: $labdir/appliance-serial.log"
+  # The stick is its only disk; its NIC has no boot ROM (it boots the stick, never the network).
+  ip netns exec "$sw" qemu-system-x86_64 -name si-lab-appliance -nodefaults -machine pc -accel tcg \
+    -display none -m 1024 "${appfw[@]}" \
+    -drive "file=$labdir/stick.img,format=raw,if=none,id=stick" \
+    -device qemu-xhci,id=xhci -device usb-storage,bus=xhci.0,drive=stick,bootindex=1 \
+    -netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
+    -device virtio-net-pci,netdev=n0,mac=52:54:00:77:00:01,romfile= \
+    -device virtio-rng-pci -serial "file:$labdir/appliance-serial.log" -monitor none \
+    > "$labdir/appliance-qemu.log" 2>&1 &
+  apid=$!
+  pids+=("$apid")
+  ready=
+  for _ in $(seq 300); do
+    if ip netns exec "$ap" "$bin" status --server "$server:80" > "$labdir/status.txt" 2>/dev/null; then ready=1; break; fi
+    kill -0 "$apid" 2>/dev/null || { tail -n 30 "$labdir/appliance-serial.log" >&2; die "the appliance VM stopped"; }
+    sleep 2
+  done
+  [ -n "$ready" ] || { tail -n 30 "$labdir/appliance-serial.log" >&2; die "the stick's appliance does not answer after 600 s"; }
+  say "the stick's appliance answers: $(head -n1 "$labdir/status.txt")"
+  # The per-node table reads lease times from the appliance's log, which is on the stick: the
+  # VMs' serial lines stand in.
+  : > "$labdir/appliance.log"
+else
 cat > "$labdir/appliance.toml" <<EOF
 # si-appliance configuration of the QEMU lab (qemu/lab.sh).
 iface = "eth0"
@@ -219,6 +292,7 @@ for _ in $(seq 600); do
   sleep 0.5
 done
 grep -q 'si-appliance ready' "$labdir/appliance.log" || { tail -n 30 "$labdir/appliance.log" >&2; die "the appliance is not ready after 300 s"; }
+fi
 t_ready=$(date +%s)
 
 # --- 5. the VMs
@@ -277,7 +351,6 @@ start_vm() { # N
   pids+=("${qpid[$i]}")
 }
 for i in $(seq 1 "$vms"); do
-  macs[$i]=$(printf '52:54:00:77:01:%02x' "$i")
   ip -n "$sw" tuntap add "tap$i" mode tap
   ip -n "$sw" link set "tap$i" master br0
   ip -n "$sw" link set "tap$i" up
@@ -396,12 +469,20 @@ app_ts() { # MAC WORDS
   echo "  (plan fetched, partitioning, download+unpack, configuring, boot loader, done); reboot: QEMU"
   echo "  powered on again (network first); local: iPXE printed the appliance's \"boot local\" answer"
   echo "  (then \`exit\`); login: the installed system's login prompt (from its disk)."
-  echo "Preparation (deps, build, boot files, image): $((t_prep - t0)) s; appliance ready (packing): $((t_ready - t_prep)) s;"
+  if [ "$appliance" = usb ]; then
+    echo "Preparation (deps, build, boot files, stick image, add-image): $((t_prep - t0)) s; the stick ($app_fw) booted to ready: $((t_ready - t_prep)) s;"
+  else
+    echo "Preparation (deps, build, boot files, image): $((t_prep - t0)) s; appliance ready (packing): $((t_ready - t_prep)) s;"
+  fi
   echo "deployment (first VM power-on to last login or failure): $((t_end - t_ready)) s."
   echo "Kernel $(stat -c %s "$client_dir/vmlinuz") bytes + initrd $(stat -c %s "$client_dir/initrd.img") bytes ($(cat "$client_dir/VERSION" 2>/dev/null))."
   echo "Dashboard: http://$server/ inside namespace $ap, e.g."
   echo "  ip netns exec $ap curl -s http://$server/api/swarm"
-  echo "Logs: $labdir (appliance.log, serial-N.log)"
+  if [ "$appliance" = usb ]; then
+    echo "Logs: $labdir (appliance-serial.log, serial-N.log; the appliance's own log is /srv/si/log/appliance.log on the stick's data partition, $labdir/stick.img)"
+  else
+    echo "Logs: $labdir (appliance.log, serial-N.log)"
+  fi
 } | tee "$labdir/summary.txt"
 
 failed=0

@@ -5,9 +5,11 @@
 # lab run is safe, and a second call returns in seconds.
 #
 # Usage: vm-tests/prepare-caches.sh [trees|boot|all]     (as root; default all)
-#   trees  what needs no binary: the debootstrap minbase tree, the lab's demo tree and the test
-#          boot files (vm-tests/run.sh builds these while cargo builds the binary)
-#   boot   the clients' kernel + installer initramfs around the release binary
+#   trees  what needs no binary: the debootstrap minbase tree, the lab's demo tree, the test
+#          boot files and the USB stick's Debian root tree (vm-tests/run.sh builds these while
+#          cargo builds the binary)
+#   boot   the clients' kernel + installer initramfs around the release binary, and the USB
+#          stick image around both
 #          ($CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/si-appliance, or SI_APPLIANCE_BIN)
 # Cache roots: SI_CACHE and SI_TEST_CACHE (see pxe-assets/cache-lib.sh).
 set -euo pipefail
@@ -39,11 +41,14 @@ case $what in trees|all)
   step "debootstrap minbase tree" vm-tests/make-debian-image.sh "$SI_TEST_CACHE/bookworm-minbase"
   step "demo image tree" qemu/make-demo-image.sh "$SI_TEST_CACHE/demo-bookworm"
   step "test boot files" pxe-assets/build-test-boot.sh "$SI_CACHE/test-boot" >/dev/null
+  step "USB stick root tree" pxe-assets/build-usb.sh --root-only
 esac
 case $what in boot|all)
   bin=${SI_APPLIANCE_BIN:-${CARGO_TARGET_DIR:-$SI_CACHE/cargo-target}/x86_64-unknown-linux-gnu/release/si-appliance}
   [ -x "$bin" ] || die "no release binary at $bin (cargo build --release first)"
   step "client boot files" env SI_APPLIANCE_BIN="$bin" pxe-assets/build-client.sh "$SI_CACHE/client-boot"
+  step "USB stick image" env SI_APPLIANCE_BIN="$bin" SI_CLIENT_BOOT="$SI_CACHE/client-boot" \
+    pxe-assets/build-usb.sh "$SI_CACHE/usb/si-appliance-usb.img"
 esac
 case $what in trees|boot|all) ;; *) die "usage: $0 [trees|boot|all]" ;; esac
 exit

@@ -1,6 +1,7 @@
 # Shared by the pxe-assets build scripts (sourced, not run): Debian packages through apt only.
-# The caller defines `say` and `die` (apt_missing needs neither); the kernel functions use $meta (a linux-image meta-package)
-# and $cache (where .deb files are kept) and set $pkg, $ver and $deb.
+# The caller defines `say` and `die` (apt_missing needs neither); the .deb functions use $cache
+# (where .deb files are kept), the kernel ones $meta (a linux-image meta-package), and set $pkg,
+# $ver and $deb.
 . "$(dirname "${BASH_SOURCE[0]}")/cache-lib.sh"
 
 # The packages among "$@" that dpkg does not list as installed, one per line (the one copy of
@@ -29,13 +30,18 @@ resolve_kernel_pkg() {
     | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n1
 }
 
+# Sets ver (apt's candidate) and deb (the path the .deb will have in $cache) for $pkg.
+_resolve_ver() {
+  ver=$( [ -n "$pkg" ] && apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1 || true)
+  deb="$cache/${pkg}_${ver//:/%3a}_$(dpkg --print-architecture).deb"
+}
+
 # Sets pkg, ver and deb (the path the .deb will have in $cache) for $meta; refreshes the package
 # lists once when apt does not know it yet.
 resolve_kernel_deb() {
   _resolve() {
     pkg=$(resolve_kernel_pkg)
-    ver=$( [ -n "$pkg" ] && apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1 || true)
-    deb="$cache/${pkg}_${ver//:/%3a}_$(dpkg --print-architecture).deb"
+    _resolve_ver
   }
   _resolve
   if [ -z "$pkg" ] || [ -z "$ver" ]; then
@@ -46,12 +52,25 @@ resolve_kernel_deb() {
   [ -n "$pkg" ] && [ -n "$ver" ] || die "cannot resolve the package behind $meta"
 }
 
+# Sets pkg, ver and deb for the plain package PKG (of this machine's architecture), its candidate
+# version; refreshes the package lists once when apt does not know it yet.
+resolve_deb() {
+  pkg=$1
+  _resolve_ver
+  if [ -z "$ver" ]; then
+    say "apt knows no $pkg yet: apt-get update"
+    apt-get update -q >&2
+    _resolve_ver
+  fi
+  [ -n "$ver" ] || die "apt knows no package $pkg"
+}
+
 # Downloads $deb unless a good copy is there (its SHA256 checked against apt's lists). One
 # download at a time per cache directory ($cache/.lock, on file descriptor 8, released at the
 # end); each download goes to a private directory and is renamed into place when it is whole.
 # Stale package lists name a version the mirror no longer has: then the lists are refreshed once
 # and the download retried.
-download_kernel_deb() {
+download_deb() {
   _download() {
     local t
     t=$(mktemp -d "$cache/.download.XXXXXX")
@@ -71,7 +90,7 @@ download_kernel_deb() {
     if ! deb_valid "$deb" "$pkg" "$ver"; then
       say "download failed: apt-get update and retry"
       apt-get update -q >&2
-      resolve_kernel_deb
+      if [ -n "${meta:-}" ]; then resolve_kernel_deb; else resolve_deb "$pkg"; fi
       deb_valid "$deb" "$pkg" "$ver" || _download
     fi
     deb_valid "$deb" "$pkg" "$ver" || die "apt-get download $pkg=$ver produced no valid $deb"

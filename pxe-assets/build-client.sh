@@ -55,7 +55,7 @@ resolve_kernel_deb
 
 mkdir -p "$cache" "$out"
 cache_lock "$out/build" 900
-download_kernel_deb
+download_deb
 
 # What goes in. Modules: NICs (virtio, Intel, Broadcom), disk controllers (virtio, AHCI, NVMe,
 # SCSI disks) and file systems; virtio_pci is listed because modprobe's dependency walk does not

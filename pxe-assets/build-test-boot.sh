@@ -38,7 +38,7 @@ resolve_kernel_deb
 mkdir -p "$cache" "$out"
 # One build at a time per output directory (tests may call this concurrently).
 cache_lock "$out/build" 600
-download_kernel_deb
+download_deb
 
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "$busybox missing (package busybox-static)"

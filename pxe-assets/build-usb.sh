@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the appliance's USB stick image: one raw GPT disk image that boots on BIOS and on UEFI
-# (GRUB for both) into a small read-only Debian root that starts si-appliance at boot.
+# Builds the appliance's USB stick image: one raw GPT disk image that boots on BIOS (GRUB) and on
+# UEFI, with Secure Boot on or off (Debian's signed shim and GRUB), into a small read-only Debian
+# root that starts si-appliance at boot.
 #
 #   pxe-assets/build-usb.sh [OUT.img]      (default $SI_CACHE/usb/si-appliance-usb.img)
 #   pxe-assets/build-usb.sh --root-only    only the cached Debian root tree (needs no binary:
@@ -10,7 +11,10 @@
 #
 # Layout (512-byte sectors, 1 MiB aligned):
 #   1  BIOS boot   1 MiB   GRUB's i386-pc core image (what grub-bios-setup would embed)
-#   2  ESP        32 MiB   FAT: EFI/BOOT/BOOTX64.EFI (GRUB x86_64-efi)
+#   2  ESP        32 MiB   FAT: EFI/BOOT/BOOTX64.EFI = Debian's shim (signed by Microsoft's UEFI
+#                          CA), EFI/BOOT/grubx64.efi = Debian's GRUB and EFI/BOOT/mmx64.efi = shim's
+#                          MokManager (both signed by Debian's Secure Boot CA, which shim holds),
+#                          EFI/debian/grub.cfg (signed GRUB's prefix) pointing at the root's menu
 #   3  root        ext4, label si-root, mounted read-only: Debian bookworm minbase + kernel,
 #                  systemd, udev, iproute2, e2fsprogs, fdisk, the iPXE/pxelinux loaders, the
 #                  static si-appliance, the clients' kernel + initramfs it serves
@@ -24,10 +28,11 @@
 # across a power cut; FAT gives neither. Linux reads and writes it from any workstation
 # (`si-appliance usb add-image`, or mount it); Windows and macOS do not, which is the price.
 #
-# Built from Debian packages only (mmdebstrap, grub-pc-bin, grub-efi-amd64-bin, mtools,
-# dosfstools, e2fsprogs, fdisk), as a plain file: no loop devices, no mounts, no grub-install
-# (which needs a block device and whose grub-pc package wants to own this machine's boot
-# loader). The few bytes grub-bios-setup would patch are written here (see `bios_setup`).
+# Built from Debian packages only (mmdebstrap, grub-pc-bin, mtools, dosfstools, e2fsprogs, fdisk;
+# the signed boot chain from shim-signed, shim-helpers-amd64-signed and grub-efi-amd64-signed,
+# downloaded as .debs into $SI_CACHE/usb-efi-debs and unpacked, never installed), as a plain
+# file: no loop devices, no mounts, no grub-install (which needs a block device and whose grub-pc
+# package wants to own this machine's boot loader). The few bytes grub-bios-setup would patch are written here (see `bios_setup`).
 #
 # Inputs (the output is rebuilt only when one changes; the root tree is cached on its own):
 #   SI_APPLIANCE_BIN   static si-appliance (default $CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/
@@ -56,6 +61,8 @@ data_mib=${SI_USB_DATA_MIB:-256}
 suite=bookworm
 rootcache=$SI_CACHE/usb-root
 debs=$SI_CACHE/usb-debs
+efidebs=$SI_CACHE/usb-efi-debs
+efi=$SI_CACHE/usb-efi
 
 [ "$(id -u)" = 0 ] || die "run as root"
 [ $root_only = 1 ] || {
@@ -63,7 +70,7 @@ debs=$SI_CACHE/usb-debs
 file -L "$bin" | grep -Eq 'statically linked|static-pie linked' || die "$bin is not statically linked"
 [ -s "$client/vmlinuz" ] && [ -s "$client/initrd.img" ] || die "no client boot files in $client (pxe-assets/build-client.sh)"
 }
-apt_ensure mmdebstrap grub-pc-bin grub-efi-amd64-bin mtools dosfstools e2fsprogs fdisk file binutils uuid-runtime
+apt_ensure mmdebstrap grub-pc-bin mtools dosfstools e2fsprogs fdisk file binutils uuid-runtime sbsigntool
 
 # The packages of the stick's root. initramfs-tools builds its initramfs (ext4 and the USB,
 # SATA, NVMe and virtio drivers are modules in Debian's kernel). ca-certificates: the seed's
@@ -77,13 +84,15 @@ flock -w 1800 8 || die "timed out waiting for $rootcache/tree.lock"
 
 # ---- 1. The root tree (Debian packages + trimming), cached by the package list and the hook
 # below; the appliance's own files are added to a copy each time (step 2).
-root_key=$(printf '%s %s %s' "$suite" "$pkgs" "$(sed -n '/^# ROOT-HOOK-BEGIN/,/^# ROOT-HOOK-END/p' "$self" | sha256sum | cut -c1-16)")
+# The stick runs on a production switch: its root carries bookworm's updates and security
+# updates, not only the release's packages.
+root_key=$(printf '%s+updates+security %s %s' "$suite" "$pkgs" "$(sed -n '/^# ROOT-HOOK-BEGIN/,/^# ROOT-HOOK-END/p' "$self" | sha256sum | cut -c1-16)")
 if [ "$(cat "$rootcache/.key" 2>/dev/null)" != "$root_key" ] || [ ! -d "$rootcache/tree/usr" ]; then
   t0=$(date +%s)
   rm -rf "$rootcache"
   mkdir -p "$rootcache"
-  mirror=$(debian_mirror)
-  say "mmdebstrap $suite from $mirror (packages cached in $debs)"
+  mirror=$(debian_mirror); security=$(debian_security_mirror)
+  say "mmdebstrap $suite from $mirror and $security (packages cached in $debs)"
   cache_run_bounded 1200 mmdebstrap --variant=minbase --include="$pkgs" \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
@@ -91,7 +100,8 @@ if [ "$(cat "$rootcache/.key" 2>/dev/null)" != "$root_key" ] || [ ! -d "$rootcac
     --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
     --setup-hook="sync-in $debs /var/cache/apt/archives/" \
     --customize-hook="sync-out /var/cache/apt/archives $debs" \
-    "$suite" "$rootcache/tree.tmp" "$mirror" >&2 || die "mmdebstrap failed"
+    "$suite" "$rootcache/tree.tmp" "deb $mirror $suite main" "deb $mirror $suite-updates main" \
+    "deb $security $suite-security main" >&2 || die "mmdebstrap failed"
   tree=$rootcache/tree.tmp
 # ROOT-HOOK-BEGIN (its text is part of the cache key)
   kver=$(ls "$tree/usr/lib/modules" | head -n1)
@@ -121,8 +131,41 @@ if [ $root_only = 1 ]; then
 fi
 cache_lock "$out" 1800
 
+# ---- 1b. The UEFI boot chain: Debian's signed shim, MokManager and GRUB, so that a machine with
+# Secure Boot on and only Microsoft's keys (as shipped) boots the stick, and one with it off as
+# well (shim runs either way). Downloaded as .debs (apt checks them against the signed Release
+# files; the root's package list, the root tree's cache key, is not touched) and unpacked into
+# $efi, once per set of .debs.
+efi_key=
+for efipkg in shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed; do
+  cache=$efidebs
+  resolve_deb "$efipkg"
+  download_deb
+  efi_key="$efi_key $(basename "$deb")"
+done
+if [ "$(cat "$efi/.key" 2>/dev/null)" != "$efi_key" ] || [ ! -s "$efi/grubx64.efi" ]; then
+  rm -rf "$efi" "$efi.tmp"
+  mkdir -p "$efi.tmp/x"
+  for d in $efi_key; do dpkg-deb -x "$efidebs/$d" "$efi.tmp/x"; done
+  cp "$efi.tmp/x/usr/lib/shim/shimx64.efi.signed" "$efi.tmp/BOOTX64.EFI"
+  cp "$efi.tmp/x/usr/lib/shim/mmx64.efi.signed" "$efi.tmp/mmx64.efi"
+  cp "$efi.tmp/x/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" "$efi.tmp/grubx64.efi"
+  rm -rf "$efi.tmp/x"
+  printf '%s' "$efi_key" > "$efi.tmp/.key"
+  mv "$efi.tmp" "$efi"
+fi
+# A check that each piece carries the signature the chain needs (not a cryptographic proof, apt
+# gave that; it catches a packaging change, or a kernel Debian did not sign, before a machine with
+# Secure Boot refuses the stick): shim by Microsoft's UEFI CA, GRUB, MokManager and the root's
+# kernel by Debian's Secure Boot CA (which shim trusts; lockdown then takes only signed modules).
+signed_by() { sbverify --list "$1" 2>/dev/null | grep -Eq "issuer: .*($2)" || die "$1 is not signed by $2"; }
+signed_by "$efi/BOOTX64.EFI" "Microsoft Corporation UEFI CA 2011|Microsoft UEFI CA 2023"
+signed_by "$efi/grubx64.efi" "Debian Secure Boot CA"
+signed_by "$efi/mmx64.efi" "Debian Secure Boot CA"
+signed_by "$(ls "$rootcache"/tree/boot/vmlinuz-* | head -n1)" "Debian Secure Boot CA"
+
 # ---- 2. Is the image up to date?
-stamp="$root_key $(sha256sum "$self" "$here"/usb/* "$here/../config/si-appliance.toml" "$bin" "$client/vmlinuz" "$client/initrd.img" | awk '{print $1}' | tr '\n' ' ') $data_mib"
+stamp="$root_key $(sha256sum "$self" "$here"/usb/* "$here/../config/si-appliance.toml" "$bin" "$client/vmlinuz" "$client/initrd.img" "$efi"/*.efi "$efi"/*.EFI | awk '{print $1}' | tr '\n' ' ') $data_mib"
 if [ "$(cat "$out.inputs" 2>/dev/null)" = "$stamp" ] && [ -s "$out" ]; then
   say "up to date: $out"
   ls -l "$out" >&2
@@ -210,9 +253,10 @@ mkfs.ext4 -q -F -L SI-DATA -U "$data_uuid" -d "$data" "$work/data.fs" "${data_mi
 esp_mib=32
 mkfs.vfat -n SI-EFI -i "$esp_id" -C "$work/esp.fs" $((esp_mib * 1024)) >/dev/null
 
-# ---- 4. GRUB. One small embedded config finds the root by file-system UUID (the stick's disk
-# number differs from machine to machine) and reads /boot/grub/grub.cfg there; every module it
-# needs is in the image, so nothing is loaded from disk.
+# ---- 4. The boot loaders. One small config finds the root by file-system UUID (the stick's disk
+# number differs from machine to machine) and reads /boot/grub/grub.cfg there.
+# BIOS: embedded in GRUB's core image, which holds every module it needs (nothing is loaded from
+# disk).
 cat > "$work/early.cfg" <<EOF
 search --no-floppy --fs-uuid --set=root $root_uuid
 set prefix=(\$root)/boot/grub
@@ -220,9 +264,17 @@ configfile (\$root)/boot/grub/grub.cfg
 EOF
 mods="part_gpt part_msdos ext2 search search_fs_uuid configfile linux normal echo test serial terminal gzio"
 grub-mkimage -O i386-pc -o "$work/core.img" -p /boot/grub -c "$work/early.cfg" biosdisk $mods
-grub-mkimage -O x86_64-efi -o "$work/BOOTX64.EFI" -p /boot/grub -c "$work/early.cfg" $mods efi_gop efi_uga fat
-mmd -i "$work/esp.fs" ::/EFI ::/EFI/BOOT
-mcopy -i "$work/esp.fs" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+# UEFI: the firmware's removable-media path EFI/BOOT/BOOTX64.EFI is shim; shim loads grubx64.efi
+# from its own directory (mmx64.efi when a MOK request is pending; no fbx64.efi, so it never
+# writes boot entries into the machine's NVRAM). Debian's signed GRUB is one image with every
+# module built in (under Secure Boot it loads none from disk) and prefix /EFI/debian on the
+# ESP: its built-in config sources $prefix/grub.cfg, or $cmdpath/grub.cfg (EFI/BOOT) when
+# /EFI/debian is missing; the same small config is in both. It boots only kernels shim accepts
+# (Debian-signed, or enrolled with MokManager).
+mmd -i "$work/esp.fs" ::/EFI ::/EFI/BOOT ::/EFI/debian
+cp "$work/early.cfg" "$work/grub.cfg"
+mcopy -i "$work/esp.fs" "$efi/BOOTX64.EFI" "$efi/grubx64.efi" "$efi/mmx64.efi" "$work/grub.cfg" ::/EFI/BOOT/
+mcopy -i "$work/esp.fs" "$work/grub.cfg" ::/EFI/debian/
 
 # ---- 5. The disk: GPT, then each file system at its partition's offset.
 mib=2048   # sectors per MiB

@@ -32,6 +32,15 @@ debian_mirror() {
   echo "${m:-http://deb.debian.org/debian}"
 }
 
+# The Debian security archive of this machine's apt sources (for a root that must carry the
+# security updates, e.g. the USB stick's).
+debian_security_mirror() {
+  local m
+  m="$(grep -hs -E '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | grep -o -E 'https?://[^ ]*-security[^ ]*' | head -n1 || true)"
+  echo "${m:-http://deb.debian.org/debian-security}"
+}
+
 # Takes the exclusive lock of an artefact (PATH.lock) on file descriptor 9, waiting at most
 # SECONDS. Held until the script and all its children have exited.
 cache_lock() {

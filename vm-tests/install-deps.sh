@@ -16,8 +16,9 @@ pkgs=(
 # The client initramfs (pxe-assets/build-client.sh): the disk tools it copies, and its build tools.
 pkgs+=(file binutils xz-utils util-linux fdisk e2fsprogs xfsprogs dosfstools ca-certificates)
 # The appliance's USB stick (pxe-assets/build-usb.sh): a Debian root without debootstrap's
-# chroot dance, GRUB for BIOS and UEFI as files (no grub-install), the ESP written with mtools.
-pkgs+=(mmdebstrap grub-pc-bin grub-efi-amd64-bin mtools uuid-runtime)
+# chroot dance, GRUB for BIOS as files (no grub-install), the ESP written with mtools, the
+# signatures of Debian's shim and GRUB (downloaded, not installed) checked with sbverify.
+pkgs+=(mmdebstrap grub-pc-bin mtools uuid-runtime sbsigntool)
 . "$(dirname "${BASH_SOURCE[0]}")/../pxe-assets/apt-lib.sh"
 mapfile -t missing < <(apt_missing "${pkgs[@]}")
 if [ ${#missing[@]} -gt 0 ]; then

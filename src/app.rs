@@ -68,6 +68,19 @@ pub enum AppError {
     },
 }
 
+/// How this machine booted, from sysfs (`efi` = `/sys/firmware/efi`): "BIOS", "UEFI", or
+/// "UEFI, Secure Boot on" when the SecureBoot variable (4 attribute bytes, then the value) is 1.
+fn own_firmware(efi: &std::path::Path) -> String {
+    if !efi.is_dir() {
+        return "BIOS".to_owned();
+    }
+    let var = efi.join("efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c");
+    match std::fs::read(var) {
+        Ok(b) if b.get(4) == Some(&1) => "UEFI, Secure Boot on".to_owned(),
+        _ => "UEFI".to_owned(),
+    }
+}
+
 /// The environment variable that says how the interface was chosen (set by the USB stick's
 /// start script, shown on the dashboard and by `si-appliance status`).
 pub const IFACE_CHOSEN_ENV: &str = "SI_IFACE_CHOSEN";
@@ -110,8 +123,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // why in SI_IFACE_CHOSEN; otherwise it was named (--iface or `iface`).
     let chosen = std::env::var(IFACE_CHOSEN_ENV).ok().filter(|s| !s.trim().is_empty());
     let chosen = chosen.unwrap_or_else(|| "configured (--iface or `iface` in the config file)".to_owned());
-    info!(iface = %iface.name, ip = %iface.ip, %chosen, "provisioning interface");
-    monitor.set_serving(crate::monitor::registry::Serving { iface: iface.name.clone(), ip: iface.ip, chosen });
+    let firmware = own_firmware(std::path::Path::new("/sys/firmware/efi"));
+    info!(iface = %iface.name, ip = %iface.ip, %chosen, %firmware, "provisioning interface");
+    monitor.set_serving(crate::monitor::registry::Serving { iface: iface.name.clone(), ip: iface.ip, chosen, firmware });
     let events = monitor.sink();
     // The swarm first: its info-hashes go into the signed seal of every plan and boot script.
     let mut swarm_router = None;
@@ -603,6 +617,20 @@ fn load_or_create_secret(state_dir: &Path) -> Result<Vec<u8>, AppError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_firmware_reads_the_secure_boot_variable() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(own_firmware(&d.path().join("absent")), "BIOS");
+        let efi = d.path().join("efi");
+        std::fs::create_dir_all(efi.join("efivars")).unwrap();
+        assert_eq!(own_firmware(&efi), "UEFI");
+        let var = efi.join("efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c");
+        std::fs::write(&var, [6, 0, 0, 0, 0]).unwrap();
+        assert_eq!(own_firmware(&efi), "UEFI");
+        std::fs::write(&var, [6, 0, 0, 0, 1]).unwrap();
+        assert_eq!(own_firmware(&efi), "UEFI, Secure Boot on");
+    }
 
     #[tokio::test]
     async fn a_failing_or_panicking_service_is_started_again_until_shutdown() {

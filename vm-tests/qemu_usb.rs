@@ -6,8 +6,10 @@
 //! (a QEMU VM booting from the network first) installs the image from it and reaches its login
 //! prompt. Then the appliance machine loses power (QEMU killed), the stick is read offline
 //! (leases, node records, the node's console, the end-of-run report are on its data
-//! partition), and the stick boots again, this time under UEFI (OVMF): the node, powered on
-//! again from the network, is told to boot from its disk, with the same address as before.
+//! partition), and the stick boots again, this time under UEFI with Secure Boot on (OVMF with
+//! Microsoft's keys enrolled, as machines ship: the stick's shim → signed GRUB → Debian's
+//! kernel): the node, powered on again from the network, is told to boot from its disk, with
+//! the same address as before.
 //!
 //! Every wait is bounded; both VMs run under TCG in the lab's switch namespace. Times are
 //! host-clock seconds, printed (the per-phase table compares with qemu_install's, where the
@@ -30,13 +32,16 @@ const NODE_MAC: &str = "52:54:00:0a:01:01";
 const NODE_NAME: &str = "usbnode1";
 /// The stick is made this big (a 2 GiB stick written with dd); the data partition grows to it.
 const STICK_BYTES: u64 = 2 << 30;
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+/// OVMF built with Secure Boot (SMM) and a variable store with Microsoft's keys enrolled and
+/// Secure Boot on (package ovmf).
+const OVMF_SB_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+const OVMF_SB_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Firmware {
     Bios,
-    Uefi,
+    /// OVMF with Secure Boot on.
+    UefiSecureBoot,
 }
 
 /// A QEMU VM's serial console, read as it grows, lines stamped with host seconds since `t0`.
@@ -133,8 +138,17 @@ impl Qemu {
 }
 
 fn firmware_args(cmd: &mut Command, fw: Firmware, vars: &Path) {
-    if fw == Firmware::Uefi {
-        cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"));
+    match fw {
+        Firmware::Bios => {
+            cmd.args(["-machine", "pc"]);
+        }
+        // The secure variable store needs SMM, which needs q35.
+        Firmware::UefiSecureBoot => {
+            cmd.args(["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]);
+        }
+    }
+    if fw == Firmware::UefiSecureBoot {
+        cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_SB_CODE}"));
         cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
         // OVMF's own network boot options would be tried for minutes before the next entry.
         for k in ["IPv4PXESupport", "IPv6PXESupport", "IPv4Support", "IPv6Support"] {
@@ -148,7 +162,7 @@ fn firmware_args(cmd: &mut Command, fw: Firmware, vars: &Path) {
 fn boot_stick(lab: &Lab, stick: &Path, fw: Firmware, run: usize) -> Qemu {
     let serial = lab.path(&format!("appliance-serial-{run}.log"));
     let mut cmd = lab.switch.cmd("qemu-system-x86_64");
-    cmd.args(["-nodefaults", "-machine", "pc", "-accel", "tcg", "-display", "none", "-m", "1024"]);
+    cmd.args(["-nodefaults", "-accel", "tcg", "-display", "none", "-m", "1024"]);
     firmware_args(&mut cmd, fw, &lab.path("appliance-vars.fd"));
     cmd.args(["-drive", &format!("file={},format=raw,if=none,id=stick,cache=writeback", stick.display())])
         .args(["-device", "qemu-xhci,id=xhci", "-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=1"])
@@ -338,12 +352,14 @@ fn the_stick_boots_bios_and_uefi_images_a_node_and_keeps_its_state_across_a_powe
     assert!(!reports.is_empty(), "no end-of-run report on the stick");
     assert!(log.contains("si-appliance ready"), "the appliance's log on the stick:\n{log:.2000}");
 
-    // 4. The stick boots again, under UEFI this time; the node is told to boot its disk and
-    // keeps its address.
-    fs::copy(OVMF_VARS, lab.path("appliance-vars.fd")).expect("OVMF_VARS.fd (package ovmf)");
-    let mut app2 = boot_stick(&lab, &stick, Firmware::Uefi, 2);
+    // 4. The stick boots again, under UEFI with Secure Boot on this time; the node is told to
+    // boot its disk and keeps its address.
+    fs::copy(OVMF_SB_VARS, lab.path("appliance-vars.fd")).expect("OVMF_VARS_4M.ms.fd (package ovmf)");
+    let mut app2 = boot_stick(&lab, &stick, Firmware::UefiSecureBoot, 2);
     let (st2, uefi_ready) = wait_ready(&lab, &mut app2, Duration::from_secs(300));
-    println!("stick (OVMF) ready after {uefi_ready:.1} s");
+    println!("stick (OVMF, Secure Boot on) ready after {uefi_ready:.1} s: {}", st2["deployment"]["serving"]);
+    assert_eq!(st2["deployment"]["serving"]["firmware"], "UEFI, Secure Boot on", "{st2}");
+    assert_eq!(st["deployment"]["serving"]["firmware"], "BIOS", "{st}");
     let nodes2 = st2["nodes"].as_array().cloned().unwrap_or_default();
     assert!(nodes2.iter().any(|n| n["mac"] == NODE_MAC), "the node is not on the rebooted appliance's dashboard: {st2}");
     let mut node3 = power_on_node(&lab, &disk, 3);
@@ -356,7 +372,7 @@ fn the_stick_boots_bios_and_uefi_images_a_node_and_keeps_its_state_across_a_powe
     drop(app2);
 
     let mut table = format!(
-        "qemu_usb: stick built/checked {built_s:.1} s, add-image {add_s:.1} s, stick ready SeaBIOS {bios_ready:.1} s, OVMF {uefi_ready:.1} s\n\
+        "qemu_usb: stick built/checked {built_s:.1} s, add-image {add_s:.1} s, stick ready SeaBIOS {bios_ready:.1} s, OVMF + Secure Boot {uefi_ready:.1} s\n\
          node (SeaBIOS) from the stick appliance, s since power-on:\n"
     );
     for (k, t) in &phases {

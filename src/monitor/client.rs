@@ -126,7 +126,8 @@ pub async fn status(addr: SocketAddr, json: bool) -> Result<String, ClientError>
     }
     let mut out = String::new();
     if let Ok(sv) = serde_json::from_value::<super::registry::Serving>(d["serving"].clone()) {
-        out.push_str(&format!("serving on {} ({}): {}\n", sv.iface, sv.ip, sv.chosen));
+        let fw = if sv.firmware.is_empty() { String::new() } else { format!("; booted {}", sv.firmware) };
+        out.push_str(&format!("serving on {} ({}): {}{fw}\n", sv.iface, sv.ip, sv.chosen));
     }
     let dep: Result<super::registry::Deployment, _> = serde_json::from_value::<DeploymentView>(d.clone()).map(Into::into);
     match dep {

@@ -109,6 +109,9 @@ pub struct Serving {
     pub ip: Ipv4Addr,
     /// How it was chosen, e.g. "first wired interface with carrier" or "configured".
     pub chosen: String,
+    /// How the appliance's own machine booted: "BIOS", "UEFI" or "UEFI, Secure Boot on".
+    #[serde(default)]
+    pub firmware: String,
 }
 
 /// A foreign DHCP server seen by the DHCP service's watch.

@@ -116,7 +116,7 @@ function renderSummary() {
     .map((p) => `<span class="chip" style="background:${COLORS[p]}">${p} ${d.phases[p]}</span>`).join("");
   $("clock").textContent = new Date(d.now_ms).toLocaleTimeString();
   const sv = d.serving;
-  $("serving").textContent = sv ? `on ${sv.iface} ${sv.ip} (${sv.chosen})` : "";
+  $("serving").textContent = sv ? `on ${sv.iface} ${sv.ip} (${sv.chosen})${sv.firmware ? ", booted " + sv.firmware : ""}` : "";
 }
 
 // A line chart into <svg viewBox="0 0 600 220">: series = [{color, pts: [[x, y]]}], x in ms.

@@ -31,13 +31,13 @@ mod common;
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Proc, strip_ansi};
+use common::{Lab, Proc, Serial, strip_ansi};
 use si_appliance::types::MacAddr;
 
 /// Bound for the whole deployment (all VMs, firmware to login). Measured: see the printed table.
@@ -90,11 +90,8 @@ struct Vm {
     /// (what it was for, when, install round: 1, or 2 after `node reimage`).
     boots: Vec<(Boot, f64, u32)>,
     round: u32,
-    serial: PathBuf,
-    offset: u64,
-    partial: String,
-    /// (seconds since the test's VMs started, line), over every boot.
-    lines: Vec<(f64, String)>,
+    /// Its serial lines (seconds since the test's VMs started), over every boot.
+    serial: Serial,
     /// Index into `lines` where the current boot starts.
     boot_start: usize,
     state: State,
@@ -124,10 +121,7 @@ impl Vm {
             qemu: None,
             boots: Vec::new(),
             round: 1,
-            serial: PathBuf::new(),
-            offset: 0,
-            partial: String::new(),
-            lines: Vec::new(),
+            serial: Serial::new(PathBuf::new()),
             boot_start: 0,
             state: State::Installing,
             reset_at: None,
@@ -141,9 +135,8 @@ impl Vm {
     /// Powers the VM on (again), always NIC first in the boot order, as a rack's servers are set.
     fn power_on(&mut self, lab: &Lab, boot: Boot, t: f64) {
         self.drain(t);
-        self.serial = lab.path(&format!("serial-{}-{}.log", self.n, self.boots.len() + 1));
-        self.offset = 0;
-        self.boot_start = self.lines.len();
+        self.serial.switch_to(lab.path(&format!("serial-{}-{}.log", self.n, self.boots.len() + 1)));
+        self.boot_start = self.serial.lines.len();
         self.boots.push((boot, t, self.round));
         let (nic, disk) = (1, 2);
         let mut cmd = lab.switch.cmd("qemu-system-x86_64");
@@ -167,7 +160,7 @@ impl Vm {
             // getrandom(2) blocks the installer's swarm client.
             .args(["-device", "virtio-rng-pci"])
             .arg("-serial")
-            .arg(format!("file:{}", self.serial.display()))
+            .arg(format!("file:{}", self.serial.path().display()))
             .arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", self.monitor(lab).display()));
         let log = lab.path(&format!("qemu-{}.log", self.n));
@@ -176,25 +169,7 @@ impl Vm {
 
     /// Reads what the serial file gained since the last call, stamping complete lines with `t`.
     fn drain(&mut self, t: f64) {
-        let Ok(mut f) = fs::File::open(&self.serial) else { return };
-        if f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return;
-        }
-        let mut buf = Vec::new();
-        if f.read_to_end(&mut buf).is_err() {
-            return;
-        }
-        self.offset += buf.len() as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        while let Some(i) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=i).collect();
-            self.lines.push((t, strip_ansi(line.trim_end_matches(['\r', '\n']))));
-        }
-        // A login prompt waits for input after "login: ", with no newline.
-        if self.partial.trim_end().ends_with("login:") {
-            let line = std::mem::take(&mut self.partial);
-            self.lines.push((t, strip_ansi(line.trim_end())));
-        }
+        self.serial.drain(t);
     }
 
     fn exited(&mut self) -> bool {
@@ -206,16 +181,16 @@ impl Vm {
 
     /// Lines of the current boot.
     fn this_boot(&self) -> &[(f64, String)] {
-        &self.lines[self.boot_start..]
+        &self.serial.lines[self.boot_start..]
     }
 
     /// First time (over all boots from `from` on) a line contains `needle`.
     fn first(&self, needle: &str, from: f64) -> Option<f64> {
-        self.lines.iter().find(|(t, l)| *t >= from && l.contains(needle)).map(|(t, _)| *t)
+        self.serial.first_after(needle, from)
     }
 
     fn text(&self) -> String {
-        self.lines.iter().map(|(t, l)| format!("{t:8.2} {l}\n")).collect()
+        self.serial.tail(usize::MAX)
     }
 
     /// Sends `system_reset` on the QEMU monitor (with -no-reboot, QEMU then exits). Waits for the
@@ -484,7 +459,7 @@ fn vms_install_over_the_swarm_and_boot_their_disks_with_faults() {
             };
             let f = |n: &str| vm.first(n, from).map(|t| format!("{:.1}", t - from)).unwrap_or_else(|| "-".into());
             let reboot = vm.boots.iter().find(|b| b.0 == Boot::Local && b.2 == round).map(|b| b.1);
-            let login = reboot.and_then(|r| vm.lines.iter().find(|(t, l)| *t >= r && login_name(l).is_some()).map(|(t, _)| *t));
+            let login = reboot.and_then(|r| vm.serial.lines.iter().find(|(t, l)| *t >= r && login_name(l).is_some()).map(|(t, _)| *t));
             let rel = |x: Option<f64>| x.map(|t| format!("{:.1}", t - from)).unwrap_or_else(|| "-".into());
             writeln!(
                 table,

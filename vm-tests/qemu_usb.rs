@@ -17,12 +17,11 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Proc, strip_ansi};
+use common::{Lab, Proc, Serial};
 use si_appliance::types::MacAddr;
 
 /// The stick's address when its interface has none (network.conf on the data partition).
@@ -42,55 +41,6 @@ enum Firmware {
     Bios,
     /// OVMF with Secure Boot on.
     UefiSecureBoot,
-}
-
-/// A QEMU VM's serial console, read as it grows, lines stamped with host seconds since `t0`.
-struct Serial {
-    path: PathBuf,
-    offset: u64,
-    partial: String,
-    lines: Vec<(f64, String)>,
-}
-
-impl Serial {
-    fn new(path: PathBuf) -> Serial {
-        Serial { path, offset: 0, partial: String::new(), lines: Vec::new() }
-    }
-
-    fn drain(&mut self, t: f64) {
-        let Ok(mut f) = fs::File::open(&self.path) else { return };
-        if f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return;
-        }
-        let mut buf = Vec::new();
-        if f.read_to_end(&mut buf).is_err() {
-            return;
-        }
-        self.offset += buf.len() as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        while let Some(i) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=i).collect();
-            self.lines.push((t, strip_ansi(line.trim_end_matches(['\r', '\n']))));
-        }
-        // A login prompt waits after "login: ", with no newline.
-        if self.partial.trim_end().ends_with("login:") {
-            let line = std::mem::take(&mut self.partial);
-            self.lines.push((t, strip_ansi(line.trim_end())));
-        }
-    }
-
-    fn first(&self, needle: &str) -> Option<f64> {
-        self.lines.iter().find(|(_, l)| l.contains(needle)).map(|(t, _)| *t)
-    }
-
-    fn has(&self, needle: &str) -> bool {
-        self.first(needle).is_some()
-    }
-
-    fn tail(&self, n: usize) -> String {
-        let from = self.lines.len().saturating_sub(n);
-        self.lines[from..].iter().map(|(t, l)| format!("{t:8.2} {l}\n")).collect()
-    }
 }
 
 /// One QEMU run (a power-on until power-off); killed on drop.
@@ -310,7 +260,7 @@ fn the_stick_boots_bios_and_uefi_images_a_node_and_keeps_its_state_across_a_powe
         ("done", "install-done "),
     ]
     .iter()
-    .map(|(k, n)| (k.to_string(), node.serial.first(n)))
+    .map(|(k, n)| (k.to_string(), node.serial.first_after(n, 0.0)))
     .collect();
     let mut node2 = power_on_node(&lab, &disk, 2);
     let login1 = node2.wait("the login prompt", Duration::from_secs(300), |s| login_name(s).is_some());

@@ -453,3 +453,73 @@ pub fn random_file(path: &Path, n: u64) -> Vec<u8> {
     fs::write(path, &data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     data
 }
+
+/// A QEMU VM's serial console file, read as it grows: complete lines (ANSI sequences stripped)
+/// stamped with the caller's clock, over every power-on (`switch_to` a new file per boot keeps
+/// the earlier lines).
+pub struct Serial {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    /// (caller's seconds, line), in arrival order.
+    pub lines: Vec<(f64, String)>,
+}
+
+impl Serial {
+    /// A reader of `path` (which may not exist yet).
+    pub fn new(path: PathBuf) -> Serial {
+        Serial { path, offset: 0, partial: String::new(), lines: Vec::new() }
+    }
+
+    /// Reads `path` from its start from now on (a new boot's file); the lines so far stay.
+    pub fn switch_to(&mut self, path: PathBuf) {
+        self.path = path;
+        self.offset = 0;
+        self.partial.clear();
+    }
+
+    /// The file being read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes in what the file gained since the last call, stamping complete lines with `t`. A
+    /// login prompt (`… login: `, no newline after it) counts as a line.
+    pub fn drain(&mut self, t: f64) {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = fs::File::open(&self.path) else { return };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if f.read_to_end(&mut buf).is_err() {
+            return;
+        }
+        self.offset += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=i).collect();
+            self.lines.push((t, strip_ansi(line.trim_end_matches(['\r', '\n']))));
+        }
+        if self.partial.trim_end().ends_with("login:") {
+            let line = std::mem::take(&mut self.partial);
+            self.lines.push((t, strip_ansi(line.trim_end())));
+        }
+    }
+
+    /// When a line containing `needle` first came, at or after `from`.
+    pub fn first_after(&self, needle: &str, from: f64) -> Option<f64> {
+        self.lines.iter().find(|(t, l)| *t >= from && l.contains(needle)).map(|(t, _)| *t)
+    }
+
+    /// Whether any line contains `needle`.
+    pub fn has(&self, needle: &str) -> bool {
+        self.first_after(needle, f64::MIN).is_some()
+    }
+
+    /// The last `n` lines, stamped, for a failure message.
+    pub fn tail(&self, n: usize) -> String {
+        let from = self.lines.len().saturating_sub(n);
+        self.lines[from..].iter().map(|(t, l)| format!("{t:8.2} {l}\n")).collect()
+    }
+}

@@ -185,6 +185,11 @@ pub struct NodePlan {
     /// could not compute it (no swarm).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seal: Option<ImageSeal>,
+    /// Where the installer serves the kernel and initrd it fetched and checked
+    /// (`boot.peer_port`); `None`: the appliance does not use peer-served boot files, the
+    /// installer fetches and serves nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_peer_port: Option<u16>,
 }
 
 /// The image as the appliance signed it (see [`crate::image::sign`]): the installer checks the

@@ -11,7 +11,9 @@
 //! digest, reported, dropped, and the node falls back to the appliance; at least half of the
 //! 8 × (kernel + initrd) bytes the nodes' curl fetched came from peers (the appliance's own
 //! bytes are summed from its "http: sending" log lines); a peer answers Range requests; a
-//! stopped peer is dropped. Every client runs under `timeout(1)`, every wait is bounded.
+//! stopped peer is dropped; a dead peer (announced, connection refused) fails `curl -L`, whose
+//! `&direct=1` retry (the iPXE script's fallback) gets the appliance's bytes, and the installer
+//! path reports it and falls back. Every client runs under `timeout(1)`, every wait is bounded.
 mod common;
 
 use std::fs;
@@ -88,19 +90,20 @@ impl Setup {
         out
     }
 
-    /// Starts node `i`'s `si-appliance boot-peer` and waits for its ready line.
-    fn boot_peer(&self, i: usize) -> (Proc, String) {
+    /// Starts node `i`'s `si-appliance boot-peer` (its `run`-th, with a directory and log of
+    /// its own) and waits for its ready line.
+    fn boot_peer(&self, i: usize, run: usize) -> (Proc, String) {
         let mac = node_mac(i);
         let mut c = self.lab.hosts[self.first + i].cmd(common::appliance_bin());
         c.args(["boot-peer", "--server", &format!("{SERVER}:80"), "--mac", &mac, "--dir"])
-            .arg(self.lab.path(&format!("node{i}-peer")))
+            .arg(self.lab.path(&format!("node{i}-peer{run}")))
             .env("SI_NODE_TOKEN", self.token(&mac))
             .env("RUST_LOG", "info,si_appliance=debug");
-        let mut p = Proc::spawn(&format!("boot-peer {i}"), c, self.lab.path(&format!("node{i}-peer.log")));
+        let mut p = Proc::spawn(&format!("boot-peer {i}"), c, self.lab.path(&format!("node{i}-peer{run}.log")));
         let ready = p.wait_line("boot-peer-ready", Duration::from_secs(60), |l| l.starts_with("boot-peer-ready "));
         p.wait_log("announced to the appliance", Duration::from_secs(30));
         for (file, want) in [("vmlinuz", &self.kernel_sha), ("initrd.img", &self.initrd_sha)] {
-            let f = self.lab.path(&format!("node{i}-peer/boot/{file}"));
+            let f = self.lab.path(&format!("node{i}-peer{run}/boot/{file}"));
             assert_eq!(sha_file(&f).as_deref(), Some(want.as_str()), "node {i}: boot-peer's {file}");
         }
         (p, ready)
@@ -139,7 +142,7 @@ fn appliance_bytes(log: &str) -> u64 {
 }
 
 #[test]
-fn eight_nodes_boot_files_mostly_from_peers_and_a_corrupt_peer_is_caught() {
+fn eight_nodes_boot_files_mostly_from_peers_and_corrupt_or_dead_peers_are_caught() {
     let t0 = Instant::now();
     let mut lab = Lab::new("bp");
     let a = lab.add_host(Some(&format!("{SERVER}/24")), Some("52:54:00:73:00:01"));
@@ -204,7 +207,7 @@ peer_port = 8081
     fs::write(cdir.join("boot/initrd.img"), &i2).expect("corrupt initrd");
     let mut py = s.lab.hosts[corrupt_host].cmd("python3");
     py.args(["-m", "http.server", "8081", "--bind", CORRUPT, "--directory"]).arg(&cdir);
-    let _corrupt = Proc::spawn("corrupt peer", py, s.lab.path("corrupt.log"));
+    let mut corrupt = Proc::spawn("corrupt peer", py, s.lab.path("corrupt.log"));
     let up = common::wait_for(Duration::from_secs(20), || {
         let o = s.on(first, &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{CORRUPT}:8081/boot/vmlinuz")]);
         (String::from_utf8_lossy(&o.stdout) == "200").then_some(())
@@ -220,7 +223,7 @@ peer_port = 8081
     // Node 0's installer path is sent to the corrupt peer (the only other one), catches the
     // digest mismatch, reports it and falls back to the appliance.
     let mut peers = Vec::new();
-    let (p0, ready) = s.boot_peer(0);
+    let (p0, ready) = s.boot_peer(0, 1);
     assert!(ready.contains(&format!("kernel_from=appliance-after-bad-peer:{CORRUPT}")), "{ready}\n{}", p0.log_text());
     assert!(p0.log_text().contains("digest mismatch"), "{}", p0.log_text());
     let log = s.app_log();
@@ -241,7 +244,7 @@ peer_port = 8081
             }
         }
         for &i in &wave_nodes {
-            let (p, ready) = s.boot_peer(i);
+            let (p, ready) = s.boot_peer(i, 1);
             assert!(ready.contains("kernel_from=peer:") && ready.contains("initrd_from=peer:"), "node {i}: {ready}");
             peers.push(p);
         }
@@ -275,4 +278,28 @@ peer_port = 8081
     last.terminate();
     let gone = common::wait_for(Duration::from_secs(10), || s.app_log().contains("boot-peer: stopped serving").then_some(()));
     assert!(gone.is_some(), "{}", s.app_log());
+
+    // A dead peer: 10.73.0.5 announces again but serves nothing (connection refused). Node 7
+    // boots again: the appliance sends it there (lowest address, no load); curl fails to
+    // connect, as iPXE would, and the script's fallback `&direct=1` gets the appliance's bytes;
+    // then its installer path is sent there again, reports the dead peer and falls back.
+    corrupt.kill();
+    let o = s.on(corrupt_host, &[
+        "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H",
+        &format!("Authorization: Bearer {}", s.token(CORRUPT_MAC)), "-H", "Content-Type: application/json",
+        "--data", r#"{"event":"serving","port":8081}"#, &format!("http://{SERVER}/api/nodes/{CORRUPT_MAC}/boot-peer"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "204", "dead peer's announce: {}", text(&o));
+    let q = format!("?mac={}", node_mac(7).replace(':', "-"));
+    let dest = s.lab.path("node7-again-vmlinuz");
+    let o = s.on(first + 7, &["curl", "-sS", "-L", "-o", &dest.display().to_string(), &format!("http://{SERVER}/boot/vmlinuz{q}")]);
+    assert_eq!(o.status.code(), Some(7), "curl must fail to connect to the dead peer: {}", text(&o));
+    let o = s.on(first + 7, &["curl", "-sS", "-L", "-o", &dest.display().to_string(), &format!("http://{SERVER}/boot/vmlinuz{q}&direct=1")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(sha_file(&dest).as_deref(), Some(s.kernel_sha.as_str()));
+    let (_p7, ready) = s.boot_peer(7, 2);
+    assert!(ready.contains(&format!("kernel_from=appliance-after-bad-peer:{CORRUPT}")), "{ready}");
+    let log = s.app_log();
+    let dropped = log.lines().filter(|l| l.contains("boot-peer: peer dropped") && l.contains(CORRUPT)).count();
+    assert_eq!(dropped, 2, "the corrupt, then the dead peer:\n{log}");
 }

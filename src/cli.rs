@@ -110,6 +110,10 @@ pub enum Command {
     /// appliance, partition + mkfs, swarm download unpacked as it arrives, per-node settings,
     /// boot loader, seeding, then reboot/poweroff/shell. Flags override the kernel command line.
     Install(InstallArgs),
+    /// The installer's boot-file serving alone: fetch the kernel and initrd through the
+    /// appliance (or the peer it redirects to), check them against /boot/digests, serve them on
+    /// boot.peer_port and announce that, until SIGINT/SIGTERM.
+    BootPeer(BootPeerArgs),
     /// Print the state of a running appliance: deployment summary and one line per node.
     Status(StatusArgs),
     /// The appliance's USB stick (built by pxe-assets/build-usb.sh), from a workstation.
@@ -361,6 +365,23 @@ pub struct FetchArgs {
     /// Give up when the download is not complete after this long.
     #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: std::time::Duration,
+}
+
+/// `si-appliance boot-peer`.
+#[derive(Debug, clap::Args)]
+pub struct BootPeerArgs {
+    /// The appliance's HTTP address.
+    #[arg(long, value_name = "IP:PORT")]
+    pub server: std::net::SocketAddr,
+    /// This node's MAC.
+    #[arg(long)]
+    pub mac: String,
+    /// This node's token.
+    #[arg(long, env = "SI_NODE_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Where the files are kept (DIR/boot/vmlinuz, DIR/boot/initrd.img).
+    #[arg(long, value_name = "DIR", default_value = "/run/si-install/boot-peer")]
+    pub dir: PathBuf,
 }
 
 /// `si-appliance install`.

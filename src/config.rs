@@ -284,6 +284,17 @@ pub struct BootConfig {
     pub cmdline: String,
     /// Send iPXE its "no-pxedhcp" setting (option 175.176) so it does not wait for proxyDHCP.
     pub ipxe_no_pxedhcp: bool,
+    /// Peer-served boot files: installers that booted serve the kernel and initrd they fetched
+    /// (verified against `/boot/digests`) and the appliance redirects (302) kernel and initrd
+    /// requests to them. Off by default: iPXE boots what a peer sends without checking it.
+    pub peer_serve: bool,
+    /// Transfers one serving peer is given at once, at most (its uplink is shared by them).
+    pub peer_serve_max: u32,
+    /// TCP port the installers serve the boot files on.
+    pub peer_port: u16,
+    /// The rate (Mbit/s) a redirected transfer is assumed to reach at least: a redirect holds
+    /// its peer's slot for (kernel + initrd size) / this rate + 10 s unless released sooner.
+    pub peer_rate_mbit: u32,
 }
 
 impl Default for BootConfig {
@@ -301,6 +312,10 @@ impl Default for BootConfig {
             initrd: None,
             cmdline: "console=ttyS0 console=tty0".to_owned(),
             ipxe_no_pxedhcp: true,
+            peer_serve: false,
+            peer_serve_max: 4,
+            peer_port: 8081,
+            peer_rate_mbit: 50,
         }
     }
 }
@@ -629,6 +644,15 @@ impl ConfigFile {
         if self.tftp.timeout.is_zero() || self.tftp.timeout > Duration::from_secs(255) {
             return bad("tftp.timeout".into(), "must be within 1s..=255s (RFC 2349)".into());
         }
+        if self.boot.peer_serve_max == 0 {
+            return bad("boot.peer_serve_max".into(), "must be at least 1".into());
+        }
+        if self.boot.peer_port == 0 {
+            return bad("boot.peer_port".into(), "must be 1..=65535".into());
+        }
+        if self.boot.peer_rate_mbit == 0 {
+            return bad("boot.peer_rate_mbit".into(), "must be at least 1".into());
+        }
         if self.monitor.sample_interval < Duration::from_millis(100) {
             return bad("monitor.sample_interval".into(), "must be at least 100ms".into());
         }
@@ -723,6 +747,8 @@ mod tests {
             ("image = \"../etc\"", "image"),
             ("[dhcp]\nlease_time = \"5s\"", "dhcp.lease_time"),
             ("[swarm]\nlisten_port = 0", "swarm.listen_port"),
+            ("[boot]\npeer_serve_max = 0", "boot.peer_serve_max"),
+            ("[boot]\npeer_port = 0", "boot.peer_port"),
             ("[swarm]\nannounce_interval = \"30s\"\npeer_timeout = \"10s\"", "swarm.peer_timeout"),
             ("[swarm]\nupload_limit = 100", "swarm.upload_limit"),
             ("[install]\ndisk = \"sda\"", "install.disk"),

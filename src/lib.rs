@@ -50,7 +50,7 @@
 //! | `config` | `types`, `cli` (flag overrides), `nodes` (the enrolment rules) |
 //! | `image` | `types`, `private_file` |
 //! | `swarm` | `types`, `net`, `image`, `task` |
-//! | `install` (the nodes' role) | `types`, `net`, `image` (unpack, manifest, signature), `swarm` (download side), `task` |
+//! | `install` (the nodes' role) | `types`, `net`, `image` (unpack, manifest, signature), `swarm` (download side), `task`, `http_serve` (serving its boot files to peers) |
 //! | `nodes` | `types`, `net`, `config`, `private_file`, `monitor` (the CLI client, clock) |
 //! | `monitor` | `types`, `net`, `config`, `nodes` |
 //! | `boot` | `types`, `config`, `net`, `nodes` (what a node boots) |
@@ -96,7 +96,7 @@ mod tests {
         ("config", &["types", "cli", "nodes"]),
         ("image", &["types", "private_file"]),
         ("swarm", &["types", "net", "image", "task"]),
-        ("install", &["types", "net", "image", "swarm", "task"]),
+        ("install", &["types", "net", "image", "swarm", "task", "http_serve"]),
         ("nodes", &["types", "net", "config", "private_file", "monitor"]),
         ("monitor", &["types", "net", "config", "nodes"]),
         ("boot", &["types", "config", "net", "nodes"]),

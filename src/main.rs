@@ -139,6 +139,27 @@ fn install(a: si_appliance::cli::InstallArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `si-appliance boot-peer`: the installer's boot-file serving alone, until SIGINT/SIGTERM.
+fn boot_peer(a: si_appliance::cli::BootPeerArgs) -> anyhow::Result<()> {
+    use si_appliance::install::bootpeer::{self, PeerOptions};
+    let o = PeerOptions { server: a.server, mac: a.mac.parse().context("--mac")?, token: a.token, dir: a.dir };
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let token = tokio_util::sync::CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            si_appliance::app::shutdown_signal().await;
+            t.cancel();
+        });
+        bootpeer::run(&o, token, |p| {
+            // One machine-readable line on stdout (the tests read it).
+            println!("boot-peer-ready port={} kernel_from={} initrd_from={}", p.port, p.origins[0], p.origins[1]);
+        })
+        .await
+    })?;
+    Ok(())
+}
+
 /// Peak resident set size of this process (VmHWM), KiB.
 fn peak_rss_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -190,6 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Fetch(a)) => fetch(a),
         Some(Command::Install(a)) => install(a),
+        Some(Command::BootPeer(a)) => boot_peer(a),
         Some(Command::CheckConfig) => {
             use std::io::Write;
             // A closed pipe (`check-config | head`) is not an error worth a panic.

@@ -258,6 +258,45 @@ fn installs_an_image_onto_a_loop_disk() {
     checks_of_an_installed_disk(&lab, &mut disk, &m);
 }
 
+/// With `boot.peer_serve` on, the installer (the real `si-appliance install`) fetches the kernel
+/// and initrd, checks them against /boot/digests, serves them on boot.peer_port while it
+/// installs (a Range request from the appliance's namespace gets exactly those bytes), announces
+/// that to the appliance, and says it stopped before it ends.
+#[test]
+fn an_installer_serves_the_boot_files_while_it_installs() {
+    let (lab, _clean) = lab("in9");
+    let tree = lab.path("tree");
+    synthetic_tree(&tree);
+    let store = lab.path("store");
+    let m = make_store(&store, &tree);
+    let kernel = common::random_file(&lab.path("kernel.bin"), 3 * 1024 * 1024 + 5);
+    common::random_file(&lab.path("initrd.bin"), 1024 * 1024);
+    let boot = format!(
+        "\n[boot]\nkernel = \"{}\"\ninitrd = \"{}\"\npeer_serve = true\npeer_port = 8081\n",
+        lab.path("kernel.bin").display(),
+        lab.path("initrd.bin").display()
+    );
+    // seed_for keeps the installer (and its boot-file server) up 5 s after the install.
+    let app = start_appliance(&lab, 0, "app", &config(&lab, &store, &boot), &[]);
+    let mut disk = LoopDisk::new(lab.path("disk.img"), 256);
+    let words = line_from_script(&lab, "10.66.1.1");
+    let mut inst = installer_with_line(&lab, &words, &lab.path("state"), &disk.dev.clone(), &[]);
+    inst.wait_log("boot-peer: announced to the appliance", Duration::from_secs(60));
+    let part = lab.path("range.bin");
+    let o = run(lab.hosts[0].cmd("curl").args(["-sS", "--max-time", "20", "-r", "100-1099", "-o"]).arg(&part).arg("http://10.66.1.11:8081/boot/vmlinuz"));
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(fs::read(&part).expect("range"), &kernel[100..1100]);
+    let st = inst.wait_exit(Duration::from_secs(120));
+    let log = strip_ansi(&inst.log_text());
+    assert!(st.success(), "install failed ({st}):\n{log}");
+    assert!(log.contains("boot-peer: kernel and initrd verified") && log.contains("kernel=appliance"), "{log}");
+    let alog = strip_ansi(&app.log_text());
+    for want in ["boot-peer: serving boot files", "boot-peer: stopped serving"] {
+        assert!(alog.lines().any(|l| l.contains(want) && l.contains("10.66.1.11")), "no {want:?} in the appliance's log:\n{alog}");
+    }
+    checks_of_an_installed_disk(&lab, &mut disk, &m);
+}
+
 /// The debootstrap image (cached by vm-tests/make-debian-image.sh): a real root file system.
 #[test]
 fn installs_the_debootstrap_image() {

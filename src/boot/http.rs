@@ -4,6 +4,12 @@
 //! `/boot/../..` and `/boot/%2e%2e/...` never reach the file system. Files on disk are served by
 //! tower-http's `ServeFile` on the resolved path (Range requests, HEAD, conditional GET);
 //! rendered files are plain text. The only file of this module that imports axum.
+//!
+//! With `boot.peer_serve`, a kernel or initrd request is answered with a 302 to a node that
+//! serves verified copies when [`crate::boot::peers`] finds one with a free slot (`?direct=1`
+//! always gets the appliance's bytes), `GET /boot/digests` publishes size and SHA-256 of both,
+//! and nodes announce themselves with `POST /api/nodes/<mac>/boot-peer` (their token, from the
+//! address they serve on).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +19,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tower::ServiceExt as _;
 use tower_http::services::ServeFile;
 use tracing::{debug, info, warn};
@@ -24,7 +30,100 @@ use crate::types::MacAddr;
 
 /// The routes; see the module docs.
 pub(crate) fn routes(ctx: Arc<BootContext>) -> Router {
-    Router::new().route("/boot/{*name}", get(boot_file)).with_state(ctx)
+    Router::new()
+        .route("/boot/digests", get(digests))
+        .route("/boot/{*name}", get(boot_file))
+        .route("/api/nodes/{mac}/boot-peer", post(boot_peer).layer(axum::extract::DefaultBodyLimit::max(4096)))
+        .with_state(ctx)
+}
+
+/// `GET /boot/digests`: [`crate::types::node_api::BootDigests`] as JSON.
+async fn digests(State(ctx): State<Arc<BootContext>>) -> Response {
+    match tokio::task::spawn_blocking(move || ctx.digests()).await {
+        Ok(Ok(d)) => axum::Json(d).into_response(),
+        Ok(Err(e)) => {
+            warn!("http: boot digests: {e:#}");
+            (StatusCode::SERVICE_UNAVAILABLE, "boot files unreadable\n").into_response()
+        }
+        Err(e) => {
+            warn!("http: boot digests task failed: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// `POST /api/nodes/<mac>/boot-peer`: a node serves, stops, or reports a bad peer. Needs the
+/// node's token and, when our DHCP leases, the node's own address.
+async fn boot_peer(
+    State(ctx): State<Arc<BootContext>>,
+    Path(mac): Path<String>,
+    connect: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::types::node_api::{AuthError, BootPeerNote, authorize};
+    let ip = connect.as_ref().and_then(|c| crate::types::addrs::v4(c.0.0));
+    let refuse = |code: StatusCode, why: String| {
+        warn!(client = ?ip, node = %mac, status = code.as_u16(), "boot-peer refused: {why}");
+        (code, format!("{why}\n")).into_response()
+    };
+    let m: MacAddr = match mac.parse() {
+        Ok(m) => m,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("{e}")),
+    };
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match authorize(auth, ctx.secret(), m) {
+        Ok(()) => {}
+        Err(e @ AuthError::Missing) => return refuse(StatusCode::UNAUTHORIZED, e.to_string()),
+        Err(e @ AuthError::Wrong) => return refuse(StatusCode::FORBIDDEN, e.to_string()),
+    }
+    let Some(ip) = ip else { return refuse(StatusCode::FORBIDDEN, "no IPv4 client address".into()) };
+    if ctx.bind_nodes {
+        if let Err(why) = crate::types::addrs::check_node_source(Some(&ctx.addrs), m, Some(ip)) {
+            return refuse(StatusCode::FORBIDDEN, why);
+        }
+    }
+    let note: BootPeerNote = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed boot-peer note: {e}")),
+    };
+    let Some(peers) = &ctx.peers else {
+        debug!(node = %m, %ip, ?note, "boot-peer: ignored, boot.peer_serve is off");
+        return (StatusCode::CONFLICT, "peer-served boot files are off on this appliance\n").into_response();
+    };
+    let now = std::time::Instant::now();
+    let mut book = peers.lock();
+    match note {
+        BootPeerNote::Serving { port } if port == peers.port => {
+            let new = book.peers();
+            book.serving(ip, port, now);
+            if book.peers() > new {
+                info!(node = %m, peer = %ip, port, peers = book.peers(), "boot-peer: serving boot files");
+            }
+        }
+        BootPeerNote::Serving { port } => {
+            drop(book);
+            return refuse(StatusCode::BAD_REQUEST, format!("serves on port {port}, not boot.peer_port {}", peers.port));
+        }
+        BootPeerNote::Stopped => {
+            if book.stopped(ip) {
+                info!(node = %m, peer = %ip, peers = book.peers(), "boot-peer: stopped serving");
+            }
+        }
+        BootPeerNote::BadPeer { peer, why } => {
+            if book.bad(ip, peer) {
+                warn!(node = %m, reporter = %ip, %peer, why, peers = book.peers(), "boot-peer: peer dropped: it failed a node it was given");
+            } else {
+                warn!(node = %m, reporter = %ip, %peer, why, "boot-peer: bad-peer report ignored: this node was not sent to that peer");
+            }
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// `direct=1` in the query: the node wants the appliance's own bytes (its fallback).
+fn direct_in_query(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|kv| kv == "direct=1"))
 }
 
 fn not_found() -> Response {
@@ -78,6 +177,24 @@ async fn boot_file(
     if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
         let m = f.mac().or_else(|| mac_from_query(req.uri().query()));
         super::note_boot_file(&ctx, *addr, &f, m, src.len(), crate::types::events::BootVia::Http);
+    }
+    if let (Some(peers), Some(ip), BootFile::Kernel | BootFile::Initrd) = (&ctx.peers, ip, &f) {
+        let mut book = peers.lock();
+        if direct_in_query(req.uri().query()) {
+            book.direct(ip);
+            info!(client, file = %f, mac, "http: direct: the appliance serves (peer fallback)");
+        } else {
+            match book.pick(ip, std::time::Instant::now()) {
+                Ok(peer) => {
+                    let load = book.load(*peer.ip());
+                    drop(book);
+                    let to = format!("http://{peer}/boot/{f}");
+                    info!(client, file = %f, mac, %peer, load, "http: redirected to a boot peer");
+                    return (StatusCode::FOUND, [(header::LOCATION, to.clone())], format!("{to}\n")).into_response();
+                }
+                Err(why) => debug!(client, file = %f, "http: the appliance serves: {why}"),
+            }
+        }
     }
     let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if f.is_node_step() {
@@ -164,6 +281,64 @@ mod tests {
         assert!(!unknown.contains("si.token"), "{unknown}");
         let pxe = get_from(&r, "/boot/pxelinux.cfg/01-52-54-00-12-34-56", "10.0.0.6:1234").await;
         assert!(pxe.contains("LOCALBOOT") && !pxe.contains("si.token"), "{pxe}");
+    }
+
+    async fn call(router: &Router, method: &str, uri: &str, from: &str, bearer: Option<&str>, body: &str) -> (StatusCode, Option<String>, Vec<u8>) {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(t) = bearer {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let mut req = b.body(Body::from(body.to_owned())).unwrap();
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(from.parse().unwrap()));
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let loc = resp.headers().get(header::LOCATION).map(|v| v.to_str().unwrap().to_owned());
+        (resp.status(), loc, axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap().to_vec())
+    }
+
+    #[tokio::test]
+    async fn with_peers_kernel_requests_go_to_a_serving_node_and_digests_are_published() {
+        use crate::boot::peers::{PeerBook, PeerPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"0123456789").unwrap();
+        let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
+        let policy = PeerPolicy { max_per_peer: 1, hold: std::time::Duration::from_secs(60), prefix: 24, silence: std::time::Duration::from_secs(90) };
+        ctx.peers = Some(crate::boot::PeerServe { port: 8081, book: std::sync::Mutex::new(PeerBook::new(policy)) });
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let token = ctx.node(mac).token.as_str().to_owned();
+        let r = routes(Arc::new(ctx));
+
+        let (st, _, body) = call(&r, "GET", "/boot/digests", "10.0.0.9:1", None, "").await;
+        assert_eq!(st, StatusCode::OK);
+        let d: crate::types::node_api::BootDigests = serde_json::from_slice(&body).unwrap();
+        let want = "84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882"; // sha256("0123456789")
+        assert_eq!((d.kernel.size, d.kernel.sha256.as_str(), d.initrd.size, d.peer_port), (10, want, 10, Some(8081)));
+
+        // No serving node yet: the appliance serves.
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.6:1", None, "").await.0, StatusCode::OK);
+        // A node announces without or with a wrong token, then with its own.
+        let serving = r#"{"event":"serving","port":8081}"#;
+        let uri = "/api/nodes/52:54:00:12:34:56/boot-peer";
+        assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", None, serving).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some("nope"), serving).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), "{\"event\":\"dance\"}").await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), r#"{"event":"serving","port":9}"#).await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), serving).await.0, StatusCode::NO_CONTENT);
+
+        let (st, loc, _) = call(&r, "GET", "/boot/vmlinuz?mac=52-54-00-ab-cd-ef", "10.0.0.6:1", None, "").await;
+        assert_eq!((st, loc.as_deref()), (StatusCode::FOUND, Some("http://10.0.0.5:8081/boot/vmlinuz")));
+        let (st, loc, _) = call(&r, "GET", "/boot/initrd.img", "10.0.0.6:1", None, "").await;
+        assert_eq!((st, loc.as_deref()), (StatusCode::FOUND, Some("http://10.0.0.5:8081/boot/initrd.img")));
+        // The peer is never sent to itself; its one slot is taken, so a third node gets the appliance.
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.5:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
+        // The fallback: direct=1 is the appliance's bytes and frees the slot.
+        let (st, _, body) = call(&r, "GET", "/boot/vmlinuz?mac=52-54-00-ab-cd-ef&direct=1", "10.0.0.6:1", None, "").await;
+        assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"0123456789"[..]));
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.7:1", None, "").await.0, StatusCode::FOUND);
+        // Stopped: gone.
+        assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), r#"{"event":"stopped"}"#).await.0, StatusCode::NO_CONTENT);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! - `file.rs`: [`BootFile`], the only way from request text to a file (parse, then open).
 //! - `script.rs`: rendering of iPXE scripts and pxelinux configs (pure, golden-tested).
 //! - `tftp.rs`: the async-tftp handler and service loop (the only file that imports async-tftp).
-//! - `http.rs`: the axum routes under `/boot/` (the only file here that imports axum).
+//! - `http.rs`: the axum routes under `/boot/` (the only file here that imports axum), with
+//!   `/boot/digests` and the node API's `POST /api/nodes/<mac>/boot-peer`.
+//! - `peers.rs`: which serving node a kernel/initrd request is redirected to (pure).
 //! - `error.rs`: the typed errors.
 //!
 //! This module knows nothing about images or torrents beyond the image *name* it puts on the
@@ -14,11 +16,13 @@
 pub mod error;
 pub mod file;
 mod http;
+pub mod peers;
 pub mod script;
 pub mod tftp;
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -59,6 +63,53 @@ pub struct BootContext {
     pub bind_nodes: bool,
     /// The served image's signed seal (info-hash and manifest digest on the command line).
     pub seal: Option<crate::types::node_api::ImageSeal>,
+    /// Peer-served boot files (`boot.peer_serve`): the serving nodes and the redirects in
+    /// flight, and the port nodes serve on. `None`: the appliance serves every byte.
+    pub peers: Option<PeerServe>,
+    /// The last computed `/boot/digests`, with the (size, mtime) of both files it was made from.
+    digests: Mutex<Option<(DigestStamp, crate::types::node_api::BootDigests)>>,
+}
+
+/// The appliance's side of peer-served boot files.
+#[derive(Debug)]
+pub struct PeerServe {
+    /// Where nodes serve (`boot.peer_port`).
+    pub port: u16,
+    /// The scheduler.
+    pub book: Mutex<peers::PeerBook>,
+}
+
+impl PeerServe {
+    /// The book, even after a panic elsewhere (its data are plain maps, still consistent).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, peers::PeerBook> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// (size, mtime) of kernel and initrd: the digests are recomputed when either changes.
+type DigestStamp = [(u64, Option<std::time::SystemTime>); 2];
+
+fn stamp_of(p: &Path) -> std::io::Result<(u64, Option<std::time::SystemTime>)> {
+    let m = std::fs::metadata(p)?;
+    Ok((m.len(), m.modified().ok()))
+}
+
+fn digest_of(p: &Path) -> std::io::Result<crate::types::node_api::FileDigest> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(p)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok(crate::types::node_api::FileDigest { size, sha256: hex::encode(h.finalize()) })
 }
 
 impl BootContext {
@@ -78,7 +129,42 @@ impl BootContext {
             addrs: Arc::default(),
             bind_nodes: cfg.dhcp.bind_nodes && cfg.dhcp.mode != crate::config::DhcpMode::Off,
             seal: None,
+            peers: cfg.boot.peer_serve.then(|| {
+                // A redirect holds its slot for the time both files take at the assumed rate.
+                let bytes: u64 = [cfg.kernel_path(), cfg.initrd_path()].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+                let secs = bytes as f64 * 8.0 / (f64::from(cfg.boot.peer_rate_mbit.max(1)) * 1e6);
+                let policy = peers::PeerPolicy {
+                    max_per_peer: cfg.boot.peer_serve_max as usize,
+                    hold: Duration::from_secs_f64(secs) + Duration::from_secs(10),
+                    prefix: iface.net.prefix_len(),
+                    silence: Duration::from_secs(3 * crate::types::node_api::BOOT_PEER_ANNOUNCE_SECS),
+                };
+                PeerServe { port: cfg.boot.peer_port, book: Mutex::new(peers::PeerBook::new(policy)) }
+            }),
+            digests: Mutex::new(None),
         }
+    }
+
+    /// Size and SHA-256 of the kernel and initrd as served, computed again only when a file
+    /// changed (size or mtime). Blocking (reads both files): call from a blocking thread.
+    ///
+    /// # Errors
+    /// [`OpenError::Io`]: a file cannot be read.
+    pub fn digests(&self) -> Result<crate::types::node_api::BootDigests, OpenError> {
+        let io = |path: &Path| { let path = path.to_owned(); move |source| OpenError::Io { path, source } };
+        let stamp = [stamp_of(&self.kernel).map_err(io(&self.kernel))?, stamp_of(&self.initrd).map_err(io(&self.initrd))?];
+        if let Some((s, d)) = &*self.digests.lock().unwrap_or_else(|e| e.into_inner()) {
+            if *s == stamp {
+                return Ok(d.clone());
+            }
+        }
+        let d = crate::types::node_api::BootDigests {
+            kernel: digest_of(&self.kernel).map_err(io(&self.kernel))?,
+            initrd: digest_of(&self.initrd).map_err(io(&self.initrd))?,
+            peer_port: self.peers.as_ref().map(|p| p.port),
+        };
+        *self.digests.lock().unwrap_or_else(|e| e.into_inner()) = Some((stamp, d.clone()));
+        Ok(d)
     }
 
     /// Whether `client` may have `mac`'s installer script (and token): it is the address our
@@ -119,6 +205,7 @@ impl BootContext {
             image: self.image.as_ref(),
             cmdline: &self.cmdline,
             seal: self.seal.as_ref(),
+            peer_fallback: self.peers.is_some(),
         }
     }
 
@@ -144,6 +231,8 @@ impl BootContext {
             addrs: Arc::default(),
             bind_nodes: false,
             seal: None,
+            peers: None,
+            digests: Mutex::new(None),
         }
     }
 }

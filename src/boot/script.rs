@@ -28,6 +28,9 @@ pub struct Server<'a> {
     /// The image's signed seal: its info-hash and manifest digest go on the command line, so the
     /// installer holds them before it asks the network for anything.
     pub seal: Option<&'a crate::types::node_api::ImageSeal>,
+    /// Kernel and initrd may be redirected to a peer (`boot.peer_serve`): a failed fetch is
+    /// tried once more at the appliance itself (`&direct=1`) before the retry loop.
+    pub peer_fallback: bool,
 }
 
 impl Server<'_> {
@@ -86,12 +89,19 @@ pub fn ipxe_node(s: &Server<'_>, n: &NodeBoot) -> String {
     let q = format!("?mac={}", n.mac.hyphenated());
     let (k, i) = (BootFile::KERNEL, BootFile::INITRD);
     let args = kernel_args(s, Some(n));
+    let line_args = format!("initrd={i} {args} si.ip=${{ip}} si.netmask=${{netmask}} si.gw=${{gateway}}");
+    // With peers, a redirect to a node that went away fails the fetch: ask the appliance itself.
+    let (kernel_direct, initrd_direct) = if s.peer_fallback {
+        (format!(" || kernel --name {k} {base}/{k}{q}&direct=1 {line_args}"), format!(" || initrd --name {i} {base}/{i}{q}&direct=1"))
+    } else {
+        (String::new(), String::new())
+    };
     format!(
         "#!ipxe\n\
          # si-appliance boot script for {mac}. Generated; do not edit.\n\
          :retry\n\
-         kernel --name {k} {base}/{k}{q} initrd={i} {args} si.ip=${{ip}} si.netmask=${{netmask}} si.gw=${{gateway}} || goto failed\n\
-         initrd --name {i} {base}/{i}{q} || goto failed\n\
+         kernel --name {k} {base}/{k}{q} {line_args}{kernel_direct} || goto failed\n\
+         initrd --name {i} {base}/{i}{q}{initrd_direct} || goto failed\n\
          boot || goto failed\n\
          :failed\n\
          echo si-appliance: boot failed, retrying in 10 seconds\n\
@@ -184,20 +194,31 @@ mod tests {
     #[test]
     fn ipxe_node_script_golden() {
         let (img, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 8080, image: Some(&img), cmdline: "console=ttyS0 quiet", seal: None };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 8080, image: Some(&img), cmdline: "console=ttyS0 quiet", seal: None, peer_fallback: false };
         golden("node.ipxe", &ipxe_node(&s, &n));
     }
 
     #[test]
+    fn with_peers_a_failed_fetch_tries_the_appliance_directly() {
+        let (img, n) = fixture();
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: None, peer_fallback: true };
+        let text = ipxe_node(&s, &n);
+        let q = "?mac=52-54-00-12-34-56";
+        assert!(text.contains(&format!("kernel --name vmlinuz http://10.0.0.1/boot/vmlinuz{q} initrd=initrd.img si.server=")), "{text}");
+        assert!(text.contains(&format!(" || kernel --name vmlinuz http://10.0.0.1/boot/vmlinuz{q}&direct=1 initrd=initrd.img si.server=")), "{text}");
+        assert!(text.contains(&format!("initrd --name initrd.img http://10.0.0.1/boot/initrd.img{q} || initrd --name initrd.img http://10.0.0.1/boot/initrd.img{q}&direct=1 || goto failed\n")), "{text}");
+    }
+
+    #[test]
     fn ipxe_chain_golden() {
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "", seal: None };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "", seal: None, peer_fallback: false };
         golden("boot.ipxe", &ipxe_chain(&s));
     }
 
     #[test]
     fn pxelinux_golden() {
         let (img, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "console=ttyS0", seal: None };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "console=ttyS0", seal: None, peer_fallback: false };
         golden("pxelinux-node.cfg", &pxelinux_cfg(&s, Some(&n)));
         golden("pxelinux-default.cfg", &pxelinux_local(None, "no per-node config asked for"));
     }
@@ -212,7 +233,7 @@ mod tests {
     #[test]
     fn args_without_image_or_extra() {
         let (_, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "  ", seal: None };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "  ", seal: None, peer_fallback: false };
         let a = kernel_args(&s, Some(&n));
         assert_eq!(a, format!("si.server=10.0.0.1:80 si.mac=52:54:00:12:34:56 si.token={}", n.token.as_str()));
     }
@@ -221,7 +242,7 @@ mod tests {
     fn the_seal_goes_on_the_line_after_the_image() {
         let (img, n) = fixture();
         let seal = crate::types::node_api::ImageSeal { info_hash: "ab".repeat(20), manifest_sha256: Some("cd".repeat(32)), signature: "ef".repeat(64) };
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: Some(&seal) };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: Some(&seal), peer_fallback: false };
         let a = kernel_args(&s, Some(&n));
         let want = format!("si.image={img} si.infohash={} si.manifest={} si.token=", "ab".repeat(20), "cd".repeat(32));
         assert!(a.contains(&want), "{a}");

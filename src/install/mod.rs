@@ -14,6 +14,7 @@
 //! image unpacker.
 
 pub mod bootloader;
+pub mod bootpeer;
 pub mod cmdline;
 pub mod console;
 pub mod disk;
@@ -273,10 +274,21 @@ pub async fn run(opts: &Options, token: &CancellationToken) -> Result<Outcome, I
     let plan = fetch_plan(&r, firmware, opts.plan_wait, token).await?;
     let reporter = Reporter::start(r.server, r.mac, r.token.clone(), Duration::from_secs(plan.report_every_secs.max(1)));
     reporter.phase(Phase::Installer, format!("plan: image {}, host name {}", plan.image, plan.hostname));
+    // The kernel and initrd this node booted, fetched again, checked and served to the nodes
+    // booting after it while the install runs (when the appliance uses peers; never fatal).
+    let peer = plan.boot_peer_port.map(|_| {
+        bootpeer::Background::start(
+            bootpeer::PeerOptions { server: r.server, mac: r.mac, token: r.token.clone(), dir: bootpeer::dir_in(&opts.workdir) },
+            token,
+        )
+    });
     let checked = match check_image(&r, &plan, key.as_ref()).await {
         Ok(t) => install(opts, &r, &plan, &t, firmware, &reporter, token).await,
         Err(e) => Err(e),
     };
+    if let Some(p) = peer {
+        p.stop().await;
+    }
     match checked {
         Ok(o) => {
             let msg = format!("installed {} on {} as {}", plan.image, o.disk.display(), o.hostname);

@@ -260,6 +260,7 @@ mod tests {
             finish: Default::default(),
             seed_for_secs: 0,
             report_every_secs: 2,
+            boot_peer_port: None,
             seal,
         }
     }

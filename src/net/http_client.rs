@@ -67,6 +67,8 @@ pub struct Response {
     pub status: u16,
     /// The body, de-chunked.
     pub body: Vec<u8>,
+    /// The `Location` header (redirects), as sent.
+    pub location: Option<String>,
 }
 
 /// What a [`Decoder`] wants after a [`Decoder::push`].
@@ -116,6 +118,7 @@ pub struct Decoder {
     status: u16,
     body: Vec<u8>,
     got: u64,
+    location: Option<String>,
 }
 
 /// What went wrong inside the decoder: a malformed response or a too-big body.
@@ -136,7 +139,7 @@ impl From<ParseError> for DecodeError {
 impl Decoder {
     /// A decoder that accepts bodies up to `max_body` bytes.
     pub fn new(max_body: usize) -> Decoder {
-        Decoder { max_body, state: State::Head, pending: Vec::new(), status: 0, body: Vec::new(), got: 0 }
+        Decoder { max_body, state: State::Head, pending: Vec::new(), status: 0, body: Vec::new(), got: 0, location: None }
     }
 
     /// Feeds the next bytes of the connection.
@@ -279,6 +282,7 @@ impl Decoder {
         let status = lines.next().and_then(status_line).ok_or(ParseError::StatusLine)?;
         let mut length: Option<u64> = None;
         let mut chunked = false;
+        let mut location = None;
         for l in lines {
             let (name, value) = l.split_once(':').ok_or(ParseError::Header)?;
             if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
@@ -291,6 +295,8 @@ impl Decoder {
                     return Err(ParseError::ContentLength.into());
                 }
                 length = Some(n);
+            } else if name.eq_ignore_ascii_case("location") {
+                location = Some(value.to_owned());
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 // RFC 9112 §6.1: chunked must be the last coding; we know no other.
                 for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
@@ -306,6 +312,7 @@ impl Decoder {
             return Ok(());
         }
         self.status = status;
+        self.location = location;
         // RFC 9112 §6.3: no body for 204 and 304; chunked wins over Content-Length.
         self.state = if status == 204 || status == 304 {
             State::Done
@@ -333,7 +340,7 @@ impl Decoder {
     /// [`ParseError::Truncated`] when the connection ended inside the response.
     pub fn finish(self) -> Result<Response, ParseError> {
         match self.state {
-            State::Done | State::UntilClose => Ok(Response { status: self.status, body: self.body }),
+            State::Done | State::UntilClose => Ok(Response { status: self.status, body: self.body, location: self.location }),
             _ => Err(ParseError::Truncated { got: self.got }),
         }
     }

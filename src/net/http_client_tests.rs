@@ -20,7 +20,7 @@ fn decode(bytes: &[u8], cuts: &[usize], max_body: usize) -> Result<Response, Dec
 }
 
 fn ok(status: u16, body: &[u8]) -> Result<Response, DecodeError> {
-    Ok(Response { status, body: body.to_vec() })
+    Ok(Response { status, body: body.to_vec(), location: None })
 }
 
 fn parse_err(e: ParseError) -> Result<Response, DecodeError> {
@@ -242,7 +242,7 @@ async fn a_request_carries_token_and_body_and_a_chunked_answer_is_read() {
     let (addr, server) = serve_once(Some(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec())).await;
     let req = Request { method: "POST", path: "/api/x?y=1", bearer: Some("tok"), json: Some(b"{\"a\":1}") };
     let r = request(addr, req, 100, Duration::from_secs(10)).await.expect("answer");
-    assert_eq!(r, Response { status: 201, body: b"ok".to_vec() });
+    assert_eq!(r, Response { status: 201, body: b"ok".to_vec(), location: None });
     let sent = String::from_utf8(server.await.expect("server")).expect("text");
     assert!(sent.starts_with("POST /api/x?y=1 HTTP/1.1\r\n"), "{sent}");
     assert!(sent.contains("Authorization: Bearer tok\r\n") && sent.contains("Content-Length: 7\r\n"), "{sent}");
@@ -282,4 +282,12 @@ async fn no_listener_is_a_connect_error() {
     let e = get(addr, "/", 10, Duration::from_secs(10)).await.expect_err("refused");
     assert!(matches!(e.failure, Failure::Connect(_)), "{e:?}");
     assert_eq!(e.io_kind(), Some(std::io::ErrorKind::ConnectionRefused));
+}
+
+#[test]
+fn a_redirect_keeps_its_location() {
+    let r = decode(b"HTTP/1.1 302 Found\r\nlocation: http://10.0.0.7:8081/boot/vmlinuz\r\nContent-Length: 3\r\n\r\nxyz", &[5, 40], 100)
+        .expect("decodes");
+    assert_eq!((r.status, r.location.as_deref()), (302, Some("http://10.0.0.7:8081/boot/vmlinuz")));
+    assert_eq!(decode(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &[], 10).expect("decodes").location, None);
 }

@@ -76,6 +76,7 @@ pub struct Planner {
     layout: Option<DiskLayout>,
     hostnames: HashMap<MacAddr, String>,
     install: InstallConfig,
+    boot_peer_port: Option<u16>,
 }
 
 /// `<store>/<image>.layout.toml`.
@@ -122,7 +123,7 @@ impl Planner {
         }
         let hostnames =
             cfg.dhcp.reservations.iter().filter_map(|r| Some((r.mac, r.hostname.clone()?))).collect();
-        Ok(Planner { image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone() })
+        Ok(Planner { image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone(), boot_peer_port: cfg.boot.peer_serve.then_some(cfg.boot.peer_port) })
     }
 
     /// The image to install, when there is an archive of it to hand out.
@@ -160,6 +161,7 @@ impl Planner {
             seed_for_secs: self.install.seed_for.as_secs(),
             report_every_secs: self.install.report_every.as_secs().max(1),
             seal: archive.seal.clone(),
+            boot_peer_port: self.boot_peer_port,
         })
     }
 }
@@ -195,6 +197,17 @@ mod tests {
         own.partitions[0].fs = FsKind::Xfs;
         let p = api(Some(own.clone())).plan("52:54:00:0a:0b:0c".parse().unwrap(), Firmware::Uefi, None).unwrap();
         assert_eq!(p.layout, own, "the image's layout wins over the firmware default");
+    }
+
+    #[test]
+    fn the_plan_says_where_to_serve_boot_files_only_when_peers_are_on() {
+        let facts = ArchiveFacts { size: 1, unpacked: 0, manifest: None, manifest_file: None, seal: None };
+        let mac: MacAddr = "52:54:00:00:00:02".parse().unwrap();
+        for (toml, want) in [("", None), ("[boot]\npeer_serve = true\n", Some(8081)), ("[boot]\npeer_serve = true\npeer_port = 9000\n", Some(9000))] {
+            let cfg = Config::from_toml(&format!("image = \"deb\"\n{toml}"), Path::new("test")).unwrap();
+            let p = Planner::new(&cfg, Some(facts.clone())).unwrap().plan(mac, Firmware::Bios, None).unwrap();
+            assert_eq!(p.boot_peer_port, want, "{toml}");
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! |---|---|---|
 //! | `GET /api/nodes/<mac>/plan` | installer → appliance | → [`NodePlan`] |
 //! | `POST /api/nodes/<mac>/report` | installer → appliance | [`NodeReport`] → 204 |
+//! | `GET /boot/digests` | installer → appliance (no token) | → [`BootDigests`] |
+//! | `POST /api/nodes/<mac>/boot-peer` | installer → appliance | [`BootPeerNote`] → 204 |
 //!
 //! `<mac>` is `aa:bb:cc:dd:ee:ff` (or hyphenated). Both routes need the node's token
 //! ([`crate::types::NodeToken`], given to the node on its kernel command line as `si.token=`)
@@ -183,6 +185,11 @@ pub struct NodePlan {
     /// could not compute it (no swarm).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seal: Option<ImageSeal>,
+    /// Where the installer serves the kernel and initrd it fetched and checked
+    /// (`boot.peer_port`); `None`: the appliance does not use peer-served boot files, the
+    /// installer fetches and serves nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_peer_port: Option<u16>,
 }
 
 /// The image as the appliance signed it (see [`crate::image::sign`]): the installer checks the
@@ -199,6 +206,57 @@ pub struct ImageSeal {
     /// Ed25519 signature (128 hex digits) over [`crate::image::sign::Statement`].
     pub signature: String,
 }
+
+/// Size and SHA-256 of one boot file as the appliance serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDigest {
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256, 64 lower-case hex digits.
+    pub sha256: String,
+}
+
+/// `GET /boot/digests`: what the kernel and initrd the appliance serves are, so a node can check
+/// copies it got from a peer (and serve them on only when they match).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootDigests {
+    /// `/boot/vmlinuz`.
+    pub kernel: FileDigest,
+    /// `/boot/initrd.img` (with the appliance's key appended, as served).
+    pub initrd: FileDigest,
+    /// Where installers serve the boot files to their peers (`boot.peer_port`); `None` when the
+    /// appliance does not redirect to peers (`boot.peer_serve = false`): then nobody serves.
+    #[serde(default)]
+    pub peer_port: Option<u16>,
+}
+
+/// `POST /api/nodes/<mac>/boot-peer`: a node's word about peer-served boot files. The serving
+/// address is the one the request comes from, never a claim in the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "event", rename_all = "kebab-case")]
+pub enum BootPeerNote {
+    /// The node holds verified copies and serves them on `port` (sent again every
+    /// [`BOOT_PEER_ANNOUNCE_SECS`]; a node silent for three times that is dropped).
+    Serving {
+        /// TCP port.
+        port: u16,
+    },
+    /// The node stops serving (it is about to reboot).
+    Stopped,
+    /// The peer the appliance redirected this node to failed it: no connection, a bad answer,
+    /// or bytes whose digest is not the published one.
+    BadPeer {
+        /// The peer's address (from the redirect).
+        peer: std::net::Ipv4Addr,
+        /// What went wrong.
+        why: String,
+    },
+}
+
+/// Seconds between two [`BootPeerNote::Serving`] of one node.
+pub const BOOT_PEER_ANNOUNCE_SECS: u64 = 30;
 
 fn default_report_every() -> u64 {
     2

@@ -93,9 +93,11 @@ while [ $pass -lt 5 ]; do
 done
 say "drivers loaded ($(loaded) modules, $pass passes)"
 # Disks and file systems the installer may need whatever the hardware said: loaded in the
-# background while the network comes up (each module costs time under emulation).
-modprobe -qab sd_mod virtio_blk ext4 xfs vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1 \
-  crc32c_intel crc32c_generic 2>/dev/null &
+# background while the network comes up (each module costs time under emulation). crc32c first:
+# ext4, jbd2 and xfs ask the kernel for it (a soft dependency, which busybox's modprobe does not
+# follow; the kernel's request would run /sbin/modprobe once more).
+modprobe -qab crc32c_intel crc32c_generic sd_mod virtio_blk ext4 xfs vfat nls_cp437 nls_ascii \
+  nls_utf8 nls_iso8859_1 2>/dev/null &
 fsmods=$!
 
 # The NIC: the one with si.mac, else the first Ethernet interface with a carrier.

@@ -203,7 +203,12 @@ struct Swarm {
     /// Addresses of the nodes that ever reported `left == 0` (one node, one address): they
     /// stay counted after they stop seeding and time out of `peers`.
     completed_nodes: HashSet<Ipv4Addr>,
+    /// When silent peers were last dropped (at most once per [`SWEEP_EVERY`], not per announce).
+    last_sweep: Option<Instant>,
 }
+
+/// How often a swarm drops its silent peers: a silent peer leaves within `peer_timeout` plus this.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Tracker settings.
 #[derive(Clone, Debug)]
@@ -305,9 +310,17 @@ impl Tracker {
         }
         let timeout = self.policy.peer_timeout;
         let swarm = self.swarms.get_mut(&a.info_hash).ok_or(Refusal::UnknownTorrent(a.info_hash))?;
-        // Silent peers leave; so does an older peer id at the same address and port: that node
-        // restarted (a new process, a new peer id) and its old entry would never complete.
-        swarm.peers.retain(|id, p| now.duration_since(p.last_seen) < timeout && (*id == a.peer_id || p.addr != a.addr));
+        // Silent peers leave (a pass over the swarm at most once a second, not per announce);
+        // so does an older peer id at the same address and port, looked for only when the peer id
+        // is new: that node restarted (a new process, a new peer id) and its old entry would never
+        // complete.
+        if swarm.last_sweep.is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY) {
+            swarm.last_sweep = Some(now);
+            swarm.peers.retain(|_, p| now.saturating_duration_since(p.last_seen) < timeout);
+        }
+        if !swarm.peers.contains_key(&a.peer_id) {
+            swarm.peers.retain(|id, p| *id == a.peer_id || p.addr != a.addr);
+        }
         // No progress since the previous announce of this peer: it may be starving.
         let stalled = swarm.peers.get(&a.peer_id).is_some_and(|p| a.left > 0 && a.left >= p.left);
         if a.event == Event::Stopped {
@@ -397,6 +410,12 @@ impl Tracker {
         v
     }
 
+    /// Whether `peer` is listed in `ih`'s swarm as a seed (`left == 0`); a map lookup, for every
+    /// announce.
+    pub fn is_seed(&self, ih: &InfoHash, peer: &PeerId) -> bool {
+        self.swarms.get(ih).and_then(|s| s.peers.get(peer)).is_some_and(|p| p.left == 0)
+    }
+
     /// Whether the address may use the tracker (for scrape).
     pub fn allows(&self, ip: Ipv4Addr) -> bool {
         self.policy.subnets.iter().any(|n| n.contains(&ip))
@@ -440,27 +459,56 @@ fn pick_peers<R: rand::Rng>(swarm: &Swarm, a: &Announce, appliance: Option<Socke
         }
         if p.left == 0 { seeds.push(p.addr) } else { leechers.push(p.addr) }
     }
-    let by_closeness = |v: &mut Vec<SocketAddrV4>, rng: &mut R| {
-        v.shuffle(rng);
-        v.sort_by_key(|p| std::cmp::Reverse(closeness(me, *p.ip())));
-    };
-    by_closeness(&mut seeds, rng);
-    by_closeness(&mut leechers, rng);
-    if let Some(i) = appliance.and_then(|ap| seeds.iter().position(|p| *p == ap)) {
-        let ap = seeds.remove(i);
-        seeds.insert(0, ap);
-    }
     let want = a.numwant;
     if a.left == 0 {
-        leechers.truncate(want);
-        return leechers;
+        return closest(leechers, me, want, rng);
     }
-    let seed_quota = (want / 4).max(1).min(seeds.len());
+    // The appliance's seed first among the seeds, then the closest others.
+    let ap = appliance.and_then(|ap| seeds.iter().position(|p| *p == ap)).map(|i| seeds.swap_remove(i));
+    let seed_quota = (want / 4).max(1).min(seeds.len() + usize::from(ap.is_some()));
     let take_leechers = leechers.len().min(want - seed_quota.min(want));
-    let mut out: Vec<SocketAddrV4> = leechers.into_iter().take(take_leechers).collect();
+    let mut out = closest(leechers, me, take_leechers, rng);
     let room = want - out.len();
-    out.extend(seeds.into_iter().take(room));
+    out.extend(ap.into_iter().chain(closest(seeds, me, room, rng)).take(room));
     out
+}
+
+
+/// The `k` addresses of `v` closest to `me` (longest common prefix), closest first and in random
+/// order within equal closeness: the first `k` of a shuffle stably sorted by closeness, in O(len)
+/// with O(k) random draws (an announce at 5000 peers must not sort 5000 addresses).
+fn closest<R: rand::Rng>(v: Vec<SocketAddrV4>, me: Ipv4Addr, k: usize, rng: &mut R) -> Vec<SocketAddrV4> {
+    if k == 0 {
+        return Vec::new();
+    }
+    // Peers per closeness (0..=32 common bits) and the closeness at which the k-th one falls.
+    let mut per = [0usize; 33];
+    for p in &v {
+        per[closeness(me, *p.ip()) as usize] += 1;
+    }
+    let (mut cut, mut above) = (0usize, 0usize);
+    for c in (0..=32).rev() {
+        if above + per[c] >= k {
+            cut = c;
+            break;
+        }
+        above += per[c];
+    }
+    // All peers closer than the cut, and a random sample of the cut's own bucket for the rest.
+    let (mut out, mut edge): (Vec<(u32, SocketAddrV4)>, Vec<SocketAddrV4>) = (Vec::with_capacity(k), Vec::new());
+    for p in v {
+        let c = closeness(me, *p.ip());
+        match (c as usize).cmp(&cut) {
+            std::cmp::Ordering::Greater => out.push((c, p)),
+            std::cmp::Ordering::Equal => edge.push(p),
+            std::cmp::Ordering::Less => {}
+        }
+    }
+    out.shuffle(rng);
+    out.sort_by_key(|(c, _)| std::cmp::Reverse(*c));
+    let room = k.saturating_sub(out.len()).min(edge.len());
+    let (sample, _) = edge.partial_shuffle(rng, room);
+    out.into_iter().map(|(_, p)| p).chain(sample.iter().copied()).collect()
 }
 
 impl Event {

@@ -47,7 +47,8 @@ async fn announce(
     let result = v4(remote).and_then(|ip| Announce::parse(q.as_deref().unwrap_or(""), ip)).and_then(|a| {
         // A poisoned lock means a panic mid-update; the map is still structurally sound.
         let mut guard = t.lock().unwrap_or_else(|e| e.into_inner());
-        let before = guard.peers(&a.info_hash).iter().any(|p| p.addr == a.addr && p.left == 0);
+        // A lookup by peer id, not `peers()` (a copy and a sort of the whole swarm per announce).
+        let before = guard.is_seed(&a.info_hash, &a.peer_id);
         let r = guard.announce(&a, Instant::now(), &mut rand::rng())?;
         drop(guard);
         if a.left == 0 && !before {

@@ -333,3 +333,58 @@ fn fake_seeds_never_push_the_appliance_seed_out() {
         assert!(r.peers.contains(&seed), "leecher {n} did not get the appliance's seed: {:?}", r.peers);
     }
 }
+
+/// `closest` (the O(N) peer choice) hands out exactly the `k` closest peers, closest first,
+/// and samples the boundary closeness uniformly: over many draws every peer of the boundary
+/// rack is chosen, none of a farther one ever.
+#[test]
+fn closest_takes_the_k_nearest_and_samples_the_boundary_rack() {
+    let me = ip("10.0.1.10");
+    // 5 peers in my /24, 20 in 10.0.2.x (boundary for k = 10), 30 in 10.0.130.x (farther).
+    let mut v: Vec<SocketAddrV4> = (11..16).map(|h| SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, h), 6881)).collect();
+    v.extend((1..21).map(|h| SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, h), 6881)));
+    v.extend((1..31).map(|h| SocketAddrV4::new(Ipv4Addr::new(10, 0, 130, h), 6881)));
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut boundary_seen = HashSet::new();
+    for _ in 0..200 {
+        let out = closest(v.clone(), me, 10, &mut rng);
+        assert_eq!(out.len(), 10);
+        assert!(out[..5].iter().all(|p| p.ip().octets()[2] == 1), "own rack first: {out:?}");
+        assert!(out[5..].iter().all(|p| p.ip().octets()[2] == 2), "then the next-closest rack only: {out:?}");
+        assert_eq!(out.iter().collect::<HashSet<_>>().len(), 10, "no duplicates: {out:?}");
+        boundary_seen.extend(out[5..].iter().copied());
+        // Fewer peers than asked: all of them, closest first.
+        let all = closest(v.clone(), me, 100, &mut rng);
+        assert_eq!(all.len(), v.len());
+        assert!(all.windows(2).all(|w| closeness(me, *w[0].ip()) >= closeness(me, *w[1].ip())), "{all:?}");
+    }
+    assert_eq!(boundary_seen.len(), 20, "every boundary peer is drawn sometime");
+    assert!(closest(v, me, 0, &mut rng).is_empty());
+}
+
+/// A known peer's announce costs no pass over the swarm for timeouts more than once a second,
+/// and the silent still leave: within `peer_timeout` + [`SWEEP_EVERY`].
+#[test]
+fn silent_peers_leave_within_the_sweep_period() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(11);
+    let t0 = Instant::now();
+    let silent = Announce::parse(&q(&[7; 20], 1, 6881, 10, "&event=started"), ip("10.0.0.2")).unwrap();
+    t.announce(&silent, t0, &mut rng).unwrap();
+    let talker = Announce::parse(&q(&[7; 20], 2, 6881, 10, "&event=started"), ip("10.0.0.3")).unwrap();
+    // Announces every 0.4 s: one pass a second at most, and the silent peer is gone by 61 s.
+    let mut gone_at = None;
+    for i in 1..200u64 {
+        let now = t0 + Duration::from_millis(400 * i);
+        let r = t.announce(&talker, now, &mut rng).unwrap();
+        if r.peers.is_empty() && gone_at.is_none() {
+            gone_at = Some(now - t0);
+        }
+    }
+    let gone = gone_at.expect("the silent peer left");
+    assert!(gone >= Duration::from_secs(60) && gone <= Duration::from_secs(61), "{gone:?}");
+    assert!(!t.is_seed(&IH, &[2; 20]) && !t.is_seed(&IH, &[1; 20]));
+    let done = Announce::parse(&q(&[7; 20], 2, 6881, 0, ""), ip("10.0.0.3")).unwrap();
+    t.announce(&done, t0 + Duration::from_secs(90), &mut rng).unwrap();
+    assert!(t.is_seed(&IH, &[2; 20]));
+}

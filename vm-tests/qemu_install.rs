@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Proc, Serial, strip_ansi};
+use common::{Lab, Proc, Serial, login_name, strip_ansi};
 use si_appliance::types::MacAddr;
 
 /// Bound for the whole deployment (all VMs, firmware to login). Measured: see the printed table.
@@ -225,16 +225,6 @@ fn read_until_prompt(s: &mut UnixStream) {
     }
 }
 
-/// The host name in a `NAME login:` line.
-fn login_name(line: &str) -> Option<String> {
-    let mut words = line.split_whitespace().peekable();
-    while let Some(w) = words.next() {
-        if words.peek() == Some(&"login:") {
-            return Some(w.to_owned());
-        }
-    }
-    None
-}
 
 /// The host name of VM `n`'s reservation (what its plan names it).
 fn hostname(n: usize) -> String {

@@ -182,10 +182,7 @@ fn ipxe_address(s: &Serial) -> Option<String> {
 }
 
 fn login_name(s: &Serial) -> Option<String> {
-    s.lines.iter().find_map(|(_, l)| {
-        let words: Vec<&str> = l.split_whitespace().collect();
-        words.windows(2).find(|w| w[1] == "login:").map(|w| w[0].to_owned())
-    })
+    s.lines.iter().find_map(|(_, l)| common::login_name(l))
 }
 
 #[test]

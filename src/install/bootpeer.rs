@@ -335,7 +335,7 @@ impl Background {
             match run(&o, s, |_| {}).await {
                 Ok(()) => {}
                 Err(BootPeerError::Off) => debug!("boot-peer: off on the appliance"),
-                Err(e) => warn!("boot-peer: not serving boot files: {}", chain(&e)),
+                Err(e) => warn!("boot-peer: not serving boot files: {}", crate::swarm::engine::chain(&e)),
             }
         });
         Background { stop, task }
@@ -349,18 +349,6 @@ impl Background {
             task.abort();
         }
     }
-}
-
-/// The error and its causes on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// Where the installer keeps the files: `<workdir>/boot-peer` (tmpfs in the initramfs).

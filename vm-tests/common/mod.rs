@@ -523,3 +523,14 @@ impl Serial {
         self.lines[from..].iter().map(|(t, l)| format!("{t:8.2} {l}\n")).collect()
     }
 }
+
+/// The host name in a `NAME login:` line (a getty's prompt on a serial console).
+pub fn login_name(line: &str) -> Option<String> {
+    let mut words = line.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        if words.peek() == Some(&"login:") {
+            return Some(w.to_owned());
+        }
+    }
+    None
+}

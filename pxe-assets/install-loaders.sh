@@ -3,6 +3,9 @@
 #   ipxe            -> /usr/lib/ipxe/undionly.kpxe, snponly.efi, ipxe.efi (a symlink to /boot/ipxe.efi)
 #   pxelinux        -> /usr/lib/PXELINUX/pxelinux.0
 #   syslinux-common -> /usr/lib/syslinux/modules/bios/ldlinux.c32 and the other .c32 modules
+# and, with pxe-assets/fetch-ipxe-efi.sh, iPXE 2.0's UEFI binaries from Debian unstable/testing
+#   ipxe (>= 2.0)   -> /usr/local/lib/si-appliance/ipxe/snponly.efi, ipxe.efi (digest commands:
+#                      UEFI nodes can check peer-served boot files; not fatal when unreachable)
 # These are the default `boot.loader_dirs`. Binaries are never committed to the repository.
 # Idempotent: installs only what is missing, then lists what the appliance will find.
 #
@@ -24,7 +27,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+"$(dirname "${BASH_SOURCE[0]}")/fetch-ipxe-efi.sh" /usr/local/lib/si-appliance/ipxe \
+  || echo "install-loaders: no iPXE >= 2.0 for UEFI: UEFI nodes get Debian's iPXE (cannot check peer-served boot files)"
 status=0
+[ -e /usr/local/lib/si-appliance/ipxe/snponly.efi ] && echo "ok       /usr/local/lib/si-appliance/ipxe/snponly.efi ($(cat /usr/local/lib/si-appliance/ipxe/VERSION))"
 for f in /usr/lib/ipxe/undionly.kpxe /usr/lib/ipxe/snponly.efi /usr/lib/ipxe/ipxe.efi \
          /usr/lib/PXELINUX/pxelinux.0 /usr/lib/syslinux/modules/bios/ldlinux.c32; do
   if [ -e "$f" ]; then

@@ -286,8 +286,12 @@ pub struct BootConfig {
     pub ipxe_no_pxedhcp: bool,
     /// Peer-served boot files: installers that booted serve the kernel and initrd they fetched
     /// (verified against `/boot/digests`) and the appliance redirects (302) kernel and initrd
-    /// requests to them. Off by default: iPXE boots what a peer sends without checking it.
+    /// requests of nodes that check what they get (iPXE with digest commands: the node script
+    /// compares SHA-256 before it boots) to them. Off by default.
     pub peer_serve: bool,
+    /// Also redirect nodes whose iPXE cannot check a file (no digest commands: every BIOS build,
+    /// EFI builds before iPXE 2.0): they boot whatever the peer sends. Off by default.
+    pub peer_unverified: bool,
     /// Transfers one serving peer is given at once, at most (its uplink is shared by them).
     pub peer_serve_max: u32,
     /// TCP port the installers serve the boot files on.
@@ -301,6 +305,9 @@ impl Default for BootConfig {
     fn default() -> Self {
         BootConfig {
             loader_dirs: vec![
+                // iPXE 2.0's EFI binaries (pxe-assets/fetch-ipxe-efi.sh): their digest commands
+                // let a node check peer-served boot files. Missing: Debian's below serve.
+                PathBuf::from("/usr/local/lib/si-appliance/ipxe"),
                 PathBuf::from("/usr/lib/ipxe"),
                 PathBuf::from("/usr/lib/PXELINUX"),
                 PathBuf::from("/usr/lib/syslinux/modules/bios"),
@@ -313,6 +320,7 @@ impl Default for BootConfig {
             cmdline: "console=ttyS0 console=tty0".to_owned(),
             ipxe_no_pxedhcp: true,
             peer_serve: false,
+            peer_unverified: false,
             peer_serve_max: 4,
             peer_port: 8081,
             peer_rate_mbit: 50,

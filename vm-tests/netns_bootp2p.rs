@@ -11,9 +11,11 @@
 //! digest, reported, dropped, and the node falls back to the appliance; at least half of the
 //! 8 × (kernel + initrd) bytes the nodes' curl fetched came from peers (the appliance's own
 //! bytes are summed from its "http: sending" log lines); a peer answers Range requests; a
-//! stopped peer is dropped; a dead peer (announced, connection refused) fails `curl -L`, whose
-//! `&direct=1` retry (the iPXE script's fallback) gets the appliance's bytes, and the installer
-//! path reports it and falls back. Every client runs under `timeout(1)`, every wait is bounded.
+//! stopped peer is dropped; a dead peer (announced, connection refused) fails `curl -L`; the
+//! iPXE script's second try (`&bad=1`) drops it and is sent to a live peer, its last resort
+//! (`&direct=1`) gets the appliance's bytes; the installer path reports the dead peer (announced
+//! again) and falls back. The curl nodes ask with `verify=1`, as a node script whose iPXE can
+//! check digests does. Every client runs under `timeout(1)`, every wait is bounded.
 mod common;
 
 use std::fs;
@@ -81,7 +83,8 @@ impl Setup {
         let mut out = Vec::new();
         for (file, want) in [("vmlinuz", &self.kernel_sha), ("initrd.img", &self.initrd_sha)] {
             let dest = self.lab.path(&format!("node{i}-curl-{file}"));
-            let url = format!("http://{SERVER}/boot/{file}?mac={}", node_mac(i).replace(':', "-"));
+            // verify=1: this node checks what it gets (as an iPXE with digest commands does).
+            let url = format!("http://{SERVER}/boot/{file}?mac={}&verify=1", node_mac(i).replace(':', "-"));
             let o = self.on(self.first + i, &["curl", "-sS", "-L", "--max-redirs", "2", "-o", &dest.display().to_string(), "-w", "%{url_effective}", &url]);
             assert!(o.status.success(), "node {i} curl {file}: {}", text(&o));
             assert_eq!(sha_file(&dest).as_deref(), Some(want.as_str()), "node {i}: curl's {file} differs from the appliance's");
@@ -290,16 +293,32 @@ peer_port = 8081
         "--data", r#"{"event":"serving","port":8081}"#, &format!("http://{SERVER}/api/nodes/{CORRUPT_MAC}/boot-peer"),
     ]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "204", "dead peer's announce: {}", text(&o));
-    let q = format!("?mac={}", node_mac(7).replace(':', "-"));
+    let q = format!("?mac={}&verify=1", node_mac(7).replace(':', "-"));
     let dest = s.lab.path("node7-again-vmlinuz");
     let o = s.on(first + 7, &["curl", "-sS", "-L", "-o", &dest.display().to_string(), &format!("http://{SERVER}/boot/vmlinuz{q}")]);
     assert_eq!(o.status.code(), Some(7), "curl must fail to connect to the dead peer: {}", text(&o));
-    let o = s.on(first + 7, &["curl", "-sS", "-L", "-o", &dest.display().to_string(), &format!("http://{SERVER}/boot/vmlinuz{q}&direct=1")]);
+    // The node script's second try: the same request with bad=1 drops the peer it was sent to
+    // and is sent to a live peer.
+    let o = s.on(first + 7, &["curl", "-sS", "-L", "-o", &dest.display().to_string(), "-w", "%{url_effective}", &format!("http://{SERVER}/boot/vmlinuz{q}&bad=1")]);
     assert!(o.status.success(), "{}", text(&o));
+    let url = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(url.contains(":8081/boot/vmlinuz") && !url.contains(CORRUPT), "after bad=1 a live peer serves: {url}");
     assert_eq!(sha_file(&dest).as_deref(), Some(s.kernel_sha.as_str()));
+    // Its last resort: the appliance's own copy.
+    let o = s.on(first + 7, &["curl", "-sS", "-L", "-o", &dest.display().to_string(), "-w", "%{url_effective}", &format!("http://{SERVER}/boot/vmlinuz{q}&direct=1&bad=1")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{SERVER}/boot/vmlinuz")), "{}", text(&o));
+    assert_eq!(sha_file(&dest).as_deref(), Some(s.kernel_sha.as_str()));
+    // The dead peer announces again; the installer path is sent there, reports it, falls back.
+    let o = s.on(corrupt_host, &[
+        "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H",
+        &format!("Authorization: Bearer {}", s.token(CORRUPT_MAC)), "-H", "Content-Type: application/json",
+        "--data", r#"{"event":"serving","port":8081}"#, &format!("http://{SERVER}/api/nodes/{CORRUPT_MAC}/boot-peer"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "204", "dead peer's announce: {}", text(&o));
     let (_p7, ready) = s.boot_peer(7, 2);
     assert!(ready.contains(&format!("kernel_from=appliance-after-bad-peer:{CORRUPT}")), "{ready}");
     let log = s.app_log();
     let dropped = log.lines().filter(|l| l.contains("boot-peer: peer dropped") && l.contains(CORRUPT)).count();
-    assert_eq!(dropped, 2, "the corrupt, then the dead peer:\n{log}");
+    assert_eq!(dropped, 3, "the corrupt peer, then the dead one (by bad=1, then by the installer):\n{log}");
 }

@@ -146,7 +146,7 @@ fn unenrolled_pxe_clients_boot_locally_until_added_and_installed_nodes_stay_loca
 
     // Its script and pxelinux config boot the local disk; its plan is refused and logged.
     let s = script(&lab, mac);
-    assert!(s.contains("\nexit\n") && !s.contains("kernel") && !s.contains("si.token"), "{s}");
+    assert!(s.contains("\nexit 1\n") && !s.contains("kernel") && !s.contains("si.token"), "{s}");
     let cfg = lab.hosts[1]
         .cmd("tftp")
         .args([SERVER, "6969", "-c", "get", &format!("pxelinux.cfg/01-{}", mac.hyphenated())])
@@ -214,14 +214,14 @@ fn unenrolled_pxe_clients_boot_locally_until_added_and_installed_nodes_stay_loca
     // 3. The installer reports the disk done: installed, local boot, a second plan refused.
     assert_eq!(report(&lab, mac, r#"{"phase":"seeding","message":"installed","console":"si-appliance installer: seeding\n"}"#), 204);
     let s = script(&lab, mac);
-    assert!(s.contains("\nexit\n") && s.contains("installed with image tiny"), "{s}");
+    assert!(s.contains("\nexit 1\n") && s.contains("installed with image tiny"), "{s}");
     assert_eq!(plan(&lab, mac).0, 409);
 
     // kill -9 and restart: the record is on disk, the node still boots locally.
     app.kill();
     let mut app = start_appliance(&lab, 0, "app2", &config(&lab), &[]);
     let s = script(&lab, mac);
-    assert!(s.contains("\nexit\n") && s.contains("installed"), "after kill -9: {s}");
+    assert!(s.contains("\nexit 1\n") && s.contains("installed"), "after kill -9: {s}");
     let (_, list) = node_cmd(&lab, &["list"]);
     let line = list.lines().find(|l| l.starts_with(NODE_MAC)).unwrap_or_else(|| panic!("{list}"));
     assert!(line.contains("installed") && line.contains("tiny") && line.contains("n101"), "{list}");
@@ -297,7 +297,7 @@ fn node_token_plan_and_report_only_from_the_address_leased_to_the_node() {
     // The other host: local boot, no token, over HTTP and TFTP; its plan and report refused.
     let (code, s) = curl(&lab, 2, &[], &script_url);
     assert_eq!(code, 200, "{s}");
-    assert!(s.contains("\nexit\n") && !s.contains("si.token") && !s.contains(&stolen), "another host got the script:\n{s}");
+    assert!(s.contains("\nexit 1\n") && !s.contains("si.token") && !s.contains(&stolen), "another host got the script:\n{s}");
     let pxe = tftp_get(2, "attacker.cfg");
     assert!(pxe.contains("LOCALBOOT 0") && !pxe.contains(&stolen), "another host got the pxelinux config:\n{pxe}");
     let auth = format!("Authorization: Bearer {stolen}");

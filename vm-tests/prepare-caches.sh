@@ -42,6 +42,7 @@ case $what in trees|all)
   step "demo image tree" qemu/make-demo-image.sh "$SI_TEST_CACHE/demo-bookworm"
   step "test boot files" pxe-assets/build-test-boot.sh "$SI_CACHE/test-boot" >/dev/null
   step "USB stick root tree" pxe-assets/build-usb.sh --root-only
+  step "iPXE 2.0 UEFI binaries" pxe-assets/fetch-ipxe-efi.sh "$SI_CACHE/ipxe-efi"
 esac
 case $what in boot|all)
   bin=${SI_APPLIANCE_BIN:-${CARGO_TARGET_DIR:-$SI_CACHE/cargo-target}/x86_64-unknown-linux-gnu/release/si-appliance}

@@ -238,12 +238,29 @@ pub fn open(ctx: &BootContext, f: &BootFile, client: Option<std::net::Ipv4Addr>,
         }
         .into_bytes())),
         BootFile::NodeScript(mac) => Ok(Source::Rendered(match action(ctx, *mac) {
-            BootAction::Install => script::ipxe_node(&ctx.server(), &ctx.node(*mac)),
+            BootAction::Install => node_script(ctx, *mac),
             BootAction::Local(why) => script::ipxe_local(*mac, &why.to_string()),
         }
         .into_bytes())),
         BootFile::ChainScript => Ok(Source::Rendered(script::ipxe_chain(&ctx.server()).into_bytes())),
     }
+}
+
+/// The installer script of `mac`. With peer-served boot files it checks what a peer sends
+/// against the digests of the appliance's own files; if those cannot be read, the script asks
+/// only the appliance (no redirect without a check) and the error is logged.
+fn node_script(ctx: &BootContext, mac: MacAddr) -> String {
+    let mut server = ctx.server();
+    let digests = match ctx.peers.as_ref().map(|_| ctx.digests()) {
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            warn!(%mac, "boot: no digests of the boot files ({e:#}): the script names only the appliance");
+            None
+        }
+        None => None,
+    };
+    server.peers = digests.as_ref().map(|d| script::PeerCheck { kernel_sha256: &d.kernel.sha256, initrd_sha256: &d.initrd.sha256 });
+    script::ipxe_node(&server, &ctx.node(mac))
 }
 
 /// The node book's answer for `mac`, logged and told to the monitor when it is "boot locally".

@@ -121,9 +121,10 @@ async fn boot_peer(
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// `direct=1` in the query: the node wants the appliance's own bytes (its fallback).
-fn direct_in_query(query: Option<&str>) -> bool {
-    query.is_some_and(|q| q.split('&').any(|kv| kv == "direct=1"))
+/// `flag` (`direct=1`: the node wants the appliance's own bytes; `verify=1`: it checks what it
+/// gets against `/boot/digests`; `bad=1`: where it was sent last failed it) in the query.
+fn flag_in_query(query: Option<&str>, flag: &str) -> bool {
+    query.is_some_and(|q| q.split('&').any(|kv| kv == flag))
 }
 
 fn not_found() -> Response {
@@ -179,10 +180,19 @@ async fn boot_file(
         super::note_boot_file(&ctx, *addr, &f, m, src.len(), crate::types::events::BootVia::Http);
     }
     if let (Some(peers), Some(ip), BootFile::Kernel | BootFile::Initrd) = (&ctx.peers, ip, &f) {
+        let q = req.uri().query();
         let mut book = peers.lock();
-        if direct_in_query(req.uri().query()) {
+        if flag_in_query(q, "bad=1") {
+            match book.bad_held(ip) {
+                Some(peer) => warn!(client, file = %f, mac, %peer, peers = book.peers(), "boot-peer: peer dropped: the node's fetch from it failed or its copy did not match the SHA-256"),
+                None => debug!(client, file = %f, mac, "http: bad=1 from a node holding no peer: ignored"),
+            }
+        }
+        if flag_in_query(q, "direct=1") {
             book.direct(ip);
             info!(client, file = %f, mac, "http: direct: the appliance serves (peer fallback)");
+        } else if !flag_in_query(q, "verify=1") && !peers.unverified {
+            debug!(client, file = %f, mac, "http: the appliance serves: the node cannot check a peer's copy (no verify=1)");
         } else {
             match book.pick(ip, std::time::Instant::now()) {
                 Ok(peer) => {
@@ -276,7 +286,7 @@ mod tests {
         let own = get_from(&r, "/boot/52-54-00-12-34-56.ipxe", "10.0.0.5:1234").await;
         assert!(own.contains(&format!("si.token={token}")), "{own}");
         let other = get_from(&r, "/boot/52-54-00-12-34-56.ipxe", "10.0.0.6:1234").await;
-        assert!(other.contains("\nexit\n") && !other.contains("si.token"), "{other}");
+        assert!(other.contains("\nexit 1\n") && !other.contains("si.token"), "{other}");
         let unknown = get_from(&r, "/boot/52-54-00-ab-cd-ef.ipxe", "10.0.0.5:1234").await;
         assert!(!unknown.contains("si.token"), "{unknown}");
         let pxe = get_from(&r, "/boot/pxelinux.cfg/01-52-54-00-12-34-56", "10.0.0.6:1234").await;
@@ -303,7 +313,7 @@ mod tests {
         std::fs::write(&kernel, b"0123456789").unwrap();
         let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
         let policy = PeerPolicy { max_per_peer: 1, hold: std::time::Duration::from_secs(60), prefix: 24, silence: std::time::Duration::from_secs(90) };
-        ctx.peers = Some(crate::boot::PeerServe { port: 8081, book: std::sync::Mutex::new(PeerBook::new(policy)) });
+        ctx.peers = Some(crate::boot::PeerServe { port: 8081, unverified: false, book: std::sync::Mutex::new(PeerBook::new(policy)) });
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
         let token = ctx.node(mac).token.as_str().to_owned();
         let r = routes(Arc::new(ctx));
@@ -325,20 +335,47 @@ mod tests {
         assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), r#"{"event":"serving","port":9}"#).await.0, StatusCode::BAD_REQUEST);
         assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), serving).await.0, StatusCode::NO_CONTENT);
 
-        let (st, loc, _) = call(&r, "GET", "/boot/vmlinuz?mac=52-54-00-ab-cd-ef", "10.0.0.6:1", None, "").await;
+        // A node that cannot check a copy (no verify=1) gets the appliance's bytes.
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?mac=52-54-00-ab-cd-ef&verify=0", "10.0.0.6:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.6:1", None, "").await.0, StatusCode::OK);
+        let (st, loc, _) = call(&r, "GET", "/boot/vmlinuz?mac=52-54-00-ab-cd-ef&verify=1", "10.0.0.6:1", None, "").await;
         assert_eq!((st, loc.as_deref()), (StatusCode::FOUND, Some("http://10.0.0.5:8081/boot/vmlinuz")));
-        let (st, loc, _) = call(&r, "GET", "/boot/initrd.img", "10.0.0.6:1", None, "").await;
+        let (st, loc, _) = call(&r, "GET", "/boot/initrd.img?verify=1", "10.0.0.6:1", None, "").await;
         assert_eq!((st, loc.as_deref()), (StatusCode::FOUND, Some("http://10.0.0.5:8081/boot/initrd.img")));
         // The peer is never sent to itself; its one slot is taken, so a third node gets the appliance.
-        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.5:1", None, "").await.0, StatusCode::OK);
-        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.5:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
         // The fallback: direct=1 is the appliance's bytes and frees the slot.
         let (st, _, body) = call(&r, "GET", "/boot/vmlinuz?mac=52-54-00-ab-cd-ef&direct=1", "10.0.0.6:1", None, "").await;
         assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"0123456789"[..]));
-        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.7:1", None, "").await.0, StatusCode::FOUND);
-        // Stopped: gone.
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.7:1", None, "").await.0, StatusCode::FOUND);
+        // bad=1 from a node that holds no slot drops nothing; from the one sent there, the peer.
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1&bad=1", "10.0.0.8:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.7:1", None, "").await.0, StatusCode::FOUND);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1&bad=1", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.6:1", None, "").await.0, StatusCode::OK, "dropped");
+        // Announced again, then stopped: gone.
+        assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), serving).await.0, StatusCode::NO_CONTENT);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.6:1", None, "").await.0, StatusCode::FOUND);
         assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), r#"{"event":"stopped"}"#).await.0, StatusCode::NO_CONTENT);
-        assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn with_unverified_allowed_a_node_without_digest_commands_is_redirected_too() {
+        use crate::boot::peers::{PeerBook, PeerPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"0123456789").unwrap();
+        let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
+        let policy = PeerPolicy { max_per_peer: 4, hold: std::time::Duration::from_secs(60), prefix: 24, silence: std::time::Duration::from_secs(90) };
+        ctx.peers = Some(crate::boot::PeerServe { port: 8081, unverified: true, book: std::sync::Mutex::new(PeerBook::new(policy)) });
+        let token = ctx.node("52:54:00:12:34:56".parse().unwrap()).token.as_str().to_owned();
+        let r = routes(Arc::new(ctx));
+        let uri = "/api/nodes/52:54:00:12:34:56/boot-peer";
+        assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), r#"{"event":"serving","port":8081}"#).await.0, StatusCode::NO_CONTENT);
+        let (st, loc, _) = call(&r, "GET", "/boot/vmlinuz?verify=0", "10.0.0.6:1", None, "").await;
+        assert_eq!((st, loc.as_deref()), (StatusCode::FOUND, Some("http://10.0.0.5:8081/boot/vmlinuz")));
     }
 
     #[test]

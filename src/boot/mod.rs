@@ -75,6 +75,8 @@ pub struct BootContext {
 pub struct PeerServe {
     /// Where nodes serve (`boot.peer_port`).
     pub port: u16,
+    /// Nodes that cannot check a file are redirected too (`boot.peer_unverified`).
+    pub unverified: bool,
     /// The scheduler.
     pub book: Mutex<peers::PeerBook>,
 }
@@ -139,7 +141,7 @@ impl BootContext {
                     prefix: iface.net.prefix_len(),
                     silence: Duration::from_secs(3 * crate::types::node_api::BOOT_PEER_ANNOUNCE_SECS),
                 };
-                PeerServe { port: cfg.boot.peer_port, book: Mutex::new(peers::PeerBook::new(policy)) }
+                PeerServe { port: cfg.boot.peer_port, unverified: cfg.boot.peer_unverified, book: Mutex::new(peers::PeerBook::new(policy)) }
             }),
             digests: Mutex::new(None),
         }
@@ -205,7 +207,7 @@ impl BootContext {
             image: self.image.as_ref(),
             cmdline: &self.cmdline,
             seal: self.seal.as_ref(),
-            peer_fallback: self.peers.is_some(),
+            peers: None,
         }
     }
 

@@ -98,6 +98,15 @@ impl PeerBook {
         }
     }
 
+    /// `requester` says the file it just fetched where it was sent (a failed fetch, or a copy
+    /// whose SHA-256 is wrong) failed it: the peer it holds a slot at is dropped and its hold
+    /// ends. Returns that peer. Only the requester's own hold is believed, as in [`Self::bad`].
+    pub fn bad_held(&mut self, requester: Ipv4Addr) -> Option<Ipv4Addr> {
+        let peer = self.holds.get(&requester)?.peer;
+        self.drop_peer(peer);
+        Some(peer)
+    }
+
     /// `requester` asks the appliance directly (its fallback): its hold ends.
     pub fn direct(&mut self, requester: Ipv4Addr) {
         self.holds.remove(&requester);
@@ -282,6 +291,21 @@ mod tests {
                 (2, Pick(12, Ok(2))),
             ],
         );
+    }
+
+    #[test]
+    fn a_bad_copy_drops_the_peer_the_requester_holds_and_the_next_pick_is_another() {
+        let mut b = book(4);
+        let t = Instant::now();
+        b.serving(ip(5), 8081, t);
+        b.serving(ip(6), 8081, t);
+        assert_eq!(b.bad_held(ip(20)), None, "no hold: nothing to drop");
+        assert_eq!(b.pick(ip(20), t).map(|a| *a.ip()), Ok(ip(5)));
+        assert_eq!(b.bad_held(ip(20)), Some(ip(5)));
+        assert_eq!(b.peers(), 1);
+        assert_eq!(b.pick(ip(20), t).map(|a| *a.ip()), Ok(ip(6)));
+        assert_eq!(b.bad_held(ip(20)), Some(ip(6)));
+        assert_eq!(b.pick(ip(20), t), Err(ServeHere::NoPeer));
     }
 
     #[test]

@@ -28,9 +28,20 @@ pub struct Server<'a> {
     /// The image's signed seal: its info-hash and manifest digest go on the command line, so the
     /// installer holds them before it asks the network for anything.
     pub seal: Option<&'a crate::types::node_api::ImageSeal>,
-    /// Kernel and initrd may be redirected to a peer (`boot.peer_serve`): a failed fetch is
-    /// tried once more at the appliance itself (`&direct=1`) before the retry loop.
-    pub peer_fallback: bool,
+    /// Kernel and initrd may be redirected to a peer (`boot.peer_serve`): the SHA-256 the
+    /// script checks them against (an iPXE with digest commands), and the appliance's own copy
+    /// as the last resort.
+    pub peers: Option<PeerCheck<'a>>,
+}
+
+/// What a node script checks peer-served boot files against: the SHA-256 (lower-case hex) of
+/// the kernel and initrd the appliance serves, as `/boot/digests` publishes them.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerCheck<'a> {
+    /// The kernel's SHA-256.
+    pub kernel_sha256: &'a str,
+    /// The initrd's SHA-256.
+    pub initrd_sha256: &'a str,
 }
 
 impl Server<'_> {
@@ -84,24 +95,22 @@ pub fn kernel_args(s: &Server<'_>, node: Option<&NodeBoot>) -> String {
 /// in the query, so the appliance can attribute the fetches in its log. `initrd=initrd.img`
 /// on the command line is what iPXE's UEFI build needs to hand the initrd to the kernel; BIOS
 /// ignores it. A failed step retries after a pause instead of dropping to the next boot device.
+///
+/// With peers ([`Server::peers`]) see [`ipxe_node_peers`].
 pub fn ipxe_node(s: &Server<'_>, n: &NodeBoot) -> String {
+    if let Some(check) = s.peers {
+        return ipxe_node_peers(s, n, check);
+    }
     let base = s.base_url();
     let q = format!("?mac={}", n.mac.hyphenated());
     let (k, i) = (BootFile::KERNEL, BootFile::INITRD);
-    let args = kernel_args(s, Some(n));
-    let line_args = format!("initrd={i} {args} si.ip=${{ip}} si.netmask=${{netmask}} si.gw=${{gateway}}");
-    // With peers, a redirect to a node that went away fails the fetch: ask the appliance itself.
-    let (kernel_direct, initrd_direct) = if s.peer_fallback {
-        (format!(" || kernel --name {k} {base}/{k}{q}&direct=1 {line_args}"), format!(" || initrd --name {i} {base}/{i}{q}&direct=1"))
-    } else {
-        (String::new(), String::new())
-    };
+    let line_args = node_line_args(s, n);
     format!(
         "#!ipxe\n\
          # si-appliance boot script for {mac}. Generated; do not edit.\n\
          :retry\n\
-         kernel --name {k} {base}/{k}{q} {line_args}{kernel_direct} || goto failed\n\
-         initrd --name {i} {base}/{i}{q}{initrd_direct} || goto failed\n\
+         kernel --name {k} {base}/{k}{q} {line_args} || goto failed\n\
+         initrd --name {i} {base}/{i}{q} || goto failed\n\
          boot || goto failed\n\
          :failed\n\
          echo si-appliance: boot failed, retrying in 10 seconds\n\
@@ -111,17 +120,93 @@ pub fn ipxe_node(s: &Server<'_>, n: &NodeBoot) -> String {
     )
 }
 
-/// The iPXE script of a node that boots from its own disk (installed, or not enrolled): `exit`
+/// The kernel's command line in a node script: the initrd's name, the `si.*` words, and the
+/// address iPXE got (the installer starts with it instead of asking DHCP again).
+fn node_line_args(s: &Server<'_>, n: &NodeBoot) -> String {
+    let i = BootFile::INITRD;
+    format!("initrd={i} {} si.ip=${{ip}} si.netmask=${{netmask}} si.gw=${{gateway}}", kernel_args(s, Some(n)))
+}
+
+/// The node script when kernel and initrd may come from a peer node (`boot.peer_serve`).
+///
+/// First it finds out whether this iPXE can check a file: it fetches `/boot/digests` as a
+/// probe image and hashes it with `sha256sum --set` (iPXE 2.0's EFI builds have it; older
+/// builds and BIOS builds have no digest command). Every kernel and initrd request carries
+/// `verify=1` or `verify=0`: the appliance sends only a verifying node to a peer (unless
+/// `boot.peer_unverified`). Each file is then fetched and, when the node can, its SHA-256
+/// compared with the appliance's (`iseq`) before anything boots:
+/// 1. where the appliance says (itself or a peer, by a 302 that iPXE follows);
+/// 2. on a failed fetch or a wrong digest, again with `bad=1`: the appliance drops the peer it
+///    had given this node (a dead or lying peer) and picks again;
+/// 3. then the appliance's own copy (`direct=1`, still checked); if that fails too, the whole
+///    script starts over after 10 s.
+pub fn ipxe_node_peers(s: &Server<'_>, n: &NodeBoot, check: PeerCheck<'_>) -> String {
+    let base = s.base_url();
+    let q = format!("?mac={}", n.mac.hyphenated());
+    let line_args = node_line_args(s, n);
+    let mut out = format!(
+        "#!ipxe\n\
+         # si-appliance boot script for {mac}. Generated; do not edit.\n\
+         # Kernel and initrd may come from a peer node: each is checked against the appliance's\n\
+         # SHA-256 when this iPXE has digest commands, refetched elsewhere when it fails.\n\
+         set si-v 0\n\
+         imgfetch --name si-probe {base}/digests{q} && sha256sum --set si-probe si-probe && set si-v 1 || echo si-appliance: this iPXE cannot check SHA-256: boot files from the appliance\n\
+         imgfree si-probe ||\n\
+         :retry\n",
+        mac = n.mac,
+    );
+    for (cmd, name, args, sha, next) in [
+        ("kernel", BootFile::KERNEL, format!(" {line_args}"), check.kernel_sha256, "initrd"),
+        ("initrd", BootFile::INITRD, String::new(), check.initrd_sha256, "boot"),
+    ] {
+        let url = format!("{base}/{name}{q}");
+        let ok = format!("iseq ${{si-v}} 1 || goto {next}\nsha256sum --set si-d {name} && iseq ${{si-d}} {sha} && goto {next} ||\n");
+        let _ = write!(
+            out,
+            ":{cmd}\n\
+             {cmd} --name {name} {url}&verify=${{si-v}}{args} && goto {cmd}-1 || goto {cmd}-again\n\
+             :{cmd}-1\n\
+             {ok}\
+             echo si-appliance: {name} did not arrive or does not match its SHA-256: asking again\n\
+             :{cmd}-again\n\
+             imgfree {name} ||\n\
+             {cmd} --name {name} {url}&verify=${{si-v}}&bad=1{args} && goto {cmd}-2 || goto {cmd}-direct\n\
+             :{cmd}-2\n\
+             {ok}\
+             :{cmd}-direct\n\
+             imgfree {name} ||\n\
+             {cmd} --name {name} {url}&direct=1&bad=1{args} || goto failed\n\
+             {ok}\
+             echo si-appliance: the appliance's own {name} does not match its SHA-256\n\
+             goto failed\n"
+        );
+    }
+    out.push_str(
+        ":boot\n\
+         boot || goto failed\n\
+         :failed\n\
+         echo si-appliance: boot failed, retrying in 10 seconds\n\
+         imgfree ||\n\
+         sleep 10\n\
+         goto retry\n",
+    );
+    out
+}
+
+/// The iPXE script of a node that boots from its own disk (installed, or not enrolled): `exit 1`
 /// hands control back to the firmware, which tries the next boot device (the disk, with the
 /// network first in the boot order). On SeaBIOS (iPXE as the NIC's option ROM) and on OVMF
 /// (iPXE's EFI driver) this is what boots the disk; `sanboot --drive 0x80` would work on BIOS
-/// only.
+/// only. The exit status must be an error: an iPXE EFI application (snponly.efi, ipxe.efi) that
+/// returns EFI_SUCCESS makes the UEFI boot manager stop and show its menu instead of trying the
+/// next Boot#### (UEFI 2.x §3.1.1; EDK2 `BdsEntry.c`, `BootBootOptions`); iPXE returns the
+/// script's exit status from `autoboot`.
 pub fn ipxe_local(mac: MacAddr, why: &str) -> String {
     format!(
         "#!ipxe\n\
          # si-appliance boot script for {mac}: {why}. Generated; do not edit.\n\
          echo si-appliance: {mac} {why}: booting from the local disk\n\
-         exit\n"
+         exit 1\n"
     )
 }
 
@@ -194,31 +279,39 @@ mod tests {
     #[test]
     fn ipxe_node_script_golden() {
         let (img, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 8080, image: Some(&img), cmdline: "console=ttyS0 quiet", seal: None, peer_fallback: false };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 8080, image: Some(&img), cmdline: "console=ttyS0 quiet", seal: None, peers: None };
         golden("node.ipxe", &ipxe_node(&s, &n));
     }
 
     #[test]
-    fn with_peers_a_failed_fetch_tries_the_appliance_directly() {
+    fn with_peers_the_script_checks_each_file_and_asks_again_golden() {
         let (img, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: None, peer_fallback: true };
+        let check = PeerCheck { kernel_sha256: &"ab".repeat(32), initrd_sha256: &"cd".repeat(32) };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: None, peers: Some(check) };
         let text = ipxe_node(&s, &n);
-        let q = "?mac=52-54-00-12-34-56";
-        assert!(text.contains(&format!("kernel --name vmlinuz http://10.0.0.1/boot/vmlinuz{q} initrd=initrd.img si.server=")), "{text}");
-        assert!(text.contains(&format!(" || kernel --name vmlinuz http://10.0.0.1/boot/vmlinuz{q}&direct=1 initrd=initrd.img si.server=")), "{text}");
-        assert!(text.contains(&format!("initrd --name initrd.img http://10.0.0.1/boot/initrd.img{q} || initrd --name initrd.img http://10.0.0.1/boot/initrd.img{q}&direct=1 || goto failed\n")), "{text}");
+        golden("node-peers.ipxe", &text);
+        // Every label a `goto` names exists once; every request says whether the node checks.
+        let labels: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix(':')).collect();
+        for l in text.split("goto ").skip(1).map(|t| t.split([' ', '\n']).next().unwrap()) {
+            assert_eq!(labels.iter().filter(|x| **x == l).count(), 1, "label {l}: {text}");
+        }
+        for l in text.lines().filter(|l| l.starts_with("kernel ") || l.starts_with("initrd ")) {
+            assert!(l.contains("&verify=${si-v}") || l.contains("&direct=1&bad=1"), "{l}");
+        }
+        assert_eq!(text.matches(&format!("iseq ${{si-d}} {}", "ab".repeat(32))).count(), 3, "{text}");
+        assert_eq!(text.matches(&format!("iseq ${{si-d}} {}", "cd".repeat(32))).count(), 3, "{text}");
     }
 
     #[test]
     fn ipxe_chain_golden() {
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "", seal: None, peer_fallback: false };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "", seal: None, peers: None };
         golden("boot.ipxe", &ipxe_chain(&s));
     }
 
     #[test]
     fn pxelinux_golden() {
         let (img, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "console=ttyS0", seal: None, peer_fallback: false };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "console=ttyS0", seal: None, peers: None };
         golden("pxelinux-node.cfg", &pxelinux_cfg(&s, Some(&n)));
         golden("pxelinux-default.cfg", &pxelinux_local(None, "no per-node config asked for"));
     }
@@ -233,7 +326,7 @@ mod tests {
     #[test]
     fn args_without_image_or_extra() {
         let (_, n) = fixture();
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "  ", seal: None, peer_fallback: false };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: None, cmdline: "  ", seal: None, peers: None };
         let a = kernel_args(&s, Some(&n));
         assert_eq!(a, format!("si.server=10.0.0.1:80 si.mac=52:54:00:12:34:56 si.token={}", n.token.as_str()));
     }
@@ -242,7 +335,7 @@ mod tests {
     fn the_seal_goes_on_the_line_after_the_image() {
         let (img, n) = fixture();
         let seal = crate::types::node_api::ImageSeal { info_hash: "ab".repeat(20), manifest_sha256: Some("cd".repeat(32)), signature: "ef".repeat(64) };
-        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: Some(&seal), peer_fallback: false };
+        let s = Server { ip: "10.0.0.1".parse().unwrap(), http_port: 80, image: Some(&img), cmdline: "", seal: Some(&seal), peers: None };
         let a = kernel_args(&s, Some(&n));
         let want = format!("si.image={img} si.infohash={} si.manifest={} si.token=", "ab".repeat(20), "cd".repeat(32));
         assert!(a.contains(&want), "{a}");

@@ -736,7 +736,7 @@ fn decide_proxy(req: &Request, client: &Client, via: Via, policy: &Policy) -> De
     };
     let mut r = base_reply(req, kind, Ipv4Addr::UNSPECIFIED, policy);
     r.set_ciaddr(m.ciaddr());
-    add_boot(&mut r, req, client, &boot, policy);
+    add_boot(&mut r, req, client, &boot, policy, true);
     Decision::Reply { msg: Box::new(r), to, change: None, note: None }
 }
 
@@ -795,7 +795,7 @@ fn lease_reply(
         o.insert(DhcpOption::Hostname(h));
     }
     let boot = boot_for(client, policy);
-    add_boot(&mut r, req, client, &boot, policy);
+    add_boot(&mut r, req, client, &boot, policy, false);
     let note = match boot {
         Boot::Nothing(Some(why)) => Some(why),
         _ => None,
@@ -803,8 +803,9 @@ fn lease_reply(
     (r, note)
 }
 
-/// Boot fields: siaddr, sname/file headers, 66/67, 60 echo, 43 for BIOS PXE, 97 echo, 175.
-fn add_boot(r: &mut v4::Message, req: &Request, client: &Client, boot: &Boot, policy: &Policy) {
+/// Boot fields: siaddr, sname/file headers, 66/67, 60 echo (proxyDHCP, and BIOS ROMs), 43 for
+/// BIOS PXE, 97 echo, 175. `proxy`: a proxyDHCP answer (no address).
+fn add_boot(r: &mut v4::Message, req: &Request, client: &Client, boot: &Boot, policy: &Policy, proxy: bool) {
     let server = policy.server_ip.to_string();
     let file = match boot {
         Boot::Loader(l) => Some(l.tftp_name().to_owned()),
@@ -826,8 +827,17 @@ fn add_boot(r: &mut v4::Message, req: &Request, client: &Client, boot: &Boot, po
         o.insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
     }
     if client.pxe_class {
-        // PXE 2.1 §2.4.1: a server answering a PXEClient must echo option 60.
-        o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+        // PXE 2.1 §2.4.1: a server answering a PXEClient must echo option 60. Except a full
+        // DHCP answer (with an address) to a UEFI PXE client: EDK2's PXE (OVMF and most UEFI
+        // servers' firmware) takes an offer with `PXEClient` and a boot file but no option 43
+        // for a "DhcpBinl" offer and asks the boot file again on port 4011 (PxeBcDhcp4.c,
+        // PxeBcParseDhcp4Packet / PxeBcRetryBinlOffer), which only proxy mode serves: it then
+        // fails with "PXE-E16: No valid offer received". Without option 60 it is a DHCP-only
+        // offer with a boot file, which it boots (PxeBcSelectDhcp4Offer, case 7): what ISC
+        // dhcpd's `filename` and dnsmasq's `dhcp-boot` send.
+        if proxy || client.arch == Arch::X86Bios {
+            o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+        }
         if matches!(boot, Boot::Loader(_)) && client.arch == Arch::X86Bios {
             // PXE discovery control (sub-option 6) = 8: "use the boot file in this offer, no boot
             // server discovery". BIOS ROMs want it; UEFI firmware does fine without option 43 and

@@ -324,6 +324,15 @@ pub fn client_boot_dir() -> PathBuf {
     dir
 }
 
+/// iPXE 2.0's UEFI binaries (`snponly.efi`, `ipxe.efi`: digest commands), from Debian's
+/// package, checked against the archive's signature (`SI_IPXE_EFI_DIR`, default in the cache),
+/// fetched by pxe-assets/fetch-ipxe-efi.sh when missing.
+pub fn ipxe_efi_dir() -> PathBuf {
+    let dir = dir_from("SI_IPXE_EFI_DIR", cache_root().join("ipxe-efi"));
+    run_builder("pxe-assets/fetch-ipxe-efi.sh", &[&dir], &[]);
+    dir
+}
+
 /// The test boot files (cloud kernel + a marker initramfs; `SI_TEST_BOOT_DIR`, default in the
 /// cache), built by pxe-assets/build-test-boot.sh when its inputs changed.
 pub fn test_boot_dir() -> PathBuf {

@@ -105,8 +105,10 @@ fn discover_rows_per_firmware() {
             let ipxe = opt_bytes(&m, OptionCode::Unknown(175)).unwrap();
             assert_eq!(&ipxe[..3], &[1, 1, 127], "{name}");
         }
-        let pxe_class = name != "installer";
-        assert_eq!(opt_bytes(&m, OptionCode::ClassIdentifier).is_some(), pxe_class, "{name}");
+        // Option 60 back: to BIOS ROMs (and iPXE on BIOS) and HTTP boot; never to UEFI PXE in
+        // a full DHCP answer (EDK2 would take it for a port-4011 "BINL" offer: add_boot).
+        let class_60 = !matches!(name, "installer" | "UEFI x64 (7)" | "UEFI x64 BC (9)" | "ARM64 (11)" | "unknown arch (25)");
+        assert_eq!(opt_bytes(&m, OptionCode::ClassIdentifier).is_some(), class_60, "{name}");
         assert!(encode_reply(&m).unwrap().len() >= BOOTP_MIN_LEN, "{name}");
     }
     // UEFI HTTP boot clients get `HTTPClient` back as vendor class (UEFI 2.5 §24.7.2).
@@ -296,6 +298,10 @@ fn proxy_mode_rows() {
     assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(to, Dest::Source(src));
     assert_eq!(m.fname(), Some(&b"snponly.efi"[..]));
+    // proxyDHCP answers always say PXEClient (a UEFI client then asks on port 4011, as above).
+    assert_eq!(opt_bytes(&m, OptionCode::ClassIdentifier), Some(b"PXEClient".to_vec()));
+    let (m, _, _) = reply(run(&p, &l, MessageType::Discover, MAC, pxe(7)));
+    assert_eq!((m.fname(), opt_bytes(&m, OptionCode::ClassIdentifier)), (Some(&b"snponly.efi"[..]), Some(b"PXEClient".to_vec())));
     // A REQUEST on port 67 to the real server is not ours.
     let d = run(&p, &l, MessageType::Request, MAC, [pxe(7), vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 66, 0, 99))]].concat());
     assert!(matches!(d, Decision::Ignore(Why::OtherServer(_))));

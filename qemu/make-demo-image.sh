@@ -9,6 +9,8 @@
 #   systemd-sysv udev        (init; a serial getty on ttyS0 comes from console=ttyS0)
 #   e2fsprogs                (the root file system is ext4)
 #   openssh-server           (small; the installer gives each node fresh host keys)
+#   rsync attr acl           (the node can be a golden node: `image capture` runs rsync over ssh;
+#                             setfattr/setfacl to give a capture something to keep)
 # configured for a serial console (GRUB_TERMINAL=serial, GRUB_TIMEOUT=0, console=ttyS0) and DHCP
 # on every Ethernet NIC through systemd-networkd, then trimmed (docs, man pages, locales, apt
 # lists and caches, host keys, machine-id).
@@ -35,8 +37,8 @@ die() { say "error: $*"; exit 1; }
 
 suite="${SUITE:-bookworm}"
 limit="${DEBOOTSTRAP_TIMEOUT:-1200}"
-RECIPE="demo-2 $suite grub-pc+grub-efi-amd64-bin"
-keys="bin/sh usr/sbin/grub-install usr/lib/grub/i386-pc usr/lib/grub/x86_64-efi boot etc/default/grub etc/systemd/network/80-dhcp.network lib/systemd/systemd"
+RECIPE="demo-3 $suite grub-pc+grub-efi-amd64-bin+rsync+attr+acl"
+keys="bin/sh usr/bin/rsync usr/bin/setfattr usr/bin/setfacl usr/sbin/grub-install usr/lib/grub/i386-pc usr/lib/grub/x86_64-efi boot etc/default/grub etc/systemd/network/80-dhcp.network lib/systemd/systemd"
 cache_tree_start "$SI_TEST_CACHE/demo-bookworm" "$RECIPE" "$limit" "$keys" "$@"
 command -v debootstrap >/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >&2; }
@@ -46,7 +48,7 @@ mirror=$(debian_mirror)
 start=$(date +%s)
 say "debootstrap $suite from $mirror into $tmp (timeout ${limit}s)"
 cache_run_bounded "$limit" debootstrap --variant=minbase --cache-dir="$debs" \
-  --include=linux-image-cloud-amd64,grub-pc,grub-efi-amd64-bin,systemd-sysv,udev,e2fsprogs,openssh-server,iproute2 \
+  --include=linux-image-cloud-amd64,grub-pc,grub-efi-amd64-bin,systemd-sysv,udev,e2fsprogs,openssh-server,iproute2,rsync,attr,acl \
   "$suite" "$tmp" "$mirror" >&2 || die "debootstrap failed"
 
 # Serial console everywhere: GRUB on the serial port with no menu wait, the kernel on ttyS0

@@ -296,6 +296,10 @@ pub enum ImageAction {
         /// HOST, HOST:SSH_PORT, or an absolute local path.
         #[arg(long)]
         from: String,
+        /// The ssh key to log in to HOST as root with (default: root's own keys and agent).
+        /// Host keys are kept in <store>/ssh_known_hosts (learnt on first contact).
+        #[arg(long, value_name = "FILE")]
+        ssh_identity: Option<PathBuf>,
     },
     /// Unpack an archive (full or diff) into a directory, safely.
     Unpack {

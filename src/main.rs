@@ -310,7 +310,7 @@ fn node(cfg: &Config, a: si_appliance::cli::NodeArgs) -> anyhow::Result<()> {
 /// The `image` subcommands: thin calls into `si_appliance::image::store`.
 fn run_image(cfg: &Config, action: ImageAction) -> anyhow::Result<()> {
     use si_appliance::image::pack::PackOptions;
-    use si_appliance::image::store::{CaptureSource, PackOutcome, Store, TreeKind};
+    use si_appliance::image::store::{CaptureSource, PackOutcome, SshOptions, Store, TreeKind};
     use si_appliance::image::unpack::{self, UnpackOptions};
     use si_appliance::types::ImageName;
 
@@ -356,7 +356,10 @@ fn run_image(cfg: &Config, action: ImageAction) -> anyhow::Result<()> {
             let r = store.import(kind(is_override), &name(&n)?, &from)?;
             println!("imported {} entries ({} bytes)", r.entries, r.bytes);
         }
-        ImageAction::Capture { name: n, from } => store.capture(&name(&n)?, &CaptureSource::parse(&from))?,
+        ImageAction::Capture { name: n, from, ssh_identity } => {
+            let ssh = SshOptions { identity: ssh_identity, known_hosts: Some(store.root().join("ssh_known_hosts")) };
+            store.capture_with(&name(&n)?, &CaptureSource::parse(&from), &ssh)?
+        }
         ImageAction::Unpack { archive, to, verify } => {
             // A target that was missing or empty is cleared again when the unpack fails: no
             // partial tree of a refused or broken archive stays behind. A target that held files

@@ -9,7 +9,7 @@ pkgs=(
   tftp-hpa tftpd-hpa atftp curl aria2 transmission-cli opentracker
   qemu-system-x86 ipxe-qemu ipxe ovmf pxelinux syslinux-common busybox-static cpio zstd gzip
   tcpdump ndisc6
-  debootstrap attr acl rsync libcap2-bin
+  debootstrap attr acl rsync libcap2-bin openssh-client gpgv debian-archive-keyring python3
   fdisk util-linux e2fsprogs xfsprogs dosfstools
   chromium
 )

@@ -20,6 +20,13 @@
 //! wrong digest caught and its iPXE 2.0; the appliance dropped the liar on VM 2's word; every VM
 //! installs and comes up at its login prompt under its reservation's name.
 //!
+//! Then the golden-node round trip (issue 17): VM 1, installed and running, is changed live (a
+//! marker file, a hard link, an xattr, an ACL, junk in /tmp, a tmpfs mounted on /mnt) and
+//! captured with `si-appliance image capture golden --from VM1 --ssh-identity KEY` (its sshd,
+//! rsync over ssh; the test's key is in the image's /root/.ssh); the capture keeps the hard link,
+//! xattr and ACL and leaves out /proc, /sys, /dev, /run, /tmp and the tmpfs's contents; the
+//! appliance restarts serving it, VM 3 is re-imaged with it and boots it under its own name.
+//!
 //! Every wait is bounded; QEMU runs under TCG inside the lab's switch namespace, `-nodefaults`,
 //! `-no-reboot` (the test powers a VM on again, network first). Times are printed, not asserted.
 mod common;
@@ -171,10 +178,10 @@ impl Vm {
     }
 }
 
-fn config(lab: &Lab, client: &Path, ipxe_efi: &Path) -> String {
+fn config(lab: &Lab, client: &Path, ipxe_efi: &Path, image: &str, nodes: u32) -> String {
     let mut c = format!(
         r#"iface = "eth0"
-image = "{IMAGE}"
+image = "{image}"
 store = "{store}"
 state_dir = "{state}"
 
@@ -209,7 +216,7 @@ peer_serve_max = 2
 peer_port = {PEER_PORT}
 
 [swarm]
-expected_nodes = 3
+expected_nodes = {nodes}
 
 [install]
 disk = "/dev/vda"
@@ -284,7 +291,15 @@ fn the_second_and_third_vm_boot_from_the_first_and_a_lying_peer_is_caught() {
     lab.add_host(Some(&format!("{SERVER}/24")), Some("52:54:00:81:00:01"));
     let liar_host = lab.add_host(None, Some(LIAR_MAC));
     common::run(Command::new(common::appliance_bin()).arg("--store").arg(lab.path("store")).args(["image", "import", IMAGE, "--from"]).arg(&demo));
-    let mut appliance = common::start_appliance(&lab, 0, "appliance", &config(&lab, &client, &ipxe_efi), &[]);
+    // A key that lets the test in as root on the installed nodes (for the golden-node capture).
+    let key = lab.path("id_ed25519");
+    common::run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "qemu_bootp2p", "-f"]).arg(&key));
+    let ssh_dir = lab.path("store/images").join(IMAGE).join("root/.ssh");
+    fs::create_dir_all(&ssh_dir).expect("root/.ssh in the image");
+    fs::copy(key.with_extension("pub"), ssh_dir.join("authorized_keys")).expect("authorized_keys");
+    common::run(Command::new("chmod").args(["700"]).arg(&ssh_dir));
+    common::run(Command::new("chmod").args(["600"]).arg(ssh_dir.join("authorized_keys")));
+    let mut appliance = common::start_appliance(&lab, 0, "appliance", &config(&lab, &client, &ipxe_efi, IMAGE, 3), &[]);
     let app_log = |a: &Proc| strip_ansi(&a.log_text());
 
     let mut vms = vec![Vm::new(&lab, 1, Firmware::Bios), Vm::new(&lab, 2, Firmware::UefiPxe), Vm::new(&lab, 3, Firmware::Bios)];
@@ -373,6 +388,75 @@ fn the_second_and_third_vm_boot_from_the_first_and_a_lying_peer_is_caught() {
     assert!(dropped.len() == 1 && dropped[0].contains(LIAR_IP), "exactly the liar dropped: {dropped:#?}");
     let v3 = vms[2].text();
     assert!(v3.contains("cannot check SHA-256"), "VM 3's 2019 iPXE should say it cannot check:\n{}", tail(&v3, 40));
+
+    // The golden-node round trip: VM 1, installed and running, is changed live, captured over
+    // ssh + rsync (its sshd, our rsync client), packed, served, and installed on VM 3, which boots it.
+    let vm1_ip = vm1_ip.as_str();
+    let ssh_base = |ip: &str| -> Vec<String> {
+        ["ssh", "-i", &key.display().to_string(), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+         "-o", &format!("UserKnownHostsFile={}", lab.path("test_known_hosts").display()), "-o", "ConnectTimeout=10", &format!("root@{ip}")]
+            .iter().map(|s| s.to_string()).collect()
+    };
+    let on_node = |ip: &str, script: &str| -> std::process::Output {
+        let a = ssh_base(ip);
+        let o = lab.hosts[0].cmd("timeout").arg("60").args(&a).arg(script).output().expect("ssh");
+        assert!(o.status.success(), "ssh {ip} {script}: {} {}", o.status, String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    // Live changes: a marker, a hard link, an xattr, an ACL, junk in /tmp, and a tmpfs mounted
+    // over /mnt (another file system: its contents must stay behind).
+    on_node(vm1_ip, "set -e; echo golden-v2 > /etc/golden-marker; mkdir -p /srv/g; echo hello > /srv/g/a; ln -f /srv/g/a /srv/g/b; \
+        setfattr -n user.si -v golden /srv/g/a; setfacl -m u:1234:r /srv/g/a; echo junk > /tmp/junk; \
+        mount -t tmpfs si-scratch /mnt; echo inside > /mnt/inside-tmpfs; sync");
+    let t = Instant::now();
+    let cap = common::run(
+        lab.hosts[0].cmd(common::appliance_bin()).arg("--store").arg(lab.path("store"))
+            .args(["image", "capture", "golden", "--from", vm1_ip, "--ssh-identity"]).arg(&key),
+    );
+    let capture_s = t.elapsed().as_secs_f64();
+    let cap_log = strip_ansi(&String::from_utf8_lossy(&cap.stderr));
+    let g = lab.path("store/images/golden");
+    assert_eq!(fs::read_to_string(g.join("etc/golden-marker")).ok().as_deref(), Some("golden-v2\n"), "capture log:\n{cap_log}");
+    use std::os::unix::fs::MetadataExt as _;
+    let (a, b) = (fs::metadata(g.join("srv/g/a")).expect("srv/g/a"), fs::metadata(g.join("srv/g/b")).expect("srv/g/b"));
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "the hard link was not kept");
+    let attr = common::run(Command::new("getfattr").args(["--only-values", "-n", "user.si"]).arg(g.join("srv/g/a")));
+    assert_eq!(String::from_utf8_lossy(&attr.stdout), "golden", "xattr");
+    let acl = common::run(Command::new("getfacl").args(["-n", "-p"]).arg(g.join("srv/g/a")));
+    assert!(String::from_utf8_lossy(&acl.stdout).contains("user:1234:r--"), "ACL: {}", String::from_utf8_lossy(&acl.stdout));
+    assert!(g.join("mnt").is_dir() && !g.join("mnt/inside-tmpfs").exists(), "the tmpfs on /mnt was captured");
+    assert!(cap_log.contains("/mnt/*"), "the capture did not say it left /mnt's mount out:\n{cap_log}");
+    for d in ["proc", "sys", "dev", "run", "tmp"] {
+        let n = fs::read_dir(g.join(d)).map(|r| r.count()).unwrap_or(usize::MAX);
+        assert_eq!(n, 0, "/{d} in the capture is not an empty mount point");
+    }
+    assert!(fs::read_to_string(g.join("etc/hostname")).is_ok_and(|h| h.trim() == hostname(1)), "captured VM 1's own host name");
+    // Served: the appliance restarted on the captured image; VM 3 re-imaged and powered on again.
+    appliance.terminate();
+    let t = Instant::now();
+    let mut appliance = common::start_appliance(&lab, 0, "appliance-golden", &config(&lab, &client, &ipxe_efi, "golden", 1), &[]);
+    let pack_s = t.elapsed().as_secs_f64();
+    let out = common::run(lab.hosts[0].cmd(common::appliance_bin()).arg("--state-dir").arg(lab.path("state")).args(["node", "reimage", &vm_mac(3).to_string()]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("marked"), "node reimage: {}", String::from_utf8_lossy(&out.stdout));
+    let v3 = &mut vms[2];
+    if let Some(q) = v3.qemu.as_mut() {
+        q.kill();
+    }
+    let t0 = now();
+    v3.state = State::Installing;
+    v3.power_on(&lab, t0);
+    let up = common::wait_for(Duration::from_secs(900), || {
+        v3.step(&lab, now());
+        matches!(v3.state, State::Up(_) | State::Failed(_)).then_some(())
+    });
+    let golden_s = now() - t0;
+    let glog = strip_ansi(&appliance.log_text());
+    assert!(up.is_some() && v3.state == State::Up(hostname(3)), "VM 3 with the captured image: {:?}\n--- VM 3 ---\n{}\n--- appliance ---\n{}", v3.state, tail(&v3.text(), 60), tail(&glog, 40));
+    let v3_ip = glog.lines().find(|l| l.contains("lease") && l.contains(&vm_mac(3).to_string())).and_then(|l| field(l, "ip=")).map(str::to_owned).expect("VM 3's lease");
+    let o = on_node(&v3_ip, "cat /etc/golden-marker /etc/hostname; getfattr --only-values -n user.si /srv/g/a; echo; stat -c %h /srv/g/b; ls -A /mnt | wc -l");
+    let got = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(got.split_whitespace().collect::<Vec<_>>(), ["golden-v2", hostname(3).as_str(), "golden", "2", "0"], "VM 3 runs the captured tree under its own name");
+    println!("golden node: capture {capture_s:.1} s, appliance restart + pack {pack_s:.1} s, VM 3 re-imaged to its login prompt {golden_s:.1} s");
 
     drop(vms);
     drop(liar);

@@ -130,14 +130,99 @@ impl CaptureSource {
 /// mount points).
 pub const CAPTURE_EXCLUDES: [&str; 5] = ["/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*"];
 
+/// File systems a golden node's system lives on: mounts of these are captured (`/boot`,
+/// `/boot/efi`, a separate `/var` …). Every other mount (network file systems, tmpfs, proc,
+/// cgroup, fuse, overlay, squashfs, ISO images …) is a mount of another file system: its mount
+/// point is kept, its contents are not captured.
+pub const CAPTURE_DISK_FS: [&str; 11] = ["ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "f2fs", "jfs", "reiserfs", "zfs", "exfat"];
+
+/// rsync exclude patterns (`/MOUNT/*`, relative to the captured root `root`) for the mounts in
+/// `mounts` (the text of `/proc/self/mounts`) that lie strictly below `root` and are not of a
+/// [`CAPTURE_DISK_FS`] type. Mount points are unescaped (`\040` is a space) and then rsync's
+/// wildcard characters escaped. Malformed lines are skipped.
+pub fn mount_excludes(mounts: &str, root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_dev), Some(mp), Some(fstype)) = (f.next(), f.next(), f.next()) else { continue };
+        if CAPTURE_DISK_FS.contains(&fstype) {
+            continue;
+        }
+        let mp = PathBuf::from(unescape_mount(mp));
+        let Ok(rel) = mp.strip_prefix(root) else { continue };
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let rel = rel.to_string_lossy().replace('\\', "\\\\").replace('*', "\\*").replace('?', "\\?").replace('[', "\\[");
+        let pat = format!("/{rel}/*");
+        if !out.contains(&pat) {
+            out.push(pat);
+        }
+    }
+    out
+}
+
+/// `/proc/self/mounts` escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// How `image capture` reaches a golden node over ssh.
+#[derive(Clone, Debug, Default)]
+pub struct SshOptions {
+    /// `ssh -i`: the key to log in as root with (default: root's own keys and agent).
+    pub identity: Option<PathBuf>,
+    /// `UserKnownHostsFile`: the golden nodes' host keys, learnt on first contact
+    /// (`StrictHostKeyChecking=accept-new`) and checked after that.
+    pub known_hosts: Option<PathBuf>,
+}
+
+impl SshOptions {
+    /// The ssh command line (program and options, no host).
+    fn command(&self, port: Option<u16>) -> Vec<String> {
+        let mut c = vec!["ssh".to_owned(), "-o".into(), "BatchMode=yes".into()];
+        if let Some(p) = port {
+            c.extend(["-p".into(), p.to_string()]);
+        }
+        if let Some(i) = &self.identity {
+            c.extend(["-i".into(), i.display().to_string(), "-o".into(), "IdentitiesOnly=yes".into()]);
+        }
+        if let Some(k) = &self.known_hosts {
+            c.extend(["-o".into(), format!("UserKnownHostsFile={}", k.display()), "-o".into(), "StrictHostKeyChecking=accept-new".into()]);
+        }
+        c
+    }
+}
+
 /// The rsync arguments (without the program) that copy `src` into `dest`: archive mode with hard
 /// links, ACLs, xattrs and sparse files, numeric ids, deleting what the source no longer has.
 pub fn capture_args(src: &CaptureSource, dest: &Path, exclude_file: Option<&Path>) -> Vec<OsString> {
+    capture_args_with(src, dest, exclude_file, &[], &SshOptions::default())
+}
+
+/// [`capture_args`] with extra exclude patterns (the mounts of other file systems) and ssh
+/// options.
+pub fn capture_args_with(src: &CaptureSource, dest: &Path, exclude_file: Option<&Path>, extra: &[String], ssh: &SshOptions) -> Vec<OsString> {
     let mut a: Vec<OsString> = ["-aHAXS", "--numeric-ids", "--delete", "--delete-excluded", "--timeout=300"]
         .iter()
         .map(OsString::from)
         .collect();
     for e in CAPTURE_EXCLUDES {
+        a.push(format!("--exclude={e}").into());
+    }
+    for e in extra {
         a.push(format!("--exclude={e}").into());
     }
     if let Some(f) = exclude_file {
@@ -148,10 +233,7 @@ pub fn capture_args(src: &CaptureSource, dest: &Path, exclude_file: Option<&Path
     match src {
         CaptureSource::Ssh { host, port } => {
             a.push("-e".into());
-            a.push(match port {
-                Some(p) => format!("ssh -o BatchMode=yes -p {p}").into(),
-                None => "ssh -o BatchMode=yes".into(),
-            });
+            a.push(ssh.command(*port).join(" ").into());
             a.push(format!("root@{host}:/").into());
         }
         CaptureSource::Local(p) => {
@@ -506,10 +588,43 @@ impl Store {
     /// # Errors
     /// [`ImageError::Command`] when rsync cannot start or fails.
     pub fn capture(&self, name: &ImageName, src: &CaptureSource) -> Result<(), ImageError> {
+        self.capture_with(name, src, &SshOptions::default())
+    }
+
+    /// [`Self::capture`] over ssh with `ssh` options. First reads the source's mount table
+    /// (`/proc/self/mounts`: over ssh on the golden node, or this machine's for a local path) and
+    /// leaves out the contents of every mount of another file system below the root (see
+    /// [`mount_excludes`]), besides /proc, /sys, /dev, /run and /tmp.
+    ///
+    /// # Errors
+    /// [`ImageError::Command`] when ssh or rsync cannot start or fails.
+    pub fn capture_with(&self, name: &ImageName, src: &CaptureSource, ssh: &SshOptions) -> Result<(), ImageError> {
         let dest = self.tree_dir(TreeKind::Image, name);
         self.mkdirs(&dest)?;
         let excl = self.root.join("excludes").join(name.as_str());
-        let args = capture_args(src, &dest, excl.is_file().then_some(excl.as_path()));
+        let (mounts, root) = match src {
+            CaptureSource::Ssh { host, port } => {
+                let mut c = ssh.command(*port);
+                c.extend([format!("root@{host}"), "cat /proc/self/mounts".into()]);
+                let shown = c.join(" ");
+                let out = Command::new(&c[0])
+                    .args(&c[1..])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .map_err(|e| ImageError::Command { command: shown.clone(), status: e.to_string() })?;
+                if !out.status.success() {
+                    let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                    return Err(ImageError::Command { command: shown, status: format!("{}: {why}", out.status) });
+                }
+                (String::from_utf8_lossy(&out.stdout).into_owned(), PathBuf::from("/"))
+            }
+            CaptureSource::Local(p) => (fs::read_to_string("/proc/self/mounts").unwrap_or_default(), p.clone()),
+        };
+        let extra = mount_excludes(&mounts, &root);
+        if !extra.is_empty() {
+            info!(image = %name, excluded = ?extra, "capture: contents of mounts of other file systems left out");
+        }
+        let args = capture_args_with(src, &dest, excl.is_file().then_some(excl.as_path()), &extra, ssh);
         let shown = format!("rsync {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
         info!(image = %name, "capturing: {shown}");
         let status = Command::new("rsync")
@@ -576,5 +691,31 @@ mod tests {
         assert_eq!(l.last().unwrap(), "/d/");
         assert_eq!(l[l.len() - 2], "/srv/golden/");
         assert_eq!(CaptureSource::parse("host"), CaptureSource::Ssh { host: "host".into(), port: None });
+        let ssh = SshOptions { identity: Some("/k/id".into()), known_hosts: Some("/s/ssh_known_hosts".into()) };
+        let a = capture_args_with(&CaptureSource::parse("10.0.0.5"), Path::new("/d"), None, &["/mnt/nfs/*".into()], &ssh);
+        let a: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        assert!(a.contains(&"--exclude=/mnt/nfs/*".to_string()), "{a:?}");
+        assert!(a.contains(&"ssh -o BatchMode=yes -i /k/id -o IdentitiesOnly=yes -o UserKnownHostsFile=/s/ssh_known_hosts -o StrictHostKeyChecking=accept-new".to_string()), "{a:?}");
+    }
+
+    #[test]
+    fn mounts_of_other_file_systems_are_left_out_and_disk_file_systems_kept() {
+        let mounts = "\
+/dev/vda2 / ext4 rw,relatime 0 0
+proc /proc proc rw,nosuid 0 0
+sysfs /sys sysfs rw 0 0
+/dev/vda1 /boot/efi vfat rw 0 0
+/dev/vdb1 /var xfs rw 0 0
+tmpfs /run tmpfs rw 0 0
+nas:/export/home /home nfs4 rw 0 0
+tmpfs /mnt/scratch\\040space tmpfs rw 0 0
+fuse /mnt/a*b fuse.sshfs rw 0 0
+broken line
+";
+        let got = mount_excludes(mounts, Path::new("/"));
+        assert_eq!(got, ["/proc/*", "/sys/*", "/run/*", "/home/*", "/mnt/scratch space/*", "/mnt/a\\*b/*"]);
+        // A local capture of /srv/g sees only what is below it, relative to it.
+        let local = "tmpfs /srv/g/tmp tmpfs rw 0 0\nproc /srv/g/proc proc rw 0 0\ntmpfs /srv/other tmpfs rw 0 0\ntmpfs /srv/g tmpfs rw 0 0\n";
+        assert_eq!(mount_excludes(local, Path::new("/srv/g")), ["/tmp/*", "/proc/*"]);
     }
 }

@@ -389,6 +389,8 @@ fn watch(
     let j0 = machine_jiffies();
     let mut done: Vec<Option<f64>> = vec![None; clients.len()];
     let mut killed = vec![false; clients.len()];
+    // The namespace's counter at the client's start (earlier methods' traffic is not counted).
+    let mut rx0: Vec<Option<u64>> = vec![None; clients.len()];
     let mut server = Seen::default();
     let mut seen = vec![Seen::default(); clients.len()];
     loop {
@@ -398,7 +400,11 @@ fn watch(
         for (i, c) in clients.iter_mut().enumerate() {
             sample(c.child.id(), &mut seen[i]);
             if sc.kill.get(i).copied().unwrap_or(false) && !killed[i] && done[i].is_none() {
-                if rx_bytes_of(c.child.id()).is_some_and(|b| b >= size / 2) {
+                let rx = rx_bytes_of(c.child.id());
+                if rx0[i].is_none() {
+                    rx0[i] = rx;
+                }
+                if rx.zip(rx0[i]).is_some_and(|(b, b0)| b.saturating_sub(b0) >= size / 2) {
                     let _ = c.child.kill();
                     killed[i] = true;
                     eprintln!("  client {} killed (SIGKILL) at {:.2} s, S/2 received", i + 1, t0.elapsed().as_secs_f64());

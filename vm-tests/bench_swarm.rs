@@ -30,6 +30,16 @@
 //! `METHODS=ours,ours BINS='/var/tmp/si-appliance-before||'`; the appliance is always the one
 //! built), `KEEP=1` keeps the logs, `FETCH_LOG` is the clients' RUST_LOG (default info), `CAP` seconds a method may run at most (default
 //! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so).
+//!
+//! Scenarios (percentages of the N clients, spread over the address range, client 1 never: it
+//! measures T*), applied alike to every method of the run:
+//! - `SLOW=20`: those clients' links (both directions) run at C/4; the fast clients' makespan
+//!   is reported apart (they must not wait for the slow ones), the slow ones' against 4 × T*.
+//! - `LATE=10`: those clients start min(30 s, 2 × T*) after the others (the delay is printed);
+//!   their completion is reported from their own start too.
+//! - `KILL=10`: those clients are killed with SIGKILL once their link received S/2 bytes
+//!   (about half the download); the makespan is that of the others, which must all complete.
+//!   For `ours` the appliance then expects N minus the killed nodes for its swarm-done signal.
 #[path = "common/mod.rs"]
 mod common;
 
@@ -127,11 +137,53 @@ struct Opts {
     swarm_extra: String,
     bins: String,
     cap: Option<f64>,
+    slow_pct: u64,
+    late_pct: u64,
+    kill_pct: u64,
+}
+
+/// Who is what in a scenario run (index = client - 1).
+#[derive(Default)]
+struct Scenario {
+    slow: Vec<bool>,
+    late: Vec<bool>,
+    kill: Vec<bool>,
+    /// Seconds the late clients start after the others.
+    late_delay: f64,
+}
+
+impl Scenario {
+    fn new(o: &Opts) -> Scenario {
+        Scenario { slow: spread(o.n, o.slow_pct, 0), late: spread(o.n, o.late_pct, 1), kill: spread(o.n, o.kill_pct, 2), late_delay: 0.0 }
+    }
+
+    fn killed_count(&self) -> usize {
+        self.kill.iter().filter(|k| **k).count()
+    }
+}
+
+/// `pct` % of `n` clients (at least one when `pct` > 0), spread evenly from the top of the
+/// address range down, `offset` below it (knobs use different offsets); never client 1 (index 0).
+fn spread(n: usize, pct: u64, offset: usize) -> Vec<bool> {
+    let mut v = vec![false; n];
+    if pct == 0 || n < 2 {
+        return v;
+    }
+    let k = ((n as u64 * pct + 50) / 100).max(1) as usize;
+    let step = (n / k).max(1);
+    for j in 0..k {
+        if let Some(i) = (n - 1).checked_sub(j * step + offset) {
+            if i > 0 {
+                v[i] = true;
+            }
+        }
+    }
+    v
 }
 
 fn opts() -> Opts {
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
-    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP"] {
+    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP", "SLOW", "LATE", "KILL"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.into(), v);
         }
@@ -150,6 +202,9 @@ fn opts() -> Opts {
         swarm_extra: kv.get("SWARM").cloned().unwrap_or_default().replace("\\n", "\n"),
         bins: kv.get("BINS").cloned().unwrap_or_default(),
         cap: kv.get("CAP").and_then(|v| v.parse().ok()),
+        slow_pct: num("SLOW", 0).min(90),
+        late_pct: num("LATE", 0).min(90),
+        kill_pct: num("KILL", 0).min(90),
     }
 }
 
@@ -263,19 +318,79 @@ struct Outcome {
     wall: f64,
     bad_copies: usize,
     note: String,
+    /// Clients killed mid-download (KILL).
+    killed: Vec<bool>,
+    /// Bytes the seed sent to each client address (its TCP connections' `bytes_acked`, from
+    /// `ss` on the appliance, sampled every second; the largest value seen per connection).
+    seed_to: BTreeMap<String, u64>,
 }
 
-/// Polls until every client is done (or `cap`): `is_done(i)` says whether client i finished;
-/// processes are sampled every 50 ms.
+/// `bytes_acked` of every established connection from `port` in namespace `ns`, by
+/// (peer address, peer port).
+fn seed_flows(ns: &Netns, port: u16) -> Vec<(String, u64)> {
+    let Ok(o) = ns.cmd("ss").args(["-Htin", "state", "established", &format!("sport = :{port}")]).output() else { return Vec::new() };
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut out = Vec::new();
+    let mut peer: Option<String> = None;
+    for tok in text.split_whitespace() {
+        // Local and peer `addr:port` (IPv4, or IPv4-mapped `[::ffff:a.b.c.d]:port`); the
+        // local one ends with the seed's port.
+        let t = tok.replace("[::ffff:", "").replace(']', "");
+        if t.contains(':') && t.chars().next().is_some_and(|c| c.is_ascii_digit()) && !t.ends_with(&format!(":{port}")) {
+            peer = Some(t);
+        }
+        if let (Some(v), Some(p)) = (tok.strip_prefix("bytes_acked:"), &peer) {
+            if let Ok(n) = v.parse() {
+                out.push((p.clone(), n));
+            }
+        }
+    }
+    out
+}
+
+/// Bytes received on `eth0` by the namespace of process `pid`, once it runs its program (not
+/// while `ip netns exec` or the late start's `sh` still holds the pid).
+fn rx_bytes_of(pid: u32) -> Option<u64> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    if matches!(comm.trim(), "ip" | "sh" | "sleep") {
+        return None;
+    }
+    let dev = fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
+    let line = dev.lines().find(|l| l.trim_start().starts_with("eth0:"))?;
+    line.split_once(':')?.1.split_whitespace().next()?.parse().ok()
+}
+
+/// What [`watch`] saw.
+struct Watched {
+    done: Vec<Option<f64>>,
+    server: Seen,
+    clients: Vec<Seen>,
+    busy: f64,
+    wall: f64,
+    killed: Vec<bool>,
+    seed_to: BTreeMap<String, u64>,
+}
+
+/// Polls until every client is done or killed (or `cap`): `is_done(i)` says whether client i
+/// finished; processes are sampled every 50 ms. Clients marked in `sc.kill` get SIGKILL once
+/// their link received `size / 2` bytes.
 fn watch(
     server_pids: &[u32],
     clients: &mut [Proc],
     cap: f64,
+    sc: &Scenario,
+    size: u64,
+    seed: Option<(&Netns, u16)>,
     mut is_done: impl FnMut(usize, &mut Proc) -> bool,
-) -> (Vec<Option<f64>>, Seen, Vec<Seen>, f64, f64) {
+) -> Watched {
+    let mut flows: BTreeMap<String, u64> = BTreeMap::new();
+    let mut last_ss = Instant::now();
     let t0 = Instant::now();
     let j0 = machine_jiffies();
     let mut done: Vec<Option<f64>> = vec![None; clients.len()];
+    let mut killed = vec![false; clients.len()];
+    // The namespace's counter at the client's start (earlier methods' traffic is not counted).
+    let mut rx0: Vec<Option<u64>> = vec![None; clients.len()];
     let mut server = Seen::default();
     let mut seen = vec![Seen::default(); clients.len()];
     loop {
@@ -284,11 +399,33 @@ fn watch(
         }
         for (i, c) in clients.iter_mut().enumerate() {
             sample(c.child.id(), &mut seen[i]);
-            if done[i].is_none() && is_done(i, c) {
+            if sc.kill.get(i).copied().unwrap_or(false) && !killed[i] && done[i].is_none() {
+                let rx = rx_bytes_of(c.child.id());
+                if rx0[i].is_none() {
+                    rx0[i] = rx;
+                }
+                if rx.zip(rx0[i]).is_some_and(|(b, b0)| b.saturating_sub(b0) >= size / 2) {
+                    let _ = c.child.kill();
+                    killed[i] = true;
+                    eprintln!("  client {} killed (SIGKILL) at {:.2} s, S/2 received", i + 1, t0.elapsed().as_secs_f64());
+                    continue;
+                }
+            }
+            if done[i].is_none() && !killed[i] && is_done(i, c) {
                 done[i] = Some(t0.elapsed().as_secs_f64());
             }
         }
-        if done.iter().all(Option::is_some) || t0.elapsed().as_secs_f64() > cap {
+        let finished = (0..done.len()).all(|i| done[i].is_some() || killed[i]) || t0.elapsed().as_secs_f64() > cap;
+        if let Some((ns, port)) = seed {
+            if finished || last_ss.elapsed() >= Duration::from_secs(1) {
+                last_ss = Instant::now();
+                for (peer, n) in seed_flows(ns, port) {
+                    let e = flows.entry(peer).or_default();
+                    *e = (*e).max(n);
+                }
+            }
+        }
+        if finished {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -296,7 +433,25 @@ fn watch(
     let wall = t0.elapsed().as_secs_f64();
     let j1 = machine_jiffies();
     let busy = (j1.0 - j0.0) as f64 / ((j1.1 - j0.1).max(1)) as f64;
-    (done, server, seen, busy, wall)
+    // Per client address: the sum over its connections.
+    let mut seed_to: BTreeMap<String, u64> = BTreeMap::new();
+    for (peer, n) in flows {
+        let ip = peer.rsplit_once(':').map_or(peer.clone(), |(a, _)| a.to_owned());
+        *seed_to.entry(ip).or_default() += n;
+    }
+    Watched { done, server, clients: seen, busy, wall, killed, seed_to }
+}
+
+/// The command for client `h` (1-based) running `prog`: a late client starts after the delay
+/// (`sh` execs the program, so the pid stays the one watched).
+fn client_cmd(lab: &Lab, sc: &Scenario, h: usize, prog: &str) -> std::process::Command {
+    if sc.late.get(h - 1).copied().unwrap_or(false) {
+        let mut c = lab.hosts[h].cmd("sh");
+        c.args(["-c", &format!("sleep {:.2}; exec \"$0\" \"$@\"", sc.late_delay), prog]);
+        c
+    } else {
+        lab.hosts[h].cmd(prog)
+    }
 }
 
 fn server_cpu(pids: &[u32]) -> f64 {
@@ -328,7 +483,7 @@ fn measure_tstar(lab: &Lab, size: u64) -> f64 {
     secs
 }
 
-fn run_http(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcome {
+fn run_http(lab: &Lab, o: &Opts, sc: &Scenario, archive: &Path, want: &str, cap: f64) -> Outcome {
     let appliance = start_appliance(lab, 0, &format!("r{}-app-http", run_no()), &appliance_config(lab, &format!("r{}-h", run_no()), archive, o.n, ""), &[]);
     register(&appliance);
     let pids = [appliance.child.id()];
@@ -338,16 +493,17 @@ fn run_http(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcom
     let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-http-c{h}", run_no()))).join("img.tar.zst")).collect();
     let mut clients: Vec<Proc> = (1..=o.n)
         .map(|h| {
-            let mut c = lab.hosts[h].cmd("curl");
+            let mut c = client_cmd(lab, sc, h, "curl");
             c.args(["-sS", "--max-time", "3600", "-o"]).arg(&outs[h - 1]).arg(&url);
             spawn(lab, &format!("curl{h}"), c)
         })
         .collect();
-    let (done, mut server, seen, busy, wall) = watch(&pids, &mut clients, cap, |_, c| matches!(c.child.try_wait(), Ok(Some(_))));
+    let w = watch(&pids, &mut clients, cap, sc, o.size, None, |_, c| matches!(c.child.try_wait(), Ok(Some(_))));
+    let (wall, mut server) = (w.wall, w.server);
     server.cpu = server_cpu(&pids) - cpu0;
     let seed_tx = tx_bytes(&lab.hosts[0]) - tx0;
-    let mut out = Outcome { method: "http".into(), done, seed_tx, server, clients: seen, busy_frac: busy, wall, ..Default::default() };
-    if out.done.iter().any(Option::is_none) {
+    let mut out = Outcome { method: "http".into(), done: w.done, seed_tx, server, clients: w.clients, busy_frac: w.busy, wall, killed: w.killed, ..Default::default() };
+    if (0..o.n).any(|i| out.done[i].is_none() && !out.killed[i]) {
         // Unfinished (the server's uplink is the limit): extrapolate from the bytes delivered.
         let got: u64 = outs.iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
         if got > 0 {
@@ -357,14 +513,14 @@ fn run_http(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcom
     }
     drop(clients);
     drop(appliance);
-    out.bad_copies = if out.extrapolated.is_some() { 0 } else { outs.iter().filter(|p| sha256(p) != want).count() };
+    out.bad_copies = if out.extrapolated.is_some() { 0 } else { outs.iter().enumerate().filter(|(i, p)| !out.killed[*i] && sha256(p) != want).count() };
     for p in &outs {
         let _ = fs::remove_file(p);
     }
     out
 }
 
-fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize) -> Outcome {
+fn run_ours(lab: &Lab, o: &Opts, sc: &Scenario, archive: &Path, want: &str, cap: f64, k: usize) -> Outcome {
     // `SWARM` may hold variants separated by `||`, one per `ours` run (cycled).
     let variants: Vec<&str> = o.swarm_extra.split("||").map(str::trim).collect();
     let extra = variants[k % variants.len()];
@@ -373,7 +529,9 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize)
         "" => appliance_bin().to_owned(),
         b => b.to_owned(),
     };
-    let appliance = start_appliance(lab, 0, &format!("r{}-app-ours", run_no()), &appliance_config(lab, &format!("r{}-o", run_no()), archive, o.n, extra), &[]);
+    // Killed nodes never complete: the swarm is done when the others are.
+    let expected = o.n - sc.killed_count();
+    let appliance = start_appliance(lab, 0, &format!("r{}-app-ours", run_no()), &appliance_config(lab, &format!("r{}-o", run_no()), archive, expected, extra), &[]);
     register(&appliance);
     let pids = [appliance.child.id()];
     let cpu0 = server_cpu(&pids);
@@ -382,15 +540,15 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize)
     let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-ours-c{h}", run_no()))).join("img.tar.zst")).collect();
     let mut clients: Vec<Proc> = (1..=o.n)
         .map(|h| {
-            let mut c = lab.hosts[h].cmd(&bin);
+            let mut c = client_cmd(lab, sc, h, &bin);
             c.args(["fetch", "--server", &srv, "--image", "img", "--iface", "eth0", "--seed-until-done", "--seed-for", "900s", "--out"])
                 .arg(&outs[h - 1])
                 .env("RUST_LOG", std::env::var("FETCH_LOG").unwrap_or_else(|_| "info".into()));
             spawn(lab, &format!("fetch{h}"), c)
         })
         .collect();
-    let (done, mut server, seen, busy, wall) =
-        watch(&pids, &mut clients, cap, |_, c| c.log_text().contains("download complete"));
+    let w = watch(&pids, &mut clients, cap, sc, o.size, Some((&lab.hosts[0], 6881)), |_, c| c.log_text().contains("download complete"));
+    let mut server = w.server;
     server.cpu = server_cpu(&pids) - cpu0;
     let seed_tx = tx_bytes(&lab.hosts[0]) - tx0;
     // The clients stop by themselves once the appliance says the swarm is done.
@@ -399,13 +557,12 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize)
     });
     let by_done = clients.iter().filter(|c| c.log_text().contains("stopped=swarm-done")).count();
     let note = format!(
-        "{by_done}/{} clients stopped on the appliance's swarm-done signal{}",
-        o.n,
+        "{by_done}/{expected} clients stopped on the appliance's swarm-done signal{}",
         if stopped.is_none() { " (others still seeding after 15 s)" } else { "" }
     );
     drop(clients);
     drop(appliance);
-    let bad = outs.iter().filter(|p| sha256(p) != want).count();
+    let bad = outs.iter().enumerate().filter(|(i, p)| !w.killed[*i] && sha256(p) != want).count();
     for p in &outs {
         let _ = fs::remove_file(p);
     }
@@ -413,10 +570,10 @@ fn run_ours(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64, k: usize)
     if bin != appliance_bin() {
         method.push_str(&format!(" [{bin}]"));
     }
-    Outcome { method, done, seed_tx, server, clients: seen, busy_frac: busy, wall, bad_copies: bad, note, ..Default::default() }
+    Outcome { method, done: w.done, seed_tx, server, clients: w.clients, busy_frac: w.busy, wall: w.wall, bad_copies: bad, note, killed: w.killed, seed_to: w.seed_to, ..Default::default() }
 }
 
-fn run_aria2c(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outcome {
+fn run_aria2c(lab: &Lab, o: &Opts, sc: &Scenario, archive: &Path, want: &str, cap: f64) -> Outcome {
     // A torrent announcing to opentracker, and its info-hash whitelisted.
     let announce = format!("http://{APP_IP}:{OT_PORT}/announce");
     let t = si_appliance::image::torrent::make(archive, "img.tar.zst", &announce).expect("torrent");
@@ -467,7 +624,7 @@ fn run_aria2c(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outc
     let outs: Vec<PathBuf> = (1..=o.n).map(|h| mkdir(&lab.path(&format!("r{}-aria-c{h}", run_no()))).join("img.tar.zst")).collect();
     let mut clients: Vec<Proc> = (1..=o.n)
         .map(|h| {
-            let mut c = lab.hosts[h].cmd("aria2c");
+            let mut c = client_cmd(lab, sc, h, "aria2c");
             c.args(base)
                 .arg(format!("--on-bt-download-complete={}", hook.display()))
                 .arg(format!("--dir={}", outs[h - 1].parent().expect("dir").display()))
@@ -476,26 +633,70 @@ fn run_aria2c(lab: &Lab, o: &Opts, archive: &Path, want: &str, cap: f64) -> Outc
         })
         .collect();
     let marks: Vec<PathBuf> = outs.iter().map(|p| PathBuf::from(format!("{}.done", p.display()))).collect();
-    let (done, mut server, seen, busy, wall) = watch(&pids, &mut clients, cap, |i, _| marks[i].exists());
+    let w = watch(&pids, &mut clients, cap, sc, o.size, Some((&lab.hosts[0], 6881)), |i, _| marks[i].exists());
+    let mut server = w.server;
     server.cpu = server_cpu(&pids) - cpu0;
     let seed_tx = tx_bytes(&lab.hosts[0]) - tx0;
     drop(clients);
     drop(seed);
     drop(ot);
-    let bad = outs.iter().filter(|p| sha256(p) != want).count();
+    let bad = outs.iter().enumerate().filter(|(i, p)| !w.killed[*i] && sha256(p) != want).count();
     for p in outs.iter().chain(marks.iter()) {
         let _ = fs::remove_file(p);
     }
-    Outcome { method: "aria2c+opentracker".into(), done, seed_tx, server, clients: seen, busy_frac: busy, wall, bad_copies: bad, ..Default::default() }
+    Outcome { method: "aria2c+opentracker".into(), done: w.done, seed_tx, server, clients: w.clients, busy_frac: w.busy, wall: w.wall, bad_copies: bad, killed: w.killed, seed_to: w.seed_to, ..Default::default() }
 }
 
 // ---------------------------------------------------------------------------------------------
 
+/// Makespan over the clients `pick` selects (NaN unless every selected one finished), shifted
+/// by `minus` seconds (a late start).
+fn makespan_of(r: &Outcome, pick: impl Fn(usize) -> bool, minus: f64) -> (f64, usize) {
+    let sel: Vec<usize> = (0..r.done.len()).filter(|i| pick(*i)).collect();
+    let t: Vec<f64> = sel.iter().filter_map(|i| r.done[*i]).collect();
+    let m = if t.len() == sel.len() { t.iter().copied().fold(f64::NAN, f64::max) - minus } else { f64::NAN };
+    (m, sel.len())
+}
+
+/// The scenario's groups, one line each (below the table).
+fn report_groups(sc: &Scenario, tstar: f64, r: &Outcome) -> Vec<String> {
+    let mut v = Vec::new();
+    let killed = |i: usize| r.killed.get(i).copied().unwrap_or(false);
+    if sc.slow.iter().any(|x| *x) {
+        let (f, nf) = makespan_of(r, |i| !sc.slow[i] && !killed(i), 0.0);
+        let (s, ns) = makespan_of(r, |i| sc.slow[i] && !killed(i), 0.0);
+        v.push(format!(
+            "{}: SLOW: {nf} fast clients' makespan {f:.2} s = {:.2} × T*; {ns} slow (C/4) clients' makespan {s:.2} s = {:.2} × 4T*",
+            r.method,
+            f / tstar,
+            s / (4.0 * tstar)
+        ));
+    }
+    if sc.late.iter().any(|x| *x) {
+        let (e, ne) = makespan_of(r, |i| !sc.late[i] && !killed(i), 0.0);
+        let (l, nl) = makespan_of(r, |i| sc.late[i] && !killed(i), sc.late_delay);
+        v.push(format!(
+            "{}: LATE: {ne} on-time clients' makespan {e:.2} s = {:.2} × T*; {nl} clients {:.1} s late: done {l:.2} s after their start = {:.2} × T*",
+            r.method,
+            e / tstar,
+            sc.late_delay,
+            l / tstar
+        ));
+    }
+    if sc.kill.iter().any(|x| *x) {
+        let k = r.killed.iter().filter(|x| **x).count();
+        let (m, n) = makespan_of(r, |i| !killed(i), 0.0);
+        v.push(format!("{}: KILL: {k} clients killed at S/2 received; the other {n}: makespan {m:.2} s = {:.2} × T*", r.method, m / tstar));
+    }
+    v
+}
+
 fn report(o: &Opts, tstar: f64, r: &Outcome) {
+    let alive = (0..r.done.len()).filter(|i| !r.killed.get(*i).copied().unwrap_or(false)).count();
     let mut times: Vec<f64> = r.done.iter().flatten().copied().collect();
     times.sort_by(f64::total_cmp);
     let finished = times.len();
-    let makespan = r.extrapolated.unwrap_or_else(|| if finished == o.n { times.last().copied().unwrap_or(f64::NAN) } else { f64::NAN });
+    let makespan = r.extrapolated.unwrap_or_else(|| if finished == alive { times.last().copied().unwrap_or(f64::NAN) } else { f64::NAN });
     let client_cpu: f64 = r.clients.iter().map(|s| s.cpu).sum();
     let per = client_cpu / o.n as f64 * (64 * MIB) as f64 / o.size as f64;
     let sat = if r.busy_frac >= 0.9 { " CPU-SATURATED" } else { "" };
@@ -506,7 +707,7 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
         "| {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2}{} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0} % ({:.0} % ours){} | {} | {} |",
         r.method,
         finished,
-        o.n,
+        alive,
         times.first().copied().unwrap_or(f64::NAN),
         med,
         makespan,
@@ -530,6 +731,24 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
     if !r.note.is_empty() {
         eprintln!("  {}: {}", r.method, r.note);
     }
+    if !r.seed_to.is_empty() {
+        let mut v: Vec<(u64, &String)> = r.seed_to.iter().map(|(a, n)| (*n, a)).collect();
+        v.sort();
+        let s = o.size as f64;
+        let total: u64 = v.iter().map(|x| x.0).sum();
+        let per = |x: u64| x as f64 / s;
+        let by_client: Vec<String> = (0..o.n).map(|i| format!("{:.2}", per(r.seed_to.get(&client_ip(i)).copied().unwrap_or(0)))).collect();
+        eprintln!(
+            "  {}: seed → clients (ss bytes_acked, in S): {} clients, total {:.2}, min {:.3} median {:.3} max {:.3}; per client 1..N: {}",
+            r.method,
+            v.len(),
+            per(total),
+            per(v.first().map_or(0, |x| x.0)),
+            per(v[v.len() / 2].0),
+            per(v.last().map_or(0, |x| x.0)),
+            by_client.join(" ")
+        );
+    }
 }
 
 fn main() {
@@ -541,6 +760,7 @@ fn main() {
         std::process::exit(2);
     }
     let o = opts();
+    let mut sc = Scenario::new(&o);
     // Scratch on tmpfs when there is one (N copies of the archive): the disk is not measured.
     if std::env::var_os("TMPDIR").is_none() && Path::new("/dev/shm").is_dir() {
         // SAFETY: single-threaded here (before the watcher thread starts).
@@ -560,8 +780,11 @@ fn main() {
         register_ns(&lab.hosts[h]);
     }
     for h in 0..lab.hosts.len() {
-        shape(&lab.hosts[h], "eth0", o.mbit);
-        shape(&lab.switch, &format!("p{h}"), o.mbit);
+        // Host 0 is the appliance; host h the client h (index h - 1).
+        let slow = h > 0 && sc.slow[h - 1];
+        let rate = if slow { (o.mbit / 4).max(1) } else { o.mbit };
+        shape(&lab.hosts[h], "eth0", rate);
+        shape(&lab.switch, &format!("p{h}"), rate);
     }
     let archive_dir = mkdir(&lab.path("archive"));
     let archive = archive_dir.join("img.tar.zst");
@@ -582,19 +805,27 @@ fn main() {
     };
     let ideal = o.size as f64 * 8.0 / (o.mbit as f64 * 1e6);
     eprintln!("swarm bench: T* = {tstar:.2} s measured (goodput {:.1} Mbit/s; raw S/C = {ideal:.2} s)", o.size as f64 * 8.0 / tstar / 1e6);
-    let cap = o.cap.unwrap_or((12.0 * tstar).max(90.0));
+    sc.late_delay = (2.0 * tstar).min(30.0);
+    let cap = o.cap.unwrap_or((12.0 * tstar).max(90.0) + if o.late_pct > 0 { sc.late_delay } else { 0.0 });
+    let names = |v: &[bool]| (0..v.len()).filter(|i| v[*i]).map(|i| (i + 1).to_string()).collect::<Vec<_>>().join(",");
+    if o.slow_pct + o.late_pct + o.kill_pct > 0 {
+        eprintln!(
+            "swarm bench: scenario SLOW={} % (clients {}, C/4) LATE={} % (clients {}, {:.1} s = min(30 s, 2 T*) late) KILL={} % (clients {})",
+            o.slow_pct, names(&sc.slow), o.late_pct, names(&sc.late), sc.late_delay, o.kill_pct, names(&sc.kill)
+        );
+    }
 
     let mut results = Vec::new();
     let mut ours_runs = 0;
     for m in &o.methods {
         RUN.fetch_add(1, Ordering::Relaxed);
         let r = match m.as_str() {
-            "http" => run_http(&lab, &o, &archive, &want, cap),
+            "http" => run_http(&lab, &o, &sc, &archive, &want, cap),
             "ours" => {
                 ours_runs += 1;
-                run_ours(&lab, &o, &archive, &want, cap, ours_runs - 1)
+                run_ours(&lab, &o, &sc, &archive, &want, cap, ours_runs - 1)
             }
-            "aria2c" => run_aria2c(&lab, &o, &archive, &want, cap),
+            "aria2c" => run_aria2c(&lab, &o, &sc, &archive, &want, cap),
             other => {
                 eprintln!("swarm bench: unknown method {other:?} (http, ours, aria2c)");
                 continue;
@@ -604,11 +835,19 @@ fn main() {
     }
     println!();
     println!("load average at the end: {}", fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
-    println!("N={} C={} Mbit/s S={} MiB T*={tstar:.2} s (one TCP stream over one shaped link; S/C = {ideal:.2} s){}", o.n, o.mbit, o.size / MIB, if o.swarm_extra.is_empty() { String::new() } else { format!(" swarm: {}", o.swarm_extra.replace('\n', "; ")) });
+    println!("N={} C={} Mbit/s S={} MiB T*={tstar:.2} s (one TCP stream over one shaped link; S/C = {ideal:.2} s){}{}", o.n, o.mbit, o.size / MIB, if o.slow_pct + o.late_pct + o.kill_pct > 0 { format!(" SLOW={} LATE={} KILL={}", o.slow_pct, o.late_pct, o.kill_pct) } else { String::new() }, if o.swarm_extra.is_empty() { String::new() } else { format!(" swarm: {}", o.swarm_extra.replace('\n', "; ")) });
     println!("| method | done | first s | median s | makespan s | makespan/T* | seed copies | server CPU s | clients CPU s | CPU s/client/64MiB | machine busy (this run's processes) | server RSS MiB | client RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         report(&o, tstar, r);
+    }
+    let groups: Vec<String> = results.iter().flat_map(|r| report_groups(&sc, tstar, r)).collect();
+    if !groups.is_empty() {
+        println!();
+        println!("scenario SLOW={} LATE={} KILL={} (% of N):", o.slow_pct, o.late_pct, o.kill_pct);
+        for g in groups {
+            println!("- {g}");
+        }
     }
     let failed = results.iter().any(|r| r.bad_copies > 0);
     let dir = lab.dir.clone();

@@ -318,7 +318,7 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
                 // Outside the lock: the block is taken (no other copy is written), and the
                 // piece is hashed only once every taken block is reported written.
                 Action::Write { piece, begin, data } => {
-                    if let Err(source) = file::write_block(&sh.file, &sh.meta, piece, begin, &data) {
+                    if let Err(source) = sh.store_block(piece, begin, data) {
                         sh.fail(Fatal::Write { path: sh.path.clone(), source });
                         return "write failed".into();
                     }

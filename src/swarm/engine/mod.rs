@@ -221,6 +221,9 @@ struct Shared {
     handshakes: AtomicUsize,
     opts: EngineOptions,
     st: Mutex<St>,
+    /// Received blocks of unverified pieces (hashed from memory, written once verified); its
+    /// own lock, taken alone and briefly.
+    pending: Mutex<file::Pending>,
     /// Bumped on every verified piece and on a fatal error (readers and waiters watch it).
     changes: watch::Sender<u64>,
     uploaded: AtomicU64,
@@ -241,6 +244,21 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, St> {
         // A poisoned lock means a panic mid-update of plain data; carry on with it.
         self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending(&self) -> MutexGuard<'_, file::Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A block the core took ([`core::Action::Write`]): kept in memory until its piece is
+    /// hashed, or written to the file at once when memory is full.
+    fn store_block(&self, piece: u32, begin: u32, data: Vec<u8>) -> io::Result<()> {
+        let blocks = (self.meta.total - piece as u64 * self.meta.piece_len as u64).min(self.meta.piece_len as u64).div_ceil(wire::BLOCK as u64) as u32;
+        let r = self.pending().put(piece, blocks, begin, data);
+        match r {
+            Ok(()) => Ok(()),
+            Err(data) => file::write_block(&self.file, &self.meta, piece, begin, &data),
+        }
     }
 
     fn fail(&self, why: Fatal) {
@@ -306,6 +324,7 @@ impl Engine {
             trusted,
             handshakes: AtomicUsize::new(0),
             st: Mutex::new(St { core, io: HashMap::new(), error: None }),
+            pending: Mutex::new(file::Pending::default()),
             changes: watch::channel(0).0,
             uploaded: AtomicU64::new(0),
             tasks: Tasks::new(cancel.clone()),
@@ -420,13 +439,23 @@ impl Drop for Engine {
     }
 }
 
-/// Hashes a complete piece on the blocking pool, then tells the core (see [`Core::verified`]).
+/// Hashes a complete piece on the blocking pool (from its blocks held in memory, the others
+/// read back), writes it to the file when it matches, then tells the core (see
+/// [`Core::verified`]): a piece is verified only once it is on disk.
 async fn verify(sh: Arc<Shared>, piece: u32, blocks: bool) {
     let sh2 = sh.clone();
-    let r = sh.tasks.spawn_blocking("hash piece", move || file::hash_piece(&sh2.file, &sh2.meta, piece, blocks)).await;
-    let (ok, hashes) = match r {
+    // No block of this piece can arrive before the core hears the verdict (it is being hashed).
+    let held = sh.pending().take(piece);
+    let r = sh.tasks.spawn_blocking("hash piece", move || {
+        let (ok, hashes) = file::hash_piece(&sh2.file, &sh2.meta, piece, blocks, &held).map_err(|source| Fatal::ReadBack { piece, source })?;
+        if ok {
+            file::write_held(&sh2.file, &sh2.meta, piece, &held).map_err(|source| Fatal::Write { path: sh2.path.clone(), source })?;
+        }
+        Ok::<_, Fatal>((ok, hashes))
+    });
+    let (ok, hashes) = match r.await {
         Ok(Ok(x)) => x,
-        Ok(Err(source)) => return sh.fail(Fatal::ReadBack { piece, source }),
+        Ok(Err(why)) => return sh.fail(why),
         Err(source) => return sh.fail(Fatal::Hash { piece, source }),
     };
     let later = {

@@ -231,8 +231,19 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: u
     if len > max {
         return Err(WireError::TooLong { len, max });
     }
+    let id = r.read_u8().await?;
+    if id == 7 && len >= 9 {
+        // A block: its bytes go straight into their own buffer (no second copy).
+        let piece = r.read_u32().await?;
+        let begin = r.read_u32().await?;
+        let mut data = vec![0u8; len as usize - 9];
+        r.read_exact(&mut data).await?;
+        return Ok(Msg::Piece { piece, begin, data });
+    }
+    buf.clear();
+    buf.push(id);
     buf.resize(len as usize, 0);
-    r.read_exact(buf).await?;
+    r.read_exact(&mut buf[1..]).await?;
     Msg::decode(buf)
 }
 
@@ -301,6 +312,13 @@ mod tests {
         assert_eq!(read_msg(&mut two, &mut buf, 100).await.unwrap(), Msg::KeepAlive);
         assert_eq!(read_msg(&mut two, &mut buf, 100).await.unwrap(), Msg::Unchoke);
         assert!(read_msg(&mut two, &mut buf, 100).await.is_err());
+        // A block and a short `piece` message (refused as before) read through the stream.
+        let block = Msg::Piece { piece: 5, begin: 16384, data: (0..=255u8).cycle().take(1000).collect() };
+        let mut wire: Vec<u8> = block.encode();
+        wire.extend_from_slice(&[0, 0, 0, 5, 7, 0, 0, 0, 1]);
+        let mut rd: &[u8] = &wire;
+        assert_eq!(read_msg(&mut rd, &mut buf, 2000).await.unwrap(), block);
+        assert!(matches!(read_msg(&mut rd, &mut buf, 2000).await, Err(WireError::BadLength { id: 7, len: 4 })));
     }
 
     #[test]

@@ -29,7 +29,12 @@
 //! run, `||`-separated and cycled like `SWARM`, empty = the one built (before/after in one run:
 //! `METHODS=ours,ours BINS='/var/tmp/si-appliance-before||'`; the appliance is always the one
 //! built), `KEEP=1` keeps the logs, `FETCH_LOG` is the clients' RUST_LOG (default info), `CAP` seconds a method may run at most (default
-//! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so).
+//! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so),
+//! `SLOW` percent of the clients on C/4 links (both directions; spread evenly over the clients:
+//! client i is slow when ⌊(i+1)·SLOW/100⌋ > ⌊i·SLOW/100⌋; default 0), `JSON` a file to write the
+//! run's figures to (N, C, S, SLOW, T*, per method the per-client completion times, makespan,
+//! seed copies, machine busy share, load average) for the simulator's calibration
+//! (`cargo bench --bench swarm_sim`).
 #[path = "common/mod.rs"]
 mod common;
 
@@ -127,11 +132,21 @@ struct Opts {
     swarm_extra: String,
     bins: String,
     cap: Option<f64>,
+    slow_pct: u64,
+    json: Option<PathBuf>,
+}
+
+impl Opts {
+    /// Whether client `i` (0-based) is on a C/4 link.
+    fn slow(&self, i: usize) -> bool {
+        let p = self.slow_pct as usize;
+        (i + 1) * p / 100 > i * p / 100
+    }
 }
 
 fn opts() -> Opts {
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
-    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP"] {
+    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP", "SLOW", "JSON"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.into(), v);
         }
@@ -150,6 +165,8 @@ fn opts() -> Opts {
         swarm_extra: kv.get("SWARM").cloned().unwrap_or_default().replace("\\n", "\n"),
         bins: kv.get("BINS").cloned().unwrap_or_default(),
         cap: kv.get("CAP").and_then(|v| v.parse().ok()),
+        slow_pct: num("SLOW", 0).min(100),
+        json: kv.get("JSON").filter(|v| !v.is_empty()).map(PathBuf::from),
     }
 }
 
@@ -532,6 +549,42 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
     }
 }
 
+/// The run's figures as JSON (the `JSON` option), for the simulator's calibration.
+fn write_json(path: &Path, o: &Opts, tstar: f64, results: &[Outcome]) {
+    let runs: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| {
+            let times: Vec<f64> = r.done.iter().flatten().copied().collect();
+            let makespan = if times.len() == o.n { times.iter().copied().fold(0.0, f64::max) } else { f64::NAN };
+            serde_json::json!({
+                "method": r.method,
+                "done": r.done,
+                "makespan": if makespan.is_finite() { Some(makespan) } else { None },
+                "seed_copies": r.seed_tx as f64 / o.size as f64,
+                "busy": r.busy_frac,
+                "saturated": r.busy_frac >= 0.9,
+                "wall": r.wall,
+                "server_cpu": r.server.cpu,
+                "clients_cpu": r.clients.iter().map(|c| c.cpu).sum::<f64>(),
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "n": o.n,
+        "mbit": o.mbit,
+        "size": o.size,
+        "slow_pct": o.slow_pct,
+        "slow": (0..o.n).map(|i| o.slow(i)).collect::<Vec<bool>>(),
+        "tstar": tstar,
+        "loadavg": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "runs": runs,
+    });
+    match fs::write(path, serde_json::to_vec_pretty(&v).unwrap_or_default()) {
+        Ok(()) => eprintln!("swarm bench: figures written to {}", path.display()),
+        Err(e) => eprintln!("swarm bench: cannot write {}: {e}", path.display()),
+    }
+}
+
 fn main() {
     if std::fs::read_to_string("/proc/self/status")
         .map(|s| !s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
@@ -560,8 +613,10 @@ fn main() {
         register_ns(&lab.hosts[h]);
     }
     for h in 0..lab.hosts.len() {
-        shape(&lab.hosts[h], "eth0", o.mbit);
-        shape(&lab.switch, &format!("p{h}"), o.mbit);
+        // Host 0 is the appliance; client i is host i + 1.
+        let rate = if h > 0 && o.slow(h - 1) { (o.mbit / 4).max(1) } else { o.mbit };
+        shape(&lab.hosts[h], "eth0", rate);
+        shape(&lab.switch, &format!("p{h}"), rate);
     }
     let archive_dir = mkdir(&lab.path("archive"));
     let archive = archive_dir.join("img.tar.zst");
@@ -571,7 +626,7 @@ fn main() {
         fs::write(&archive, &data).expect("archive");
     }
     let want = sha256(&archive);
-    eprintln!("swarm bench: N={} C={} Mbit/s S={} MiB; lab {} ready in {:.1} s", o.n, o.mbit, o.size / MIB, lab.dir.display(), t_setup.elapsed().as_secs_f64());
+    eprintln!("swarm bench: N={} C={} Mbit/s S={} MiB SLOW={} %; lab {} ready in {:.1} s", o.n, o.mbit, o.size / MIB, o.slow_pct, lab.dir.display(), t_setup.elapsed().as_secs_f64());
 
     // T*: one TCP stream over one shaped link, from the appliance's HTTP server.
     let tstar = {
@@ -609,6 +664,9 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         report(&o, tstar, r);
+    }
+    if let Some(path) = &o.json {
+        write_json(path, &o, tstar, &results);
     }
     let failed = results.iter().any(|r| r.bad_copies > 0);
     let dir = lab.dir.clone();

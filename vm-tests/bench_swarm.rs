@@ -40,6 +40,9 @@
 //! - `KILL=10`: those clients are killed with SIGKILL once their link received S/2 bytes
 //!   (about half the download); the makespan is that of the others, which must all complete.
 //!   For `ours` the appliance then expects N minus the killed nodes for its swarm-done signal.
+//! - `JSON=FILE`: writes the run's figures (N, C, S, the scenario, T*, per method the per-client
+//!   completion times, makespan, seed copies, machine busy share, load average) for the
+//!   simulator's calibration (`cargo bench --bench swarm_sim`).
 #[path = "common/mod.rs"]
 mod common;
 
@@ -140,6 +143,7 @@ struct Opts {
     slow_pct: u64,
     late_pct: u64,
     kill_pct: u64,
+    json: Option<PathBuf>,
 }
 
 /// Who is what in a scenario run (index = client - 1).
@@ -183,7 +187,7 @@ fn spread(n: usize, pct: u64, offset: usize) -> Vec<bool> {
 
 fn opts() -> Opts {
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
-    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP", "SLOW", "LATE", "KILL"] {
+    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP", "SLOW", "LATE", "KILL", "JSON"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.into(), v);
         }
@@ -205,6 +209,7 @@ fn opts() -> Opts {
         slow_pct: num("SLOW", 0).min(90),
         late_pct: num("LATE", 0).min(90),
         kill_pct: num("KILL", 0).min(90),
+        json: kv.get("JSON").filter(|v| !v.is_empty()).map(PathBuf::from),
     }
 }
 
@@ -254,8 +259,10 @@ fn client_ip(i: usize) -> String {
 }
 
 fn shape(ns: &Netns, dev: &str, mbit: u32) {
-    // A byte-limited FIFO: ~30 ms of data, at least 64 KiB (offload packets are up to 64 KiB).
-    let limit = ((mbit as u64 * 1_000_000 / 8) * 30 / 1000).max(64 * 1024);
+    // A byte-limited FIFO: ~30 ms of data, at least one 64 KiB offload packet with its headers and
+    // two full frames (a floor of exactly 64 KiB held no full-size offload packet: at 10 Mbit/s one
+    // TCP stream moved 0.4 Mbit/s).
+    let limit = ((mbit as u64 * 1_000_000 / 8) * 30 / 1000).max(64 * 1024 + 2 * 1514);
     let rate = format!("{mbit}mbit");
     let q = format!("{}", (mbit as u64 * 1_000_000 / 8 / 1000).clamp(1514, 60_000));
     for args in [
@@ -751,6 +758,42 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
     }
 }
 
+/// The run's figures as JSON (the `JSON` option), for the simulator's calibration.
+fn write_json(path: &Path, o: &Opts, sc: &Scenario, tstar: f64, results: &[Outcome]) {
+    let runs: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| {
+            let times: Vec<f64> = r.done.iter().flatten().copied().collect();
+            let makespan = if times.len() == o.n { times.iter().copied().fold(0.0, f64::max) } else { f64::NAN };
+            serde_json::json!({
+                "method": r.method,
+                "done": r.done,
+                "makespan": if makespan.is_finite() { Some(makespan) } else { None },
+                "seed_copies": r.seed_tx as f64 / o.size as f64,
+                "busy": r.busy_frac,
+                "saturated": r.busy_frac >= 0.9,
+                "wall": r.wall,
+                "server_cpu": r.server.cpu,
+                "clients_cpu": r.clients.iter().map(|c| c.cpu).sum::<f64>(),
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "n": o.n,
+        "mbit": o.mbit,
+        "size": o.size,
+        "slow_pct": o.slow_pct,
+        "slow": sc.slow.clone(),
+        "tstar": tstar,
+        "loadavg": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "runs": runs,
+    });
+    match fs::write(path, serde_json::to_vec_pretty(&v).unwrap_or_default()) {
+        Ok(()) => eprintln!("swarm bench: figures written to {}", path.display()),
+        Err(e) => eprintln!("swarm bench: cannot write {}: {e}", path.display()),
+    }
+}
+
 fn main() {
     if std::fs::read_to_string("/proc/self/status")
         .map(|s| !s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
@@ -794,7 +837,7 @@ fn main() {
         fs::write(&archive, &data).expect("archive");
     }
     let want = sha256(&archive);
-    eprintln!("swarm bench: N={} C={} Mbit/s S={} MiB; lab {} ready in {:.1} s", o.n, o.mbit, o.size / MIB, lab.dir.display(), t_setup.elapsed().as_secs_f64());
+    eprintln!("swarm bench: N={} C={} Mbit/s S={} MiB SLOW={} %; lab {} ready in {:.1} s", o.n, o.mbit, o.size / MIB, o.slow_pct, lab.dir.display(), t_setup.elapsed().as_secs_f64());
 
     // T*: one TCP stream over one shaped link, from the appliance's HTTP server.
     let tstar = {
@@ -848,6 +891,9 @@ fn main() {
         for g in groups {
             println!("- {g}");
         }
+    }
+    if let Some(path) = &o.json {
+        write_json(path, &o, &sc, tstar, &results);
     }
     let failed = results.iter().any(|r| r.bad_copies > 0);
     let dir = lab.dir.clone();

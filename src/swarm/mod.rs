@@ -11,6 +11,7 @@ pub mod engine;
 pub mod fetch;
 pub mod http_get;
 pub mod seed;
+pub mod sim;
 pub mod tracker;
 pub mod tracker_http;
 

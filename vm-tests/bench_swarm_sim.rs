@@ -1,0 +1,286 @@
+//! The swarm simulator's driver (not a test; no root, no network): `si_appliance::swarm::sim`
+//! runs the engine's own `Core` on every node and the tracker's own peer choice over a max-min
+//! fair flow model (see that module's doc). A bench rather than an `si-appliance sim` subcommand:
+//! the privileged binary that ships to the appliance and the nodes gets no modelling code paths,
+//! and its figures sit beside the emulated runs' (`cargo bench --bench swarm`), which calibrate it.
+//!
+//!     cargo bench --bench swarm_sim -- MODE=calibrate RUNS=a.json,b.json   # fit RTT and CPU
+//!     cargo bench --bench swarm_sim -- MODE=predict N=128 C=10 GOODPUT=0.95 RTT_MS=4 HASH_MS=2
+//!     cargo bench --bench swarm_sim -- MODE=project RTT_MS=4 HASH_MS=2     # 1000 × 2.7 GB, 1 GbE
+//!     cargo bench --bench swarm_sim -- MODE=agg RUNS=...                   # agg = 16 vs 1
+//!
+//! Options (`KEY=VALUE` arguments or environment): `N`, `C` Mbit/s, `S` MiB (default 64), `SLOW`
+//! percent of nodes on C/4 (spread like the swarm bench's), `GOODPUT` one TCP stream's goodput as a
+//! share of C (default 0.95; calibrate: S / T* measured), `RTT_MS`, `HASH_MS` hashing per MiB,
+//! `START_MS` a node's start delay, `CORES` cores the nodes share (0: own CPU each, as real
+//! nodes), `CPU_S_PER_64MIB` their CPU seconds per 64 MiB delivered, `AGG` block aggregation, `SEEDS` runs per case (default 3),
+//! `RUNS` the swarm bench's `JSON` files (calibrate / agg), `OUT` a file for the JSON result.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::time::Instant;
+
+use si_appliance::swarm::sim::{self, Params};
+
+const MIB: u64 = 1 << 20;
+
+struct Knobs(BTreeMap<String, String>);
+
+impl Knobs {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+    fn f(&self, k: &str, d: f64) -> f64 {
+        self.get(k).and_then(|v| v.parse().ok()).unwrap_or(d)
+    }
+    fn u(&self, k: &str, d: u64) -> u64 {
+        self.get(k).and_then(|v| v.parse().ok()).unwrap_or(d)
+    }
+}
+
+fn knobs() -> Knobs {
+    let mut kv = BTreeMap::new();
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE"] {
+        if let Ok(v) = std::env::var(k) {
+            kv.insert(k.to_owned(), v);
+        }
+    }
+    for a in std::env::args().skip(1) {
+        if let Some((k, v)) = a.split_once('=') {
+            kv.insert(k.to_uppercase(), v.to_owned());
+        }
+    }
+    Knobs(kv)
+}
+
+/// Whether node i is slow with `pct` % slow nodes (the swarm bench's rule).
+fn slow(i: usize, pct: usize) -> bool {
+    (i + 1) * pct / 100 > i * pct / 100
+}
+
+/// The physical parameters tuned on emulated runs.
+#[derive(Clone, Copy, Debug)]
+struct Phys {
+    /// Cores the nodes shared in the run (0: unlimited) and CPU seconds per byte delivered.
+    cores: f64,
+    cpu_per_byte: f64,
+    rtt: f64,
+    hash_per_mib: f64,
+    start: f64,
+}
+
+/// A case: N nodes, C Mbit/s, S bytes, slow share, link goodput (bytes/s).
+#[derive(Clone, Debug)]
+struct Case {
+    n: usize,
+    mbit: f64,
+    size: u64,
+    slow_pct: usize,
+    goodput: f64,
+    piece_len: Option<u32>,
+}
+
+fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
+    let mut p = Params::new(c.n, c.size, c.goodput);
+    if let Some(pl) = c.piece_len {
+        p.piece_len = pl;
+    }
+    p.factor = (0..c.n).map(|i| if slow(i, c.slow_pct) { 0.25 } else { 1.0 }).collect();
+    p.rtt = ph.rtt;
+    p.hash_secs_per_mib = ph.hash_per_mib;
+    p.cpu_cores = ph.cores;
+    p.cpu_secs_per_byte = ph.cpu_per_byte;
+    p.start_delay = ph.start;
+    p.agg = agg;
+    p.seed = seed;
+    // Rate recomputation: finer than a block's time at full rate.
+    p.quantum = (f64::from(16 * 1024 * agg) / c.goodput / 4.0).clamp(1e-5, 2e-3);
+    p
+}
+
+/// Mean makespan over `seeds` runs (and min, max, seed copies, wall seconds).
+fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> (f64, f64, f64, f64, f64, Vec<f64>) {
+    let t0 = Instant::now();
+    let mut ms = Vec::new();
+    let mut copies = 0.0;
+    let mut done = Vec::new();
+    for s in 1..=seeds {
+        match sim::run(&params(c, ph, agg, s)) {
+            Ok(o) => {
+                ms.push(o.makespan);
+                copies += o.seed_copies;
+                if done.is_empty() {
+                    done = o.done;
+                }
+            }
+            Err(e) => {
+                eprintln!("swarm sim: N={} seed {s}: {e}", c.n);
+                ms.push(f64::NAN);
+            }
+        }
+    }
+    let mean = ms.iter().sum::<f64>() / ms.len() as f64;
+    let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ms.iter().copied().fold(0.0, f64::max);
+    (mean, min, max, copies / seeds as f64, t0.elapsed().as_secs_f64(), done)
+}
+
+/// A swarm bench JSON file: the case (goodput from its T*) and the measured makespan of its
+/// first `ours` run.
+fn load_run(path: &str) -> Option<(Case, f64, String, (f64, f64))> {
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    let n = v["n"].as_u64()? as usize;
+    let size = v["size"].as_u64()?;
+    let tstar = v["tstar"].as_f64()?;
+    let run = v["runs"].as_array()?.iter().find(|r| r["method"].as_str().is_some_and(|m| m.starts_with("ours")))?;
+    let makespan = run["makespan"].as_f64()?;
+    let note = format!("busy {:.0} %{}, load {}", run["busy"].as_f64().unwrap_or(0.0) * 100.0, if run["saturated"].as_bool() == Some(true) { " SATURATED" } else { "" }, v["loadavg"].as_str().unwrap_or("?"));
+    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: None };
+    // The run's CPU: the cores the nodes got (their CPU seconds over the run's wall time) and
+    // their CPU seconds per byte delivered; both measured, none fitted.
+    let cpu = run["clients_cpu"].as_f64().unwrap_or(0.0);
+    let wall = run["wall"].as_f64().unwrap_or(0.0);
+    let shared = if cpu > 0.0 && wall > 0.0 { (cpu / wall, cpu / (n as f64 * size as f64)) } else { (0.0, 0.0) };
+    let note = format!("{note}, nodes' CPU {:.2} cores, {:.2} CPU-s/client/64 MiB", shared.0, shared.1 * (64 * MIB) as f64);
+    Some((case, makespan, note, shared))
+}
+
+fn runs(k: &Knobs) -> Vec<(Case, f64, String, (f64, f64))> {
+    k.get("RUNS").unwrap_or("").split(',').filter(|s| !s.is_empty()).filter_map(|p| {
+        let r = load_run(p);
+        if r.is_none() {
+            eprintln!("swarm sim: cannot read a finished `ours` run from {p}");
+        }
+        r
+    }).collect()
+}
+
+fn phys(k: &Knobs) -> Phys {
+    Phys { cores: k.f("CORES", 0.0), cpu_per_byte: k.f("CPU_S_PER_64MIB", 0.0) / (64 * MIB) as f64, rtt: k.f("RTT_MS", 2.0) / 1e3, hash_per_mib: k.f("HASH_MS", 0.0) / 1e3, start: k.f("START_MS", 0.0) / 1e3 }
+}
+
+fn main() {
+    let k = knobs();
+    let seeds = k.u("SEEDS", 3);
+    let agg = k.u("AGG", 1) as u32;
+    match k.get("MODE").unwrap_or("predict") {
+        "calibrate" => calibrate(&k, seeds),
+        "agg" => {
+            // The aggregation's effect on the calibration cases: agg = AGG (default 16) vs 1.
+            let a = k.u("AGG", 16) as u32;
+            let ph = phys(&k);
+            println!("| N, C | agg 1 makespan s | agg {a} makespan s | difference |");
+            println!("|---|---|---|---|");
+            for (c, _, _, cpu) in runs(&k) {
+                let ph = Phys { cores: cpu.0, cpu_per_byte: cpu.1, ..ph };
+                let fine = simulate(&c, ph, 1, seeds).0;
+                let coarse = simulate(&c, ph, a, seeds).0;
+                println!("| {}, {} | {fine:.2} | {coarse:.2} | {:+.1} % |", c.n, c.mbit, (coarse / fine - 1.0) * 100.0);
+            }
+        }
+        "project" => project(&k, seeds),
+        _ => {
+            let mbit = k.f("C", 100.0);
+            let size = k.u("S", 64) * MIB;
+            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: None };
+            let ph = phys(&k);
+            let (mean, min, max, copies, wall, done) = simulate(&c, ph, agg, seeds);
+            let tstar = size as f64 / c.goodput;
+            println!("predicted N={} C={} S={} MiB SLOW={} %: makespan {mean:.2} s (min {min:.2}, max {max:.2} over {seeds} seeds), T* {tstar:.2} s, makespan/T* {:.2}, seed copies {copies:.2}; wall {wall:.1} s", c.n, mbit, size / MIB, c.slow_pct, mean / tstar);
+            if c.slow_pct > 0 {
+                let fast: f64 = done.iter().enumerate().filter(|(i, _)| !slow(*i, c.slow_pct)).map(|(_, d)| *d).fold(0.0, f64::max);
+                println!("  fast nodes' last completion {fast:.2} s ({:.2} × T*)", fast / tstar);
+            }
+            if let Some(out) = k.get("OUT") {
+                let v = serde_json::json!({"n": c.n, "mbit": mbit, "size": size, "slow_pct": c.slow_pct, "goodput": c.goodput, "rtt": ph.rtt, "hash_per_mib": ph.hash_per_mib, "start": ph.start, "agg": agg, "seeds": seeds, "makespan": mean, "min": min, "max": max, "seed_copies": copies});
+                let _ = fs::write(out, serde_json::to_vec_pretty(&v).unwrap_or_default());
+            }
+        }
+    }
+}
+
+/// Fits the physical parameters (RTT, hashing time per MiB, start delay) on the emulated runs: the
+/// grid point with the smallest worst relative error. The algorithm is never tuned.
+fn calibrate(k: &Knobs, seeds: u64) {
+    let cases = runs(k);
+    if cases.is_empty() {
+        eprintln!("swarm sim: MODE=calibrate needs RUNS=file.json,… (the swarm bench's JSON output)");
+        std::process::exit(2);
+    }
+    let agg = k.u("AGG", 1) as u32;
+    let mut best: Option<(f64, Phys, Vec<f64>)> = None;
+    for rtt_ms in [1.0, 5.0, 15.0, 30.0] {
+        for hash_ms in [0.0, 5.0, 15.0] {
+            for start_ms in [100.0, 400.0] {
+                let ph = Phys { cores: 0.0, cpu_per_byte: 0.0, rtt: rtt_ms / 1e3, hash_per_mib: hash_ms / 1e3, start: start_ms / 1e3 };
+                let preds: Vec<f64> = cases
+                    .iter()
+                    .map(|(c, _, _, cpu)| simulate(c, Phys { cores: cpu.0, cpu_per_byte: cpu.1, ..ph }, agg, seeds).0)
+                    .collect();
+                let worst = cases.iter().zip(&preds).map(|((_, m, _, _), p)| (p / m - 1.0).abs()).fold(0.0, f64::max);
+                eprintln!("  rtt {rtt_ms} ms, hash {hash_ms} ms/MiB, start {start_ms} ms: worst error {:.1} %", worst * 100.0);
+                if best.as_ref().is_none_or(|b| worst < b.0) {
+                    best = Some((worst, ph, preds));
+                }
+            }
+        }
+    }
+    let Some((worst, ph, preds)) = best else { return };
+    println!("fit: RTT_MS={} HASH_MS={} START_MS={} (worst error {:.1} %)", ph.rtt * 1e3, ph.hash_per_mib * 1e3, ph.start * 1e3, worst * 100.0);
+    println!("| N, C | T* s | measured makespan s | simulated s | error | run |");
+    println!("|---|---|---|---|---|---|");
+    for ((c, m, note, _), p) in cases.iter().zip(&preds) {
+        println!("| {}, {} | {:.2} | {m:.2} | {p:.2} | {:+.1} % | {note} |", c.n, c.mbit, c.size as f64 / c.goodput, (p / m - 1.0) * 100.0);
+    }
+}
+
+/// N = 1000 × 2.7 GB on 1 GbE: the swarm's makespan and its sensitivity band.
+fn project(k: &Knobs, seeds: u64) {
+    let n = k.u("N", 1000) as usize;
+    let size = k.u("SIZE_BYTES", 2_700_000_000);
+    let mbit = k.f("C", 1000.0);
+    let goodput = mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95);
+    let ph = phys(k);
+    let agg = k.u("AGG", 16) as u32;
+    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None };
+    let pl = si_appliance::image::torrent::piece_length(size) as u32;
+    let tstar = size as f64 / goodput;
+    println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} MiB agg {agg}", goodput / 1e6, pl >> 20);
+    println!("| variant | projected makespan s | / T* | seed copies | wall s |");
+    println!("|---|---|---|---|---|");
+    let variants: Vec<(&str, Case)> = vec![
+        ("base", base.clone()),
+        ("piece × 0.5", Case { piece_len: Some(pl / 2), ..base.clone() }),
+        ("piece × 2", Case { piece_len: Some(pl * 2), ..base.clone() }),
+        ("goodput − 5 % (loss)", Case { goodput: goodput * 0.95, ..base.clone() }),
+        ("link spread ±10 % (half the nodes at 0.9 C)", Case { slow_pct: 50, ..base.clone() }),
+    ];
+    for (name, c) in variants {
+        let r = if name.starts_with("link spread") {
+            // Every other node at 0.9 C, others at 1.1 C (the appliance at C).
+            let mut sum = 0.0;
+            let mut copies = 0.0;
+            let t0 = Instant::now();
+            for s in 1..=seeds {
+                let mut p = params(&c, ph, agg, s);
+                p.factor = (0..n).map(|i| if i % 2 == 0 { 0.9 } else { 1.1 }).collect();
+                match sim::run(&p) {
+                    Ok(o) => {
+                        sum += o.makespan;
+                        copies += o.seed_copies;
+                    }
+                    Err(e) => {
+                        eprintln!("swarm sim: {name}: {e}");
+                        sum = f64::NAN;
+                    }
+                }
+            }
+            (sum / seeds as f64, copies / seeds as f64, t0.elapsed().as_secs_f64())
+        } else {
+            let a = if c.piece_len.is_some_and(|p| p < pl) { agg / 2 } else { agg };
+            let (mean, _, _, copies, wall, _) = simulate(&c, ph, a.max(1), seeds);
+            (mean, copies, wall)
+        };
+        println!("| {name} | {:.1} | {:.2} | {:.2} | {:.0} |", r.0, r.0 / tstar, r.1, r.2);
+    }
+}

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::boot::BootContext;
 use crate::boot::file::{self, BootFile, Source};
+use crate::boot::peers::Decision;
 use crate::types::MacAddr;
 
 /// The routes; see the module docs.
@@ -118,7 +119,48 @@ async fn boot_peer(
             }
         }
     }
+    drop(book);
+    peers.changed.notify_waiters();
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// How often a waiting request asks again without a wake-up (holds end by time).
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// One of the appliance's transfer slots: freed (and the waiters woken) on drop.
+struct Slot {
+    ctx: Arc<BootContext>,
+    ticket: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(p) = &self.ctx.peers {
+            p.lock().done_here(self.ticket);
+            p.changed.notify_waiters();
+        }
+    }
+}
+
+/// A waiting request: out of the queue on drop (the client went away) unless disarmed.
+struct Queued {
+    ctx: Arc<BootContext>,
+    ticket: u64,
+    armed: bool,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let (true, Some(p)) = (self.armed, &self.ctx.peers) {
+            p.lock().leave(self.ticket);
+            p.changed.notify_waiters();
+        }
+    }
+}
+
+/// `peer=1` in the query: an installer's fetch, it will serve the files (goes ahead of the line).
+fn peer_in_query(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|kv| kv == "peer=1"))
 }
 
 /// `direct=1` in the query: the node wants the appliance's own bytes (its fallback).
@@ -178,21 +220,53 @@ async fn boot_file(
         let m = f.mac().or_else(|| mac_from_query(req.uri().query()));
         super::note_boot_file(&ctx, *addr, &f, m, src.len(), crate::types::events::BootVia::Http);
     }
+    // The appliance's transfer slot (peer_serve): freed when the response body ends.
+    let mut slot: Option<Slot> = None;
     if let (Some(peers), Some(ip), BootFile::Kernel | BootFile::Initrd) = (&ctx.peers, ip, &f) {
-        let mut book = peers.lock();
+        let ticket = peers.ticket();
         if direct_in_query(req.uri().query()) {
-            book.direct(ip);
+            peers.lock().direct(ip, ticket);
+            slot = Some(Slot { ctx: ctx.clone(), ticket });
+            peers.changed.notify_waiters();
             info!(client, file = %f, mac, "http: direct: the appliance serves (peer fallback)");
         } else {
-            match book.pick(ip, std::time::Instant::now()) {
-                Ok(peer) => {
-                    let load = book.load(*peer.ip());
-                    drop(book);
-                    let to = format!("http://{peer}/boot/{f}");
-                    info!(client, file = %f, mac, %peer, load, "http: redirected to a boot peer");
-                    return (StatusCode::FOUND, [(header::LOCATION, to.clone())], format!("{to}\n")).into_response();
+            let mut queued = Queued { ctx: ctx.clone(), ticket, armed: true };
+            let first = peer_in_query(req.uri().query());
+            let asked = std::time::Instant::now();
+            // Bounded: `pick` answers Here once `boot.peer_wait` has passed since the first ask.
+            loop {
+                let changed = peers.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let (d, here, waiting) = {
+                    let mut book = peers.lock();
+                    let d = book.pick(ip, ticket, first, std::time::Instant::now());
+                    (d, book.here_load(), book.waiting())
+                };
+                let waited = format!("{:.2}", asked.elapsed().as_secs_f64());
+                match d {
+                    Decision::Peer(peer) => {
+                        queued.armed = false;
+                        let load = peers.lock().load(*peer.ip());
+                        let to = format!("http://{peer}/boot/{f}");
+                        info!(client, file = %f, mac, %peer, load, waited, "http: redirected to a boot peer");
+                        return (StatusCode::FOUND, [(header::LOCATION, to.clone())], format!("{to}\n")).into_response();
+                    }
+                    Decision::Here(why) => {
+                        queued.armed = false;
+                        slot = Some(Slot { ctx: ctx.clone(), ticket });
+                        debug!(client, file = %f, here, waiting, waited, "http: the appliance serves: {why}");
+                        break;
+                    }
+                    Decision::Wait { until } => {
+                        let wake = until.min(std::time::Instant::now() + WAIT_POLL);
+                        debug!(client, file = %f, here, waiting, "http: waiting for a free slot");
+                        tokio::select! {
+                            () = &mut changed => {}
+                            () = tokio::time::sleep_until(wake.into()) => {}
+                        }
+                    }
                 }
-                Err(why) => debug!(client, file = %f, "http: the appliance serves: {why}"),
             }
         }
     }
@@ -208,7 +282,18 @@ async fn boot_file(
             // ServeFile reopens by path; the path is the canonical one `open` checked.
             drop(file);
             match ServeFile::new(path).oneshot(req).await {
-                Ok(resp) => resp.map(axum::body::Body::new),
+                Ok(resp) => match slot {
+                    None => resp.map(axum::body::Body::new),
+                    // The slot lives as long as the body: dropped when sent or abandoned.
+                    Some(slot) => resp.map(|b| {
+                        use futures_lite::StreamExt as _;
+                        let stream = axum::body::Body::new(b).into_data_stream().map(move |chunk| {
+                            let _ = &slot;
+                            chunk
+                        });
+                        axum::body::Body::from_stream(stream)
+                    }),
+                },
                 Err(never) => match never {},
             }
         }
@@ -297,13 +382,20 @@ mod tests {
 
     #[tokio::test]
     async fn with_peers_kernel_requests_go_to_a_serving_node_and_digests_are_published() {
-        use crate::boot::peers::{PeerBook, PeerPolicy};
+        use crate::boot::peers::PeerPolicy;
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("k");
         std::fs::write(&kernel, b"0123456789").unwrap();
         let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
-        let policy = PeerPolicy { max_per_peer: 1, hold: std::time::Duration::from_secs(60), prefix: 24, silence: std::time::Duration::from_secs(90) };
-        ctx.peers = Some(crate::boot::PeerServe { port: 8081, book: std::sync::Mutex::new(PeerBook::new(policy)) });
+        let policy = PeerPolicy {
+            max_per_peer: 1,
+            hold: std::time::Duration::from_secs(60),
+            prefix: 24,
+            silence: std::time::Duration::from_secs(90),
+            here_max: 0,
+            wait: std::time::Duration::from_secs(5),
+        };
+        ctx.peers = Some(crate::boot::PeerServe::new(8081, policy));
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
         let token = ctx.node(mac).token.as_str().to_owned();
         let r = routes(Arc::new(ctx));
@@ -339,6 +431,38 @@ mod tests {
         // Stopped: gone.
         assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), r#"{"event":"stopped"}"#).await.0, StatusCode::NO_CONTENT);
         assert_eq!(call(&r, "GET", "/boot/vmlinuz", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_request_beyond_the_appliances_slots_waits_until_one_ends() {
+        use crate::boot::peers::PeerPolicy;
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"0123456789").unwrap();
+        let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
+        let policy = PeerPolicy {
+            max_per_peer: 1,
+            hold: std::time::Duration::from_secs(60),
+            prefix: 24,
+            silence: std::time::Duration::from_secs(90),
+            here_max: 1,
+            wait: std::time::Duration::from_secs(30),
+        };
+        ctx.peers = Some(crate::boot::PeerServe::new(8081, policy));
+        let r = routes(Arc::new(ctx));
+        // .6's transfer holds the one slot while its body is unread.
+        let mut req = axum::http::Request::builder().uri("/boot/vmlinuz").body(Body::empty()).unwrap();
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>("10.0.0.6:1".parse().unwrap()));
+        let first = r.clone().oneshot(req).await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        let r2 = r.clone();
+        let second = tokio::spawn(async move { call(&r2, "GET", "/boot/vmlinuz", "10.0.0.7:1", None, "").await });
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert!(!second.is_finished(), ".7 must wait while .6's transfer runs");
+        let body = axum::body::to_bytes(first.into_body(), 1 << 20).await.unwrap();
+        assert_eq!(&body[..], b"0123456789");
+        let (st, _, body) = tokio::time::timeout(std::time::Duration::from_secs(5), second).await.expect("woken").unwrap();
+        assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"0123456789"[..]));
     }
 
     #[test]

@@ -182,7 +182,8 @@ async fn tell(o: &PeerOptions, note: &BootPeerNote) -> bool {
 /// One file: ask the appliance; follow its redirect to a peer; on a failed peer, report it and
 /// ask the appliance directly.
 async fn fetch_one(o: &PeerOptions, file: &'static str, want: &FileDigest) -> Result<(Vec<u8>, Origin), BootPeerError> {
-    let path = format!("/boot/{file}?mac={}", o.mac.hyphenated());
+    // peer=1: this node serves the files once checked, the appliance puts it ahead of the line.
+    let path = format!("/boot/{file}?mac={}&peer=1", o.mac.hyphenated());
     // The body of a redirect is a line; of the file, exactly its size.
     let max = want.size.max(4096);
     let a = get(o.server, &path, max).await.map_err(|source| BootPeerError::Fetch { file, from: o.server, source })?;

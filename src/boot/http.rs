@@ -240,7 +240,7 @@ async fn boot_file(
                 changed.as_mut().enable();
                 let (d, here, waiting) = {
                     let mut book = peers.lock();
-                    let d = book.pick(ip, ticket, first, std::time::Instant::now());
+                    let d = book.pick(ip, ticket, first, matches!(f, BootFile::Initrd), std::time::Instant::now());
                     (d, book.here_load(), book.waiting())
                 };
                 let waited = format!("{:.2}", asked.elapsed().as_secs_f64());

@@ -21,9 +21,9 @@
 //!   online takes waiters off it;
 //! - an installer's own fetch (`?peer=1`: it will serve the files once checked) goes ahead of
 //!   the line, behind the installers already waiting: it is a source more for the next round;
-//! - a requester served by the appliance is served there again without queueing while its hold
-//!   lasts (its initrd right after its kernel: one node finishing beats two half-done), unless
-//!   a peer has a free slot;
+//! - a requester whose kernel the appliance sent gets its initrd there too without queueing
+//!   while its hold lasts (one node finishing beats two half-done), unless a peer has a free
+//!   slot; a new kernel request (the installer's fetch after boot) queues like any other;
 //! - a peer reported bad by a requester that was sent to it is dropped, as is one that stops
 //!   or stays silent for [`PeerBook::silence`].
 
@@ -237,7 +237,9 @@ impl PeerBook {
     /// same ticket after a [`Decision::Wait`]. `first`: the request of an installer that will
     /// serve the files once it has them (it goes to the head of the line: each such node is a
     /// source more, which is what doubles the sources per round).
-    pub fn pick(&mut self, requester: Ipv4Addr, ticket: u64, first: bool, now: Instant) -> Decision {
+    /// `follows`: the file after the kernel (the initrd): it goes to the appliance again without
+    /// waiting when the appliance sent this requester's previous file.
+    pub fn pick(&mut self, requester: Ipv4Addr, ticket: u64, first: bool, follows: bool, now: Instant) -> Decision {
         self.expire(now);
         if let Some(h) = self.holds.get_mut(&requester) {
             if let Some(p) = self.peers.get(&h.peer) {
@@ -248,7 +250,7 @@ impl PeerBook {
             }
         }
         let free = self.free_peers(requester);
-        if self.here_holds.contains_key(&requester) {
+        if follows && self.here_holds.contains_key(&requester) {
             if let Some(&peer) = free.first() {
                 self.leave(ticket);
                 return self.redirect(requester, peer, now);
@@ -333,6 +335,8 @@ mod tests {
         Pick(u8, Result<u8, ServeHere>),
         /// Request `ticket` of a node (asked again with the same ticket while it waits).
         Ask(u8, u64, Want),
+        /// The same, for the file after the kernel (the initrd).
+        AskNext(u8, u64, Want),
         /// The same, by an installer that will serve (`?peer=1`).
         AskFirst(u8, u64, Want),
         /// The appliance's transfer `ticket` ended.
@@ -365,16 +369,17 @@ mod tests {
                 }
                 Step::Pick(r, want) => {
                     ticket += 1;
-                    let got = match b.pick(ip(*r), ticket, false, now) {
+                    let got = match b.pick(ip(*r), ticket, false, true, now) {
                         Decision::Peer(a) => Ok(a.ip().octets()[3]),
                         Decision::Here(why) => Err(why),
                         Decision::Wait { .. } => panic!("row {i}: .{r} waits"),
                     };
                     assert_eq!(&got, want, "row {i}: pick for .{r}");
                 }
-                Step::Ask(r, t, want) | Step::AskFirst(r, t, want) => {
+                Step::Ask(r, t, want) | Step::AskFirst(r, t, want) | Step::AskNext(r, t, want) => {
                     let first = matches!(step, Step::AskFirst(..));
-                    let got = match b.pick(ip(*r), *t, first, now) {
+                    let follows = matches!(step, Step::AskNext(..));
+                    let got = match b.pick(ip(*r), *t, first, follows, now) {
                         Decision::Peer(a) => Want::Peer(a.ip().octets()[3]),
                         Decision::Here(why) => Want::Here(why),
                         Decision::Wait { until } => Want::Wait(until.duration_since(t0).as_secs()),
@@ -388,7 +393,7 @@ mod tests {
     }
 
     use ServeHere::{AllBusy, NoPeer};
-    use Step::{Ask, AskFirst, Bad, Direct, Done, Leave, Pick, Serving, Stopped};
+    use Step::{Ask, AskFirst, AskNext, Bad, Direct, Done, Leave, Pick, Serving, Stopped};
 
     #[test]
     fn no_peer_then_the_appliance_and_never_the_requester_itself() {
@@ -447,8 +452,8 @@ mod tests {
         b.serving(Ipv4Addr::new(10, 0, 1, 9), 8081, t0);
         b.serving(ip(200), 8081, t0);
         b.serving(ip(100), 8081, t0);
-        assert_eq!(b.pick(ip(7), 1, false, t0), Decision::Peer(SocketAddrV4::new(ip(100), 8081)));
-        assert_eq!(b.pick(Ipv4Addr::new(10, 0, 1, 50), 2, false, t0), Decision::Peer(SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 9), 8081)));
+        assert_eq!(b.pick(ip(7), 1, false, false, t0), Decision::Peer(SocketAddrV4::new(ip(100), 8081)));
+        assert_eq!(b.pick(Ipv4Addr::new(10, 0, 1, 50), 2, false, false, t0), Decision::Peer(SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 9), 8081)));
         assert_eq!(b.load(ip(100)), 1);
     }
 
@@ -502,7 +507,7 @@ mod tests {
                 (0, Ask(11, 2, Want::Wait(5))),
                 // .10's kernel is sent: its initrd does not queue behind the others.
                 (0, Done(1)),
-                (0, Ask(10, 4, Want::Here(Held))),
+                (0, AskNext(10, 4, Want::Here(Held))),
                 // The slot went to nobody yet (.10 holds its own): .11 is first in line, .12
                 // and a newcomer wait behind it.
                 (0, Done(4)),
@@ -510,6 +515,10 @@ mod tests {
                 (0, Ask(13, 5, Want::Wait(5))),
                 (0, Ask(11, 2, Want::Here(NoPeer))),
                 (1, Ask(12, 3, Want::Wait(5))),
+                // .10 booted and fetches its kernel again: that waits like any request.
+                (2, Done(2)),
+                (2, Ask(10, 6, Want::Wait(7))),
+                (2, Ask(12, 3, Want::Here(NoPeer))),
             ],
         );
     }

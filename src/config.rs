@@ -299,6 +299,13 @@ pub struct BootConfig {
     /// The rate (Mbit/s) a redirected transfer is assumed to reach at least: a redirect holds
     /// its peer's slot for (kernel + initrd size) / this rate + 10 s unless released sooner.
     pub peer_rate_mbit: u32,
+    /// Transfers the appliance itself sends at once while peers serve; a kernel or initrd
+    /// request beyond waits (first come, first served) for the first free slot, its own or a
+    /// peer's. 0 = no limit: requests never wait (a stampede is then served like unicast).
+    pub peer_appliance_max: u32,
+    /// The longest a request waits for a free slot; then the appliance serves it anyway.
+    #[serde(with = "humantime_serde")]
+    pub peer_wait: Duration,
 }
 
 impl Default for BootConfig {
@@ -324,6 +331,8 @@ impl Default for BootConfig {
             peer_serve_max: 4,
             peer_port: 8081,
             peer_rate_mbit: 50,
+            peer_appliance_max: 2,
+            peer_wait: Duration::from_secs(60),
         }
     }
 }
@@ -658,6 +667,9 @@ impl ConfigFile {
         if self.boot.peer_port == 0 {
             return bad("boot.peer_port".into(), "must be 1..=65535".into());
         }
+        if self.boot.peer_wait > Duration::from_secs(300) {
+            return bad("boot.peer_wait".into(), "must be at most 300s (iPXE holds the request open meanwhile)".into());
+        }
         if self.boot.peer_rate_mbit == 0 {
             return bad("boot.peer_rate_mbit".into(), "must be at least 1".into());
         }
@@ -757,6 +769,7 @@ mod tests {
             ("[swarm]\nlisten_port = 0", "swarm.listen_port"),
             ("[boot]\npeer_serve_max = 0", "boot.peer_serve_max"),
             ("[boot]\npeer_port = 0", "boot.peer_port"),
+            ("[boot]\npeer_wait = \"10min\"", "boot.peer_wait"),
             ("[swarm]\nannounce_interval = \"30s\"\npeer_timeout = \"10s\"", "swarm.peer_timeout"),
             ("[swarm]\nupload_limit = 100", "swarm.upload_limit"),
             ("[install]\ndisk = \"sda\"", "install.disk"),

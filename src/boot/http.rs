@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::boot::BootContext;
 use crate::boot::file::{self, BootFile, Source};
+use crate::boot::peers::Decision;
 use crate::types::MacAddr;
 
 /// The routes; see the module docs.
@@ -118,11 +119,48 @@ async fn boot_peer(
             }
         }
     }
+    drop(book);
+    peers.changed.notify_waiters();
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// `flag` (`direct=1`: the node wants the appliance's own bytes; `verify=1`: it checks what it
-/// gets against `/boot/digests`; `bad=1`: where it was sent last failed it) in the query.
+/// How often a waiting request asks again without a wake-up (holds end by time).
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// One of the appliance's transfer slots: freed (and the waiters woken) on drop.
+struct Slot {
+    ctx: Arc<BootContext>,
+    ticket: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(p) = &self.ctx.peers {
+            p.lock().done_here(self.ticket);
+            p.changed.notify_waiters();
+        }
+    }
+}
+
+/// A waiting request: out of the queue on drop (the client went away) unless disarmed.
+struct Queued {
+    ctx: Arc<BootContext>,
+    ticket: u64,
+    armed: bool,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let (true, Some(p)) = (self.armed, &self.ctx.peers) {
+            p.lock().leave(self.ticket);
+            p.changed.notify_waiters();
+        }
+    }
+}
+
+/// `flag` in the query: `direct=1` (the node wants the appliance's own bytes), `verify=1` (it
+/// checks what it gets against `/boot/digests`), `bad=1` (where it was sent last failed it),
+/// `peer=1` (an installer's fetch: it will serve the files, it goes ahead of the line).
 fn flag_in_query(query: Option<&str>, flag: &str) -> bool {
     query.is_some_and(|q| q.split('&').any(|kv| kv == flag))
 }
@@ -179,30 +217,70 @@ async fn boot_file(
         let m = f.mac().or_else(|| mac_from_query(req.uri().query()));
         super::note_boot_file(&ctx, *addr, &f, m, src.len(), crate::types::events::BootVia::Http);
     }
+    // The appliance's transfer slot (peer_serve): freed when the response body ends.
+    let mut slot: Option<Slot> = None;
     if let (Some(peers), Some(ip), BootFile::Kernel | BootFile::Initrd) = (&ctx.peers, ip, &f) {
         let q = req.uri().query();
-        let mut book = peers.lock();
+        let ticket = peers.ticket();
         if flag_in_query(q, "bad=1") {
+            let mut book = peers.lock();
             match book.bad_held(ip) {
                 Some(peer) => warn!(client, file = %f, mac, %peer, peers = book.peers(), "boot-peer: peer dropped: the node's fetch from it failed or its copy did not match the SHA-256"),
                 None => debug!(client, file = %f, mac, "http: bad=1 from a node holding no peer: ignored"),
             }
+            drop(book);
+            peers.changed.notify_waiters();
         }
-        if flag_in_query(q, "direct=1") {
-            book.direct(ip);
-            info!(client, file = %f, mac, "http: direct: the appliance serves (peer fallback)");
-        } else if !flag_in_query(q, "verify=1") && !peers.unverified {
-            debug!(client, file = %f, mac, "http: the appliance serves: the node cannot check a peer's copy (no verify=1)");
+        let direct = flag_in_query(q, "direct=1");
+        if direct || (!flag_in_query(q, "verify=1") && !peers.unverified) {
+            // The appliance's own bytes, now: the node's fallback (it already waited or failed
+            // once), or a node that cannot check a peer's copy.
+            peers.lock().direct(ip, ticket);
+            slot = Some(Slot { ctx: ctx.clone(), ticket });
+            peers.changed.notify_waiters();
+            if direct {
+                info!(client, file = %f, mac, "http: direct: the appliance serves (peer fallback)");
+            } else {
+                debug!(client, file = %f, mac, "http: the appliance serves: the node cannot check a peer's copy (no verify=1)");
+            }
         } else {
-            match book.pick(ip, std::time::Instant::now()) {
-                Ok(peer) => {
-                    let load = book.load(*peer.ip());
-                    drop(book);
-                    let to = format!("http://{peer}/boot/{f}");
-                    info!(client, file = %f, mac, %peer, load, "http: redirected to a boot peer");
-                    return (StatusCode::FOUND, [(header::LOCATION, to.clone())], format!("{to}\n")).into_response();
+            let mut queued = Queued { ctx: ctx.clone(), ticket, armed: true };
+            let first = flag_in_query(q, "peer=1");
+            let asked = std::time::Instant::now();
+            // Bounded: `pick` answers Here once `boot.peer_wait` has passed since the first ask.
+            loop {
+                let changed = peers.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let (d, here, waiting) = {
+                    let mut book = peers.lock();
+                    let d = book.pick(ip, ticket, first, matches!(f, BootFile::Initrd), std::time::Instant::now());
+                    (d, book.here_load(), book.waiting())
+                };
+                let waited = format!("{:.2}", asked.elapsed().as_secs_f64());
+                match d {
+                    Decision::Peer(peer) => {
+                        queued.armed = false;
+                        let load = peers.lock().load(*peer.ip());
+                        let to = format!("http://{peer}/boot/{f}");
+                        info!(client, file = %f, mac, %peer, load, waited, "http: redirected to a boot peer");
+                        return (StatusCode::FOUND, [(header::LOCATION, to.clone())], format!("{to}\n")).into_response();
+                    }
+                    Decision::Here(why) => {
+                        queued.armed = false;
+                        slot = Some(Slot { ctx: ctx.clone(), ticket });
+                        debug!(client, file = %f, here, waiting, waited, "http: the appliance serves: {why}");
+                        break;
+                    }
+                    Decision::Wait { until } => {
+                        let wake = until.min(std::time::Instant::now() + WAIT_POLL);
+                        debug!(client, file = %f, here, waiting, "http: waiting for a free slot");
+                        tokio::select! {
+                            () = &mut changed => {}
+                            () = tokio::time::sleep_until(wake.into()) => {}
+                        }
+                    }
                 }
-                Err(why) => debug!(client, file = %f, "http: the appliance serves: {why}"),
             }
         }
     }
@@ -218,7 +296,18 @@ async fn boot_file(
             // ServeFile reopens by path; the path is the canonical one `open` checked.
             drop(file);
             match ServeFile::new(path).oneshot(req).await {
-                Ok(resp) => resp.map(axum::body::Body::new),
+                Ok(resp) => match slot {
+                    None => resp.map(axum::body::Body::new),
+                    // The slot lives as long as the body: dropped when sent or abandoned.
+                    Some(slot) => resp.map(|b| {
+                        use futures_lite::StreamExt as _;
+                        let stream = axum::body::Body::new(b).into_data_stream().map(move |chunk| {
+                            let _ = &slot;
+                            chunk
+                        });
+                        axum::body::Body::from_stream(stream)
+                    }),
+                },
                 Err(never) => match never {},
             }
         }
@@ -307,13 +396,20 @@ mod tests {
 
     #[tokio::test]
     async fn with_peers_kernel_requests_go_to_a_serving_node_and_digests_are_published() {
-        use crate::boot::peers::{PeerBook, PeerPolicy};
+        use crate::boot::peers::PeerPolicy;
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("k");
         std::fs::write(&kernel, b"0123456789").unwrap();
         let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
-        let policy = PeerPolicy { max_per_peer: 1, hold: std::time::Duration::from_secs(60), prefix: 24, silence: std::time::Duration::from_secs(90) };
-        ctx.peers = Some(crate::boot::PeerServe { port: 8081, unverified: false, book: std::sync::Mutex::new(PeerBook::new(policy)) });
+        let policy = PeerPolicy {
+            max_per_peer: 1,
+            hold: std::time::Duration::from_secs(60),
+            prefix: 24,
+            silence: std::time::Duration::from_secs(90),
+            here_max: 0,
+            wait: std::time::Duration::from_secs(5),
+        };
+        ctx.peers = Some(crate::boot::PeerServe::new(8081, policy, false));
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
         let token = ctx.node(mac).token.as_str().to_owned();
         let r = routes(Arc::new(ctx));
@@ -363,19 +459,59 @@ mod tests {
 
     #[tokio::test]
     async fn with_unverified_allowed_a_node_without_digest_commands_is_redirected_too() {
-        use crate::boot::peers::{PeerBook, PeerPolicy};
+        use crate::boot::peers::PeerPolicy;
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("k");
         std::fs::write(&kernel, b"0123456789").unwrap();
         let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
-        let policy = PeerPolicy { max_per_peer: 4, hold: std::time::Duration::from_secs(60), prefix: 24, silence: std::time::Duration::from_secs(90) };
-        ctx.peers = Some(crate::boot::PeerServe { port: 8081, unverified: true, book: std::sync::Mutex::new(PeerBook::new(policy)) });
+        let policy = PeerPolicy {
+            max_per_peer: 4,
+            hold: std::time::Duration::from_secs(60),
+            prefix: 24,
+            silence: std::time::Duration::from_secs(90),
+            here_max: 0,
+            wait: std::time::Duration::from_secs(5),
+        };
+        ctx.peers = Some(crate::boot::PeerServe::new(8081, policy, true));
         let token = ctx.node("52:54:00:12:34:56".parse().unwrap()).token.as_str().to_owned();
         let r = routes(Arc::new(ctx));
         let uri = "/api/nodes/52:54:00:12:34:56/boot-peer";
         assert_eq!(call(&r, "POST", uri, "10.0.0.5:1", Some(&token), r#"{"event":"serving","port":8081}"#).await.0, StatusCode::NO_CONTENT);
         let (st, loc, _) = call(&r, "GET", "/boot/vmlinuz?verify=0", "10.0.0.6:1", None, "").await;
         assert_eq!((st, loc.as_deref()), (StatusCode::FOUND, Some("http://10.0.0.5:8081/boot/vmlinuz")));
+    }
+
+    #[tokio::test]
+    async fn a_request_beyond_the_appliances_slots_waits_until_one_ends() {
+        use crate::boot::peers::PeerPolicy;
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"0123456789").unwrap();
+        let mut ctx = BootContext::for_tests(vec![dir.path().to_owned()], kernel);
+        let policy = PeerPolicy {
+            max_per_peer: 1,
+            hold: std::time::Duration::from_secs(60),
+            prefix: 24,
+            silence: std::time::Duration::from_secs(90),
+            here_max: 1,
+            wait: std::time::Duration::from_secs(30),
+        };
+        ctx.peers = Some(crate::boot::PeerServe::new(8081, policy, false));
+        let r = routes(Arc::new(ctx));
+        // .6's transfer holds the one slot while its body is unread.
+        // (verify=1: a node that cannot check a peer's copy is served at once, outside the slots.)
+        let mut req = axum::http::Request::builder().uri("/boot/vmlinuz?verify=1").body(Body::empty()).unwrap();
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>("10.0.0.6:1".parse().unwrap()));
+        let first = r.clone().oneshot(req).await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        let r2 = r.clone();
+        let second = tokio::spawn(async move { call(&r2, "GET", "/boot/vmlinuz?verify=1", "10.0.0.7:1", None, "").await });
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert!(!second.is_finished(), ".7 must wait while .6's transfer runs");
+        let body = axum::body::to_bytes(first.into_body(), 1 << 20).await.unwrap();
+        assert_eq!(&body[..], b"0123456789");
+        let (st, _, body) = tokio::time::timeout(std::time::Duration::from_secs(5), second).await.expect("woken").unwrap();
+        assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"0123456789"[..]));
     }
 
     #[test]

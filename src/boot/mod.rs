@@ -79,9 +79,24 @@ pub struct PeerServe {
     pub unverified: bool,
     /// The scheduler.
     pub book: Mutex<peers::PeerBook>,
+    /// Woken whenever a slot may have freed (a transfer ended, a peer announced, a hold
+    /// ended early): waiting requests ask the book again.
+    pub changed: tokio::sync::Notify,
+    /// The next request's ticket.
+    next: std::sync::atomic::AtomicU64,
 }
 
 impl PeerServe {
+    /// An empty book with `policy`; nodes serve on `port`.
+    pub fn new(port: u16, policy: peers::PeerPolicy, unverified: bool) -> PeerServe {
+        PeerServe { port, unverified, book: Mutex::new(peers::PeerBook::new(policy)), changed: tokio::sync::Notify::new(), next: std::sync::atomic::AtomicU64::new(1) }
+    }
+
+    /// A fresh ticket for one request.
+    pub fn ticket(&self) -> u64 {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The book, even after a panic elsewhere (its data are plain maps, still consistent).
     pub fn lock(&self) -> std::sync::MutexGuard<'_, peers::PeerBook> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
@@ -140,8 +155,10 @@ impl BootContext {
                     hold: Duration::from_secs_f64(secs) + Duration::from_secs(10),
                     prefix: iface.net.prefix_len(),
                     silence: Duration::from_secs(3 * crate::types::node_api::BOOT_PEER_ANNOUNCE_SECS),
+                    here_max: cfg.boot.peer_appliance_max as usize,
+                    wait: cfg.boot.peer_wait,
                 };
-                PeerServe { port: cfg.boot.peer_port, unverified: cfg.boot.peer_unverified, book: Mutex::new(peers::PeerBook::new(policy)) }
+                PeerServe::new(cfg.boot.peer_port, policy, cfg.boot.peer_unverified)
             }),
             digests: Mutex::new(None),
         }

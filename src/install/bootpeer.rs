@@ -182,8 +182,9 @@ async fn tell(o: &PeerOptions, note: &BootPeerNote) -> bool {
 /// One file: ask the appliance; follow its redirect to a peer; on a failed peer, report it and
 /// ask the appliance directly.
 async fn fetch_one(o: &PeerOptions, file: &'static str, want: &FileDigest) -> Result<(Vec<u8>, Origin), BootPeerError> {
-    // verify=1: every copy is checked against /boot/digests before it is kept.
-    let path = format!("/boot/{file}?mac={}&verify=1", o.mac.hyphenated());
+    // verify=1: every copy is checked against /boot/digests before it is kept; peer=1: this node
+    // serves the files once checked, the appliance puts it ahead of the line.
+    let path = format!("/boot/{file}?mac={}&verify=1&peer=1", o.mac.hyphenated());
     // The body of a redirect is a line; of the file, exactly its size.
     let max = want.size.max(4096);
     let a = get(o.server, &path, max).await.map_err(|source| BootPeerError::Fetch { file, from: o.server, source })?;

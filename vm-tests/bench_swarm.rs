@@ -46,12 +46,13 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use common::interrupt::{install_cleanup, register, register_ns, set_scratch};
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{Lab, Netns, Proc, appliance_bin, cpu_secs, start_appliance, wait_for};
@@ -61,73 +62,6 @@ const MIB: u64 = 1 << 20;
 const APP_IP: &str = "10.70.0.1";
 const HTTP_PORT: u16 = 8080;
 const OT_PORT: u16 = 6969;
-
-// ---------------------------------------------------------------------------------------------
-// Cleanup on Ctrl-C / SIGTERM: the handler writes one byte to a pipe; a watcher thread kills the
-// registered PIDs (ours only), deletes the registered namespaces and the scratch directory.
-
-static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-static SCRATCH: Mutex<Option<PathBuf>> = Mutex::new(None);
-static PIPE_W: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    let fd = PIPE_W.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let b = [1u8];
-        // SAFETY: write(2) is async-signal-safe; the buffer lives for the call.
-        unsafe { libc::write(fd, b.as_ptr().cast(), 1) };
-    }
-}
-
-fn install_cleanup() {
-    let mut fds = [0i32; 2];
-    // SAFETY: plain pipe(2) into a local array.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        eprintln!("swarm bench: no pipe for the signal watcher; Ctrl-C will leave namespaces behind");
-        return;
-    }
-    PIPE_W.store(fds[1], Ordering::Relaxed);
-    let rfd = fds[0];
-    std::thread::spawn(move || {
-        let mut b = [0u8; 1];
-        // SAFETY: blocking read of one byte from our pipe.
-        let n = unsafe { libc::read(rfd, b.as_mut_ptr().cast(), 1) };
-        if n != 1 {
-            return;
-        }
-        eprintln!("\nswarm bench: interrupted, cleaning up");
-        for pid in PIDS.lock().map(|v| v.clone()).unwrap_or_default() {
-            // SAFETY: kill(2) of a PID we spawned and registered.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        for ns in NAMESPACES.lock().map(|v| v.clone()).unwrap_or_default() {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).status();
-        }
-        if let Some(d) = SCRATCH.lock().ok().and_then(|d| d.clone()) {
-            let _ = fs::remove_dir_all(d);
-        }
-        std::process::exit(130);
-    });
-    // SAFETY: installing a handler that only calls write(2).
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-}
-
-fn register(p: &Proc) {
-    if let Ok(mut v) = PIDS.lock() {
-        v.push(p.child.id());
-    }
-}
-
-fn register_ns(ns: &Netns) {
-    if let Ok(mut v) = NAMESPACES.lock() {
-        v.push(ns.name.clone());
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -809,13 +743,11 @@ fn main() {
         // SAFETY: single-threaded here (before the watcher thread starts).
         unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
     }
-    install_cleanup();
+    install_cleanup("swarm bench");
     let t_setup = Instant::now();
     let mut lab = Lab::new("bs");
     register_ns(&lab.switch);
-    if let Ok(mut d) = SCRATCH.lock() {
-        *d = Some(lab.dir.clone());
-    }
+    set_scratch(lab.dir.clone());
     let a = lab.add_host(Some(&format!("{APP_IP}/16")), None);
     register_ns(&lab.hosts[a]);
     for i in 0..o.n {

@@ -6,6 +6,8 @@
 //! named `sia…` whose creator PID is gone) are removed first.
 #![allow(dead_code)]
 
+pub mod interrupt;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -155,6 +155,11 @@ pub struct NodeReport {
     pub steps: Vec<StepReport>,
 }
 
+/// Largest profile script handed out, bytes.
+pub const SCRIPT_MAX: usize = 1 << 20;
+/// Largest group overlay handed out (as a tar), bytes.
+pub const OVERLAY_MAX: usize = 256 << 20;
+
 /// Most steps in one profile.
 pub const MAX_STEPS: usize = 32;
 /// Output kept of a failed step (its last bytes).

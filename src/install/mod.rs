@@ -3,8 +3,9 @@
 //! exponential backoff while the appliance is unreachable), then the disk: check its size,
 //! partition, mkfs, mount; download through the swarm and unpack AT THE SAME TIME (the swarm
 //! engine keeps the archive on the target root, the unpacker reads it from offset 0 as pieces are
-//! verified, so no RAM copy is needed); per-node settings; the image's boot loader; seeding
-//! until the deployment is done; unmount, sync, and the plan's finish.
+//! verified, so no RAM copy is needed); per-node settings; the node's group profile (overlay and
+//! post-install steps in the chroot, [`profile`]); the image's boot loader; seeding until the
+//! deployment is done; unmount, sync, and the plan's finish.
 //!
 //! Any failure after partitioning started wipes the partition table (a half-written disk is
 //! never booted) and reports `failed` with the reason. Reports never block the install.

@@ -359,6 +359,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_overlay_lands_over_the_root_and_leaves_the_roots_own_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (o, r) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::create_dir_all(o.path().join("etc/systemd/system")).unwrap();
+        std::fs::write(o.path().join("etc/systemd/system/x.service"), "[Install]\nWantedBy=multi-user.target\n").unwrap();
+        std::fs::write(o.path().join("etc/motd"), "overlay\n").unwrap();
+        std::fs::set_permissions(o.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::create_dir_all(r.path().join("etc")).unwrap();
+        std::fs::write(r.path().join("etc/motd"), "image\n").unwrap();
+        std::fs::write(r.path().join("etc/keep"), "kept\n").unwrap();
+        std::fs::set_permissions(r.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let tar = crate::image::pack::plain_tar(o.path()).unwrap();
+        let n = apply_overlay("g", &tar, r.path()).unwrap();
+        assert_eq!(n, 5, "etc, etc/motd, etc/systemd, etc/systemd/system, the unit; not the top directory");
+        assert_eq!(std::fs::read_to_string(r.path().join("etc/motd")).unwrap(), "overlay\n");
+        assert_eq!(std::fs::read_to_string(r.path().join("etc/keep")).unwrap(), "kept\n");
+        assert!(r.path().join("etc/systemd/system/x.service").is_file());
+        assert_eq!(std::fs::metadata(r.path()).unwrap().permissions().mode() & 0o777, 0o755);
+        let e = apply_overlay("g", b"not a tar at all, just some bytes that are long enough", r.path()).unwrap_err();
+        assert!(e.to_string().contains("profile of group g: applying the overlay"), "{e}");
+    }
+
+    #[test]
     fn units_are_enabled_by_hand_from_their_install_section() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();

@@ -35,7 +35,12 @@ pub struct PlanApi {
     addrs: Option<Arc<ClientAddrs>>,
     /// The image store (profile scripts, group overlays); `None`: no profile routes answer.
     store: Option<PathBuf>,
+    /// Packs an overlay directory into a plain tar (the image store's packer, given by `app.rs`).
+    pack_overlay: Option<OverlayPacker>,
 }
+
+/// Packs a directory into a plain tar in memory, or says why not.
+pub type OverlayPacker = Arc<dyn Fn(&Path) -> Result<Vec<u8>, String> + Send + Sync>;
 
 use node_api::OVERLAY_MAX;
 
@@ -47,12 +52,14 @@ struct PlanQuery {
 impl PlanApi {
     /// The route's state: the planner, the node-token secret and the node book.
     pub fn new(planner: Planner, secret: Vec<u8>, nodes: Arc<NodeBook>) -> PlanApi {
-        PlanApi { planner, secret, events: EventSink::disabled(), nodes, addrs: None, store: None }
+        PlanApi { planner, secret, events: EventSink::disabled(), nodes, addrs: None, store: None, pack_overlay: None }
     }
 
-    /// Where profile scripts and group overlays are (`<store>/scripts`, `<store>/groups`).
-    pub fn with_store(mut self, store: PathBuf) -> PlanApi {
+    /// Where profile scripts and group overlays are (`<store>/scripts`, `<store>/groups`), and
+    /// how an overlay tree is packed for the installer.
+    pub fn with_store(mut self, store: PathBuf, pack_overlay: OverlayPacker) -> PlanApi {
         self.store = Some(store);
+        self.pack_overlay = Some(pack_overlay);
         self
     }
 
@@ -171,8 +178,11 @@ async fn overlay(State(api): State<Arc<PlanApi>>, UrlPath(mac): UrlPath<String>,
     let Some(dir) = super::overlay_dir(&store, &group).filter(|d| d.is_dir()) else {
         return (StatusCode::NOT_FOUND, format!("group {group} has no overlay\n")).into_response();
     };
+    let Some(pack) = api.pack_overlay.clone() else {
+        return (StatusCode::NOT_FOUND, "no profiles on this appliance\n").into_response();
+    };
     let d = dir.clone();
-    match tokio::task::spawn_blocking(move || overlay_tar(&d)).await {
+    match tokio::task::spawn_blocking(move || pack(&d)).await {
         Ok(Ok(tar)) if tar.len() <= OVERLAY_MAX => {
             info!(%mac, group, bytes = tar.len(), "group overlay sent");
             ([(axum::http::header::CONTENT_TYPE, "application/x-tar")], tar).into_response()
@@ -190,16 +200,6 @@ async fn overlay(State(api): State<Arc<PlanApi>>, UrlPath(mac): UrlPath<String>,
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }
-}
-
-/// The overlay tree at `dir` as a plain tar in memory, less its root entry (the installed
-/// root's own owner and mode stay the image's).
-pub fn overlay_tar(dir: &Path) -> Result<Vec<u8>, crate::image::ImageError> {
-    use crate::image::{pack, scan};
-    let nodes: Vec<_> = scan::scan(dir, &scan::ScanOptions::default())?.into_iter().filter(|n| !n.rel.is_empty()).collect();
-    let opts = pack::PackOptions { zstd_level: None, threads: 1, progress: crate::image::progress::ProgressMode::Off };
-    let (_, tar) = pack::write_archive(dir, &nodes, None, None, &opts, dir, Vec::new())?;
-    Ok(tar)
 }
 
 async fn manifest_file(State(api): State<Arc<PlanApi>>, UrlPath(file): UrlPath<String>) -> Response {

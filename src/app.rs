@@ -138,7 +138,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
     let seal = facts.as_ref().and_then(|f| f.seal.clone());
     let planner = crate::plan::Planner::new(&cfg, facts)?;
-    let plan_api = crate::plan::http::PlanApi::new(planner, secret.clone(), book.clone());
+    let pack_overlay: crate::plan::http::OverlayPacker = Arc::new(|dir| crate::image::pack::plain_tar(dir).map_err(|e| format!("{e:#}")));
+    let plan_api = crate::plan::http::PlanApi::new(planner, secret.clone(), book.clone()).with_store(cfg.store.clone(), pack_overlay);
     let bound = (cfg.dhcp.bind_nodes && cfg.dhcp.mode != DhcpMode::Off).then(|| addrs.clone());
     if let Some(a) = &bound {
         monitor.attach_addrs(a.clone());

@@ -424,6 +424,27 @@ impl Default for InstallConfig {
     }
 }
 
+/// `[[profile]]`: what the nodes of one group do after the image is unpacked and configured,
+/// before their boot loader: the group's overlay (`<store>/groups/GROUP/overlay/`, laid over the
+/// installed tree) and these steps, in order, in the installed system's chroot.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// The group (a reservation's or `node add --group`'s).
+    pub group: String,
+    /// The steps: `{ script = "NAME" }` (`<store>/scripts/NAME`), `{ packages = [..] }`,
+    /// `{ enable = [..] }`.
+    #[serde(default)]
+    pub steps: Vec<crate::types::node_api::ProfileStep>,
+    /// Longest run of one step; a step still running then is killed and fails the node.
+    #[serde(with = "humantime_serde", default = "default_step_timeout")]
+    pub step_timeout: Duration,
+}
+
+fn default_step_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
 /// `[monitor]`: the node registry, dashboard, metrics and end-of-run report.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -491,6 +512,9 @@ pub struct ConfigFile {
     pub install: InstallConfig,
     /// `[monitor]`.
     pub monitor: MonitorConfig,
+    /// `[[profile]]`: one per group.
+    #[serde(rename = "profile")]
+    pub profiles: Vec<ProfileConfig>,
 }
 
 impl Default for ConfigFile {
@@ -510,6 +534,7 @@ impl Default for ConfigFile {
             swarm: SwarmConfig::default(),
             install: InstallConfig::default(),
             monitor: MonitorConfig::default(),
+            profiles: Vec::new(),
         }
     }
 }
@@ -647,6 +672,25 @@ impl ConfigFile {
                         return bad(format!("dhcp.reservation[{i}].ip"), format!("{a} is reserved twice (also [{j}])"));
                     }
                 }
+            }
+        }
+        for (i, p) in self.profiles.iter().enumerate() {
+            if !crate::types::node_api::is_group_dir_name(&p.group) {
+                return bad(format!("profile[{i}].group"), format!("{:?} is not a group name ([A-Za-z0-9._-], not starting with .)", p.group));
+            }
+            if let Some(j) = self.profiles[..i].iter().position(|q| q.group == p.group) {
+                return bad(format!("profile[{i}].group"), format!("group {} has two profiles (also [{j}])", p.group));
+            }
+            if p.steps.len() > crate::types::node_api::MAX_STEPS {
+                return bad(format!("profile[{i}].steps"), format!("at most {} steps", crate::types::node_api::MAX_STEPS));
+            }
+            for (k, s) in p.steps.iter().enumerate() {
+                if let Err(why) = s.validate() {
+                    return bad(format!("profile[{i}].steps[{k}]"), why);
+                }
+            }
+            if p.step_timeout < Duration::from_secs(1) {
+                return bad(format!("profile[{i}].step_timeout"), "must be at least 1s".into());
             }
         }
         if !(512..=65464).contains(&self.tftp.max_blksize) {

@@ -647,3 +647,130 @@ print("reopened", reopened, "answers", dict(codes), flush=True)
     assert!(tail.contains("'403'") && !tail.contains("'200'"), "forged reports were accepted: {tail}");
     checks_of_an_installed_disk(&lab, &mut disk, &m);
 }
+
+/// Issue 17 (service profiles): two nodes in two groups, each group with an overlay that ships
+/// a unit and a profile run in the installed system's chroot. Group alpha: a script that writes
+/// a marker into the installed root, `enable` of the overlay's unit (the synthetic image has no
+/// systemctl: the installer writes the WantedBy= symlink), a script that prints and exits 0.
+/// Group beta: the same, with a script that prints "boom" and exits 3 as its second step. Node A
+/// is installed with marker and symlink on its disk; node B is failed with the step's name, exit
+/// code 3 and "boom" in `/api/nodes`, the steps after it not run, and its disk wiped.
+#[test]
+fn group_profiles_run_their_steps_and_a_failing_step_fails_its_node() {
+    const MAC_A: &str = "52:54:00:77:00:0a";
+    const MAC_B: &str = "52:54:00:77:00:0b";
+    let mut lab = Lab::new("pf");
+    let _clean = RemoveOnSuccess(lab.dir.clone());
+    lab.add_host(Some("10.77.1.1/24"), None);
+    lab.add_host(Some("10.77.1.11/24"), Some(MAC_A));
+    lab.add_host(Some("10.77.1.12/24"), Some(MAC_B));
+    let tree = lab.path("tree");
+    synthetic_tree(&tree);
+    // A shell for the scripts: the host's static busybox as the image's /bin/sh.
+    fs::create_dir_all(tree.join("bin")).unwrap();
+    fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("a static busybox at /bin/busybox");
+    std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
+    for d in ["dev", "proc", "sys", "root"] {
+        fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    let store = lab.path("store");
+    let m = make_store(&store, &tree);
+    let scripts = store.join("scripts");
+    fs::create_dir_all(&scripts).unwrap();
+    let script = |name: &str, body: &str| fs::write(scripts.join(name), format!("#!/bin/sh\n{body}")).unwrap();
+    script("10-marker.sh", "echo \"marker of $SI_GROUP on $SI_HOSTNAME\" > /root/si-marker\n[ -d /proc/self ] || { echo no /proc; exit 9; }\n");
+    script("20-boom.sh", "echo starting\necho boom >&2\nexit 3\n");
+    script("30-hello.sh", "echo hello from the profile\necho \"$SI_MAC\" > /root/si-last-step\n");
+    for g in ["alpha", "beta"] {
+        let units = store.join(format!("groups/{g}/overlay/etc/systemd/system"));
+        fs::create_dir_all(&units).unwrap();
+        fs::write(units.join("si-role.service"), format!("[Unit]\nDescription=role {g}\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")).unwrap();
+    }
+    let state = lab.path("state");
+    let config = format!(
+        "iface = \"eth0\"\nenroll = \"listed\"\nimage = \"demo\"\nstore = \"{}\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n\
+         [[dhcp.reservation]]\nmac = \"{MAC_A}\"\nip = \"10.77.1.11\"\nhostname = \"alpha1\"\ngroup = \"alpha\"\n\
+         [[dhcp.reservation]]\nmac = \"{MAC_B}\"\nip = \"10.77.1.12\"\nhostname = \"beta1\"\ngroup = \"beta\"\n\
+         [tftp]\nenable = false\n[http]\nport = {HTTP_PORT}\n\
+         [swarm]\nannounce_interval = \"3s\"\npeer_timeout = \"30s\"\n\
+         [install]\nseed_for = \"3s\"\nreport_every = \"1s\"\n\
+         [[profile]]\ngroup = \"alpha\"\nstep_timeout = \"60s\"\n\
+         steps = [{{ script = \"10-marker.sh\" }}, {{ enable = [\"si-role.service\"] }}, {{ script = \"30-hello.sh\" }}]\n\
+         [[profile]]\ngroup = \"beta\"\nstep_timeout = \"60s\"\n\
+         steps = [{{ script = \"10-marker.sh\" }}, {{ script = \"20-boom.sh\" }}, {{ enable = [\"si-role.service\"] }}, {{ script = \"30-hello.sh\" }}]\n",
+        store.display(),
+        state.display()
+    );
+    let _app = start_appliance(&lab, 0, "app", &config, &[]);
+    let secret = fs::read(state.join("secret")).expect("appliance secret");
+    // Both installers at once, each on its own loop disk.
+    let mut disks = Vec::new();
+    let mut insts = Vec::new();
+    for (i, mac) in [(1, MAC_A), (2, MAC_B)] {
+        let disk = LoopDisk::new(lab.path(&format!("disk{i}.img")), 256);
+        let tok = NodeToken::derive(&secret, mac.parse::<MacAddr>().unwrap()).as_str().to_owned();
+        let cmdline = lab.path(&format!("cmdline{i}"));
+        fs::write(&cmdline, format!("si.server=10.77.1.1:{HTTP_PORT} si.mac={mac} si.image=demo si.token={tok}\n")).unwrap();
+        let mut cmd = lab.hosts[i].cmd(appliance_bin());
+        cmd.args(["install", "--disk", &disk.dev, "--finish", "shell", "--firmware", "bios", "--cmdline"])
+            .arg(&cmdline)
+            .arg("--workdir")
+            .arg(lab.path(&format!("work{i}")))
+            .arg("--trust-key")
+            .arg(state.join("image-signing.pub"))
+            .env("RUST_LOG", "info,si_appliance=debug");
+        insts.push(Proc::spawn("install", cmd, lab.path(&format!("install{i}.log"))));
+        disks.push(disk);
+    }
+    let st_a = insts[0].wait_exit(Duration::from_secs(180));
+    let st_b = insts[1].wait_exit(Duration::from_secs(180));
+    let (log_a, log_b) = (strip_ansi(&insts[0].log_text()), strip_ansi(&insts[1].log_text()));
+    assert!(st_a.success(), "node A failed ({st_a}):\n{log_a}");
+    assert!(!st_b.success(), "node B succeeded despite its failing step:\n{log_b}");
+    assert!(log_b.contains("profile step 20-boom.sh failed (exit 3)"), "{log_b}");
+    assert!(log_b.contains("partition table wiped"), "{log_b}");
+    assert!(!log_b.contains("hello from the profile"), "a step after the failing one ran:\n{log_b}");
+
+    // What the monitor shows.
+    let o = run(lab.hosts[0].cmd("curl").args(["-sS", "--max-time", "20", &format!("http://127.0.0.1:{HTTP_PORT}/api/nodes")]));
+    let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).expect("/api/nodes is JSON");
+    let node = |mac: &str| nodes.as_array().unwrap().iter().find(|n| n["mac"] == mac).cloned().unwrap_or_else(|| panic!("{mac} not in {nodes}"));
+    let (a, b) = (node(MAC_A), node(MAC_B));
+    assert_eq!(a["phase"], "done", "{a}");
+    let names = |n: &serde_json::Value| n["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(names(&a), ["10-marker.sh", "enable si-role.service", "30-hello.sh"], "{a}");
+    assert!(a["steps"].as_array().unwrap().iter().all(|s| s["ok"] == true && s["exit_code"] == 0), "{a}");
+    assert!(a["steps"][2]["output"].as_str().unwrap().contains("hello from the profile"), "{a}");
+    assert!(a["steps"][1]["output"].as_str().unwrap().contains("systemctl is not in the image"), "{a}");
+    assert_eq!(b["phase"], "failed", "{b}");
+    assert_eq!(b["error"], "profile step 20-boom.sh failed (exit 3)", "{b}");
+    assert_eq!(names(&b), ["10-marker.sh", "20-boom.sh"], "steps after the failing one must not run: {b}");
+    let failed = &b["steps"][1];
+    assert_eq!((failed["ok"].as_bool(), failed["exit_code"].as_i64()), (Some(false), Some(3)), "{b}");
+    assert!(failed["output"].as_str().unwrap().contains("boom"), "{b}");
+    // The node book (`si-appliance node list`) has it failed with the same reason.
+    let o = run(lab.hosts[0].cmd(appliance_bin()).args(["-c"]).arg(lab.path("app.toml")).args(["node", "list", "--json"]));
+    let list = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(list.contains("profile step 20-boom.sh failed (exit 3)"), "node list: {list}\n{}", String::from_utf8_lossy(&o.stderr));
+
+    // Node A's disk: marker, the overlay's unit and its WantedBy= symlink.
+    let mut da = disks.remove(0);
+    let mnt = lab.path("mnt");
+    da.mount(1, &mnt);
+    assert_eq!(fs::read_to_string(mnt.join("root/si-marker")).unwrap(), "marker of alpha on alpha1\n");
+    assert_eq!(fs::read_to_string(mnt.join("root/si-last-step")).unwrap(), format!("{MAC_A}\n"));
+    assert!(fs::read_to_string(mnt.join("etc/systemd/system/si-role.service")).unwrap().contains("role alpha"));
+    let link = fs::read_link(mnt.join("etc/systemd/system/multi-user.target.wants/si-role.service")).expect("enabled unit's symlink");
+    assert_eq!(link, Path::new("/etc/systemd/system/si-role.service"));
+    assert!(!mnt.join(".si-profile").exists(), "the scripts are removed after they ran");
+    assert_eq!(fs::read_to_string(mnt.join("etc/hostname")).unwrap(), "alpha1\n");
+    // The image itself is untouched besides what the installer and the profile are meant to change.
+    let diffs: Vec<String> = unexpected_differences(&mnt, &m)
+        .into_iter()
+        .filter(|d| !["root", "root/si-marker", "root/si-last-step", "etc/systemd", "dev", "proc", "sys", "bin"].iter().any(|p| d.starts_with(&format!("{p}:")) || d.starts_with(&format!("{p}/"))))
+        .collect();
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    // Node B's disk: wiped (never booted half-configured).
+    let mbr = disks[0].first_sector();
+    assert!(mbr[510..512] != [0x55, 0xaa], "node B's disk keeps its partition table");
+}

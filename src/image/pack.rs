@@ -47,6 +47,19 @@ pub type Digests = HashMap<Vec<u8>, [u8; 32]>;
 
 const CHUNK: usize = 1 << 20;
 
+/// The tree at `dir` as a plain tar in memory, less its root entry (so unpacking it over another
+/// root leaves that root's own owner, mode and mtime alone): a group overlay as the appliance
+/// hands it to installers.
+///
+/// # Errors
+/// [`ImageError`] when the tree cannot be read.
+pub fn plain_tar(dir: &Path) -> Result<Vec<u8>, ImageError> {
+    let nodes: Vec<_> = super::scan::scan(dir, &super::scan::ScanOptions::default())?.into_iter().filter(|n| !n.rel.is_empty()).collect();
+    let opts = PackOptions { zstd_level: None, threads: 1, progress: super::progress::ProgressMode::Off };
+    let (_, tar) = write_archive(dir, &nodes, None, None, &opts, dir, Vec::new())?;
+    Ok(tar)
+}
+
 /// Writes `nodes` (all, or those whose relative path is in `only`) from `root` as an archive to
 /// `out`, preceded by the diff deletion list when `deletions` is given. Returns the SHA-256 of
 /// each regular file written, by relative path, and the writer.

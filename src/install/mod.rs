@@ -3,8 +3,9 @@
 //! exponential backoff while the appliance is unreachable), then the disk: check its size,
 //! partition, mkfs, mount; download through the swarm and unpack AT THE SAME TIME (the swarm
 //! engine keeps the archive on the target root, the unpacker reads it from offset 0 as pieces are
-//! verified, so no RAM copy is needed); per-node settings; the image's boot loader; seeding
-//! until the deployment is done; unmount, sync, and the plan's finish.
+//! verified, so no RAM copy is needed); per-node settings; the node's group profile (overlay and
+//! post-install steps in the chroot, [`profile`]); the image's boot loader; seeding until the
+//! deployment is done; unmount, sync, and the plan's finish.
 //!
 //! Any failure after partitioning started wipes the partition table (a half-written disk is
 //! never booted) and reports `failed` with the reason. Reports never block the install.
@@ -19,6 +20,7 @@ pub mod cmdline;
 pub mod console;
 pub mod disk;
 pub mod http;
+pub mod profile;
 pub mod report;
 pub mod seal;
 pub mod settings;
@@ -97,6 +99,9 @@ pub enum InstallError {
     /// The image is not the one the appliance signed (or the one the boot line pinned).
     #[error("image refused")]
     Seal(#[from] seal::SealError),
+    /// The group's profile (overlay or a post-install step).
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileError),
     /// Stopped by a signal.
     #[error("interrupted")]
     Interrupted,
@@ -646,6 +651,10 @@ async fn configure_and_seed(
     })
     .await??;
 
+    if let Some(p) = &plan.profile {
+        run_profile(r, plan, p, root, reporter, token).await?;
+    }
+
     phases.enter(reporter, Phase::BootLoader, "boot loader".into());
     let (root2, d, gpt) = (root.to_owned(), disk_path.to_owned(), layout.table == TableKind::Gpt);
     let what = blocking("boot loader", move || bootloader::install(&root2, &d, firmware, &uuids, &root_uuid, gpt)).await??;
@@ -669,6 +678,53 @@ async fn configure_and_seed(
     };
     info!(reason = stop, uploaded = dl.stats().uploaded, "stopped seeding");
     Ok(stop)
+}
+
+/// The group's overlay, then its steps one by one (still in the `configuring` phase, each
+/// announced with a message and reported when done); the first failing step stops the install
+/// before the boot loader.
+async fn run_profile(
+    r: &Resolved,
+    plan: &NodePlan,
+    p: &crate::types::node_api::NodeProfile,
+    root: &Path,
+    reporter: &Reporter,
+    token: &CancellationToken,
+) -> Result<(), InstallError> {
+    let api = profile::Api { server: r.server, mac: r.mac, token: r.token.clone() };
+    let group = p.group.clone();
+    if p.overlay {
+        reporter.phase(Phase::Configuring, format!("profile {group}: overlay"));
+        let tar = api.overlay(&group).await?;
+        let (g, root2) = (group.clone(), root.to_owned());
+        let n = blocking("overlay", move || profile::apply_overlay(&g, &tar, &root2)).await??;
+        info!(group, entries = n, "group overlay applied");
+    }
+    let n = p.steps.len();
+    for (i, step) in p.steps.iter().enumerate() {
+        if token.is_cancelled() {
+            return Err(InstallError::Interrupted);
+        }
+        let name = step.name();
+        reporter.phase(Phase::Configuring, format!("profile {group}: step {}/{n} {name}", i + 1));
+        let script = match step {
+            crate::types::node_api::ProfileStep::Script(s) => Some(api.script(&group, s).await?),
+            _ => None,
+        };
+        let input = profile::StepInput {
+            step: step.clone(),
+            script,
+            limit: Duration::from_secs(p.step_timeout_secs.max(1)),
+            env: vec![("SI_GROUP", group.clone()), ("SI_HOSTNAME", plan.hostname.clone()), ("SI_MAC", r.mac.to_string())],
+        };
+        let root2 = root.to_owned();
+        let (rep, err) = blocking("profile step", move || profile::run_step(&root2, &input)).await?;
+        reporter.update(|x| x.steps.push(rep));
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 /// Whether `/` is an initramfs (ramfs or tmpfs): only there may the installer reboot or power

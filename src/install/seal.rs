@@ -262,6 +262,7 @@ mod tests {
             report_every_secs: 2,
             boot_peer_port: None,
             seal,
+            profile: None,
         }
     }
 

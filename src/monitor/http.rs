@@ -162,8 +162,9 @@ async fn report(
 
 /// Largest report body accepted (413 beyond). An installer's report is a few hundred bytes
 /// plus the console text printed since the previous one (at most 12 KiB before JSON escaping,
-/// `install::console::PENDING_MAX`) and, in a failure report, the reason and 40 kernel lines.
-pub const REPORT_BODY_MAX: usize = 64 << 10;
+/// `install::console::PENDING_MAX`) and, in a failure report, the reason and 40 kernel lines;
+/// with a profile, its finished steps (at most 32 × 512 bytes of output, 4 KiB for a failed one).
+pub const REPORT_BODY_MAX: usize = 128 << 10;
 
 /// Console text per report at most (an installer sends about 12 KiB at most).
 const CONSOLE_PER_REPORT: usize = 32 << 10;

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use crate::types::node_api::{NodeReport, Phase};
+use crate::types::node_api::{self, NodeReport, Phase, StepReport};
 use crate::types::MacAddr;
 
 /// Rate samples kept per node for its chart (at one per sample interval: 15 min at 1 s).
@@ -88,6 +88,9 @@ pub struct Node {
     pub message: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
+    /// Its group's profile steps finished so far (name, exit code, end of output); the last one
+    /// is the failed one when a step failed the node.
+    pub steps: Vec<StepReport>,
     /// No progress for `monitor.stuck_after` while not done or failed.
     pub stuck: bool,
     /// Installer reports received.
@@ -156,6 +159,7 @@ impl Node {
             peers: 0,
             message: None,
             error: None,
+            steps: Vec::new(),
             stuck: false,
             reports: 0,
             tracker: None,
@@ -259,6 +263,7 @@ impl Node {
         self.up_bps = 0;
         self.peers = 0;
         self.error = None;
+        self.steps.clear();
         self.message = None;
         self.tracker = None;
         self.boot_files.clear();
@@ -326,6 +331,7 @@ impl Node {
                 // A report after done/failed: the installer runs again (a retry without DHCP).
                 self.bytes_done = 0;
                 self.error = None;
+                self.steps.clear();
             }
             self.enter(p, now);
         }
@@ -346,6 +352,20 @@ impl Node {
         }
         if let Some(e) = &r.error {
             self.error = Some(capped(e));
+        }
+        if !r.steps.is_empty() {
+            // Every report carries all steps so far: the latest list replaces the kept one, held
+            // to the installer's own bounds whatever a report claims.
+            self.steps = r
+                .steps
+                .iter()
+                .take(node_api::MAX_STEPS)
+                .map(|s| StepReport {
+                    name: capped(&s.name),
+                    output: node_api::tail(&s.output, node_api::STEP_OUTPUT_MAX),
+                    ..s.clone()
+                })
+                .collect();
         }
         if r.phase == Some(Phase::Failed) && self.error.is_none() {
             self.error = Some("failed (no reason given)".to_owned());
@@ -445,6 +465,30 @@ mod tests {
         assert_eq!(n.phases[0].phase, Phase::Dhcp, "the first phase is kept");
         assert_eq!(n.phases.last().unwrap().at_ms, 10 + 9_999, "and the latest");
         assert_eq!(capped("short"), "short");
+    }
+
+    #[test]
+    fn profile_steps_are_kept_bounded_and_cleared_by_a_new_run() {
+        let mut n = Node::new(mac(), Phase::Installer, 0);
+        let step = |name: &str, ok: bool, output: String| StepReport { name: name.into(), ok, exit_code: Some(if ok { 0 } else { 3 }), output, secs: 0.1 };
+        let r = NodeReport { phase: Some(Phase::Configuring), steps: vec![step("10-a.sh", true, "fine\n".into())], ..Default::default() };
+        n.on_report(&r, 1);
+        // A report without steps (a periodic one from before) does not erase them.
+        n.on_report(&NodeReport { phase: Some(Phase::Configuring), ..Default::default() }, 2);
+        assert_eq!(n.steps.len(), 1);
+        let forged = NodeReport {
+            phase: Some(Phase::Failed),
+            error: Some("profile step 20-b.sh failed (exit 3)".into()),
+            steps: (0..100).map(|i| step(&format!("s{i}"), false, "x".repeat(100_000))).collect(),
+            ..Default::default()
+        };
+        n.on_report(&forged, 3);
+        assert_eq!(n.steps.len(), node_api::MAX_STEPS);
+        assert!(n.steps.iter().all(|s| s.output.len() <= node_api::STEP_OUTPUT_MAX + 32));
+        let json = serde_json::to_value(&n).unwrap();
+        assert_eq!(json["steps"][0]["exit_code"], 3, "{}", json["steps"][0]);
+        n.on_report(&NodeReport { phase: Some(Phase::Partitioning), ..Default::default() }, 4);
+        assert!(n.steps.is_empty(), "a new run starts without the old steps");
     }
 
     #[test]

@@ -77,6 +77,18 @@ pub struct Planner {
     hostnames: HashMap<MacAddr, String>,
     install: InstallConfig,
     boot_peer_port: Option<u16>,
+    profiles: HashMap<String, crate::config::ProfileConfig>,
+}
+
+/// `<store>/groups/<group>/overlay`: the group's overlay tree; `None` for a group name that
+/// cannot name a directory there.
+pub fn overlay_dir(store: &Path, group: &str) -> Option<PathBuf> {
+    node_api::is_group_dir_name(group).then(|| store.join("groups").join(group).join("overlay"))
+}
+
+/// `<store>/scripts/<name>`: a profile script; `None` for a name that is not a plain file name.
+pub fn script_path(store: &Path, name: &str) -> Option<PathBuf> {
+    node_api::is_script_name(name).then(|| store.join("scripts").join(name))
 }
 
 /// `<store>/<image>.layout.toml`.
@@ -123,7 +135,9 @@ impl Planner {
         }
         let hostnames =
             cfg.dhcp.reservations.iter().filter_map(|r| Some((r.mac, r.hostname.clone()?))).collect();
-        Ok(Planner { image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone(), boot_peer_port: cfg.boot.peer_serve.then_some(cfg.boot.peer_port) })
+        Ok(Planner { image: cfg.image.clone(), archive, layout, hostnames, install: cfg.install.clone(), boot_peer_port: cfg.boot.peer_serve.then_some(cfg.boot.peer_port),
+            profiles: cfg.profiles.iter().map(|p| (p.group.clone(), p.clone())).collect(),
+        })
     }
 
     /// The image to install, when there is an archive of it to hand out.
@@ -162,7 +176,25 @@ impl Planner {
             report_every_secs: self.install.report_every.as_secs().max(1),
             seal: archive.seal.clone(),
             boot_peer_port: self.boot_peer_port,
+            profile: record.and_then(|r| r.group.as_deref()).and_then(|g| self.profile(g, false)),
         })
+    }
+
+    /// The profile of `group`: its `[[profile]]` steps, and `overlay` when the group has an
+    /// overlay tree; `None` when it has neither.
+    pub fn profile(&self, group: &str, overlay: bool) -> Option<node_api::NodeProfile> {
+        let p = self.profiles.get(group);
+        (p.is_some() || overlay).then(|| node_api::NodeProfile {
+            group: group.to_owned(),
+            overlay,
+            steps: p.map(|p| p.steps.clone()).unwrap_or_default(),
+            step_timeout_secs: p.map_or(600, |p| p.step_timeout.as_secs()),
+        })
+    }
+
+    /// Whether `script` is a step of `group`'s profile (only those are handed out).
+    pub fn group_has_script(&self, group: &str, script: &str) -> bool {
+        self.profiles.get(group).is_some_and(|p| p.steps.iter().any(|s| matches!(s, node_api::ProfileStep::Script(n) if n == script)))
     }
 }
 
@@ -234,6 +266,47 @@ mod tests {
         let l: DiskLayout = toml::from_str(text).unwrap();
         l.validate().unwrap();
         assert_eq!(l.partitions[0].fs, FsKind::BiosGrub);
+    }
+
+    #[test]
+    fn a_nodes_group_brings_its_profile_and_only_its_scripts() {
+        let cfg = Config::from_toml(
+            "image = \"deb\"\n[[profile]]\ngroup = \"compute\"\nsteps = [{ script = \"10-a.sh\" }, { enable = [\"x.service\"] }]\nstep_timeout = \"30s\"\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        let facts = ArchiveFacts { size: 1, unpacked: 0, manifest: None, manifest_file: None, seal: None };
+        let pl = Planner::new(&cfg, Some(facts)).unwrap();
+        let mac: MacAddr = "52:54:00:00:00:02".parse().unwrap();
+        let mut rec = NodeRecord {
+            mac,
+            hostname: None,
+            disk: None,
+            group: None,
+            origin: crate::nodes::Origin::Added,
+            state: crate::nodes::NodeState::Enrolled,
+            reimage: false,
+            installs: 0,
+            updated_ms: 0,
+        };
+        assert_eq!(pl.plan(mac, Firmware::Bios, Some(&rec)).unwrap().profile, None);
+        rec.group = Some("compute".into());
+        let p = pl.plan(mac, Firmware::Bios, Some(&rec)).unwrap().profile.unwrap();
+        assert_eq!((p.group.as_str(), p.steps.len(), p.step_timeout_secs, p.overlay), ("compute", 2, 30, false));
+        rec.group = Some("storage".into());
+        assert_eq!(pl.plan(mac, Firmware::Bios, Some(&rec)).unwrap().profile, None);
+        assert_eq!(pl.profile("storage", true).unwrap().steps, vec![]);
+        assert!(pl.group_has_script("compute", "10-a.sh"));
+        assert!(!pl.group_has_script("compute", "20-b.sh") && !pl.group_has_script("storage", "10-a.sh"));
+        assert_eq!(overlay_dir(Path::new("/s"), ".."), None);
+        assert_eq!(overlay_dir(Path::new("/s"), "compute"), Some(PathBuf::from("/s/groups/compute/overlay")));
+        assert_eq!(script_path(Path::new("/s"), "../x"), None);
+        let dup = "[[profile]]\ngroup = \"a\"\n[[profile]]\ngroup = \"a\"\n";
+        assert!(Config::from_toml(dup, Path::new("t")).unwrap_err().to_string().contains("profile[1].group"));
+        let bad = "[[profile]]\ngroup = \"a\"\nsteps = [{ script = \"../../bin/sh\" }]\n";
+        assert!(Config::from_toml(bad, Path::new("t")).unwrap_err().to_string().contains("profile[0].steps[0]"));
+        let bad = "[[profile]]\ngroup = \"..\"\n";
+        assert!(Config::from_toml(bad, Path::new("t")).unwrap_err().to_string().contains("profile[0].group"));
     }
 
     #[test]

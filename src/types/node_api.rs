@@ -8,6 +8,8 @@
 //! | `POST /api/nodes/<mac>/report` | installer → appliance | [`NodeReport`] → 204 |
 //! | `GET /boot/digests` | installer → appliance (no token) | → [`BootDigests`] |
 //! | `POST /api/nodes/<mac>/boot-peer` | installer → appliance | [`BootPeerNote`] → 204 |
+//! | `GET /api/nodes/<mac>/scripts/<name>` | installer → appliance | → a profile script (bytes) |
+//! | `GET /api/nodes/<mac>/overlay` | installer → appliance | → the group's overlay (tar), 404 without one |
 //!
 //! `<mac>` is `aa:bb:cc:dd:ee:ff` (or hyphenated). Both routes need the node's token
 //! ([`crate::types::NodeToken`], given to the node on its kernel command line as `si.token=`)
@@ -147,6 +149,128 @@ pub struct NodeReport {
     /// kernel messages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// The profile steps finished so far, in order (every report carries them all, so a lost
+    /// report loses nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepReport>,
+}
+
+/// Largest profile script handed out, bytes.
+pub const SCRIPT_MAX: usize = 1 << 20;
+/// Largest group overlay handed out (as a tar), bytes.
+pub const OVERLAY_MAX: usize = 256 << 20;
+
+/// Most steps in one profile.
+pub const MAX_STEPS: usize = 32;
+/// Output kept of a failed step (its last bytes).
+pub const STEP_OUTPUT_MAX: usize = 4096;
+/// Output kept of a step that succeeded (its last bytes), so a report of every step stays small.
+pub const STEP_OUTPUT_OK_MAX: usize = 512;
+
+/// One post-install step of a group's profile, as written in the configuration
+/// (`{ script = "10-tune.sh" }`, `{ packages = ["htop"] }`, `{ enable = ["chrony.service"] }`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum ProfileStep {
+    /// Run `<store>/scripts/NAME` (an executable, usually with a `#!` line) in the installed
+    /// system's chroot.
+    Script(String),
+    /// `apt-get update` and `apt-get install -y` these packages in the chroot.
+    Packages(Vec<String>),
+    /// `systemctl enable` these units in the chroot (or their `WantedBy=` symlinks).
+    Enable(Vec<String>),
+}
+
+impl ProfileStep {
+    /// The step's name in reports and errors: the script's name, `packages a b`, `enable u`.
+    pub fn name(&self) -> String {
+        match self {
+            ProfileStep::Script(s) => s.clone(),
+            ProfileStep::Packages(p) => format!("packages {}", p.join(" ")),
+            ProfileStep::Enable(u) => format!("enable {}", u.join(" ")),
+        }
+    }
+
+    /// Checks the names in the step: a script is a plain file name in `<store>/scripts/`
+    /// (`[A-Za-z0-9._+-]`, not starting with `.` or `-`: no paths, no `..`); a package or unit
+    /// name never starts with `-` (no option injection) and has no `/` or white space.
+    ///
+    /// # Errors
+    /// The first bad name, in words.
+    pub fn validate(&self) -> Result<(), String> {
+        let word = |kind: &str, w: &str, extra: &[u8]| -> Result<(), String> {
+            let ok = !w.is_empty()
+                && w.len() <= 128
+                && !w.starts_with(['-', '.'])
+                && w.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b) || extra.contains(&b));
+            if ok { Ok(()) } else { Err(format!("{kind} {w:?}: want a plain name ([A-Za-z0-9._+-], not starting with . or -)")) }
+        };
+        match self {
+            ProfileStep::Script(s) => word("script", s, b""),
+            ProfileStep::Packages(p) if p.is_empty() => Err("packages: empty list".into()),
+            ProfileStep::Packages(p) => p.iter().try_for_each(|w| word("package", w, b":=~")),
+            ProfileStep::Enable(u) if u.is_empty() => Err("enable: empty list".into()),
+            ProfileStep::Enable(u) => u.iter().try_for_each(|w| word("unit", w, b"@:\\")),
+        }
+    }
+}
+
+/// A checked script name ([`ProfileStep::validate`]'s rule), for the script route.
+pub fn is_script_name(name: &str) -> bool {
+    ProfileStep::Script(name.to_owned()).validate().is_ok()
+}
+
+/// Whether `group` can name a directory under `<store>/groups/`: 1-63 of `[A-Za-z0-9._-]`, not
+/// starting with `.` (so never `.` or `..`).
+pub fn is_group_dir_name(group: &str) -> bool {
+    !group.is_empty() && group.len() <= 63 && !group.starts_with('.') && group.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// What a node of a group does after the image is configured and before its boot loader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeProfile {
+    /// The node's group.
+    pub group: String,
+    /// Whether the group has an overlay tree (`GET /api/nodes/<mac>/overlay`).
+    #[serde(default)]
+    pub overlay: bool,
+    /// The steps, in order.
+    #[serde(default)]
+    pub steps: Vec<ProfileStep>,
+    /// Longest run of one step, seconds.
+    pub step_timeout_secs: u64,
+}
+
+/// One finished profile step, as reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepReport {
+    /// Its name ([`ProfileStep::name`]).
+    pub name: String,
+    /// It succeeded.
+    pub ok: bool,
+    /// Its exit code; `None` when it did not run to an exit (timeout, signal, not started).
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// The last bytes of its output (stdout and stderr together), and why when it did not run.
+    #[serde(default)]
+    pub output: String,
+    /// Seconds it took.
+    #[serde(default)]
+    pub secs: f64,
+}
+
+/// `text`'s last `max` bytes (on a character boundary), marked when cut.
+pub fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut cut = text.len() - max;
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("[… {cut} bytes cut]\n{}", &text[cut..])
 }
 
 /// What a node is to do: answered by the appliance to the installer.
@@ -190,6 +314,10 @@ pub struct NodePlan {
     /// installer fetches and serves nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_peer_port: Option<u16>,
+    /// The node's group's profile (overlay and post-install steps); `None`: no group, or a
+    /// group with neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<NodeProfile>,
 }
 
 /// The image as the appliance signed it (see [`crate::image::sign`]): the installer checks the
@@ -432,6 +560,32 @@ mod tests {
         assert_eq!(authorize(Some(&good), b"other", mac), Err(AuthError::Wrong));
         assert_eq!(authorize(Some(tok.as_str()), b"s3cret", mac), Err(AuthError::Missing));
         assert_eq!(authorize(None, b"s3cret", mac), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn profile_steps_parse_from_toml_and_refuse_paths() {
+        #[derive(Deserialize)]
+        struct P {
+            steps: Vec<ProfileStep>,
+        }
+        let p: P = toml::from_str(r#"steps = [ { script = "10-tune.sh" }, { packages = ["htop"] }, { enable = ["chrony.service"] } ]"#).unwrap();
+        assert_eq!(p.steps[0], ProfileStep::Script("10-tune.sh".into()));
+        assert_eq!(p.steps.iter().map(ProfileStep::name).collect::<Vec<_>>(), ["10-tune.sh", "packages htop", "enable chrony.service"]);
+        for s in &p.steps {
+            s.validate().unwrap();
+        }
+        ProfileStep::Enable(vec!["getty@tty1.service".into()]).validate().unwrap();
+        for bad in ["../x", "a/b", "..", ".hidden", "-rf", "", "a b"] {
+            assert!(ProfileStep::Script(bad.into()).validate().is_err(), "{bad:?}");
+            assert!(!is_script_name(bad), "{bad:?}");
+        }
+        assert!(ProfileStep::Packages(vec!["-o".into()]).validate().is_err());
+        assert!(ProfileStep::Packages(vec![]).validate().is_err());
+        assert!(ProfileStep::Enable(vec!["../../x.service".into()]).validate().is_err());
+        assert!(toml::from_str::<P>(r#"steps = [ { script = "a", enable = ["b"] } ]"#).is_err());
+        assert!(toml::from_str::<P>(r#"steps = [ { run = "a" } ]"#).is_err());
+        assert_eq!(tail("abcdef", 3), "[… 3 bytes cut]\ndef");
+        assert_eq!(tail("abc", 3), "abc");
     }
 
     #[test]

@@ -67,12 +67,24 @@ async function showConsole(mac) {
   $("console-view").hidden = false;
 }
 
+// A node's profile steps (from /api/nodes: name, exit code, end of output), below the table.
+function showSteps(mac) {
+  const n = nodes.get(mac);
+  if (!n) return;
+  $("console-title").textContent = "profile steps of " + mac;
+  $("console").textContent = (n.steps || []).map((st, i) =>
+    `${st.ok ? "ok    " : "FAILED"} step ${i + 1} ${st.name} (exit ${st.exit_code == null ? "none" : st.exit_code}, ${st.secs.toFixed(1)} s)\n` +
+    (st.output ? st.output.replace(/^/gm, "  | ") + "\n" : "")).join("");
+  $("console-view").hidden = false;
+}
+
 document.addEventListener("click", async (e) => {
   const b = e.target.closest("button.act");
   if (!b) return;
   const mac = b.dataset.mac;
   if (b.dataset.act === "enrol") await admin("/api/admin/nodes", { macs: [mac] });
   if (b.dataset.act === "log") await showConsole(mac);
+  if (b.dataset.act === "steps") showSteps(mac);
   if (b.dataset.act === "reimage" && confirm("Install " + mac + " again at its next network boot?")) await admin("/api/admin/reimage", { macs: [mac] });
 });
 
@@ -88,10 +100,14 @@ function renderTable() {
     const cls = ["node", n.stuck ? "stuck" : "", n.phase === "failed" ? "failed" : "", n.phase === "done" ? "done" : ""].join(" ");
     const pct = Math.round(progress(n) * 100);
     const msg = n.phase === "failed" ? (n.error || "") : (n.stuck ? "stuck: no progress. " : "") + (n.message || n.boot_files[n.boot_files.length - 1] || "");
+    // A failed profile step: its name is in the error; its output's last line goes with it.
+    const bad = (n.steps || []).find((st) => !st.ok);
+    const stepLine = bad ? " — " + (bad.output.trim().split("\n").pop() || "") : "";
+    const stepsBtn = (n.steps || []).length ? ` <button class="act" data-act="steps" data-mac="${esc(n.mac)}">steps ${n.steps.length}</button>` : "";
     return `<tr class="${cls}" data-mac="${esc(n.mac)}"><td>${esc(n.mac)}</td><td>${esc(n.ip)}</td><td>${esc(n.hostname)}</td>` +
       `<td>${esc(n.arch)}</td><td>${esc(n.enrolment)} ${actionFor(n)}</td><td><span class="phase" style="background:${COLORS[n.phase]}">${esc(n.phase)}</span></td>` +
       `<td><span class="bar"><div style="width:${pct}%"></div></span> ${pct}%</td><td>${mb(n.down_bps)}</td><td>${mb(n.up_bps)}</td>` +
-      `<td>${n.peers}</td><td>${dur((now - n.last_progress_ms) / 1000)}</td><td class="msg">${esc(msg)}</td></tr>`;
+      `<td>${n.peers}</td><td>${dur((now - n.last_progress_ms) / 1000)}</td><td class="msg" title="${esc(bad ? bad.output : "")}">${esc(msg + stepLine)}${stepsBtn}</td></tr>`;
   });
   document.querySelector("#nodes tbody").innerHTML = rows.join("");
   $("empty").style.display = list.length ? "none" : "";

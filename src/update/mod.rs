@@ -506,6 +506,28 @@ fn apply_staged(
         journal.note("meta", path)?;
         set_dir_meta(&under(root, path)?, want[path.as_str()])?;
     }
+    // Renames and deletions touched their parents' mtimes: put back the target's.
+    let changed_dirs: HashSet<&str> = dirs.iter().map(String::as_str).collect();
+    let mut parents: Vec<&str> = plan
+        .added
+        .iter()
+        .chain(&plan.changed)
+        .chain(&plan.deleted)
+        .map(|p| p.rsplit_once('/').map_or(".", |(d, _)| d))
+        .filter(|d| !changed_dirs.contains(d))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    parents.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count() + usize::from(*d != ".")));
+    for d in parents {
+        let Some(e) = want.get(d) else { continue };
+        if e.kind != "dir" {
+            continue;
+        }
+        let dest = under(root, d)?;
+        let t = filetime::FileTime::from_unix_time(e.mtime, e.mtime_ns);
+        filetime::set_symlink_file_times(&dest, t, t).map_err(io_err("setting the mtime of", &dest))?;
+    }
     Ok(kept)
 }
 

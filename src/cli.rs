@@ -114,6 +114,10 @@ pub enum Command {
     /// appliance (or the peer it redirects to), check them against /boot/digests, serve them on
     /// boot.peer_port and announce that, until SIGINT/SIGTERM.
     BootPeer(BootPeerArgs),
+    /// Update this installed node in place from a diff (or full) archive of its image: changed
+    /// and new files via temp + rename, deletions, metadata, never the excluded paths; a
+    /// journal lists what changed when it fails part-way. --dry-run lists the plan only.
+    Update(UpdateArgs),
     /// Print the state of a running appliance: deployment summary and one line per node.
     Status(StatusArgs),
     /// The appliance's USB stick (built by pxe-assets/build-usb.sh), from a workstation.
@@ -369,6 +373,35 @@ pub struct FetchArgs {
     /// Give up when the download is not complete after this long.
     #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: std::time::Duration,
+}
+
+/// `si-appliance update`.
+#[derive(Debug, clap::Args)]
+pub struct UpdateArgs {
+    /// The installed system's root (its var/lib/si-appliance/installed.manifest is the base).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// The archive to apply: `image diff`'s NAME.diff.tar.zst against the installed manifest,
+    /// or a full NAME.tar.zst.
+    #[arg(long, value_name = "FILE")]
+    pub archive: PathBuf,
+    /// The archive's manifest (NAME.diff.manifest or NAME.manifest).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: PathBuf,
+    /// Image name recorded in installed.json (default: the one recorded there).
+    #[arg(long = "image", value_name = "NAME")]
+    pub image: Option<String>,
+    /// Print what would change (A added, M changed, D deleted, X excluded) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// More paths never to touch, one absolute pattern a line (repeatable); the node's own
+    /// <root>/etc/si-appliance/update.exclude is read too when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+    /// Do not start from the default exclude list (hostname, machine-id, ssh host keys, fstab,
+    /// network configuration, /var/log, /home).
+    #[arg(long)]
+    pub no_default_excludes: bool,
 }
 
 /// `si-appliance boot-peer`.

@@ -57,6 +57,7 @@
 //! | `dhcp` | `types`, `config`, `net`, `boot` (which loaders are served), `task` |
 //! | `plan` (pure planner + its route) | `types`, `config`, `nodes` |
 //! | `usb` (the stick, from a workstation) | `types`, `image` |
+//! | `update` (an installed node's in-place update from a diff archive) | `types`, `image` |
 //! | `app` | all of them: what one service publishes (archive facts, info-hashes, the event sink) reaches another as values through `app` |
 //!
 //! So the installer links nothing of the appliance's serving side (no `config`, `dhcp`, `boot`,
@@ -78,6 +79,7 @@ pub mod private_file;
 pub mod swarm;
 pub mod task;
 pub mod types;
+pub mod update;
 pub mod usb;
 
 #[cfg(test)]
@@ -103,6 +105,7 @@ mod tests {
         ("dhcp", &["types", "config", "net", "boot", "task"]),
         ("plan", &["types", "config", "nodes"]),
         ("usb", &["types", "image"]),
+        ("update", &["types", "image"]),
     ];
 
     /// `crate::<module>` paths named in `text` outside comments and before its test module.

@@ -40,6 +40,54 @@ fn init_tracing(verbose: u8, installer: bool) {
 }
 
 /// `si-appliance fetch`: download through the swarm, then seed; SIGINT/SIGTERM stop it.
+fn update(a: si_appliance::cli::UpdateArgs) -> anyhow::Result<()> {
+    use si_appliance::image::manifest::Manifest;
+    use si_appliance::update::{self, Excludes};
+    let mut x = if a.no_default_excludes { Excludes::default() } else { Excludes::defaults() };
+    let local = a.root.join("etc/si-appliance/update.exclude");
+    if local.is_file() {
+        x.add_file(&local)?;
+    }
+    for f in &a.exclude_from {
+        x.add_file(f)?;
+    }
+    let target = Manifest::load(&a.manifest)?;
+    if a.dry_run {
+        let base = update::installed_manifest(&a.root)?;
+        let plan = update::plan(&base, &target, &x)?;
+        print!("{}", plan.lines());
+        println!(
+            "update-plan added={} changed={} deleted={} excluded={}",
+            plan.added.len(),
+            plan.changed.len(),
+            plan.deleted.len(),
+            plan.excluded.len()
+        );
+        return Ok(());
+    }
+    let image = match a.image {
+        Some(i) => i,
+        None => {
+            let (json, _) = update::installed_paths(&a.root);
+            let bytes = std::fs::read(&json).with_context(|| format!("reading {}", json.display()))?;
+            serde_json::from_slice::<update::Installed>(&bytes).with_context(|| format!("parsing {}", json.display()))?.image
+        }
+    };
+    let done = update::apply(&a.root, &image, &a.archive, &target, &x)?;
+    for d in &done.kept_dirs {
+        eprintln!("kept {d}: deleted from the image but holds other files");
+    }
+    println!(
+        "update-done added={} changed={} deleted={} excluded={} manifest={}",
+        done.plan.added.len(),
+        done.plan.changed.len(),
+        done.plan.deleted.len(),
+        done.plan.excluded.len(),
+        done.manifest_sha256
+    );
+    Ok(())
+}
+
 fn fetch(a: si_appliance::cli::FetchArgs) -> anyhow::Result<()> {
     use si_appliance::swarm::fetch::{self, FetchOptions};
     let opts = FetchOptions {
@@ -212,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Fetch(a)) => fetch(a),
         Some(Command::Install(a)) => install(a),
         Some(Command::BootPeer(a)) => boot_peer(a),
+        Some(Command::Update(a)) => update(a),
         Some(Command::CheckConfig) => {
             use std::io::Write;
             // A closed pipe (`check-config | head`) is not an error worth a panic.

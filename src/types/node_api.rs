@@ -10,6 +10,9 @@
 //! | `POST /api/nodes/<mac>/boot-peer` | installer → appliance | [`BootPeerNote`] → 204 |
 //! | `GET /api/nodes/<mac>/scripts/<name>` | installer → appliance | → a profile script (bytes) |
 //! | `GET /api/nodes/<mac>/overlay` | installer → appliance | → the group's overlay (tar), 404 without one |
+//! | `GET /api/nodes/<mac>/update?have=<sha256>[&asked=1]` | installed node → appliance | → [`UpdateOffer`] |
+//! | `GET /api/nodes/<mac>/update/manifest` | installed node → appliance | → the offered target's manifest |
+//! | `POST /api/nodes/<mac>/update` | installed node → appliance | [`UpdateResult`] → 204 |
 //!
 //! `<mac>` is `aa:bb:cc:dd:ee:ff` (or hyphenated). Both routes need the node's token
 //! ([`crate::types::NodeToken`], given to the node on its kernel command line as `si.token=`)
@@ -600,3 +603,108 @@ mod tests {
         }
     }
 }
+
+/// Where an installed node keeps what it needs to talk to its appliance after the install
+/// (`<root>/var/lib/si-appliance/node.json`, mode 0600, written by the installer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCredentials {
+    /// The appliance's HTTP address (`IP:PORT`).
+    pub server: std::net::SocketAddr,
+    /// The node's MAC (the one it installed with).
+    pub mac: MacAddr,
+    /// Its token.
+    pub token: String,
+    /// The interface it installed through (the swarm binds to it); `None`: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iface: Option<String>,
+}
+
+/// What archive an update fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateKind {
+    /// The entries changed since the node's base, and the deletions.
+    Diff,
+    /// The whole image (the node's base is unknown to the appliance).
+    Full,
+}
+
+/// An image version to update to, published in the swarm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTarget {
+    /// The image.
+    pub image: ImageName,
+    /// Diff from the node's base, or the full image.
+    pub kind: UpdateKind,
+    /// The swarm name of the archive (`GET /torrents/<name>.torrent`, `/api/swarm/<name>`).
+    pub name: ImageName,
+    /// The archive's size, bytes.
+    pub bytes: u64,
+    /// SHA-256 (hex) of the target manifest (`GET /api/nodes/<mac>/update/manifest`): the node
+    /// checks the manifest it gets against it before using it.
+    pub manifest_sha256: String,
+    /// For a diff: the base manifest's SHA-256 (the node's `have`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_manifest_sha256: Option<String>,
+}
+
+/// The appliance's answer to `GET /api/nodes/<mac>/update`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateOffer {
+    /// An operator ordered this node to update (`node update`); `false`: only the node asked.
+    pub ordered: bool,
+    /// The version to update to; `None`: the node already runs it (or nothing is ordered and
+    /// the node did not ask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<UpdateTarget>,
+    /// Run the group's profile steps again after the update (`node update --profile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<NodeProfile>,
+    /// When to ask again (the agent's poll period), seconds.
+    pub poll_secs: u64,
+}
+
+/// What an installed node says after an update (or profile run) it was offered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateResult {
+    /// It worked.
+    pub ok: bool,
+    /// The manifest the node ran before.
+    pub from_manifest_sha256: String,
+    /// The manifest it runs now (the old one when the update failed without a change).
+    pub manifest_sha256: String,
+    /// Entries added, changed, deleted; paths the excludes kept.
+    #[serde(default)]
+    pub added: u64,
+    /// See `added`.
+    #[serde(default)]
+    pub changed: u64,
+    /// See `added`.
+    #[serde(default)]
+    pub deleted: u64,
+    /// See `added`.
+    #[serde(default)]
+    pub excluded: u64,
+    /// Archive bytes fetched, and uploaded to other nodes.
+    #[serde(default)]
+    pub fetched_bytes: u64,
+    /// See `fetched_bytes`.
+    #[serde(default)]
+    pub uploaded_bytes: u64,
+    /// Seconds from the offer to the end.
+    #[serde(default)]
+    pub secs: f64,
+    /// Why it failed, and whether the tree changed (the journal's paths).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Profile steps run (with `--profile`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepReport>,
+}
+
+/// Largest [`UpdateResult`] body accepted, bytes.
+pub const UPDATE_RESULT_MAX: usize = 256 << 10;

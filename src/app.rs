@@ -129,9 +129,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let events = monitor.sink();
     // The swarm first: its info-hashes go into the signed seal of every plan and boot script.
     let mut swarm_router = None;
+    let mut publisher = None;
     if cfg.swarm.enable {
-        let (router, hashes) = start_swarm(&cfg, &archives, &iface, &shutdown, &mut tasks, &events).await?;
+        let (router, hashes, p) = start_swarm(&cfg, &archives, &iface, &shutdown, &mut tasks, &events).await?;
         swarm_router = Some(router);
+        publisher = Some(p);
         if let (Some(image), Some(f)) = (&cfg.image, facts.as_mut()) {
             f.seal = hashes.get(image).map(|ih| seal(&signing, image, ih, f.manifest.as_deref()));
         }
@@ -145,6 +147,27 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         monitor.attach_addrs(a.clone());
     }
     let plan_api = Arc::new(plan_api.with_events(events.clone()).with_addrs(bound));
+    // Updates of installed nodes to the image's tree as it is when ordered, over the swarm.
+    let updates = match (&cfg.image, publisher) {
+        (Some(image), Some(publisher)) => {
+            let store = crate::image::store::Store::new(cfg.store.clone());
+            let (planner, store_dir) = (plan_api.planner().clone(), cfg.store.clone());
+            let profile_of: crate::update::serve::ProfileOf = Arc::new(move |g: &str| {
+                planner.profile(g, crate::plan::overlay_dir(&store_dir, g).is_some_and(|d| d.is_dir()))
+            });
+            Some(Arc::new(crate::update::serve::UpdateService::new(
+                store,
+                image.clone(),
+                publisher,
+                book.clone(),
+                plan_api.node_auth(),
+                admin.clone(),
+                cfg.install.update_poll.as_secs(),
+                profile_of,
+            )))
+        }
+        _ => None,
+    };
 
     if cfg.dhcp.mode != DhcpMode::Off {
         // Probing and opening the lease journal happen before anything is served, so a refusal
@@ -220,6 +243,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         );
     }
     router = router.merge(crate::plan::http::routes(plan_api));
+    if let Some(u) = updates {
+        router = router.merge(crate::update::serve::routes(u));
+    }
     for ip in [iface.ip, Ipv4Addr::LOCALHOST] {
         let addr = SocketAddr::V4(SocketAddrV4::new(ip, cfg.http.port));
         let listener = tokio::net::TcpListener::bind(addr)
@@ -398,7 +424,7 @@ async fn start_swarm(
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<Result<(), AppError>>,
     events: &crate::types::events::EventSink,
-) -> Result<(axum::Router, std::collections::BTreeMap<crate::types::ImageName, swarm::tracker::InfoHash>), AppError> {
+) -> Result<(axum::Router, std::collections::BTreeMap<crate::types::ImageName, swarm::tracker::InfoHash>, Arc<swarm::publish::Publisher>), AppError> {
     use std::collections::BTreeMap;
     let sw = &cfg.swarm;
     let mut subnets = vec![iface.net];
@@ -444,12 +470,16 @@ async fn start_swarm(
         swarm::seed::restamp(&list, &announce, &swarm_dir.join("torrents"))?;
         Some(Arc::new(seed))
     };
+    let served: swarm::api_http::ServedMap = Arc::new(std::sync::RwLock::new(served));
+    let hashes_now = {
+        let served = served.clone();
+        move || served.read().unwrap_or_else(|e| e.into_inner()).values().map(|s| (s.info_hash, s.size)).collect::<Vec<_>>()
+    };
     if let Some(seed) = seed.clone() {
         // The seed's upload counter for the monitor (seed upload share, the aggregate chart).
         let (token, events, every) = (shutdown.clone(), events.clone(), cfg.monitor.sample_interval);
-        let hashes: Vec<_> = served.values().map(|s| s.info_hash).collect();
-        let archive_size = served.values().map(|s| s.size).max().unwrap_or(0);
         let seed = seed.clone();
+        let hashes_now = hashes_now.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -457,7 +487,9 @@ async fn start_swarm(
                     // CANCEL-SAFETY: interval ticks and cancellation carry no state.
                     _ = token.cancelled() => break,
                     _ = tick.tick() => {
-                        let uploaded = hashes.iter().filter_map(|ih| seed.stats(ih)).map(|s| s.uploaded_bytes).sum();
+                        let hashes = hashes_now();
+                        let archive_size = hashes.iter().map(|h| h.1).max().unwrap_or(0);
+                        let uploaded = hashes.iter().filter_map(|(ih, _)| seed.stats(ih)).map(|s| s.uploaded_bytes).sum();
                         events.send(crate::types::events::NodeEvent::Seed { uploaded, archive_size });
                     }
                 }
@@ -467,7 +499,7 @@ async fn start_swarm(
     }
     if let Some(seed) = seed.clone() {
         let (token, tracker, interval) = (shutdown.clone(), tracker.clone(), sw.announce_interval);
-        let hashes: Vec<_> = served.values().map(|s| s.info_hash).collect();
+        let hashes_now = hashes_now.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(interval);
             loop {
@@ -475,8 +507,10 @@ async fn start_swarm(
                     // CANCEL-SAFETY: interval ticks and cancellation carry no state.
                     _ = token.cancelled() => break,
                     _ = tick.tick() => {
+                        // Every served archive, those published since the start (updates) too.
+                        let hashes = hashes_now();
                         let mut t = tracker.lock().unwrap_or_else(|e| e.into_inner());
-                        for ih in &hashes {
+                        for (ih, _) in &hashes {
                             let a = swarm::seed::seed_announce(*ih, seed_addr);
                             if let Err(why) = t.announce(&a, std::time::Instant::now(), &mut rand::rng()) {
                                 error!(%ih, "registering the seed in the tracker: {why}");
@@ -489,13 +523,25 @@ async fn start_swarm(
             Ok(())
         }.instrument(info_span!("seed-refresh", seed = %seed_addr)));
     }
-    info!(archives = served.len(), %announce, seed = %seed_addr, "swarm ready");
-    let hashes = served.values().map(|s| (s.name.clone(), s.info_hash)).collect();
+    let (n, hashes) = {
+        let m = served.read().unwrap_or_else(|e| e.into_inner());
+        (m.len(), m.values().map(|s| (s.name.clone(), s.info_hash)).collect())
+    };
+    info!(archives = n, %announce, seed = %seed_addr, "swarm ready");
     let client_seed_limit_secs = sw.client_seed_limit.as_secs();
     let (expected_nodes, seed_peers) = (sw.expected_nodes, sw.seed_peers);
+    let publisher = Arc::new(swarm::publish::Publisher {
+        served: served.clone(),
+        seed: seed.clone(),
+        tracker: tracker.clone(),
+        seed_addr,
+        announce: announce.clone(),
+        cache_dir: swarm_dir.join("torrents"),
+        make: make.clone(),
+    });
     let api =
         Arc::new(SwarmApi { served, tracker: tracker.clone(), seed, seed_addr, client_seed_limit_secs, expected_nodes, seed_peers });
-    Ok((swarm::tracker_http::routes(tracker, events.clone()).merge(swarm::api_http::routes(api)), hashes))
+    Ok((swarm::tracker_http::routes(tracker, events.clone()).merge(swarm::api_http::routes(api)), hashes, publisher))
 }
 
 /// What the DHCP service reports to and asks of the rest of the appliance.

@@ -127,6 +127,7 @@ pub enum Command {
         action: UsbAction,
     },
     /// The nodes of a running appliance: enrol (`add`), mark for a new install (`reimage`),
+    /// order an update of installed nodes (`update`),
     /// `list` their records and the discovered PXE clients, print a node's installer console
     /// (`log`). Uses the admin token in <state_dir>/admin-token.
     Node(NodeArgs),
@@ -189,6 +190,22 @@ pub enum NodeAction {
         /// Every enrolled node.
         #[arg(long)]
         all: bool,
+    },
+    /// Order installed nodes to update to the image's tree as it is now (their agents fetch the
+    /// diff from their version through the swarm at their next poll, `install.update_poll`).
+    Update {
+        /// MAC addresses.
+        #[arg(conflicts_with_all = ["group", "all"], required_unless_present_any = ["group", "all"])]
+        macs: Vec<String>,
+        /// Every node of this group.
+        #[arg(long, conflicts_with = "all")]
+        group: Option<String>,
+        /// Every installed node.
+        #[arg(long)]
+        all: bool,
+        /// Run the group's profile steps again as well (on the live system).
+        #[arg(long)]
+        profile: bool,
     },
     /// Every node's record, and the discovered (not enrolled) PXE clients.
     List {

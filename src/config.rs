@@ -411,6 +411,9 @@ pub struct InstallConfig {
     /// Period of the installers' progress reports.
     #[serde(with = "humantime_serde")]
     pub report_every: Duration,
+    /// How often installed nodes' update agents ask for an ordered update (`node update`).
+    #[serde(with = "humantime_serde")]
+    pub update_poll: Duration,
 }
 
 impl Default for InstallConfig {
@@ -420,6 +423,7 @@ impl Default for InstallConfig {
             finish: crate::types::node_api::Finish::Reboot,
             seed_for: Duration::from_secs(600),
             report_every: Duration::from_secs(2),
+            update_poll: Duration::from_secs(60),
         }
     }
 }
@@ -673,6 +677,9 @@ impl ConfigFile {
                     }
                 }
             }
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(86400)).contains(&self.install.update_poll) {
+            return bad("install.update_poll".into(), "must be within 1s..=1d".into());
         }
         for (i, p) in self.profiles.iter().enumerate() {
             if !crate::types::node_api::is_group_dir_name(&p.group) {

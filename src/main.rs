@@ -346,6 +346,14 @@ fn node(cfg: &Config, a: si_appliance::cli::NodeArgs) -> anyhow::Result<()> {
             };
             rt.block_on(client::reimage(addr, &token, &sel))?
         }
+        NodeAction::Update { macs: m, group, all, profile } => {
+            let sel = match (all, group) {
+                (true, _) => Selector::All,
+                (false, Some(g)) => Selector::Group(g),
+                (false, None) => Selector::Macs(macs(&m)?),
+            };
+            rt.block_on(client::update(addr, &token, &sel, profile))?
+        }
         NodeAction::List { json } => rt.block_on(client::list(addr, &token, json))?,
         NodeAction::Log { mac } => {
             let mac: MacAddr = mac.parse().with_context(|| format!("{mac:?} is not a MAC address"))?;

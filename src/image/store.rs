@@ -99,6 +99,27 @@ pub struct DiffOutcome {
     pub deleted: usize,
 }
 
+/// Above this share of the image's file bytes, an update archive is the whole tree rather than
+/// a diff (a node far behind fetches about as much either way, and the full one serves all).
+pub const FULL_RATHER_THAN_DIFF: f64 = 0.8;
+
+/// An archive made by [`Store::update_archive`].
+#[derive(Clone, Debug)]
+pub struct UpdateArchive {
+    /// The archive (`.tar.zst`).
+    pub archive: PathBuf,
+    /// Its manifest (a diff's names the base and the deletions).
+    pub manifest_path: PathBuf,
+    /// That manifest.
+    pub manifest: Manifest,
+    /// The version it brings a node to (SHA-256 of the tree's full manifest).
+    pub target: String,
+    /// A diff (else the whole tree).
+    pub diff: bool,
+    /// Its size.
+    pub bytes: u64,
+}
+
 /// Where `image capture` pulls a root from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CaptureSource {
@@ -408,6 +429,7 @@ impl Store {
                     if let Some(d) = pack::digests_for(&tree, &nodes, &cache, false)? {
                         if pack::manifest_of(&nodes, &d, header.clone()) == old {
                             info!(image = %name, archive = %archive.display(), "unchanged; not repacked");
+                            self.remember(kind, name, &old)?;
                             if let Some(a) = announce {
                                 self.write_torrent(kind, name, &archive, ext, a)?;
                             }
@@ -423,6 +445,7 @@ impl Store {
         af.commit()?;
         let m = pack::manifest_of(&nodes, &digests, header);
         AtomicFile::write(&manifest_path, &m.to_bytes())?;
+        self.remember(kind, name, &m)?;
         self.save_cache(kind, name, &nodes, &digests)?;
         // The other compression's archive (if any) is stale now.
         let other = self.archive_file(kind, name, if ext == ".tar" { ".tar.zst" } else { ".tar" });
@@ -452,6 +475,133 @@ impl Store {
         }
         info!(image = %name, info_hash = %t.info_hash, piece_length = t.piece_length, "torrent {}", path.display());
         Ok(())
+    }
+
+    /// Where the manifests of every version of a tree that was packed or updated to are kept
+    /// (`archives/history/NAME/<sha256>.manifest`): the bases updates are made from.
+    fn history_dir(&self, kind: TreeKind, name: &ImageName) -> PathBuf {
+        self.archives_dir(kind).join("history").join(name.as_str())
+    }
+
+    /// Keeps a version's manifest in the history (once per digest).
+    ///
+    /// # Errors
+    /// [`ImageError::Store`].
+    pub fn remember(&self, kind: TreeKind, name: &ImageName, m: &Manifest) -> Result<PathBuf, ImageError> {
+        let dir = self.history_dir(kind, name);
+        self.mkdirs(&dir)?;
+        let path = dir.join(format!("{}.manifest", m.digest()));
+        if !path.is_file() {
+            AtomicFile::write(&path, &m.to_bytes())?;
+        }
+        Ok(path)
+    }
+
+    /// A version's manifest from the history, by its SHA-256 (hex); `None` when that version was
+    /// never packed here (or `digest` is not a digest).
+    pub fn version(&self, kind: TreeKind, name: &ImageName, digest: &str) -> Option<Manifest> {
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return None;
+        }
+        let m = Manifest::load(&self.history_dir(kind, name).join(format!("{digest}.manifest"))).ok()?;
+        (m.digest() == digest).then_some(m)
+    }
+
+    /// The manifest of the tree as it is now (packing options: the default ones, as the appliance
+    /// packs), kept in the history; with what writing archives of it needs.
+    fn current(&self, kind: TreeKind, name: &ImageName) -> Result<(Manifest, Vec<scan::Node>), ImageError> {
+        let tree = self.tree_dir(kind, name);
+        if !tree.is_dir() {
+            return Err(ImageError::NoSuchImage { name: name.clone(), store: self.root.clone() });
+        }
+        let nodes = scan::scan(&tree, &ScanOptions::default())?;
+        let cache = self.load_cache(kind, name);
+        let digests = pack::digests_for(&tree, &nodes, &cache, true)?.unwrap_or_default();
+        let m = pack::manifest_of(&nodes, &digests, pack::full_header(&PackOptions::default()));
+        self.save_cache(kind, name, &nodes, &digests)?;
+        self.remember(kind, name, &m)?;
+        Ok((m, nodes))
+    }
+
+    /// The version of the tree as it is now (its manifest's SHA-256), kept in the history.
+    ///
+    /// # Errors
+    /// [`ImageError::NoSuchImage`], scan errors.
+    pub fn current_version(&self, kind: TreeKind, name: &ImageName) -> Result<String, ImageError> {
+        Ok(self.current(kind, name)?.0.digest())
+    }
+
+    /// The archive that brings a node from `base` (a version's manifest; `None`: unknown) to
+    /// the tree as it is now: the diff from `base` (changed and new entries plus deletions), or
+    /// the whole tree when the base is unknown or the diff's files would be more than
+    /// [`FULL_RATHER_THAN_DIFF`] of the image's bytes. Written once per (base, target) under
+    /// `archives/updates/` (named `NAME.<base12>-<target12>.tar.zst`, or `NAME.<target12>.tar.zst`
+    /// for a full one) with its manifest beside it; a later call finds it.
+    ///
+    /// # Errors
+    /// [`ImageError::NoSuchImage`], scan and write errors.
+    pub fn update_archive(&self, kind: TreeKind, name: &ImageName, base: Option<&Manifest>) -> Result<UpdateArchive, ImageError> {
+        let (current, nodes) = self.current(kind, name)?;
+        let target = current.digest();
+        let opts = PackOptions::default();
+        let ch = base.map(|b| manifest::changes(b, &current));
+        let changed_bytes: u64 = match &ch {
+            Some(ch) => {
+                let set: HashSet<&str> = ch.changed.iter().map(String::as_str).collect();
+                current.entries.iter().filter(|e| e.kind == "file" && set.contains(e.path.as_str())).map(|e| e.size).sum()
+            }
+            None => 0,
+        };
+        let diff = match (base, ch) {
+            (Some(b), Some(ch)) if (changed_bytes as f64) <= FULL_RATHER_THAN_DIFF * current.file_bytes() as f64 => Some((b.digest(), ch)),
+            _ => None,
+        };
+        let short = |d: &str| d[..12].to_owned();
+        // The published name is an image name (≤ 64 bytes): the image's name is cut to fit.
+        let stem: String = name.as_str().chars().take(64 - 26).collect();
+        let file = match &diff {
+            Some((b, _)) => format!("{stem}.{}-{}", short(b), short(&target)),
+            None => format!("{stem}.{}", short(&target)),
+        };
+        let dir = self.archives_dir(kind).join("updates");
+        self.mkdirs(&dir)?;
+        let archive = dir.join(format!("{file}.tar.zst"));
+        let manifest_path = dir.join(format!("{file}.manifest"));
+        if let (true, Ok(m)) = (archive.is_file(), Manifest::load(&manifest_path)) {
+            let bytes = fs::metadata(&archive).map_err(ImageError::store("reading", &archive))?.len();
+            info!(image = %name, archive = %archive.display(), "update archive already made");
+            return Ok(UpdateArchive { archive, manifest_path, manifest: m, target, diff: diff.is_some(), bytes });
+        }
+        let tree = self.tree_dir(kind, name);
+        let mut af = AtomicFile::create(&archive)?;
+        let m = match &diff {
+            Some((b, ch)) => {
+                let changed: HashSet<&str> = ch.changed.iter().map(String::as_str).collect();
+                let only: HashSet<Vec<u8>> = current
+                    .entries
+                    .iter()
+                    .zip(&nodes)
+                    .filter(|(e, _)| changed.contains(e.path.as_str()))
+                    .map(|(_, n)| n.rel.clone())
+                    .collect();
+                let deletions: Vec<Vec<u8>> = ch.deleted.iter().filter_map(|p| unescape(p)).collect();
+                pack::write_archive(&tree, &nodes, Some(&only), Some(&deletions), &opts, &archive, af.file())?;
+                let mut header = pack::full_header(&opts);
+                header.kind = "diff".into();
+                header.base_manifest_sha256 = Some(b.clone());
+                header.deletions = ch.deleted.clone();
+                Manifest { header, entries: current.entries.clone() }
+            }
+            None => {
+                pack::write_archive(&tree, &nodes, None, None, &opts, &archive, af.file())?;
+                current.clone()
+            }
+        };
+        af.commit()?;
+        AtomicFile::write(&manifest_path, &m.to_bytes())?;
+        let bytes = fs::metadata(&archive).map_err(ImageError::store("reading", &archive))?.len();
+        info!(image = %name, archive = %archive.display(), bytes, diff = diff.is_some(), "update archive written");
+        Ok(UpdateArchive { archive, manifest_path, manifest: m, target, diff: diff.is_some(), bytes })
     }
 
     /// Writes the diff archive of a tree against its packed base: the entries added or changed

@@ -57,6 +57,32 @@ pub async fn reimage(addr: SocketAddr, token: &str, sel: &Selector) -> Result<St
     Ok(format!("marked for re-imaging at their next network boot ({}): {}\n", macs.len(), macs.join(" ")))
 }
 
+/// Orders an update of installed nodes (their agents apply it at their next poll); returns
+/// what was ordered.
+///
+/// # Errors
+/// The appliance refused (a MAC that is not enrolled, the image unreadable) or did not answer.
+pub async fn update(addr: SocketAddr, token: &str, sel: &Selector, profile: bool) -> Result<String, ClientError> {
+    let body = serde_json::to_vec(&serde_json::json!({ "nodes": sel, "profile": profile })).unwrap_or_default();
+    let out = call(addr, token, "POST", "/api/admin/update", &body).await?;
+    let v = json("POST", "/api/admin/update", addr, &out)?;
+    let list = |k: &str| -> Vec<String> { v[k].as_array().into_iter().flatten().filter_map(|m| m.as_str().map(str::to_owned)).collect() };
+    let (ordered, skipped, current) = (list("ordered"), list("skipped_not_installed"), list("already_current"));
+    let mut s = format!("update target: {}\n", v["target"].as_str().unwrap_or("?"));
+    if ordered.is_empty() {
+        s.push_str("no installed node matched: nothing ordered\n");
+    } else {
+        s.push_str(&format!("ordered ({}; applied at their agents' next poll): {}\n", ordered.len(), ordered.join(" ")));
+    }
+    if !current.is_empty() {
+        s.push_str(&format!("already at the target ({}){}: {}\n", current.len(), if profile { ", profile steps only" } else { "" }, current.join(" ")));
+    }
+    if !skipped.is_empty() {
+        s.push_str(&format!("skipped, not installed ({}): {}\n", skipped.len(), skipped.join(" ")));
+    }
+    Ok(s)
+}
+
 fn when(ms: Option<u64>) -> String {
     ms.map(|m| crate::monitor::report::timestamp(m)).unwrap_or_else(|| "-".into())
 }
@@ -72,14 +98,22 @@ pub async fn list(addr: SocketAddr, token: &str, as_json: bool) -> Result<String
         return Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n");
     }
     let mut s = format!("enroll = {}\n", v["enroll"]);
-    s.push_str(&format!("{:<17} {:<16} {:<11} {:<8} {:<16} {:<17} {:<8} {:<7} {}\n", "MAC", "HOST", "STATE", "REIMAGE", "IMAGE", "SINCE", "GROUP", "ORIGIN", "ERROR"));
+    s.push_str(&format!("{:<17} {:<16} {:<11} {:<8} {:<16} {:<17} {:<8} {:<7} {:<14} {}\n", "MAC", "HOST", "STATE", "REIMAGE", "IMAGE", "SINCE", "GROUP", "ORIGIN", "VERSION", "UPDATE / ERROR"));
     for n in v["nodes"].as_array().into_iter().flatten() {
         let t = |k: &str| n[k].as_str().unwrap_or("-").to_owned();
         let since = n["at_ms"].as_u64().or(n["since_ms"].as_u64()).or(n["updated_ms"].as_u64());
+        let version: String = n["manifest"].as_str().map_or_else(|| "-".to_owned(), |m| m.chars().take(12).collect());
+        let lu = &n["last_update"];
+        let update = match (n["update"].is_object(), lu.is_object()) {
+            (true, _) => format!("ordered{}", if lu["ok"] == false { format!(" (last: failed: {})", lu["error"].as_str().unwrap_or("?")) } else { String::new() }),
+            (false, true) if lu["ok"] == true => format!("updated {}", when(lu["at_ms"].as_u64())),
+            (false, true) => format!("update failed: {}", lu["error"].as_str().unwrap_or("?")),
+            _ => n["error"].as_str().unwrap_or("").to_owned(),
+        };
         s.push_str(&format!(
-            "{:<17} {:<16} {:<11} {:<8} {:<16} {:<17} {:<8} {:<7} {}\n",
+            "{:<17} {:<16} {:<11} {:<8} {:<16} {:<17} {:<8} {:<7} {:<14} {}\n",
             t("mac"), t("hostname"), t("state"), if n["reimage"] == true { "yes" } else { "" }, t("image"), when(since), t("group"), t("origin"),
-            n["error"].as_str().unwrap_or("")
+            version, update
         ));
     }
     let disc: Vec<_> = v["discovered"].as_array().into_iter().flatten().collect();

@@ -151,6 +151,54 @@ pub struct NodeRecord {
     pub installs: u32,
     /// Last change, ms since the Unix epoch.
     pub updated_ms: u64,
+    /// An update ordered by `node update` and not yet done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateOrder>,
+    /// How the node's last update ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<UpdateOutcome>,
+}
+
+/// An update ordered for an installed node (`node update`): its agent acts on it at its next
+/// poll.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOrder {
+    /// Run the group's profile steps again too.
+    #[serde(default)]
+    pub profile: bool,
+    /// When it was ordered, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Failed attempts so far (the order is dropped at [`UPDATE_ATTEMPTS`]).
+    #[serde(default)]
+    pub failures: u32,
+}
+
+/// Failed attempts after which an update order is dropped (the node stays as it is; `node
+/// update` orders it again).
+pub const UPDATE_ATTEMPTS: u32 = 3;
+
+/// The outcome of a node's last update, as it reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOutcome {
+    /// It worked.
+    pub ok: bool,
+    /// The version (manifest SHA-256) it ran before.
+    pub from: String,
+    /// The version it runs now.
+    pub to: String,
+    /// Entries added, changed, deleted.
+    pub added: u64,
+    /// See `added`.
+    pub changed: u64,
+    /// See `added`.
+    pub deleted: u64,
+    /// Archive bytes the node fetched.
+    pub fetched_bytes: u64,
+    /// Why it failed (the failing step's name for a profile step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
 }
 
 impl NodeRecord {
@@ -165,6 +213,8 @@ impl NodeRecord {
             reimage: false,
             installs: 0,
             updated_ms: now,
+            update: None,
+            last_update: None,
         }
     }
 
@@ -607,17 +657,7 @@ impl NodeBook {
     pub fn reimage(&self, sel: &Selector) -> Result<Vec<MacAddr>, NodesError> {
         let now = now_ms();
         let mut inner = self.lock();
-        let macs: Vec<MacAddr> = match sel {
-            Selector::Macs(m) => {
-                let unknown: Vec<MacAddr> = m.iter().filter(|m| !inner.nodes.contains_key(m)).copied().collect();
-                if !unknown.is_empty() {
-                    return Err(NodesError::Unknown(unknown));
-                }
-                m.clone()
-            }
-            Selector::Group(g) => inner.nodes.values().filter(|n| n.group.as_deref() == Some(g)).map(|n| n.mac).collect(),
-            Selector::All => inner.nodes.keys().copied().collect(),
-        };
+        let macs = select(&inner.nodes, sel)?;
         let recs: Vec<NodeRecord> = macs
             .iter()
             .filter_map(|m| inner.nodes.get(m))
@@ -629,6 +669,83 @@ impl NodeBook {
         }
         self.commit(&mut inner, recs)?;
         Ok(macs)
+    }
+
+    /// Orders an update for the installed nodes among `sel` (their agents act at their next
+    /// poll); returns the nodes ordered and those skipped because they are not installed.
+    ///
+    /// # Errors
+    /// [`NodesError::Unknown`] for MACs not in the book (nothing is ordered then), or the
+    /// journal could not be written.
+    pub fn order_update(&self, sel: &Selector, profile: bool) -> Result<(Vec<MacAddr>, Vec<MacAddr>), NodesError> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let macs = select(&inner.nodes, sel)?;
+        let (mut ordered, mut skipped, mut recs) = (Vec::new(), Vec::new(), Vec::new());
+        for m in macs {
+            let Some(r) = inner.nodes.get(&m) else { continue };
+            if !matches!(r.state, NodeState::Installed { .. }) || r.reimage {
+                skipped.push(m);
+                continue;
+            }
+            ordered.push(m);
+            let order = UpdateOrder { profile: profile || r.update.as_ref().is_some_and(|o| o.profile), at_ms: now, failures: 0 };
+            info!(mac = %m, profile = order.profile, "update ordered: the node's agent applies it at its next poll");
+            recs.push(NodeRecord { update: Some(order), updated_ms: now, ..r.clone() });
+        }
+        self.commit(&mut inner, recs)?;
+        Ok((ordered, skipped))
+    }
+
+    /// A node reports the end of an update: success records its new version and clears the
+    /// order; a failure is recorded and the order kept for another attempt (dropped after
+    /// [`UPDATE_ATTEMPTS`]).
+    ///
+    /// # Errors
+    /// The change could not be written.
+    pub fn update_reported(&self, mac: MacAddr, r: &crate::types::node_api::UpdateResult) -> Result<(), NodesError> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let Some(rec) = inner.nodes.get(&mac).cloned() else { return Ok(()) };
+        let NodeState::Installed { image, at_ms, .. } = &rec.state else { return Ok(()) };
+        let mut error = r.error.clone();
+        if let Some(e) = error.as_mut().filter(|e| e.len() > MAX_ERROR) {
+            let mut cut = MAX_ERROR;
+            while !e.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            e.truncate(cut);
+        }
+        let outcome = UpdateOutcome {
+            ok: r.ok,
+            from: r.from_manifest_sha256.clone(),
+            to: r.manifest_sha256.clone(),
+            added: r.added,
+            changed: r.changed,
+            deleted: r.deleted,
+            fetched_bytes: r.fetched_bytes,
+            error,
+            at_ms: now,
+        };
+        let manifest = (!r.manifest_sha256.is_empty()).then(|| r.manifest_sha256.clone());
+        let state = NodeState::Installed { image: image.clone(), manifest: manifest.or_else(|| match &rec.state {
+            NodeState::Installed { manifest, .. } => manifest.clone(),
+            _ => None,
+        }), at_ms: *at_ms };
+        let update = match (&rec.update, r.ok) {
+            (_, true) | (None, false) => None,
+            (Some(o), false) if o.failures + 1 >= UPDATE_ATTEMPTS => {
+                warn!(%mac, attempts = o.failures + 1, "update failed again: order dropped (`node update` orders it again)");
+                None
+            }
+            (Some(o), false) => Some(UpdateOrder { failures: o.failures + 1, ..o.clone() }),
+        };
+        if r.ok {
+            info!(%mac, from = %r.from_manifest_sha256, to = %r.manifest_sha256, added = r.added, changed = r.changed, deleted = r.deleted, "node updated");
+        } else {
+            warn!(%mac, error = r.error.as_deref().unwrap_or("?"), "node update failed");
+        }
+        self.commit(&mut inner, vec![NodeRecord { state, update, last_update: Some(outcome), updated_ms: now, ..rec }])
     }
 
     /// A node's installer asks for its plan of `image`: allowed for an enrolled node that is
@@ -690,6 +807,21 @@ impl NodeBook {
         }
         self.commit(&mut inner, vec![NodeRecord { state, installs, updated_ms: now, ..rec }])
     }
+}
+
+/// The MACs a selector names (all of them must be in the book).
+fn select(nodes: &BTreeMap<MacAddr, NodeRecord>, sel: &Selector) -> Result<Vec<MacAddr>, NodesError> {
+    Ok(match sel {
+        Selector::Macs(m) => {
+            let unknown: Vec<MacAddr> = m.iter().filter(|m| !nodes.contains_key(m)).copied().collect();
+            if !unknown.is_empty() {
+                return Err(NodesError::Unknown(unknown));
+            }
+            m.clone()
+        }
+        Selector::Group(g) => nodes.values().filter(|n| n.group.as_deref() == Some(g)).map(|n| n.mac).collect(),
+        Selector::All => nodes.keys().copied().collect(),
+    })
 }
 
 fn boot_action_of(r: &NodeRecord) -> BootAction {
@@ -769,6 +901,43 @@ mod tests {
         book.reported(mac(1), Phase::Failed, Some("disk too small"), None).unwrap();
         assert!(matches!(book.get(mac(1)).unwrap().state, NodeState::Failed { .. }));
         assert_eq!(book.boot_action(mac(1)).unwrap(), BootAction::Install, "a failed node tries again");
+    }
+
+    #[test]
+    fn updates_are_ordered_for_installed_nodes_and_recorded_when_reported() {
+        use crate::types::node_api::UpdateResult;
+        let dir = tempfile::tempdir().unwrap();
+        let book = NodeBook::open(dir.path(), Enroll::Listed, &[]).unwrap();
+        book.enrol(&Enrol { macs: vec![mac(1), mac(2)], group: Some("web".into()), ..Default::default() }).unwrap();
+        book.plan_fetched(mac(1), &img()).unwrap();
+        book.reported(mac(1), Phase::Done, None, Some(&"1".repeat(64))).unwrap();
+        let (ordered, skipped) = book.order_update(&Selector::Group("web".into()), true).unwrap();
+        assert_eq!((ordered, skipped), (vec![mac(1)], vec![mac(2)]), "only installed nodes are ordered");
+        assert!(matches!(book.order_update(&Selector::Macs(vec![mac(9)]), false), Err(NodesError::Unknown(_))));
+        let o = book.get(mac(1)).unwrap().update.unwrap();
+        assert!(o.profile && o.failures == 0);
+        // Failures keep the order until the last attempt, and the version.
+        let bad = UpdateResult { ok: false, from_manifest_sha256: "1".repeat(64), manifest_sha256: "1".repeat(64), error: Some("fetch: appliance gone".into()), ..Default::default() };
+        for i in 1..UPDATE_ATTEMPTS {
+            book.update_reported(mac(1), &bad).unwrap();
+            assert_eq!(book.get(mac(1)).unwrap().update.unwrap().failures, i);
+        }
+        book.update_reported(mac(1), &bad).unwrap();
+        let r = book.get(mac(1)).unwrap();
+        assert!(r.update.is_none() && r.last_update.as_ref().is_some_and(|u| !u.ok), "{r:?}");
+        // Ordered again, and done: the new version is the record's, across a restart.
+        book.order_update(&Selector::All, false).unwrap();
+        let good = UpdateResult { ok: true, from_manifest_sha256: "1".repeat(64), manifest_sha256: "2".repeat(64), added: 3, ..Default::default() };
+        book.update_reported(mac(1), &good).unwrap();
+        drop(book);
+        let book = NodeBook::open(dir.path(), Enroll::Listed, &[]).unwrap();
+        let r = book.get(mac(1)).unwrap();
+        assert!(matches!(&r.state, NodeState::Installed { manifest: Some(m), .. } if *m == "2".repeat(64)), "{r:?}");
+        assert!(r.update.is_none() && r.last_update.as_ref().is_some_and(|u| u.ok && u.added == 3));
+        assert_eq!(book.boot_action(mac(1)).unwrap(), BootAction::Local(LocalWhy::Installed { image: img(), at_ms: match r.state { NodeState::Installed { at_ms, .. } => at_ms, _ => 0 } }));
+        // A node that is not installed reports nothing into its record.
+        book.update_reported(mac(2), &good).unwrap();
+        assert!(book.get(mac(2)).unwrap().last_update.is_none());
     }
 
     #[test]

@@ -69,6 +69,16 @@ impl PlanApi {
         self
     }
 
+    /// The node routes' checks (token, address), for other node routes.
+    pub fn node_auth(&self) -> NodeAuth {
+        NodeAuth::new(self.secret.clone(), self.addrs.clone())
+    }
+
+    /// The planner (profiles of groups, for updates that run them again).
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
     /// Sends a `PlanFetched` event to the monitor for every plan handed out.
     pub fn with_events(mut self, events: EventSink) -> PlanApi {
         self.events = events;
@@ -87,30 +97,51 @@ pub fn routes(api: Arc<PlanApi>) -> Router {
         .with_state(api)
 }
 
-type Connect = Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
+/// The connection's peer, as axum's `ConnectInfo` gives it (absent in unit tests).
+pub type Connect = Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
 
 /// The checks every node route makes: a MAC, the node's own token, from the node's address.
-fn authorize_node(api: &PlanApi, mac: &str, connect: Connect, headers: &HeaderMap, what: &str) -> Result<MacAddr, Response> {
-    let Ok(mac) = mac.parse::<MacAddr>() else {
-        debug!(%mac, "{what}: not a MAC address");
-        return Err((StatusCode::BAD_REQUEST, "not a MAC address (want aa:bb:cc:dd:ee:ff)\n").into_response());
-    };
-    let auth = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match node_api::authorize(auth, &api.secret, mac) {
-        Ok(()) => {}
-        Err(e @ AuthError::Missing) => return Err((StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response()),
-        Err(e @ AuthError::Wrong) => {
-            warn!(%mac, "{what}: {e}");
-            return Err((StatusCode::FORBIDDEN, format!("{e}\n")).into_response());
+/// Shared with the other node routes (updates).
+#[derive(Clone)]
+pub struct NodeAuth {
+    secret: Vec<u8>,
+    addrs: Option<Arc<ClientAddrs>>,
+}
+
+impl NodeAuth {
+    /// The node-token secret, and MAC -> address as DHCP saw it (`None`: not bound).
+    pub fn new(secret: Vec<u8>, addrs: Option<Arc<ClientAddrs>>) -> NodeAuth {
+        NodeAuth { secret, addrs }
+    }
+
+    /// The node's MAC when the request carries its token and comes from its address; else the
+    /// answer (400, 401, 403).
+    pub fn check(&self, mac: &str, connect: Connect, headers: &HeaderMap, what: &str) -> Result<MacAddr, Response> {
+        let Ok(mac) = mac.parse::<MacAddr>() else {
+            debug!(%mac, "{what}: not a MAC address");
+            return Err((StatusCode::BAD_REQUEST, "not a MAC address (want aa:bb:cc:dd:ee:ff)\n").into_response());
+        };
+        let auth = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        match node_api::authorize(auth, &self.secret, mac) {
+            Ok(()) => {}
+            Err(e @ AuthError::Missing) => return Err((StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response()),
+            Err(e @ AuthError::Wrong) => {
+                warn!(%mac, "{what}: {e}");
+                return Err((StatusCode::FORBIDDEN, format!("{e}\n")).into_response());
+            }
         }
+        // A valid token is bound to the node's address too (a token seen elsewhere is no key).
+        let client = connect.and_then(|c| addrs::v4(c.0.0));
+        if let Err(why) = addrs::check_node_source(self.addrs.as_deref(), mac, client) {
+            warn!(%mac, client = ?client, "{what} refused: {why}");
+            return Err((StatusCode::FORBIDDEN, "this token belongs to another address\n").into_response());
+        }
+        Ok(mac)
     }
-    // A valid token is bound to the node's address too (a token seen elsewhere is no key).
-    let client = connect.and_then(|c| addrs::v4(c.0.0));
-    if let Err(why) = addrs::check_node_source(api.addrs.as_deref(), mac, client) {
-        warn!(%mac, client = ?client, "{what} refused: {why}");
-        return Err((StatusCode::FORBIDDEN, "this token belongs to another address\n").into_response());
-    }
-    Ok(mac)
+}
+
+fn authorize_node(api: &PlanApi, mac: &str, connect: Connect, headers: &HeaderMap, what: &str) -> Result<MacAddr, Response> {
+    api.node_auth().check(mac, connect, headers, what)
 }
 
 /// The node's group and the store, or the answer that there is none.

@@ -288,6 +288,8 @@ mod tests {
             reimage: false,
             installs: 0,
             updated_ms: 0,
+            update: None,
+            last_update: None,
         };
         assert_eq!(pl.plan(mac, Firmware::Bios, Some(&rec)).unwrap().profile, None);
         rec.group = Some("compute".into());

@@ -25,10 +25,19 @@ use super::tracker::PeerState;
 use super::tracker_http::SharedTracker;
 use crate::types::ImageName;
 
+/// The served archives by name, shared by the routes, the seed's tracker refresh and the
+/// publisher of updates.
+pub type ServedMap = Arc<std::sync::RwLock<BTreeMap<ImageName, Served>>>;
+
+/// One served archive by name (a copy: the lock is not held across I/O).
+pub fn lookup(map: &ServedMap, name: &ImageName) -> Option<Served> {
+    map.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+}
+
 /// What the routes read.
 pub struct SwarmApi {
-    /// The served archives by name.
-    pub served: BTreeMap<ImageName, Served>,
+    /// The served archives by name (updates are added while the appliance runs).
+    pub served: ServedMap,
     /// The tracker.
     pub tracker: SharedTracker,
     /// The appliance's seed (None while it is not running).
@@ -110,7 +119,7 @@ async fn torrent(State(api): State<Arc<SwarmApi>>, Path(file): Path<String>) -> 
     let Some(name) = file.strip_suffix(".torrent").and_then(|n| n.parse::<ImageName>().ok()) else {
         return not_found();
     };
-    match api.served.get(&name) {
+    match lookup(&api.served, &name) {
         Some(s) => ([(CONTENT_TYPE, "application/x-bittorrent")], s.torrent.clone()).into_response(),
         None => not_found(),
     }
@@ -120,7 +129,7 @@ async fn archive(State(api): State<Arc<SwarmApi>>, Path(file): Path<String>, req
     let Some(name) = file.strip_suffix(".tar.zst").and_then(|n| n.parse::<ImageName>().ok()) else {
         return not_found();
     };
-    let Some(s) = api.served.get(&name) else { return not_found() };
+    let Some(s) = lookup(&api.served, &name) else { return not_found() };
     // The path comes from the served map (a key lookup), never from the request.
     match ServeFile::new(&s.archive).oneshot(req).await {
         Ok(resp) => resp.map(axum::body::Body::new),
@@ -138,6 +147,7 @@ pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
         (peers, nodes)
     };
     let complete = peers.iter().filter(|p| p.left == 0).count();
+    let expected = s.expected_nodes.unwrap_or(api.expected_nodes);
     let seed = api.seed.as_ref().and_then(|seed| seed.stats(&s.info_hash));
     TorrentView {
         name: s.name.to_string(),
@@ -148,15 +158,15 @@ pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
         seed,
         complete,
         incomplete: peers.len() - complete,
-        done: if api.expected_nodes > 0 {
-            completed_nodes >= api.expected_nodes as usize
+        done: if expected > 0 {
+            completed_nodes >= expected as usize
         } else {
             // Some node finished and no one is still downloading (nodes that finished and left,
             // announcing `stopped`, still count).
             completed_nodes > 0 && complete == peers.len()
         },
         completed_nodes,
-        expected_nodes: api.expected_nodes,
+        expected_nodes: expected,
         seed_peers: api.seed_peers,
         seed_limit_secs: api.client_seed_limit_secs,
         peers_total: peers.len(),
@@ -165,13 +175,14 @@ pub fn view(api: &SwarmApi, s: &Served) -> TorrentView {
 }
 
 async fn all(State(api): State<Arc<SwarmApi>>) -> Json<Vec<TorrentView>> {
-    Json(api.served.values().map(|s| view(&api, s)).collect())
+    let all: Vec<Served> = api.served.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+    Json(all.iter().map(|s| view(&api, s)).collect())
 }
 
 async fn one(State(api): State<Arc<SwarmApi>>, Path(name): Path<String>) -> Response {
     let Ok(name) = name.parse::<ImageName>() else { return not_found() };
-    match api.served.get(&name) {
-        Some(s) => Json(view(&api, s)).into_response(),
+    match lookup(&api.served, &name) {
+        Some(s) => Json(view(&api, &s)).into_response(),
         None => not_found(),
     }
 }
@@ -190,11 +201,11 @@ mod tests {
         let ih = InfoHash([3; 20]);
         let mut t = Tracker::new(TrackerPolicy { subnets: vec!["10.0.0.0/24".parse().unwrap()], ..Default::default() });
         t.register(ih);
-        let s = Served { name: "img".parse().unwrap(), archive: "/x/img.tar.zst".into(), torrent: b"d4:infod".to_vec(), info_hash: ih, size: 10 };
+        let s = Served { name: "img".parse().unwrap(), archive: "/x/img.tar.zst".into(), torrent: b"d4:infod".to_vec(), info_hash: ih, size: 10, expected_nodes: None };
         let seed_addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 6881);
         let mut served = BTreeMap::new();
         served.insert(s.name.clone(), s.clone());
-        (SwarmApi { served, tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr, client_seed_limit_secs: 60, expected_nodes: 0, seed_peers: 0 }, s)
+        (SwarmApi { served: Arc::new(std::sync::RwLock::new(served)), tracker: Arc::new(Mutex::new(t)), seed: None, seed_addr, client_seed_limit_secs: 60, expected_nodes: 0, seed_peers: 0 }, s)
     }
 
     fn announce(api: &SwarmApi, a: &Announce) {

@@ -10,6 +10,7 @@ pub mod api_http;
 pub mod engine;
 pub mod fetch;
 pub mod http_get;
+pub mod publish;
 pub mod seed;
 pub mod sim;
 pub mod tracker;

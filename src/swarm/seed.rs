@@ -74,6 +74,10 @@ pub enum SeedError {
     /// Two archives would be served under one name.
     #[error("two archives are named {0}")]
     DuplicateName(ImageName),
+    /// An archive is to be published while the appliance seeds nothing (it started without an
+    /// image).
+    #[error("cannot publish {0}: the appliance's seed is not running (start it with an image)")]
+    NoSeed(ImageName),
     /// Creating the .torrent (hashing the archive) failed.
     #[error("creating the torrent of {path}")]
     CreateTorrent {
@@ -144,6 +148,9 @@ pub struct Served {
     pub info_hash: InfoHash,
     /// The archive's size in bytes.
     pub size: u64,
+    /// Nodes expected to fetch it, when it is not `swarm.expected_nodes` (an update's archive:
+    /// the nodes ordered to fetch it); `done` in `/api/swarm` counts against it.
+    pub expected_nodes: Option<u32>,
 }
 
 /// The image name of an archive: its file name less `.tar.zst` (or the whole file name).
@@ -209,7 +216,7 @@ pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path, make: &To
                 Ok(ti) if ti.size == meta.len() => {
                     let info_hash = InfoHash(ti.info_hash);
                     info!(%name, %info_hash, "torrent loaded from cache");
-                    return Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash, size: ti.size });
+                    return Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash, size: ti.size, expected_nodes: None });
                 }
                 _ => warn!(%name, "cached torrent unusable, hashing again"),
             }
@@ -230,7 +237,7 @@ pub async fn prepare(archive: &Path, announce: &str, cache_dir: &Path, make: &To
     info!(%name, %info_hash, size = ti.size, elapsed_ms = t0.elapsed().as_millis() as u64, "torrent created");
     std::fs::write(&tpath, &bytes).map_err(cache_err(&tpath))?;
     std::fs::write(&spath, stamp).map_err(cache_err(&spath))?;
-    Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash, size: ti.size })
+    Ok(Served { name, archive: archive.into(), torrent: bytes, info_hash, size: ti.size, expected_nodes: None })
 }
 
 /// How the seed runs.
@@ -268,7 +275,7 @@ pub struct SeedStats {
 /// The running seed.
 pub struct Seed {
     session: Arc<Session>,
-    torrents: Vec<(InfoHash, Arc<ManagedTorrent>)>,
+    torrents: std::sync::Mutex<Vec<(InfoHash, Arc<ManagedTorrent>)>>,
     token: CancellationToken,
 }
 
@@ -322,27 +329,7 @@ impl Seed {
 
         let mut torrents = Vec::new();
         for s in served {
-            let add_err = |e: anyhow::Error| SeedError::Add { name: s.name.clone(), source: lib(e) };
-            let dir = s.archive.parent().and_then(|p| p.to_str()).ok_or_else(|| SeedError::ArchivePath(s.archive.clone()))?;
-            let aopts = AddTorrentOptions {
-                overwrite: true,
-                output_folder: Some(dir.to_owned()),
-                ..Default::default()
-            };
-            let resp = session.add_torrent(AddTorrent::from_bytes(s.torrent.clone()), Some(aopts)).await.map_err(add_err)?;
-            let handle = resp
-                .into_handle()
-                .ok_or_else(|| SeedError::Add { name: s.name.clone(), source: "list-only response".into() })?;
-            handle.wait_until_initialized().await.map_err(add_err)?;
-            let st = handle.stats();
-            if st.progress_bytes != st.total_bytes {
-                return Err(SeedError::Add {
-                    name: s.name.clone(),
-                    source: format!("archive fails its own piece hashes ({} of {} bytes good)", st.progress_bytes, st.total_bytes).into(),
-                });
-            }
-            info!(name = %s.name, info_hash = %s.info_hash, size = s.size, "seeding");
-            torrents.push((s.info_hash, handle));
+            torrents.push((s.info_hash, add_one(&session, s).await?));
         }
         info!(
             torrents = torrents.len(),
@@ -351,12 +338,29 @@ impl Seed {
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "seed ready"
         );
-        Ok(Seed { session, torrents, token })
+        Ok(Seed { session, torrents: std::sync::Mutex::new(torrents), token })
+    }
+
+    /// Seeds one more archive (an update published while the appliance runs); returns when it
+    /// is checked and live. An archive already seeded is not added twice.
+    ///
+    /// # Errors
+    /// [`SeedError::Add`], [`SeedError::ArchivePath`].
+    pub async fn add(&self, s: &Served) -> Result<(), SeedError> {
+        if self.torrents.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(i, _)| *i == s.info_hash) {
+            return Ok(());
+        }
+        let handle = add_one(&self.session, s).await?;
+        let mut t = self.torrents.lock().unwrap_or_else(|e| e.into_inner());
+        if !t.iter().any(|(i, _)| *i == s.info_hash) {
+            t.push((s.info_hash, handle));
+        }
+        Ok(())
     }
 
     /// Current figures of one torrent.
     pub fn stats(&self, ih: &InfoHash) -> Option<SeedStats> {
-        let (_, h) = self.torrents.iter().find(|(i, _)| i == ih)?;
+        let h = self.torrents.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(i, _)| i == ih)?.1.clone();
         let st = h.stats();
         let live = st.live.as_ref();
         Some(SeedStats {
@@ -374,6 +378,26 @@ impl Seed {
         self.session.stop().await;
         self.token.cancel();
     }
+}
+
+/// Adds one archive to the session and waits until librqbit has checked it whole.
+async fn add_one(session: &Arc<Session>, s: &Served) -> Result<Arc<ManagedTorrent>, SeedError> {
+    let add_err = |e: anyhow::Error| SeedError::Add { name: s.name.clone(), source: lib(e) };
+    let dir = s.archive.parent().and_then(|p| p.to_str()).ok_or_else(|| SeedError::ArchivePath(s.archive.clone()))?;
+    let aopts = AddTorrentOptions { overwrite: true, output_folder: Some(dir.to_owned()), ..Default::default() };
+    let resp = session.add_torrent(AddTorrent::from_bytes(s.torrent.clone()), Some(aopts)).await.map_err(add_err)?;
+    let handle =
+        resp.into_handle().ok_or_else(|| SeedError::Add { name: s.name.clone(), source: "list-only response".into() })?;
+    handle.wait_until_initialized().await.map_err(add_err)?;
+    let st = handle.stats();
+    if st.progress_bytes != st.total_bytes {
+        return Err(SeedError::Add {
+            name: s.name.clone(),
+            source: format!("archive fails its own piece hashes ({} of {} bytes good)", st.progress_bytes, st.total_bytes).into(),
+        });
+    }
+    info!(name = %s.name, info_hash = %s.info_hash, size = s.size, "seeding");
+    Ok(handle)
 }
 
 /// The appliance seed as a tracker announce (refreshed by the caller every interval so the

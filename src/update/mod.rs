@@ -36,6 +36,8 @@ use crate::image::path::unescape;
 use crate::image::unpack::{self, UnpackOptions};
 use crate::image::{pack, scan, ImageError};
 
+pub mod serve;
+
 /// Where, under the root, the installed record lives.
 pub const STATE_DIR: &str = "var/lib/si-appliance";
 /// Where, under the root, the stage and journal live (never part of an image).
@@ -298,6 +300,17 @@ pub fn record_installed(root: &Path, image: &str, m: &Manifest) -> Result<Instal
     Ok(rec)
 }
 
+/// The version a (diff or full) manifest describes: the full manifest of the tree it brings a
+/// node to (a diff's base and deletion list dropped). Its SHA-256 is the version's name on the
+/// appliance (the image store's history) and in the node's record, however the node got there.
+pub fn version_of(m: &Manifest) -> Manifest {
+    let mut v = m.clone();
+    v.header.kind = "full".into();
+    v.header.base_manifest_sha256 = None;
+    v.header.deletions.clear();
+    v
+}
+
 /// Reads the installed manifest.
 ///
 /// # Errors
@@ -347,7 +360,7 @@ pub fn apply(
     let result = stage_and_apply(root, &stage, &journal_path, archive, target, &plan);
     let _ = fs::remove_dir_all(&stage);
     let kept_dirs = result?;
-    let rec = record_installed(root, image, target)?;
+    let rec = record_installed(root, image, &version_of(target))?;
     fs::remove_file(&journal_path).map_err(io_err("removing", &journal_path))?;
     info!(image, manifest = %rec.manifest_sha256, added = plan.added.len(), changed = plan.changed.len(),
         deleted = plan.deleted.len(), excluded = plan.excluded.len(), "update applied");

@@ -189,3 +189,64 @@ fn a_node_two_versions_behind_updates_from_the_full_archive() {
     assert!(done.plan.deleted.contains(&"usr/bin/tool".to_owned()), "{:?}", done.plan);
     assert_eq!(comparable(&node, &x), comparable(&tree, &x));
 }
+
+/// The appliance's archives per base (`Store::update_archive`): a chain v1 → v2 → v3 where one
+/// node takes every step and another jumps from v1 to v3 (the store's history knows v1), a node of
+/// an unknown version gets the whole tree, and every node ends on the version the store names.
+#[test]
+fn update_archives_per_base_bring_every_node_to_the_current_version() {
+    let d = tempfile::tempdir().unwrap();
+    let (store, name, tree) = store_v1(d.path());
+    let x = Excludes::defaults();
+    let v1 = node_from(&store, &name, &d.path().join("a"));
+    node_from(&store, &name, &d.path().join("b"));
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let known = |digest: &str| store.version(TreeKind::Image, &name, digest);
+    assert_eq!(known(&v1.digest()).as_ref(), Some(&v1), "packing keeps the version's manifest");
+    assert!(known("00").is_none() && known(&"g".repeat(64)).is_none() && known(&"0".repeat(64)).is_none());
+
+    make_v2(&tree);
+    let u = store.update_archive(TreeKind::Image, &name, Some(&v1)).unwrap();
+    assert!(u.diff, "a small change is a diff");
+    assert_eq!(u.target, store.current_version(TreeKind::Image, &name).unwrap());
+    assert!(u.archive.file_name().unwrap().to_str().unwrap().starts_with(&format!("img.{}-", &v1.digest()[..12])));
+    let again = store.update_archive(TreeKind::Image, &name, Some(&v1)).unwrap();
+    assert_eq!((again.archive.clone(), again.manifest.clone()), (u.archive.clone(), u.manifest.clone()), "made once per base");
+    let done = apply(&a, "img", &u.archive, &u.manifest, &x).unwrap();
+    assert_eq!(done.manifest_sha256, u.target, "the node records the version, not the diff's manifest");
+    let v2 = known(&u.target).expect("the target version is kept");
+
+    write(&tree, "usr/bin/tool", "tool v3\n");
+    write(&tree, "opt/v3/data", "three\n");
+    let step = store.update_archive(TreeKind::Image, &name, Some(&v2)).unwrap();
+    let jump = store.update_archive(TreeKind::Image, &name, Some(&v1)).unwrap();
+    assert!(step.diff && jump.diff);
+    assert_eq!(step.target, jump.target);
+    assert_eq!(step.manifest.header.base_manifest_sha256.as_deref(), Some(v2.digest().as_str()));
+    apply(&a, "img", &step.archive, &step.manifest, &x).unwrap();
+    apply(&b, "img", &jump.archive, &jump.manifest, &x).unwrap();
+    let v3 = comparable(&tree, &x);
+    assert_eq!(comparable(&a, &x), v3);
+    assert_eq!(comparable(&b, &x), v3);
+    for n in [&a, &b] {
+        assert_eq!(installed_manifest(n).unwrap().digest(), step.target);
+    }
+    // A diff for the wrong base is refused with nothing changed.
+    let e = apply(&a, "img", &jump.archive, &jump.manifest, &x).unwrap_err();
+    assert!(matches!(e, UpdateError::WrongBase { .. }), "{e}");
+
+    // Unknown base: the whole tree, which any node applies.
+    let full = store.update_archive(TreeKind::Image, &name, None).unwrap();
+    assert!(!full.diff);
+    assert_eq!(full.manifest.header.kind, "full");
+    let c = d.path().join("c");
+    node_from(&store, &name, &c); // still the packed v1 archive
+    apply(&c, "img", &full.archive, &full.manifest, &x).unwrap();
+    assert_eq!(comparable(&c, &x), v3);
+
+    // A change larger than FULL_RATHER_THAN_DIFF of the image: the whole tree too.
+    let before = store.version(TreeKind::Image, &name, &step.target).unwrap();
+    write(&tree, "usr/lib/big.bin", &"x".repeat(64 << 10));
+    let big = store.update_archive(TreeKind::Image, &name, Some(&before)).unwrap();
+    assert!(!big.diff, "a change of most of the bytes is sent whole");
+}

@@ -58,12 +58,24 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// The installed record or the credentials could not be written.
+    /// The installed record could not be written.
     #[error("the installed record")]
-    Record(#[from] crate::update::UpdateError),
+    Record(#[source] Box<crate::update::UpdateError>),
     /// The credentials file.
     #[error(transparent)]
-    Credentials(#[from] crate::update::client::ClientError),
+    Credentials(Box<crate::update::client::ClientError>),
+}
+
+impl From<crate::update::UpdateError> for AgentError {
+    fn from(e: crate::update::UpdateError) -> AgentError {
+        AgentError::Record(Box::new(e))
+    }
+}
+
+impl From<crate::update::client::ClientError> for AgentError {
+    fn from(e: crate::update::client::ClientError) -> AgentError {
+        AgentError::Credentials(Box::new(e))
+    }
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AgentError + 'a {

@@ -73,7 +73,7 @@ pub enum ClientError {
     },
     /// An HTTP exchange with the appliance failed.
     #[error(transparent)]
-    Http(#[from] HttpError),
+    Http(Box<HttpError>),
     /// The appliance answered with an error status.
     #[error("{what}: the appliance answers {status} ({body})")]
     Status {
@@ -109,7 +109,7 @@ pub enum ClientError {
     Refused(String),
     /// Planning or applying.
     #[error(transparent)]
-    Update(#[from] UpdateError),
+    Update(Box<UpdateError>),
     /// Joining the swarm failed.
     #[error("fetching {name} through the swarm (nothing was changed)")]
     Fetch {
@@ -117,7 +117,7 @@ pub enum ClientError {
         name: String,
         /// The cause.
         #[source]
-        source: FetchError,
+        source: Box<FetchError>,
     },
     /// The download stopped.
     #[error("fetching {name} through the swarm: {why} (nothing was changed)")]
@@ -133,6 +133,18 @@ pub enum ClientError {
     /// A blocking step panicked.
     #[error("{0}: worker thread failed")]
     Join(&'static str),
+}
+
+impl From<HttpError> for ClientError {
+    fn from(e: HttpError) -> ClientError {
+        ClientError::Http(Box::new(e))
+    }
+}
+
+impl From<UpdateError> for ClientError {
+    fn from(e: UpdateError) -> ClientError {
+        ClientError::Update(Box::new(e))
+    }
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ClientError + 'a {
@@ -596,7 +608,7 @@ async fn update_to(
         listen_port: opts.listen_port,
         info_hash: None,
     };
-    let stream = SwarmStream::start(&sopts, token).await.map_err(|source| ClientError::Fetch { name: name.clone(), source })?;
+    let stream = SwarmStream::start(&sopts, token).await.map_err(|source| ClientError::Fetch { name: name.clone(), source: Box::new(source) })?;
     if let Err(e) = wait_fetched(&stream, &name, opts.stall_limit, token).await {
         let file = stream.file().to_owned();
         stream.stop().await;
@@ -633,7 +645,7 @@ async fn wait_fetched(s: &SwarmStream, name: &str, stall: Duration, token: &Canc
             // and a cancellation hold nothing.
             biased;
             _ = token.cancelled() => return Err(ClientError::Interrupted),
-            r = &mut done => return r.map_err(|source| ClientError::Fetch { name: name.to_owned(), source }),
+            r = &mut done => return r.map_err(|source| ClientError::Fetch { name: name.to_owned(), source: Box::new(source) }),
             _ = tick.tick() => {
                 let st = s.stats();
                 if let Some(e) = st.error {
@@ -645,7 +657,7 @@ async fn wait_fetched(s: &SwarmStream, name: &str, stall: Duration, token: &Canc
                     return Err(ClientError::Download { name: name.to_owned(), why: format!("no progress for {stall:?} ({} of {} bytes)", st.have, st.total) });
                 }
                 n += 1;
-                if n % 5 == 0 {
+                if n.is_multiple_of(5) {
                     info!(name, have = st.have, total = st.total, peers = st.peers, uploaded = st.uploaded, "fetching the update");
                 }
             }

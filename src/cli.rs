@@ -114,9 +114,11 @@ pub enum Command {
     /// appliance (or the peer it redirects to), check them against /boot/digests, serve them on
     /// boot.peer_port and announce that, until SIGINT/SIGTERM.
     BootPeer(BootPeerArgs),
-    /// Update this installed node in place from a diff (or full) archive of its image: changed
-    /// and new files via temp + rename, deletions, metadata, never the excluded paths; a
-    /// journal lists what changed when it fails part-way. --dry-run lists the plan only.
+    /// Update this installed node in place: from what its appliance offers, fetched through the
+    /// swarm (--server once, --watch as the agent), or from a local diff (or full) archive
+    /// (--archive/--manifest): changed and new files via temp + rename, deletions, metadata,
+    /// never the excluded paths; a journal lists what changed when it fails part-way.
+    /// --dry-run lists the plan only.
     Update(UpdateArgs),
     /// Print the state of a running appliance: deployment summary and one line per node.
     Status(StatusArgs),
@@ -398,18 +400,47 @@ pub struct UpdateArgs {
     /// The installed system's root (its var/lib/si-appliance/installed.manifest is the base).
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub root: PathBuf,
-    /// The archive to apply: `image diff`'s NAME.diff.tar.zst against the installed manifest,
-    /// or a full NAME.tar.zst.
-    #[arg(long, value_name = "FILE")]
-    pub archive: PathBuf,
-    /// The archive's manifest (NAME.diff.manifest or NAME.manifest).
-    #[arg(long, value_name = "FILE")]
-    pub manifest: PathBuf,
-    /// Image name recorded in installed.json (default: the one recorded there).
+    /// Local mode: the archive to apply: `image diff`'s NAME.diff.tar.zst against the installed
+    /// manifest, or a full NAME.tar.zst.
+    #[arg(long, value_name = "FILE", requires = "manifest", conflicts_with_all = ["server", "watch"])]
+    pub archive: Option<PathBuf>,
+    /// Local mode: the archive's manifest (NAME.diff.manifest or NAME.manifest).
+    #[arg(long, value_name = "FILE", requires = "archive")]
+    pub manifest: Option<PathBuf>,
+    /// Ask the appliance once (default address: <root>/var/lib/si-appliance/node.json) and
+    /// apply what it offers, fetched through the swarm.
+    #[arg(long, value_name = "IP:PORT", num_args = 0..=1, conflicts_with = "watch")]
+    pub server: Option<Option<std::net::SocketAddr>>,
+    /// The update agent: ask the appliance every poll period and act when an operator ordered
+    /// an update (`node update`).
+    #[arg(long)]
+    pub watch: bool,
+    /// The agent's poll period (default: what the appliance says).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "watch")]
+    pub poll: Option<std::time::Duration>,
+    /// This node's MAC (overrides node.json).
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// This node's token (overrides node.json).
+    #[arg(long, env = "SI_NODE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Bind the swarm to this interface (default: the one with the node's MAC).
+    #[arg(long = "iface", value_name = "IF")]
+    pub bind_iface: Option<String>,
+    /// TCP port for incoming peers.
+    #[arg(long, default_value_t = 6881)]
+    pub port: u16,
+    /// Give up a download that makes no progress this long.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub stall_limit: std::time::Duration,
+    /// Seed the update to the other nodes at most this long after applying it.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub seed_for: std::time::Duration,
+    /// Image name recorded in installed.json (local mode; default: the one recorded there).
     #[arg(long = "image", value_name = "NAME")]
     pub image: Option<String>,
     /// Print what would change (A added, M changed, D deleted, X excluded) and change nothing.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub dry_run: bool,
     /// More paths never to touch, one absolute pattern a line (repeatable); the node's own
     /// <root>/etc/si-appliance/update.exclude is read too when it exists.
@@ -509,5 +540,28 @@ mod tests {
         let e = firmware_of(&["--firmware", "amiga"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
         assert!(e.to_string().contains("bios") && e.to_string().contains("uefi"), "{e}");
+    }
+
+    fn update_of(args: &[&str]) -> Result<UpdateArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["si-appliance", "update"].iter().chain(args))?;
+        match cli.command {
+            Some(Command::Update(a)) => Ok(a),
+            other => panic!("not the update command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn update_takes_a_local_archive_a_server_or_the_watch_mode() {
+        let a = update_of(&["--archive", "a.tar.zst", "--manifest", "a.manifest"]).unwrap();
+        assert!(a.archive.is_some() && a.server.is_none() && !a.watch);
+        assert_eq!(update_of(&["--server"]).unwrap().server, Some(None));
+        assert_eq!(update_of(&["--server", "10.0.0.1:80", "--dry-run"]).unwrap().server, Some(Some("10.0.0.1:80".parse().unwrap())));
+        let w = update_of(&["--watch", "--poll", "30s"]).unwrap();
+        assert_eq!((w.watch, w.poll), (true, Some(std::time::Duration::from_secs(30))));
+        assert!(update_of(&["--archive", "a"]).is_err(), "--archive needs --manifest");
+        assert!(update_of(&["--archive", "a", "--manifest", "m", "--server"]).is_err());
+        assert!(update_of(&["--watch", "--server"]).is_err());
+        assert!(update_of(&["--watch", "--dry-run"]).is_err());
+        assert!(update_of(&["--poll", "5s"]).is_err(), "--poll is the agent's");
     }
 }

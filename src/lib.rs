@@ -50,14 +50,14 @@
 //! | `config` | `types`, `cli` (flag overrides), `nodes` (the enrolment rules) |
 //! | `image` | `types`, `private_file` |
 //! | `swarm` | `types`, `net`, `image`, `task` |
-//! | `install` (the nodes' role) | `types`, `net`, `image` (unpack, manifest, signature), `swarm` (download side), `task`, `http_serve` (serving its boot files to peers) |
+//! | `install` (the nodes' role) | `types`, `net`, `image` (unpack, manifest, signature), `swarm` (download side), `task`, `http_serve` (serving its boot files to peers), `update` (the installed record and credentials it leaves for updates) |
 //! | `nodes` | `types`, `net`, `config`, `private_file`, `monitor` (the CLI client, clock) |
 //! | `monitor` | `types`, `net`, `config`, `nodes` |
 //! | `boot` | `types`, `config`, `net`, `nodes` (what a node boots) |
 //! | `dhcp` | `types`, `config`, `net`, `boot` (which loaders are served), `task` |
 //! | `plan` (pure planner + its route) | `types`, `config`, `nodes` |
 //! | `usb` (the stick, from a workstation) | `types`, `image` |
-//! | `update` (an installed node's in-place update from a diff archive) | `types`, `image` |
+//! | `update` (an installed node's in-place update, and its client of the appliance) | `types`, `image`, `net` (the HTTP client), `swarm` (download side), `install` (profile steps on the live system) |
 //! | `app` | all of them: what one service publishes (archive facts, info-hashes, the event sink) reaches another as values through `app` |
 //!
 //! So the installer links nothing of the appliance's serving side (no `config`, `dhcp`, `boot`,
@@ -98,14 +98,14 @@ mod tests {
         ("config", &["types", "cli", "nodes"]),
         ("image", &["types", "private_file"]),
         ("swarm", &["types", "net", "image", "task"]),
-        ("install", &["types", "net", "image", "swarm", "task", "http_serve"]),
+        ("install", &["types", "net", "image", "swarm", "task", "http_serve", "update"]),
         ("nodes", &["types", "net", "config", "private_file", "monitor"]),
         ("monitor", &["types", "net", "config", "nodes"]),
         ("boot", &["types", "config", "net", "nodes"]),
         ("dhcp", &["types", "config", "net", "boot", "task"]),
         ("plan", &["types", "config", "nodes"]),
         ("usb", &["types", "image"]),
-        ("update", &["types", "image"]),
+        ("update", &["types", "image", "net", "swarm", "install"]),
     ];
 
     /// `crate::<module>` paths named in `text` outside comments and before its test module.

@@ -39,7 +39,7 @@ fn init_tracing(verbose: u8, installer: bool) {
     }
 }
 
-/// `si-appliance fetch`: download through the swarm, then seed; SIGINT/SIGTERM stop it.
+/// `si-appliance update`: local archive, one question to the appliance, or the agent.
 fn update(a: si_appliance::cli::UpdateArgs) -> anyhow::Result<()> {
     use si_appliance::image::manifest::Manifest;
     use si_appliance::update::{self, Excludes};
@@ -51,18 +51,16 @@ fn update(a: si_appliance::cli::UpdateArgs) -> anyhow::Result<()> {
     for f in &a.exclude_from {
         x.add_file(f)?;
     }
-    let target = Manifest::load(&a.manifest)?;
+    let (archive, manifest) = match (&a.archive, &a.manifest) {
+        (Some(ar), Some(m)) => (ar.clone(), m.clone()),
+        _ if a.watch || a.server.is_some() => return update_remote(a, x),
+        _ => anyhow::bail!("update: give --archive FILE --manifest FILE (local), --server [IP:PORT] (ask the appliance once) or --watch (the agent)"),
+    };
+    let target = Manifest::load(&manifest)?;
     if a.dry_run {
         let base = update::installed_manifest(&a.root)?;
         let plan = update::plan(&base, &target, &x)?;
-        print!("{}", plan.lines());
-        println!(
-            "update-plan added={} changed={} deleted={} excluded={}",
-            plan.added.len(),
-            plan.changed.len(),
-            plan.deleted.len(),
-            plan.excluded.len()
-        );
+        print_plan(&plan);
         return Ok(());
     }
     let image = match a.image {
@@ -73,7 +71,7 @@ fn update(a: si_appliance::cli::UpdateArgs) -> anyhow::Result<()> {
             serde_json::from_slice::<update::Installed>(&bytes).with_context(|| format!("parsing {}", json.display()))?.image
         }
     };
-    let done = update::apply(&a.root, &image, &a.archive, &target, &x)?;
+    let done = update::apply(&a.root, &image, &archive, &target, &x)?;
     for d in &done.kept_dirs {
         eprintln!("kept {d}: deleted from the image but holds other files");
     }
@@ -86,6 +84,75 @@ fn update(a: si_appliance::cli::UpdateArgs) -> anyhow::Result<()> {
         done.manifest_sha256
     );
     Ok(())
+}
+
+fn print_plan(plan: &si_appliance::update::Plan) {
+    print!("{}", plan.lines());
+    println!(
+        "update-plan added={} changed={} deleted={} excluded={}",
+        plan.added.len(),
+        plan.changed.len(),
+        plan.deleted.len(),
+        plan.excluded.len()
+    );
+}
+
+/// `update --server` / `update --watch`: the node's client of the appliance.
+fn update_remote(a: si_appliance::cli::UpdateArgs, excludes: si_appliance::update::Excludes) -> anyhow::Result<()> {
+    use si_appliance::update::client::{self, ClientOptions, OneShot};
+    let mac = a.mac.as_deref().map(str::parse).transpose().context("--mac")?;
+    let creds = client::resolve(&a.root, a.server.flatten(), mac, a.token.clone())?;
+    let opts = ClientOptions {
+        root: a.root.clone(),
+        sys_net: "/sys/class/net".into(),
+        iface: a.bind_iface.clone().or_else(|| creds.iface.clone()),
+        listen_port: a.port,
+        excludes,
+        stall_limit: a.stall_limit,
+        seed_limit: a.seed_for,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let token = tokio_util::sync::CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            si_appliance::app::shutdown_signal().await;
+            t.cancel();
+        });
+        if a.watch {
+            client::watch(&opts, &creds, a.poll, &token).await?;
+            return Ok(());
+        }
+        match client::once(&opts, &creds, a.dry_run, &token).await? {
+            OneShot::Idle(why) => println!("update-none {why}"),
+            OneShot::DryRun { target, plan, steps } => {
+                println!("update-offer image={} name={} kind={:?} bytes={} manifest={}", target.image, target.name, target.kind, target.bytes, target.manifest_sha256);
+                print_plan(&plan);
+                for s in steps {
+                    println!("profile-step {s}");
+                }
+            }
+            OneShot::Done(r) => {
+                println!(
+                    "update-{} added={} changed={} deleted={} excluded={} fetched={} uploaded={} secs={:.1} steps={} manifest={}",
+                    if r.ok { "done" } else { "failed" },
+                    r.added,
+                    r.changed,
+                    r.deleted,
+                    r.excluded,
+                    r.fetched_bytes,
+                    r.uploaded_bytes,
+                    r.secs,
+                    r.steps.len(),
+                    r.manifest_sha256
+                );
+                if let Some(e) = r.error {
+                    anyhow::bail!("{e}");
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 fn fetch(a: si_appliance::cli::FetchArgs) -> anyhow::Result<()> {

@@ -189,8 +189,54 @@ fn unexpected_differences(root: &Path, m: &Manifest) -> Vec<String> {
             .contains(&p)
             || p.starts_with("etc/ssh/ssh_host_")
             || p.starts_with("lost+found/")
+            || is_update_state(p)
     };
     m.differences(&actual).into_iter().filter(|d| !allowed(d.split(": ").next().unwrap_or(""))).collect()
+}
+
+/// What the installer leaves for updates over the swarm (and the directories it adds it to).
+fn is_update_state(p: &str) -> bool {
+    [
+        "var/lib",
+        "usr",
+        "usr/local",
+        "usr/local/sbin",
+        "usr/local/sbin/si-appliance",
+        "etc/systemd",
+        "etc/systemd/system",
+        "etc/systemd/system/si-appliance-update.service",
+        "etc/systemd/system/multi-user.target.wants",
+        "etc/systemd/system/multi-user.target.wants/si-appliance-update.service",
+    ]
+    .contains(&p)
+        || p == "var/lib/si-appliance"
+        || p.starts_with("var/lib/si-appliance/")
+}
+
+/// The installed record (the image's manifest), the node's credentials (0600) and, in an image
+/// with systemd, the update agent enabled.
+fn checks_of_the_update_state(mnt: &Path, m: &Manifest) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let state = mnt.join("var/lib/si-appliance");
+    assert_eq!(Manifest::load(&state.join("installed.manifest")).unwrap(), *m, "installed.manifest is the image's");
+    let rec: serde_json::Value = serde_json::from_slice(&fs::read(state.join("installed.json")).unwrap()).unwrap();
+    assert_eq!((rec["image"].as_str(), rec["manifest_sha256"].as_str()), (Some("demo"), Some(m.digest().as_str())), "{rec}");
+    let nj = state.join("node.json");
+    assert_eq!(fs::metadata(&nj).unwrap().permissions().mode() & 0o777, 0o600, "node.json holds the token");
+    let c: si_appliance::types::node_api::NodeCredentials = serde_json::from_slice(&fs::read(&nj).unwrap()).unwrap();
+    assert_eq!(c.server.to_string(), "10.66.1.1:8080");
+    assert!(!c.token.is_empty() && c.iface.is_none(), "{c:?}");
+    let unit = mnt.join("etc/systemd/system/si-appliance-update.service");
+    if mnt.join("usr/lib/systemd/systemd").exists() || mnt.join("lib/systemd/systemd").exists() {
+        assert!(fs::read_to_string(&unit).unwrap().contains("ExecStart=/usr/local/sbin/si-appliance update --watch"));
+        let link = mnt.join("etc/systemd/system/multi-user.target.wants/si-appliance-update.service");
+        assert_eq!(fs::read_link(link).unwrap(), Path::new("/etc/systemd/system/si-appliance-update.service"));
+        let bin = mnt.join("usr/local/sbin/si-appliance");
+        assert_eq!(fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(fs::metadata(&bin).unwrap().len(), fs::metadata(appliance_bin()).unwrap().len(), "the installer copied itself");
+    } else {
+        assert!(!unit.exists(), "no systemd in the image, no unit");
+    }
 }
 
 fn checks_of_an_installed_disk(lab: &Lab, disk: &mut LoopDisk, m: &Manifest) {
@@ -220,6 +266,7 @@ fn checks_of_an_installed_disk(lab: &Lab, disk: &mut LoopDisk, m: &Manifest) {
         .unwrap_or_default();
     assert!(!keys.iter().any(|k| k.starts_with("ssh_host_")), "{keys:?}");
     assert!(!mnt.join(".si-appliance").exists(), "the stored archive must be deleted");
+    checks_of_the_update_state(&mnt, m);
     let diffs = unexpected_differences(&mnt, m);
     assert!(diffs.is_empty(), "installed tree differs from the manifest:\n{}", diffs.join("\n"));
 }
@@ -233,6 +280,9 @@ fn installs_an_image_onto_a_loop_disk() {
     let (lab, _clean) = lab("in1");
     let tree = lab.path("tree");
     synthetic_tree(&tree);
+    // A systemd image (as far as the installer looks): it gets the update agent.
+    fs::create_dir_all(tree.join("usr/lib/systemd")).unwrap();
+    fs::write(tree.join("usr/lib/systemd/systemd"), "not really systemd").unwrap();
     let store = lab.path("store");
     let m = make_store(&store, &tree);
     let _app = start_appliance(&lab, 0, "app", &config(&lab, &store, ""), &[]);

@@ -14,6 +14,7 @@
 //! beyond the shared node API (`types::node_api`, `types::Firmware`), the swarm's download side and the
 //! image unpacker.
 
+pub mod agent;
 pub mod bootloader;
 pub mod bootpeer;
 pub mod cmdline;
@@ -99,6 +100,9 @@ pub enum InstallError {
     /// The image is not the one the appliance signed (or the one the boot line pinned).
     #[error("image refused")]
     Seal(#[from] seal::SealError),
+    /// The installed record, credentials or update agent could not be written.
+    #[error("leaving the node's update state")]
+    Agent(#[from] agent::AgentError),
     /// The group's profile (overlay or a post-install step).
     #[error(transparent)]
     Profile(#[from] profile::ProfileError),
@@ -482,6 +486,10 @@ async fn write_disk(
         (r, _) => r.map(|_| ()),
     };
     let result = match result {
+        Ok(()) => leave_update_state(r, plan, root, trusted.manifest.clone()).await,
+        Err(e) => Err(e),
+    };
+    let result = match result {
         Ok(()) => configure_and_seed(r, plan, layout, firmware, disk_path, root, &parts, &dl, reporter, phases, token).await,
         Err(e) => Err(e),
     };
@@ -491,6 +499,16 @@ async fn write_disk(
     remove_store(root, &file);
     mounts.unmount_all();
     result.map(|stop| (uploaded, stop))
+}
+
+/// What the node needs for updates over the swarm ([`agent`]): the installed record of the
+/// verified tree, its credentials, and the update agent when the image has systemd.
+async fn leave_update_state(r: &Resolved, plan: &NodePlan, root: &Path, manifest: Option<crate::image::manifest::Manifest>) -> Result<(), InstallError> {
+    let creds = crate::types::node_api::NodeCredentials { server: r.server, mac: r.mac, token: r.token.clone(), iface: None };
+    let (root2, image) = (root.to_owned(), plan.image.to_string());
+    let exe = PathBuf::from("/proc/self/exe");
+    blocking("update agent", move || agent::install(&root2, &image, manifest.as_ref(), &creds, &exe)).await??;
+    Ok(())
 }
 
 /// Where the swarm engine keeps the archive: a directory at the top of the target root (so it is there

@@ -138,18 +138,23 @@ enum Ended {
     Timeout,
 }
 
-/// Runs `chroot root argv…` in its own process group with a clean environment, its output in
-/// `out`; kills the group at `limit` and whatever it left running at the end.
-fn run_in_chroot(root: &Path, argv: &[&str], env: &[(&str, String)], limit: Duration, out: &Arc<Mutex<Vec<u8>>>) -> Result<Ended, String> {
+/// Runs `chroot root argv…` (or `argv…` itself on the live system, `root` `None`) in its own
+/// process group with a clean environment, its output in `out`; kills the group at `limit` and
+/// whatever it left running at the end.
+fn run_in_chroot(root: Option<&Path>, argv: &[&str], env: &[(&str, String)], limit: Duration, out: &Arc<Mutex<Vec<u8>>>) -> Result<Ended, String> {
     let (reader, writer) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
     let w2 = writer.try_clone().map_err(|e| format!("pipe: {e}"))?;
-    let mut cmd = Command::new("chroot");
-    cmd.arg(root).args(argv).env_clear().current_dir("/").stdin(Stdio::null()).stdout(writer).stderr(w2).process_group(0);
+    let (program, args): (&std::ffi::OsStr, Vec<&std::ffi::OsStr>) = match root {
+        Some(r) => ("chroot".as_ref(), std::iter::once(r.as_os_str()).chain(argv.iter().map(|a| a.as_ref())).collect()),
+        None => (argv.first().copied().unwrap_or_default().as_ref(), argv.iter().skip(1).map(|a| a.as_ref()).collect()),
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args).env_clear().current_dir("/").stdin(Stdio::null()).stdout(writer).stderr(w2).process_group(0);
     cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").env("LANG", "C.UTF-8").env("HOME", "/root");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|e| format!("running chroot: {e}"))?;
+    let mut child = cmd.spawn().map_err(|e| format!("running {}: {e}", program.to_string_lossy()))?;
     drop(cmd); // our copies of the pipe's write end: EOF comes when the step's processes close theirs
     let pgid = child.id() as libc::pid_t;
     let sink = out.clone();
@@ -265,29 +270,65 @@ pub struct StepInput {
 /// Runs one step in the installed root (binds /dev, /proc, /sys for its time). Returns its
 /// report and, when it failed, the error that fails the install.
 pub fn run_step(root: &Path, input: &StepInput) -> (StepReport, Option<ProfileError>) {
+    run_step_at(Where::Chroot(root), input)
+}
+
+/// Runs one step on the live system (an installed node re-running its group's profile, `node
+/// update --profile`): no chroot and no bind mounts; commands run as they are, a script from
+/// `scratch` (a private directory the caller owns), `enable` makes the units start at the next
+/// boot (`systemctl enable`, not `--now`), `packages` installs with the live system's apt-get
+/// (services start as the packages say: no `policy-rc.d` is written). Same report and error as
+/// [`run_step`].
+pub fn run_step_live(scratch: &Path, input: &StepInput) -> (StepReport, Option<ProfileError>) {
+    run_step_at(Where::Live { scratch }, input)
+}
+
+/// Where a step runs.
+#[derive(Clone, Copy)]
+enum Where<'a> {
+    /// In the installed root's chroot, /dev, /proc, /sys bound.
+    Chroot(&'a Path),
+    /// On the running system; scripts are written under `scratch`.
+    Live { scratch: &'a Path },
+}
+
+fn run_step_at(at: Where<'_>, input: &StepInput) -> (StepReport, Option<ProfileError>) {
+    let (root, chroot) = match at {
+        Where::Chroot(r) => (r, Some(r)),
+        Where::Live { .. } => (Path::new("/"), None),
+    };
     let name = input.step.name();
     let t0 = Instant::now();
     let out = Arc::new(Mutex::new(Vec::new()));
     let env: Vec<(&str, String)> = input.env.iter().map(|(k, v)| (*k, v.clone())).chain([("DEBIAN_FRONTEND", "noninteractive".to_owned())]).collect();
     let result = (|| -> Result<Ended, String> {
-        for d in ["dev", "proc", "sys"] {
-            let p = root.join(d);
-            if !p.exists() {
-                std::fs::create_dir(&p).map_err(|e| format!("creating /{d}: {e}"))?;
+        let _binds = match chroot {
+            Some(root) => {
+                for d in ["dev", "proc", "sys"] {
+                    let p = root.join(d);
+                    if !p.exists() {
+                        std::fs::create_dir(&p).map_err(|e| format!("creating /{d}: {e}"))?;
+                    }
+                }
+                Some(bootloader::bind_system(root).map_err(|e| format!("binding /dev, /proc, /sys: {e}"))?)
             }
-        }
-        let _binds = bootloader::bind_system(root).map_err(|e| format!("binding /dev, /proc, /sys: {e}"))?;
+            None => None,
+        };
         match &input.step {
             ProfileStep::Script(s) => {
-                let dir = root.join(SCRIPT_DIR);
+                // In the chroot: `/.si-profile` of the installed root; live: the caller's scratch.
+                let (dir, seen) = match at {
+                    Where::Chroot(r) => (r.join(SCRIPT_DIR), format!("/{SCRIPT_DIR}/{s}")),
+                    Where::Live { scratch } => (scratch.join(SCRIPT_DIR), scratch.join(SCRIPT_DIR).join(s).to_string_lossy().into_owned()),
+                };
                 let file = dir.join(s);
                 let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir(&dir).map_err(|e| format!("creating /{SCRIPT_DIR}: {e}"))?;
+                std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
                 let r = (|| {
                     use std::os::unix::fs::PermissionsExt as _;
                     std::fs::write(&file, input.script.as_deref().unwrap_or_default()).map_err(|e| format!("writing the script: {e}"))?;
                     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("chmod: {e}"))?;
-                    run_in_chroot(root, &[&format!("/{SCRIPT_DIR}/{s}")], &env, input.limit, &out)
+                    run_in_chroot(chroot, &[&seen], &env, input.limit, &out)
                 })();
                 let _ = std::fs::remove_dir_all(&dir);
                 r
@@ -297,7 +338,7 @@ pub fn run_step(root: &Path, input: &StepInput) -> (StepReport, Option<ProfileEr
                     return Err("apt-get is not in the image".into());
                 }
                 let policy = root.join("usr/sbin/policy-rc.d");
-                let ours = !policy.exists();
+                let ours = chroot.is_some() && !policy.exists();
                 if ours {
                     use std::os::unix::fs::PermissionsExt as _;
                     let _ = std::fs::create_dir_all(root.join("usr/sbin"));
@@ -306,11 +347,11 @@ pub fn run_step(root: &Path, input: &StepInput) -> (StepReport, Option<ProfileEr
                         .map_err(|e| format!("writing policy-rc.d: {e}"))?;
                 }
                 let deadline = Instant::now() + input.limit;
-                let mut r = run_in_chroot(root, &["apt-get", "update"], &env, input.limit, &out);
+                let mut r = run_in_chroot(chroot, &["apt-get", "update"], &env, input.limit, &out);
                 if matches!(r, Ok(Ended::Exit(0))) {
                     let mut argv = vec!["apt-get", "install", "-y", "-o", "Dpkg::Options::=--force-confold", "--"];
                     argv.extend(pkgs.iter().map(String::as_str));
-                    r = run_in_chroot(root, &argv, &env, deadline.saturating_duration_since(Instant::now()), &out);
+                    r = run_in_chroot(chroot, &argv, &env, deadline.saturating_duration_since(Instant::now()), &out);
                 }
                 if ours {
                     let _ = std::fs::remove_file(&policy);
@@ -321,7 +362,7 @@ pub fn run_step(root: &Path, input: &StepInput) -> (StepReport, Option<ProfileEr
                 if ["usr/bin/systemctl", "bin/systemctl"].iter().any(|p| root.join(p).exists()) {
                     let mut argv = vec!["systemctl", "enable", "--"];
                     argv.extend(units.iter().map(String::as_str));
-                    run_in_chroot(root, &argv, &env, input.limit, &out)
+                    run_in_chroot(chroot, &argv, &env, input.limit, &out)
                 } else {
                     let mut said = String::new();
                     for u in units {
@@ -396,5 +437,29 @@ mod tests {
         std::fs::write(root.join("etc/systemd/system/c.service"), "[Service]\nExecStart=/bin/true\n").unwrap();
         assert!(enable_by_hand(root, "c.service").unwrap_err().contains("no [Install]"));
         assert!(enable_by_hand(root, "nope.service").unwrap_err().contains("not found"));
+    }
+
+    #[test]
+    fn live_steps_run_without_chroot_and_a_failing_one_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let mark = d.path().join("ran");
+        let ok = StepInput {
+            step: ProfileStep::Script("10-ok.sh".into()),
+            script: Some(format!("#!/bin/sh\necho \"group=$SI_GROUP\" > '{}'\necho hello\n", mark.display()).into_bytes()),
+            limit: Duration::from_secs(20),
+            env: vec![("SI_GROUP", "web".into())],
+        };
+        let (rep, err) = run_step_live(d.path(), &ok);
+        assert!(err.is_none(), "{err:?} {rep:?}");
+        assert_eq!((rep.name.as_str(), rep.ok, rep.exit_code), ("10-ok.sh", true, Some(0)));
+        assert!(rep.output.contains("hello"), "{rep:?}");
+        assert_eq!(std::fs::read_to_string(&mark).unwrap(), "group=web\n", "the script ran on the live system with its environment");
+        assert!(!d.path().join(SCRIPT_DIR).exists(), "the script is removed after its run");
+        let bad = StepInput { step: ProfileStep::Script("20-bad.sh".into()), script: Some(b"#!/bin/sh\necho broken >&2\nexit 3\n".to_vec()), ..ok };
+        let (rep, err) = run_step_live(d.path(), &bad);
+        assert_eq!((rep.ok, rep.exit_code), (false, Some(3)));
+        assert!(rep.output.contains("broken"), "{rep:?}");
+        let e = err.expect("a failing step is an error").to_string();
+        assert!(e.contains("20-bad.sh") && e.contains("exit 3"), "{e}");
     }
 }

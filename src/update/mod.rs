@@ -21,6 +21,8 @@
 //! Running the update again from the same base brings the tree to the target (every operation
 //! is idempotent).
 
+pub mod client;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

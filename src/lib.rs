@@ -57,7 +57,7 @@
 //! | `dhcp` | `types`, `config`, `net`, `boot` (which loaders are served), `task` |
 //! | `plan` (pure planner + its route) | `types`, `config`, `nodes` |
 //! | `usb` (the stick, from a workstation) | `types`, `image` |
-//! | `update` (an installed node's in-place update, and its client of the appliance) | `types`, `image`, `net` (the HTTP client), `swarm` (download side), `install` (profile steps on the live system) |
+//! | `update` (an installed node's in-place update, and its client of the appliance; `serve.rs`: the appliance's side, orders and per-version archives) | `types`, `image`, `net` (the HTTP client), `swarm` (download side; the appliance's publisher), `install` (profile steps on the live system), `nodes` (the book's orders and versions), `plan` (the node routes' token check, group profiles) |
 //! | `app` | all of them: what one service publishes (archive facts, info-hashes, the event sink) reaches another as values through `app` |
 //!
 //! So the installer links nothing of the appliance's serving side (no `config`, `dhcp`, `boot`,
@@ -105,7 +105,7 @@ mod tests {
         ("dhcp", &["types", "config", "net", "boot", "task"]),
         ("plan", &["types", "config", "nodes"]),
         ("usb", &["types", "image"]),
-        ("update", &["types", "image", "net", "swarm", "install"]),
+        ("update", &["types", "image", "net", "swarm", "install", "nodes", "plan"]),
     ];
 
     /// `crate::<module>` paths named in `text` outside comments and before its test module.

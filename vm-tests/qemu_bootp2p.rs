@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Proc, Serial, login_name, strip_ansi};
+use common::{Lab, Proc, Serial, login_name, random_file, strip_ansi};
 use si_appliance::types::{MacAddr, NodeToken};
 
 const DEPLOY_TIMEOUT: Duration = Duration::from_secs(1500);
@@ -223,6 +223,7 @@ disk = "/dev/vda"
 finish = "reboot"
 seed_for = "900s"
 report_every = "2s"
+update_poll = "5s"
 "#,
         store = lab.path("store").display(),
         state = lab.path("state").display(),
@@ -458,8 +459,92 @@ fn the_second_and_third_vm_boot_from_the_first_and_a_lying_peer_is_caught() {
     assert_eq!(got.split_whitespace().collect::<Vec<_>>(), ["golden-v2", hostname(3).as_str(), "golden", "2", "0"], "VM 3 runs the captured tree under its own name");
     println!("golden node: capture {capture_s:.1} s, appliance restart + pack {pack_s:.1} s, VM 3 re-imaged to its login prompt {golden_s:.1} s");
 
+    // Updates over the swarm (issue 17): the golden tree changes (a program added, a file
+    // deleted, a config edited, the excluded host name changed); `node update` brings VM 3 to
+    // it through its update agent, with the diff's bytes only; VM 3 boots it.
+    let admin = |args: &[&str]| -> String {
+        let o = common::run(lab.hosts[0].cmd(common::appliance_bin()).arg("--state-dir").arg(lab.path("state")).arg("node").args(args));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let record = |mac: MacAddr| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&admin(&["list", "--json"])).expect("node list --json");
+        v["nodes"].as_array().and_then(|a| a.iter().find(|n| n["mac"] == mac.to_string()).cloned()).expect("VM 3's record")
+    };
+    let v1_version = record(vm_mac(3))["manifest"].as_str().map(str::to_owned).expect("VM 3's installed version");
+    let installed = String::from_utf8_lossy(&on_node(&v3_ip, "cat /var/lib/si-appliance/installed.json; systemctl is-active si-appliance-update.service").stdout).into_owned();
+    assert!(installed.contains(&v1_version) && installed.trim_end().ends_with("active"), "VM 3's record and agent: {installed}");
+    fs::copy(g.join("usr/bin/ls"), g.join("usr/local/bin/si-added-tool")).expect("a program added");
+    fs::remove_file(g.join("srv/g/b")).expect("a file deleted");
+    fs::write(g.join("etc/golden-marker"), "golden-v3\n").unwrap();
+    fs::write(g.join("etc/hostname"), "not-a-node-name\n").unwrap();
+    let said = admin(&["update", &vm_mac(3).to_string()]);
+    let target = said.lines().find_map(|l| l.strip_prefix("update target: ")).map(str::to_owned).unwrap_or_else(|| panic!("node update: {said}"));
+    assert!(said.contains("ordered (1;"), "node update: {said}");
+    let t = Instant::now();
+    let updated = common::wait_for(Duration::from_secs(300), || {
+        let r = record(vm_mac(3));
+        (r["manifest"] == target.as_str() && !r["update"].is_object()).then_some(r)
+    });
+    let update_s = t.elapsed().as_secs_f64();
+    let r = updated.unwrap_or_else(|| panic!("VM 3 never reported the update:\n{}\n--- appliance ---\n{}", serde_json::to_string_pretty(&record(vm_mac(3))).unwrap(), tail(&strip_ansi(&appliance.log_text()), 40)));
+    let fetched = r["last_update"]["fetched_bytes"].as_u64().unwrap_or(0);
+    let diff = lab.path(&format!("store/archives/updates/golden.{}-{}.tar.zst", &v1_version[..12], &target[..12]));
+    let diff_bytes = fs::metadata(&diff).unwrap_or_else(|e| panic!("{}: {e}", diff.display())).len();
+    let full_bytes = fs::metadata(lab.path("store/archives/golden.tar.zst")).unwrap().len();
+    let name = diff.file_name().unwrap().to_string_lossy().trim_end_matches(".tar.zst").to_owned();
+    let view = common::run(lab.hosts[0].cmd("curl").args(["-sf", &format!("http://127.0.0.1/api/swarm/{name}")]));
+    let view: serde_json::Value = serde_json::from_slice(&view.stdout).expect("/api/swarm/<update>");
+    let seed_up = view["seed_uploaded_bytes"].as_u64().unwrap_or(u64::MAX);
+    println!("update: VM 3 at the new version {update_s:.1} s after `node update`; diff {diff_bytes} bytes (full archive {full_bytes}); VM 3 fetched {fetched}, the appliance's seed uploaded {seed_up}");
+    assert!(fetched >= diff_bytes && fetched <= diff_bytes + diff_bytes / 10 && seed_up <= diff_bytes + diff_bytes / 10, "more than the diff crossed the wire: fetched {fetched}, seed {seed_up}, diff {diff_bytes}");
+    assert!(diff_bytes * 10 < full_bytes, "the diff ({diff_bytes}) is not small beside the image ({full_bytes})");
+    let check = "cat /etc/golden-marker /etc/hostname; test -x /usr/local/bin/si-added-tool && echo added; test -e /srv/g/b || echo deleted; \
+        test -e /.si-appliance/update.journal && echo journal; grep -o '[0-9a-f]\\{64\\}' /var/lib/si-appliance/installed.json";
+    let h3 = hostname(3);
+    let want = ["golden-v3", h3.as_str(), "added", "deleted", target.as_str()];
+    let got = String::from_utf8_lossy(&on_node(&v3_ip, check).stdout).into_owned();
+    assert_eq!(got.split_whitespace().collect::<Vec<_>>(), want, "VM 3 after the update");
+    // It still boots, and shows the change.
+    let v3 = &mut vms[2];
+    let _ = lab.hosts[0].cmd("timeout").arg("30").args(ssh_base(&v3_ip)).arg("sync; (sleep 1; systemctl reboot) >/dev/null 2>&1 &").output();
+    let t = Instant::now();
+    let rebooted = common::wait_for(Duration::from_secs(120), || v3.exited().then_some(()));
+    assert!(rebooted.is_some(), "VM 3 did not reboot:\n{}", tail(&v3.text(), 30));
+    v3.state = State::LocalBoot;
+    v3.power_on(&lab, now());
+    let up = common::wait_for(Duration::from_secs(600), || {
+        v3.step(&lab, now());
+        matches!(v3.state, State::Up(_) | State::Failed(_)).then_some(())
+    });
+    assert!(up.is_some() && v3.state == State::Up(hostname(3)), "VM 3 after the update's reboot: {:?}\n{}", v3.state, tail(&v3.text(), 60));
+    let reboot_s = t.elapsed().as_secs_f64();
+    let got = String::from_utf8_lossy(&on_node(&v3_ip, check).stdout).into_owned();
+    assert_eq!(got.split_whitespace().collect::<Vec<_>>(), want, "VM 3 after its reboot");
+    println!("update: VM 3 rebooted to its login prompt in {reboot_s:.1} s, running the update");
+
+    // A second update cut off: a 48 MiB file added, VM 3's link slowed to 16 Mbit/s, the
+    // appliance killed while VM 3 fetches: VM 3 stays whole on the version it had.
+    random_file(&g.join("usr/local/share/si-big.bin"), 48 << 20);
+    let said = admin(&["update", &vm_mac(3).to_string()]);
+    assert!(said.contains("ordered (1;"), "node update: {said}");
+    common::run(lab.switch.cmd("tc").args(["qdisc", "add", "dev", &v3.tap, "root", "tbf", "rate", "16mbit", "burst", "64kb", "latency", "400ms"]));
+    let offers = |a: &Proc| strip_ansi(&a.log_text()).matches("update offered").count();
+    let before = offers(&appliance);
+    let offered = common::wait_for(Duration::from_secs(120), || (offers(&appliance) > before).then_some(()));
+    assert!(offered.is_some(), "the second update was never offered:\n{}", tail(&strip_ansi(&appliance.log_text()), 30));
+    std::thread::sleep(Duration::from_secs(8));
+    appliance.kill();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    let got = String::from_utf8_lossy(&on_node(&v3_ip, &format!("{check}; test -e /usr/local/share/si-big.bin && echo big; ls /.si-appliance 2>/dev/null | wc -l")).stdout).into_owned();
+    let mut want_cut: Vec<&str> = want.to_vec();
+    want_cut.push("0");
+    let journal = got.split_whitespace().any(|w| w == "journal" || w == "big");
+    assert!(!journal, "VM 3 was changed by the cut-off update: {got}");
+    assert_eq!(got.split_whitespace().collect::<Vec<_>>()[..5], want_cut[..5], "VM 3 after the cut-off update: {got}");
+    println!("update cut off: VM 3 still whole on its version {:.1} s after the appliance was killed (its work dir holds {} entries)", t.elapsed().as_secs_f64(), got.split_whitespace().last().unwrap_or("?"));
+
     drop(vms);
     drop(liar);
-    appliance.terminate();
     let _ = fs::remove_dir_all(&lab.dir);
 }

@@ -67,7 +67,7 @@ pub async fn update(addr: SocketAddr, token: &str, sel: &Selector, profile: bool
     let out = call(addr, token, "POST", "/api/admin/update", &body).await?;
     let v = json("POST", "/api/admin/update", addr, &out)?;
     let list = |k: &str| -> Vec<String> { v[k].as_array().into_iter().flatten().filter_map(|m| m.as_str().map(str::to_owned)).collect() };
-    let (ordered, skipped, current) = (list("ordered"), list("skipped_not_installed"), list("already_current"));
+    let (ordered, skipped, current) = (list("ordered"), list("skipped"), list("already_current"));
     let mut s = format!("update target: {}\n", v["target"].as_str().unwrap_or("?"));
     if ordered.is_empty() {
         s.push_str("no installed node matched: nothing ordered\n");
@@ -78,7 +78,7 @@ pub async fn update(addr: SocketAddr, token: &str, sel: &Selector, profile: bool
         s.push_str(&format!("already at the target ({}){}: {}\n", current.len(), if profile { ", profile steps only" } else { "" }, current.join(" ")));
     }
     if !skipped.is_empty() {
-        s.push_str(&format!("skipped, not installed ({}): {}\n", skipped.len(), skipped.join(" ")));
+        s.push_str(&format!("skipped, not installed with this image ({}): {}\n", skipped.len(), skipped.join(" ")));
     }
     Ok(s)
 }

@@ -671,20 +671,21 @@ impl NodeBook {
         Ok(macs)
     }
 
-    /// Orders an update for the installed nodes among `sel` (their agents act at their next
-    /// poll); returns the nodes ordered and those skipped because they are not installed.
+    /// Orders an update for the nodes among `sel` installed with `image` (their agents act at
+    /// their next poll); returns the nodes ordered and those skipped (not installed, or with
+    /// another image).
     ///
     /// # Errors
     /// [`NodesError::Unknown`] for MACs not in the book (nothing is ordered then), or the
     /// journal could not be written.
-    pub fn order_update(&self, sel: &Selector, profile: bool) -> Result<(Vec<MacAddr>, Vec<MacAddr>), NodesError> {
+    pub fn order_update(&self, sel: &Selector, image: &ImageName, profile: bool) -> Result<(Vec<MacAddr>, Vec<MacAddr>), NodesError> {
         let now = now_ms();
         let mut inner = self.lock();
         let macs = select(&inner.nodes, sel)?;
         let (mut ordered, mut skipped, mut recs) = (Vec::new(), Vec::new(), Vec::new());
         for m in macs {
             let Some(r) = inner.nodes.get(&m) else { continue };
-            if !matches!(r.state, NodeState::Installed { .. }) || r.reimage {
+            if !matches!(&r.state, NodeState::Installed { image: i, .. } if i == image) || r.reimage {
                 skipped.push(m);
                 continue;
             }
@@ -911,9 +912,9 @@ mod tests {
         book.enrol(&Enrol { macs: vec![mac(1), mac(2)], group: Some("web".into()), ..Default::default() }).unwrap();
         book.plan_fetched(mac(1), &img()).unwrap();
         book.reported(mac(1), Phase::Done, None, Some(&"1".repeat(64))).unwrap();
-        let (ordered, skipped) = book.order_update(&Selector::Group("web".into()), true).unwrap();
+        let (ordered, skipped) = book.order_update(&Selector::Group("web".into()), &img(), true).unwrap();
         assert_eq!((ordered, skipped), (vec![mac(1)], vec![mac(2)]), "only installed nodes are ordered");
-        assert!(matches!(book.order_update(&Selector::Macs(vec![mac(9)]), false), Err(NodesError::Unknown(_))));
+        assert!(matches!(book.order_update(&Selector::Macs(vec![mac(9)]), &img(), false), Err(NodesError::Unknown(_))));
         let o = book.get(mac(1)).unwrap().update.unwrap();
         assert!(o.profile && o.failures == 0);
         // Failures keep the order until the last attempt, and the version.
@@ -926,7 +927,8 @@ mod tests {
         let r = book.get(mac(1)).unwrap();
         assert!(r.update.is_none() && r.last_update.as_ref().is_some_and(|u| !u.ok), "{r:?}");
         // Ordered again, and done: the new version is the record's, across a restart.
-        book.order_update(&Selector::All, false).unwrap();
+        assert_eq!(book.order_update(&Selector::All, &"other".parse().unwrap(), false).unwrap().0, [] as [MacAddr; 0], "another image's nodes are not ordered");
+        book.order_update(&Selector::All, &img(), false).unwrap();
         let good = UpdateResult { ok: true, from_manifest_sha256: "1".repeat(64), manifest_sha256: "2".repeat(64), added: 3, ..Default::default() };
         book.update_reported(mac(1), &good).unwrap();
         drop(book);

@@ -226,7 +226,8 @@ async fn order(State(svc): State<Arc<UpdateService>>, p: Peer, headers: HeaderMa
         Err(why) => return (StatusCode::SERVICE_UNAVAILABLE, format!("the image cannot be read: {why}\n")).into_response(),
     };
     let book = svc.book.clone();
-    let (ordered, skipped) = match tokio::task::spawn_blocking(move || book.order_update(&req.nodes, req.profile)).await {
+    let image = svc.image.clone();
+    let (ordered, skipped) = match tokio::task::spawn_blocking(move || book.order_update(&req.nodes, &image, req.profile)).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             let code = if matches!(e, crate::nodes::NodesError::Unknown(_)) { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -253,7 +254,7 @@ async fn order(State(svc): State<Arc<UpdateService>>, p: Peer, headers: HeaderMa
         .copied()
         .filter(|m| svc.book.get(*m).is_some_and(|r| matches!(r.state, NodeState::Installed { manifest: Some(ref v), .. } if *v == target)))
         .collect();
-    Json(serde_json::json!({ "ordered": ordered, "skipped_not_installed": skipped, "already_current": current, "target": target }))
+    Json(serde_json::json!({ "ordered": ordered, "skipped": skipped, "already_current": current, "target": target }))
         .into_response()
 }
 
@@ -281,8 +282,13 @@ async fn offer(
     let Some(rec) = svc.book.get(mac) else {
         return (StatusCode::NOT_FOUND, format!("{mac} is not in this appliance's node book\n")).into_response();
     };
-    if !matches!(rec.state, NodeState::Installed { .. }) {
-        return (StatusCode::CONFLICT, format!("{mac} is {}, not installed\n", rec.state.name())).into_response();
+    match &rec.state {
+        NodeState::Installed { image, .. } if *image != svc.image => {
+            return (StatusCode::CONFLICT, format!("{mac} runs image {image}; this appliance updates {} (re-image it to change images)\n", svc.image))
+                .into_response();
+        }
+        NodeState::Installed { .. } => {}
+        other => return (StatusCode::CONFLICT, format!("{mac} is {}, not installed\n", other.name())).into_response(),
     }
     let order = rec.update.clone();
     let none = |ordered| UpdateOffer { ordered, target: None, profile: None, poll_secs: svc.poll_secs };

@@ -100,6 +100,7 @@ fn eight_nodes_update_together_over_the_swarm() {
     write(&golden, "usr/bin/tool", b"tool v1\n");
     write(&golden, "var/lib/dpkg/status", b"");
     write(&golden, "usr/share/doc/old.txt", b"old\n");
+    fs::create_dir_all(golden.join("usr/lib")).unwrap();
     random_file(&golden.join("usr/lib/base.bin"), 4 * MIB);
     cli(&["--store", &s, "image", "import", "img", "--from", golden.to_str().unwrap()]);
     cli(&["--store", &s, "image", "pack", "img", "--force"]);

@@ -248,7 +248,10 @@ async fn a_failed_fetch_leaves_the_tree_untouched_and_is_reported() {
     let dry = once(&opts(&n.root), &creds(server), true, &CancellationToken::new()).await.unwrap();
     match dry {
         OneShot::DryRun { plan, .. } => {
-            assert_eq!((plan.added.as_slice(), plan.changed.as_slice()), (["etc/new".to_owned()].as_slice(), ["etc/app.conf".to_owned()].as_slice()), "{plan:?}");
+            // (`etc` itself is changed too when the two trees' directories got different mtimes.)
+            assert_eq!(plan.added, ["etc/new"], "{plan:?}");
+            assert!(plan.changed.contains(&"etc/app.conf".to_owned()) && plan.changed.iter().all(|p| p == "etc" || p == "etc/app.conf"), "{plan:?}");
+            assert!(plan.excluded.iter().all(|p| p == "etc/hostname"), "{plan:?}");
         }
         other => panic!("{other:?}"),
     }
@@ -326,11 +329,22 @@ async fn the_agent_polls_without_asking_and_acts_only_on_orders() {
     });
     tokio::time::timeout(Duration::from_secs(20), watch(&opts(&n.root), &creds(server), None, &token)).await.expect("the agent stops on cancel").unwrap();
     let gets = f.gets.lock().unwrap().clone();
-    assert!((2..=4).contains(&gets.len()), "one poll a second: {gets:?}");
+    assert!((1..=4).contains(&gets.len()), "one poll a second, never a tight loop: {gets:?}");
     assert!(gets.iter().all(|q| *q == format!("have={}", n.have)), "{gets:?}");
     assert!(f.results.lock().unwrap().is_empty(), "nothing ordered, nothing done");
     // An unreachable appliance: the agent backs off (5 s), it does not spin.
-    let dead = { let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); l.local_addr().unwrap() };
+    // (A listener held for the test that closes every connection at once: a freed port could
+    // be taken by another test's stand-in, which this agent would then poll.)
+    let closer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closer.local_addr().unwrap();
+    let closes = Arc::new(Mutex::new(0u32));
+    let c2 = closes.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = closer.accept().await {
+            *c2.lock().unwrap() += 1;
+            drop(s);
+        }
+    });
     let token = CancellationToken::new();
     let t2 = token.clone();
     tokio::spawn(async move {
@@ -340,6 +354,7 @@ async fn the_agent_polls_without_asking_and_acts_only_on_orders() {
     let t0 = Instant::now();
     watch(&opts(&n.root), &creds(dead), Some(Duration::from_secs(1)), &token).await.unwrap();
     assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(*closes.lock().unwrap(), 1, "one attempt, then a 5 s backoff (not the 1 s poll)");
     // Without an installed record the agent refuses to start.
     let e = tempfile::tempdir().unwrap();
     assert!(matches!(watch(&opts(e.path()), &creds(server), None, &CancellationToken::new()).await, Err(ClientError::NoRecord { .. })));
@@ -443,8 +458,10 @@ async fn an_ordered_diff_is_fetched_through_the_swarm_applied_and_reported() {
     let out = tokio::time::timeout(Duration::from_secs(60), once(&opts(&root), &creds(server), false, &CancellationToken::new())).await.unwrap().unwrap();
     let OneShot::Done(r) = out else { panic!("{out:?}") };
     assert!(r.ok, "{r:?}");
-    // Changed: etc/app.conf and the directories whose entries changed (usr/bin, usr/share).
-    assert_eq!((r.added, r.changed, r.deleted, r.excluded), (1, 3, 2, 1), "{r:?}");
+    // Changed: etc/app.conf and the directories whose entries changed (usr/bin, usr/share, when
+    // their mtimes moved past the file system's timestamp granularity).
+    assert_eq!((r.added, r.deleted, r.excluded), (1, 2, 1), "{r:?}");
+    assert!((1..=3).contains(&r.changed), "{r:?}");
     assert_eq!((r.fetched_bytes, r.manifest_sha256.as_str(), r.from_manifest_sha256.as_str()), (size, m2.digest().as_str(), m1.digest().as_str()));
     assert_eq!(f.results.lock().unwrap().as_slice(), [r]);
     assert_eq!(std::fs::read_to_string(root.join("etc/app.conf")).unwrap(), "threads = 8\n");

@@ -408,8 +408,8 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "FILE", requires = "archive")]
     pub manifest: Option<PathBuf>,
     /// Ask the appliance once (default address: <root>/var/lib/si-appliance/node.json) and
-    /// apply what it offers, fetched through the swarm.
-    #[arg(long, value_name = "IP:PORT", num_args = 0..=1, conflicts_with = "watch")]
+    /// apply what it offers, fetched through the swarm; with --watch: the agent's appliance.
+    #[arg(long, value_name = "IP:PORT", num_args = 0..=1)]
     pub server: Option<Option<std::net::SocketAddr>>,
     /// The update agent: ask the appliance every poll period and act when an operator ordered
     /// an update (`node update`).
@@ -560,7 +560,7 @@ mod tests {
         assert_eq!((w.watch, w.poll), (true, Some(std::time::Duration::from_secs(30))));
         assert!(update_of(&["--archive", "a"]).is_err(), "--archive needs --manifest");
         assert!(update_of(&["--archive", "a", "--manifest", "m", "--server"]).is_err());
-        assert!(update_of(&["--watch", "--server"]).is_err());
+        assert_eq!(update_of(&["--watch", "--server", "10.0.0.1:80"]).unwrap().server, Some(Some("10.0.0.1:80".parse().unwrap())), "the agent's address override");
         assert!(update_of(&["--watch", "--dry-run"]).is_err());
         assert!(update_of(&["--poll", "5s"]).is_err(), "--poll is the agent's");
     }

@@ -321,7 +321,7 @@ async fn check_image(r: &Resolved, plan: &NodePlan, key: Option<&[u8; 32]>) -> R
             let path = format!("/manifests/{image}.manifest");
             let bytes = crate::swarm::http_get::get(r.server, &path, Duration::from_secs(60))
                 .await
-                .map_err(|source| seal::SealError::Fetch { image: image.clone(), source })?;
+                .map_err(|source| seal::SealError::Fetch { image: image.clone(), source: Box::new(source) })?;
             Some(seal::check_manifest(&image, &bytes, &want)?)
         }
         None => {
@@ -581,7 +581,7 @@ async fn download_and_unpack(
                     rep.peers = st.peers;
                 });
                 log_every += 1;
-                if log_every % 5 == 0 {
+                if log_every.is_multiple_of(5) {
                     info!(have = st.have, total = st.total, unpacked, peers = st.peers, mbit_s = format!("{:.1}", down as f64 * 8.0 / 1e6), "downloading + unpacking");
                 }
                 if st.have > last_have {

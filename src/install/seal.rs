@@ -55,7 +55,7 @@ pub enum SealError {
         image: String,
         /// The HTTP client's error (its message holds the status or the I/O cause).
         #[source]
-        source: crate::net::http_client::HttpError,
+        source: Box<crate::net::http_client::HttpError>,
     },
     /// The manifest does not hash to the sealed digest.
     #[error("the manifest of {image} hashes to {got}, the seal says {want}")]

@@ -462,14 +462,14 @@ async fn an_ordered_diff_is_fetched_through_the_swarm_applied_and_reported() {
     // their mtimes moved past the file system's timestamp granularity).
     assert_eq!((r.added, r.deleted, r.excluded), (1, 2, 1), "{r:?}");
     assert!((1..=3).contains(&r.changed), "{r:?}");
-    assert_eq!((r.fetched_bytes, r.manifest_sha256.as_str(), r.from_manifest_sha256.as_str()), (size, m2.digest().as_str(), m1.digest().as_str()));
+    assert_eq!((r.fetched_bytes, r.manifest_sha256.as_str(), r.from_manifest_sha256.as_str()), (size, crate::update::version_of(&m2).digest().as_str(), m1.digest().as_str()), "the version the diff brings the node to");
     assert_eq!(f.results.lock().unwrap().as_slice(), [r]);
     assert_eq!(std::fs::read_to_string(root.join("etc/app.conf")).unwrap(), "threads = 8\n");
     assert_eq!(std::fs::read_to_string(root.join("usr/bin/new-tool")).unwrap(), "new\n");
     assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).unwrap(), "node07\n", "excluded");
     assert!(!root.join("usr/share/old").exists());
     assert!(!root.join(WORK_DIR).exists(), "the archive and its directory are removed");
-    assert_eq!(installed_digest(&root).unwrap().manifest_sha256, m2.digest());
+    assert_eq!(installed_digest(&root).unwrap().manifest_sha256, crate::update::version_of(&m2).digest());
     // The root's mtime is the target's (when its manifest has the root), else what it was:
     // not the time .si-appliance was removed.
     let want = m2.entries.iter().find(|e| e.path == ".").map(|e| filetime::FileTime::from_unix_time(e.mtime, e.mtime_ns)).or(root_mtime);

@@ -183,28 +183,16 @@ pub enum NodeAction {
     },
     /// Mark nodes for a new install at their next network boot.
     Reimage {
-        /// MAC addresses.
-        #[arg(conflicts_with_all = ["group", "all"], required_unless_present_any = ["group", "all"])]
-        macs: Vec<String>,
-        /// Every node of this group.
-        #[arg(long, conflicts_with = "all")]
-        group: Option<String>,
-        /// Every enrolled node.
-        #[arg(long)]
-        all: bool,
+        /// Which nodes.
+        #[command(flatten)]
+        which: Which,
     },
     /// Order installed nodes to update to the image's tree as it is now (their agents fetch the
     /// diff from their version through the swarm at their next poll, `install.update_poll`).
     Update {
-        /// MAC addresses.
-        #[arg(conflicts_with_all = ["group", "all"], required_unless_present_any = ["group", "all"])]
-        macs: Vec<String>,
-        /// Every node of this group.
-        #[arg(long, conflicts_with = "all")]
-        group: Option<String>,
-        /// Every installed node.
-        #[arg(long)]
-        all: bool,
+        /// Which nodes.
+        #[command(flatten)]
+        which: Which,
         /// Run the group's profile steps again as well (on the live system).
         #[arg(long)]
         profile: bool,
@@ -220,6 +208,20 @@ pub enum NodeAction {
         /// The node's MAC.
         mac: String,
     },
+}
+
+/// The nodes a `node` action is for: MACs, `--group G` or `--all`.
+#[derive(Debug, clap::Args)]
+pub struct Which {
+    /// MAC addresses.
+    #[arg(conflicts_with_all = ["group", "all"], required_unless_present_any = ["group", "all"])]
+    pub macs: Vec<String>,
+    /// Every node of this group.
+    #[arg(long, conflicts_with = "all")]
+    pub group: Option<String>,
+    /// Every node in the book.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// `usb` subcommands.

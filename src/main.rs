@@ -400,27 +400,20 @@ fn node(cfg: &Config, a: si_appliance::cli::NodeArgs) -> anyhow::Result<()> {
     let macs = |v: &[String]| -> anyhow::Result<Vec<MacAddr>> {
         v.iter().map(|m| m.parse::<MacAddr>().with_context(|| format!("{m:?} is not a MAC address"))).collect()
     };
+    let selector = |w: si_appliance::cli::Which| -> anyhow::Result<Selector> {
+        Ok(match (w.all, w.group) {
+            (true, _) => Selector::All,
+            (false, Some(g)) => Selector::Group(g),
+            (false, None) => Selector::Macs(macs(&w.macs)?),
+        })
+    };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let text = match a.action {
         NodeAction::Add { macs: m, hostname, disk, group } => {
             rt.block_on(client::add(addr, &token, &Enrol { macs: macs(&m)?, hostname, disk, group }))?
         }
-        NodeAction::Reimage { macs: m, group, all } => {
-            let sel = match (all, group) {
-                (true, _) => Selector::All,
-                (false, Some(g)) => Selector::Group(g),
-                (false, None) => Selector::Macs(macs(&m)?),
-            };
-            rt.block_on(client::reimage(addr, &token, &sel))?
-        }
-        NodeAction::Update { macs: m, group, all, profile } => {
-            let sel = match (all, group) {
-                (true, _) => Selector::All,
-                (false, Some(g)) => Selector::Group(g),
-                (false, None) => Selector::Macs(macs(&m)?),
-            };
-            rt.block_on(client::update(addr, &token, &sel, profile))?
-        }
+        NodeAction::Reimage { which } => rt.block_on(client::reimage(addr, &token, &selector(which)?))?,
+        NodeAction::Update { which, profile } => rt.block_on(client::update(addr, &token, &selector(which)?, profile))?,
         NodeAction::List { json } => rt.block_on(client::list(addr, &token, json))?,
         NodeAction::Log { mac } => {
             let mac: MacAddr = mac.parse().with_context(|| format!("{mac:?} is not a MAC address"))?;

@@ -99,6 +99,15 @@ pub struct DiffOutcome {
     pub deleted: usize,
 }
 
+/// What a diff archive carries: the scanned entries that changed since the base (by their raw
+/// relative paths, as the packer selects them) and the deleted paths (raw).
+fn diff_parts(current: &Manifest, nodes: &[scan::Node], ch: &manifest::Changes) -> (HashSet<Vec<u8>>, Vec<Vec<u8>>) {
+    let changed: HashSet<&str> = ch.changed.iter().map(String::as_str).collect();
+    let only = current.entries.iter().zip(nodes).filter(|(e, _)| changed.contains(e.path.as_str())).map(|(_, n)| n.rel.clone()).collect();
+    let deletions = ch.deleted.iter().filter_map(|p| unescape(p)).collect();
+    (only, deletions)
+}
+
 /// Above this share of the image's file bytes, an update archive is the whole tree rather than
 /// a diff (a node far behind fetches about as much either way, and the full one serves all).
 pub const FULL_RATHER_THAN_DIFF: f64 = 0.8;
@@ -576,15 +585,7 @@ impl Store {
         let mut af = AtomicFile::create(&archive)?;
         let m = match &diff {
             Some((b, ch)) => {
-                let changed: HashSet<&str> = ch.changed.iter().map(String::as_str).collect();
-                let only: HashSet<Vec<u8>> = current
-                    .entries
-                    .iter()
-                    .zip(&nodes)
-                    .filter(|(e, _)| changed.contains(e.path.as_str()))
-                    .map(|(_, n)| n.rel.clone())
-                    .collect();
-                let deletions: Vec<Vec<u8>> = ch.deleted.iter().filter_map(|p| unescape(p)).collect();
+                let (only, deletions) = diff_parts(&current, &nodes, ch);
                 pack::write_archive(&tree, &nodes, Some(&only), Some(&deletions), &opts, &archive, af.file())?;
                 let mut header = pack::full_header(&opts);
                 header.kind = "diff".into();
@@ -630,15 +631,7 @@ impl Store {
         let digests = pack::digests_for(&tree, &nodes, &cache, true)?.unwrap_or_default();
         let current = pack::manifest_of(&nodes, &digests, pack::full_header(opts));
         let ch = manifest::changes(&base, &current);
-        let changed: HashSet<&str> = ch.changed.iter().map(String::as_str).collect();
-        let only: HashSet<Vec<u8>> = current
-            .entries
-            .iter()
-            .zip(&nodes)
-            .filter(|(e, _)| changed.contains(e.path.as_str()))
-            .map(|(_, n)| n.rel.clone())
-            .collect();
-        let deletions: Vec<Vec<u8>> = ch.deleted.iter().filter_map(|p| unescape(p)).collect();
+        let (only, deletions) = diff_parts(&current, &nodes, &ch);
         let ext = if opts.zstd_level.is_some() { ".diff.tar.zst" } else { ".diff.tar" };
         let archive = self.archive_file(kind, name, ext);
         let mut af = AtomicFile::create(&archive)?;

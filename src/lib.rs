@@ -105,7 +105,7 @@ mod tests {
         ("dhcp", &["types", "config", "net", "boot", "task"]),
         ("plan", &["types", "config", "nodes"]),
         ("usb", &["types", "image"]),
-        ("update", &["types", "image", "net", "swarm", "install", "nodes", "plan"]),
+        ("update", &["types", "image", "net", "swarm", "install", "nodes", "plan", "private_file"]),
     ];
 
     /// `crate::<module>` paths named in `text` outside comments and before its test module.

@@ -20,7 +20,7 @@
 //! writes, mode 0600). Must not: touch the tree other than through [`super::apply`].
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -179,17 +179,11 @@ pub fn credentials_path(root: &Path) -> PathBuf {
 /// # Errors
 /// [`ClientError::Io`].
 pub fn write_credentials(root: &Path, c: &NodeCredentials) -> Result<(), ClientError> {
-    use std::io::Write as _;
-    let path = credentials_path(root);
     let dir = root.join(STATE_DIR);
     std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-    let tmp = dir.join(".node.json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io("creating", &tmp))?;
     let mut text = serde_json::to_vec_pretty(c).unwrap_or_default();
     text.push(b'\n');
-    f.write_all(&text).and_then(|()| f.sync_all()).map_err(io("writing", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))
+    crate::private_file::write(&credentials_path(root), &text).map_err(|(path, e)| io("writing", &path)(e))
 }
 
 /// Reads `node.json`, refusing a file others may read.

@@ -93,6 +93,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     raise_open_file_limit();
     let iface_name = cfg.iface.clone().ok_or(AppError::NoIface)?;
     let iface = net::discover(&iface_name, cfg.server_ip)?;
+    raise_neighbour_limits(&cfg, &iface);
     let secret = load_or_create_secret(&cfg.state_dir)?;
     // What the swarm serves: `swarm.archives` (file and --seed) and the default image's archive.
     let mut archives = cfg.swarm.archives.clone();
@@ -604,6 +605,18 @@ fn initrd_with_key(cfg: &Config, base: &Path, key: &crate::image::sign::SigningK
 /// Raises the soft limit of open files to the hard limit: a systemd unit's default soft limit
 /// (1024) is reached by a thousand idle HTTP connections, after which accepts and TFTP
 /// transfers fail with EMFILE.
+/// Room in the machine's ARP/NDP tables for every node of the segment (see [`net::neigh`]): a
+/// failure is logged and start-up goes on (the defaults serve a few hundred nodes).
+fn raise_neighbour_limits(cfg: &Config, iface: &net::Iface) {
+    let hosts = crate::dhcp::policy::Policy::new(cfg, iface).on_link_hosts();
+    if hosts == 0 {
+        return;
+    }
+    if let Err(e) = net::neigh::raise(hosts) {
+        warn!(hosts, "cannot raise the neighbour-table limits ({e}): beyond about 1000 nodes on this link, some will not be reached (neighbour table overflow)");
+    }
+}
+
 fn raise_open_file_limit() {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit write/read the one struct we pass.

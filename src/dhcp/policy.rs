@@ -349,6 +349,12 @@ impl Policy {
             && !self.reservations.values().any(|r| r.ip == Some(ip))
     }
 
+    /// Addresses of the pools on the appliance's own segment (the subnets holding its address):
+    /// the nodes it reaches without a router, each one an entry in its neighbour table.
+    pub fn on_link_hosts(&self) -> u64 {
+        self.pools.iter().filter(|p| p.subnet.contains(&self.server_ip)).map(|p| u64::from(p.size())).sum()
+    }
+
     /// The pool serving a relay (0.0.0.0: the local segment), if any.
     pub fn pool_for_relay(&self, giaddr: Ipv4Addr) -> Option<&Pool> {
         self.pool_for(giaddr).ok()

@@ -291,7 +291,7 @@ pub async fn run(opts: &Options, token: &CancellationToken) -> Result<Outcome, I
             token,
         )
     });
-    let checked = match check_image(&r, &plan, key.as_ref()).await {
+    let checked = match check_image(&r, &plan, key.as_ref(), token).await {
         Ok(t) => install(opts, &r, &plan, &t, firmware, &reporter, token).await,
         Err(e) => Err(e),
     };
@@ -313,13 +313,14 @@ pub async fn run(opts: &Options, token: &CancellationToken) -> Result<Outcome, I
 }
 
 /// Checks before anything is written: the plan's seal, the command line's pins, the manifest.
-async fn check_image(r: &Resolved, plan: &NodePlan, key: Option<&[u8; 32]>) -> Result<seal::Trusted, InstallError> {
+async fn check_image(r: &Resolved, plan: &NodePlan, key: Option<&[u8; 32]>, token: &CancellationToken) -> Result<seal::Trusted, InstallError> {
     let (info_hash, manifest) = seal::check_plan(plan, key, r.info_hash.as_deref(), r.manifest.as_deref())?;
     let image = plan.image.to_string();
     let manifest = match manifest {
         Some(want) => {
             let path = format!("/manifests/{image}.manifest");
-            let bytes = crate::swarm::http_get::get(r.server, &path, Duration::from_secs(60))
+            let http_get = crate::swarm::http_get::get_retrying;
+            let bytes = http_get(r.server, &path, Duration::from_secs(60), crate::swarm::http_get::RETRY_FOR, token)
                 .await
                 .map_err(|source| seal::SealError::Fetch { image: image.clone(), source: Box::new(source) })?;
             Some(seal::check_manifest(&image, &bytes, &want)?)

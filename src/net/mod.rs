@@ -9,6 +9,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::types::MacAddr;
 
 pub mod http_client;
+pub mod neigh;
 pub mod ra;
 
 /// Errors from interface lookup and socket setup.

@@ -138,6 +138,11 @@ async fn swarm_view(server: SocketAddr, name: &ImageName) -> Result<TorrentView,
     serde_json::from_slice(&body).map_err(|source| FetchError::Api { name: name.clone(), source })
 }
 
+/// The image's .torrent, asked again while the appliance does not answer (a rack joins at once).
+async fn torrent_of(server: SocketAddr, name: &ImageName, token: &CancellationToken) -> Result<Vec<u8>, FetchError> {
+    Ok(http_get::get_retrying(server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT, http_get::RETRY_FOR, token).await?)
+}
+
 /// Blocks asked of one peer at a time: [`DEFAULT_DEPTH`], or `SI_SWARM_DEPTH` (1..=256) for
 /// benchmarking other values.
 fn depth() -> usize {
@@ -154,14 +159,14 @@ fn engine_err(name: &ImageName) -> impl Fn(EngineError) -> FetchError + '_ {
 /// [`FetchError`]; the partial file is kept (a rerun resumes it after re-checking).
 pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<FetchReport, FetchError> {
     let name = &opts.image;
-    let torrent = http_get::get(opts.server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT).await?;
+    let torrent = torrent_of(opts.server, name, token).await?;
     let meta = Meta::from_torrent(&torrent).map_err(engine_err(name))?;
     let mut initial: Vec<SocketAddr> = opts.peers.clone();
     let mut seed_limit = MAX_SEED_UNTIL_DONE;
     // The appliance (it served the .torrent) and its seed: never banned by the engine.
     let mut trusted = vec![opts.server.ip()];
     if opts.use_tracker {
-        seed_limit = seed_peer_and_limit(opts.server, name, &mut initial, &mut trusted).await;
+        seed_limit = seed_peer_and_limit(opts.server, name, &mut initial, &mut trusted, token).await;
     }
     let own_ip = own_ip(opts.iface.as_deref())?;
     let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
@@ -187,8 +192,18 @@ pub async fn run(opts: &FetchOptions, token: &CancellationToken) -> Result<Fetch
 /// the seed out itself, `swarm.seed_peers`) and its address to `trusted`, and returns how long
 /// to seed after completion (`MAX_SEED_UNTIL_DONE` when the appliance does not answer: the
 /// tracker alone then).
-async fn seed_peer_and_limit(server: SocketAddr, name: &ImageName, initial: &mut Vec<SocketAddr>, trusted: &mut Vec<IpAddr>) -> Duration {
-    match swarm_view(server, name).await {
+async fn seed_peer_and_limit(
+    server: SocketAddr,
+    name: &ImageName,
+    initial: &mut Vec<SocketAddr>,
+    trusted: &mut Vec<IpAddr>,
+    token: &CancellationToken,
+) -> Duration {
+    let view = match http_get::get_retrying(server, &format!("/api/swarm/{name}"), HTTP_LIMIT, http_get::RETRY_FOR, token).await {
+        Ok(body) => serde_json::from_slice::<TorrentView>(&body).map_err(|source| FetchError::Api { name: name.clone(), source }),
+        Err(e) => Err(e.into()),
+    };
+    match view {
         Ok(v) => {
             let seed_ip = IpAddr::V4(*v.seed_addr.ip());
             if !trusted.contains(&seed_ip) {
@@ -386,7 +401,7 @@ impl SwarmStream {
     /// [`FetchError`] when the appliance, the torrent or the engine fail.
     pub async fn start(opts: &StreamOptions, token: &CancellationToken) -> Result<SwarmStream, FetchError> {
         let name = &opts.image;
-        let torrent = http_get::get(opts.server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT).await?;
+        let torrent = torrent_of(opts.server, name, token).await?;
         let meta = Meta::from_torrent(&torrent).map_err(engine_err(name))?;
         if let Some(want) = opts.info_hash {
             if meta.info_hash != want {
@@ -395,7 +410,7 @@ impl SwarmStream {
         }
         let mut initial = Vec::new();
         let mut trusted = vec![opts.server.ip()];
-        let seed_limit = seed_peer_and_limit(opts.server, name, &mut initial, &mut trusted).await;
+        let seed_limit = seed_peer_and_limit(opts.server, name, &mut initial, &mut trusted, token).await;
         let own_ip = own_ip(opts.iface.as_deref())?;
         let listen = SocketAddr::V4(SocketAddrV4::new(own_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), opts.listen_port));
         std::fs::create_dir_all(&opts.dir).map_err(|source| FetchError::Output { path: opts.dir.clone(), source })?;

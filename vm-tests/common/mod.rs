@@ -212,6 +212,46 @@ pub struct Lab {
     pub hosts: Vec<Netns>,
     /// A scratch directory for logs, configs and state (kept on failure for reading).
     pub dir: PathBuf,
+    /// Neighbour-table limits this lab raised: (file, value before, value set), put back on drop.
+    neigh_raised: Vec<(PathBuf, u64, u64)>,
+}
+
+/// The kernel's ARP and NDP tables are one per machine, shared by every namespace, and sized
+/// only in the initial namespace (`net.ipv{4,6}.neigh.default.gc_thresh1/2/3`, 128/512/1024 by
+/// default). A lab of `hosts` hosts that all talk to each other holds up to hosts² entries:
+/// beyond gc_thresh3 a new neighbour cannot be created (ENOBUFS, "neighbour table overflow"),
+/// so SYNs to a peer never leave its host. Measured here: at N = 128 swarm nodes the table sat
+/// at its 1024 limit with 31 955 entries allocated and 30 884 destroyed, and most nodes had 2–5
+/// connections open against 25 SYNs pending. Raises the three limits to fit (never lowers
+/// them); returns what it changed.
+pub fn raise_neigh_limits(hosts: usize) -> Vec<(PathBuf, u64, u64)> {
+    let need = (hosts * hosts + 256) as u64;
+    let mut changed = Vec::new();
+    for fam in ["ipv4", "ipv6"] {
+        // thresh1: below it no entry is collected (no re-ARP churn); thresh3: the hard cap.
+        for (k, want) in [(1, need), (2, 2 * need), (3, 4 * need)] {
+            let f = PathBuf::from(format!("/proc/sys/net/{fam}/neigh/default/gc_thresh{k}"));
+            let Some(now) = fs::read_to_string(&f).ok().and_then(|v| v.trim().parse::<u64>().ok()) else { continue };
+            if now < want && fs::write(&f, want.to_string()).is_ok() {
+                changed.push((f, now, want));
+            }
+        }
+    }
+    if !changed.is_empty() {
+        eprintln!("lab: neighbour-table limits raised for {hosts} hosts (shared by all namespaces): gc_thresh1/2/3 = {need}/{}/{}", 2 * need, 4 * need);
+    }
+    changed
+}
+
+impl Drop for Lab {
+    /// Puts back the neighbour-table limits this lab raised, unless someone changed them since.
+    fn drop(&mut self) {
+        for (f, before, set) in self.neigh_raised.iter().rev() {
+            if fs::read_to_string(f).ok().and_then(|v| v.trim().parse::<u64>().ok()) == Some(*set) {
+                let _ = fs::write(f, before.to_string());
+            }
+        }
+    }
 }
 
 impl Lab {
@@ -226,7 +266,7 @@ impl Lab {
         switch.ip(&["link", "set", "br0", "up"]);
         let dir = std::env::temp_dir().join(format!("{}-{}", switch.name, unique_suffix()));
         fs::create_dir_all(&dir).expect("lab dir");
-        Lab { switch, hosts: Vec::new(), dir }
+        Lab { switch, hosts: Vec::new(), dir, neigh_raised: Vec::new() }
     }
 
     /// Adds a host with an `eth0` on the bridge, with `addr` (CIDR) if given, and returns its
@@ -246,6 +286,18 @@ impl Lab {
         }
         ns.ip(&["link", "set", "eth0", "up"]);
         self.hosts.push(ns);
+        // Up to 16 hosts (256 entries) fit the defaults; above, in steps of 32 hosts (one
+        // message per step, not per host).
+        let n = self.hosts.len();
+        let more = if n > 16 { raise_neigh_limits(n.div_ceil(32) * 32) } else { Vec::new() };
+        // Keep the first value seen per file: that is what to put back.
+        for m in more {
+            if !self.neigh_raised.iter().any(|(f, _, _)| *f == m.0) {
+                self.neigh_raised.push(m);
+            } else if let Some(e) = self.neigh_raised.iter_mut().find(|(f, _, _)| *f == m.0) {
+                e.2 = m.2;
+            }
+        }
         i
     }
 

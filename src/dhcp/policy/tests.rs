@@ -532,3 +532,17 @@ fn journal_down_refuses_new_leases_and_acks_renewals_without_extending() {
     let dec = vec![DhcpOption::ServerIdentifier(p.server_ip), DhcpOption::RequestedIpAddress(ip)];
     assert!(matches!(guarded(&p, &l, MessageType::Decline, MAC, dec, NOW, &down), Decision::Ignore(Why::JournalDown)));
 }
+
+/// The neighbour-table room the appliance asks for counts the pools on its own segment only
+/// (relayed nodes sit behind a router: one entry).
+#[test]
+fn on_link_hosts_count_the_local_pools_only() {
+    assert_eq!(policy("").on_link_hosts(), 254, "no pool: the interface's /24 less network and broadcast");
+    let p = policy("[[dhcp.pool]]\nsubnet = \"10.66.0.0/24\"\nrange = [\"10.66.0.100\", \"10.66.0.199\"]\n[[dhcp.pool]]\nsubnet = \"10.67.0.0/16\"\nrouter = \"10.67.0.1\"");
+    assert_eq!(p.on_link_hosts(), 100);
+    // Only relayed pools (the reservation's subnet kept so that the config is valid, but moved
+    // off the appliance's address).
+    let cfg = config("[[dhcp.pool]]\nsubnet = \"10.66.0.0/24\"\n[[dhcp.pool]]\nsubnet = \"10.67.0.0/16\"\nrouter = \"10.67.0.1\"");
+    let elsewhere = Iface { ip: Ipv4Addr::new(10, 99, 0, 1), net: "10.99.0.0/24".parse().unwrap(), ..iface() };
+    assert_eq!(Policy::new(&cfg, &elsewhere).on_link_hosts(), 0);
+}

@@ -338,6 +338,7 @@ impl Core {
                 }
             }
             Msg::Piece { piece, begin, data } => {
+                self.picker.heard(key, now);
                 match self.picker.got(key, piece, begin, data.len()) {
                     Got::Unexpected => {}
                     Got::Take { complete, cancel } => {
@@ -499,6 +500,11 @@ impl Core {
         }
         if self.picker.complete() {
             return;
+        }
+        // The seed's connection is left idle while peers can serve the missing pieces (the
+        // picker's rule): it is asked again here, in case only the seed can serve them now.
+        for k in self.picker.idle_trusted() {
+            self.plan(now, k, out);
         }
         self.cooloff.prune(now);
         let mut room = MAX_CONNS.saturating_sub(self.peers.len());

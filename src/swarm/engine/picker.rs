@@ -8,6 +8,10 @@
 //! 3. A new piece, rarest first among the pieces the peer has (availability = connected peers
 //!    holding it), ties broken by a random starting point, so nodes that start together
 //!    (flash crowd) ask the seed for different pieces and have something to trade at once.
+//!    From the appliance's seed, once our share of its pieces (see [`Picker::set_own_order`])
+//!    is asked: nothing while a missing piece can come from a peer (the seed's upload is the
+//!    one every node shares; a second copy through it delays everyone); the idle connection
+//!    is asked again on the engine's tick ([`Picker::idle_trusted`]).
 //! 4. Endgame: when no piece is missing any more (all in progress), blocks already asked of
 //!    another peer, at most [`ENDGAME_DUPES`] askers per block; the first copy wins and the
 //!    others are cancelled.
@@ -16,6 +20,9 @@
 //! whole from one peer, to find the liar: a trusted peer (the appliance's seed) takes it first,
 //! others only when no unchoked trusted peer has it; no endgame copies; if its peer leaves,
 //! chokes or times out, the piece starts over (never finished by a second sender).
+//!
+//! Requests expire ([`Picker::expire`]) when their peer has sent nothing for the timeout (a
+//! peer that keeps sending is serving a queue), or after [`STUCK_FACTOR`] timeouts regardless.
 //!
 //! A peer's requests are re-planned on every event that can give it work: its HAVE or
 //! BITFIELD, its unchoke, a block arriving, a piece failing its hash, another peer leaving or
@@ -33,6 +40,8 @@ pub type PeerKey = u64;
 
 /// Most peers asked for one block in endgame.
 pub const ENDGAME_DUPES: usize = 2;
+/// A request to a peer that keeps sending expires after this many request timeouts.
+pub const STUCK_FACTOR: u32 = 4;
 
 /// One block request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -82,6 +91,8 @@ struct PeerView {
     joined_complete: bool,
     /// The appliance's seed: first choice for suspect pieces.
     trusted: bool,
+    /// When its last block arrived.
+    last_block: Option<Instant>,
 }
 
 /// What a received block means.
@@ -198,7 +209,7 @@ impl Picker {
     /// A new connection (choked until it unchokes us, no pieces until its bitfield).
     pub fn add_peer(&mut self, k: PeerKey) {
         let n = self.pieces.len();
-        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new(), order: None, joined_complete: false, trusted: false });
+        self.peers.insert(k, PeerView { has: vec![false; n], count: 0, choked: true, asked: Vec::new(), order: None, joined_complete: false, trusted: false, last_block: None });
     }
 
     /// Marks the peer as the appliance's seed (see the module's notes on suspect pieces).
@@ -462,6 +473,14 @@ impl Picker {
             // slow or starved), each helper at its own place in that list (rank / peers), so
             // helpers spread out instead of all fetching the same last pieces.
             if !only_share {
+                // From the appliance's seed, after our share: nothing while some missing piece
+                // can come from a peer. The seed's upload is the one every node shares; a piece
+                // another node already holds (or is fetching as its share) would be a second
+                // copy through it (measured: at N = 64 / 4 Mbit/s the seed sent 3.4 copies and
+                // the makespan was 3.3 × T*). The connection is asked again on the tick.
+                if share.is_some() && self.peers.get(&k).is_some_and(|p| p.trusted) && (0..n).any(|i| matches!(self.pieces[i], Ps::Missing) && self.avail[i] >= 2) {
+                    continue;
+                }
                 if let Some((r, m)) = share {
                     let left: Vec<u32> = (0..n)
                         .filter(|i| matches!(self.pieces[*i], Ps::Missing) && self.avail[*i] <= 1 && self.peer_has(k, *i) && self.may_start(k, *i))
@@ -523,6 +542,13 @@ impl Picker {
             }
         }
         None
+    }
+
+    /// A block (asked or not) arrived from `k` at `now`: it is serving its queue.
+    pub fn heard(&mut self, k: PeerKey, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&k) {
+            p.last_block = Some(now);
+        }
     }
 
     /// A block arrived from `k`.
@@ -610,9 +636,19 @@ impl Picker {
     pub fn expire(&mut self, now: Instant, limit: Duration) -> Vec<(PeerKey, Vec<Block>)> {
         let mut out = Vec::new();
         for (k, p) in &mut self.peers {
-            let old: Vec<Block> = p.asked.iter().filter(|(_, t)| now.duration_since(*t) > limit).map(|(b, _)| *b).collect();
+            // A peer that keeps sending is serving its queue: a request waiting behind others
+            // on its uplink is not lost, and asking it of someone else makes a duplicate (the
+            // seed's upload, shared by every node, queues for tens of seconds on a slow link).
+            // Only a peer silent for `limit` loses its requests, or a request unanswered for
+            // STUCK_FACTOR × `limit` (a peer that skips one request).
+            let quiet = p.last_block.is_none_or(|t| now.duration_since(t) > limit);
+            let expired = |t: &Instant| {
+                let age = now.duration_since(*t);
+                age > limit && (quiet || age > limit * STUCK_FACTOR)
+            };
+            let old: Vec<Block> = p.asked.iter().filter(|(_, t)| expired(t)).map(|(b, _)| *b).collect();
             if !old.is_empty() {
-                p.asked.retain(|(_, t)| now.duration_since(*t) <= limit);
+                p.asked.retain(|(_, t)| !expired(t));
                 out.push((*k, old));
             }
         }
@@ -633,6 +669,11 @@ impl Picker {
             Ps::Verifying(from) => from.contains(&k),
             _ => false,
         })
+    }
+
+    /// The appliance's seed connections with nothing asked (not choking us).
+    pub fn idle_trusted(&self) -> Vec<PeerKey> {
+        self.peers.iter().filter(|(_, p)| p.trusted && !p.choked && p.asked.is_empty()).map(|(k, _)| *k).collect()
     }
 
     /// Keys of the connected peers.
@@ -912,6 +953,72 @@ mod tests {
         assert_eq!(exp[0].1.len(), 8);
         assert_eq!(p.asked(2), 0);
         assert_eq!(p.next_requests(2, 8, later, &mut rng()).len(), 8);
+    }
+
+    #[test]
+    fn a_peer_that_keeps_sending_keeps_its_queued_requests() {
+        let mut p = Picker::new(PL, 4 * PL as u64, &[false; 4]);
+        let t0 = Instant::now();
+        for k in 1..=2 {
+            p.add_peer(k);
+            p.bitfield(k, all(4));
+            p.choked(k, false);
+        }
+        let r1 = p.next_requests(1, 8, t0, &mut rng());
+        assert_eq!(p.next_requests(2, 8, t0, &mut rng()).len(), 8);
+        // Peer 1 sends a block at 25 s (its uplink is slow, its queue long); peer 2 is silent.
+        let t25 = t0 + Duration::from_secs(25);
+        p.heard(1, t25);
+        assert!(matches!(p.got(1, r1[0].piece, r1[0].begin, BLOCK as usize), Got::Take { .. }));
+        let exp = p.expire(t0 + Duration::from_secs(30), Duration::from_secs(10));
+        assert_eq!(exp.iter().map(|(k, b)| (*k, b.len())).collect::<Vec<_>>(), vec![(2, 8)], "only the silent peer's requests");
+        assert_eq!(p.asked(1), 7);
+        // Still sending, but a request unanswered for STUCK_FACTOR × the limit goes too.
+        p.heard(1, t0 + Duration::from_secs(39));
+        let exp = p.expire(t0 + Duration::from_secs(41), Duration::from_secs(10));
+        assert_eq!(exp.iter().map(|(k, b)| (*k, b.len())).collect::<Vec<_>>(), vec![(1, 7)]);
+    }
+
+    #[test]
+    fn after_its_share_a_node_asks_the_appliance_only_for_what_no_peer_has() {
+        let n = 6;
+        let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
+        p.set_own_order(20);
+        // The appliance's seed (trusted) and a downloading peer ordered after us: shares of 2,
+        // ours the even pieces. The peer already holds piece 1 (of its own share).
+        let mut peer_bits = vec![false; n];
+        peer_bits[1] = true;
+        for (k, order, bits) in [(1, 1, all(n)), (2, 30, peer_bits)] {
+            p.add_peer(k);
+            p.set_order(k, order);
+            p.bitfield(k, bits);
+            p.choked(k, false);
+        }
+        p.set_trusted(1);
+        let t0 = Instant::now();
+        let r = p.next_requests(1, 64, t0, &mut rng());
+        let mut pieces: Vec<u32> = r.iter().map(|b| b.piece).collect();
+        pieces.sort();
+        pieces.dedup();
+        // Our share (0, 2, 4) and nothing else: piece 1 is on a peer, 3 and 5 are the peer's
+        // share, which it is fetching (no second copy through the seed's upload).
+        assert_eq!(pieces, vec![0, 2, 4], "{r:?}");
+        assert!(p.idle_trusted().is_empty());
+        // The share done and piece 1 taken from the peer, only seed pieces are left: the idle
+        // seed connection (the tick asks it again) now gets them.
+        for b in &r {
+            assert!(matches!(p.got(1, b.piece, b.begin, BLOCK as usize), Got::Take { .. }));
+        }
+        for i in [0, 2, 4] {
+            p.verified(i, true);
+        }
+        assert_eq!(p.idle_trusted(), vec![1]);
+        let from_peer = p.next_requests(2, 64, t0, &mut rng());
+        assert!(from_peer.iter().all(|b| b.piece == 1) && from_peer.len() == 4, "{from_peer:?}");
+        // Pieces 3 and 5 (then, nothing being missing any more, endgame copies of piece 1).
+        let helper = p.next_requests(1, 64, t0, &mut rng());
+        assert!(helper.len() >= 8 && helper[..8].iter().all(|b| b.piece == 3 || b.piece == 5), "{helper:?}");
+        assert!(helper[8..].iter().all(|b| b.piece == 1), "{helper:?}");
     }
 
     #[test]

@@ -501,11 +501,6 @@ impl Core {
         if self.picker.complete() {
             return;
         }
-        // The seed's connection is left idle while peers can serve the missing pieces (the
-        // picker's rule): it is asked again here, in case only the seed can serve them now.
-        for k in self.picker.idle_trusted() {
-            self.plan(now, k, out);
-        }
         self.cooloff.prune(now);
         let mut room = MAX_CONNS.saturating_sub(self.peers.len());
         let connected: HashSet<IpAddr> = self.peers.values().map(|c| c.ip).collect();

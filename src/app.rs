@@ -602,9 +602,6 @@ fn initrd_with_key(cfg: &Config, base: &Path, key: &crate::image::sign::SigningK
     Ok(dest)
 }
 
-/// Raises the soft limit of open files to the hard limit: a systemd unit's default soft limit
-/// (1024) is reached by a thousand idle HTTP connections, after which accepts and TFTP
-/// transfers fail with EMFILE.
 /// Room in the machine's ARP/NDP tables for every node of the segment (see [`net::neigh`]): a
 /// failure is logged and start-up goes on (the defaults serve a few hundred nodes).
 fn raise_neighbour_limits(cfg: &Config, iface: &net::Iface) {
@@ -617,6 +614,9 @@ fn raise_neighbour_limits(cfg: &Config, iface: &net::Iface) {
     }
 }
 
+/// Raises the soft limit of open files to the hard limit: a systemd unit's default soft limit
+/// (1024) is reached by a thousand idle HTTP connections, after which accepts and TFTP
+/// transfers fail with EMFILE.
 fn raise_open_file_limit() {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit write/read the one struct we pass.

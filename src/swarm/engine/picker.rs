@@ -620,8 +620,9 @@ impl Picker {
         freed
     }
 
-    /// Requests older than `limit` are given up (the peer is too slow or silent): they are freed
-    /// for others. Returns the peers concerned (to re-plan, and to count against them).
+    /// Requests older than `limit` to a peer that has sent no block for `limit` (silent), or
+    /// older than [`STUCK_FACTOR`] × `limit` to any peer, are given up: they are freed for
+    /// others. Returns the peers concerned (to re-plan, and to count against them).
     pub fn expire(&mut self, now: Instant, limit: Duration) -> Vec<(PeerKey, Vec<Block>)> {
         let mut out = Vec::new();
         for (k, p) in &mut self.peers {

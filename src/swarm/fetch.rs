@@ -133,8 +133,14 @@ pub struct FetchReport {
     pub stopped_because: &'static str,
 }
 
-async fn swarm_view(server: SocketAddr, name: &ImageName) -> Result<TorrentView, FetchError> {
-    let body = http_get::get(server, &format!("/api/swarm/{name}"), HTTP_LIMIT).await?;
+/// The appliance's view of the swarm (one GET, or asked again for [`http_get::RETRY_FOR`] while
+/// the appliance does not answer when `retry` gives the token that ends the wait).
+async fn swarm_view(server: SocketAddr, name: &ImageName, retry: Option<&CancellationToken>) -> Result<TorrentView, FetchError> {
+    let path = format!("/api/swarm/{name}");
+    let body = match retry {
+        Some(token) => http_get::get_retrying(server, &path, HTTP_LIMIT, http_get::RETRY_FOR, token).await?,
+        None => http_get::get(server, &path, HTTP_LIMIT).await?,
+    };
     serde_json::from_slice(&body).map_err(|source| FetchError::Api { name: name.clone(), source })
 }
 
@@ -199,11 +205,7 @@ async fn seed_peer_and_limit(
     trusted: &mut Vec<IpAddr>,
     token: &CancellationToken,
 ) -> Duration {
-    let view = match http_get::get_retrying(server, &format!("/api/swarm/{name}"), HTTP_LIMIT, http_get::RETRY_FOR, token).await {
-        Ok(body) => serde_json::from_slice::<TorrentView>(&body).map_err(|source| FetchError::Api { name: name.clone(), source }),
-        Err(e) => Err(e.into()),
-    };
-    match view {
+    match swarm_view(server, name, Some(token)).await {
         Ok(v) => {
             let seed_ip = IpAddr::V4(*v.seed_addr.ip());
             if !trusted.contains(&seed_ip) {
@@ -305,7 +307,7 @@ async fn download_and_seed(
                 _ = token.cancelled() => { stopped_because = "signal"; break; }
                 _ = tick.tick() => last = progress(name, engine, last),
                 _ = poll.tick(), if opts.seed_until_done && opts.use_tracker => {
-                    match swarm_view(opts.server, name).await {
+                    match swarm_view(opts.server, name, None).await {
                         Ok(v) if v.done => { stopped_because = "swarm-done"; break; }
                         Ok(_) => {}
                         Err(e) => warn!(%name, "asking the appliance whether the swarm is done: {e:#}"),
@@ -471,7 +473,7 @@ impl SwarmStream {
                 // hold nothing; the appliance is asked in the arm's body, not raced.
                 _ = tokio::time::sleep_until(deadline) => return "seed-time-over",
                 _ = token.cancelled() => return "signal",
-                _ = poll.tick() => match swarm_view(self.server, &self.name).await {
+                _ = poll.tick() => match swarm_view(self.server, &self.name, None).await {
                     Ok(v) if v.done => return "swarm-done",
                     Ok(_) => {}
                     Err(e) => warn!(name = %self.name, "asking the appliance whether the swarm is done: {e:#}"),

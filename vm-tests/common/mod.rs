@@ -212,33 +212,27 @@ pub struct Lab {
     pub hosts: Vec<Netns>,
     /// A scratch directory for logs, configs and state (kept on failure for reading).
     pub dir: PathBuf,
-    /// Neighbour-table limits this lab raised: (file, value before, value set), put back on drop.
-    neigh_raised: Vec<(PathBuf, u64, u64)>,
+    /// Neighbour-table limits this lab raised (first value before, last value set per file),
+    /// put back on drop.
+    neigh_raised: Vec<si_appliance::net::neigh::Raised>,
 }
 
 /// The kernel's ARP and NDP tables are one per machine, shared by every namespace, and sized
-/// only in the initial namespace (`net.ipv{4,6}.neigh.default.gc_thresh1/2/3`, 128/512/1024 by
-/// default). A lab of `hosts` hosts that all talk to each other holds up to hosts² entries:
-/// beyond gc_thresh3 a new neighbour cannot be created (ENOBUFS, "neighbour table overflow"),
-/// so SYNs to a peer never leave its host. Measured here: at N = 128 swarm nodes the table sat
-/// at its 1024 limit with 31 955 entries allocated and 30 884 destroyed, and most nodes had 2–5
-/// connections open against 25 SYNs pending. Raises the three limits to fit (never lowers
-/// them); returns what it changed.
-pub fn raise_neigh_limits(hosts: usize) -> Vec<(PathBuf, u64, u64)> {
-    let need = (hosts * hosts + 256) as u64;
-    let mut changed = Vec::new();
-    for fam in ["ipv4", "ipv6"] {
-        // thresh1: below it no entry is collected (no re-ARP churn); thresh3: the hard cap.
-        for (k, want) in [(1, need), (2, 2 * need), (3, 4 * need)] {
-            let f = PathBuf::from(format!("/proc/sys/net/{fam}/neigh/default/gc_thresh{k}"));
-            let Some(now) = fs::read_to_string(&f).ok().and_then(|v| v.trim().parse::<u64>().ok()) else { continue };
-            if now < want && fs::write(&f, want.to_string()).is_ok() {
-                changed.push((f, now, want));
-            }
-        }
-    }
+/// only in the initial namespace (see `si_appliance::net::neigh`). A lab of `hosts` hosts that
+/// all talk to each other holds up to hosts² entries: beyond gc_thresh3 a new neighbour cannot
+/// be created (ENOBUFS), so SYNs to a peer never leave its host. Measured here: at N = 128 swarm
+/// nodes the table sat at its 1024 limit with 31 955 entries allocated and 30 884 destroyed, and
+/// most nodes had 2–5 connections open against 25 SYNs pending. Raises the limits to fit hosts²
+/// neighbours with the appliance's own rule (never lowers them); returns what it changed.
+pub fn raise_neigh_limits(hosts: usize) -> Vec<si_appliance::net::neigh::Raised> {
+    let n = (hosts * hosts) as u64;
+    let changed = si_appliance::net::neigh::raise_under(Path::new("/proc/sys/net"), n).unwrap_or_else(|e| {
+        eprintln!("lab: cannot raise the neighbour-table limits ({e}): large labs may stall");
+        Vec::new()
+    });
     if !changed.is_empty() {
-        eprintln!("lab: neighbour-table limits raised for {hosts} hosts (shared by all namespaces): gc_thresh1/2/3 = {need}/{}/{}", 2 * need, 4 * need);
+        let w = si_appliance::net::neigh::wanted(n);
+        eprintln!("lab: neighbour-table limits raised for {hosts} hosts (shared by all namespaces): gc_thresh1/2/3 = {}/{}/{}", w.thresh1, w.thresh2, w.thresh3);
     }
     changed
 }
@@ -246,9 +240,9 @@ pub fn raise_neigh_limits(hosts: usize) -> Vec<(PathBuf, u64, u64)> {
 impl Drop for Lab {
     /// Puts back the neighbour-table limits this lab raised, unless someone changed them since.
     fn drop(&mut self) {
-        for (f, before, set) in self.neigh_raised.iter().rev() {
-            if fs::read_to_string(f).ok().and_then(|v| v.trim().parse::<u64>().ok()) == Some(*set) {
-                let _ = fs::write(f, before.to_string());
+        for r in self.neigh_raised.iter().rev() {
+            if fs::read_to_string(&r.file).ok().and_then(|v| v.trim().parse::<u64>().ok()) == Some(r.now) {
+                let _ = fs::write(&r.file, r.was.to_string());
             }
         }
     }
@@ -292,10 +286,9 @@ impl Lab {
         let more = if n > 16 { raise_neigh_limits(n.div_ceil(32) * 32) } else { Vec::new() };
         // Keep the first value seen per file: that is what to put back.
         for m in more {
-            if !self.neigh_raised.iter().any(|(f, _, _)| *f == m.0) {
-                self.neigh_raised.push(m);
-            } else if let Some(e) = self.neigh_raised.iter_mut().find(|(f, _, _)| *f == m.0) {
-                e.2 = m.2;
+            match self.neigh_raised.iter_mut().find(|r| r.file == m.file) {
+                Some(r) => r.now = m.now,
+                None => self.neigh_raised.push(m),
             }
         }
         i

@@ -293,6 +293,9 @@ pub struct BootConfig {
     /// EFI builds before iPXE 2.0): they boot whatever the peer sends. Off by default.
     pub peer_unverified: bool,
     /// Transfers one serving peer is given at once, at most (its uplink is shared by them).
+    /// Default 1: one transfer at the full rate ends sooner than several sharing it, and the
+    /// asker that finishes first boots and serves first (`src/boot/BOOT-STORM.md` measures 1,
+    /// 2 and 4); raise it where one node's transfer cannot fill a peer's uplink.
     pub peer_serve_max: u32,
     /// TCP port the installers serve the boot files on.
     pub peer_port: u16,
@@ -302,6 +305,8 @@ pub struct BootConfig {
     /// Transfers the appliance itself sends at once while peers serve; a kernel or initrd
     /// request beyond waits (first come, first served) for the first free slot, its own or a
     /// peer's. 0 = no limit: requests never wait (a stampede is then served like unicast).
+    /// Default 1, for the reason of `peer_serve_max`; raise it where one node's transfer
+    /// cannot fill the appliance's link (e.g. iPXE through a slow UNDI driver).
     pub peer_appliance_max: u32,
     /// The longest a request waits for a free slot; then the appliance serves it anyway.
     #[serde(with = "humantime_serde")]
@@ -328,10 +333,10 @@ impl Default for BootConfig {
             ipxe_no_pxedhcp: true,
             peer_serve: false,
             peer_unverified: false,
-            peer_serve_max: 4,
+            peer_serve_max: 1,
             peer_port: 8081,
             peer_rate_mbit: 50,
-            peer_appliance_max: 2,
+            peer_appliance_max: 1,
             peer_wait: Duration::from_secs(60),
         }
     }

@@ -80,7 +80,7 @@ pub async fn serve(listener: TcpListener, router: axum::Router, limits: Limits, 
                 // CANCEL-SAFETY: on shutdown the connection is not dropped but told to finish.
                 r = conn.as_mut() => {
                     if let Err(e) = r {
-                        debug!(%peer, "http connection: {e}");
+                        debug!(%peer, "http connection: {}", crate::swarm::engine::chain(&e));
                     }
                 }
                 _ = token.cancelled() => {

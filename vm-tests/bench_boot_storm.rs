@@ -11,10 +11,11 @@
 //! sizes (8 247 232 and 11 843 249 B; the appliance appends its key to the initrd). Each node
 //! "powers on" at a random instant within `SPREAD` seconds of the start and fetches both files
 //! with `curl -L` (a real client that follows the 302, as iPXE does; on failure it retries with
-//! `&direct=1`, the iPXE script's fallback), each under `timeout`. Then, in the peer-served run,
-//! it waits the boot delay `B` and runs `si-appliance boot-peer` (the installer's code path:
-//! fetch again through the appliance with `?peer=1`, check against /boot/digests, serve on
-//! :8081, announce). Methods, in the same run: `unicast` (`boot.peer_serve = false`) and `ours`
+//! `&direct=1`, the iPXE script's fallback), each under `timeout`, then says so with
+//! `GET /boot/fetched` (the node script's last request: it frees the node's slot at its peer).
+//! Then, in the peer-served run, it waits the boot delay `B` and runs `si-appliance boot-peer`
+//! (the installer's code path: fetch again through the appliance with `?peer=1`, check against
+//! /boot/digests, serve on :8081, announce). Methods, in the same run: `unicast` (`boot.peer_serve = false`) and `ours`
 //! (`boot.peer_serve = true`, `peer_serve_max = K`, `peer_appliance_max = A`, `peer_wait = WAIT`).
 //!
 //! Printed per method: makespan (the start to the last node holding both files, from each
@@ -28,9 +29,9 @@
 //!
 //! Options (environment or `KEY=VALUE` arguments): `N` nodes (default 8, at most 200), `C` link
 //! rate in Mbit/s (default 100 for N ≤ 8, else 40), `B` boot delay in seconds (default 2),
-//! `SPREAD` power-on spread in seconds (default 2), `K` peer_serve_max (default 4), `A`
-//! peer_appliance_max (default 2), `WAIT` peer_wait in seconds (default 60), `KERNEL` and
-//! `INITRD` sizes in bytes, `METHODS` (default `unicast,ours`), `CAP` seconds a method may run
+//! `SPREAD` power-on spread in seconds (default 2), `K` peer_serve_max (default 1, as the
+//! appliance's), `A` peer_appliance_max (default 1, as the appliance's), `WAIT` peer_wait in
+//! seconds (default 60), `KERNEL` and `INITRD` sizes in bytes, `METHODS` (default `unicast,ours`), `CAP` seconds a method may run
 //! (default 2 × N·size/C + 60), `KEEP=1` keeps the logs.
 #[path = "common/mod.rs"]
 mod common;
@@ -86,8 +87,8 @@ fn opts() -> Opts {
         mbit: num("C", if n <= 8 { 100 } else { 40 }).clamp(1, 10_000) as u32,
         boot_delay: flt("B", 2.0).clamp(0.0, 120.0),
         spread: flt("SPREAD", 2.0).clamp(0.0, 120.0),
-        k: num("K", 4).clamp(1, 64) as u32,
-        a: num("A", 2).clamp(0, 64) as u32,
+        k: num("K", 1).clamp(1, 64) as u32,
+        a: num("A", 1).clamp(0, 64) as u32,
         wait: num("WAIT", 60).clamp(1, 300),
         kernel: num("KERNEL", 8_247_232).clamp(1, 1 << 30),
         initrd: num("INITRD", 11_843_249).clamp(1, 1 << 30),
@@ -166,6 +167,7 @@ get() {
 get "http://$SERVER/boot/vmlinuz?mac=$MACQ&verify=1" "$DIR/vmlinuz" || exit 3
 get "http://$SERVER/boot/initrd.img?mac=$MACQ&verify=1" "$DIR/initrd.img" || exit 4
 date +%s.%N > "$DIR/done.tmp" && mv "$DIR/done.tmp" "$DIR/done"
+timeout 10 curl -sS -o /dev/null "http://$SERVER/boot/fetched?mac=$MACQ" || true
 [ "$PEER" = 1 ] || exit 0
 sleep "$BOOT"
 exec "$BIN" boot-peer --server "$SERVER:80" --mac "$MAC" --dir "$DIR/peer"

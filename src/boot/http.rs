@@ -33,6 +33,7 @@ use crate::types::MacAddr;
 pub(crate) fn routes(ctx: Arc<BootContext>) -> Router {
     Router::new()
         .route("/boot/digests", get(digests))
+        .route("/boot/fetched", get(fetched))
         .route("/boot/{*name}", get(boot_file))
         .route("/api/nodes/{mac}/boot-peer", post(boot_peer).layer(axum::extract::DefaultBodyLimit::max(4096)))
         .with_state(ctx)
@@ -51,6 +52,23 @@ async fn digests(State(ctx): State<Arc<BootContext>>) -> Response {
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }
+}
+
+/// `GET /boot/fetched?mac=<mac>`: the node script's last request before it boots (it holds both
+/// files, checked). The slot the asking address held at a peer frees at once instead of at the
+/// hold's deadline. Only the asker's own hold ends (by its address, as every boot request is
+/// counted), so it needs no token; always 200, also without peer-served boot files.
+async fn fetched(State(ctx): State<Arc<BootContext>>, connect: Option<axum::Extension<ConnectInfo<SocketAddr>>>, axum::extract::RawQuery(q): axum::extract::RawQuery) -> Response {
+    let ip = connect.as_ref().and_then(|c| crate::types::addrs::v4(c.0.0));
+    if let (Some(peers), Some(ip)) = (&ctx.peers, ip) {
+        let mac = mac_from_query(q.as_deref()).map(tracing::field::display);
+        let freed = peers.lock().fetched(ip);
+        if let Some(peer) = freed {
+            debug!(client = %ip, mac, %peer, "http: the node has its boot files: its slot at the peer is free");
+        }
+        peers.changed.notify_waiters();
+    }
+    (StatusCode::OK, "ok\n").into_response()
 }
 
 /// `POST /api/nodes/<mac>/boot-peer`: a node serves, stops, or reports a bad peer. Needs the
@@ -444,6 +462,15 @@ mod tests {
         // The fallback: direct=1 is the appliance's bytes and frees the slot.
         let (st, _, body) = call(&r, "GET", "/boot/vmlinuz?mac=52-54-00-ab-cd-ef&direct=1", "10.0.0.6:1", None, "").await;
         assert_eq!((st, body.as_slice()), (StatusCode::OK, &b"0123456789"[..]));
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.7:1", None, "").await.0, StatusCode::FOUND);
+        // The asker says it has both files: its slot at the peer frees at once; a node that holds
+        // no slot there frees nothing.
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.9:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/fetched?mac=52-54-00-ab-cd-ef", "10.0.0.9:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.9:1", None, "").await.0, StatusCode::OK, "still .7's");
+        assert_eq!(call(&r, "GET", "/boot/fetched", "10.0.0.7:1", None, "").await.0, StatusCode::OK);
+        assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.9:1", None, "").await.0, StatusCode::FOUND);
+        assert_eq!(call(&r, "GET", "/boot/fetched", "10.0.0.9:1", None, "").await.0, StatusCode::OK);
         assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1", "10.0.0.7:1", None, "").await.0, StatusCode::FOUND);
         // bad=1 from a node that holds no slot drops nothing; from the one sent there, the peer.
         assert_eq!(call(&r, "GET", "/boot/vmlinuz?verify=1&bad=1", "10.0.0.8:1", None, "").await.0, StatusCode::OK);

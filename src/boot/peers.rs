@@ -9,9 +9,10 @@
 //!   then the lowest address (deterministic); a free peer before the appliance;
 //! - each peer is given at most `max_per_peer` requesters at once (its uplink is shared); a
 //!   requester keeps its peer for all its boot files (kernel, then initrd) while its hold lasts;
-//! - a hold ends when the requester itself announces that it serves (it has both files), when
-//!   it asks the appliance directly (`?direct=1`, its fallback after a failed peer), or at its
-//!   deadline (`hold` after its last request: size / assumed rate, see `boot.peer_rate_mbit`);
+//! - a hold ends when the requester says it has both files (`GET /boot/fetched`, the node
+//!   script's last request before it boots: the peer's upload is free again), when it announces
+//!   that it serves, when it asks the appliance directly (`?direct=1`, its fallback after a
+//!   failed peer), or at its deadline (`hold` after its last request: size / assumed rate, see `boot.peer_rate_mbit`);
 //! - the stampede rule: the appliance sends at most `here_max` transfers at once (counted from
 //!   the request to the end of the response body, [`PeerBook::done_here`]); a request that finds
 //!   no free slot anywhere waits, first come first served, for the first slot that frees (the
@@ -157,6 +158,15 @@ impl PeerBook {
         let peer = self.holds.get(&requester)?.peer;
         self.drop_peer(peer);
         Some(peer)
+    }
+
+    /// `requester` says it holds both files, checked (`GET /boot/fetched`, the node script's last
+    /// request before it boots): the slot it held at a peer (or the appliance's hold for its
+    /// initrd) frees now rather than at the hold's deadline. Only the requester's own hold ends.
+    /// Returns the peer whose slot freed.
+    pub fn fetched(&mut self, requester: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.here_holds.remove(&requester);
+        self.holds.remove(&requester).map(|h| h.peer)
     }
 
     /// `requester` asks the appliance directly (its fallback): its hold ends, and the transfer
@@ -452,6 +462,22 @@ mod tests {
                 (13, Pick(15, Ok(1))),
             ],
         );
+    }
+
+    #[test]
+    fn a_requester_that_has_both_files_frees_its_peers_slot_at_once() {
+        let t0 = Instant::now();
+        let mut b = book(1);
+        b.serving(ip(1), 8081, t0);
+        assert_eq!(b.pick(ip(10), 1, false, false, t0), Decision::Peer(SocketAddrV4::new(ip(1), 8081)));
+        assert_eq!(b.pick(ip(11), 2, false, false, t0), Decision::Here(ServeHere::AllBusy));
+        // Someone else's word does not free .10's slot; .10's own does, long before its deadline.
+        assert_eq!(b.fetched(ip(11)), None);
+        assert_eq!(b.load(ip(1)), 1);
+        assert_eq!(b.fetched(ip(10)), Some(ip(1)));
+        assert_eq!(b.load(ip(1)), 0);
+        assert_eq!(b.pick(ip(12), 3, false, false, t0 + Duration::from_secs(1)), Decision::Peer(SocketAddrV4::new(ip(1), 8081)));
+        assert_eq!(b.fetched(ip(10)), None, "said twice: nothing more to free");
     }
 
     #[test]

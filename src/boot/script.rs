@@ -181,9 +181,10 @@ pub fn ipxe_node_peers(s: &Server<'_>, n: &NodeBoot, check: PeerCheck<'_>) -> St
              goto failed\n"
         );
     }
+    // Both files are here (and checked): the slot this node held at a peer frees now.
+    let _ = write!(out, ":boot\nimgfetch --name si-done {base}/fetched{q} && imgfree si-done ||\n");
     out.push_str(
-        ":boot\n\
-         boot || goto failed\n\
+        "boot || goto failed\n\
          :failed\n\
          echo si-appliance: boot failed, retrying in 10 seconds\n\
          imgfree ||\n\

@@ -357,6 +357,70 @@ fn pxe_boot_through_pxelinux_over_tftp() {
     passed(lab, vec![qemu, appliance]);
 }
 
+/// Peer-served boot files in a stampede: iPXE holds its kernel request open while the appliance
+/// makes it wait for a free slot. A host beside the node takes the appliance's one transfer slot
+/// (`boot.peer_appliance_max = 1`) with a kernel fetch throttled to 100 KB/s (about 140 s), its
+/// receive window kept small so the appliance's send really lasts that long; the
+/// VM's iPXE (QEMU's 2019 ROM: no digest command, so `peer_unverified = true` lets its requests
+/// queue) asks for the kernel, waits the whole `boot.peer_wait` (its default, 60 s) on the open
+/// connection, is then served anyway, and boots. Asserted: the appliance served the VM's kernel
+/// after waiting at least 55 s, the VM never fell back (`bad=1`, `direct=1`), /init ran.
+#[test]
+fn ipxe_holds_its_request_open_through_the_longest_wait() {
+    let files = ensure_boot_assets();
+    let mut lab = boot_lab("qw");
+    let hog_mac = "52:54:00:68:00:31";
+    let hog = lab.add_host(Some("10.68.0.31/24"), Some(hog_mac));
+    let config = format!(
+        "{}peer_serve = true\npeer_unverified = true\npeer_appliance_max = 1\n",
+        boot_config(&lab, &files, "")
+    );
+    let appliance = common::start_appliance(&lab, 0, "appliance", &config, &[]);
+    // A small receive window on the throttled host: otherwise the socket buffers of both ends
+    // take most of the kernel at once, the appliance's response body ends (and its slot frees)
+    // within seconds, and the rest drains from the buffers at the throttled rate.
+    common::run(lab.hosts[hog].cmd("sysctl").args(["-qw", "net.ipv4.tcp_rmem=4096 32768 32768"]));
+    let mut throttled = lab.hosts[hog].cmd("curl");
+    throttled.args(["-sS", "--limit-rate", "100K", "-o", "/dev/null"]).arg(format!(
+        "http://{SERVER}/boot/vmlinuz?mac={}&verify=1",
+        hog_mac.replace(':', "-")
+    ));
+    let throttled = Proc::spawn("throttled-curl", throttled, lab.path("throttled-curl.log"));
+    common::wait_for(Duration::from_secs(20), || {
+        strip_ansi(&appliance.log_text()).lines().any(|l| l.contains("http: sending") && l.contains("file=vmlinuz") && l.contains("10.68.0.31")).then_some(())
+    })
+    .expect("the throttled fetch never took the appliance's slot");
+    let mac: MacAddr = "52:54:00:68:00:30".parse().unwrap();
+    let serial = lab.path("serial.log");
+    let start = Instant::now();
+    let mut qemu = spawn_pxe_vm(&lab, "tap0", mac, &serial);
+    let mut phases = vec![
+        Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"])),
+        Phase::new("script requested", Source::Appliance, app_line(mac, &["http: sending", ".ipxe"])),
+        Phase::new("kernel request waits", Source::Appliance, line_with(&["waiting for a free slot", "file=vmlinuz"])),
+        Phase::new("kernel served after the wait", Source::Appliance, line_with(&["waited the longest allowed", "file=vmlinuz"])),
+        Phase::new("initrd fetched", Source::Serial, line_with(&["/boot/initrd.img", "ok"])),
+        Phase::new("kernel running", Source::Serial, line_with(&["Linux version"])),
+        Phase::new("marker (/init ran)", Source::Serial, line_with(&[MARKER])),
+        Phase::new("powered off", Source::Serial, line_with(&["reboot: Power down"])),
+    ];
+    let boot = watch_boot(&mut qemu, &serial, &appliance, &mut phases, start, BOOT_TIMEOUT);
+    let table = phase_table("iPXE waiting for a free slot", &phases, &boot);
+    println!("{table}");
+    let log = strip_ansi(&appliance.log_text());
+    let context = || format!("{table}\n--- serial log (tail) ---\n{}\n--- appliance log (tail) ---\n{}", tail(&boot.serial, 40), tail(&log, 60));
+    let waited: Option<f64> = log
+        .lines()
+        .filter(|l| l.contains("waited the longest allowed") && l.contains("file=vmlinuz") && !l.contains("10.68.0.31"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("waited=")).and_then(|v| v.trim_matches('"').parse().ok()));
+    println!("the VM's kernel request waited {waited:?} s on its open connection");
+    assert!(waited.is_some_and(|w| w >= 55.0), "the VM's kernel was not served after the longest wait: {waited:?}\n{}", context());
+    let fell_back = log.lines().any(|l| l.contains("file=vmlinuz") && (l.contains("bad=1") || l.contains("direct=1")) && !l.contains("10.68.0.31"));
+    assert!(!fell_back, "the VM fell back instead of waiting\n{}", context());
+    check_boot(&boot, &appliance, SERVER, &token_of(&lab.path("state"), mac), &table);
+    passed(lab, vec![qemu, throttled, appliance]);
+}
+
 /// Acceptance 4's boot half: dnsmasq hands out the addresses on the segment, the appliance runs in
 /// proxyDHCP mode and only adds boot information; QEMU's iPXE ROM takes its address from dnsmasq and
 /// its boot script from us, and boots to the initramfs.

@@ -80,14 +80,8 @@ pub async fn serve(listener: TcpListener, router: axum::Router, limits: Limits, 
                 // CANCEL-SAFETY: on shutdown the connection is not dropped but told to finish.
                 r = conn.as_mut() => {
                     if let Err(e) = r {
-                        // The cause too (hyper says only "connection error").
-                        let mut why = e.to_string();
-                        let mut src = std::error::Error::source(&e);
-                        while let Some(c) = src {
-                            why = format!("{why}: {c}");
-                            src = c.source();
-                        }
-                        debug!(%peer, "http connection: {why}");
+                        // Debug, for the cause: hyper's Display says only "connection error".
+                        debug!(%peer, "http connection: {e:?}");
                     }
                 }
                 _ = token.cancelled() => {

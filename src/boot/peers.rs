@@ -12,7 +12,8 @@
 //! - a hold ends when the requester says it has both files (`GET /boot/fetched`, the node
 //!   script's last request before it boots: the peer's upload is free again), when it announces
 //!   that it serves, when it asks the appliance directly (`?direct=1`, its fallback after a
-//!   failed peer), or at its deadline (`hold` after its last request: size / assumed rate, see `boot.peer_rate_mbit`);
+//!   failed peer), or at its deadline (`hold` after its last request: size / assumed rate, see
+//!   `boot.peer_rate_mbit`);
 //! - the stampede rule: the appliance sends at most `here_max` transfers at once (counted from
 //!   the request to the end of the response body, [`PeerBook::done_here`]); a request that finds
 //!   no free slot anywhere waits, first come first served, for the first slot that frees (the

@@ -367,14 +367,65 @@ fn pxe_boot_through_pxelinux_over_tftp() {
 /// after waiting at least 55 s, the VM never fell back (`bad=1`, `direct=1`), /init ran.
 #[test]
 fn ipxe_holds_its_request_open_through_the_longest_wait() {
+    longest_wait(Firmware::Bios);
+}
+
+/// The same wait with UEFI firmware: OVMF's own PXE client (the NIC's option ROM removed, as on
+/// a rack server) loads Debian's iPXE 2.0 `snponly.efi` over TFTP, whose kernel request waits
+/// the whole `boot.peer_wait` on its open connection through the firmware's network driver.
+#[test]
+fn uefi_ipxe_holds_its_request_open_through_the_longest_wait() {
+    longest_wait(Firmware::UefiPxe);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Firmware {
+    /// SeaBIOS with QEMU's iPXE ROM (2019) on the NIC.
+    Bios,
+    /// OVMF with no option ROM on the NIC: the firmware's PXE loads iPXE 2.0's snponly.efi.
+    UefiPxe,
+}
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+
+/// One VM booting from OVMF's own PXE client on tap `tap` (IPv4 PXE only, no option ROM).
+fn spawn_uefi_pxe_vm(lab: &Lab, tap: &str, mac: MacAddr, serial: &Path) -> Proc {
+    lab.switch.ip(&["tuntap", "add", tap, "mode", "tap"]);
+    lab.switch.ip(&["link", "set", tap, "master", "br0"]);
+    lab.switch.ip(&["link", "set", tap, "up"]);
+    let vars = lab.path("ovmf-vars.fd");
+    fs::copy(OVMF_VARS, &vars).expect("OVMF_VARS.fd (package ovmf)");
+    let mut cmd = lab.switch.cmd("qemu-system-x86_64");
+    cmd.args(["-nodefaults", "-machine", "pc,graphics=off", "-accel", &accel(), "-display", "none"])
+        .args(["-m", "512", "-no-reboot"])
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+    for k in ["IPv6PXESupport", "IPv6Support"] {
+        cmd.arg("-fw_cfg").arg(format!("name=opt/org.tianocore/{k},string=no"));
+    }
+    cmd.args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")])
+        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1,romfile=")])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()));
+    Proc::spawn("qemu", cmd, lab.path("qemu.log"))
+}
+
+fn longest_wait(firmware: Firmware) {
     let files = ensure_boot_assets();
-    let mut lab = boot_lab("qw");
+    let mut lab = boot_lab(if firmware == Firmware::Bios { "qw" } else { "qx" });
     let hog_mac = "52:54:00:68:00:31";
     let hog = lab.add_host(Some("10.68.0.31/24"), Some(hog_mac));
-    let config = format!(
+    let mut config = format!(
         "{}peer_serve = true\npeer_unverified = true\npeer_appliance_max = 1\n",
         boot_config(&lab, &files, "")
     );
+    if firmware == Firmware::UefiPxe {
+        let efi = common::ipxe_efi_dir();
+        config.push_str(&format!("loader_dirs = [\"{}\", \"/usr/lib/ipxe\"]\n", efi.display()));
+    }
     let appliance = common::start_appliance(&lab, 0, "appliance", &config, &[]);
     // A small receive window on the throttled host: otherwise the socket buffers of both ends
     // take most of the kernel at once, the appliance's response body ends (and its slot frees)
@@ -393,19 +444,29 @@ fn ipxe_holds_its_request_open_through_the_longest_wait() {
     let mac: MacAddr = "52:54:00:68:00:30".parse().unwrap();
     let serial = lab.path("serial.log");
     let start = Instant::now();
-    let mut qemu = spawn_pxe_vm(&lab, "tap0", mac, &serial);
-    let mut phases = vec![
-        Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"])),
+    let mut qemu = match firmware {
+        Firmware::Bios => spawn_pxe_vm(&lab, "tap0", mac, &serial),
+        Firmware::UefiPxe => spawn_uefi_pxe_vm(&lab, "tap0", mac, &serial),
+    };
+    let mut phases = vec![Phase::new("DHCP lease bound", Source::Appliance, app_line(mac, &["lease bound"]))];
+    if firmware == Firmware::UefiPxe {
+        phases.push(Phase::new("snponly.efi over TFTP", Source::Appliance, line_with(&["tftp", "snponly.efi"])));
+    }
+    phases.extend([
         Phase::new("script requested", Source::Appliance, app_line(mac, &["http: sending", ".ipxe"])),
         Phase::new("kernel request waits", Source::Appliance, line_with(&["waiting for a free slot", "file=vmlinuz"])),
         Phase::new("kernel served after the wait", Source::Appliance, line_with(&["waited the longest allowed", "file=vmlinuz"])),
-        Phase::new("initrd fetched", Source::Serial, line_with(&["/boot/initrd.img", "ok"])),
+        Phase::new("initrd requested", Source::Appliance, app_line(mac, &["http: sending", "file=initrd.img"])),
         Phase::new("kernel running", Source::Serial, line_with(&["Linux version"])),
         Phase::new("marker (/init ran)", Source::Serial, line_with(&[MARKER])),
         Phase::new("powered off", Source::Serial, line_with(&["reboot: Power down"])),
-    ];
+    ]);
+    let title = match firmware {
+        Firmware::Bios => "iPXE waiting for a free slot (SeaBIOS, 2019 ROM)",
+        Firmware::UefiPxe => "iPXE waiting for a free slot (OVMF, iPXE 2.0 snponly.efi)",
+    };
     let boot = watch_boot(&mut qemu, &serial, &appliance, &mut phases, start, BOOT_TIMEOUT);
-    let table = phase_table("iPXE waiting for a free slot", &phases, &boot);
+    let table = phase_table(title, &phases, &boot);
     println!("{table}");
     let log = strip_ansi(&appliance.log_text());
     let context = || format!("{table}\n--- serial log (tail) ---\n{}\n--- appliance log (tail) ---\n{}", tail(&boot.serial, 40), tail(&log, 60));

@@ -85,6 +85,10 @@ pub struct Params {
     pub seed: u64,
     /// Virtual seconds after which the run is abandoned.
     pub cap: f64,
+    /// The appliance's seed serves at most this many connections at once, each for one piece's
+    /// worth of blocks per turn, then the next waiting one (upload slots rotating per piece, as
+    /// a seed with choking would). 0: every connection at once, as librqbit's seed does.
+    pub seed_slots: usize,
 }
 
 impl Params {
@@ -110,6 +114,7 @@ impl Params {
             quantum: 0.0005,
             seed: 1,
             cap: 3600.0,
+            seed_slots: 0,
         }
     }
 }
@@ -127,6 +132,8 @@ pub struct Outcome {
     pub events: u64,
     /// Rate recomputations.
     pub recomputes: u64,
+    /// Most of the seed's connections sending at once.
+    pub seed_max_serving: usize,
 }
 
 /// Why a simulation could not run or finish.
@@ -287,6 +294,11 @@ struct Sim<'a> {
     core_total: u64,
     pool: Vec<Vec<u8>>,
     seed_sent: f64,
+    /// Seed flows holding a slot (with `seed_slots`), and bytes each sent this turn.
+    seed_serving: Vec<(usize, f64)>,
+    /// Seed flows with blocks queued, waiting for a slot.
+    seed_waiting: VecDeque<usize>,
+    seed_max_serving: usize,
     events: u64,
     recomputes: u64,
     finished: usize,
@@ -393,6 +405,9 @@ impl<'a> Sim<'a> {
             core_total: total,
             pool: Vec::new(),
             seed_sent: 0.0,
+            seed_serving: Vec::new(),
+            seed_waiting: VecDeque::new(),
+            seed_max_serving: 0,
             events: 0,
             recomputes: 0,
             finished: 0,
@@ -450,7 +465,14 @@ impl<'a> Sim<'a> {
         }
         let done: Vec<f64> = self.nodes[1..].iter().map(|n| n.done.unwrap_or(u64::MAX) as f64 / NS).collect();
         let makespan = done.iter().copied().fold(0.0, f64::max);
-        Ok(Outcome { done, makespan, seed_copies: self.seed_sent / self.p.size as f64, events: self.events, recomputes: self.recomputes })
+        Ok(Outcome {
+            done,
+            makespan,
+            seed_copies: self.seed_sent / self.p.size as f64,
+            events: self.events,
+            recomputes: self.recomputes,
+            seed_max_serving: self.seed_max_serving,
+        })
     }
 
     fn event(&mut self, ev: Ev) {
@@ -663,6 +685,11 @@ impl<'a> Sim<'a> {
             if self.active.remove(&f) {
                 self.dirty = true;
             }
+            self.seed_waiting.retain(|x| *x != f);
+            if let Some(i) = self.seed_serving.iter().position(|(x, _)| *x == f) {
+                self.seed_serving.swap_remove(i);
+                self.seed_promote();
+            }
         }
         let now = self.at(self.now);
         for end in 0..2 {
@@ -720,9 +747,36 @@ impl<'a> Sim<'a> {
         if f % 2 == 0 { (c.host[0], c.host[1]) } else { (c.host[1], c.host[0]) }
     }
 
+    /// Whether `f` is a flow out of the appliance's seed under `seed_slots`.
+    fn slotted(&self, f: usize) -> bool {
+        self.p.seed_slots > 0 && self.flow_ends(f).0 == 0
+    }
+
+    /// Gives free seed slots to waiting flows.
+    fn seed_promote(&mut self) {
+        while self.seed_serving.len() < self.p.seed_slots {
+            let Some(g) = self.seed_waiting.pop_front() else { return };
+            let Some(head) = self.flows[g].queue.front().copied() else { continue };
+            self.seed_serving.push((g, 0.0));
+            let fl = &mut self.flows[g];
+            fl.rem = f64::from(head.len) * self.wire_block;
+            fl.rate = 0.0;
+            fl.since = self.now;
+            fl.epoch += 1;
+            self.active.insert(g);
+            self.dirty = true;
+        }
+    }
+
     fn enqueue(&mut self, f: usize, b: Block) {
+        let slotted = self.slotted(f);
         let fl = &mut self.flows[f];
         fl.queue.push_back(b);
+        if fl.queue.len() == 1 && slotted {
+            self.seed_waiting.push_back(f);
+            self.seed_promote();
+            return;
+        }
         if fl.queue.len() == 1 {
             fl.rem = f64::from(b.len) * self.wire_block;
             fl.rate = 0.0;
@@ -744,6 +798,31 @@ impl<'a> Sim<'a> {
             self.seed_sent += f64::from(b.len) * self.wire_block;
         }
         self.push(self.now + ns(self.p.rtt / 2.0), Ev::Piece { conn: f / 2, to, block: b });
+        if self.slotted(f) {
+            // The turn ends with the queue, or after a piece's worth when others wait.
+            let turn = f64::from(self.p.piece_len / self.p.agg);
+            let i = self.seed_serving.iter().position(|(x, _)| *x == f);
+            let sent = i.map_or(0.0, |i| {
+                self.seed_serving[i].1 += f64::from(b.len);
+                self.seed_serving[i].1
+            });
+            let empty = self.flows[f].queue.is_empty();
+            if empty || (sent >= turn && !self.seed_waiting.is_empty()) {
+                if let Some(i) = i {
+                    self.seed_serving.swap_remove(i);
+                }
+                let fl = &mut self.flows[f];
+                fl.rate = 0.0;
+                fl.epoch += 1;
+                self.active.remove(&f);
+                self.dirty = true;
+                if !empty {
+                    self.seed_waiting.push_back(f);
+                }
+                self.seed_promote();
+                return;
+            }
+        }
         let fl = &mut self.flows[f];
         fl.since = self.now;
         fl.epoch += 1;
@@ -769,6 +848,8 @@ impl<'a> Sim<'a> {
         self.recomputes += 1;
         let mut ids: Vec<usize> = self.active.iter().copied().collect();
         ids.sort_unstable();
+        let serving = ids.iter().filter(|f| self.flow_ends(**f).0 == 0).count();
+        self.seed_max_serving = self.seed_max_serving.max(serving);
         let cpu = if self.caps[self.caps.len() - 1].is_finite() { self.caps.len() - 1 } else { NONE };
         let ends: Vec<[usize; 3]> = ids
             .iter()
@@ -881,6 +962,23 @@ mod tests {
         assert!(o.makespan < 2.0 * tstar, "makespan {} vs T* {tstar}", o.makespan);
         assert!(o.seed_copies < 2.0, "seed copies {}", o.seed_copies);
         assert_eq!(o.done.len(), n);
+        assert_eq!(o.seed_max_serving, n, "librqbit's seed: every connection at once");
+    }
+
+    /// The seed-slot model (an experiment's knob, see SCALE.md): never more than `seed_slots`
+    /// of the seed's connections send at once, every node still finishes, and the seed sends
+    /// about one copy.
+    #[test]
+    fn a_seed_with_two_slots_serves_two_connections_at_a_time() {
+        let link = 12.5e6;
+        let (n, size) = (8, 16 * MIB);
+        let mut p = Params::new(n, size, link);
+        p.seed_slots = 2;
+        let o = run(&p).expect("runs");
+        assert_eq!(o.done.len(), n);
+        assert_eq!(o.seed_max_serving, 2);
+        assert!(o.seed_copies < 1.3, "seed copies {}", o.seed_copies);
+        assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
     }
 
     #[test]

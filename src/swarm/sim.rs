@@ -758,14 +758,19 @@ impl<'a> Sim<'a> {
             let Some(g) = self.seed_waiting.pop_front() else { return };
             let Some(head) = self.flows[g].queue.front().copied() else { continue };
             self.seed_serving.push((g, 0.0));
-            let fl = &mut self.flows[g];
-            fl.rem = f64::from(head.len) * self.wire_block;
-            fl.rate = 0.0;
-            fl.since = self.now;
-            fl.epoch += 1;
-            self.active.insert(g);
-            self.dirty = true;
+            self.start_flow(g, head.len);
         }
+    }
+
+    /// Flow `f` starts sending its head block (`len` bytes); rates are recomputed.
+    fn start_flow(&mut self, f: usize, len: u32) {
+        let fl = &mut self.flows[f];
+        fl.rem = f64::from(len) * self.wire_block;
+        fl.rate = 0.0;
+        fl.since = self.now;
+        fl.epoch += 1;
+        self.active.insert(f);
+        self.dirty = true;
     }
 
     fn enqueue(&mut self, f: usize, b: Block) {
@@ -778,12 +783,7 @@ impl<'a> Sim<'a> {
             return;
         }
         if fl.queue.len() == 1 {
-            fl.rem = f64::from(b.len) * self.wire_block;
-            fl.rate = 0.0;
-            fl.since = self.now;
-            fl.epoch += 1;
-            self.active.insert(f);
-            self.dirty = true;
+            self.start_flow(f, b.len);
         }
     }
 

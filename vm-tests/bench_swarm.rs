@@ -29,7 +29,12 @@
 //! run, `||`-separated and cycled like `SWARM`, empty = the one built (before/after in one run:
 //! `METHODS=ours,ours BINS='/var/tmp/si-appliance-before||'`; the appliance is always the one
 //! built), `KEEP=1` keeps the logs, `FETCH_LOG` is the clients' RUST_LOG (default info), `CAP` seconds a method may run at most (default
-//! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so).
+//! max(90, 12 × T*); an unfinished HTTP run is extrapolated from the bytes delivered, and says so),
+//! `QUEUE_MS` each link's queue in milliseconds of data at its rate (default 30; the packets the
+//! switch's port queues dropped are printed per method), `CC` the TCP congestion control of every
+//! namespace (default cubic, the default of the nodes' Debian kernel: a new namespace would take
+//! the build machine's, BBR on this one; the bench adds it to the host's
+//! `tcp_allowed_congestion_control` for the run and puts the list back after).
 //!
 //! Scenarios (percentages of the N clients, spread over the address range, client 1 never: it
 //! measures T*), applied alike to every method of the run:
@@ -78,6 +83,10 @@ struct Opts {
     late_pct: u64,
     kill_pct: u64,
     json: Option<PathBuf>,
+    /// Each link's queue (bfifo) in milliseconds of data at its rate.
+    queue_ms: u64,
+    /// TCP congestion control in every namespace.
+    cc: String,
 }
 
 /// Who is what in a scenario run (index = client - 1).
@@ -121,7 +130,7 @@ fn spread(n: usize, pct: u64, offset: usize) -> Vec<bool> {
 
 fn opts() -> Opts {
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
-    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP", "SLOW", "LATE", "KILL", "JSON"] {
+    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP", "SLOW", "LATE", "KILL", "JSON", "QUEUE_MS", "CC"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.into(), v);
         }
@@ -144,6 +153,8 @@ fn opts() -> Opts {
         late_pct: num("LATE", 0).min(90),
         kill_pct: num("KILL", 0).min(90),
         json: kv.get("JSON").filter(|v| !v.is_empty()).map(PathBuf::from),
+        queue_ms: num("QUEUE_MS", 30).clamp(1, 10_000),
+        cc: kv.get("CC").cloned().unwrap_or_else(|| "cubic".into()),
     }
 }
 
@@ -171,6 +182,62 @@ fn tx_bytes(ns: &Netns) -> u64 {
     out.and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(0)
 }
 
+/// (dropped, sent) packets of every queue in a namespace (`tc -s qdisc`, leaf bfifos only).
+fn queue_drops(ns: &Netns) -> (u64, u64) {
+    let out = ns.cmd("tc").args(["-s", "qdisc", "show"]).output().ok();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let (mut dropped, mut sent) = (0, 0);
+    let mut leaf = false;
+    for line in text.lines() {
+        if line.starts_with("qdisc ") {
+            leaf = line.starts_with("qdisc bfifo");
+        } else if leaf && line.trim_start().starts_with("Sent ") {
+            // " Sent 71848601 bytes 57547 pkt (dropped 214, overlimits 0 requeues 0)"
+            let w: Vec<&str> = line.split_whitespace().collect();
+            sent += w.get(3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            dropped += w.get(6).and_then(|v| v.trim_end_matches(',').parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    (dropped, sent)
+}
+
+/// A new namespace may only choose a congestion control the initial namespace allows
+/// (`tcp_allowed_congestion_control`); this adds `cc` there for the lab's life and puts the
+/// list back on drop (unless someone changed it since).
+struct AllowCc {
+    was: Option<String>,
+    now: String,
+}
+
+const ALLOWED_CC: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+
+impl AllowCc {
+    fn new(cc: &str) -> AllowCc {
+        let was = fs::read_to_string(ALLOWED_CC).unwrap_or_default().trim().to_owned();
+        if was.split_whitespace().any(|c| c == cc) {
+            return AllowCc { was: None, now: was };
+        }
+        let now = format!("{was} {cc}");
+        if let Err(e) = fs::write(ALLOWED_CC, &now) {
+            eprintln!("swarm bench: cannot allow {cc} in namespaces ({e})");
+            return AllowCc { was: None, now: was };
+        }
+        let now = fs::read_to_string(ALLOWED_CC).unwrap_or_default().trim().to_owned();
+        eprintln!("swarm bench: {ALLOWED_CC}: {was:?} -> {now:?} for this run");
+        AllowCc { was: Some(was), now }
+    }
+}
+
+impl Drop for AllowCc {
+    fn drop(&mut self) {
+        if let Some(was) = &self.was {
+            if fs::read_to_string(ALLOWED_CC).unwrap_or_default().trim() == self.now {
+                let _ = fs::write(ALLOWED_CC, was);
+            }
+        }
+    }
+}
+
 /// The last figures seen of a watched process.
 #[derive(Default, Clone, Copy)]
 struct Seen {
@@ -192,11 +259,11 @@ fn client_ip(i: usize) -> String {
     format!("10.70.{}.{}", 1 + i / 200, 10 + i % 200)
 }
 
-fn shape(ns: &Netns, dev: &str, mbit: u32) {
-    // A byte-limited FIFO: ~30 ms of data, at least one 64 KiB offload packet with its headers and
-    // two full frames (a floor of exactly 64 KiB held no full-size offload packet: at 10 Mbit/s one
+fn shape(ns: &Netns, dev: &str, mbit: u32, queue_ms: u64) {
+    // A byte-limited FIFO: `queue_ms` (default 30) of data, at least one 64 KiB offload packet
+    // with its headers and two full frames (a floor of exactly 64 KiB held no full-size offload packet: at 10 Mbit/s one
     // TCP stream moved 0.4 Mbit/s).
-    let limit = ((mbit as u64 * 1_000_000 / 8) * 30 / 1000).max(64 * 1024 + 2 * 1514);
+    let limit = ((mbit as u64 * 1_000_000 / 8) * queue_ms / 1000).max(64 * 1024 + 2 * 1514);
     let rate = format!("{mbit}mbit");
     let q = format!("{}", (mbit as u64 * 1_000_000 / 8 / 1000).clamp(1514, 60_000));
     for args in [
@@ -258,6 +325,8 @@ struct Outcome {
     busy_frac: f64,
     wall: f64,
     bad_copies: usize,
+    /// (packets dropped, packets sent) by the switch's port queues (the hosts' downlinks).
+    switch_drops: (u64, u64),
     note: String,
     /// Clients killed mid-download (KILL).
     killed: Vec<bool>,
@@ -666,6 +735,13 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
     );
     let list: Vec<String> = r.done.iter().map(|d| d.map_or("-".into(), |t| format!("{t:.2}"))).collect();
     eprintln!("  {} per-client completion (s, client 1..N; watched {:.1} s): {}", r.method, r.wall, list.join(" "));
+    let (dropped, sent) = r.switch_drops;
+    eprintln!(
+        "  {}: the switch's port queues (downlinks) dropped {dropped} of {} packets ({:.2} %)",
+        r.method,
+        sent + dropped,
+        dropped as f64 * 100.0 / (sent + dropped).max(1) as f64
+    );
     if r.bad_copies > 0 {
         eprintln!("  {}: {} copies FAIL their sha256", r.method, r.bad_copies);
     }
@@ -706,6 +782,8 @@ fn write_json(path: &Path, o: &Opts, sc: &Scenario, tstar: f64, results: &[Outco
                 "seed_copies": r.seed_tx as f64 / o.size as f64,
                 "busy": r.busy_frac,
                 "saturated": r.busy_frac >= 0.9,
+                "switch_drops": r.switch_drops.0,
+                "switch_packets": r.switch_drops.0 + r.switch_drops.1,
                 "wall": r.wall,
                 "server_cpu": r.server.cpu,
                 "clients_cpu": r.clients.iter().map(|c| c.cpu).sum::<f64>(),
@@ -716,6 +794,7 @@ fn write_json(path: &Path, o: &Opts, sc: &Scenario, tstar: f64, results: &[Outco
         "n": o.n,
         "mbit": o.mbit,
         "size": o.size,
+        "piece_len": si_appliance::image::torrent::piece_length(o.size),
         "slow_pct": o.slow_pct,
         "slow": sc.slow.clone(),
         "tstar": tstar,
@@ -744,6 +823,7 @@ fn main() {
         unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
     }
     install_cleanup("swarm bench");
+    let _allow_cc = AllowCc::new(&o.cc);
     let t_setup = Instant::now();
     let mut lab = Lab::new("bs");
     register_ns(&lab.switch);
@@ -755,11 +835,14 @@ fn main() {
         register_ns(&lab.hosts[h]);
     }
     for h in 0..lab.hosts.len() {
+        // A new namespace takes the host's default congestion control (BBR on some build
+        // machines); the nodes run Debian's kernel, whose default is cubic.
+        common::run(lab.hosts[h].cmd("sysctl").args(["-q", "-w", &format!("net.ipv4.tcp_congestion_control={}", o.cc)]));
         // Host 0 is the appliance; host h the client h (index h - 1).
         let slow = h > 0 && sc.slow[h - 1];
         let rate = if slow { (o.mbit / 4).max(1) } else { o.mbit };
-        shape(&lab.hosts[h], "eth0", rate);
-        shape(&lab.switch, &format!("p{h}"), rate);
+        shape(&lab.hosts[h], "eth0", rate, o.queue_ms);
+        shape(&lab.switch, &format!("p{h}"), rate, o.queue_ms);
     }
     let archive_dir = mkdir(&lab.path("archive"));
     let archive = archive_dir.join("img.tar.zst");
@@ -794,7 +877,8 @@ fn main() {
     let mut ours_runs = 0;
     for m in &o.methods {
         RUN.fetch_add(1, Ordering::Relaxed);
-        let r = match m.as_str() {
+        let drops0 = queue_drops(&lab.switch);
+        let mut r = match m.as_str() {
             "http" => run_http(&lab, &o, &sc, &archive, &want, cap),
             "ours" => {
                 ours_runs += 1;
@@ -806,11 +890,13 @@ fn main() {
                 continue;
             }
         };
+        let drops1 = queue_drops(&lab.switch);
+        r.switch_drops = (drops1.0.saturating_sub(drops0.0), drops1.1.saturating_sub(drops0.1));
         results.push(r);
     }
     println!();
     println!("load average at the end: {}", fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
-    println!("N={} C={} Mbit/s S={} MiB T*={tstar:.2} s (one TCP stream over one shaped link; S/C = {ideal:.2} s){}{}", o.n, o.mbit, o.size / MIB, if o.slow_pct + o.late_pct + o.kill_pct > 0 { format!(" SLOW={} LATE={} KILL={}", o.slow_pct, o.late_pct, o.kill_pct) } else { String::new() }, if o.swarm_extra.is_empty() { String::new() } else { format!(" swarm: {}", o.swarm_extra.replace('\n', "; ")) });
+    println!("N={} C={} Mbit/s S={} MiB T*={tstar:.2} s (one TCP stream over one shaped link; S/C = {ideal:.2} s) queues {} ms, TCP {}{}{}", o.n, o.mbit, o.size / MIB, o.queue_ms, o.cc, if o.slow_pct + o.late_pct + o.kill_pct > 0 { format!(" SLOW={} LATE={} KILL={}", o.slow_pct, o.late_pct, o.kill_pct) } else { String::new() }, if o.swarm_extra.is_empty() { String::new() } else { format!(" swarm: {}", o.swarm_extra.replace('\n', "; ")) });
     println!("| method | done | first s | median s | makespan s | makespan/T* | seed copies | server CPU s | clients CPU s | CPU s/client/64MiB | machine busy (this run's processes) | server RSS MiB | client RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {

@@ -17,7 +17,7 @@
 //! `RUNS` the swarm bench's `JSON` files (calibrate / agg), `OUT` a file for the JSON result,
 //! `PIECE` piece length in bytes (predict; default the project's `piece_length`), `SEED_SLOTS`
 //! the seed's upload slots rotating per piece (predict; 0 = every connection at once, as
-//! librqbit's seed).
+//! librqbit's seed), `RAMP=1` (predict) prints the pieces all nodes verified in each second.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,7 +43,7 @@ impl Knobs {
 
 fn knobs() -> Knobs {
     let mut kv = BTreeMap::new();
-    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS"] {
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "RAMP"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.to_owned(), v);
         }
@@ -104,12 +104,17 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     p
 }
 
-/// Mean makespan over `seeds` runs (and min, max, seed copies, wall seconds).
-fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> (f64, f64, f64, f64, f64, Vec<f64>) {
+/// (mean, min, max makespan, seed copies, wall seconds, the first run's per-node completion
+/// times, its pieces verified per second by all nodes together).
+type Sims = (f64, f64, f64, f64, f64, Vec<f64>, Vec<u32>);
+
+/// Mean makespan over `seeds` runs (and min, max, seed copies, wall seconds, …: [`Sims`]).
+fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let t0 = Instant::now();
     let mut ms = Vec::new();
     let mut copies = 0.0;
     let mut done = Vec::new();
+    let mut ramp = Vec::new();
     for s in 1..=seeds {
         match sim::run(&params(c, ph, agg, s)) {
             Ok(o) => {
@@ -117,6 +122,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> (f64, f64, f64, f64, f6
                 copies += o.seed_copies;
                 if done.is_empty() {
                     done = o.done;
+                    ramp = o.verified_per_s;
                 }
             }
             Err(e) => {
@@ -128,7 +134,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> (f64, f64, f64, f64, f6
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
     let max = ms.iter().copied().fold(0.0, f64::max);
-    (mean, min, max, copies / seeds as f64, t0.elapsed().as_secs_f64(), done)
+    (mean, min, max, copies / seeds as f64, t0.elapsed().as_secs_f64(), done, ramp)
 }
 
 /// A swarm bench JSON file: the case (goodput from its T*) and the measured makespan of its
@@ -138,10 +144,12 @@ fn load_run(path: &str) -> Option<(Case, f64, String, (f64, f64))> {
     let n = v["n"].as_u64()? as usize;
     let size = v["size"].as_u64()?;
     let tstar = v["tstar"].as_f64()?;
+    // Runs recorded before the bench wrote it had 256 KiB pieces (the floor of the time).
+    let piece_len = v["piece_len"].as_u64().map_or(256 << 10, |p| p as u32);
     let run = v["runs"].as_array()?.iter().find(|r| r["method"].as_str().is_some_and(|m| m.starts_with("ours")))?;
     let makespan = run["makespan"].as_f64()?;
     let note = format!("busy {:.0} %{}, load {}", run["busy"].as_f64().unwrap_or(0.0) * 100.0, if run["saturated"].as_bool() == Some(true) { " SATURATED" } else { "" }, v["loadavg"].as_str().unwrap_or("?"));
-    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: None, seed_slots: 0 };
+    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0 };
     // The run's CPU: the cores the nodes got (their CPU seconds over the run's wall time) and
     // their CPU seconds per byte delivered; both measured, none fitted.
     let cpu = run["clients_cpu"].as_f64().unwrap_or(0.0);
@@ -190,9 +198,15 @@ fn main() {
             let size = k.u("S", 64) * MIB;
             let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize };
             let ph = phys(&k);
-            let (mean, min, max, copies, wall, done) = simulate(&c, ph, agg, seeds);
+            let (mean, min, max, copies, wall, done, ramp) = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
             println!("predicted N={} C={} S={} MiB piece {} KiB SLOW={} %: makespan {mean:.2} s (min {min:.2}, max {max:.2} over {seeds} seeds), T* {tstar:.2} s, makespan/T* {:.2}, seed copies {copies:.2}; wall {wall:.1} s", c.n, mbit, size / MIB, c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) / 1024, c.slow_pct, mean / tstar);
+            if k.get("RAMP").is_some_and(|v| v != "0") {
+                // The swarm's ramp, in the units of the emulated runs' progress lines.
+                let piece = c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) as f64;
+                let per_s: Vec<String> = ramp.iter().map(|p| format!("{:.0}", *p as f64 * piece * 8.0 / 1e6)).collect();
+                println!("  all nodes' verified Mbit/s, per second of the first run: {}", per_s.join(" "));
+            }
             if c.slow_pct > 0 {
                 let fast: f64 = done.iter().enumerate().filter(|(i, _)| !slow(*i, c.slow_pct)).map(|(_, d)| *d).fold(0.0, f64::max);
                 println!("  fast nodes' last completion {fast:.2} s ({:.2} × T*)", fast / tstar);
@@ -284,7 +298,7 @@ fn project(k: &Knobs, seeds: u64) {
             (sum / seeds as f64, copies / seeds as f64, t0.elapsed().as_secs_f64())
         } else {
             let a = if c.piece_len.is_some_and(|p| p < pl) { agg / 2 } else { agg };
-            let (mean, _, _, copies, wall, _) = simulate(&c, ph, a.max(1), seeds);
+            let (mean, _, _, copies, wall, _, _) = simulate(&c, ph, a.max(1), seeds);
             (mean, copies, wall)
         };
         println!("| {name} | {:.1} | {:.2} | {:.2} | {:.0} |", r.0, r.0 / tstar, r.1, r.2);

@@ -134,6 +134,9 @@ pub struct Outcome {
     pub recomputes: u64,
     /// Most of the seed's connections sending at once.
     pub seed_max_serving: usize,
+    /// Pieces verified by all nodes together in each second of virtual time (the swarm's ramp,
+    /// to set beside an emulated run's progress lines).
+    pub verified_per_s: Vec<u32>,
 }
 
 /// Why a simulation could not run or finish.
@@ -299,6 +302,7 @@ struct Sim<'a> {
     /// Seed flows with blocks queued, waiting for a slot.
     seed_waiting: VecDeque<usize>,
     seed_max_serving: usize,
+    verified_per_s: Vec<u32>,
     events: u64,
     recomputes: u64,
     finished: usize,
@@ -408,6 +412,7 @@ impl<'a> Sim<'a> {
             seed_serving: Vec::new(),
             seed_waiting: VecDeque::new(),
             seed_max_serving: 0,
+            verified_per_s: Vec::new(),
             events: 0,
             recomputes: 0,
             finished: 0,
@@ -472,6 +477,7 @@ impl<'a> Sim<'a> {
             events: self.events,
             recomputes: self.recomputes,
             seed_max_serving: self.seed_max_serving,
+            verified_per_s: std::mem::take(&mut self.verified_per_s),
         })
     }
 
@@ -500,6 +506,11 @@ impl<'a> Sim<'a> {
                 let mut out = Vec::new();
                 self.nodes[host].core.verified(now, piece, true, Vec::new(), &mut out);
                 self.apply(host, out);
+                let sec = (self.now / NS as u64) as usize;
+                if self.verified_per_s.len() <= sec {
+                    self.verified_per_s.resize(sec + 1, 0);
+                }
+                self.verified_per_s[sec] += 1;
                 if self.nodes[host].done.is_none() && self.nodes[host].core.picker().complete() {
                     self.nodes[host].done = Some(self.now);
                     self.finished += 1;
@@ -515,7 +526,8 @@ impl<'a> Sim<'a> {
         let mut out = Vec::new();
         self.nodes[h].core.tick(now, &mut out);
         self.apply(h, out);
-        if self.nodes[h].done.is_none() {
+        // The engine ticks for its whole life, done or not (a done node still serves).
+        if self.finished < self.p.nodes {
             self.push(self.now + ns(0.25), Ev::Tick(h));
         }
     }
@@ -984,6 +996,8 @@ mod tests {
     #[test]
     fn aggregation_keeps_the_piece_count() {
         let mut p = Params::new(4, 16 * MIB, 12.5e6);
+        // 16 blocks per piece: agg 4 leaves 4 Core blocks per piece (SCALE.md's rule).
+        p.piece_len = 256 << 10;
         let fine = run(&p).expect("runs").makespan;
         p.agg = 4;
         let coarse = run(&p).expect("runs").makespan;

@@ -261,8 +261,8 @@ fn client_ip(i: usize) -> String {
 
 fn shape(ns: &Netns, dev: &str, mbit: u32, queue_ms: u64) {
     // A byte-limited FIFO: `queue_ms` (default 30) of data, at least one 64 KiB offload packet
-    // with its headers and two full frames (a floor of exactly 64 KiB held no full-size offload packet: at 10 Mbit/s one
-    // TCP stream moved 0.4 Mbit/s).
+    // with its headers and two full frames (a floor of exactly 64 KiB held no full-size offload
+    // packet: at 10 Mbit/s one TCP stream moved 0.4 Mbit/s).
     let limit = ((mbit as u64 * 1_000_000 / 8) * queue_ms / 1000).max(64 * 1024 + 2 * 1514);
     let rate = format!("{mbit}mbit");
     let q = format!("{}", (mbit as u64 * 1_000_000 / 8 / 1000).clamp(1514, 60_000));

@@ -104,11 +104,23 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     p
 }
 
-/// (mean, min, max makespan, seed copies, wall seconds, the first run's per-node completion
-/// times, its pieces verified per second by all nodes together).
-type Sims = (f64, f64, f64, f64, f64, Vec<f64>, Vec<u32>);
+/// What [`simulate`] found over its runs.
+struct Sims {
+    /// Mean makespan, seconds.
+    mean: f64,
+    min: f64,
+    max: f64,
+    /// Mean seed copies.
+    copies: f64,
+    /// Wall seconds of all the runs.
+    wall: f64,
+    /// The first run's per-node completion times.
+    done: Vec<f64>,
+    /// The first run's pieces verified per second, all nodes together.
+    ramp: Vec<u32>,
+}
 
-/// Mean makespan over `seeds` runs (and min, max, seed copies, wall seconds, …: [`Sims`]).
+/// The makespan over `seeds` runs (mean, min, max), seed copies, wall time, the first run's detail.
 fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let t0 = Instant::now();
     let mut ms = Vec::new();
@@ -134,7 +146,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
     let max = ms.iter().copied().fold(0.0, f64::max);
-    (mean, min, max, copies / seeds as f64, t0.elapsed().as_secs_f64(), done, ramp)
+    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp }
 }
 
 /// A swarm bench JSON file: the case (goodput from its T*) and the measured makespan of its
@@ -187,8 +199,8 @@ fn main() {
             println!("|---|---|---|---|");
             for (c, _, _, cpu) in runs(&k) {
                 let ph = Phys { cores: cpu.0, cpu_per_byte: cpu.1, ..ph };
-                let fine = simulate(&c, ph, 1, seeds).0;
-                let coarse = simulate(&c, ph, a, seeds).0;
+                let fine = simulate(&c, ph, 1, seeds).mean;
+                let coarse = simulate(&c, ph, a, seeds).mean;
                 println!("| {}, {} | {fine:.2} | {coarse:.2} | {:+.1} % |", c.n, c.mbit, (coarse / fine - 1.0) * 100.0);
             }
         }
@@ -198,7 +210,7 @@ fn main() {
             let size = k.u("S", 64) * MIB;
             let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize };
             let ph = phys(&k);
-            let (mean, min, max, copies, wall, done, ramp) = simulate(&c, ph, agg, seeds);
+            let Sims { mean, min, max, copies, wall, done, ramp } = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
             println!("predicted N={} C={} S={} MiB piece {} KiB SLOW={} %: makespan {mean:.2} s (min {min:.2}, max {max:.2} over {seeds} seeds), T* {tstar:.2} s, makespan/T* {:.2}, seed copies {copies:.2}; wall {wall:.1} s", c.n, mbit, size / MIB, c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) / 1024, c.slow_pct, mean / tstar);
             if k.get("RAMP").is_some_and(|v| v != "0") {
@@ -235,7 +247,7 @@ fn calibrate(k: &Knobs, seeds: u64) {
                 let ph = Phys { cores: 0.0, cpu_per_byte: 0.0, rtt: rtt_ms / 1e3, hash_per_mib: hash_ms / 1e3, start: start_ms / 1e3 };
                 let preds: Vec<f64> = cases
                     .iter()
-                    .map(|(c, _, _, cpu)| simulate(c, Phys { cores: cpu.0, cpu_per_byte: cpu.1, ..ph }, agg, seeds).0)
+                    .map(|(c, _, _, cpu)| simulate(c, Phys { cores: cpu.0, cpu_per_byte: cpu.1, ..ph }, agg, seeds).mean)
                     .collect();
                 let worst = cases.iter().zip(&preds).map(|((_, m, _, _), p)| (p / m - 1.0).abs()).fold(0.0, f64::max);
                 eprintln!("  rtt {rtt_ms} ms, hash {hash_ms} ms/MiB, start {start_ms} ms: worst error {:.1} %", worst * 100.0);
@@ -298,7 +310,7 @@ fn project(k: &Knobs, seeds: u64) {
             (sum / seeds as f64, copies / seeds as f64, t0.elapsed().as_secs_f64())
         } else {
             let a = if c.piece_len.is_some_and(|p| p < pl) { agg / 2 } else { agg };
-            let (mean, _, _, copies, wall, _, _) = simulate(&c, ph, a.max(1), seeds);
+            let Sims { mean, copies, wall, .. } = simulate(&c, ph, a.max(1), seeds);
             (mean, copies, wall)
         };
         println!("| {name} | {:.1} | {:.2} | {:.2} | {:.0} |", r.0, r.0 / tstar, r.1, r.2);

@@ -17,7 +17,7 @@
 //! exit, fetch's "download complete" log line, aria2c's on-bt-download-complete hook), makespan,
 //! T* (S / the goodput of one TCP stream over one shaped link, measured first in the same run),
 //! makespan / T*, the seed's upload in copies of S (bytes sent on the appliance's link, framing
-//! included), CPU seconds (server, clients, per client per 64 MiB, and the machine's busy share
+//! included), CPU seconds (server, clients, per client per 64 MiB and its user part, the machine's busy share
 //! with a saturation flag) and peak RSS of the server and of one client. Every copy is checked
 //! by sha256. Namespaces and processes are removed on exit and on Ctrl-C / SIGTERM.
 //!
@@ -60,7 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Netns, Proc, appliance_bin, cpu_secs, start_appliance, wait_for};
+use common::{Lab, Netns, Proc, appliance_bin, cpu_secs, cpu_split, start_appliance, wait_for};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -242,12 +242,16 @@ impl Drop for AllowCc {
 #[derive(Default, Clone, Copy)]
 struct Seen {
     cpu: f64,
+    /// Of `cpu`, user time (the rest is system time: syscalls and the emulated network's
+    /// packet processing charged to the process).
+    user: f64,
     hwm: u64,
 }
 
 fn sample(pid: u32, s: &mut Seen) {
-    if let Some(c) = cpu_secs(pid) {
-        s.cpu = s.cpu.max(c);
+    if let Some((u, k)) = cpu_split(pid) {
+        s.cpu = s.cpu.max(u + k);
+        s.user = s.user.max(u);
     }
     s.hwm = s.hwm.max(hwm_kib(pid));
 }
@@ -709,12 +713,13 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
     let makespan = r.extrapolated.unwrap_or_else(|| if finished == alive { times.last().copied().unwrap_or(f64::NAN) } else { f64::NAN });
     let client_cpu: f64 = r.clients.iter().map(|s| s.cpu).sum();
     let per = client_cpu / o.n as f64 * (64 * MIB) as f64 / o.size as f64;
+    let per_user = r.clients.iter().map(|s| s.user).sum::<f64>() / o.n as f64 * (64 * MIB) as f64 / o.size as f64;
     let sat = if r.busy_frac >= 0.9 { " CPU-SATURATED" } else { "" };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let own = (r.server.cpu + client_cpu) / (r.wall.max(1e-3) * cores);
     let med = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        "| {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2}{} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0} % ({:.0} % ours){} | {} | {} |",
+        "| {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2}{} | {:.2} | {:.1} | {:.1} | {:.2} ({:.2} user) | {:.0} % ({:.0} % ours){} | {} | {} |",
         r.method,
         finished,
         alive,
@@ -727,6 +732,7 @@ fn report(o: &Opts, tstar: f64, r: &Outcome) {
         r.server.cpu,
         client_cpu,
         per,
+        per_user,
         r.busy_frac * 100.0,
         own * 100.0,
         sat,
@@ -787,6 +793,7 @@ fn write_json(path: &Path, o: &Opts, sc: &Scenario, tstar: f64, results: &[Outco
                 "wall": r.wall,
                 "server_cpu": r.server.cpu,
                 "clients_cpu": r.clients.iter().map(|c| c.cpu).sum::<f64>(),
+                "clients_cpu_user": r.clients.iter().map(|c| c.user).sum::<f64>(),
             })
         })
         .collect();
@@ -897,7 +904,7 @@ fn main() {
     println!();
     println!("load average at the end: {}", fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     println!("N={} C={} Mbit/s S={} MiB T*={tstar:.2} s (one TCP stream over one shaped link; S/C = {ideal:.2} s) queues {} ms, TCP {}{}{}", o.n, o.mbit, o.size / MIB, o.queue_ms, o.cc, if o.slow_pct + o.late_pct + o.kill_pct > 0 { format!(" SLOW={} LATE={} KILL={}", o.slow_pct, o.late_pct, o.kill_pct) } else { String::new() }, if o.swarm_extra.is_empty() { String::new() } else { format!(" swarm: {}", o.swarm_extra.replace('\n', "; ")) });
-    println!("| method | done | first s | median s | makespan s | makespan/T* | seed copies | server CPU s | clients CPU s | CPU s/client/64MiB | machine busy (this run's processes) | server RSS MiB | client RSS MiB |");
+    println!("| method | done | first s | median s | makespan s | makespan/T* | seed copies | server CPU s | clients CPU s | CPU s/client/64MiB (of it user) | machine busy (this run's processes) | server RSS MiB | client RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         report(&o, tstar, r);

@@ -479,6 +479,13 @@ pub fn chromium(lab: &Lab, h: usize, url: &str, shot: Option<&Path>) -> String {
 /// utime + stime of a process (all its threads; a zombie's too) in seconds, from
 /// `/proc/PID/stat` at the kernel's clock rate `sysconf(_SC_CLK_TCK)`; None once it is reaped.
 pub fn cpu_secs(pid: u32) -> Option<f64> {
+    cpu_split(pid).map(|(user, sys)| user + sys)
+}
+
+/// CPU seconds a process used so far, apart: (user, system). System time includes the kernel's
+/// packet processing that ran in the process's context (in the labs: the emulated links,
+/// bridge and queues its sends pass through), not only its own syscalls.
+pub fn cpu_split(pid: u32) -> Option<(f64, f64)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces: fields count from its end.
     // utime and stime are fields 14 and 15 of proc_pid_stat(5); after ") " comes field 3.
@@ -486,7 +493,7 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
     // SAFETY: sysconf has no preconditions and touches no memory of ours.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (f.len() == 2 && hz > 0).then(|| (f[0] + f[1]) as f64 / hz as f64)
+    (f.len() == 2 && hz > 0).then(|| (f[0] as f64 / hz as f64, f[1] as f64 / hz as f64))
 }
 
 /// Removes a directory (a lab's archives, copies and state) when the test passes; a failed

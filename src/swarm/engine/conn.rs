@@ -29,6 +29,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
 const KEEPALIVE: Duration = Duration::from_secs(90);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HAVEs wait this long at most for another write to ride on (a request, a block) before they
+/// are sent on their own. Sent one by one they were 3 in 4 of a swarm's writes, each its own
+/// packet that woke its receiver (measured at N = 32: 347 k of 441 k sends under 18 bytes).
+pub(super) const HAVE_DELAY: Duration = Duration::from_millis(100);
 /// Uploads one peer may have queued before it is dropped as abusive.
 pub(super) const MAX_QUEUED_UPLOADS: u64 = 2048;
 /// Messages queued to one connection's writer, at most: its uploads plus this many frames
@@ -59,6 +63,8 @@ pub enum HandshakeError {
 #[derive(Debug)]
 pub(super) enum Out {
     Frame(Vec<u8>),
+    /// A frame that may wait (HAVE): sent with the next write, or after [`HAVE_DELAY`].
+    Lazy(Vec<u8>),
     Block(Block),
 }
 
@@ -92,7 +98,8 @@ pub(super) fn apply(st: &mut St, acts: &mut Vec<Action>) -> Vec<Action> {
         match a {
             Action::Send(k, m) => {
                 if let Some(c) = st.io.get(&k) {
-                    send(c, Out::Frame(m.encode()));
+                    let f = m.encode();
+                    send(c, if matches!(m, Msg::Have(_)) { Out::Lazy(f) } else { Out::Frame(f) });
                 }
             }
             Action::Upload(k, b) => {
@@ -344,22 +351,31 @@ async fn write_loop(
     close: CancellationToken,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(128 * 1024);
+    // HAVEs waiting for a write to ride on, and when they must go at the latest.
+    let mut lazy: Vec<u8> = Vec::new();
+    let mut lazy_until: Option<tokio::time::Instant> = None;
     loop {
         let first = tokio::select! {
             // CANCEL-SAFETY: recv is cancel-safe; on close the queue is dropped.
             r = tokio::time::timeout(KEEPALIVE, rx.recv()) => match r {
-                Ok(Some(o)) => o,
+                Ok(Some(o)) => Some(o),
                 Ok(None) => break,
-                Err(_) => Out::Frame(Msg::KeepAlive.encode()),
+                Err(_) => Some(Out::Frame(Msg::KeepAlive.encode())),
             },
+            // CANCEL-SAFETY: a sleep holds nothing.
+            () = tokio::time::sleep_until(lazy_until.unwrap_or_else(tokio::time::Instant::now)), if lazy_until.is_some() => None,
             () = close.cancelled() => break,
         };
         buf.clear();
-        let mut next = Some(first);
+        let mut next = first;
         // Gather what is ready (up to 256 KiB) into one write.
         while let Some(o) = next.take() {
             match o {
                 Out::Frame(f) => buf.extend_from_slice(&f),
+                Out::Lazy(f) => {
+                    lazy.extend_from_slice(&f);
+                    lazy_until.get_or_insert_with(|| tokio::time::Instant::now() + HAVE_DELAY);
+                }
                 Out::Block(b) => {
                     queued_up.fetch_sub(1, Ordering::Relaxed);
                     let at = buf.len();
@@ -377,6 +393,16 @@ async fn write_loop(
             if buf.len() < 256 * 1024 {
                 next = rx.try_recv().ok();
             }
+        }
+        // The HAVEs go with any write, or alone once due.
+        let due = lazy_until.is_some_and(|t| t <= tokio::time::Instant::now());
+        if !lazy.is_empty() && (!buf.is_empty() || due) {
+            buf.extend_from_slice(&lazy);
+            lazy.clear();
+            lazy_until = None;
+        }
+        if buf.is_empty() {
+            continue;
         }
         let w = tokio::select! {
             // CANCEL-SAFETY: a write cut short ends the connection, so its stream state no

@@ -419,10 +419,6 @@ impl Picker {
         out
     }
 
-    fn peer_has(&self, k: PeerKey, i: usize) -> bool {
-        self.peers.get(&k).is_some_and(|p| p.has[i])
-    }
-
     /// Whether peer `k` announced piece `i`.
     pub fn peer_has_piece(&self, k: PeerKey, i: u32) -> bool {
         self.peers.get(&k).is_some_and(|p| p.has.get(i as usize).copied().unwrap_or(false))
@@ -430,6 +426,10 @@ impl Picker {
 
     fn pick(&mut self, k: PeerKey, rng: &mut impl Rng) -> Option<Block> {
         let n = self.pieces.len();
+        // The peer's pieces, looked up once (not once per piece scanned: a map lookup per
+        // piece was most of the picker's time at 512 pieces).
+        let has = self.peers.get(&k).map(|p| p.has.clone()).unwrap_or_default();
+        let peer_has = |i: usize| has.get(i).copied().unwrap_or(false);
         // 1. A free block of a piece in progress that this peer started, or whose starter is
         //    gone, the most advanced piece first. Not a piece another peer is sending: asking
         //    the seed for the rest of a piece a node is passing on would spend the seed's
@@ -438,7 +438,7 @@ impl Picker {
         for (i, s) in self.pieces.iter().enumerate() {
             if let Ps::Active(a) = s {
                 let mine = a.owner.is_none_or(|o| o == k);
-                if mine && self.peer_has(k, i) && a.blocks.iter().any(|b| matches!(b, Bs::Free)) && best.is_none_or(|(_, g)| a.got > g) {
+                if mine && peer_has(i) && a.blocks.iter().any(|b| matches!(b, Bs::Free)) && best.is_none_or(|(_, g)| a.got > g) {
                     best = Some((i as u32, a.got));
                 }
             }
@@ -452,12 +452,12 @@ impl Picker {
         // Suspect pieces, from a trusted peer: before anything new.
         let mut chosen = None;
         if self.peers.get(&k).is_some_and(|p| p.trusted) {
-            chosen = (0..n).find(|i| self.suspect[*i] && matches!(self.pieces[*i], Ps::Missing) && self.peer_has(k, *i)).map(|i| i as u32);
+            chosen = (0..n).find(|i| self.suspect[*i] && matches!(self.pieces[*i], Ps::Missing) && peer_has(*i)).map(|i| i as u32);
         }
         // 2. The streaming window.
         if let (None, Some((from, w))) = (chosen, self.window) {
             chosen = (from..from.saturating_add(w).min(n as u32)).find(|i| {
-                matches!(self.pieces[*i as usize], Ps::Missing) && self.peer_has(k, *i as usize) && self.may_start(k, *i as usize)
+                matches!(self.pieces[*i as usize], Ps::Missing) && peer_has(*i as usize) && self.may_start(k, *i as usize)
             });
         }
         // 3. Rarest first, from a random starting point; from a seed, our share first.
@@ -472,7 +472,7 @@ impl Picker {
             if !only_share {
                 if let Some((r, m)) = share {
                     let left: Vec<u32> = (0..n)
-                        .filter(|i| matches!(self.pieces[*i], Ps::Missing) && self.avail[*i] <= 1 && self.peer_has(k, *i) && self.may_start(k, *i))
+                        .filter(|i| matches!(self.pieces[*i], Ps::Missing) && self.avail[*i] <= 1 && peer_has(*i) && self.may_start(k, *i))
                         .map(|i| i as u32)
                         .collect();
                     // When fewer pieces are left than helpers, only the first helper placed on
@@ -498,7 +498,7 @@ impl Picker {
                     continue;
                 }
                 if matches!(self.pieces[i], Ps::Missing)
-                    && self.peer_has(k, i)
+                    && peer_has(i)
                     && best.is_none_or(|(_, a)| self.avail[i] < a)
                     && self.may_start(k, i)
                 {
@@ -521,7 +521,7 @@ impl Picker {
         if self.missing == 0 && !self.peers.get(&k).is_some_and(|p| p.trusted) {
             for (i, s) in self.pieces.iter().enumerate() {
                 let Ps::Active(a) = s else { continue };
-                if a.single || !self.peer_has(k, i) {
+                if a.single || !peer_has(i) {
                     continue;
                 }
                 let found = a.blocks.iter().position(|b| matches!(b, Bs::Asked(v) if v.len() < ENDGAME_DUPES && !v.contains(&k)));

@@ -434,10 +434,14 @@ impl Picker {
         //    gone, the most advanced piece first. Not a piece another peer is sending: asking
         //    the seed for the rest of a piece a node is passing on would spend the seed's
         //    upload on data the swarm already has.
+        //    In the endgame (nothing left to start), an untrusted peer may also take the free
+        //    blocks of a piece another peer started: otherwise they wait for that one peer,
+        //    and a stalled connection to it holds the last piece until its requests time out.
+        let endgame = self.missing == 0 && !self.peers.get(&k).is_some_and(|p| p.trusted);
         let mut best: Option<(u32, u32)> = None;
         for (i, s) in self.pieces.iter().enumerate() {
             if let Ps::Active(a) = s {
-                let mine = a.owner.is_none_or(|o| o == k);
+                let mine = a.owner.is_none_or(|o| o == k) || (endgame && !a.single);
                 if mine && peer_has(i) && a.blocks.iter().any(|b| matches!(b, Bs::Free)) && best.is_none_or(|(_, g)| a.got > g) {
                     best = Some((i as u32, a.got));
                 }
@@ -913,6 +917,34 @@ mod tests {
         }
         assert_eq!(p.asked(1), 3);
         assert_eq!(p.got(1, 0, 0, BLOCK as usize), Got::Unexpected, "cancelled copy");
+    }
+
+    #[test]
+    fn in_the_endgame_others_take_the_free_blocks_of_a_started_piece() {
+        let mut p = Picker::new(PL, PL as u64, &[false]);
+        for k in 1..=3 {
+            p.add_peer(k);
+            p.bitfield(k, all(1));
+            p.choked(k, false);
+        }
+        p.set_trusted(3);
+        let now = Instant::now();
+        // Peer 1 starts the only piece and has room for two of its four blocks.
+        let r1 = p.next_requests(1, 2, now, &mut rng());
+        assert_eq!(r1.iter().map(|b| b.begin / BLOCK).collect::<Vec<_>>(), vec![0, 1]);
+        // Peer 2 takes the two free blocks first, then duplicates peer 1's.
+        let r2: Vec<u32> = p.next_requests(2, 4, now, &mut rng()).iter().map(|b| b.begin / BLOCK).collect();
+        assert_eq!(r2, vec![2, 3, 0, 1]);
+        // The trusted seed is not asked for blocks the swarm is already sending.
+        let mut p2 = Picker::new(PL, PL as u64, &[false]);
+        for k in [1, 3] {
+            p2.add_peer(k);
+            p2.bitfield(k, all(1));
+            p2.choked(k, false);
+        }
+        p2.set_trusted(3);
+        assert_eq!(p2.next_requests(1, 2, now, &mut rng()).len(), 2);
+        assert!(p2.next_requests(3, 4, now, &mut rng()).is_empty());
     }
 
     #[test]

@@ -426,8 +426,8 @@ impl Picker {
 
     fn pick(&mut self, k: PeerKey, rng: &mut impl Rng) -> Option<Block> {
         let n = self.pieces.len();
-        // The peer's pieces, looked up once (not once per piece scanned: a map lookup per
-        // piece was most of the picker's time at 512 pieces).
+        // The peer's pieces, looked up once, not once per piece scanned (by perf at N = 32 and
+        // 512 pieces, those lookups' SipHash was 5 % of the nodes' user time).
         let has = self.peers.get(&k).map(|p| p.has.clone()).unwrap_or_default();
         let peer_has = |i: usize| has.get(i).copied().unwrap_or(false);
         // 1. A free block of a piece in progress that this peer started, or whose starter is

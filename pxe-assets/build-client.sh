@@ -14,9 +14,12 @@
 #
 # Usage: pxe-assets/build-client.sh [OUTDIR]      (default $SI_CACHE/client-boot; SI_CACHE is
 #        /var/cache/si-appliance unless set, see pxe-assets/cache-lib.sh)
-#   SI_APPLIANCE_BIN  the installer binary (default
-#                     $CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/si-appliance); it must
-#                     be statically linked (.cargo/config.toml builds it with crt-static)
+#   SI_NODE_BIN       the installer: the node build of si-appliance (default si-appliance-node
+#                     beside $SI_APPLIANCE_BIN, else
+#                     $CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/si-appliance-node),
+#                     installed as /usr/sbin/si-appliance; it must be statically linked
+#                     (.cargo/config.toml builds it with crt-static)
+#   SI_APPLIANCE_BIN  the appliance's binary; only its directory is used, to find the node build
 #   SI_DEB_CACHE      where downloaded .deb files are kept (default $SI_CACHE/debs)
 #   SI_KERNEL_PKG     meta-package naming the kernel (default linux-image-amd64)
 #   SI_INITRD_COMP    zstd (default: level 22 with a 32 MiB window, see below) or xz
@@ -39,10 +42,16 @@ cache=${SI_DEB_CACHE:-$SI_CACHE/debs}
 meta=${SI_KERNEL_PKG:-linux-image-amd64}
 comp=${SI_INITRD_COMP:-zstd}
 target_dir=${CARGO_TARGET_DIR:-$SI_CACHE/cargo-target}
-installer=${SI_APPLIANCE_BIN:-$target_dir/x86_64-unknown-linux-gnu/release/si-appliance}
+# The node build (src/bin/si-appliance-node): install, fetch, boot-peer and update only, without
+# the appliance's services, which every node would otherwise download at boot.
+if [ -n "${SI_APPLIANCE_BIN:-}" ]; then
+  installer=${SI_NODE_BIN:-$(dirname "$SI_APPLIANCE_BIN")/si-appliance-node}
+else
+  installer=${SI_NODE_BIN:-$target_dir/x86_64-unknown-linux-gnu/release/si-appliance-node}
+fi
 
 [ "$(id -u)" = 0 ] || die "run as root (apt, mknod)"
-[ -x "$installer" ] || die "no installer binary at $installer (cargo build --release, or set SI_APPLIANCE_BIN)"
+[ -x "$installer" ] || die "no installer binary at $installer (cargo build --release --bin si-appliance-node, or set SI_NODE_BIN)"
 # A dynamically linked installer would not run in the initramfs (it has no glibc of its own).
 if ! file -L "$installer" | grep -Eq 'statically linked|static-pie linked'; then
   die "$installer is not statically linked: $(file -L "$installer")"

@@ -46,7 +46,8 @@
 #                      registry, .debs, boot files, demo tree, lab store) in a new empty
 #                      directory, removed at the end unless LAB_KEEP=1
 #   CARGO_TARGET_DIR   the release build (default $SI_CACHE/cargo-target)
-#   SI_APPLIANCE_BIN   use this binary (appliance and installer) instead of building one
+#   SI_APPLIANCE_BIN   use this binary (the appliance; the installer is si-appliance-node beside
+#                      it, or SI_NODE_BIN) instead of building one
 #   LAB_APPLIANCE=netns  where the appliance runs: netns (the binary in a namespace) or usb: the
 #                      stick image (pxe-assets/build-usb.sh, cached) is copied to LAB_DIR/stick.img,
 #                      made LAB_STICK_SIZE big (default 4G), the demo image is added to it as the

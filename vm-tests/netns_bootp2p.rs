@@ -97,7 +97,7 @@ impl Setup {
     /// its own) and waits for its ready line.
     fn boot_peer(&self, i: usize, run: usize) -> (Proc, String) {
         let mac = node_mac(i);
-        let mut c = self.lab.hosts[self.first + i].cmd(common::appliance_bin());
+        let mut c = self.lab.hosts[self.first + i].cmd(common::node_bin());
         c.args(["boot-peer", "--server", &format!("{SERVER}:80"), "--mac", &mac, "--dir"])
             .arg(self.lab.path(&format!("node{i}-peer{run}")))
             .env("SI_NODE_TOKEN", self.token(&mac))

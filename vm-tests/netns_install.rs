@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Lab, Proc, RemoveOnSuccess, appliance_bin, run, start_appliance, strip_ansi};
+use common::{Lab, Proc, RemoveOnSuccess, appliance_bin, node_bin, run, start_appliance, strip_ansi};
 use si_appliance::image::manifest::Manifest;
 use si_appliance::image::pack::{self, PackOptions};
 use si_appliance::image::progress::ProgressMode;
@@ -166,7 +166,7 @@ fn line_from_script(lab: &Lab, ip: &str) -> String {
 fn installer_with_line(lab: &Lab, line: &str, trusted: &Path, disk: &str, extra: &[&str]) -> Proc {
     let cmdline = lab.path("cmdline");
     fs::write(&cmdline, format!("{line}\n")).unwrap();
-    let mut cmd = lab.hosts[1].cmd(appliance_bin());
+    let mut cmd = lab.hosts[1].cmd(node_bin());
     cmd.args(["install", "--disk", disk, "--finish", "shell", "--firmware", "bios", "--cmdline"])
         .arg(&cmdline)
         .arg("--workdir")
@@ -233,7 +233,7 @@ fn checks_of_the_update_state(mnt: &Path, m: &Manifest) {
         assert_eq!(fs::read_link(link).unwrap(), Path::new("/etc/systemd/system/si-appliance-update.service"));
         let bin = mnt.join("usr/local/sbin/si-appliance");
         assert_eq!(fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755);
-        assert_eq!(fs::metadata(&bin).unwrap().len(), fs::metadata(appliance_bin()).unwrap().len(), "the installer copied itself");
+        assert_eq!(fs::metadata(&bin).unwrap().len(), fs::metadata(node_bin()).unwrap().len(), "the installer copied itself");
     } else {
         assert!(!unit.exists(), "no systemd in the image, no unit");
     }
@@ -273,6 +273,35 @@ fn checks_of_an_installed_disk(lab: &Lab, disk: &mut LoopDisk, m: &Manifest) {
 
 fn summary(log: &str) -> String {
     log.lines().find(|l| l.starts_with("install-done ")).map(str::to_owned).unwrap_or_else(|| panic!("no install-done line:\n{log}"))
+}
+
+/// The node build (what the initramfs carries) has the node's subcommands and refuses the
+/// appliance's with a clear message; it is much smaller than the appliance's binary, because the
+/// appliance's services are not linked into it.
+#[test]
+fn the_node_build_runs_the_node_subcommands_only() {
+    for sub in ["install", "fetch", "boot-peer", "update"] {
+        let o = Command::new(node_bin()).args([sub, "--help"]).output().unwrap();
+        assert!(o.status.success(), "{sub} --help: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    // A node subcommand runs its own code: a missing archive is that command's error.
+    let o = Command::new(node_bin()).args(["update", "--archive", "/nonexistent/a.tar.zst", "--manifest", "/nonexistent/m"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("node build"), "{err}");
+    for args in [&["image", "list"][..], &["check-config"], &["status"], &[]] {
+        let o = Command::new(node_bin()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("this is the node build"), "{args:?}: {err}");
+    }
+    // Stripped, as the initramfs carries it (the line tables are mostly std's and the deps').
+    let dir = tempfile::tempdir().unwrap();
+    let stripped = |bin: &str, name: &str| {
+        let out = dir.path().join(name);
+        common::run(Command::new("strip").arg("-o").arg(&out).arg(bin));
+        fs::metadata(&out).unwrap().len()
+    };
+    let (node, app) = (stripped(node_bin(), "node"), stripped(appliance_bin(), "app"));
+    assert!(node * 2 < app, "stripped: node build {node} B, appliance {app} B");
 }
 
 #[test]
@@ -761,7 +790,7 @@ fn group_profiles_run_their_steps_and_a_failing_step_fails_its_node() {
         let tok = NodeToken::derive(&secret, mac.parse::<MacAddr>().unwrap()).as_str().to_owned();
         let cmdline = lab.path(&format!("cmdline{i}"));
         fs::write(&cmdline, format!("si.server=10.77.1.1:{HTTP_PORT} si.mac={mac} si.image=demo si.token={tok}\n")).unwrap();
-        let mut cmd = lab.hosts[i].cmd(appliance_bin());
+        let mut cmd = lab.hosts[i].cmd(node_bin());
         cmd.args(["install", "--disk", &disk.dev, "--finish", "shell", "--firmware", "bios", "--cmdline"])
             .arg(&cmdline)
             .arg("--workdir")

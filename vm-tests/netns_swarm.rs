@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Lab, Proc, RemoveOnSuccess, appliance_bin, cpu_secs, random_file, start_appliance, strip_ansi};
+use common::{Lab, Proc, RemoveOnSuccess, appliance_bin, cpu_secs, node_bin, random_file, start_appliance, strip_ansi};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -69,7 +69,7 @@ fn swarm_json(lab: &Lab, h: usize, server: &str) -> serde_json::Value {
 
 /// Starts `si-appliance fetch` in host `h`.
 fn fetch(lab: &Lab, h: usize, server: &str, image: &str, out: &Path, extra: &[&str]) -> Proc {
-    let mut cmd = lab.hosts[h].cmd(appliance_bin());
+    let mut cmd = lab.hosts[h].cmd(node_bin());
     let srv = format!("{server}:{HTTP_PORT}");
     cmd.args(["fetch", "--server", &srv, "--image", image, "--iface", "eth0", "--out"])
         .arg(out)

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Lab, Netns, Proc, RemoveOnSuccess, appliance_bin, random_file, start_appliance, wait_for};
+use common::{Lab, Netns, Proc, RemoveOnSuccess, appliance_bin, node_bin, random_file, start_appliance, wait_for};
 use si_appliance::config::Enroll;
 use si_appliance::image::manifest::{Entry, Manifest};
 use si_appliance::image::{pack, scan};
@@ -103,7 +103,7 @@ fn install_v1(lab: &Lab, i: usize, secret: &[u8]) -> PathBuf {
 }
 
 fn agent(lab: &Lab, h: usize, root: &Path, name: &str, extra: &[&str]) -> Proc {
-    let mut cmd = lab.hosts[h].cmd(appliance_bin());
+    let mut cmd = lab.hosts[h].cmd(node_bin());
     cmd.args(["update", "--watch", "--poll", "2s", "--root"]).arg(root).args(extra).env("RUST_LOG", "info");
     Proc::spawn(name, cmd, lab.path(&format!("{name}.log")))
 }
@@ -175,7 +175,7 @@ fn eight_nodes_update_together_over_the_swarm() {
     // A dry run asked by a node itself (not ordered): the plan, nothing written.
     let before = comparable(&roots[0], &Excludes::default());
     let plan = wait_for(Duration::from_secs(60), || {
-        let out = lab.hosts[1].cmd(appliance_bin()).args(["update", "--server", "--dry-run", "--root"]).arg(&roots[0]).output().unwrap();
+        let out = lab.hosts[1].cmd(node_bin()).args(["update", "--server", "--dry-run", "--root"]).arg(&roots[0]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         (out.status.success() && text.contains("A usr/lib/new.bin")).then_some(text)
     })

@@ -13,7 +13,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use aws_lc_rs::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
+use ring::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 
 /// The seed file in the state directory.
 pub const KEY_FILE: &str = "image-signing.key";

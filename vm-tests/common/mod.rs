@@ -309,6 +309,12 @@ pub fn appliance_bin() -> &'static str {
     env!("CARGO_BIN_EXE_si-appliance")
 }
 
+/// The node build (`src/bin/si-appliance-node`): what the nodes' initramfs carries and the
+/// installer copies into installed systems; the tests run every node role with it.
+pub fn node_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_si-appliance-node")
+}
+
 /// The cache roots, as the project's scripts read them (pxe-assets/cache-lib.sh): `SI_CACHE`
 /// (downloaded packages, client boot files) and `SI_TEST_CACHE` (debootstrap trees).
 pub fn cache_root() -> PathBuf {

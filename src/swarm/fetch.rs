@@ -138,7 +138,7 @@ pub struct FetchReport {
 async fn swarm_view(server: SocketAddr, name: &ImageName, retry: Option<&CancellationToken>) -> Result<TorrentView, FetchError> {
     let path = format!("/api/swarm/{name}");
     let body = match retry {
-        Some(token) => http_get::get_retrying(server, &path, HTTP_LIMIT, http_get::RETRY_FOR, token).await?,
+        Some(token) => http_get::get_retrying_hedged(server, &path, HTTP_LIMIT, http_get::RETRY_FOR, token).await?,
         None => http_get::get(server, &path, HTTP_LIMIT).await?,
     };
     serde_json::from_slice(&body).map_err(|source| FetchError::Api { name: name.clone(), source })
@@ -146,7 +146,7 @@ async fn swarm_view(server: SocketAddr, name: &ImageName, retry: Option<&Cancell
 
 /// The image's .torrent, asked again while the appliance does not answer (a rack joins at once).
 async fn torrent_of(server: SocketAddr, name: &ImageName, token: &CancellationToken) -> Result<Vec<u8>, FetchError> {
-    Ok(http_get::get_retrying(server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT, http_get::RETRY_FOR, token).await?)
+    Ok(http_get::get_retrying_hedged(server, &format!("/torrents/{name}.torrent"), HTTP_LIMIT, http_get::RETRY_FOR, token).await?)
 }
 
 /// Blocks asked of one peer at a time: [`DEFAULT_DEPTH`], or `SI_SWARM_DEPTH` (1..=256) for

@@ -42,10 +42,38 @@ pub fn transient(e: &GetError) -> bool {
 /// The last [`GetError`] (a final one at once; a transient one once `wait` is spent or `token`
 /// is cancelled).
 pub async fn get_retrying(addr: SocketAddr, path: &str, attempt: Duration, wait: Duration, token: &tokio_util::sync::CancellationToken) -> Result<Vec<u8>, GetError> {
+    retrying(addr, path, attempt, wait, None, token).await
+}
+
+/// When a small answer is late, another connection is opened beside the first: after this
+/// long, then twice as long again, at most [`HEDGES`] connections in all.
+pub const HEDGE_AFTER: Duration = Duration::from_secs(2);
+/// Most connections one hedged GET holds at once.
+pub const HEDGES: usize = 3;
+
+/// [`get_retrying`] for answers of a few KiB (the .torrent, the swarm's view): an attempt that
+/// has no answer after [`HEDGE_AFTER`] gets a second connection beside it (and a third 4 s
+/// later); the first complete answer wins and the others are dropped. A lost SYN or a
+/// response in retransmission back-off costs 1 + 2 + 4 + 8 s on one connection: with 64
+/// emulated nodes starting together behind the seed's full uplink queue, 2 nodes of 64 started
+/// 21 s late that way (measured, SCALE.md), while a fresh connection got through at once. Not
+/// for large answers (a manifest): a second copy would add to the load that made it late.
+///
+/// # Errors
+/// As [`get_retrying`].
+pub async fn get_retrying_hedged(addr: SocketAddr, path: &str, attempt: Duration, wait: Duration, token: &tokio_util::sync::CancellationToken) -> Result<Vec<u8>, GetError> {
+    retrying(addr, path, attempt, wait, Some(HEDGE_AFTER), token).await
+}
+
+async fn retrying(addr: SocketAddr, path: &str, attempt: Duration, wait: Duration, hedge: Option<Duration>, token: &tokio_util::sync::CancellationToken) -> Result<Vec<u8>, GetError> {
     let t0 = tokio::time::Instant::now();
     let mut pause = Duration::from_secs(1);
     loop {
-        let e = match get(addr, path, attempt).await {
+        let tried = match hedge {
+            Some(h) => hedged(addr, path, attempt, h).await,
+            None => get(addr, path, attempt).await,
+        };
+        let e = match tried {
             Ok(b) => return Ok(b),
             Err(e) => e,
         };
@@ -62,11 +90,78 @@ pub async fn get_retrying(addr: SocketAddr, path: &str, attempt: Duration, wait:
     }
 }
 
+/// One attempt on up to [`HEDGES`] connections started `first`, then `2 × first`, … apart: the
+/// first answer wins; a final error ends it at once; when every started connection failed
+/// transiently, the last error (the caller backs off). The others are aborted when it returns.
+async fn hedged(addr: SocketAddr, path: &str, limit: Duration, first: Duration) -> Result<Vec<u8>, GetError> {
+    let mut set = tokio::task::JoinSet::new();
+    let mut started = 0;
+    let mut gap = first;
+    let mut next = tokio::time::Instant::now();
+    loop {
+        if started < HEDGES && tokio::time::Instant::now() >= next {
+            let p = path.to_owned();
+            set.spawn(async move { get(addr, &p, limit).await });
+            if started > 0 {
+                tracing::debug!(path, connections = started + 1, "no answer yet: asking on another connection too");
+            }
+            started += 1;
+            next = tokio::time::Instant::now() + gap;
+            gap *= 2;
+        }
+        tokio::select! {
+            // CANCEL-SAFETY: join_next only takes a finished task's result; a sleep has no state.
+            Some(done) = set.join_next() => match done {
+                Ok(Ok(body)) => return Ok(body),
+                Ok(Err(e)) if !transient(&e) || set.is_empty() => return Err(e),
+                Ok(Err(_)) => {}
+                // A GET does not panic; were it to, the other connections still decide.
+                Err(_) if !set.is_empty() => {}
+                Err(j) => return Err(GetError { method: "GET", addr, path: path.to_owned(), failure: crate::net::http_client::Failure::Io(std::io::Error::other(j.to_string())) }),
+            },
+            () = tokio::time::sleep_until(next), if started < HEDGES => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    /// A server that takes the first connection and never answers it, and answers the next:
+    /// the hedged GET gets the body from the second connection after [`HEDGE_AFTER`], long
+    /// before the attempt's limit; the plain GET waits for the limit.
+    #[tokio::test]
+    async fn a_late_answer_is_asked_on_another_connection_too() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for i in 0..3 {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut b = [0u8; 1024];
+                let _ = s.read(&mut b).await;
+                if i == 1 {
+                    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+                } else {
+                    held.push(s);
+                }
+            }
+            held
+        });
+        let t = tokio_util::sync::CancellationToken::new();
+        let t0 = std::time::Instant::now();
+        let body = get_retrying_hedged(addr, "/torrents/x.torrent", Duration::from_secs(20), RETRY_FOR, &t).await.unwrap();
+        assert_eq!(body, b"ok");
+        let took = t0.elapsed();
+        assert!(took >= HEDGE_AFTER && took < HEDGE_AFTER + Duration::from_secs(2), "answered after {took:?}");
+        // The plain GET has no second connection: the held one runs into its limit.
+        let e = get(addr, "/y", Duration::from_secs(1)).await.unwrap_err();
+        assert!(matches!(e.failure, crate::net::http_client::Failure::Timeout(_)), "{e}");
+        drop(server.await.unwrap());
+    }
 
     /// A server that cuts the first two connections and answers the third: the GET gets the
     /// body; a 404 is final at once; nothing listening gives up when the wait is spent.

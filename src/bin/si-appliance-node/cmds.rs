@@ -95,12 +95,7 @@ fn update_remote(a: si_appliance::cli::UpdateArgs, excludes: si_appliance::updat
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     rt.block_on(async {
-        let token = tokio_util::sync::CancellationToken::new();
-        let t = token.clone();
-        tokio::spawn(async move {
-            si_appliance::app::shutdown_signal().await;
-            t.cancel();
-        });
+        let token = cancel_on_signal();
         if a.watch {
             client::watch(&opts, &creds, a.poll, &token).await?;
             return Ok(());
@@ -156,12 +151,7 @@ pub(crate) fn fetch(a: si_appliance::cli::FetchArgs) -> anyhow::Result<()> {
     // machine in the benchmark (measured: less CPU per client than the multi-thread runtime).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     let report = rt.block_on(async {
-        let token = tokio_util::sync::CancellationToken::new();
-        let t = token.clone();
-        tokio::spawn(async move {
-            si_appliance::app::shutdown_signal().await;
-            t.cancel();
-        });
+        let token = cancel_on_signal();
         fetch::run(&opts, &token).await
     })?;
     // One machine-readable summary line on stdout (the tests and the benchmark read it).
@@ -202,12 +192,7 @@ pub(crate) fn install(a: si_appliance::cli::InstallArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let outcome = rt.block_on(async {
-        let token = tokio_util::sync::CancellationToken::new();
-        let t = token.clone();
-        tokio::spawn(async move {
-            si_appliance::app::shutdown_signal().await;
-            t.cancel();
-        });
+        let token = cancel_on_signal();
         install::run(&opts, &token).await
     });
     let o = match outcome {
@@ -242,12 +227,7 @@ pub(crate) fn boot_peer(a: si_appliance::cli::BootPeerArgs) -> anyhow::Result<()
     let o = PeerOptions { server: a.server, mac: a.mac.parse().context("--mac")?, token: a.token, dir: a.dir };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async {
-        let token = tokio_util::sync::CancellationToken::new();
-        let t = token.clone();
-        tokio::spawn(async move {
-            si_appliance::app::shutdown_signal().await;
-            t.cancel();
-        });
+        let token = cancel_on_signal();
         bootpeer::run(&o, token, |p| {
             // One machine-readable line on stdout (the tests read it).
             println!("boot-peer-ready port={} kernel_from={} initrd_from={}", p.port, p.origins[0], p.origins[1]);
@@ -255,6 +235,17 @@ pub(crate) fn boot_peer(a: si_appliance::cli::BootPeerArgs) -> anyhow::Result<()
         .await
     })?;
     Ok(())
+}
+
+/// A token cancelled on SIGINT or SIGTERM (call it inside the runtime: it spawns the watcher).
+fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        si_appliance::app::shutdown_signal().await;
+        t.cancel();
+    });
+    token
 }
 
 /// Peak resident set size of this process (VmHWM), KiB.

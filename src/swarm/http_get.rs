@@ -42,7 +42,7 @@ pub fn transient(e: &GetError) -> bool {
 /// The last [`GetError`] (a final one at once; a transient one once `wait` is spent or `token`
 /// is cancelled).
 pub async fn get_retrying(addr: SocketAddr, path: &str, attempt: Duration, wait: Duration, token: &tokio_util::sync::CancellationToken) -> Result<Vec<u8>, GetError> {
-    retrying(addr, path, attempt, wait, None, token).await
+    retrying(addr, path, attempt, wait, false, token).await
 }
 
 /// When a small answer is late, another connection is opened beside the first: after this
@@ -62,17 +62,14 @@ pub const HEDGES: usize = 3;
 /// # Errors
 /// As [`get_retrying`].
 pub async fn get_retrying_hedged(addr: SocketAddr, path: &str, attempt: Duration, wait: Duration, token: &tokio_util::sync::CancellationToken) -> Result<Vec<u8>, GetError> {
-    retrying(addr, path, attempt, wait, Some(HEDGE_AFTER), token).await
+    retrying(addr, path, attempt, wait, true, token).await
 }
 
-async fn retrying(addr: SocketAddr, path: &str, attempt: Duration, wait: Duration, hedge: Option<Duration>, token: &tokio_util::sync::CancellationToken) -> Result<Vec<u8>, GetError> {
+async fn retrying(addr: SocketAddr, path: &str, attempt: Duration, wait: Duration, hedge: bool, token: &tokio_util::sync::CancellationToken) -> Result<Vec<u8>, GetError> {
     let t0 = tokio::time::Instant::now();
     let mut pause = Duration::from_secs(1);
     loop {
-        let tried = match hedge {
-            Some(h) => hedged(addr, path, attempt, h).await,
-            None => get(addr, path, attempt).await,
-        };
+        let tried = if hedge { hedged(addr, path, attempt).await } else { get(addr, path, attempt).await };
         let e = match tried {
             Ok(b) => return Ok(b),
             Err(e) => e,
@@ -90,13 +87,13 @@ async fn retrying(addr: SocketAddr, path: &str, attempt: Duration, wait: Duratio
     }
 }
 
-/// One attempt on up to [`HEDGES`] connections started `first`, then `2 × first`, … apart: the
+/// One attempt on up to [`HEDGES`] connections started [`HEDGE_AFTER`], then twice that, … apart: the
 /// first answer wins; a final error ends it at once; when every started connection failed
 /// transiently, the last error (the caller backs off). The others are aborted when it returns.
-async fn hedged(addr: SocketAddr, path: &str, limit: Duration, first: Duration) -> Result<Vec<u8>, GetError> {
+async fn hedged(addr: SocketAddr, path: &str, limit: Duration) -> Result<Vec<u8>, GetError> {
     let mut set = tokio::task::JoinSet::new();
     let mut started = 0;
-    let mut gap = first;
+    let mut gap = HEDGE_AFTER;
     let mut next = tokio::time::Instant::now();
     loop {
         if started < HEDGES && tokio::time::Instant::now() >= next {

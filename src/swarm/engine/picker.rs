@@ -8,6 +8,9 @@
 //! 3. A new piece, rarest first among the pieces the peer has (availability = connected peers
 //!    holding it), ties broken by a random starting point, so nodes that start together
 //!    (flash crowd) ask the seed for different pieces and have something to trade at once.
+//!    From the appliance's seed: our share first (see [`Picker::set_own_order`]), then as a
+//!    helper the pieces still only on the seed that their owners are not about to fetch
+//!    (`helper_pieces`).
 //! 4. Endgame: when no piece is missing any more (all in progress), blocks already asked of
 //!    another peer, at most [`ENDGAME_DUPES`] askers per block; the first copy wins and the
 //!    others are cancelled. Never of the appliance's seed: at N = 128 every node's endgame
@@ -269,10 +272,11 @@ impl Picker {
 
     /// Our own place in that order. With it, a seed (a peer with every piece) is asked first
     /// for our share of the pieces: those whose index is our rank modulo the number of
-    /// downloading peers we know (ordered peers without every piece, and us). Nodes starting
-    /// together then fetch disjoint pieces from the seed instead of colliding on the same
-    /// rare pieces (a piece in flight is invisible until its HAVE), so the seed's upload
-    /// carries new data; once our share is done, any rarest piece.
+    /// downloading peers we know (connected or named by the tracker, without every piece, and
+    /// us), in the order [`share_walk`] gives. Nodes starting together then fetch disjoint
+    /// pieces from the seed instead of colliding on the same rare pieces (a piece in flight is
+    /// invisible until its HAVE), so the seed's upload carries new data; once our share is
+    /// done, the pieces of other shares their owners are not about to fetch.
     pub fn set_own_order(&mut self, order: u32) {
         self.own_order = Some(order);
     }

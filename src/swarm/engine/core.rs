@@ -170,7 +170,7 @@ impl Core {
         if let Some(ip) = cfg.own {
             picker.set_own_order(u32::from(ip));
         }
-        let mut core = Core {
+        Core {
             picker,
             peers: HashMap::new(),
             known: cfg.peers.into_iter().map(|a| (a, Known::default())).collect(),
@@ -186,9 +186,7 @@ impl Core {
             rng,
             next_key: 1,
             hash_failures: 0,
-        };
-        core.name_peers();
-        core
+        }
     }
 
     /// The picker (read-only: counters, what we have).
@@ -292,10 +290,7 @@ impl Core {
         }
         out.push(Action::Send(key, Msg::Unchoke));
         if let Some(k) = known.and_then(|a| self.known.get_mut(&a)) {
-            if k.fails > 0 {
-                k.fails = 0;
-                self.name_peers();
-            }
+            k.fails = 0;
         }
         Ok(key)
     }
@@ -477,7 +472,6 @@ impl Core {
             k.is_self |= is_self;
             k.next_try = Some(now + backoff(k.fails));
         }
-        self.name_peers();
     }
 
     /// Peers a tracker named; ours (`own`) is skipped. Returns how many are new.
@@ -492,22 +486,7 @@ impl Core {
                 added += 1;
             }
         }
-        if added > 0 {
-            self.name_peers();
-        }
         added
-    }
-
-    /// Tells the picker which downloading peers the shares count before their connections
-    /// are up: the known addresses that are not ours, not the appliance's seed, and did not
-    /// fail their last dial.
-    fn name_peers(&mut self) {
-        let trusted = &self.trusted;
-        let named = self.known.iter().filter(|(a, k)| k.fails == 0 && !k.is_self && !trusted.contains(&a.ip()));
-        self.picker.set_named(named.filter_map(|(a, _)| match a.ip() {
-            IpAddr::V4(v4) => Some(u32::from(v4)),
-            IpAddr::V6(_) => None,
-        }));
     }
 
     /// Every 250 ms or so: gives up requests that waited too long (asked of others), and picks

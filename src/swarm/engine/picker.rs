@@ -138,8 +138,6 @@ pub struct Picker {
     peers: HashMap<PeerKey, PeerView>,
     window: Option<(u32, u32)>,
     own_order: Option<u32>,
-    /// Places of the peers the tracker named (see [`Picker::set_named`]), sorted.
-    named: Vec<u32>,
     /// Since when the seed has been left idle for the owners' next pieces (see
     /// [`Picker::holding`]).
     held_since: Option<Instant>,
@@ -162,7 +160,6 @@ impl Picker {
             peers: HashMap::new(),
             window: None,
             own_order: None,
-            named: Vec::new(),
             held_since: None,
             suspect: vec![false; have.len()],
         }
@@ -272,7 +269,7 @@ impl Picker {
 
     /// Our own place in that order. With it, a seed (a peer with every piece) is asked first
     /// for our share of the pieces: those whose index is our rank modulo the number of
-    /// downloading peers we know (connected or named by the tracker, without every piece, and
+    /// downloading peers we are connected to (without every piece when they joined, and
     /// us), in the order [`share_walk`] gives. Nodes starting together then fetch disjoint
     /// pieces from the seed instead of colliding on the same rare pieces (a piece in flight is
     /// invisible until its HAVE), so the seed's upload carries new data; once our share is
@@ -281,20 +278,10 @@ impl Picker {
         self.own_order = Some(order);
     }
 
-    /// The places of the downloading peers the tracker named, connected or not yet. They
-    /// count in the shares from the first request on: counted only once connected, the first
-    /// requests to the seed (its connection comes up first) were shared among the few peers
-    /// connected so far, and the shares moved as the others came up, so nodes fetched pieces
-    /// of one another's shares from the seed.
-    pub fn set_named(&mut self, orders: impl IntoIterator<Item = u32>) {
-        self.named = orders.into_iter().collect();
-        self.named.sort_unstable();
-        self.named.dedup();
-    }
-
     /// (our rank, downloading peers including us) when shares apply: the connected peers that
-    /// did not join complete, and the named ones not connected. Peers that finish stay in the
-    /// count (the shares do not move under the nodes still fetching theirs).
+    /// did not join complete. Peers that finish stay in the count (the shares do not move under
+    /// the nodes still fetching theirs). Not the peers a tracker named but we are not
+    /// connected to: a banned or unreachable one would hold a share nobody fetches.
     fn share(&self) -> Option<(usize, usize)> {
         self.share_orders().map(|(rank, all)| (rank, all.len()))
     }
@@ -303,18 +290,7 @@ impl Picker {
     /// included, sorted: the owner of piece `i` is the one at `i % len`.
     fn share_orders(&self) -> Option<(usize, Vec<u32>)> {
         let me = self.own_order?;
-        let mut complete = Vec::new();
-        let mut all: Vec<u32> = Vec::with_capacity(self.named.len() + self.peers.len());
-        for p in self.peers.values() {
-            if let Some(o) = p.order {
-                if p.joined_complete {
-                    complete.push(o);
-                } else {
-                    all.push(o);
-                }
-            }
-        }
-        all.extend(self.named.iter().filter(|o| !complete.contains(o)));
+        let mut all: Vec<u32> = self.peers.values().filter(|p| !p.joined_complete).filter_map(|p| p.order).collect();
         all.retain(|o| *o != me);
         all.sort_unstable();
         all.dedup();

@@ -306,20 +306,22 @@ impl Picker {
     /// would both be sent the piece by the seed (measured at N = 32: 0.2 copies of the seed's
     /// upload, all in the last third of the run). The others go farthest from their owner's
     /// position first. Owners we are not connected to (their position is unknown, or they
-    /// are gone) and slow owners count as not started: their pieces come first.
-    fn helper_pieces(&self, k: PeerKey, hold: bool) -> Vec<u32> {
-        let Some((me, all)) = self.share_orders() else { return Vec::new() };
+    /// are gone) and slow owners count as not started: their pieces come first. Also whether
+    /// `hold` kept any piece back.
+    fn helper_pieces(&self, k: PeerKey, hold: bool) -> (Vec<u32>, bool) {
+        let Some((me, all)) = self.share_orders() else { return (Vec::new(), false) };
         let m = all.len();
         let peer_has = |i: usize| self.peers.get(&k).is_some_and(|p| p.has.get(i).copied().unwrap_or(false));
         // A slow owner (fewer than half the pieces we have: a slower link) keeps nothing: the
         // others would wait on it for the pieces it is fetching.
-        let keeps = |p: &PeerView| p.order.is_some() && !p.joined_complete && 2 * p.count >= self.have_count;
+        let keeps = |p: &PeerView| !p.joined_complete && 2 * p.count >= self.have_count;
         let owners: Vec<Option<&PeerView>> = all
             .iter()
             .enumerate()
             .map(|(r, o)| if r == me { None } else { self.peers.values().find(|p| p.order == Some(*o) && keeps(p)) })
             .collect();
         let mut cand: Vec<(usize, u32)> = Vec::new();
+        let mut held = false;
         for (o, owner) in owners.iter().enumerate() {
             if o == me {
                 continue;
@@ -333,14 +335,18 @@ impl Picker {
                 }
                 let at = if owner.is_some() { place } else { usize::MAX };
                 place += 1;
-                // Its next two pieces are the owner's.
-                if (at >= 2 || !hold) && matches!(s, Ps::Missing) && peer_has(i) && self.may_start(k, i) {
-                    cand.push((at, i as u32));
+                if matches!(s, Ps::Missing) && peer_has(i) && self.may_start(k, i) {
+                    // Its next two pieces are the owner's.
+                    if at >= 2 || !hold {
+                        cand.push((at, i as u32));
+                    } else {
+                        held = true;
+                    }
                 }
             }
         }
         cand.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        cand.into_iter().map(|(_, i)| i).collect()
+        (cand.into_iter().map(|(_, i)| i).collect(), held)
     }
 
     /// A connection ended: its pieces leave the availability counts and its asked blocks are
@@ -555,8 +561,7 @@ impl Picker {
                     // Only while every downloading peer can be connected (beyond that, views
                     // of the shares differ) and for at most HOLD.
                     let hold = m <= MAX_CONNS && self.held_since.is_none_or(|t| now.duration_since(t) < HOLD);
-                    let left = self.helper_pieces(k, hold);
-                    let seed_only = (0..n).any(|i| matches!(self.pieces[i], Ps::Missing) && self.avail[i] <= 1 && peer_has(i));
+                    let (left, held) = self.helper_pieces(k, hold);
                     // When fewer pieces are left than helpers, only the first helper placed on
                     // each piece takes it: a piece fetched by every helper at once would share
                     // the seed's upload many ways, and the swarm passes it on anyway.
@@ -567,12 +572,12 @@ impl Picker {
                         self.held_since = None;
                         continue;
                     }
-                    if len == 0 && seed_only {
+                    if len == 0 && held {
                         self.held_since.get_or_insert(now);
                     } else {
                         self.held_since = None;
                     }
-                    if len > 0 || seed_only {
+                    if len > 0 || held {
                         continue;
                     }
                 }
@@ -900,7 +905,7 @@ mod tests {
             p.choked(k, false);
         }
         // Each owner's next two pieces stay with it; the rest, farthest from its owner first.
-        let h: Vec<usize> = p.helper_pieces(1, true).into_iter().map(|i| i as usize).collect();
+        let h: Vec<usize> = p.helper_pieces(1, true).0.into_iter().map(|i| i as usize).collect();
         let mut want: Vec<usize> = w2[4..].iter().chain(&w3[2..]).copied().collect();
         let mut got = h.clone();
         want.sort();
@@ -917,7 +922,7 @@ mod tests {
         let mut slow = vec![false; n];
         slow[1] = true;
         p.bitfield(3, slow);
-        let h = p.helper_pieces(1, true);
+        let h = p.helper_pieces(1, true).0;
         assert!(w3.iter().filter(|i| matches!(p.pieces[**i], Ps::Missing)).all(|i| h.contains(&(*i as u32))), "{h:?}");
         assert!(w3.contains(&(h[0] as usize)));
     }

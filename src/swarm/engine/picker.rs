@@ -305,39 +305,54 @@ impl Picker {
     /// on the seed (and may start the next): those two stay with it, or owner and helper
     /// would both be sent the piece by the seed (measured at N = 32: 0.2 copies of the seed's
     /// upload, all in the last third of the run). The others go farthest from their owner's
-    /// position first. Owners we are not connected to (their position is unknown, or they
-    /// are gone) and slow owners count as not started: their pieces come first. Also whether
-    /// `hold` kept any piece back.
+    /// position first. A slow owner keeps nothing and its pieces come first (still farthest
+    /// from its position first: it is fetching them too); owners we are not connected to
+    /// (their position unknown, or gone) count as not started. Also whether `hold` kept any
+    /// piece back.
     fn helper_pieces(&self, k: PeerKey, hold: bool) -> (Vec<u32>, bool) {
         let Some((me, all)) = self.share_orders() else { return (Vec::new(), false) };
         let m = all.len();
         let peer_has = |i: usize| self.peers.get(&k).is_some_and(|p| p.has.get(i).copied().unwrap_or(false));
-        // A slow owner (fewer than half the pieces we have: a slower link) keeps nothing: the
-        // others would wait on it for the pieces it is fetching.
-        let keeps = |p: &PeerView| !p.joined_complete && 2 * p.count >= self.have_count;
         let owners: Vec<Option<&PeerView>> = all
             .iter()
             .enumerate()
-            .map(|(r, o)| if r == me { None } else { self.peers.values().find(|p| p.order == Some(*o) && keeps(p)) })
+            .map(|(r, o)| if r == me { None } else { self.peers.values().find(|p| p.order == Some(*o) && !p.joined_complete) })
             .collect();
+        // A slow owner (fewer than half the pieces of the median owner: a slower link) keeps
+        // nothing: the others would wait on it for the pieces it is fetching. Owners are
+        // compared with each other, not with us: a peer does not announce the pieces we had
+        // before it got them (HAVEs to peers that have the piece are not sent), so the counts
+        // seen here fall short alike for every owner, and by more the further ahead we are
+        // (measured at N = 8: a helper ahead of the others took every owner for slow and
+        // fetched their pieces in index order, beside them: 0.16 copies of the seed's upload).
+        let mut counts: Vec<u32> = owners.iter().flatten().map(|p| p.count).collect();
+        counts.sort_unstable();
+        let median = counts.get(counts.len() / 2).copied().unwrap_or(0);
+        let keeps = |p: &PeerView| 2 * p.count >= median;
+        let n = self.pieces.len();
         let mut cand: Vec<(usize, u32)> = Vec::new();
         let mut held = false;
         for (o, owner) in owners.iter().enumerate() {
             if o == me {
                 continue;
             }
+            let keep = owner.is_some_and(|v| keeps(v));
             // Its pieces still only on the seed, in the order the owner fetches them.
             let mut place = 0;
-            for i in share_walk(o, m, self.pieces.len(), all[o]) {
+            for i in share_walk(o, m, n, all[o]) {
                 let s = &self.pieces[i];
                 if self.avail[i] > 1 || matches!(s, Ps::Have) || owner.is_some_and(|v| v.has.get(i).copied().unwrap_or(false)) {
                     continue;
                 }
-                let at = if owner.is_some() { place } else { usize::MAX };
+                let at = match owner {
+                    Some(_) if keep => place,
+                    Some(_) => n + place,
+                    None => usize::MAX,
+                };
                 place += 1;
                 if matches!(s, Ps::Missing) && peer_has(i) && self.may_start(k, i) {
                     // Its next two pieces are the owner's.
-                    if at >= 2 || !hold {
+                    if !keep || place > 2 || !hold {
                         cand.push((at, i as u32));
                     } else {
                         held = true;
@@ -914,8 +929,8 @@ mod tests {
         assert_eq!(&h[..2], &[w3[7], w3[6]], "owner 3's last two are the farthest");
         let asked: Vec<usize> = p.next_requests(1, 4, Instant::now(), &mut rng()).iter().map(|b| b.piece as usize).collect();
         assert!(asked.iter().all(|i| h.contains(i)), "{asked:?}");
-        // Owner 3 with one piece against our eight (a slow link): it keeps nothing, and its
-        // pieces come first.
+        // Owner 3 with one piece against owner 2's four (a slow link): it keeps nothing, and
+        // its pieces come first, the farthest from its position first.
         p.remove_peer(3);
         p.add_peer(3);
         p.set_order(3, 30);
@@ -925,6 +940,48 @@ mod tests {
         let h = p.helper_pieces(1, true).0;
         assert!(w3.iter().filter(|i| matches!(p.pieces[**i], Ps::Missing)).all(|i| h.contains(&(*i as u32))), "{h:?}");
         assert!(w3.contains(&(h[0] as usize)));
+        assert_eq!(h[0] as usize, w3[7]);
+    }
+
+    #[test]
+    fn a_helper_ahead_of_the_owners_still_leaves_them_their_next_pieces() {
+        let n = 24;
+        let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
+        p.set_own_order(20);
+        let (w2, w3): (Vec<usize>, Vec<usize>) = (share_walk(0, 3, n, 10).collect(), share_walk(2, 3, n, 30).collect());
+        // Our share, and the first three pieces of each other share: twelve more than either
+        // owner told us of (they got those after us, so they sent us no HAVE for them).
+        let mut mine: Vec<usize> = (1..n).step_by(3).collect();
+        mine.extend(&w2[..3]);
+        mine.extend(&w3[..3]);
+        for i in mine {
+            p.pieces[i] = Ps::Have;
+            p.have_count += 1;
+            p.missing -= 1;
+        }
+        let mut two = vec![false; n];
+        two[w2[3]] = true;
+        let mut three = vec![false; n];
+        three[w3[3]] = true;
+        for (k, order, bits) in [(1, 1, all(n)), (2, 10, two), (3, 30, three)] {
+            p.add_peer(k);
+            p.set_order(k, order);
+            p.bitfield(k, bits);
+            p.choked(k, false);
+        }
+        // One announced piece each against our fourteen: alike, so neither is slow; each
+        // keeps its next two and the helper starts from the far end of each walk.
+        let (h, held) = p.helper_pieces(1, true);
+        let h: Vec<usize> = h.into_iter().map(|i| i as usize).collect();
+        assert!(held);
+        for i in [w2[4], w2[5], w3[4], w3[5]] {
+            assert!(!h.contains(&i), "{i} is its owner's next: {h:?}");
+        }
+        let mut first = h[..2].to_vec();
+        first.sort();
+        let mut last = vec![w2[7], w3[7]];
+        last.sort();
+        assert_eq!(first, last, "{h:?}");
     }
 
     #[test]

@@ -328,7 +328,6 @@ impl Picker {
         let mut counts: Vec<u32> = owners.iter().flatten().map(|p| p.count).collect();
         counts.sort_unstable();
         let median = counts.get(counts.len() / 2).copied().unwrap_or(0);
-        let keeps = |p: &PeerView| 2 * p.count >= median;
         let n = self.pieces.len();
         let mut cand: Vec<(usize, u32)> = Vec::new();
         let mut held = false;
@@ -336,7 +335,7 @@ impl Picker {
             if o == me {
                 continue;
             }
-            let keep = owner.is_some_and(|v| keeps(v));
+            let keep = owner.is_some_and(|v| 2 * v.count >= median);
             // Its pieces still only on the seed, in the order the owner fetches them.
             let mut place = 0;
             for i in share_walk(o, m, n, all[o]) {
@@ -949,8 +948,8 @@ mod tests {
         let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
         p.set_own_order(20);
         let (w2, w3): (Vec<usize>, Vec<usize>) = (share_walk(0, 3, n, 10).collect(), share_walk(2, 3, n, 30).collect());
-        // Our share, and the first three pieces of each other share: twelve more than either
-        // owner told us of (they got those after us, so they sent us no HAVE for them).
+        // Our share, and the first three pieces of each other share (each owner got those after
+        // us, so it sent us no HAVE for them).
         let mut mine: Vec<usize> = (1..n).step_by(3).collect();
         mine.extend(&w2[..3]);
         mine.extend(&w3[..3]);

@@ -307,10 +307,18 @@ impl Picker {
     /// upload, all in the last third of the run). The others go farthest from their owner's
     /// position first. A slow owner keeps nothing and its pieces come first (still farthest
     /// from its position first: it is fetching them too); owners we are not connected to
-    /// (their position unknown, or gone) count as not started. Also whether `hold` kept any
-    /// piece back.
-    fn helper_pieces(&self, k: PeerKey, hold: bool) -> (Vec<u32>, bool) {
-        let Some((me, all)) = self.share_orders() else { return (Vec::new(), false) };
+    /// (their position unknown, or gone) count as not started.
+    ///
+    /// Helpers, each sorting alike, would all pick the same farthest piece and the seed would
+    /// send it to each (the HAVE comes only when the piece is done: measured at N = 8, most of
+    /// the seed's late second copies were two helpers on one piece). So each share's walk is
+    /// dealt out from its far end to the helpers by their distance from its owner in the ring
+    /// of shares: piece `q` of a walk of `len` is ours when `(len - 1 - q) % (m - 1)` is our
+    /// distance less one. Our pieces sort `m - 1` places ahead of their own (ahead of the
+    /// farthest piece of the same share, never of a farther share). Returns the list, the
+    /// first of ours in it, and whether `hold` kept any piece back.
+    fn helper_pieces(&self, k: PeerKey, hold: bool) -> (Vec<u32>, Option<u32>, bool) {
+        let Some((me, all)) = self.share_orders() else { return (Vec::new(), None, false) };
         let m = all.len();
         let peer_has = |i: usize| self.peers.get(&k).is_some_and(|p| p.has.get(i).copied().unwrap_or(false));
         let owners: Vec<Option<&PeerView>> = all
@@ -329,38 +337,43 @@ impl Picker {
         counts.sort_unstable();
         let median = counts.get(counts.len() / 2).copied().unwrap_or(0);
         let n = self.pieces.len();
-        let mut cand: Vec<(usize, u32)> = Vec::new();
+        let mut cand: Vec<((u8, usize), bool, u32)> = Vec::new();
         let mut held = false;
         for (o, owner) in owners.iter().enumerate() {
             if o == me {
                 continue;
             }
             let keep = owner.is_some_and(|v| 2 * v.count >= median);
+            let class = match owner {
+                Some(_) if keep => 0,
+                Some(_) => 1,
+                None => 2,
+            };
+            let ours = (o + m - me) % m - 1;
             // Its pieces still only on the seed, in the order the owner fetches them.
+            let walk: Vec<usize> = share_walk(o, m, n, all[o]).collect();
             let mut place = 0;
-            for i in share_walk(o, m, n, all[o]) {
+            for (q, &i) in walk.iter().enumerate() {
                 let s = &self.pieces[i];
                 if self.avail[i] > 1 || matches!(s, Ps::Have) || owner.is_some_and(|v| v.has.get(i).copied().unwrap_or(false)) {
                     continue;
                 }
-                let at = match owner {
-                    Some(_) if keep => place,
-                    Some(_) => n + place,
-                    None => usize::MAX,
-                };
                 place += 1;
                 if matches!(s, Ps::Missing) && peer_has(i) && self.may_start(k, i) {
                     // Its next two pieces are the owner's.
                     if !keep || place > 2 || !hold {
-                        cand.push((at, i as u32));
+                        let mine = (walk.len() - 1 - q) % (m - 1) == ours;
+                        let at = if class == 2 { 0 } else { place + if mine { m - 1 } else { 0 } };
+                        cand.push(((class, at + usize::from(class == 2 && mine)), mine, i as u32));
                     } else {
                         held = true;
                     }
                 }
             }
         }
-        cand.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        (cand.into_iter().map(|(_, i)| i).collect(), held)
+        cand.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));
+        let first = cand.iter().find(|c| c.1).map(|c| c.2);
+        (cand.into_iter().map(|(_, _, i)| i).collect(), first, held)
     }
 
     /// A connection ended: its pieces leave the availability counts and its asked blocks are
@@ -568,17 +581,23 @@ impl Picker {
                 continue;
             }
             // After our share, from a seed: the pieces still only on the seed (their node is
-            // slow or starved), each helper at its own place in that list (rank / peers), so
-            // helpers spread out instead of all fetching the same last pieces.
+            // slow or starved), first those dealt to us, so helpers spread out instead of all
+            // fetching the same last pieces.
             if !only_share {
                 if let Some((r, m)) = share {
                     // Only while every downloading peer can be connected (beyond that, views
                     // of the shares differ) and for at most HOLD.
                     let hold = m <= MAX_CONNS && self.held_since.is_none_or(|t| now.duration_since(t) < HOLD);
-                    let (left, held) = self.helper_pieces(k, hold);
-                    // When fewer pieces are left than helpers, only the first helper placed on
-                    // each piece takes it: a piece fetched by every helper at once would share
-                    // the seed's upload many ways, and the swarm passes it on anyway.
+                    let (left, ours, held) = self.helper_pieces(k, hold);
+                    if let Some(i) = ours {
+                        chosen = Some(i);
+                        self.held_since = None;
+                        continue;
+                    }
+                    // None dealt to us: each helper at its own place in the list. When fewer
+                    // pieces are left than helpers, only the first helper placed on each piece
+                    // takes it: a piece fetched by every helper at once would share the seed's
+                    // upload many ways, and the swarm passes it on anyway.
                     let len = left.len();
                     let pos = r * len / m;
                     if len > 0 && r == (pos * m).div_ceil(len) {
@@ -925,11 +944,15 @@ mod tests {
         want.sort();
         got.sort();
         assert_eq!(got, want, "not {:?} nor {:?}", &w2[2..4], &w3[..2]);
-        assert_eq!(&h[..2], &[w3[7], w3[6]], "owner 3's last two are the farthest");
+        // Owner 3's last piece is the farthest; its next but one is dealt to the helper two
+        // places from owner 3 in the ring (rank 0), so ours is the one after.
+        assert_eq!(&h[..2], &[w3[7], w3[5]]);
         let asked: Vec<usize> = p.next_requests(1, 4, Instant::now(), &mut rng()).iter().map(|b| b.piece as usize).collect();
         assert!(asked.iter().all(|i| h.contains(i)), "{asked:?}");
+        assert_eq!(asked[0], w3[7]);
         // Owner 3 with one piece against owner 2's four (a slow link): it keeps nothing, and
-        // its pieces come first, the farthest from its position first.
+        // its pieces come first, the farthest from its position first (w3[7] is asked, w3[6]
+        // dealt to the other helper).
         p.remove_peer(3);
         p.add_peer(3);
         p.set_order(3, 30);
@@ -938,8 +961,7 @@ mod tests {
         p.bitfield(3, slow);
         let h = p.helper_pieces(1, true).0;
         assert!(w3.iter().filter(|i| matches!(p.pieces[**i], Ps::Missing)).all(|i| h.contains(&(*i as u32))), "{h:?}");
-        assert!(w3.contains(&(h[0] as usize)));
-        assert_eq!(h[0] as usize, w3[7]);
+        assert_eq!(h[0] as usize, w3[5]);
     }
 
     #[test]
@@ -970,17 +992,55 @@ mod tests {
         }
         // One announced piece each against our fourteen: alike, so neither is slow; each
         // keeps its next two and the helper starts from the far end of each walk.
-        let (h, held) = p.helper_pieces(1, true);
+        let (h, _, held) = p.helper_pieces(1, true);
         let h: Vec<usize> = h.into_iter().map(|i| i as usize).collect();
         assert!(held);
         for i in [w2[4], w2[5], w3[4], w3[5]] {
             assert!(!h.contains(&i), "{i} is its owner's next: {h:?}");
         }
-        let mut first = h[..2].to_vec();
-        first.sort();
-        let mut last = vec![w2[7], w3[7]];
-        last.sort();
-        assert_eq!(first, last, "{h:?}");
+        // From the far end of each walk, the pieces dealt to us: owner 3's last, owner 2's
+        // last but one (its last is dealt to rank 2, owner 3 itself).
+        assert_eq!(&h[..2], &[w3[7], w2[6]], "{h:?}");
+    }
+
+    #[test]
+    fn helpers_take_different_pieces_from_the_far_end_of_the_shares() {
+        let n = 64;
+        let orders = [10, 20, 30, 40];
+        let walks: Vec<Vec<usize>> = (0..4).map(|r| share_walk(r, 4, n, orders[r]).collect()).collect();
+        // Ranks 1 and 3 are done with their shares; owners 0 and 2 have not started. Each
+        // helper sees the same: the seed, both owners, the other helper with its share.
+        let helper = |me: usize| {
+            let other = 4 - me;
+            let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
+            p.set_own_order(orders[me]);
+            for i in (me..n).step_by(4) {
+                p.pieces[i] = Ps::Have;
+                p.have_count += 1;
+                p.missing -= 1;
+            }
+            let theirs: Vec<bool> = (0..n).map(|i| i % 4 == other).collect();
+            let none = vec![false; n];
+            for (k, order, bits) in [(1, 1, all(n)), (2, orders[0], none.clone()), (3, orders[2], none), (4, orders[other], theirs)] {
+                p.add_peer(k);
+                p.set_order(k, order);
+                p.bitfield(k, bits);
+                p.choked(k, false);
+            }
+            let r = p.next_requests(1, 4 * 4, Instant::now(), &mut rng());
+            let mut got: Vec<usize> = r.iter().map(|b| b.piece as usize).collect();
+            got.dedup();
+            got
+        };
+        let (a, b) = (helper(1), helper(3));
+        assert_eq!((a.len(), b.len()), (4, 4), "{a:?} {b:?}");
+        assert!(a.iter().all(|i| !b.contains(i)), "both helpers fetch {a:?} ∩ {b:?}");
+        // Each from the far ends: the last 8 of each 16-piece walk.
+        for i in a.iter().chain(&b) {
+            let w = &walks[i % 4];
+            let q = w.iter().position(|x| x == i).unwrap();
+            assert!(q >= 8, "piece {i} is {q} of its walk");
+        }
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub struct Service {
     limited: Episode,
     /// Offers waiting for their ARP check (`dhcp.arp_probe`).
     probes: tokio::task::JoinSet<Probed>,
+    /// The clients those offers are for, and since when: a DISCOVER again meanwhile (a client
+    /// retransmits within a few hundred ms) is answered by the checked offer, not by a second
+    /// one sent at once (its lease now names the address, so it would not be checked again).
+    probing: std::collections::HashMap<MacAddr, Instant>,
 }
 
 impl Service {
@@ -160,6 +164,7 @@ impl Service {
             exhausted: Episode::default(),
             limited: Episode::default(),
             probes: tokio::task::JoinSet::new(),
+            probing: std::collections::HashMap::new(),
         }
     }
 
@@ -402,6 +407,12 @@ impl Service {
                 self.apply(change);
             }
             Decision::Reply { msg, to, change, note } => {
+                // The check's task reports back; should it not (a panic), the entry lapses.
+                let lapse = self.policy.arp_probe + Duration::from_secs(1);
+                if matches!(change, Some(Change::Offer { .. })) && self.probing.get(&mac).is_some_and(|t| t.elapsed() < lapse) {
+                    debug!(%mac, xid, "DISCOVER again while its offer waits for the ARP check: that offer answers it");
+                    return;
+                }
                 if let Some(why) = note {
                     if self.noted.len() < 65536 && self.noted.insert(mac) {
                         warn!(%mac, arch = ?req.arch_code, "no boot file for this client: {why}");
@@ -426,6 +437,10 @@ impl Service {
                         match probe {
                             Some(ip) if self.probes.len() < MAX_PROBES => {
                                 let (iface, wait) = (self.iface.clone(), self.policy.arp_probe);
+                                if self.probing.len() >= 2 * MAX_PROBES {
+                                    self.probing.retain(|_, t| t.elapsed() < wait + Duration::from_secs(1));
+                                }
+                                self.probing.insert(mac, Instant::now());
                                 self.probes.spawn(async move {
                                     let answered = arp::probe(&iface, ip, wait).await;
                                     Probed { out: o, mac, ip, answered }
@@ -447,6 +462,7 @@ impl Service {
     /// An offer's ARP check is done: send it, or, when another host answers for the address,
     /// put the address on probation (the client asks again and gets another one).
     fn probed(&mut self, p: Probed, now: u64, out: &mut Vec<Outgoing>) {
+        self.probing.remove(&p.mac);
         match p.answered {
             Ok(Some(owner)) if owner != p.mac => {
                 warn!(ip = %p.ip, %owner, client = %p.mac, "address in use on the segment (answers ARP), not offered; on probation");
@@ -660,6 +676,40 @@ mod tests {
         assert!(offer([2, 0, 0, 0, 0, 0xb]).await.is_some(), "still serving after a malformed datagram");
         stop.cancel();
         run.await.expect("joins").expect("stops cleanly");
+    }
+
+    /// udhcpc sent its DISCOVER again 170 ms after the first, while the first's offer waited
+    /// for its ARP check: the second got the same address offered at once, unchecked (its
+    /// lease already named it), and the client bound an address another host held.
+    #[test]
+    fn a_discover_again_during_the_arp_check_waits_for_the_checked_offer() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("runtime");
+        rt.block_on(async {
+            let cfg = Config::from_toml(
+                "enroll = \"any\"\n[http]\nport = 8080\n[dhcp]\nprobe = false\nanswer = \"all\"\nknown_reserve_percent = 0\n\
+                 arp_probe = \"300ms\"\n[[dhcp.pool]]\nsubnet = \"10.66.0.0/29\"\n",
+                std::path::Path::new("test"),
+            )
+            .expect("config");
+            let iface = Iface { name: "lo".into(), index: 1, mac: None, ip: SERVER, net: "10.66.0.0/24".parse().unwrap() };
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (journal, leases, _) = Journal::open(dir.path(), unix_now()).expect("journal");
+            let sock = UdpSocket::bind("127.0.0.1:0").await.expect("socket");
+            let mut service = Service::new(Policy::new(&cfg, &iface), leases, Some(journal), "lo".into(), sock, None);
+            let discover = request(MessageType::Discover, [2, 0x66, 0, 0, 0xa, 1], vec![]);
+            let src = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68));
+            let mut out = Vec::new();
+            service.handle(&discover, src, false, unix_now(), &mut out);
+            assert!(out.is_empty(), "the offer waits for its ARP check");
+            assert_eq!(service.probes.len(), 1);
+            service.handle(&discover, src, false, unix_now(), &mut out);
+            assert!(out.is_empty(), "the retransmission got an unchecked offer");
+            assert_eq!(service.probes.len(), 1, "one check per client");
+            // Once the check is done (the pending entry gone), a DISCOVER is answered as before.
+            service.probing.clear();
+            service.handle(&discover, src, false, unix_now(), &mut out);
+            assert_eq!(out.len(), 1, "a DISCOVER after the check is answered");
+        });
     }
 
     #[test]

@@ -314,9 +314,9 @@ impl Picker {
     /// the seed's late second copies were two helpers on one piece). So each share's walk is
     /// dealt out from its far end to the helpers by their distance from its owner in the ring
     /// of shares: piece `q` of a walk of `len` is ours when `(len - 1 - q) % (m - 1)` is our
-    /// distance less one. Our pieces sort `m - 1` places ahead of their own (ahead of the
-    /// farthest piece of the same share, never of a farther share). Returns the list, the
-    /// first of ours in it, and whether `hold` kept any piece back.
+    /// distance less one. Our pieces sort `m - 1` places ahead of their own place (so ahead of
+    /// the farthest piece of their share). Returns the list, the first of ours in it, and
+    /// whether `hold` kept any piece back.
     fn helper_pieces(&self, k: PeerKey, hold: bool) -> (Vec<u32>, Option<u32>, bool) {
         let Some((me, all)) = self.share_orders() else { return (Vec::new(), None, false) };
         let m = all.len();

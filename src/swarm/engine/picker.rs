@@ -42,7 +42,7 @@ use super::wire::{BLOCK, MAX_REQUEST};
 /// fetches next; the point differs per owner, so nodes that start while they know only a few
 /// peers (and count few shares) do not all begin with the lowest indices, which are the
 /// first pieces of the shares counted later.
-fn share_walk(r: usize, m: usize, n: usize, order: u32) -> impl Iterator<Item = usize> {
+fn share_walk(r: usize, m: usize, n: usize, order: u32) -> impl ExactSizeIterator<Item = usize> {
     let len = if r < n { (n - r).div_ceil(m) } else { 0 };
     let from = (order.wrapping_mul(0x9E37_79B1) >> 8) as usize % len.max(1);
     (0..len).map(move |q| r + ((from + q) % len) * m)
@@ -351,9 +351,10 @@ impl Picker {
             };
             let ours = (o + m - me) % m - 1;
             // Its pieces still only on the seed, in the order the owner fetches them.
-            let walk: Vec<usize> = share_walk(o, m, n, all[o]).collect();
+            let walk = share_walk(o, m, n, all[o]);
+            let len = walk.len();
             let mut place = 0;
-            for (q, &i) in walk.iter().enumerate() {
+            for (q, i) in walk.enumerate() {
                 let s = &self.pieces[i];
                 if self.avail[i] > 1 || matches!(s, Ps::Have) || owner.is_some_and(|v| v.has.get(i).copied().unwrap_or(false)) {
                     continue;
@@ -362,9 +363,14 @@ impl Picker {
                 if matches!(s, Ps::Missing) && peer_has(i) && self.may_start(k, i) {
                     // Its next two pieces are the owner's.
                     if !keep || place > 2 || !hold {
-                        let mine = (walk.len() - 1 - q) % (m - 1) == ours;
-                        let at = if class == 2 { 0 } else { place + if mine { m - 1 } else { 0 } };
-                        cand.push(((class, at + usize::from(class == 2 && mine)), mine, i as u32));
+                        let mine = (len - 1 - q) % (m - 1) == ours;
+                        // Unknown owners' pieces have no place: only ours go first.
+                        let at = match (class, mine) {
+                            (2, _) => usize::from(mine),
+                            (_, true) => place + m - 1,
+                            (_, false) => place,
+                        };
+                        cand.push(((class, at), mine, i as u32));
                     } else {
                         held = true;
                     }

@@ -43,7 +43,7 @@ impl Knobs {
 
 fn knobs() -> Knobs {
     let mut kv = BTreeMap::new();
-    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "RAMP"] {
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.to_owned(), v);
         }
@@ -83,6 +83,7 @@ struct Case {
     piece_len: Option<u32>,
     /// The seed's upload slots (0: every connection at once, as librqbit).
     seed_slots: usize,
+    node_slots: usize,
 }
 
 fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
@@ -98,6 +99,7 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     p.start_delay = ph.start;
     p.agg = agg;
     p.seed_slots = c.seed_slots;
+    p.node_slots = c.node_slots;
     p.seed = seed;
     // Rate recomputation: finer than a block's time at full rate.
     p.quantum = (f64::from(16 * 1024 * agg) / c.goodput / 4.0).clamp(1e-5, 2e-3);
@@ -161,7 +163,7 @@ fn load_run(path: &str) -> Option<(Case, f64, String, (f64, f64))> {
     let run = v["runs"].as_array()?.iter().find(|r| r["method"].as_str().is_some_and(|m| m.starts_with("ours")))?;
     let makespan = run["makespan"].as_f64()?;
     let note = format!("busy {:.0} %{}, load {}", run["busy"].as_f64().unwrap_or(0.0) * 100.0, if run["saturated"].as_bool() == Some(true) { " SATURATED" } else { "" }, v["loadavg"].as_str().unwrap_or("?"));
-    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0 };
+    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0 };
     // The run's CPU: the cores the nodes got (their CPU seconds over the run's wall time) and
     // their CPU seconds per byte delivered; both measured, none fitted.
     let cpu = run["clients_cpu"].as_f64().unwrap_or(0.0);
@@ -208,7 +210,7 @@ fn main() {
         _ => {
             let mbit = k.f("C", 100.0);
             let size = k.u("S", 64) * MIB;
-            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize };
+            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize };
             let ph = phys(&k);
             let Sims { mean, min, max, copies, wall, done, ramp } = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
@@ -274,7 +276,7 @@ fn project(k: &Knobs, seeds: u64) {
     let goodput = mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95);
     let ph = phys(k);
     let agg = k.u("AGG", 16) as u32;
-    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0 };
+    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0 };
     let pl = si_appliance::image::torrent::piece_length(size) as u32;
     let tstar = size as f64 / goodput;
     println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} MiB agg {agg}", goodput / 1e6, pl >> 20);

@@ -89,6 +89,12 @@ pub struct Params {
     /// worth of blocks per turn, then the next waiting one (upload slots rotating per piece, as
     /// a seed with choking would). 0: every connection at once, as librqbit's seed does.
     pub seed_slots: usize,
+    /// The same for every node's uplink: at most this many of its connections send at once, each
+    /// for a piece's worth per turn (0: all at once, fluid sharing). Not a rule of the engine (it
+    /// unchokes every peer) but of TCP: when a link's queue holds fewer than about two packets
+    /// per flow, flows no longer share it evenly, they lose packets, time out and take turns;
+    /// the flows that send at once are about the queue's packets / 2 (SCALE.md).
+    pub node_slots: usize,
 }
 
 impl Params {
@@ -115,6 +121,7 @@ impl Params {
             seed: 1,
             cap: 3600.0,
             seed_slots: 0,
+            node_slots: 0,
         }
     }
 }
@@ -297,10 +304,11 @@ struct Sim<'a> {
     core_total: u64,
     pool: Vec<Vec<u8>>,
     seed_sent: f64,
-    /// Seed flows holding a slot (with `seed_slots`), and bytes each sent this turn.
-    seed_serving: Vec<(usize, f64)>,
-    /// Seed flows with blocks queued, waiting for a slot.
-    seed_waiting: VecDeque<usize>,
+    /// Per sending host, flows holding one of its upload slots (`seed_slots`, `node_slots`),
+    /// and bytes each sent this turn.
+    serving: Vec<Vec<(usize, f64)>>,
+    /// Per sending host, flows with blocks queued, waiting for a slot.
+    waiting: Vec<VecDeque<usize>>,
     seed_max_serving: usize,
     verified_per_s: Vec<u32>,
     events: u64,
@@ -409,8 +417,8 @@ impl<'a> Sim<'a> {
             core_total: total,
             pool: Vec::new(),
             seed_sent: 0.0,
-            seed_serving: Vec::new(),
-            seed_waiting: VecDeque::new(),
+            serving: vec![Vec::new(); p.nodes + 1],
+            waiting: vec![VecDeque::new(); p.nodes + 1],
             seed_max_serving: 0,
             verified_per_s: Vec::new(),
             events: 0,
@@ -570,6 +578,7 @@ impl<'a> Sim<'a> {
         let interval = match reply {
             Ok(r) => {
                 let own = self.nodes[h].addr;
+                self.nodes[h].core.set_ring(&r.ring);
                 self.nodes[h].core.add_known(&r.peers, Some(own));
                 r.interval.as_secs_f64().clamp(5.0, 300.0)
             }
@@ -697,10 +706,11 @@ impl<'a> Sim<'a> {
             if self.active.remove(&f) {
                 self.dirty = true;
             }
-            self.seed_waiting.retain(|x| *x != f);
-            if let Some(i) = self.seed_serving.iter().position(|(x, _)| *x == f) {
-                self.seed_serving.swap_remove(i);
-                self.seed_promote();
+            let h = self.flow_ends(f).0;
+            self.waiting[h].retain(|x| *x != f);
+            if let Some(i) = self.serving[h].iter().position(|(x, _)| *x == f) {
+                self.serving[h].swap_remove(i);
+                self.promote(h);
             }
         }
         let now = self.at(self.now);
@@ -759,17 +769,22 @@ impl<'a> Sim<'a> {
         if f % 2 == 0 { (c.host[0], c.host[1]) } else { (c.host[1], c.host[0]) }
     }
 
-    /// Whether `f` is a flow out of the appliance's seed under `seed_slots`.
-    fn slotted(&self, f: usize) -> bool {
-        self.p.seed_slots > 0 && self.flow_ends(f).0 == 0
+    /// Upload slots of host `h` (0: no limit).
+    fn slots(&self, h: usize) -> usize {
+        if h == 0 { self.p.seed_slots } else { self.p.node_slots }
     }
 
-    /// Gives free seed slots to waiting flows.
-    fn seed_promote(&mut self) {
-        while self.seed_serving.len() < self.p.seed_slots {
-            let Some(g) = self.seed_waiting.pop_front() else { return };
+    /// Whether `f` is a flow out of a host with upload slots.
+    fn slotted(&self, f: usize) -> bool {
+        self.slots(self.flow_ends(f).0) > 0
+    }
+
+    /// Gives host `h`'s free upload slots to waiting flows.
+    fn promote(&mut self, h: usize) {
+        while self.serving[h].len() < self.slots(h) {
+            let Some(g) = self.waiting[h].pop_front() else { return };
             let Some(head) = self.flows[g].queue.front().copied() else { continue };
-            self.seed_serving.push((g, 0.0));
+            self.serving[h].push((g, 0.0));
             self.start_flow(g, head.len);
         }
     }
@@ -790,8 +805,9 @@ impl<'a> Sim<'a> {
         let fl = &mut self.flows[f];
         fl.queue.push_back(b);
         if fl.queue.len() == 1 && slotted {
-            self.seed_waiting.push_back(f);
-            self.seed_promote();
+            let h = self.flow_ends(f).0;
+            self.waiting[h].push_back(f);
+            self.promote(h);
             return;
         }
         if fl.queue.len() == 1 {
@@ -813,15 +829,15 @@ impl<'a> Sim<'a> {
         if self.slotted(f) {
             // The turn ends with the queue, or after a piece's worth when others wait.
             let turn = f64::from(self.p.piece_len / self.p.agg);
-            let i = self.seed_serving.iter().position(|(x, _)| *x == f);
+            let i = self.serving[from].iter().position(|(x, _)| *x == f);
             let sent = i.map_or(0.0, |i| {
-                self.seed_serving[i].1 += f64::from(b.len);
-                self.seed_serving[i].1
+                self.serving[from][i].1 += f64::from(b.len);
+                self.serving[from][i].1
             });
             let empty = self.flows[f].queue.is_empty();
-            if empty || (sent >= turn && !self.seed_waiting.is_empty()) {
+            if empty || (sent >= turn && !self.waiting[from].is_empty()) {
                 if let Some(i) = i {
-                    self.seed_serving.swap_remove(i);
+                    self.serving[from].swap_remove(i);
                 }
                 let fl = &mut self.flows[f];
                 fl.rate = 0.0;
@@ -829,9 +845,9 @@ impl<'a> Sim<'a> {
                 self.active.remove(&f);
                 self.dirty = true;
                 if !empty {
-                    self.seed_waiting.push_back(f);
+                    self.waiting[from].push_back(f);
                 }
-                self.seed_promote();
+                self.promote(from);
                 return;
             }
         }

@@ -188,6 +188,9 @@ pub struct PeerState {
     pub left: u64,
     /// Seconds since the first announce of this peer, when it reported `left == 0` first.
     pub completed_after: Option<f64>,
+    /// Whether its first announce had bytes left (a node that came to install, not a seed).
+    #[serde(skip)]
+    joined_downloading: bool,
     #[serde(skip)]
     first_seen: Instant,
     #[serde(skip)]
@@ -205,6 +208,10 @@ struct Swarm {
     completed_nodes: HashSet<Ipv4Addr>,
     /// When silent peers were last dropped (at most once per [`SWEEP_EVERY`], not per announce).
     last_sweep: Option<Instant>,
+    /// The ring ([`AnnounceReply::ring`]): kept sorted as nodes join, rebuilt (a sort) only
+    /// after one left, when next needed.
+    ring: Vec<Ipv4Addr>,
+    ring_stale: bool,
 }
 
 /// How often a swarm drops its silent peers: a silent peer leaves within `peer_timeout` plus this.
@@ -263,7 +270,16 @@ pub struct AnnounceReply {
     pub incomplete: usize,
     /// Peers for the requester (never itself).
     pub peers: Vec<SocketAddrV4>,
+    /// Every node that joined the swarm downloading, by address, ascending (`x-si-ring`, our
+    /// own key; other clients ignore it): sent to a downloading requester only when the swarm
+    /// has more such nodes than it asked peers for, so that nodes that cannot all connect to
+    /// each other still agree on how the seed's pieces are shared out (see the engine's
+    /// picker). Empty otherwise; at most [`MAX_RING`].
+    pub ring: Vec<Ipv4Addr>,
 }
+
+/// Most addresses in [`AnnounceReply::ring`] (16 KiB of the answer).
+pub const MAX_RING: usize = 4096;
 
 /// Per-torrent counts for scrape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -316,15 +332,19 @@ impl Tracker {
         // complete.
         if swarm.last_sweep.is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY) {
             swarm.last_sweep = Some(now);
+            let before = swarm.peers.len();
             swarm.peers.retain(|_, p| now.saturating_duration_since(p.last_seen) < timeout);
+            swarm.ring_stale |= swarm.peers.len() != before;
         }
         if !swarm.peers.contains_key(&a.peer_id) {
+            let before = swarm.peers.len();
             swarm.peers.retain(|id, p| *id == a.peer_id || p.addr != a.addr);
+            swarm.ring_stale |= swarm.peers.len() != before;
         }
         // No progress since the previous announce of this peer: it may be starving.
         let stalled = swarm.peers.get(&a.peer_id).is_some_and(|p| a.left > 0 && a.left >= p.left);
         if a.event == Event::Stopped {
-            swarm.peers.remove(&a.peer_id);
+            swarm.ring_stale |= swarm.peers.remove(&a.peer_id).is_some();
         } else {
             if !swarm.peers.contains_key(&a.peer_id) {
                 // A new entry: an address may hold a few, a swarm a bounded number.
@@ -334,8 +354,14 @@ impl Tracker {
                 if swarm.peers.len() >= self.policy.max_peers {
                     return Err(Refusal::SwarmFull(swarm.peers.len()));
                 }
+                if a.left > 0 && !swarm.ring_stale {
+                    if let Err(at) = swarm.ring.binary_search(&ip) {
+                        swarm.ring.insert(at, ip);
+                    }
+                }
             }
             let p = swarm.peers.entry(a.peer_id).or_insert_with(|| PeerState {
+                joined_downloading: a.left > 0,
                 addr: a.addr,
                 uploaded: 0,
                 downloaded: 0,
@@ -354,6 +380,7 @@ impl Tracker {
             if a.left == 0 {
                 swarm.completed_nodes.insert(ip);
             }
+            swarm.ring_stale |= p.joined_downloading && p.addr.ip() != a.addr.ip();
             p.addr = a.addr;
             p.uploaded = a.uploaded;
             p.downloaded = a.downloaded;
@@ -377,7 +404,20 @@ impl Tracker {
                 peers.retain(|p| *p != seed);
             }
         }
-        Ok(AnnounceReply { interval, complete, incomplete, peers })
+        let mut ring = Vec::new();
+        if a.left > 0 && a.event != Event::Stopped {
+            if swarm.ring_stale {
+                let mut r: Vec<Ipv4Addr> = swarm.peers.values().filter(|p| p.joined_downloading).map(|p| *p.addr.ip()).collect();
+                r.sort_unstable();
+                r.dedup();
+                swarm.ring = r;
+                swarm.ring_stale = false;
+            }
+            if swarm.ring.len() > a.numwant {
+                ring.extend(swarm.ring.iter().take(MAX_RING));
+            }
+        }
+        Ok(AnnounceReply { interval, complete, incomplete, peers, ring })
     }
 
     /// Scrape counts for `hashes` (all registered torrents when empty); unknown ones are left out.
@@ -591,6 +631,8 @@ pub fn decode_reply(body: &[u8]) -> Result<AnnounceReply, BadReply> {
         incomplete: Option<u64>,
         #[serde(default, with = "serde_bytes")]
         peers: Vec<u8>,
+        #[serde(default, rename = "x-si-ring", with = "serde_bytes")]
+        ring: Vec<u8>,
     }
     let w: Wire = serde_bencode::from_bytes(body)?;
     if let Some(f) = w.failure {
@@ -601,6 +643,7 @@ pub fn decode_reply(body: &[u8]) -> Result<AnnounceReply, BadReply> {
         complete: w.complete.unwrap_or(0) as usize,
         incomplete: w.incomplete.unwrap_or(0) as usize,
         peers: decode_compact(&w.peers),
+        ring: w.ring.chunks_exact(4).take(MAX_RING).map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3])).collect(),
     })
 }
 
@@ -615,6 +658,8 @@ pub fn encode_reply(r: &AnnounceReply) -> Vec<u8> {
         min_interval: u64,
         #[serde(with = "serde_bytes")]
         peers: Vec<u8>,
+        #[serde(rename = "x-si-ring", with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
+        ring: Vec<u8>,
     }
     let peers = encode_compact(&r.peers);
     let secs = r.interval.as_secs().max(1);
@@ -624,6 +669,7 @@ pub fn encode_reply(r: &AnnounceReply) -> Vec<u8> {
         interval: secs,
         min_interval: (secs / 2).max(1),
         peers,
+        ring: r.ring.iter().flat_map(|ip| ip.octets()).collect(),
     };
     // Encoding a struct of integers and bytes cannot fail.
     serde_bencode::to_bytes(&w).expect("bencoding a plain struct")

@@ -79,7 +79,11 @@ pub(super) async fn announce(sh: &Shared, tracker: SocketAddr, event: Event) -> 
     let body = http_get::get(tracker, &format!("/announce?{}", a.to_query()), HTTP_LIMIT).await?;
     let r = tracker::decode_reply(&body)?;
     let own = sh.own.map(|ip| SocketAddrV4::new(ip, sh.listen_port));
-    let added = sh.lock().core.add_known(&r.peers, own);
+    let added = {
+        let mut g = sh.lock();
+        g.core.set_ring(&r.ring);
+        g.core.add_known(&r.peers, own)
+    };
     debug!(?event, left = a.left, added, "announced");
     Ok(r.interval.clamp(Duration::from_secs(5), Duration::from_secs(300)))
 }

@@ -194,6 +194,13 @@ impl Core {
         &self.picker
     }
 
+    /// The tracker's ring of the swarm's downloading nodes (empty: none sent), for the shares
+    /// of the seed's pieces ([`Picker::set_ring`]).
+    pub fn set_ring(&mut self, ring: &[Ipv4Addr]) {
+        let orders: Vec<u32> = ring.iter().map(|ip| u32::from(*ip)).collect();
+        self.picker.set_ring(&orders);
+    }
+
     /// Connected peers.
     pub fn peers(&self) -> &HashMap<PeerKey, Peer> {
         &self.peers

@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::guard::MAX_CONNS;
 use super::wire::{BLOCK, MAX_REQUEST};
 
 /// The pieces of share `r` of `m` (index ≡ r mod m, below `n`) in the order its owner (at
@@ -54,6 +53,9 @@ pub type PeerKey = u64;
 /// How long a node done with its share leaves the seed idle for the owners' next pieces
 /// before it fetches them itself (an owner that does not: its view of the shares differs).
 pub const HOLD: Duration = Duration::from_secs(3);
+
+/// [`HOLD`] in a swarm bigger than a node's connections (the tracker sent its ring).
+pub const HOLD_RING: Duration = Duration::from_secs(10);
 /// Most peers asked for one block in endgame.
 pub const ENDGAME_DUPES: usize = 2;
 /// A request to a peer that keeps sending expires after this many request timeouts.
@@ -138,6 +140,9 @@ pub struct Picker {
     peers: HashMap<PeerKey, PeerView>,
     window: Option<(u32, u32)>,
     own_order: Option<u32>,
+    /// The tracker's ring (every node that joined downloading, as orders, ascending), when the
+    /// swarm is bigger than the peers a node can be connected to (see [`Picker::set_ring`]).
+    ring: Vec<u32>,
     /// Since when the seed has been left idle for the owners' next pieces (see
     /// [`Picker::holding`]).
     held_since: Option<Instant>,
@@ -160,6 +165,7 @@ impl Picker {
             peers: HashMap::new(),
             window: None,
             own_order: None,
+            ring: Vec::new(),
             held_since: None,
             suspect: vec![false; have.len()],
         }
@@ -278,6 +284,24 @@ impl Picker {
         self.own_order = Some(order);
     }
 
+    /// The tracker's ring: every node of the swarm that joined downloading, by address. Empty
+    /// while the swarm fits a node's connections (the tracker sends none): the connected peers
+    /// are then everyone. Beyond that each node would share the pieces out over the peers it
+    /// happens to be connected to, every node over a different set, so a piece would have as
+    /// many owners asking the seed for it as the swarm is times bigger than one node's
+    /// connections (measured at N = 128 with 80 connections: 1.6 owners a piece, 1.7 of the
+    /// seed's 1.95 copies came from the shares). With the ring every node counts the same
+    /// owners. Its owners we are not connected to are busy with their shares like the others:
+    /// a helper holds off their pieces too, and for at most [`HOLD_RING`] instead of [`HOLD`]:
+    /// a piece takes longer to reach us in a bigger swarm (its holder serves every peer that
+    /// asks at once: about connections × piece / C, 9 s at N = 128 and 10 Mbit/s).
+    pub fn set_ring(&mut self, ring: &[u32]) {
+        self.ring.clear();
+        self.ring.extend_from_slice(ring);
+        self.ring.sort_unstable();
+        self.ring.dedup();
+    }
+
     /// (our rank, downloading peers including us) when shares apply: the connected peers that
     /// did not join complete. Peers that finish stay in the count (the shares do not move under
     /// the nodes still fetching theirs). Not the peers a tracker named but we are not
@@ -291,6 +315,7 @@ impl Picker {
     fn share_orders(&self) -> Option<(usize, Vec<u32>)> {
         let me = self.own_order?;
         let mut all: Vec<u32> = self.peers.values().filter(|p| !p.joined_complete).filter_map(|p| p.order).collect();
+        all.extend_from_slice(&self.ring);
         all.retain(|o| *o != me);
         all.sort_unstable();
         all.dedup();
@@ -343,6 +368,9 @@ impl Picker {
             if o == me {
                 continue;
             }
+            // An owner we are not connected to is only known from the tracker's ring: busy
+            // with its share, as far as we can tell.
+            let ringed = owner.is_none() && !self.ring.is_empty();
             let keep = owner.is_some_and(|v| 2 * v.count >= median);
             let class = match owner {
                 Some(_) if keep => 0,
@@ -361,8 +389,9 @@ impl Picker {
                 }
                 place += 1;
                 if matches!(s, Ps::Missing) && peer_has(i) && self.may_start(k, i) {
-                    // Its next two pieces are the owner's.
-                    if !keep || place > 2 || !hold {
+                    // Its next two pieces are the owner's (all of them when we cannot see where
+                    // it is).
+                    if !hold || (!ringed && (!keep || place > 2)) {
                         let mine = (len - 1 - q) % (m - 1) == ours;
                         // Unknown owners' pieces have no place: only ours go first.
                         let at = match (class, mine) {
@@ -591,10 +620,11 @@ impl Picker {
             // fetching the same last pieces.
             if !only_share {
                 if let Some((r, m)) = share {
-                    // Only while every downloading peer can be connected (beyond that, views
-                    // of the shares differ) and for at most HOLD.
-                    let hold = m <= MAX_CONNS && self.held_since.is_none_or(|t| now.duration_since(t) < HOLD);
-                    let (left, ours, held) = self.helper_pieces(k, hold);
+                    // For at most HOLD. (Every node counts the same owners: the connected
+                    // peers are everyone, or the tracker's ring says who.)
+                    let hold_for = if self.ring.is_empty() { HOLD } else { HOLD_RING };
+                    let waited = self.held_since.is_some_and(|t| now.duration_since(t) >= hold_for);
+                    let (left, ours, held) = self.helper_pieces(k, !waited);
                     if let Some(i) = ours {
                         chosen = Some(i);
                         self.held_since = None;
@@ -603,22 +633,21 @@ impl Picker {
                     // None dealt to us: each helper at its own place in the list. When fewer
                     // pieces are left than helpers, only the first helper placed on each piece
                     // takes it: a piece fetched by every helper at once would share the seed's
-                    // upload many ways, and the swarm passes it on anyway.
+                    // upload many ways, and the swarm passes it on anyway. Helpers whose lists
+                    // differ (each sees other owners) might all leave a piece to another: after
+                    // HOLD idle at the seed, we take ours anyway.
                     let len = left.len();
                     let pos = r * len / m;
-                    if len > 0 && r == (pos * m).div_ceil(len) {
+                    if len > 0 && (waited || r == (pos * m).div_ceil(len)) {
                         chosen = Some(left[pos]);
                         self.held_since = None;
                         continue;
                     }
-                    if len == 0 && held {
-                        self.held_since.get_or_insert(now);
-                    } else {
-                        self.held_since = None;
-                    }
                     if len > 0 || held {
+                        self.held_since.get_or_insert(now);
                         continue;
                     }
+                    self.held_since = None;
                 }
             }
             // Our share in its order (see `share_walk`): the first piece only the seed has.
@@ -910,6 +939,63 @@ mod tests {
         first.sort();
         assert_eq!(first, vec![1, 4, 7, 10]);
         assert!(r[16..].iter().all(|b| b.piece % 3 != 1));
+    }
+
+    /// A swarm bigger than a node's connections: with the tracker's ring, a node connected to
+    /// one other peer counts every node's share (so nodes connected to different peers agree on
+    /// who owns what), and done with its share it holds off the pieces of owners it cannot see,
+    /// for at most `HOLD_RING`.
+    #[test]
+    fn with_the_trackers_ring_a_node_counts_every_share_and_holds_off_unseen_owners() {
+        let n = 40;
+        let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
+        p.set_own_order(20);
+        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n])] {
+            p.add_peer(k);
+            p.set_order(k, order);
+            p.bitfield(k, bits);
+            p.choked(k, false);
+        }
+        let now = Instant::now();
+        // Without the ring: rank 1 of 2 (the odd pieces).
+        assert_eq!(p.share(), Some((1, 2)));
+        p.set_ring(&[40, 5, 10, 15, 20, 25, 30, 35]);
+        assert_eq!(p.share(), Some((3, 8)));
+        let r = p.next_requests(1, 4 * 5, now, &mut rng());
+        let mut first: Vec<u32> = r.iter().map(|b| b.piece).collect();
+        first.dedup();
+        first.sort();
+        assert_eq!(first, vec![3, 11, 19, 27, 35], "our share of the ring's 8");
+        // Our share done, connected to the seed only: every other owner is unseen, busy with
+        // its share as far as we know: nothing is asked of the seed, until HOLD has passed.
+        let mut have = vec![false; n];
+        for i in [3, 11, 19, 27, 35] {
+            have[i] = true;
+        }
+        let mut p = Picker::new(PL, n as u64 * PL as u64, &have);
+        p.set_own_order(20);
+        p.add_peer(1);
+        p.set_order(1, 1);
+        p.bitfield(1, all(n));
+        p.choked(1, false);
+        p.set_ring(&[40, 5, 10, 15, 20, 25, 30, 35]);
+        assert!(p.next_requests(1, 4, now, &mut rng()).is_empty(), "the owners' pieces are held");
+        assert!(p.next_requests(1, 4, now + HOLD + Duration::from_secs(1), &mut rng()).is_empty(), "held for HOLD_RING, not HOLD");
+        let later = p.next_requests(1, 4, now + HOLD_RING + Duration::from_secs(1), &mut rng());
+        assert_eq!(later.len(), 4, "after HOLD the seed is asked: {later:?}");
+        // Without the ring (a small swarm: the tracker sends none) an owner we are not
+        // connected to is unknown and its pieces are not held.
+        let mut p = Picker::new(PL, n as u64 * PL as u64, &have);
+        p.set_own_order(20);
+        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n])] {
+            p.add_peer(k);
+            p.set_order(k, order);
+            p.bitfield(k, bits);
+            p.choked(k, false);
+        }
+        p.set_ring(&[40, 5, 10, 15, 20, 25, 30, 35]);
+        p.set_ring(&[]);
+        assert_eq!(p.share(), Some((1, 2)));
     }
 
     #[test]

@@ -154,6 +154,7 @@ fn compact_reply_encoding() {
         complete: 1,
         incomplete: 2,
         peers: vec!["10.0.0.2:6881".parse().unwrap()],
+        ring: Vec::new(),
     };
     let b = encode_reply(&r);
     let mut want = b"d8:completei1e10:incompletei2e8:intervali15e12:min intervali7e5:peers6:".to_vec();
@@ -193,8 +194,13 @@ fn announce_replies_round_trip() {
         complete: 3,
         incomplete: 30,
         peers: vec!["10.0.0.2:6881".parse().unwrap(), "192.168.255.1:1".parse().unwrap(), "1.2.3.4:65535".parse().unwrap()],
+        ring: Vec::new(),
     };
     assert_eq!(decode_reply(&encode_reply(&r)).unwrap(), r);
+    let with_ring = AnnounceReply { ring: vec![ip("10.0.0.2"), ip("10.0.0.9"), ip("10.1.0.1")], ..r.clone() };
+    let b = encode_reply(&with_ring);
+    assert!(b.windows(16).any(|w| w == b"9:x-si-ring12:\x0a\x00"), "{}", String::from_utf8_lossy(&b));
+    assert_eq!(decode_reply(&b).unwrap(), with_ring);
     let refused = decode_reply(&encode_failure(&Refusal::Foreign(ip("1.2.3.4")))).unwrap_err();
     assert!(matches!(&refused, BadReply::Refused(why) if why.contains("outside")), "{refused}");
     assert!(matches!(decode_reply(b"not bencode"), Err(BadReply::Bencode(_))));
@@ -387,4 +393,35 @@ fn silent_peers_leave_within_the_sweep_period() {
     let done = Announce::parse(&q(&[7; 20], 2, 6881, 0, ""), ip("10.0.0.3")).unwrap();
     t.announce(&done, t0 + Duration::from_secs(90), &mut rng).unwrap();
     assert!(t.is_seed(&IH, &[2; 20]));
+}
+
+/// A swarm bigger than a node's peer list: downloading nodes get the ring (every node that
+/// joined downloading, ascending, seeds left out); a seed or a small swarm gets none; a node
+/// that leaves leaves the ring.
+#[test]
+fn a_swarm_bigger_than_the_peer_list_sends_the_ring() {
+    let mut t = tracker();
+    let mut rng = StdRng::seed_from_u64(9);
+    let now = Instant::now();
+    let ann = |pid: u8, addr: &str, left: u64, extra: &str| Announce::parse(&q(&[7; 20], pid, 6881, left, extra), ip(addr)).unwrap();
+    // A seed, then 6 downloading nodes in a scrambled order.
+    t.announce(&ann(1, "10.0.0.1", 0, ""), now, &mut rng).unwrap();
+    for (i, last) in [7u8, 3, 9, 2, 8, 5].into_iter().enumerate() {
+        t.announce(&ann(10 + i as u8, &format!("10.0.1.{last}"), 100, "&numwant=8"), now, &mut rng).unwrap();
+    }
+    let me = ann(11, "10.0.1.3", 50, "&numwant=4");
+    let r = t.announce(&me, now, &mut rng).unwrap();
+    let want: Vec<Ipv4Addr> = [2, 3, 5, 7, 8, 9].iter().map(|l| Ipv4Addr::new(10, 0, 1, *l)).collect();
+    assert_eq!(r.ring, want, "every downloading node, ascending, the seed left out");
+    assert!(decode_reply(&encode_reply(&r)).unwrap().ring == want);
+    // The whole swarm fits the peer list: no ring.
+    assert!(t.announce(&ann(11, "10.0.1.3", 50, "&numwant=8"), now, &mut rng).unwrap().ring.is_empty());
+    // A seed asks for none.
+    assert!(t.announce(&ann(1, "10.0.0.1", 0, "&numwant=4"), now, &mut rng).unwrap().ring.is_empty());
+    // A node that completes stays in it (shares do not move); one that stops leaves it.
+    t.announce(&ann(12, "10.0.1.9", 0, "&event=completed"), now, &mut rng).unwrap();
+    t.announce(&ann(13, "10.0.1.2", 100, "&event=stopped"), now, &mut rng).unwrap();
+    let r = t.announce(&me, now, &mut rng).unwrap();
+    let want: Vec<Ipv4Addr> = [3, 5, 7, 8, 9].iter().map(|l| Ipv4Addr::new(10, 0, 1, *l)).collect();
+    assert_eq!(r.ring, want);
 }

@@ -1009,6 +1009,22 @@ mod tests {
         assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
     }
 
+    /// Upload slots on the nodes too (the TCP turn-taking model): every node still finishes, no
+    /// faster than the bound, and the seed keeps to its own slots.
+    #[test]
+    fn nodes_with_one_upload_slot_still_finish() {
+        let link = 12.5e6;
+        let (n, size) = (8, 8 * MIB);
+        let mut p = Params::new(n, size, link);
+        p.node_slots = 1;
+        p.seed_slots = 2;
+        let o = run(&p).expect("runs");
+        assert_eq!(o.done.len(), n);
+        assert!(o.done.iter().all(|d| d.is_finite()));
+        assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
+        assert_eq!(o.seed_max_serving, 2);
+    }
+
     #[test]
     fn aggregation_keeps_the_piece_count() {
         let mut p = Params::new(4, 16 * MIB, 12.5e6);

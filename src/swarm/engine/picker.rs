@@ -948,54 +948,46 @@ mod tests {
     #[test]
     fn with_the_trackers_ring_a_node_counts_every_share_and_holds_off_unseen_owners() {
         let n = 40;
-        let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
-        p.set_own_order(20);
-        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n])] {
-            p.add_peer(k);
-            p.set_order(k, order);
-            p.bitfield(k, bits);
-            p.choked(k, false);
-        }
+        let ring = [40, 5, 10, 15, 20, 25, 30, 35];
+        // Us at place 20, the seed (every piece) and, with `peer2`, a downloading peer at 10.
+        let node = |have: &[bool], peer2: bool| {
+            let mut p = Picker::new(PL, n as u64 * PL as u64, have);
+            p.set_own_order(20);
+            let peers = [(1, 1, all(n)), (2, 10, vec![false; n])];
+            for (k, order, bits) in peers.into_iter().take(if peer2 { 2 } else { 1 }) {
+                p.add_peer(k);
+                p.set_order(k, order);
+                p.bitfield(k, bits);
+                p.choked(k, false);
+            }
+            p
+        };
         let now = Instant::now();
+        let mut p = node(&vec![false; n], true);
         // Without the ring: rank 1 of 2 (the odd pieces).
         assert_eq!(p.share(), Some((1, 2)));
-        p.set_ring(&[40, 5, 10, 15, 20, 25, 30, 35]);
+        p.set_ring(&ring);
         assert_eq!(p.share(), Some((3, 8)));
         let r = p.next_requests(1, 4 * 5, now, &mut rng());
         let mut first: Vec<u32> = r.iter().map(|b| b.piece).collect();
         first.dedup();
         first.sort();
         assert_eq!(first, vec![3, 11, 19, 27, 35], "our share of the ring's 8");
+        // The ring gone (the swarm shrank below a peer list): back to the connected peers.
+        p.set_ring(&[]);
+        assert_eq!(p.share(), Some((1, 2)));
         // Our share done, connected to the seed only: every other owner is unseen, busy with
-        // its share as far as we know: nothing is asked of the seed, until HOLD has passed.
+        // its share as far as we know: nothing is asked of the seed until HOLD_RING has passed.
         let mut have = vec![false; n];
         for i in [3, 11, 19, 27, 35] {
             have[i] = true;
         }
-        let mut p = Picker::new(PL, n as u64 * PL as u64, &have);
-        p.set_own_order(20);
-        p.add_peer(1);
-        p.set_order(1, 1);
-        p.bitfield(1, all(n));
-        p.choked(1, false);
-        p.set_ring(&[40, 5, 10, 15, 20, 25, 30, 35]);
+        let mut p = node(&have, false);
+        p.set_ring(&ring);
         assert!(p.next_requests(1, 4, now, &mut rng()).is_empty(), "the owners' pieces are held");
         assert!(p.next_requests(1, 4, now + HOLD + Duration::from_secs(1), &mut rng()).is_empty(), "held for HOLD_RING, not HOLD");
         let later = p.next_requests(1, 4, now + HOLD_RING + Duration::from_secs(1), &mut rng());
-        assert_eq!(later.len(), 4, "after HOLD the seed is asked: {later:?}");
-        // Without the ring (a small swarm: the tracker sends none) an owner we are not
-        // connected to is unknown and its pieces are not held.
-        let mut p = Picker::new(PL, n as u64 * PL as u64, &have);
-        p.set_own_order(20);
-        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n])] {
-            p.add_peer(k);
-            p.set_order(k, order);
-            p.bitfield(k, bits);
-            p.choked(k, false);
-        }
-        p.set_ring(&[40, 5, 10, 15, 20, 25, 30, 35]);
-        p.set_ring(&[]);
-        assert_eq!(p.share(), Some((1, 2)));
+        assert_eq!(later.len(), 4, "after HOLD_RING the seed is asked: {later:?}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! What is real: every node is an [`engine::core::Core`](super::engine::core::Core), fed the same
 //! events the engine feeds it (register, handle, written, verified, disconnect, dial_failed, tick,
-//! add_known) and its [`Action`]s carried out; peer lists come from the appliance's own
+//! add_known, set_ring) and its [`Action`]s carried out; peer lists (and, in a swarm bigger than
+//! a peer list, the ring of downloading nodes) come from the appliance's own
 //! [`Tracker::announce`] (closest first, seed quota), called at each node's announce times.
 //!
 //! What is modelled:
@@ -19,6 +20,9 @@
 //!   recomputed when the set of active flows changes, at most once per `quantum` of virtual time.
 //!   Control messages (handshake, bitfield, have, request, …) take `rtt / 2` and no bandwidth; a
 //!   block reaches its receiver `rtt / 2` after its last byte left. No slow start, no loss.
+//!   Optionally (`seed_slots`, `node_slots`) a host's uplink serves only so many connections at
+//!   once, a piece's worth each per turn: a stand-in for TCP flows taking turns on a queue too
+//!   short for all of them (SCALE.md, stop 35: it gives the lab's ramp, not its makespan).
 //! - CPU: hashing a piece takes `hash_secs_per_mib` per MiB on the receiving node, one piece at a
 //!   time; writes are instant.
 //! - Time: `Instant` = a base instant + the virtual offset; events are processed in (time,

@@ -130,9 +130,10 @@ pub struct Service {
     limited: Episode,
     /// Offers waiting for their ARP check (`dhcp.arp_probe`).
     probes: tokio::task::JoinSet<Probed>,
-    /// The clients those offers are for, and since when: a DISCOVER again meanwhile (a client
-    /// retransmits within a few hundred ms) is answered by the checked offer, not by a second
-    /// one sent at once (its lease now names the address, so it would not be checked again).
+    /// The clients those offers are for, and until when (a second past the check's wait): a
+    /// DISCOVER again meanwhile (a client retransmits within a few hundred ms) is answered by the
+    /// checked offer, not by a second one sent at once (its lease now names the address, so it
+    /// would not be checked again).
     probing: std::collections::HashMap<MacAddr, Instant>,
 }
 
@@ -407,9 +408,7 @@ impl Service {
                 self.apply(change);
             }
             Decision::Reply { msg, to, change, note } => {
-                // The check's task reports back; should it not (a panic), the entry lapses.
-                let lapse = self.policy.arp_probe + Duration::from_secs(1);
-                if matches!(change, Some(Change::Offer { .. })) && self.probing.get(&mac).is_some_and(|t| t.elapsed() < lapse) {
+                if matches!(change, Some(Change::Offer { .. })) && self.probing.get(&mac).is_some_and(|until| Instant::now() < *until) {
                     debug!(%mac, xid, "DISCOVER again while its offer waits for the ARP check: that offer answers it");
                     return;
                 }
@@ -437,10 +436,13 @@ impl Service {
                         match probe {
                             Some(ip) if self.probes.len() < MAX_PROBES => {
                                 let (iface, wait) = (self.iface.clone(), self.policy.arp_probe);
+                                let now = Instant::now();
                                 if self.probing.len() >= 2 * MAX_PROBES {
-                                    self.probing.retain(|_, t| t.elapsed() < wait + Duration::from_secs(1));
+                                    self.probing.retain(|_, until| now < *until);
                                 }
-                                self.probing.insert(mac, Instant::now());
+                                // The check's task reports back; should it not (a panic), the
+                                // entry lapses a second after the check's wait.
+                                self.probing.insert(mac, now + wait + Duration::from_secs(1));
                                 self.probes.spawn(async move {
                                     let answered = arp::probe(&iface, ip, wait).await;
                                     Probed { out: o, mac, ip, answered }

@@ -120,6 +120,7 @@ struct Sims {
     done: Vec<f64>,
     /// The first run's pieces verified per second, all nodes together.
     ramp: Vec<u32>,
+    conns: Vec<usize>,
 }
 
 /// The makespan over `seeds` runs (mean, min, max), seed copies, wall time, the first run's detail.
@@ -129,6 +130,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mut copies = 0.0;
     let mut done = Vec::new();
     let mut ramp = Vec::new();
+    let mut conns = Vec::new();
     for s in 1..=seeds {
         match sim::run(&params(c, ph, agg, s)) {
             Ok(o) => {
@@ -137,6 +139,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
                 if done.is_empty() {
                     done = o.done;
                     ramp = o.verified_per_s;
+                    conns = o.conns_at_end;
                 }
             }
             Err(e) => {
@@ -148,7 +151,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
     let max = ms.iter().copied().fold(0.0, f64::max);
-    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp }
+    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp, conns }
 }
 
 /// A swarm bench JSON file: the case (goodput from its T*) and the measured makespan of its
@@ -212,7 +215,7 @@ fn main() {
             let size = k.u("S", 64) * MIB;
             let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize };
             let ph = phys(&k);
-            let Sims { mean, min, max, copies, wall, done, ramp } = simulate(&c, ph, agg, seeds);
+            let Sims { mean, min, max, copies, wall, done, ramp, conns } = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
             println!("predicted N={} C={} S={} MiB piece {} KiB SLOW={} %: makespan {mean:.2} s (min {min:.2}, max {max:.2} over {seeds} seeds), T* {tstar:.2} s, makespan/T* {:.2}, seed copies {copies:.2}; wall {wall:.1} s", c.n, mbit, size / MIB, c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) / 1024, c.slow_pct, mean / tstar);
             if k.get("RAMP").is_some_and(|v| v != "0") {
@@ -220,6 +223,16 @@ fn main() {
                 let piece = c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) as f64;
                 let per_s: Vec<String> = ramp.iter().map(|p| format!("{:.0}", *p as f64 * piece * 8.0 / 1e6)).collect();
                 println!("  all nodes' verified Mbit/s, per second of the first run: {}", per_s.join(" "));
+                let mut by = conns.clone();
+                by.sort_unstable();
+                let mut when = done.clone();
+                when.sort_by(f64::total_cmp);
+                let q = |v: &[f64], f: f64| v.get(((v.len() - 1) as f64 * f) as usize).copied().unwrap_or(0.0) / tstar;
+                println!(
+                    "  connections per node at the end (the seed's included): min {} median {} max {}; done / T*: first {:.2} p10 {:.2} median {:.2} p90 {:.2} last {:.2}",
+                    by.first().unwrap_or(&0), by.get(by.len() / 2).unwrap_or(&0), by.last().unwrap_or(&0),
+                    q(&when, 0.0), q(&when, 0.1), q(&when, 0.5), q(&when, 0.9), q(&when, 1.0)
+                );
             }
             if c.slow_pct > 0 {
                 let fast: f64 = done.iter().enumerate().filter(|(i, _)| !slow(*i, c.slow_pct)).map(|(_, d)| *d).fold(0.0, f64::max);

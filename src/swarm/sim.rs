@@ -148,6 +148,8 @@ pub struct Outcome {
     /// Pieces verified by all nodes together in each second of virtual time (the swarm's ramp,
     /// to set beside an emulated run's progress lines).
     pub verified_per_s: Vec<u32>,
+    /// Per node: its open connections (the seed's included) when the last node finished.
+    pub conns_at_end: Vec<usize>,
 }
 
 /// Why a simulation could not run or finish.
@@ -490,6 +492,7 @@ impl<'a> Sim<'a> {
             recomputes: self.recomputes,
             seed_max_serving: self.seed_max_serving,
             verified_per_s: std::mem::take(&mut self.verified_per_s),
+            conns_at_end: self.nodes[1..].iter().map(|n| n.keys.len()).collect(),
         })
     }
 
@@ -1027,6 +1030,28 @@ mod tests {
         assert!(o.done.iter().all(|d| d.is_finite()));
         assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
         assert_eq!(o.seed_max_serving, 2);
+    }
+
+    /// A swarm one node larger than a node's connections allow (`MAX_CONNS` 80, so 81 nodes and
+    /// the seed), started at once: every node ends with peers besides the seed. Before full
+    /// nodes gave up connections they dialled beyond their share for incoming ones, every node
+    /// had filled up before the last one's connections were registered, and it fetched the
+    /// whole archive from the seed alone after the others (2.92 × T* against 1.28 for the rest).
+    #[test]
+    fn in_a_swarm_one_larger_than_the_connection_cap_nobody_is_left_with_the_seed_alone() {
+        let link = 1.25e6;
+        let n = MAX_CONNS + 1;
+        // More pieces than nodes (128 of 128 KiB).
+        let size = 16 * MIB;
+        let mut p = Params::new(n, size, link);
+        p.start_delay = 0.1;
+        let o = run(&p).expect("runs");
+        let least = o.conns_at_end.iter().copied().min().unwrap_or(0);
+        assert!(least > 1, "a node with the seed alone: {:?}", o.conns_at_end);
+        let mut done = o.done.clone();
+        done.sort_by(f64::total_cmp);
+        let median = done[n / 2];
+        assert!(o.makespan < 1.25 * median, "the last node at {:.1} s, the median at {median:.1} s", o.makespan);
     }
 
     #[test]

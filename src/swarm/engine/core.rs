@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use tracing::{debug, info, warn};
 
-use super::guard::{self, Admit, ChokeMeter, Cooloff, Failure, MAX_CONNS};
+use super::guard::{self, Admit, ChokeMeter, Cooloff, Failure, MAX_CONNS, MAX_OUTGOING};
 use super::picker::{Block, Got, PeerKey, Picker};
 use super::wire::{self, Msg};
 
@@ -136,6 +136,14 @@ pub struct CoreConfig {
     pub peers: Vec<SocketAddr>,
 }
 
+/// How far `a` lies after `own` in the ring of IPv4 addresses (other families: last).
+fn ring_distance(own: u32, a: &SocketAddr) -> u64 {
+    match a.ip() {
+        IpAddr::V4(v4) => u64::from(u32::from(v4).wrapping_sub(own).wrapping_sub(1)),
+        IpAddr::V6(_) => u64::MAX,
+    }
+}
+
 /// The engine's state and rules (see the module doc).
 #[derive(Debug)]
 pub struct Core {
@@ -161,6 +169,8 @@ pub struct Core {
     rng: StdRng,
     next_key: PeerKey,
     hash_failures: u32,
+    /// Our own address as a number (0: unknown): the dialling order starts after it.
+    own: u32,
 }
 
 impl Core {
@@ -186,6 +196,7 @@ impl Core {
             rng,
             next_key: 1,
             hash_failures: 0,
+            own: cfg.own.map_or(0, u32::from),
         }
     }
 
@@ -238,7 +249,26 @@ impl Core {
     /// Whether an incoming connection from `ip` may start its handshake.
     pub fn admit_incoming(&self, ip: IpAddr, now: Instant) -> Admit {
         let from_ip = self.peers.values().filter(|c| c.ip == ip).count();
-        guard::admit(self.trusted.contains(&ip), self.distrusted(&ip, now), self.peers.len(), from_ip)
+        match guard::admit(self.trusted.contains(&ip), self.distrusted(&ip, now), self.peers.len(), from_ip) {
+            Admit::Full if self.evictable(None).is_some() => Admit::Yes,
+            v => v,
+        }
+    }
+
+    /// When we are full: the connection an incoming one may take the place of. A node may dial
+    /// up to [`MAX_CONNS`] peers itself, but beyond [`MAX_OUTGOING`] those are borrowed from
+    /// the peers that dial it: of our untrusted outgoing connections, the one we received the
+    /// least from (the newest of equals), while we hold more than [`MAX_OUTGOING`] of them.
+    /// Without it a swarm one node larger than the cap allows (81 nodes) filled every node
+    /// before the last one's connections were registered: it was refused by all, for good,
+    /// and fetched the whole archive from the seed after the others had finished (simulated,
+    /// SCALE.md). `except`: a connection being replaced (not a candidate).
+    fn evictable(&self, except: Option<PeerKey>) -> Option<PeerKey> {
+        let out = self.peers.iter().filter(|(k, c)| c.outgoing && !c.trusted && Some(**k) != except);
+        if out.clone().count() <= MAX_OUTGOING {
+            return None;
+        }
+        out.min_by_key(|(k, c)| (c.down, std::cmp::Reverse(**k))).map(|(k, _)| *k)
     }
 
     /// A connection finished its handshake with `peer_id` at `ip` (`known`: the address we
@@ -269,7 +299,18 @@ impl Core {
         let trusted = self.trusted.contains(&ip);
         let others = self.peers.iter().filter(|(k, _)| Some(**k) != dup);
         let (total, from_ip) = others.fold((0, 0), |(t, f), (_, c)| (t + 1, f + usize::from(c.ip == ip)));
-        let verdict = guard::admit(trusted, self.distrusted(&ip, now), total, from_ip);
+        let mut verdict = guard::admit(trusted, self.distrusted(&ip, now), total, from_ip);
+        if verdict == Admit::Full && !outgoing {
+            if let Some(victim) = self.evictable(dup) {
+                debug!(%ip, "full: an incoming connection takes the place of one we dialled");
+                self.peers.remove(&victim);
+                out.push(Action::Close(victim));
+                if self.picker.remove_peer(victim) {
+                    self.plan_all(now, out);
+                }
+                verdict = Admit::Yes;
+            }
+        }
         if verdict != Admit::Yes {
             return Err(Refused::Admit(verdict));
         }
@@ -498,7 +539,8 @@ impl Core {
 
     /// Every 250 ms or so: gives up requests that waited too long (asked of others), and picks
     /// the known addresses to dial (due, not connecting, not ourselves, not connected, not
-    /// banned or cooling off unless trusted, within [`MAX_CONNS`] unless trusted).
+    /// banned or cooling off unless trusted, within [`MAX_CONNS`] unless trusted), in ring
+    /// order after our own address.
     pub fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
         let expired = self.picker.expire(now, REQUEST_TIMEOUT);
         if !expired.is_empty() {
@@ -518,8 +560,14 @@ impl Core {
         let mut room = MAX_CONNS.saturating_sub(self.peers.len());
         let connected: HashSet<IpAddr> = self.peers.values().map(|c| c.ip).collect();
         let mut addrs: Vec<SocketAddr> = self.known.keys().copied().collect();
-        // A stable order (the map's is random): trusted first, then by address.
-        addrs.sort_by_key(|a| (!self.trusted.contains(&a.ip()), *a));
+        // A stable order (the map's is random): trusted first, then the addresses after our own
+        // in ring order. Every node dialling in one order (by address) made the lowest addresses
+        // everyone's first choice: they filled up, and in a swarm of a peer list and one more
+        // (81 nodes, `MAX_CONNS` 80) the highest node was refused by all and fetched everything
+        // from the seed after the others had finished (simulated, SCALE.md). Starting after our
+        // own address, each node is first choice of the node before it.
+        let own = self.own;
+        addrs.sort_by_key(|a| (!self.trusted.contains(&a.ip()), ring_distance(own, a), *a));
         for a in addrs {
             let ip = a.ip();
             let trusted = self.trusted.contains(&ip);

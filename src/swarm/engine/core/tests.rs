@@ -326,3 +326,48 @@ fn a_peer_leaving_gives_its_requests_to_others() {
     assert!(requests(&acts, b) > 0 || before == 2 * N as usize, "{acts:?}");
     assert!(c.handle(now, a, Msg::KeepAlive, &mut Vec::new()) == Err(PeerFault::Closed));
 }
+
+/// A full node takes an incoming connection in place of the outgoing one it received the least
+/// from while it holds more than `MAX_OUTGOING` outgoing connections, and refuses it after; its
+/// own dials never take a place. (A swarm of 81 nodes left one with the seed alone without it.)
+#[test]
+fn a_full_node_gives_up_dialled_connections_beyond_its_share_for_incoming_ones() {
+    let now = Instant::now();
+    let mut c = empty();
+    let out = guard::MAX_OUTGOING + 2;
+    let mut keys = Vec::new();
+    for i in 0..guard::MAX_CONNS {
+        // 10.0.0.10 and up: not the trusted .9.
+        let last = 10 + i as u8;
+        let k = c.register(now, ip(last), [100 + i as u8; 20], i < out, None, &mut Vec::new()).unwrap();
+        keys.push(k);
+    }
+    // The first outgoing one has sent us a block: it is not the one given up.
+    c.handle(now, keys[0], all_bits(), &mut Vec::new()).unwrap();
+    c.peers.get_mut(&keys[0]).unwrap().down = 1;
+    assert_eq!(c.register(now, ip(200), [200; 20], true, None, &mut Vec::new()), Err(Refused::Admit(Admit::Full)), "our own dial");
+    for (n, last) in [(0, 201u8), (1, 202)] {
+        assert_eq!(c.admit_incoming(ip(last), now), Admit::Yes);
+        let mut acts = Vec::new();
+        let k = c.register(now, ip(last), [last; 20], false, None, &mut acts).expect("admitted");
+        let gone = keys[out - 1 - n];
+        assert!(acts.contains(&Action::Close(gone)), "the newest outgoing idle one closed: {acts:?}");
+        assert!(c.peers().contains_key(&k) && !c.peers().contains_key(&gone) && c.peers().len() == guard::MAX_CONNS);
+    }
+    assert!(c.peers().contains_key(&keys[0]));
+    assert_eq!(c.admit_incoming(ip(203), now), Admit::Full);
+    assert_eq!(c.register(now, ip(203), [203; 20], false, None, &mut Vec::new()), Err(Refused::Admit(Admit::Full)));
+}
+
+/// Dials go to the known addresses after our own (10.0.0.100) first, in ring order, the
+/// trusted seed before all: every node is the first choice of the node before it, not the
+/// lowest address everyone's.
+#[test]
+fn dials_start_after_our_own_address() {
+    let now = Instant::now();
+    let a = |last: u8| SocketAddr::from(([10, 0, 0, last], 6881));
+    let mut c = core_with(vec![false; N as usize], &[9], vec![a(1), a(99), a(150), a(101), a(9)]);
+    let mut acts = Vec::new();
+    c.tick(now, &mut acts);
+    assert_eq!(acts, [Action::Dial(a(9)), Action::Dial(a(101)), Action::Dial(a(150)), Action::Dial(a(1)), Action::Dial(a(99))]);
+}

@@ -14,7 +14,8 @@
 //! share of C (default 0.95; calibrate: S / T* measured), `RTT_MS`, `HASH_MS` hashing per MiB,
 //! `START_MS` a node's start delay, `CORES` cores the nodes share (0: own CPU each, as real
 //! nodes), `CPU_S_PER_64MIB` their CPU seconds per 64 MiB delivered, `AGG` block aggregation, `SEEDS` runs per case (default 3),
-//! `RUNS` the swarm bench's `JSON` files (calibrate / agg), `OUT` a file for the JSON result,
+//! `RUNS` the swarm bench's `JSON` files (calibrate / agg), `CPU=0` (calibrate) fits without the
+//! runs' measured CPU (the network alone), `OUT` a file for the JSON result,
 //! `PIECE` piece length in bytes (predict; default the project's `piece_length`), `SEED_SLOTS`
 //! the seed's upload slots rotating per piece (predict; 0 = every connection at once, as
 //! librqbit's seed), `RAMP=1` (predict) prints the pieces all nodes verified in each second.
@@ -43,7 +44,7 @@ impl Knobs {
 
 fn knobs() -> Knobs {
     let mut kv = BTreeMap::new();
-    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP"] {
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP", "CPU"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.to_owned(), v);
         }
@@ -255,14 +256,19 @@ fn calibrate(k: &Knobs, seeds: u64) {
         std::process::exit(2);
     }
     let agg = k.u("AGG", 1) as u32;
+    // `CPU=0`: the network alone (for runs below saturation, and as the projection runs).
+    let network_only = k.get("CPU") == Some("0");
     let mut best: Option<(f64, Phys, Vec<f64>)> = None;
-    for rtt_ms in [1.0, 5.0, 15.0, 30.0] {
-        for hash_ms in [0.0, 5.0, 15.0] {
-            for start_ms in [100.0, 400.0] {
+    for rtt_ms in [1.0, 15.0, 30.0, 60.0] {
+        for hash_ms in [0.0, 15.0, 30.0] {
+            for start_ms in [100.0, 400.0, 800.0] {
                 let ph = Phys { cores: 0.0, cpu_per_byte: 0.0, rtt: rtt_ms / 1e3, hash_per_mib: hash_ms / 1e3, start: start_ms / 1e3 };
                 let preds: Vec<f64> = cases
                     .iter()
-                    .map(|(c, _, _, cpu)| simulate(c, Phys { cores: cpu.0, cpu_per_byte: cpu.1, ..ph }, agg, seeds).mean)
+                    .map(|(c, _, _, cpu)| {
+                        let cpu = if network_only { (0.0, 0.0) } else { *cpu };
+                        simulate(c, Phys { cores: cpu.0, cpu_per_byte: cpu.1, ..ph }, agg, seeds).mean
+                    })
                     .collect();
                 let worst = cases.iter().zip(&preds).map(|((_, m, _, _), p)| (p / m - 1.0).abs()).fold(0.0, f64::max);
                 eprintln!("  rtt {rtt_ms} ms, hash {hash_ms} ms/MiB, start {start_ms} ms: worst error {:.1} %", worst * 100.0);

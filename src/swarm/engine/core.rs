@@ -561,11 +561,9 @@ impl Core {
         let connected: HashSet<IpAddr> = self.peers.values().map(|c| c.ip).collect();
         let mut addrs: Vec<SocketAddr> = self.known.keys().copied().collect();
         // A stable order (the map's is random): trusted first, then the addresses after our own
-        // in ring order. Every node dialling in one order (by address) made the lowest addresses
-        // everyone's first choice: they filled up, and in a swarm of a peer list and one more
-        // (81 nodes, `MAX_CONNS` 80) the highest node was refused by all and fetched everything
-        // from the seed after the others had finished (simulated, SCALE.md). Starting after our
-        // own address, each node is first choice of the node before it.
+        // in ring order, so that each node is the first choice of the node before it, not the
+        // lowest addresses everyone's (they fill up first and refuse the rest: see
+        // `MAX_OUTGOING` for what keeps a node from being refused by all).
         let own = self.own;
         addrs.sort_by_key(|a| (!self.trusted.contains(&a.ip()), ring_distance(own, a), *a));
         for a in addrs {

@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 
 /// Most connections of a node.
 pub const MAX_CONNS: usize = 80;
-/// Most connections a node dials to untrusted peers itself: the rest of [`MAX_CONNS`] is left
-/// to peers that dial it, and one more to the seed. When every node dialled up to the cap, a
-/// swarm one node larger than the cap allows (81 nodes) filled every node with connections
-/// before the last one's dials and its incoming connections were registered: it was refused
-/// by all, for good, and fetched the whole archive from the seed after the others had finished
-/// (simulated, SCALE.md). With at most half dialled, the dials a node receives (from the
-/// nodes whose lists it heads, about as many as it dials) fit beside its own.
+/// Untrusted connections a node dialled itself that it keeps when full: beyond these, a peer
+/// dialling in takes the place of one of them (`Core::register`), so the rest of [`MAX_CONNS`]
+/// is in the end the share of the peers that dial it (half, less the seed's). When every
+/// node kept everything it dialled, a swarm one node larger than the cap allows (81 nodes,
+/// started at once) filled every node before the last one's connections were registered: it
+/// was refused by all, for good, and fetched the whole archive from the seed after the others
+/// had finished (simulated, SCALE.md).
 pub const MAX_OUTGOING: usize = (MAX_CONNS - 2) / 2;
 /// Most connections from one IP address (two: a node and its restarted process overlap, or two
 /// peers dial each other at once before one connection is dropped).

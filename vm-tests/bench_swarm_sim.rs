@@ -121,6 +121,7 @@ struct Sims {
     done: Vec<f64>,
     /// The first run's pieces verified per second, all nodes together.
     ramp: Vec<u32>,
+    /// The first run's connections per node when the last node finished.
     conns: Vec<usize>,
 }
 

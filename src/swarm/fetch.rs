@@ -316,10 +316,11 @@ async fn download_and_seed(
 /// The seeding phase after completion: until `deadline`, `token`, or (with `ask`) the appliance
 /// saying the swarm is done; `progress` is called at its period. Returns why it stopped.
 ///
-/// The appliance is asked every [`DONE_POLL`] by a task of its own on hedged connections
-/// ([`http_get::get_retrying_hedged`]), so an answer that is late (a lost SYN in back-off behind
-/// a full uplink: seen for 11-15 of 128 emulated nodes, SCALE.md) neither holds the deadline and
-/// the token up nor costs more than [`http_get::HEDGE_AFTER`] before another connection asks.
+/// The appliance is asked every [`DONE_POLL`] by a task of its own (cancelled when the phase
+/// ends) on hedged connections ([`http_get::get_retrying_hedged`]), so an answer that is late
+/// (a lost SYN in back-off behind a full uplink: seen for 11-15 of 128 emulated nodes,
+/// SCALE.md) neither holds the deadline and the token up nor costs more than
+/// [`http_get::HEDGE_AFTER`] before another connection asks.
 async fn seed_phase(
     server: SocketAddr,
     name: &ImageName,
@@ -329,15 +330,17 @@ async fn seed_phase(
     mut progress: Option<(Duration, &mut dyn FnMut())>,
 ) -> &'static str {
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
-    let poller = ask.then(|| {
-        let name = name.clone();
-        AbortOnDrop(tokio::spawn(async move {
+    // The poller ends with this phase (the guard cancels it on every way out).
+    let stop = token.child_token();
+    let _stop_poller = stop.clone().drop_guard();
+    if ask {
+        let (name, again) = (name.clone(), stop.clone());
+        crate::task::spawn_with_cancel(tracing::info_span!("done-poll"), "swarm done poll", stop, async move {
             let mut poll = tokio::time::interval(DONE_POLL);
             poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let never = CancellationToken::new();
             loop {
                 poll.tick().await;
-                match swarm_view(server, &name, Duration::ZERO, &never).await {
+                match swarm_view(server, &name, Duration::ZERO, &again).await {
                     Ok(v) if v.done => {
                         let _ = done_tx.send(());
                         return;
@@ -346,35 +349,24 @@ async fn seed_phase(
                     Err(e) => warn!(%name, "asking the appliance whether the swarm is done: {e:#}"),
                 }
             }
-        }))
-    });
+        });
+    }
     let period = progress.as_ref().map_or(Duration::from_secs(3600), |p| p.0);
     let mut tick = tokio::time::interval(period);
-    let why = loop {
+    loop {
         tokio::select! {
             // CANCEL-SAFETY: a sleep until a fixed deadline, a token, an interval tick and a
             // oneshot receiver (polled by reference, kept across turns) hold nothing.
             biased;
             _ = token.cancelled() => break "signal",
             _ = tokio::time::sleep_until(deadline) => break "seed-time-over",
-            Ok(()) = &mut done_rx, if poller.is_some() => break "swarm-done",
+            Ok(()) = &mut done_rx, if ask => break "swarm-done",
             _ = tick.tick() => {
                 if let Some((_, f)) = progress.as_mut() {
                     f();
                 }
             }
         }
-    };
-    drop(poller);
-    why
-}
-
-/// Aborts the task when dropped (the done poller must not outlive its seeding phase).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -14,19 +14,22 @@ use super::error::ImageError;
 
 const MIB: u64 = 1 << 20;
 
-/// Piece length for a LAN swarm: about 1024 pieces (the smallest power of two that gets there),
-/// within 128 KiB..=16 MiB. Many pieces give nodes that start together different pieces to trade
-/// (a 64 MiB archive in 4 MiB pieces would have only 16), and a piece passes from node to node
-/// sooner the shorter it is (measured in the emulated swarm lab, N = 32 nodes at 40 Mbit/s, one
-/// 64 MiB archive, makespan / T*: 1 MiB pieces 2.04, 256 KiB 1.39–1.50, 128 KiB 1.28–1.31; 64 KiB
-/// 1.41, where the nodes' CPU saturated the 2-core emulation host). 16 MiB keeps a multi-GB
-/// image's piece list and per-piece hashing cost small.
+/// Piece length for a LAN swarm: about 8192 pieces (the smallest power of two that gets there),
+/// within 64 KiB..=16 MiB. A piece passes from node to node only once it is whole, so the last
+/// pieces the seed sends still have to reach every node after it: about N x piece / C, that is
+/// N / pieces of T* (S / C). Pieces must outnumber nodes several times over. Measured in the
+/// emulated swarm lab (`cargo bench --bench swarm`, one 64 MiB archive, makespan / T*): 128 KiB
+/// against 64 KiB pieces 1.36-1.39 / 1.28 at N = 64 nodes on 10 Mbit/s, 1.21 / 1.16 at N = 32
+/// on 40 Mbit/s, 1.14 / 1.13 at N = 8 on 100 Mbit/s; earlier, at N = 32 / 40 Mbit/s, 1 MiB 2.04,
+/// 256 KiB 1.39-1.50, 128 KiB 1.28-1.31. A 2.7 GB image gets 512 KiB pieces (5150, a 103 KB
+/// .torrent); 64 KiB keeps the per-piece messages and hashing calls of a small archive bounded
+/// (1024 for 64 MiB), 16 MiB a huge image's piece list.
 pub fn piece_length(size: u64) -> u64 {
-    (size / 1024).next_power_of_two().clamp(MIN_PIECE, 16 * MIB)
+    (size / 8192).next_power_of_two().clamp(MIN_PIECE, 16 * MIB)
 }
 
-/// The shortest piece [`piece_length`] chooses (archives under 128 MiB).
-pub const MIN_PIECE: u64 = 128 << 10;
+/// The shortest piece [`piece_length`] chooses (archives under 512 MiB).
+pub const MIN_PIECE: u64 = 64 << 10;
 
 /// A generated torrent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -288,14 +291,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn piece_lengths_aim_at_a_thousand_pieces() {
-        assert_eq!(piece_length(0), 128 << 10);
-        assert_eq!(piece_length(32 * MIB), 128 << 10);
-        assert_eq!(piece_length(64 * MIB), 128 << 10);
-        assert_eq!(piece_length(256 * MIB), 256 << 10);
-        assert_eq!(piece_length(1 << 30), MIB);
-        assert_eq!(piece_length(3 << 30), 4 * MIB);
+    fn piece_lengths_aim_at_eight_thousand_pieces() {
+        assert_eq!(piece_length(0), 64 << 10);
+        assert_eq!(piece_length(64 * MIB), 64 << 10);
+        assert_eq!(piece_length(512 * MIB), 64 << 10);
+        assert_eq!(piece_length(1 << 30), 128 << 10);
+        assert_eq!(piece_length(2_700_000_000), 512 << 10);
+        assert_eq!(piece_length(3 << 30), 512 << 10);
         assert_eq!(piece_length(100 << 30), 16 * MIB);
+        assert_eq!(piece_length(1 << 40), 16 * MIB);
     }
 
     #[test]
@@ -323,9 +327,9 @@ mod tests {
         let ti = parse(&t.bytes).unwrap();
         assert_eq!(hex::encode(ti.info_hash), t.info_hash);
         assert_eq!((ti.file_name.as_str(), ti.size, ti.piece_len as u64), ("img.tar.zst", (1 << 20) + 5, t.piece_length));
-        // 1 MiB + 5 bytes in 128 KiB pieces: 8 full pieces and one of 5 bytes.
-        assert_eq!(ti.hashes.len(), 9);
-        assert_eq!(ti.hashes[8], <[u8; 20]>::from(Sha1::digest([3u8; 5])));
+        // 1 MiB + 5 bytes in 64 KiB pieces: 16 full pieces and one of 5 bytes.
+        assert_eq!(ti.hashes.len(), 17);
+        assert_eq!(ti.hashes[16], <[u8; 20]>::from(Sha1::digest([3u8; 5])));
     }
 
     /// Keys the parser does not read, in an order serde would not write, stay in the hash:

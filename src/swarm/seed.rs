@@ -15,7 +15,7 @@
 //!   of an archive is cached in `<state_dir>/swarm/torrents` keyed by the archive's size and
 //!   mtime, so a restart does not re-hash to create it either.
 //! - The .torrent comes from the caller ([`TorrentMaker`]: the image store's builder, private,
-//!   ~1024 pieces). librqbit's `create_torrent` is not used: it cannot set the `private` flag,
+//!   ~8192 pieces). librqbit's `create_torrent` is not used: it cannot set the `private` flag,
 //!   writes no `announce` key, and appends a surplus piece hash when the size is a multiple of the
 //!   piece length (aria2c then refuses the torrent).
 

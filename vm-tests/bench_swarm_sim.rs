@@ -13,12 +13,13 @@
 //! percent of nodes on C/4 (spread like the swarm bench's), `GOODPUT` one TCP stream's goodput as a
 //! share of C (default 0.95; calibrate: S / T* measured), `RTT_MS`, `HASH_MS` hashing per MiB,
 //! `START_MS` a node's start delay, `CORES` cores the nodes share (0: own CPU each, as real
-//! nodes), `CPU_S_PER_64MIB` their CPU seconds per 64 MiB delivered, `AGG` block aggregation, `SEEDS` runs per case (default 3),
+//! nodes), `CPU_S_PER_64MIB` their CPU seconds per 64 MiB delivered, `AGG` block aggregation (project: default four Core blocks per piece), `SEEDS` runs per case (default 3),
 //! `RUNS` the swarm bench's `JSON` files (calibrate / agg), `CPU=0` (calibrate) fits without the
 //! runs' measured CPU (the network alone), `OUT` a file for the JSON result,
 //! `PIECE` piece length in bytes (predict; default the project's `piece_length`), `SEED_SLOTS`
 //! the seed's upload slots rotating per piece (predict; 0 = every connection at once, as
-//! librqbit's seed), `RAMP=1` (predict) prints the pieces all nodes verified in each second.
+//! librqbit's seed), `RAMP=1` (predict) prints the pieces all nodes verified in each second,
+//! `VARIANTS=0,2` (project) runs only those rows of the sensitivity table (0 = base).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -44,7 +45,7 @@ impl Knobs {
 
 fn knobs() -> Knobs {
     let mut kv = BTreeMap::new();
-    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP", "CPU"] {
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.to_owned(), v);
         }
@@ -295,11 +296,12 @@ fn project(k: &Knobs, seeds: u64) {
     let mbit = k.f("C", 1000.0);
     let goodput = mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95);
     let ph = phys(k);
-    let agg = k.u("AGG", 16) as u32;
-    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0 };
     let pl = si_appliance::image::torrent::piece_length(size) as u32;
+    // Four Core blocks per piece by default (the validated aggregation: SCALE.md).
+    let agg = k.u("AGG", u64::from((pl / (64 << 10)).max(1))) as u32;
+    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0 };
     let tstar = size as f64 / goodput;
-    println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} MiB agg {agg}", goodput / 1e6, pl >> 20);
+    println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} KiB agg {agg}", goodput / 1e6, pl >> 10);
     println!("| variant | projected makespan s | / T* | seed copies | wall s |");
     println!("|---|---|---|---|---|");
     let variants: Vec<(&str, Case)> = vec![
@@ -309,7 +311,12 @@ fn project(k: &Knobs, seeds: u64) {
         ("goodput − 5 % (loss)", Case { goodput: goodput * 0.95, ..base.clone() }),
         ("link spread ±10 % (half the nodes at 0.9 C)", Case { slow_pct: 50, ..base.clone() }),
     ];
-    for (name, c) in variants {
+    // `VARIANTS=0,3`: only those rows (each N = 1000 variant takes tens of minutes on one core).
+    let only: Option<Vec<usize>> = k.get("VARIANTS").map(|v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect());
+    for (i, (name, c)) in variants.into_iter().enumerate() {
+        if only.as_ref().is_some_and(|o| !o.contains(&i)) {
+            continue;
+        }
         let r = if name.starts_with("link spread") {
             // Every other node at 0.9 C, others at 1.1 C (the appliance at C).
             let mut sum = 0.0;

@@ -45,7 +45,7 @@ impl Knobs {
 
 fn knobs() -> Knobs {
     let mut kv = BTreeMap::new();
-    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS"] {
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS", "CLAIMS"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.to_owned(), v);
         }
@@ -102,6 +102,8 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     p.agg = agg;
     p.seed_slots = c.seed_slots;
     p.node_slots = c.node_slots;
+    // CLAIMS=0: the nodes as they were before the `si_claim` extension.
+    p.claims = std::env::var("CLAIMS").map_or(true, |v| v != "0") && !std::env::args().any(|a| a.eq_ignore_ascii_case("CLAIMS=0"));
     p.seed = seed;
     // Rate recomputation: finer than a block's time at full rate.
     p.quantum = (f64::from(16 * 1024 * agg) / c.goodput / 4.0).clamp(1e-5, 2e-3);

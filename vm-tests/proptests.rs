@@ -185,6 +185,7 @@ fn msg() -> impl Strategy<Value = Msg> {
         (u.clone(), u.clone(), u.clone()).prop_map(|(piece, begin, len)| Msg::Request { piece, begin, len }),
         (u.clone(), u.clone(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(piece, begin, data)| Msg::Piece { piece, begin, data }),
         (u.clone(), u.clone(), u).prop_map(|(piece, begin, len)| Msg::Cancel { piece, begin, len }),
+        (any::<u8>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(id, payload)| Msg::Extended { id, payload }),
     ]
 }
 
@@ -232,8 +233,8 @@ proptest! {
     }
 
     #[test]
-    fn handshakes_and_bitfields_round_trip(info_hash in any::<[u8; 20]>(), peer_id in any::<[u8; 20]>(), have in prop::collection::vec(any::<bool>(), 0..100)) {
-        let h = Handshake { info_hash, peer_id };
+    fn handshakes_and_bitfields_round_trip(info_hash in any::<[u8; 20]>(), peer_id in any::<[u8; 20]>(), extensions in any::<bool>(), have in prop::collection::vec(any::<bool>(), 0..100)) {
+        let h = Handshake { info_hash, peer_id, extensions };
         prop_assert_eq!(Handshake::decode(&h.encode()).expect("decode"), h);
         prop_assert_eq!(wire::parse_bitfield(&wire::bitfield(&have), have.len() as u32), Some(have));
     }

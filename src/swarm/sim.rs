@@ -99,6 +99,9 @@ pub struct Params {
     /// per flow, flows no longer share it evenly, they lose packets, time out and take turns;
     /// the flows that send at once are about the queue's packets / 2 (SCALE.md).
     pub node_slots: usize,
+    /// Nodes speak the extension protocol (BEP 10) and claim the pieces they ask the seed for
+    /// (`si_claim`), as the engine does; false: as the engine did before it.
+    pub claims: bool,
 }
 
 impl Params {
@@ -126,6 +129,7 @@ impl Params {
             cap: 3600.0,
             seed_slots: 0,
             node_slots: 0,
+            claims: true,
         }
     }
 }
@@ -667,6 +671,10 @@ impl<'a> Sim<'a> {
         } else {
             self.nodes[to].core.register(now, ip_from, id_from, false, None, &mut out_to)
         };
+        // Both ends set the extension bit (the seed too: librqbit speaks BEP 10).
+        if let (Ok(k), true, true) = (key_to, to != 0, self.p.claims) {
+            self.nodes[to].core.extensions(k, &mut out_to);
+        }
         let Ok(key_to) = key_to else {
             self.nodes[from].core.dial_failed(now, addr, false);
             return;
@@ -682,6 +690,9 @@ impl<'a> Sim<'a> {
         self.apply(to, out_to);
         match key_from {
             Ok(k) => {
+                if self.p.claims {
+                    self.nodes[from].core.extensions(k, &mut out_from);
+                }
                 self.conns[conn].key[0] = k;
                 self.nodes[from].keys.insert(k, conn);
                 self.apply(from, out_from);

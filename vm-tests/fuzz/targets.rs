@@ -371,7 +371,7 @@ fn torrent_run(_: &mut State, input: &[u8]) -> u64 {
 
 fn wire_seeds() -> Vec<Vec<u8>> {
     use si_appliance::swarm::engine::wire::{self, Handshake, Msg};
-    let hs = Handshake { info_hash: IH, peer_id: [3; 20] };
+    let hs = Handshake { info_hash: IH, peer_id: [3; 20], extensions: true };
     let mut v = vec![[&[0u8][..], &hs.encode()].concat()];
     for m in [
         Msg::Choke,
@@ -382,6 +382,8 @@ fn wire_seeds() -> Vec<Vec<u8>> {
         Msg::Request { piece: 1, begin: 16384, len: 16384 },
         Msg::Piece { piece: 2, begin: 0, data: vec![9; 32] },
         Msg::Cancel { piece: 1, begin: 0, len: 16384 },
+        Msg::Extended { id: 0, payload: b"d1:md8:si_claimi3eee".to_vec() },
+        Msg::Extended { id: 3, payload: vec![0, 0, 0, 5] },
     ] {
         // encode() writes the length prefix; decode() takes the body after it.
         let framed = m.encode();

@@ -203,7 +203,7 @@ pub(super) async fn accept_loop(sh: Arc<Shared>, l: TcpListener) {
 
 /// Exchanges handshakes; outgoing sends first. Refuses another torrent and ourselves.
 async fn handshake(sh: &Shared, mut s: TcpStream, outgoing: bool) -> Result<(TcpStream, Handshake), HandshakeError> {
-    let ours = Handshake { info_hash: sh.meta.info_hash, peer_id: sh.peer_id }.encode();
+    let ours = Handshake { info_hash: sh.meta.info_hash, peer_id: sh.peer_id, extensions: true }.encode();
     if outgoing {
         s.write_all(&ours).await?;
     }
@@ -271,6 +271,9 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
                 return;
             }
         };
+        if hs.extensions {
+            st.core.extensions(key, &mut acts);
+        }
         st.io.insert(key, ConnIo { tx, close: close.clone(), ip, queued_up: queued_up.clone(), up: up.clone() });
         let later = apply(&mut st, &mut acts);
         drop(st);

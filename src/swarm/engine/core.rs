@@ -27,6 +27,32 @@ pub const DEPTH_BUDGET: usize = 96;
 pub const MIN_DEPTH: usize = 4;
 /// A request unanswered this long is asked of another peer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Our number for the `si_claim` extension (BEP 10): the id peers put on the claims they send
+/// us. A claim's payload is the piece index (4 bytes, big-endian): "I am asking the appliance's
+/// seed for this piece" (see [`Picker::claim`]).
+pub const CLAIM_EXT: u8 = 3;
+/// The extension's name in the extension handshake.
+pub const CLAIM_NAME: &str = "si_claim";
+
+/// Our extension handshake: `d1:md8:si_claimi3eee`.
+fn ext_handshake() -> Vec<u8> {
+    format!("d1:md{}:{}i{}eee", CLAIM_NAME.len(), CLAIM_NAME, CLAIM_EXT).into_bytes()
+}
+
+/// The number a peer's extension handshake gives `si_claim` (None: it does not speak it, or
+/// the handshake is not a bencoded dictionary with an `m` dictionary; 0 disables, BEP 10).
+fn peer_claim_id(payload: &[u8]) -> Option<u8> {
+    #[derive(serde::Deserialize)]
+    struct Hs {
+        #[serde(default)]
+        m: std::collections::BTreeMap<String, serde_bencode::value::Value>,
+    }
+    let hs: Hs = serde_bencode::from_bytes(payload).ok()?;
+    match hs.m.get(CLAIM_NAME)? {
+        serde_bencode::value::Value::Int(n) => u8::try_from(*n).ok().filter(|n| *n != 0),
+        _ => None,
+    }
+}
 
 /// What the I/O side is to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +129,8 @@ pub struct Peer {
     /// Block bytes received from it.
     pub down: u64,
     chokes: ChokeMeter,
+    /// Its number for `si_claim` (it speaks it: it gets our claims).
+    claim_id: Option<u8>,
 }
 
 /// A known address (from `--peer` or the tracker).
@@ -331,7 +359,7 @@ impl Core {
             self.picker.set_order(key, u32::from(v4));
         }
         self.ip_of.insert(key, ip);
-        let peer = Peer { ip, peer_id, outgoing, trusted, interested: false, down: 0, chokes: ChokeMeter::default() };
+        let peer = Peer { ip, peer_id, outgoing, trusted, interested: false, down: 0, chokes: ChokeMeter::default(), claim_id: None };
         self.peers.insert(key, peer);
         if self.picker.have_count() > 0 {
             out.push(Action::Send(key, Msg::Bitfield(wire::bitfield(&self.picker.have_flags()))));
@@ -343,6 +371,14 @@ impl Core {
         Ok(key)
     }
 
+    /// Connection `key`'s handshake announced the extension protocol (BEP 10): queues our
+    /// extension handshake, which offers `si_claim`.
+    pub fn extensions(&mut self, key: PeerKey, out: &mut Vec<Action>) {
+        if self.peers.contains_key(&key) {
+            out.push(Action::Send(key, Msg::Extended { id: 0, payload: ext_handshake() }));
+        }
+    }
+
     /// A message from connection `key`.
     ///
     /// # Errors
@@ -351,6 +387,20 @@ impl Core {
         let Some(peer) = self.peers.get_mut(&key) else { return Err(PeerFault::Closed) };
         match msg {
             Msg::KeepAlive | Msg::Interested | Msg::NotInterested | Msg::Other(_) | Msg::Cancel { .. } => {}
+            Msg::Extended { id: 0, payload } => {
+                peer.claim_id = peer_claim_id(&payload);
+            }
+            Msg::Extended { id: CLAIM_EXT, payload } => match <[u8; 4]>::try_from(payload.as_slice()) {
+                Ok(b) => {
+                    let i = u32::from_be_bytes(b);
+                    if !self.picker.claim(key, i, now) {
+                        debug!(key, piece = i, "claim of a piece out of range: ignored");
+                    }
+                }
+                Err(_) => debug!(key, len = payload.len(), "malformed claim: ignored"),
+            },
+            // Extensions we did not offer.
+            Msg::Extended { .. } => {}
             Msg::Choke => {
                 if peer.chokes.choke(now) && !peer.trusted {
                     // Each choke frees its requests and each unchoke asks again: cut it off.
@@ -629,6 +679,15 @@ impl Core {
         }
         for b in reqs {
             out.push(Action::Send(k, Msg::Request { piece: b.piece, begin: b.begin, len: b.len }));
+        }
+        // Pieces just asked of the appliance's seed: claimed to every peer that speaks
+        // `si_claim`, so that none asks the seed for them too.
+        for i in self.picker.take_claims() {
+            for (pk, p) in &self.peers {
+                if let Some(id) = p.claim_id.filter(|_| *pk != k) {
+                    out.push(Action::Send(*pk, Msg::Extended { id, payload: i.to_be_bytes().to_vec() }));
+                }
+            }
         }
     }
 

@@ -600,7 +600,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut hs = [0u8; wire::HANDSHAKE_LEN];
                     s.read_exact(&mut hs).await?;
-                    s.write_all(&Handshake { info_hash: ih, peer_id: [9; 20] }.encode()).await?;
+                    s.write_all(&Handshake { info_hash: ih, peer_id: [9; 20], extensions: false }.encode()).await?;
                     s.write_all(&Msg::Bitfield(wire::bitfield(&vec![true; n])).encode()).await?;
                     s.write_all(&Msg::Unchoke.encode()).await?;
                     let mut buf = Vec::new();
@@ -642,7 +642,7 @@ mod tests {
         std::fs::write(dir.path().join("s"), &d).unwrap();
         let t = CancellationToken::new();
         let seed = Engine::start(meta_of(&d), &dir.path().join("s"), opts(vec![]), &t).await.unwrap();
-        for bad in [vec![0u8; 68], Handshake { info_hash: [1; 20], peer_id: [2; 20] }.encode().to_vec()] {
+        for bad in [vec![0u8; 68], Handshake { info_hash: [1; 20], peer_id: [2; 20], extensions: false }.encode().to_vec()] {
             let mut s = TcpStream::connect(local(seed.port())).await.unwrap();
             s.write_all(&bad).await.unwrap();
             let mut b = Vec::new();
@@ -659,7 +659,7 @@ mod tests {
         let s = TcpSocket::new_v4().unwrap();
         s.bind(SocketAddr::from((from, 0))).unwrap();
         let mut s = s.connect(local(port)).await.unwrap();
-        s.write_all(&Handshake { info_hash: ih, peer_id: [id; 20] }.encode()).await.unwrap();
+        s.write_all(&Handshake { info_hash: ih, peer_id: [id; 20], extensions: false }.encode()).await.unwrap();
         let mut hs = [0u8; wire::HANDSHAKE_LEN];
         s.read_exact(&mut hs).await.unwrap();
         s
@@ -688,7 +688,7 @@ mod tests {
             let s = TcpSocket::new_v4().unwrap();
             s.bind(SocketAddr::from(([127, 0, 0, 3], 0))).unwrap();
             let mut s = s.connect(local(seed.port())).await.unwrap();
-            s.write_all(&Handshake { info_hash: [7; 20], peer_id: [30 + i; 20] }.encode()).await.unwrap();
+            s.write_all(&Handshake { info_hash: [7; 20], peer_id: [30 + i; 20], extensions: false }.encode()).await.unwrap();
             socks.push(s);
         }
         // Each socket either stays (a handshake, then the engine's unchoke) or is closed.
@@ -732,7 +732,7 @@ mod tests {
         let s2 = TcpSocket::new_v4().unwrap();
         s2.bind(SocketAddr::from(([127, 0, 0, 4], 0))).unwrap();
         let mut s2 = s2.connect(local(leech.port())).await.unwrap();
-        let _ = s2.write_all(&Handshake { info_hash: meta.info_hash, peer_id: [5; 20] }.encode()).await;
+        let _ = s2.write_all(&Handshake { info_hash: meta.info_hash, peer_id: [5; 20], extensions: false }.encode()).await;
         let mut b = Vec::new();
         assert_eq!(within(s2.read_to_end(&mut b)).await.unwrap_or(0), 0, "refused while cooling off");
         t.cancel();
@@ -809,7 +809,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut hs = [0u8; wire::HANDSHAKE_LEN];
                     s.read_exact(&mut hs).await?;
-                    s.write_all(&Handshake { info_hash: ih, peer_id: [9; 20] }.encode()).await?;
+                    s.write_all(&Handshake { info_hash: ih, peer_id: [9; 20], extensions: false }.encode()).await?;
                     s.write_all(&Msg::Bitfield(wire::bitfield(&vec![true; n])).encode()).await?;
                     s.write_all(&Msg::Unchoke.encode()).await?;
                     let (mut buf, mut sent) = (Vec::new(), 0);

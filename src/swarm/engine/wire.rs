@@ -1,7 +1,9 @@
 //! The BitTorrent peer wire protocol (BEP 3): the handshake and the length-prefixed messages
-//! the node-to-node engine speaks. No extensions are announced (reserved bytes all zero), so a
-//! standard peer (aria2c, transmission, librqbit) sends only these messages; anything else it
-//! sends is skipped. Every length is checked before a byte is buffered.
+//! the node-to-node engine speaks, and the extension protocol's envelope (BEP 10: reserved bit
+//! 0x10 of byte 5, message 20). The only extension we announce is our own `si_claim` (see
+//! [`core`](super::core)): a standard peer (aria2c, transmission, librqbit) answers with its
+//! extension handshake, which names no `si_claim`, and sends nothing else of ours; anything
+//! else it sends is skipped. Every length is checked before a byte is buffered.
 
 use std::io;
 
@@ -23,7 +25,13 @@ pub struct Handshake {
     pub info_hash: [u8; 20],
     /// The sender's id.
     pub peer_id: [u8; 20],
+    /// The sender speaks the extension protocol (BEP 10).
+    pub extensions: bool,
 }
+
+/// Byte of the handshake (reserved byte 5) and bit announcing BEP 10.
+const EXT_BYTE: usize = 20 + 5;
+const EXT_BIT: u8 = 0x10;
 
 impl Handshake {
     /// The 68 bytes on the wire.
@@ -31,6 +39,9 @@ impl Handshake {
         let mut b = [0u8; HANDSHAKE_LEN];
         b[0] = 19;
         b[1..20].copy_from_slice(PSTR);
+        if self.extensions {
+            b[EXT_BYTE] |= EXT_BIT;
+        }
         b[28..48].copy_from_slice(&self.info_hash);
         b[48..68].copy_from_slice(&self.peer_id);
         b
@@ -48,7 +59,7 @@ impl Handshake {
         let mut peer_id = [0u8; 20];
         info_hash.copy_from_slice(&b[28..48]);
         peer_id.copy_from_slice(&b[48..68]);
-        Ok(Handshake { info_hash, peer_id })
+        Ok(Handshake { info_hash, peer_id, extensions: b[EXT_BYTE] & EXT_BIT != 0 })
     }
 }
 
@@ -123,7 +134,15 @@ pub enum Msg {
         /// Length.
         len: u32,
     },
-    /// Any other id (extensions we did not announce, DHT port): skipped.
+    /// 20 (BEP 10): an extension message, `id` 0 the extension handshake (a bencoded
+    /// dictionary), any other id the number the receiver gave the extension in its handshake.
+    Extended {
+        /// Extended message id.
+        id: u8,
+        /// The rest.
+        payload: Vec<u8>,
+    },
+    /// Any other id (DHT port, fast extension: not announced): skipped.
     Other(u8),
 }
 
@@ -154,6 +173,10 @@ impl Msg {
                 Msg::Piece { piece: u32_at(p, 0), begin: u32_at(p, 4), data: p[8..].to_vec() }
             }
             8 => want(12).map(|()| Msg::Cancel { piece: u32_at(p, 0), begin: u32_at(p, 4), len: u32_at(p, 8) })?,
+            20 => match p.split_first() {
+                Some((&id, rest)) => Msg::Extended { id, payload: rest.to_vec() },
+                None => return Err(WireError::BadLength { id, len: 0 }),
+            },
             other => Msg::Other(other),
         })
     }
@@ -196,6 +219,12 @@ impl Msg {
                 v.reserve(data.len() + 13);
                 v.extend_from_slice(&piece_header(*piece, *begin, data.len() as u32));
                 v.extend_from_slice(data);
+            }
+            Msg::Extended { id, payload } => {
+                v.extend_from_slice(&(2 + payload.len() as u32).to_be_bytes());
+                v.push(20);
+                v.push(*id);
+                v.extend_from_slice(payload);
             }
             Msg::Other(_) => {}
         }
@@ -285,6 +314,8 @@ mod tests {
             Msg::Request { piece: 1, begin: 16384, len: 16384 },
             Msg::Cancel { piece: 2, begin: 0, len: 100 },
             Msg::Piece { piece: 3, begin: 32768, data: vec![9; 100] },
+            Msg::Extended { id: 0, payload: b"d1:md8:si_claimi3eee".to_vec() },
+            Msg::Extended { id: 3, payload: vec![0, 0, 1, 2] },
         ] {
             let e = m.encode();
             assert_eq!(u32_at(&e, 0) as usize, e.len() - 4, "{m:?}");
@@ -299,7 +330,9 @@ mod tests {
         assert!(Msg::decode(&[6, 0]).is_err());
         assert!(Msg::decode(&[7, 0, 0, 0]).is_err());
         assert!(Msg::decode(&[0, 1]).is_err());
-        assert_eq!(Msg::decode(&[20, 1, 2, 3]).unwrap(), Msg::Other(20));
+        assert_eq!(Msg::decode(&[20, 1, 2, 3]).unwrap(), Msg::Extended { id: 1, payload: vec![2, 3] });
+        assert!(matches!(Msg::decode(&[20]), Err(WireError::BadLength { id: 20, len: 0 })));
+        assert_eq!(Msg::decode(&[9, 1, 2]).unwrap(), Msg::Other(9));
     }
 
     #[tokio::test]
@@ -323,8 +356,12 @@ mod tests {
 
     #[test]
     fn handshakes_and_bitfields() {
-        let h = Handshake { info_hash: [1; 20], peer_id: [2; 20] };
+        let h = Handshake { info_hash: [1; 20], peer_id: [2; 20], extensions: false };
         assert_eq!(Handshake::decode(&h.encode()).unwrap(), h);
+        assert_eq!(&h.encode()[20..28], &[0; 8], "no reserved bit without extensions");
+        let x = Handshake { extensions: true, ..h };
+        assert_eq!(x.encode()[25], 0x10, "BEP 10: bit 0x10 of reserved byte 5");
+        assert_eq!(Handshake::decode(&x.encode()).unwrap(), x);
         let mut bad = h.encode();
         bad[3] = b'x';
         assert!(Handshake::decode(&bad).is_err());

@@ -371,3 +371,54 @@ fn dials_start_after_our_own_address() {
     c.tick(now, &mut acts);
     assert_eq!(acts, [Action::Dial(a(9)), Action::Dial(a(101)), Action::Dial(a(150)), Action::Dial(a(1)), Action::Dial(a(99))]);
 }
+
+/// `si_claim` (BEP 10): a peer whose extension handshake offers it gets a claim for each piece
+/// we ask the appliance's seed for; a peer that does not (librqbit, aria2c: other extensions
+/// only) gets none, nor does the seed; a claim we receive keeps that piece off our requests to
+/// the seed. Malformed handshakes and claims are ignored and the connection kept.
+#[test]
+fn pieces_asked_of_the_seed_are_claimed_to_peers_that_speak_si_claim() {
+    let now = Instant::now();
+    // Us at .100 with peers .1 and .2 downloading: three shares, ours (rank 2) is piece 2.
+    let setup = || {
+        let mut c = empty();
+        let seed = join(&mut c, now, 9);
+        let a = join(&mut c, now, 1);
+        let b = join(&mut c, now, 2);
+        let mut acts = Vec::new();
+        c.extensions(a, &mut acts);
+        assert_eq!(acts, [Action::Send(a, Msg::Extended { id: 0, payload: b"d1:md8:si_claimi3eee".to_vec() })]);
+        c.handle(now, a, Msg::Extended { id: 0, payload: b"d1:md8:si_claimi7ee1:v2:sie".to_vec() }, &mut Vec::new()).unwrap();
+        c.handle(now, b, Msg::Extended { id: 0, payload: b"d1:md11:ut_metadatai1e6:ut_pexi2ee4:reqqi250ee".to_vec() }, &mut Vec::new()).unwrap();
+        c.handle(now, seed, Msg::Extended { id: 0, payload: b"not bencode".to_vec() }, &mut Vec::new()).unwrap();
+        c.handle(now, seed, Msg::Extended { id: 0, payload: b"d1:md8:si_claim3:badee".to_vec() }, &mut Vec::new()).unwrap();
+        for bad in [vec![1, 2], N.to_be_bytes().to_vec(), Vec::new()] {
+            c.handle(now, a, Msg::Extended { id: CLAIM_EXT, payload: bad }, &mut Vec::new()).unwrap();
+        }
+        c.handle(now, a, Msg::Extended { id: 42, payload: vec![0; 4] }, &mut Vec::new()).unwrap();
+        (c, seed, a)
+    };
+    let from_seed = |c: &mut Core, seed: PeerKey| {
+        let mut acts = Vec::new();
+        c.handle(now, seed, all_bits(), &mut acts).unwrap();
+        c.handle(now, seed, Msg::Unchoke, &mut acts).unwrap();
+        acts
+    };
+    // Unclaimed: our share from the seed, claimed to .1 only (in its number for si_claim, 7).
+    let (mut c, seed, a) = setup();
+    let acts = from_seed(&mut c, seed);
+    assert!(acts.iter().any(|x| matches!(x, Action::Send(k, Msg::Request { piece: 2, .. }) if *k == seed)), "{acts:?}");
+    let claims: Vec<&Action> = acts.iter().filter(|x| matches!(x, Action::Send(_, Msg::Extended { .. }))).collect();
+    assert_eq!(claims, [&Action::Send(a, Msg::Extended { id: 7, payload: 2u32.to_be_bytes().to_vec() })]);
+    // Claimed by .1 first: piece 2 is not asked of the seed.
+    let (mut c, seed, a) = setup();
+    c.handle(now, a, Msg::Extended { id: CLAIM_EXT, payload: 2u32.to_be_bytes().to_vec() }, &mut Vec::new()).unwrap();
+    let acts = from_seed(&mut c, seed);
+    assert!(!acts.iter().any(|x| matches!(x, Action::Send(_, Msg::Request { piece: 2, .. }))), "{acts:?}");
+    assert!(c.picker().holding(), "the seed's connection is planned again on ticks");
+    // Its HAVE: fetched from .1.
+    let mut acts = Vec::new();
+    c.handle(now, a, Msg::Unchoke, &mut acts).unwrap();
+    c.handle(now, a, Msg::Have(2), &mut acts).unwrap();
+    assert!(acts.iter().any(|x| matches!(x, Action::Send(k, Msg::Request { piece: 2, .. }) if *k == a)), "{acts:?}");
+}

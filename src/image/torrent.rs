@@ -220,6 +220,12 @@ fn value_end(b: &[u8], at: usize, depth: usize) -> Result<usize, TorrentError> {
     }
 }
 
+/// Whether `b` is exactly one bencoded value, nested at most 32 deep: check a peer's bencode
+/// with it before serde_bencode (whose recursion has no depth limit) reads it.
+pub fn well_formed(b: &[u8]) -> bool {
+    value_end(b, 0, 0).is_ok_and(|end| end == b.len())
+}
+
 /// The raw bytes of the top-level dictionary's `info` value (hashed as they are: re-encoding
 /// could reorder or drop keys and change the info-hash).
 fn raw_info(b: &[u8]) -> Result<&[u8], TorrentError> {

@@ -47,6 +47,11 @@ fn peer_claim_id(payload: &[u8]) -> Option<u8> {
         #[serde(default)]
         m: std::collections::BTreeMap<String, serde_bencode::value::Value>,
     }
+    // A hostile peer's handshake could nest lists deep enough to exhaust the stack of
+    // serde_bencode's recursive reader: checked first (depth 32).
+    if !crate::image::torrent::well_formed(payload) {
+        return None;
+    }
     let hs: Hs = serde_bencode::from_bytes(payload).ok()?;
     match hs.m.get(CLAIM_NAME)? {
         serde_bencode::value::Value::Int(n) => u8::try_from(*n).ok().filter(|n| *n != 0),

@@ -1059,18 +1059,24 @@ mod tests {
         assert!(firsts.len() >= 14, "{firsts:?}");
     }
 
-    #[test]
-    fn from_a_seed_each_node_takes_its_share_first() {
-        let n = 12;
+    /// A picker for `n` pieces at our place 20, with these (key, place, pieces) peers unchoking us.
+    fn at_20_with(n: usize, peers: Vec<(PeerKey, u32, Vec<bool>)>) -> Picker {
         let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
         p.set_own_order(20);
-        // The seed (every piece), and two downloading peers ordered before and after us.
-        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n]), (3, 30, vec![false; n])] {
+        for (k, order, bits) in peers {
             p.add_peer(k);
             p.set_order(k, order);
             p.bitfield(k, bits);
             p.choked(k, false);
         }
+        p
+    }
+
+    #[test]
+    fn from_a_seed_each_node_takes_its_share_first() {
+        let n = 12;
+        // The seed (every piece), and two downloading peers ordered before and after us.
+        let mut p = at_20_with(n, vec![(1, 1, all(n)), (2, 10, vec![false; n]), (3, 30, vec![false; n])]);
         // Rank 1 of 3: pieces 1, 4, 7, 10 first, then the others.
         let r = p.next_requests(1, 4 * 6, Instant::now(), &mut rng());
         let mut first: Vec<u32> = r[..16].iter().step_by(4).map(|b| b.piece).collect();
@@ -1301,14 +1307,7 @@ mod tests {
     #[test]
     fn pieces_other_nodes_claimed_are_not_asked_of_the_seed() {
         let n = 12;
-        let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
-        p.set_own_order(20);
-        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n]), (3, 30, vec![false; n])] {
-            p.add_peer(k);
-            p.set_order(k, order);
-            p.bitfield(k, bits);
-            p.choked(k, false);
-        }
+        let mut p = at_20_with(n, vec![(1, 1, all(n)), (2, 10, vec![false; n]), (3, 30, vec![false; n])]);
         p.set_trusted(1);
         let t0 = Instant::now();
         // Our share (rank 1 of 3) is 1, 4, 7, 10: the others claim three of them.
@@ -1332,14 +1331,7 @@ mod tests {
         p.remove_peer(2);
         assert!(!p.claimed_at(10, t0));
         // An untrusted seed (a node done with every piece) is not spared: no claims either.
-        let mut q = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
-        q.set_own_order(20);
-        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n]), (3, 30, vec![false; n])] {
-            q.add_peer(k);
-            q.set_order(k, order);
-            q.bitfield(k, bits);
-            q.choked(k, false);
-        }
+        let mut q = at_20_with(n, vec![(1, 1, all(n)), (2, 10, vec![false; n]), (3, 30, vec![false; n])]);
         q.claim(3, 4, t0);
         let r = q.next_requests(1, 4 * n, t0, &mut rng());
         assert!(r.iter().any(|b| b.piece == 4), "{r:?}");
@@ -1382,14 +1374,7 @@ mod tests {
     #[test]
     fn the_seed_waits_out_claims_on_the_last_pieces() {
         let n = 3;
-        let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
-        p.set_own_order(20);
-        for (k, order, bits) in [(1, 1, all(n)), (2, 10, vec![false; n])] {
-            p.add_peer(k);
-            p.set_order(k, order);
-            p.bitfield(k, bits);
-            p.choked(k, false);
-        }
+        let mut p = at_20_with(n, vec![(1, 1, all(n)), (2, 10, vec![false; n])]);
         p.set_trusted(1);
         let t0 = Instant::now();
         for i in 0..n as u32 {

@@ -392,6 +392,9 @@ fn pieces_asked_of_the_seed_are_claimed_to_peers_that_speak_si_claim() {
         c.handle(now, b, Msg::Extended { id: 0, payload: b"d1:md11:ut_metadatai1e6:ut_pexi2ee4:reqqi250ee".to_vec() }, &mut Vec::new()).unwrap();
         c.handle(now, seed, Msg::Extended { id: 0, payload: b"not bencode".to_vec() }, &mut Vec::new()).unwrap();
         c.handle(now, seed, Msg::Extended { id: 0, payload: b"d1:md8:si_claim3:badee".to_vec() }, &mut Vec::new()).unwrap();
+        // Nested a million deep (serde_bencode alone would recurse until the stack is gone).
+        let deep = [&b"d1:md8:si_claim"[..], &[b'l'; 1 << 20], &[b'e'; 1 << 20], b"ee"].concat();
+        c.handle(now, seed, Msg::Extended { id: 0, payload: deep }, &mut Vec::new()).unwrap();
         for bad in [vec![1, 2], N.to_be_bytes().to_vec(), Vec::new()] {
             c.handle(now, a, Msg::Extended { id: CLAIM_EXT, payload: bad }, &mut Vec::new()).unwrap();
         }

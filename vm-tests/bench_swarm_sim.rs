@@ -19,7 +19,8 @@
 //! `PIECE` piece length in bytes (predict; default the project's `piece_length`), `SEED_SLOTS`
 //! the seed's upload slots rotating per piece (predict; 0 = every connection at once, as
 //! librqbit's seed), `RAMP=1` (predict) prints the pieces all nodes verified in each second,
-//! `VARIANTS=0,2` (project) runs only those rows of the sensitivity table (0 = base).
+//! `VARIANTS=0,2` (project) runs only those rows of the sensitivity table (0 = base),
+//! `CLAIMS=0` runs the nodes without `si_claim` (as before it).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -86,6 +87,8 @@ struct Case {
     /// The seed's upload slots (0: every connection at once, as librqbit).
     seed_slots: usize,
     node_slots: usize,
+    /// The nodes claim what they ask the seed for (`CLAIMS=0`: as before `si_claim`).
+    claims: bool,
 }
 
 fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
@@ -102,8 +105,7 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     p.agg = agg;
     p.seed_slots = c.seed_slots;
     p.node_slots = c.node_slots;
-    // CLAIMS=0: the nodes as they were before the `si_claim` extension.
-    p.claims = std::env::var("CLAIMS").map_or(true, |v| v != "0") && !std::env::args().any(|a| a.eq_ignore_ascii_case("CLAIMS=0"));
+    p.claims = c.claims;
     p.seed = seed;
     // Rate recomputation: finer than a block's time at full rate.
     p.quantum = (f64::from(16 * 1024 * agg) / c.goodput / 4.0).clamp(1e-5, 2e-3);
@@ -171,7 +173,7 @@ fn load_run(path: &str) -> Option<(Case, f64, String, (f64, f64))> {
     let run = v["runs"].as_array()?.iter().find(|r| r["method"].as_str().is_some_and(|m| m.starts_with("ours")))?;
     let makespan = run["makespan"].as_f64()?;
     let note = format!("busy {:.0} %{}, load {}", run["busy"].as_f64().unwrap_or(0.0) * 100.0, if run["saturated"].as_bool() == Some(true) { " SATURATED" } else { "" }, v["loadavg"].as_str().unwrap_or("?"));
-    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0 };
+    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0, claims: true };
     // The run's CPU: the cores the nodes got (their CPU seconds over the run's wall time) and
     // their CPU seconds per byte delivered; both measured, none fitted.
     let cpu = run["clients_cpu"].as_f64().unwrap_or(0.0);
@@ -218,7 +220,7 @@ fn main() {
         _ => {
             let mbit = k.f("C", 100.0);
             let size = k.u("S", 64) * MIB;
-            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize };
+            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize, claims: k.u("CLAIMS", 1) != 0 };
             let ph = phys(&k);
             let Sims { mean, min, max, copies, wall, done, ramp, conns } = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
@@ -301,7 +303,7 @@ fn project(k: &Knobs, seeds: u64) {
     let pl = si_appliance::image::torrent::piece_length(size) as u32;
     // Four Core blocks per piece by default (the validated aggregation: SCALE.md).
     let agg = k.u("AGG", u64::from((pl / (64 << 10)).max(1))) as u32;
-    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0 };
+    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0, claims: k.u("CLAIMS", 1) != 0 };
     let tstar = size as f64 / goodput;
     println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} KiB agg {agg}", goodput / 1e6, pl >> 10);
     println!("| variant | projected makespan s | / T* | seed copies | wall s |");

@@ -672,8 +672,10 @@ impl<'a> Sim<'a> {
             self.nodes[to].core.register(now, ip_from, id_from, false, None, &mut out_to)
         };
         // Both ends set the extension bit (the seed too: librqbit speaks BEP 10).
-        if let (Ok(k), true, true) = (key_to, to != 0, self.p.claims) {
-            self.nodes[to].core.extensions(k, &mut out_to);
+        if to != 0 && self.p.claims {
+            if let Ok(k) = key_to {
+                self.nodes[to].core.extensions(k, &mut out_to);
+            }
         }
         let Ok(key_to) = key_to else {
             self.nodes[from].core.dial_failed(now, addr, false);

@@ -34,25 +34,29 @@ pub const CLAIM_EXT: u8 = 3;
 /// The extension's name in the extension handshake.
 pub const CLAIM_NAME: &str = "si_claim";
 
-/// Our extension handshake: `d1:md8:si_claimi3eee`.
+/// A BEP 10 extension handshake: `m` maps extension names to the numbers the sender wants on
+/// the messages it receives (other keys, as `v` or `reqq`, are skipped).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ExtHandshake {
+    #[serde(default)]
+    m: std::collections::BTreeMap<String, serde_bencode::value::Value>,
+}
+
+/// Ours: `d1:md8:si_claimi3eee`.
 fn ext_handshake() -> Vec<u8> {
-    format!("d1:md{}:{}i{}eee", CLAIM_NAME.len(), CLAIM_NAME, CLAIM_EXT).into_bytes()
+    let m = [(CLAIM_NAME.to_owned(), serde_bencode::value::Value::Int(CLAIM_EXT.into()))].into();
+    serde_bencode::to_bytes(&ExtHandshake { m }).expect("bencoding a map of one integer")
 }
 
 /// The number a peer's extension handshake gives `si_claim` (None: it does not speak it, or
 /// the handshake is not a bencoded dictionary with an `m` dictionary; 0 disables, BEP 10).
 fn peer_claim_id(payload: &[u8]) -> Option<u8> {
-    #[derive(serde::Deserialize)]
-    struct Hs {
-        #[serde(default)]
-        m: std::collections::BTreeMap<String, serde_bencode::value::Value>,
-    }
     // A hostile peer's handshake could nest lists deep enough to exhaust the stack of
     // serde_bencode's recursive reader: checked first (depth 32).
     if !crate::image::torrent::well_formed(payload) {
         return None;
     }
-    let hs: Hs = serde_bencode::from_bytes(payload).ok()?;
+    let hs: ExtHandshake = serde_bencode::from_bytes(payload).ok()?;
     match hs.m.get(CLAIM_NAME)? {
         serde_bencode::value::Value::Int(n) => u8::try_from(*n).ok().filter(|n| *n != 0),
         _ => None,

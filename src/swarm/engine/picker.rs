@@ -70,6 +70,13 @@ pub const ENDGAME_DUPES: usize = 2;
 /// A request to a peer that keeps sending expires after this many request timeouts.
 pub const STUCK_FACTOR: u32 = 4;
 
+/// The fewest pieces a downloading peer may have and not be slow: half the median of `counts`
+/// (rounded up, so that `count >= floor` is `2 × count >= median`).
+fn slow_floor(mut counts: Vec<u32>) -> u32 {
+    counts.sort_unstable();
+    counts.get(counts.len() / 2).map_or(0, |m| m.div_ceil(2))
+}
+
 /// One block request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Block {
@@ -392,9 +399,7 @@ impl Picker {
         // seen here fall short alike for every owner, and by more the further ahead we are
         // (measured at N = 8: a helper ahead of the others took every owner for slow and
         // fetched their pieces in index order, beside them: 0.16 copies of the seed's upload).
-        let mut counts: Vec<u32> = owners.iter().flatten().map(|p| p.count).collect();
-        counts.sort_unstable();
-        let median = counts.get(counts.len() / 2).copied().unwrap_or(0);
+        let floor = slow_floor(owners.iter().flatten().map(|p| p.count).collect());
         let n = self.pieces.len();
         let mut cand: Vec<((u8, usize), bool, u32)> = Vec::new();
         let mut held = false;
@@ -405,7 +410,7 @@ impl Picker {
             // An owner we are not connected to is only known from the tracker's ring: busy
             // with its share, as far as we can tell.
             let ringed = owner.is_none() && !self.ring.is_empty();
-            let keep = owner.is_some_and(|v| 2 * v.count >= median);
+            let keep = owner.is_some_and(|v| v.count >= floor);
             let class = match owner {
                 Some(_) if keep => 0,
                 Some(_) => 1,
@@ -640,9 +645,7 @@ impl Picker {
         let mut room = depth.saturating_sub(p.asked.len());
         if p.trusted {
             self.claim_blocked = false;
-            let mut counts: Vec<u32> = self.peers.values().filter(|p| !p.joined_complete).map(|p| p.count).collect();
-            counts.sort_unstable();
-            self.claim_floor = counts.get(counts.len() / 2).map_or(0, |m| m / 2);
+            self.claim_floor = slow_floor(self.peers.values().filter(|p| !p.joined_complete).map(|p| p.count).collect());
         }
         // The peer's pieces, copied once per call, not once per block (the simulator at N = 128
         // with 1024 pieces: 68 -> 49 s of wall time; the rarest-first scan stays O(pieces) per block).

@@ -34,7 +34,9 @@
 //! switch's port queues dropped are printed per method), `CC` the TCP congestion control of every
 //! namespace (default cubic, the default of the nodes' Debian kernel: a new namespace would take
 //! the build machine's, BBR on this one; the bench adds it to the host's
-//! `tcp_allowed_congestion_control` for the run and puts the list back after).
+//! `tcp_allowed_congestion_control` for the run and puts the list back after), `SYSCTL` extra
+//! `key=value` sysctls (comma-separated) set in every namespace, the switch's too (emulation
+//! experiments, e.g. `SYSCTL=net.ipv4.tcp_min_tso_segs=16`).
 //!
 //! Scenarios (percentages of the N clients, spread over the address range, client 1 never: it
 //! measures T*), applied alike to every method of the run:
@@ -87,6 +89,8 @@ struct Opts {
     queue_ms: u64,
     /// TCP congestion control in every namespace.
     cc: String,
+    /// Extra `key=value` sysctls set in every namespace (the switch's too).
+    sysctls: Vec<String>,
 }
 
 /// Who is what in a scenario run (index = client - 1).
@@ -155,6 +159,7 @@ fn opts() -> Opts {
         json: kv.get("JSON").filter(|v| !v.is_empty()).map(PathBuf::from),
         queue_ms: num("QUEUE_MS", 30).clamp(1, 10_000),
         cc: kv.get("CC").cloned().unwrap_or_else(|| "cubic".into()),
+        sysctls: kv.get("SYSCTL").map(|v| v.split([',', ' ']).filter(|s| s.contains('=')).map(str::to_owned).collect()).unwrap_or_default(),
     }
 }
 
@@ -850,6 +855,11 @@ fn main() {
         let rate = if slow { (o.mbit / 4).max(1) } else { o.mbit };
         shape(&lab.hosts[h], "eth0", rate, o.queue_ms);
         shape(&lab.switch, &format!("p{h}"), rate, o.queue_ms);
+    }
+    for ns in std::iter::once(&lab.switch).chain(&lab.hosts) {
+        for kv in &o.sysctls {
+            common::run(ns.cmd("sysctl").args(["-q", "-w", kv]));
+        }
     }
     let archive_dir = mkdir(&lab.path("archive"));
     let archive = archive_dir.join("img.tar.zst");

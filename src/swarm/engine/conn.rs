@@ -298,9 +298,82 @@ async fn run_conn(sh: Arc<Shared>, s: TcpStream, addr: SocketAddr, hs: Handshake
     let _ = writer.await;
 }
 
+/// Below this many missing bytes of a block, the reader wakes as data comes (a low-water
+/// mark costs a system call; two segments are not worth one).
+const LOWAT_MIN: usize = 3000;
+/// The low-water mark at most (the kernel grows the receive buffer to twice the mark).
+const LOWAT_MAX: usize = 256 * 1024;
+
+/// A connection's read half that, told how many bytes of a block are still to come, waits for
+/// them in one wake-up: the socket's receive low-water mark (`SO_RCVLOWAT`) is set to what is
+/// missing before it is polled, and lowered back as bytes come (to 1 once the block is in).
+/// A block trickling in from a peer that uploads to many others otherwise woke its reader for
+/// every segment or two (measured at N = 32 / 10 Mbit/s: 8 reads and 8 `epoll_wait` per 16 KiB
+/// block). Never above what the current message still needs, so no read waits for bytes that
+/// are not on their way; the kernel signals at once when the mark is lowered to what it holds.
+struct LowatRead {
+    inner: tokio::net::tcp::OwnedReadHalf,
+    /// Bytes of the current block not yet read from the socket (0: none expected).
+    want: usize,
+    /// The mark the socket has (1: the kernel's default).
+    set: usize,
+    /// Reads that returned bytes.
+    #[cfg(test)]
+    reads: usize,
+}
+
+impl LowatRead {
+    fn new(inner: tokio::net::tcp::OwnedReadHalf) -> LowatRead {
+        LowatRead {
+            inner,
+            want: 0,
+            set: 1,
+            #[cfg(test)]
+            reads: 0,
+        }
+    }
+
+    /// Applies `mark` to the socket; on failure (an old kernel) the default stays and reads go
+    /// on as before.
+    fn mark(&mut self, mark: usize) {
+        use std::os::fd::AsRawFd;
+        let fd = self.inner.as_ref().as_raw_fd();
+        let v = mark as libc::c_int;
+        // SAFETY: a plain setsockopt on a descriptor the stream owns for the call's length, with
+        // a pointer to a live c_int and its size.
+        let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&raw const v).cast(), size_of::<libc::c_int>() as libc::socklen_t) };
+        self.set = if r == 0 { mark } else { 1 };
+    }
+}
+
+impl tokio::io::AsyncRead for LowatRead {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+        let this = &mut *self;
+        let mark = if this.want >= LOWAT_MIN { this.want.min(LOWAT_MAX) } else { 1 };
+        if mark != this.set {
+            this.mark(mark);
+        }
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        let got = buf.filled().len() - before;
+        this.want = this.want.saturating_sub(got);
+        #[cfg(test)]
+        if got > 0 {
+            this.reads += 1;
+        }
+        r
+    }
+}
+
+/// Told that `n` bytes of a block are to come: the socket owes them less what the buffer holds.
+fn block_body(r: &mut BufReader<LowatRead>, n: usize) {
+    let missing = n.saturating_sub(r.buffer().len());
+    r.get_mut().want = missing;
+}
+
 /// Reads messages until the connection ends; returns why it ended.
 async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedReadHalf, close: &CancellationToken) -> String {
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut rd = BufReader::with_capacity(64 * 1024, LowatRead::new(rd));
     let mut buf = Vec::new();
     let max = wire::max_body(sh.meta.hashes.len() as u32);
     let mut acts = Vec::new();
@@ -308,7 +381,7 @@ async fn read_loop(sh: &Arc<Shared>, key: PeerKey, rd: tokio::net::tcp::OwnedRea
         let msg = tokio::select! {
             // CANCEL-SAFETY: read_msg keeps a partial message in `rd`/`buf` only for this
             // connection, which ends on either of the other arms.
-            r = tokio::time::timeout(IDLE_TIMEOUT, wire::read_msg(&mut rd, &mut buf, max)) => match r {
+            r = tokio::time::timeout(IDLE_TIMEOUT, wire::read_msg_hinted(&mut rd, &mut buf, max, block_body)) => match r {
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => return e.to_string(),
                 Err(_) => return "idle".into(),
@@ -419,4 +492,49 @@ async fn write_loop(
     }
     // A peer that does not read must not hold this task: the shutdown is bounded.
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block that trickles in (16 writes a few ms apart) is read in a few wake-ups, not one
+    /// per segment, and the short message right behind it is read at once: the mark never
+    /// waits for bytes that are not coming.
+    #[tokio::test]
+    async fn a_trickling_block_is_read_in_one_wake_up_and_what_follows_at_once() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let block = Msg::Piece { piece: 3, begin: 0, data: (0..wire::BLOCK).map(|i| (i % 251) as u8).collect() };
+        let frame = block.encode();
+        let sender = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            // The header and 1000 bytes, then the rest in 16 writes 5 ms apart.
+            s.write_all(&frame[..13 + 1000]).await.unwrap();
+            for c in frame[13 + 1000..].chunks(1000) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                s.write_all(c).await.unwrap();
+            }
+            // A short message later, alone: read at once only if the mark went back to 1.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(&Msg::Have(7).encode()).await.unwrap();
+            // Open until the reader is done: nothing else comes.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let (s, _) = l.accept().await.unwrap();
+        let (rd, _wr) = s.into_split();
+        let mut rd = BufReader::with_capacity(64 * 1024, LowatRead::new(rd));
+        let mut buf = Vec::new();
+        let t = Duration::from_secs(5);
+        let got = tokio::time::timeout(t, wire::read_msg_hinted(&mut rd, &mut buf, 1 << 20, block_body)).await.expect("the block in time").unwrap();
+        assert_eq!(got, block);
+        let reads = rd.get_ref().reads;
+        let got = tokio::time::timeout(t, wire::read_msg_hinted(&mut rd, &mut buf, 1 << 20, block_body)).await.expect("the HAVE behind it in time").unwrap();
+        assert_eq!(got, Msg::Have(7));
+        assert_eq!(rd.get_ref().set, 1, "the mark is back at 1 for what follows the block");
+        // The first read, the rest in one (or two, should the header's read race the mark).
+        assert!(reads <= 3, "{reads} reads for one block");
+        sender.abort();
+    }
 }

@@ -253,6 +253,20 @@ pub fn max_body(pieces: u32) -> u32 {
 /// # Errors
 /// [`WireError`]: I/O, an oversized or malformed message.
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: u32) -> Result<Msg, WireError> {
+    read_msg_hinted(r, buf, max, |_, _| {}).await
+}
+
+/// [`read_msg`], telling `body(r, n)` once a block's header is read that `n` more bytes of it
+/// are to come: the caller may then wait for them in one wake-up (see the engine's
+/// connection reader) instead of one per arriving segment.
+///
+/// # Errors
+/// As [`read_msg`].
+pub async fn read_msg_hinted<R, H>(r: &mut R, buf: &mut Vec<u8>, max: u32, mut body: H) -> Result<Msg, WireError>
+where
+    R: AsyncRead + Unpin,
+    H: FnMut(&mut R, usize),
+{
     let len = r.read_u32().await?;
     if len == 0 {
         return Ok(Msg::KeepAlive);
@@ -266,6 +280,7 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: u
         let piece = r.read_u32().await?;
         let begin = r.read_u32().await?;
         let mut data = vec![0u8; len as usize - 9];
+        body(r, data.len());
         r.read_exact(&mut data).await?;
         return Ok(Msg::Piece { piece, begin, data });
     }

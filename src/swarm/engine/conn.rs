@@ -317,6 +317,8 @@ struct LowatRead {
     want: usize,
     /// The mark the socket has (1: the kernel's default).
     set: usize,
+    /// The kernel refused a mark: reads go on without one.
+    off: bool,
     /// Reads that returned bytes.
     #[cfg(test)]
     reads: usize,
@@ -328,13 +330,14 @@ impl LowatRead {
             inner,
             want: 0,
             set: 1,
+            off: false,
             #[cfg(test)]
             reads: 0,
         }
     }
 
-    /// Applies `mark` to the socket; on failure (an old kernel) the default stays and reads go
-    /// on as before.
+    /// Applies `mark` to the socket. Linux checks nothing but the descriptor (a socket we hold
+    /// open); should it fail anyway, no mark is tried again.
     fn mark(&mut self, mark: usize) {
         use std::os::fd::AsRawFd;
         let fd = self.inner.as_ref().as_raw_fd();
@@ -342,7 +345,12 @@ impl LowatRead {
         // SAFETY: a plain setsockopt on a descriptor the stream owns for the call's length, with
         // a pointer to a live c_int and its size.
         let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&raw const v).cast(), size_of::<libc::c_int>() as libc::socklen_t) };
-        self.set = if r == 0 { mark } else { 1 };
+        if r == 0 {
+            self.set = mark;
+        } else {
+            debug!(error = %io::Error::last_os_error(), "SO_RCVLOWAT: reading without it");
+            self.off = true;
+        }
     }
 }
 
@@ -350,7 +358,7 @@ impl tokio::io::AsyncRead for LowatRead {
     fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
         let this = &mut *self;
         let mark = if this.want >= LOWAT_MIN { this.want.min(LOWAT_MAX) } else { 1 };
-        if mark != this.set {
+        if mark != this.set && !this.off {
             this.mark(mark);
         }
         let before = buf.filled().len();

@@ -527,6 +527,17 @@ impl Picker {
         std::mem::take(&mut self.new_claims)
     }
 
+    /// The pieces we are fetching from the appliance's seed now (started from it, not yet
+    /// verified): claimed to a peer whose extension handshake comes after we started them.
+    pub fn seed_pieces_in_flight(&self) -> Vec<u32> {
+        let from_seed = |k: &PeerKey| self.peers.get(k).is_some_and(|p| p.trusted);
+        self.active
+            .iter()
+            .copied()
+            .filter(|i| matches!(&self.pieces[*i as usize], Ps::Active(a) if a.owner.as_ref().is_some_and(from_seed)))
+            .collect()
+    }
+
     /// Pieces `k` started may be continued by anyone now; a suspect piece it was fetching
     /// starts over (one sender per copy).
     fn orphan(&mut self, k: PeerKey) {

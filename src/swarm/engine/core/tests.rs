@@ -424,4 +424,16 @@ fn pieces_asked_of_the_seed_are_claimed_to_peers_that_speak_si_claim() {
     c.handle(now, a, Msg::Unchoke, &mut acts).unwrap();
     c.handle(now, a, Msg::Have(2), &mut acts).unwrap();
     assert!(acts.iter().any(|x| matches!(x, Action::Send(k, Msg::Request { piece: 2, .. }) if *k == a)), "{acts:?}");
+    // A peer that speaks si_claim and comes after we started piece 2 from the seed gets that
+    // claim with its extension handshake; one that does not speak it gets nothing.
+    let (mut c, seed, _) = setup();
+    from_seed(&mut c, seed);
+    let late = join(&mut c, now, 3);
+    let mut acts = Vec::new();
+    c.handle(now, late, Msg::Extended { id: 0, payload: b"d1:md8:si_claimi5eee".to_vec() }, &mut acts).unwrap();
+    assert_eq!(acts, [Action::Send(late, Msg::Extended { id: 5, payload: 2u32.to_be_bytes().to_vec() })]);
+    let other = join(&mut c, now, 4);
+    let mut acts = Vec::new();
+    c.handle(now, other, Msg::Extended { id: 0, payload: b"d1:md11:ut_metadatai1ee".to_vec() }, &mut acts).unwrap();
+    assert!(acts.is_empty(), "{acts:?}");
 }

@@ -618,6 +618,11 @@ impl Core {
         if self.picker.complete() {
             return;
         }
+        let again = self.picker.reclaims(now);
+        if !again.is_empty() {
+            trace!(pieces = ?again, "claimed again");
+            self.send_claims(&again, None, out);
+        }
         if self.picker.holding() {
             let seeds: Vec<PeerKey> = self.peers.iter().filter(|(_, p)| p.trusted).map(|(k, _)| *k).collect();
             for k in seeds {
@@ -700,10 +705,18 @@ impl Core {
         }
         // Pieces just asked of the appliance's seed: claimed to every peer that speaks
         // `si_claim`, so that none asks the seed for them too.
-        for i in self.picker.take_claims() {
+        let new = self.picker.take_claims();
+        for i in &new {
             trace!(piece = i, "started from the seed");
+        }
+        self.send_claims(&new, Some(k), out);
+    }
+
+    /// Claims `pieces` to every peer that speaks `si_claim` (but `except`).
+    fn send_claims(&self, pieces: &[u32], except: Option<PeerKey>, out: &mut Vec<Action>) {
+        for i in pieces {
             for (pk, p) in &self.peers {
-                if let Some(id) = p.claim_id.filter(|_| *pk != k) {
+                if let Some(id) = p.claim_id.filter(|_| Some(*pk) != except && !p.trusted) {
                     out.push(Action::Send(*pk, Msg::Extended { id, payload: i.to_be_bytes().to_vec() }));
                 }
             }

@@ -58,10 +58,14 @@ pub const HOLD: Duration = Duration::from_secs(3);
 /// [`HOLD`] in a swarm bigger than a node's connections (the tracker sent its ring).
 pub const HOLD_RING: Duration = Duration::from_secs(10);
 /// How long another node's claim on a piece (it asked the appliance's seed for it: see
-/// [`Picker::claim`]) keeps us from asking the seed for the same piece, at most. A piece from
-/// the seed reaches a node in about connections × piece / C (3.4 s at N = 64, 10 Mbit/s and
-/// 64 KiB; TCP flows on a full queue take turns, so some take longer).
+/// [`Picker::claim`]) keeps us from asking the seed for the same piece, at most, unless the
+/// claimer claims it again: it does every [`CLAIM_REFRESH`] while the piece is still coming.
+/// A piece from the seed reaches a node in about pieces in flight from the seed × piece / C:
+/// 3.4 s at N = 64, 10 Mbit/s and 64 KiB with one piece each, but measured up to 16 s at
+/// N = 64 / 5 Mbit/s (TCP flows on a full queue take turns).
 pub const CLAIM_TTL: Duration = Duration::from_secs(10);
+/// How often we claim again the pieces still coming from the seed (see [`CLAIM_TTL`]).
+pub const CLAIM_REFRESH: Duration = Duration::from_secs(4);
 /// Claims kept per peer, at most (a new one replaces its oldest): a peer that claims every
 /// piece and fetches none holds back this many, each for [`CLAIM_TTL`].
 pub const CLAIMS_PER_PEER: usize = 8;
@@ -173,6 +177,8 @@ pub struct Picker {
     claimed: Vec<Option<(PeerKey, Instant)>>,
     /// Pieces we started from the appliance's seed, not yet claimed to our peers.
     new_claims: Vec<u32>,
+    /// Pieces we claimed and when we last did (see [`Picker::reclaims`]).
+    own_claims: Vec<(u32, Instant)>,
     /// The last plan for the appliance's seed left it idle because every piece it could send
     /// was claimed by others: [`Picker::holding`] (the connection is planned again on ticks).
     claim_blocked: bool,
@@ -202,6 +208,7 @@ impl Picker {
             suspect: vec![false; have.len()],
             claimed: vec![None; have.len()],
             new_claims: Vec::new(),
+            own_claims: Vec::new(),
             claim_blocked: false,
             claim_floor: 0,
         }
@@ -487,7 +494,16 @@ impl Picker {
         if i as usize >= n {
             return false;
         }
-        if p.has[i as usize] || p.claims.contains(&i) {
+        if p.has[i as usize] {
+            return true;
+        }
+        if p.claims.contains(&i) {
+            // Claimed again (still coming from the seed): it lasts another CLAIM_TTL.
+            if let Some((o, t)) = &mut self.claimed[i as usize] {
+                if *o == k {
+                    *t = now;
+                }
+            }
             return true;
         }
         let live = |c: &Option<(PeerKey, Instant)>| c.is_some_and(|(o, t)| o != k && now.duration_since(t) < CLAIM_TTL);
@@ -530,12 +546,31 @@ impl Picker {
     /// The pieces we are fetching from the appliance's seed now (started from it, not yet
     /// verified): claimed to a peer whose extension handshake comes after we started them.
     pub fn seed_pieces_in_flight(&self) -> Vec<u32> {
-        let from_seed = |k: &PeerKey| self.peers.get(k).is_some_and(|p| p.trusted);
-        self.active
-            .iter()
-            .copied()
-            .filter(|i| matches!(&self.pieces[*i as usize], Ps::Active(a) if a.owner.as_ref().is_some_and(from_seed)))
-            .collect()
+        self.active.iter().copied().filter(|i| self.from_seed(*i)).collect()
+    }
+
+    /// Whether piece `i` is in progress from the appliance's seed.
+    fn from_seed(&self, i: u32) -> bool {
+        matches!(&self.pieces[i as usize], Ps::Active(a) if a.owner.is_some_and(|k| self.peers.get(&k).is_some_and(|p| p.trusted)))
+    }
+
+    /// Our claims to renew at `now`: pieces still coming from the seed that we last claimed
+    /// [`CLAIM_REFRESH`] ago or more (a piece from the seed can take longer than
+    /// [`CLAIM_TTL`]; without it, others asked the seed for it too). Claims of pieces no longer
+    /// coming from the seed (verified, or their request went elsewhere) are dropped.
+    pub fn reclaims(&mut self, now: Instant) -> Vec<u32> {
+        let mut own = std::mem::take(&mut self.own_claims);
+        own.retain(|(i, _)| self.from_seed(*i));
+        let again = own
+            .iter_mut()
+            .filter(|(_, t)| now.duration_since(*t) >= CLAIM_REFRESH)
+            .map(|(i, t)| {
+                *t = now;
+                *i
+            })
+            .collect();
+        self.own_claims = own;
+        again
     }
 
     /// Pieces `k` started may be continued by anyone now; a suspect piece it was fetching
@@ -828,6 +863,7 @@ impl Picker {
             self.missing -= 1;
             if claims {
                 self.new_claims.push(i);
+                self.own_claims.push((i, now));
             }
             return Some(self.block(i, 0));
         }
@@ -1357,6 +1393,36 @@ mod tests {
             q.claim(2, i, t0);
         }
         assert!(!q.claimed_at(0, t0) && q.claimed_at(1, t0) && q.claimed_at(9, t0));
+    }
+
+    /// A piece from the seed can take longer than `CLAIM_TTL` to arrive: its claimer claims it
+    /// again every `CLAIM_REFRESH` while it is still coming, and each claim again lasts
+    /// another `CLAIM_TTL` at the peers; a piece no longer coming from the seed is not claimed.
+    #[test]
+    fn claims_of_pieces_still_coming_from_the_seed_are_renewed() {
+        let n = 12;
+        let mut p = at_20_with(n, vec![(1, 1, all(n)), (2, 10, vec![false; n]), (3, 30, vec![false; n])]);
+        p.set_trusted(1);
+        let t0 = Instant::now();
+        let r = p.next_requests(1, 4, t0, &mut rng());
+        let i = r[0].piece;
+        assert!(r.iter().all(|b| b.piece == i), "{r:?}");
+        assert_eq!(p.take_claims(), vec![i]);
+        assert!(p.reclaims(t0 + CLAIM_REFRESH / 2).is_empty());
+        assert_eq!(p.reclaims(t0 + CLAIM_REFRESH), vec![i]);
+        assert!(p.reclaims(t0 + CLAIM_REFRESH + CLAIM_REFRESH / 2).is_empty());
+        assert_eq!(p.seed_pieces_in_flight(), vec![i]);
+        // The seed went away: piece 1 is no longer coming from it.
+        p.remove_peer(1);
+        assert!(p.reclaims(t0 + 3 * CLAIM_REFRESH).is_empty() && p.seed_pieces_in_flight().is_empty());
+        // At a peer: a claim made again lasts CLAIM_TTL from then; another peer's does not
+        // renew it.
+        let j = (i + 1) % n as u32;
+        p.claim(3, j, t0);
+        p.claim(3, j, t0 + CLAIM_REFRESH);
+        p.claim(2, j, t0 + 2 * CLAIM_REFRESH);
+        assert!(p.claimed_at(j as usize, t0 + CLAIM_TTL));
+        assert!(!p.claimed_at(j as usize, t0 + CLAIM_REFRESH + CLAIM_TTL));
     }
 
     /// A slow node's claim (fewer than half the pieces of the median downloading peer) does not

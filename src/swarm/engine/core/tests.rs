@@ -2,6 +2,7 @@
 
 use super::*;
 use rand::SeedableRng;
+use super::super::picker::CLAIM_REFRESH;
 
 /// Piece length in the tests: two blocks.
 const PL: u32 = 2 * wire::BLOCK;
@@ -426,12 +427,19 @@ fn pieces_asked_of_the_seed_are_claimed_to_peers_that_speak_si_claim() {
     assert!(acts.iter().any(|x| matches!(x, Action::Send(k, Msg::Request { piece: 2, .. }) if *k == a)), "{acts:?}");
     // A peer that speaks si_claim and comes after we started piece 2 from the seed gets that
     // claim with its extension handshake; one that does not speak it gets nothing.
-    let (mut c, seed, _) = setup();
+    let (mut c, seed, a) = setup();
     from_seed(&mut c, seed);
+    // Still coming from the seed after CLAIM_REFRESH: claimed again to .1 on a tick.
+    let mut acts = Vec::new();
+    c.tick(now + CLAIM_REFRESH, &mut acts);
+    assert!(acts.contains(&Action::Send(a, Msg::Extended { id: 7, payload: 2u32.to_be_bytes().to_vec() })), "{acts:?}");
     let late = join(&mut c, now, 3);
     let mut acts = Vec::new();
     c.handle(now, late, Msg::Extended { id: 0, payload: b"d1:md8:si_claimi5eee".to_vec() }, &mut acts).unwrap();
-    assert_eq!(acts, [Action::Send(late, Msg::Extended { id: 5, payload: 2u32.to_be_bytes().to_vec() })]);
+    let flight = c.picker().seed_pieces_in_flight();
+    assert!(flight.contains(&2), "{flight:?}");
+    let want: Vec<Action> = flight.iter().map(|i| Action::Send(late, Msg::Extended { id: 5, payload: i.to_be_bytes().to_vec() })).collect();
+    assert_eq!(acts, want);
     let other = join(&mut c, now, 4);
     let mut acts = Vec::new();
     c.handle(now, other, Msg::Extended { id: 0, payload: b"d1:md11:ut_metadatai1ee".to_vec() }, &mut acts).unwrap();

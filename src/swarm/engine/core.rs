@@ -25,6 +25,9 @@ use super::wire::{self, Msg};
 pub const DEPTH_BUDGET: usize = 96;
 /// Blocks asked of any one peer at least (up to the configured depth).
 pub const MIN_DEPTH: usize = 4;
+/// Blocks asked of the appliance's seed by all nodes together, about: each node asks it for
+/// this many over the nodes it knows, within MIN_DEPTH..=depth (see `Core::plan`).
+pub const SEED_BUDGET: usize = 16;
 /// A request unanswered this long is asked of another peer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Our number for the `si_claim` extension (BEP 10): the id peers put on the claims they send
@@ -693,7 +696,18 @@ impl Core {
         // seed first) then serves many request-clocked flows that each have little queued, which
         // keeps a shaped uplink's queue short and its flows fair (measured: with 12 blocks to
         // each of 32 peers, some flows to the seed starved for seconds).
-        let depth = (DEPTH_BUDGET / self.peers.len().max(1)).clamp(MIN_DEPTH.min(self.depth), self.depth);
+        // The appliance's seed: SEED_BUDGET over the nodes we know (the tracker's list counts,
+        // not only the connected), so MIN_DEPTH from 4 nodes up. At the start a node is connected
+        // to few and asked the seed for 12 blocks (three 64 KiB pieces), so its uplink was
+        // shared by about three pieces per node and none came whole for seconds while the swarm
+        // had nothing to pass on (measured, SCALE.md stop 40: N = 8 / 100 Mbit/s 1.12 → 1.09
+        // × T*, N = 32 / 10 1.45 → 1.41). A lone node keeps up to `depth`.
+        let depth = if self.peers.get(&k).is_some_and(|p| p.trusted) {
+            let nodes = self.peers.len().max(self.known.len()).max(1);
+            (SEED_BUDGET / nodes).clamp(MIN_DEPTH.min(self.depth), self.depth)
+        } else {
+            (DEPTH_BUDGET / self.peers.len().max(1)).clamp(MIN_DEPTH.min(self.depth), self.depth)
+        };
         let reqs = self.picker.next_requests(k, depth, now, &mut self.rng);
         let Some(c) = self.peers.get_mut(&k) else { return };
         if want != c.interested {

@@ -445,3 +445,20 @@ fn pieces_asked_of_the_seed_are_claimed_to_peers_that_speak_si_claim() {
     c.handle(now, other, Msg::Extended { id: 0, payload: b"d1:md11:ut_metadatai1ee".to_vec() }, &mut acts).unwrap();
     assert!(acts.is_empty(), "{acts:?}");
 }
+
+/// The appliance's seed is asked for `SEED_BUDGET` blocks over the nodes we know (the
+/// tracker's list, connected or not), `MIN_DEPTH` at least; another peer with every piece gets
+/// its share of the budget over the connected peers (up to the configured depth).
+#[test]
+fn the_appliances_seed_is_asked_for_a_few_blocks_at_a_time() {
+    let now = Instant::now();
+    let eight: Vec<SocketAddr> = (1..=8).map(|l| SocketAddr::new(ip(l), 6881)).collect();
+    for (last, known, want) in [(9u8, eight.clone(), MIN_DEPTH), (9, Vec::new(), 2 * N as usize), (1, eight, 2 * N as usize)] {
+        let mut c = core_with(vec![false; N as usize], &[9], known);
+        let k = join(&mut c, now, last);
+        let mut acts = Vec::new();
+        c.handle(now, k, all_bits(), &mut acts).unwrap();
+        c.handle(now, k, Msg::Unchoke, &mut acts).unwrap();
+        assert_eq!(requests(&acts, k), want, "peer .{last}: {acts:?}");
+    }
+}

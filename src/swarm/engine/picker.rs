@@ -66,8 +66,12 @@ pub const HOLD_RING: Duration = Duration::from_secs(10);
 pub const CLAIM_TTL: Duration = Duration::from_secs(10);
 /// How often we claim again the pieces still coming from the seed (see [`CLAIM_TTL`]).
 pub const CLAIM_REFRESH: Duration = Duration::from_secs(4);
+/// A claim counts this long after its first, claimed again or not: a peer that claims pieces
+/// and renews the claims without ever fetching them holds them back no longer (a request
+/// expires after 60 s regardless; the slowest piece from the seed measured took 30 s).
+pub const CLAIM_MAX: Duration = Duration::from_secs(60);
 /// Claims kept per peer, at most (a new one replaces its oldest): a peer that claims every
-/// piece and fetches none holds back this many, each for [`CLAIM_TTL`].
+/// piece and fetches none holds back this many, each for [`CLAIM_TTL`], or [`CLAIM_MAX`] if it renews them.
 pub const CLAIMS_PER_PEER: usize = 8;
 /// Most peers asked for one block in endgame.
 pub const ENDGAME_DUPES: usize = 2;
@@ -174,7 +178,8 @@ pub struct Picker {
     /// Pieces to fetch again from one peer (they failed with several senders).
     suspect: Vec<bool>,
     /// Per piece: the peer that claimed it and when (see [`Picker::claim`]).
-    claimed: Vec<Option<(PeerKey, Instant)>>,
+    /// (claimer, its first claim, its last).
+    claimed: Vec<Option<(PeerKey, Instant, Instant)>>,
     /// Pieces we started from the appliance's seed, not yet claimed to our peers.
     new_claims: Vec<u32>,
     /// Pieces we claimed and when we last did (see [`Picker::reclaims`]).
@@ -185,6 +190,12 @@ pub struct Picker {
     /// Claims count only from peers with at least this many pieces (half the median of the
     /// downloading peers'), set when the seed's connection is planned.
     claim_floor: u32,
+}
+
+/// A claim first made at `first` and last at `last` still counts at `now` (see [`CLAIM_TTL`],
+/// [`CLAIM_MAX`]).
+fn claim_live(first: Instant, last: Instant, now: Instant) -> bool {
+    now.duration_since(last) < CLAIM_TTL && now.duration_since(first) < CLAIM_MAX
 }
 
 impl Picker {
@@ -499,15 +510,14 @@ impl Picker {
         }
         if p.claims.contains(&i) {
             // Claimed again (still coming from the seed): it lasts another CLAIM_TTL.
-            if let Some((o, t)) = &mut self.claimed[i as usize] {
+            if let Some((o, _, t)) = &mut self.claimed[i as usize] {
                 if *o == k {
                     *t = now;
                 }
             }
             return true;
         }
-        let live = |c: &Option<(PeerKey, Instant)>| c.is_some_and(|(o, t)| o != k && now.duration_since(t) < CLAIM_TTL);
-        if live(&self.claimed[i as usize]) {
+        if self.claimed[i as usize].is_some_and(|(o, first, last)| o != k && claim_live(first, last, now)) {
             return true;
         }
         p.claims.push(i);
@@ -515,13 +525,13 @@ impl Picker {
         if let Some(o) = old {
             self.unclaim(k, o);
         }
-        self.claimed[i as usize] = Some((k, now));
+        self.claimed[i as usize] = Some((k, now, now));
         true
     }
 
     fn unclaim(&mut self, k: PeerKey, i: u32) {
         if let Some(c) = self.claimed.get_mut(i as usize) {
-            if c.is_some_and(|(o, _)| o == k) {
+            if c.is_some_and(|(o, _, _)| o == k) {
                 *c = None;
             }
         }
@@ -532,8 +542,8 @@ impl Picker {
     /// piece takes long to arrive: in the model, honouring the claims of the 20 % of nodes on
     /// C/4 links held the fast nodes at 1.31 × T* against 1.10 without claims.
     fn claimed_at(&self, i: usize, now: Instant) -> bool {
-        self.claimed[i].is_some_and(|(k, t)| {
-            now.duration_since(t) < CLAIM_TTL && self.peers.get(&k).is_some_and(|p| p.count >= self.claim_floor)
+        self.claimed[i].is_some_and(|(k, first, last)| {
+            claim_live(first, last, now) && self.peers.get(&k).is_some_and(|p| p.count >= self.claim_floor)
         })
     }
 
@@ -1423,6 +1433,13 @@ mod tests {
         p.claim(2, j, t0 + 2 * CLAIM_REFRESH);
         assert!(p.claimed_at(j as usize, t0 + CLAIM_TTL));
         assert!(!p.claimed_at(j as usize, t0 + CLAIM_REFRESH + CLAIM_TTL));
+        // Renewed on and on without the piece ever coming: it counts CLAIM_MAX at most.
+        let mut t = t0 + CLAIM_REFRESH;
+        while t < t0 + CLAIM_MAX + CLAIM_TTL {
+            p.claim(3, j, t);
+            assert_eq!(p.claimed_at(j as usize, t), t < t0 + CLAIM_MAX, "{:?}", t - t0);
+            t += CLAIM_REFRESH;
+        }
     }
 
     /// A slow node's claim (fewer than half the pieces of the median downloading peer) does not

@@ -699,9 +699,9 @@ impl Core {
         // The appliance's seed: SEED_BUDGET over the nodes we know (the tracker's list counts,
         // not only the connected), so MIN_DEPTH from 4 nodes up. At the start a node is connected
         // to few and asked the seed for 12 blocks (three 64 KiB pieces), so its uplink was
-        // shared by about three pieces per node and none came whole for seconds while the swarm
-        // had nothing to pass on (measured, SCALE.md stop 40: N = 8 / 100 Mbit/s 1.12 → 1.09
-        // × T*, N = 32 / 10 1.45 → 1.41). A lone node keeps up to `depth`.
+        // shared by about three pieces per node, and more of them went twice (measured, SCALE.md
+        // stop 40: N = 8 / 100 Mbit/s 1.12 → 1.09 × T*, N = 32 / 10 1.44 → 1.40, seed copies
+        // 1.35 → 1.28). A lone node keeps up to `depth`.
         let depth = if self.peers.get(&k).is_some_and(|p| p.trusted) {
             let nodes = self.peers.len().max(self.known.len()).max(1);
             (SEED_BUDGET / nodes).clamp(MIN_DEPTH.min(self.depth), self.depth)

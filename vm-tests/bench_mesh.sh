@@ -1,0 +1,81 @@
+#!/bin/bash
+# What TCP delivers when every host's link carries many flows at once, on the swarm bench's
+# emulated links (HTB at C, a byte FIFO of 30 ms with the same floor, on each host's egress and
+# on its switch port: `shape` in bench_swarm.rs). First one stream from host 0 to host 1 alone
+# (the swarm bench's T* probe measures that), then every host sends bulk TCP to every other
+# (a full mesh: each link carries N - 1 flows each way). Prints the mesh's per-host receive
+# goodput as a share of the one stream's: the swarm simulator's MESH. Root; namespaces of its
+# own, removed at exit; traffic only between them.
+#
+#     sudo vm-tests/bench_mesh.sh N=32 C=10 [DUR=30 WARM=10]
+set -euo pipefail
+for kv in "$@"; do export "${kv?}"; done
+N=${N:-32}; C=${C:-10}; DUR=${DUR:-30}; WARM=${WARM:-10}
+[ "$N" -ge 2 ] && [ "$N" -le 400 ] || { echo "bench_mesh: N between 2 and 400" >&2; exit 2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+P=sim$$
+OUT=$(mktemp -d)
+LIMIT=$(( C * 1000000 / 8 * 30 / 1000 )); [ $LIMIT -ge $((65536 + 2 * 1514)) ] || LIMIT=$((65536 + 2 * 1514))
+Q=$(( C * 1000000 / 8 / 1000 )); [ $Q -ge 1514 ] || Q=1514; [ $Q -le 60000 ] || Q=60000
+NEIGH=/proc/sys/net/ipv4/neigh/default
+# The swarm bench's TCP: cubic (a namespace may use only what the host allows: added for the run).
+ALLOWED=/proc/sys/net/ipv4/tcp_allowed_congestion_control
+OLD_ALLOWED=$(cat $ALLOWED)
+OLD_GC=$(cat $NEIGH/gc_thresh1 $NEIGH/gc_thresh2 $NEIGH/gc_thresh3 | tr '\n' ' ')
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for i in $(seq 0 $((N - 1))); do ip netns del $P-h$i 2>/dev/null || true; done
+    ip netns del $P-sw 2>/dev/null || true
+    read -r g1 g2 g3 <<<"$OLD_GC"; echo "$g1" > $NEIGH/gc_thresh1; echo "$g2" > $NEIGH/gc_thresh2; echo "$g3" > $NEIGH/gc_thresh3
+    [ "$(cat $ALLOWED)" = "$NEW_ALLOWED" ] && echo "$OLD_ALLOWED" > $ALLOWED
+    rm -rf "$OUT"
+}
+NEW_ALLOWED=$OLD_ALLOWED
+trap cleanup EXIT
+case " $OLD_ALLOWED " in *" cubic "*) ;; *) echo "$OLD_ALLOWED cubic" > $ALLOWED; NEW_ALLOWED=$(cat $ALLOWED) ;; esac
+# Every namespace's neighbours share one table: N × N entries (as the swarm lab does).
+need=$(( (N + 2) * (N + 2) + 1024 ))
+if [ "$need" -gt "$(cat $NEIGH/gc_thresh3)" ]; then
+    echo $need > $NEIGH/gc_thresh3; echo $((need / 2)) > $NEIGH/gc_thresh2; echo $((need / 4)) > $NEIGH/gc_thresh1
+fi
+shape() {
+    ip netns exec "$1" tc qdisc add dev "$2" root handle 1: htb default 10
+    ip netns exec "$1" tc class add dev "$2" parent 1: classid 1:10 htb rate "${C}mbit" ceil "${C}mbit" quantum $Q
+    ip netns exec "$1" tc qdisc add dev "$2" parent 1:10 handle 10: bfifo limit $LIMIT
+}
+ip netns add $P-sw
+ip -n $P-sw link add br0 type bridge
+ip -n $P-sw link set br0 up
+for i in $(seq 0 $((N - 1))); do
+    ip netns add $P-h$i
+    ip link add eth0 netns $P-h$i type veth peer name p$i netns $P-sw
+    ip -n $P-h$i addr add 10.72.$((1 + i / 200)).$((10 + i % 200))/16 dev eth0
+    ip -n $P-h$i link set lo up
+    ip -n $P-h$i link set eth0 up
+    ip -n $P-sw link set p$i master br0
+    ip -n $P-sw link set p$i up
+    shape $P-h$i eth0
+    shape $P-sw p$i
+    ip netns exec $P-h$i sysctl -q -w net.ipv4.tcp_congestion_control=cubic
+done
+run() { # run <label> <python args for host i...>: waits for all, bounded by DUR + 30 s
+    local start; start=$(python3 -c "import time; print(time.time() + 3)")
+    PIDS=()
+    for i in "${HOSTS[@]}"; do
+        timeout $((DUR + 30)) ip netns exec $P-h$i python3 "$HERE/mesh_node.py" "$i" "$N" --dur "$DUR" --warm "$WARM" --start "$start" ${ARGS[$i]:-} > "$OUT/$1.$i" &
+        PIDS+=($!)
+    done
+    for p in "${PIDS[@]}"; do wait "$p"; done
+    PIDS=()
+}
+declare -a ARGS
+HOSTS=(0 1); ARGS[0]="--to 1"; ARGS[1]="--send 0"
+run one
+one=$(awk '{print $2}' "$OUT/one.1")
+HOSTS=($(seq 0 $((N - 1)))); ARGS=()
+run mesh
+cat "$OUT"/mesh.* | awk -v one="$one" -v n="$N" -v c="$C" '
+    { s += $2; k++; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2 }
+    END { printf "bench_mesh: N=%d C=%d Mbit/s: one stream %.2f Mbit/s; full mesh per host %.2f Mbit/s (min %.2f, max %.2f): MESH=%.3f\n", n, c, one, s / k, min, max, s / k / one }'
+ip netns exec $P-sw tc -s qdisc show | awk '/dropped/ { gsub(",", ""); d += $7; s += $4 } END { printf "bench_mesh: switch ports dropped %d of %d packets\n", d, s }'

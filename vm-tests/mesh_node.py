@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""One host of `bench_mesh.sh`: bulk TCP to every other host (or to `--to` only) for `dur`
+seconds from `start` (epoch), receiving whatever comes; prints this host's receive goodput in
+Mbit/s over the last `dur - warm` seconds. Only addresses inside the bench's namespaces."""
+import argparse, selectors, socket, time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("me", type=int)
+ap.add_argument("n", type=int)
+ap.add_argument("--dur", type=float, default=30)
+ap.add_argument("--warm", type=float, default=10)
+ap.add_argument("--start", type=float, required=True)
+ap.add_argument("--to", type=int, action="append", default=None, help="send only to these hosts")
+ap.add_argument("--send", type=int, default=1, help="0: receive only")
+a = ap.parse_args()
+
+def addr(i):
+    return "10.72.%d.%d" % (1 + i // 200, 10 + i % 200)
+
+sel = selectors.DefaultSelector()
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((addr(a.me), 9000))
+ls.listen(512)
+ls.setblocking(False)
+sel.register(ls, selectors.EVENT_READ, "L")
+while time.time() < a.start:
+    time.sleep(0.01)
+buf = b"x" * 65536
+peers = a.to if a.to is not None else [j for j in range(a.n) if j != a.me]
+if a.send:
+    for j in peers:
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect((addr(j), 9000))
+        except BlockingIOError:
+            pass
+        sel.register(s, selectors.EVENT_WRITE, "S")
+t0 = time.time()
+rx = 0
+at_warm = None
+while True:
+    now = time.time()
+    if at_warm is None and now >= t0 + a.warm:
+        at_warm = (now, rx)
+    if now >= t0 + a.dur:
+        break
+    for key, _ in sel.select(0.1):
+        if key.data == "L":
+            try:
+                c, _ = ls.accept()
+                c.setblocking(False)
+                sel.register(c, selectors.EVENT_READ, "R")
+            except BlockingIOError:
+                pass
+        elif key.data == "R":
+            try:
+                rx += len(key.fileobj.recv(262144))
+            except (BlockingIOError, ConnectionResetError):
+                pass
+        else:
+            try:
+                key.fileobj.send(buf)
+            except OSError:
+                pass
+end = time.time()
+print("%d %.4f" % (a.me, (rx - at_warm[1]) * 8 / (end - at_warm[0]) / 1e6))

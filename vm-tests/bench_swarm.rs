@@ -36,7 +36,9 @@
 //! the build machine's, BBR on this one; the bench adds it to the host's
 //! `tcp_allowed_congestion_control` for the run and puts the list back after), `SYSCTL` extra
 //! `key=value` sysctls (comma-separated) set in every namespace, the switch's too (emulation
-//! experiments, e.g. `SYSCTL=net.ipv4.tcp_min_tso_segs=16`).
+//! experiments, e.g. `SYSCTL=net.ipv4.tcp_min_tso_segs=16`), `HOST_QDISC=pfifo` each host's own
+//! egress queue as a Linux NIC's (1000 packets) instead of the `QUEUE_MS` byte FIFO the switch
+//! ports keep (this kernel has no fq_codel to emulate a systemd host's).
 //!
 //! Scenarios (percentages of the N clients, spread over the address range, client 1 never: it
 //! measures T*), applied alike to every method of the run:
@@ -87,6 +89,9 @@ struct Opts {
     json: Option<PathBuf>,
     /// Each link's queue (bfifo) in milliseconds of data at its rate.
     queue_ms: u64,
+    /// The leaf of each host's own egress shaping: `bfifo` (as the switch ports) or `pfifo`
+    /// of 1000 packets (a Linux host's NIC queue: pfifo_fast, txqueuelen 1000).
+    host_qdisc: String,
     /// TCP congestion control in every namespace.
     cc: String,
     /// Extra `key=value` sysctls set in every namespace (the switch's too).
@@ -134,7 +139,7 @@ fn spread(n: usize, pct: u64, offset: usize) -> Vec<bool> {
 
 fn opts() -> Opts {
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
-    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP", "SLOW", "LATE", "KILL", "JSON", "QUEUE_MS", "CC"] {
+    for k in ["N", "C", "S", "METHODS", "SWARM", "BINS", "CAP", "SLOW", "LATE", "KILL", "JSON", "QUEUE_MS", "CC", "HOST_QDISC"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.into(), v);
         }
@@ -158,6 +163,7 @@ fn opts() -> Opts {
         kill_pct: num("KILL", 0).min(90),
         json: kv.get("JSON").filter(|v| !v.is_empty()).map(PathBuf::from),
         queue_ms: num("QUEUE_MS", 30).clamp(1, 10_000),
+        host_qdisc: kv.get("HOST_QDISC").cloned().unwrap_or_else(|| "bfifo".to_owned()),
         cc: kv.get("CC").cloned().unwrap_or_else(|| "cubic".into()),
         sysctls: kv.get("SYSCTL").map(|v| v.split([',', ' ']).filter(|s| s.contains('=')).map(str::to_owned).collect()).unwrap_or_default(),
     }
@@ -268,17 +274,22 @@ fn client_ip(i: usize) -> String {
     format!("10.70.{}.{}", 1 + i / 200, 10 + i % 200)
 }
 
-fn shape(ns: &Netns, dev: &str, mbit: u32, queue_ms: u64) {
+fn shape(ns: &Netns, dev: &str, mbit: u32, queue_ms: u64, leaf: &str) {
     // A byte-limited FIFO: `queue_ms` (default 30) of data, at least one 64 KiB offload packet
     // with its headers and two full frames (a floor of exactly 64 KiB held no full-size offload
     // packet: at 10 Mbit/s one TCP stream moved 0.4 Mbit/s).
     let limit = ((mbit as u64 * 1_000_000 / 8) * queue_ms / 1000).max(64 * 1024 + 2 * 1514);
+    let lim = limit.to_string();
     let rate = format!("{mbit}mbit");
     let q = format!("{}", (mbit as u64 * 1_000_000 / 8 / 1000).clamp(1514, 60_000));
     for args in [
         vec!["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10"],
         vec!["class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", &rate, "ceil", &rate, "quantum", &q],
-        vec!["qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "bfifo", "limit", &limit.to_string()],
+        if leaf == "pfifo" {
+            vec!["qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "pfifo", "limit", "1000"]
+        } else {
+            vec!["qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "bfifo", "limit", &lim]
+        },
     ] {
         common::run(ns.cmd("tc").args(&args));
     }
@@ -853,8 +864,8 @@ fn main() {
         // Host 0 is the appliance; host h the client h (index h - 1).
         let slow = h > 0 && sc.slow[h - 1];
         let rate = if slow { (o.mbit / 4).max(1) } else { o.mbit };
-        shape(&lab.hosts[h], "eth0", rate, o.queue_ms);
-        shape(&lab.switch, &format!("p{h}"), rate, o.queue_ms);
+        shape(&lab.hosts[h], "eth0", rate, o.queue_ms, &o.host_qdisc);
+        shape(&lab.switch, &format!("p{h}"), rate, o.queue_ms, "bfifo");
     }
     for ns in std::iter::once(&lab.switch).chain(&lab.hosts) {
         for kv in &o.sysctls {

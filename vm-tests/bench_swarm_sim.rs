@@ -20,7 +20,8 @@
 //! the seed's upload slots rotating per piece (predict; 0 = every connection at once, as
 //! librqbit's seed), `RAMP=1` (predict) prints the pieces all nodes verified in each second,
 //! `VARIANTS=0,2` (project) runs only those rows of the sensitivity table (0 = base),
-//! `CLAIMS=0` runs the nodes without `si_claim` (as before it).
+//! `CLAIMS=0` runs the nodes without `si_claim` (as before it), `EFF` the nodes' links'
+//! efficiency in the swarm's middle (default 1; measured from a traced run, SCALE.md stop 41).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -46,7 +47,7 @@ impl Knobs {
 
 fn knobs() -> Knobs {
     let mut kv = BTreeMap::new();
-    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS", "CLAIMS"] {
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS", "CLAIMS", "EFF"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.to_owned(), v);
         }
@@ -73,6 +74,11 @@ struct Phys {
     rtt: f64,
     hash_per_mib: f64,
     start: f64,
+    /// The nodes' links' efficiency: the share of one stream's goodput a node's link carries
+    /// in the swarm's steady middle (request-clocked TCP flows, many per link), as measured on
+    /// a traced emulated run (`EFF`; 1: the fluid model's full share). The seed's link is not
+    /// scaled (traced: it stays full).
+    eff: f64,
 }
 
 /// A case: N nodes, C Mbit/s, S bytes, slow share, link goodput (bytes/s).
@@ -96,7 +102,7 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     if let Some(pl) = c.piece_len {
         p.piece_len = pl;
     }
-    p.factor = (0..c.n).map(|i| if slow(i, c.slow_pct) { 0.25 } else { 1.0 }).collect();
+    p.factor = (0..c.n).map(|i| if slow(i, c.slow_pct) { 0.25 } else { 1.0 } * ph.eff).collect();
     p.rtt = ph.rtt;
     p.hash_secs_per_mib = ph.hash_per_mib;
     p.cpu_cores = ph.cores;
@@ -194,7 +200,7 @@ fn runs(k: &Knobs) -> Vec<(Case, f64, String, (f64, f64))> {
 }
 
 fn phys(k: &Knobs) -> Phys {
-    Phys { cores: k.f("CORES", 0.0), cpu_per_byte: k.f("CPU_S_PER_64MIB", 0.0) / (64 * MIB) as f64, rtt: k.f("RTT_MS", 2.0) / 1e3, hash_per_mib: k.f("HASH_MS", 0.0) / 1e3, start: k.f("START_MS", 0.0) / 1e3 }
+    Phys { cores: k.f("CORES", 0.0), cpu_per_byte: k.f("CPU_S_PER_64MIB", 0.0) / (64 * MIB) as f64, rtt: k.f("RTT_MS", 2.0) / 1e3, hash_per_mib: k.f("HASH_MS", 0.0) / 1e3, start: k.f("START_MS", 0.0) / 1e3, eff: k.f("EFF", 1.0) }
 }
 
 fn main() {
@@ -268,7 +274,7 @@ fn calibrate(k: &Knobs, seeds: u64) {
     for rtt_ms in [1.0, 15.0, 30.0, 60.0] {
         for hash_ms in [0.0, 15.0, 30.0] {
             for start_ms in [100.0, 400.0, 800.0] {
-                let ph = Phys { cores: 0.0, cpu_per_byte: 0.0, rtt: rtt_ms / 1e3, hash_per_mib: hash_ms / 1e3, start: start_ms / 1e3 };
+                let ph = Phys { cores: 0.0, cpu_per_byte: 0.0, rtt: rtt_ms / 1e3, hash_per_mib: hash_ms / 1e3, start: start_ms / 1e3, eff: phys(k).eff };
                 let preds: Vec<f64> = cases
                     .iter()
                     .map(|(c, _, _, cpu)| {

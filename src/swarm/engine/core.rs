@@ -505,9 +505,6 @@ impl Core {
     /// judged by [`guard::failed_piece`].
     pub fn verified(&mut self, now: Instant, piece: u32, ok: bool, blocks: Vec<[u8; 20]>, out: &mut Vec<Action>) {
         let senders = self.picker.verified(piece, ok);
-        if ok {
-            self.picker.note_verified(now);
-        }
         let ips: Vec<IpAddr> = senders.iter().map(|k| self.ip_of.get(k).copied().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))).collect();
         if ok {
             if let Some(bad) = self.bad_copies.remove(&piece) {
@@ -533,9 +530,6 @@ impl Core {
             if self.picker.complete() {
                 info!(bytes = self.picker.have_bytes(), "every piece verified");
                 // We want nothing more from anyone.
-                self.plan_all(now, out);
-            } else if self.picker.take_capped() {
-                // A place for a new piece: the peers the cap left without work get it too.
                 self.plan_all(now, out);
             }
         } else {

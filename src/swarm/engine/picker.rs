@@ -12,8 +12,6 @@
 //!    helper the pieces still only on the seed that their owners are not about to fetch
 //!    (`helper_pieces`); never a piece another node claimed ([`Picker::claim`]: it is asking
 //!    the seed for it), and every piece we start from the seed we claim to our peers.
-//!    At most [`ACTIVE_MIN`] pieces in progress from other nodes, or half a second of our
-//!    link's best rate ([`Picker::capped_at`]), so that they come whole one after another.
 //! 4. Endgame: when no piece is missing any more (all in progress), blocks already asked of
 //!    another peer, at most [`ENDGAME_DUPES`] askers per block; the first copy wins and the
 //!    others are cancelled. Never of the appliance's seed: at N = 128 every node's endgame
@@ -75,11 +73,6 @@ pub const CLAIM_MAX: Duration = Duration::from_secs(60);
 /// Claims kept per peer, at most (a new one replaces its oldest): a peer that claims every
 /// piece and fetches none holds back this many, each for [`CLAIM_TTL`], or [`CLAIM_MAX`] if it renews them.
 pub const CLAIMS_PER_PEER: usize = 8;
-/// Pieces in progress from other nodes at once, at least (see [`Picker::capped_at`]).
-pub const ACTIVE_MIN: usize = 8;
-/// A piece in progress this long no longer counts against the cap (its sender is slow: the
-/// link must not idle behind it).
-pub const SLOW_PIECE: Duration = Duration::from_secs(1);
 /// Most peers asked for one block in endgame.
 pub const ENDGAME_DUPES: usize = 2;
 /// A request to a peer that keeps sending expires after this many request timeouts.
@@ -118,8 +111,6 @@ struct Active {
     owner: Option<PeerKey>,
     /// Fetched from its owner alone (a suspect piece).
     single: bool,
-    /// When it started.
-    started: Instant,
 }
 
 #[derive(Debug)]
@@ -199,12 +190,6 @@ pub struct Picker {
     /// Claims count only from peers with at least this many pieces (half the median of the
     /// downloading peers'), set when the seed's connection is planned.
     claim_floor: u32,
-    /// A plan left a peer without a new piece because of the cap on pieces in progress.
-    capped: bool,
-    /// When our last pieces verified (the last second's).
-    recent: std::collections::VecDeque<Instant>,
-    /// The most pieces verified in one second so far.
-    peak: usize,
 }
 
 /// A claim first made at `first` and last at `last` still counts at `now` (see [`CLAIM_TTL`],
@@ -237,9 +222,6 @@ impl Picker {
             own_claims: Vec::new(),
             claim_blocked: false,
             claim_floor: 0,
-            capped: false,
-            recent: std::collections::VecDeque::new(),
-            peak: 0,
         }
     }
 
@@ -752,44 +734,6 @@ impl Picker {
         }
     }
 
-    /// Whether we are at the cap on pieces in progress from other nodes at `now` (the seed's
-    /// are held by its own request budget): [`ACTIVE_MIN`], or half the most pieces we verified
-    /// in one second so far (about half a second of our link, whatever its rate), counting
-    /// only pieces started less than [`SLOW_PIECE`] ago; none while no more pieces are left
-    /// to start than we have peers (the tail: every peer may help). Without it a node asks
-    /// each peer for a piece at once, and all of them come whole together, peers × piece / C
-    /// after they were asked; a fresh piece is passed on only that much later at every hop
-    /// (traced at N = 32 / 10 Mbit/s: 2.4 s a hop; measured, SCALE.md stop 41: 1.41–1.45 →
-    /// 1.33–1.39 × T* at N = 32 / 10, 1.34–1.35 → 1.31–1.33 at N = 32 / 40, the same at
-    /// N = 8 / 100 and 64 / 5).
-    fn capped_at(&mut self, now: Instant) -> bool {
-        while self.recent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1)) {
-            self.recent.pop_front();
-        }
-        self.peak = self.peak.max(self.recent.len());
-        if self.missing as usize <= self.peers.len() {
-            return false;
-        }
-        let young = |i: &u32| matches!(&self.pieces[*i as usize], Ps::Active(a) if now.duration_since(a.started) < SLOW_PIECE);
-        let from_nodes = self.active.iter().filter(|i| !self.from_seed(**i) && young(i)).count();
-        from_nodes >= ACTIVE_MIN.max(self.peak / 2)
-    }
-
-    /// Piece verified at `now` (the rate the cap on pieces in progress follows).
-    pub fn note_verified(&mut self, now: Instant) {
-        self.recent.push_back(now);
-        if self.recent.len() > 100_000 {
-            self.recent.pop_front();
-        }
-    }
-
-    /// Whether a plan was held by the cap on pieces in progress since the last call (clears
-    /// it): a piece verified then plans every peer again (no other event would wake the
-    /// peers left without work).
-    pub fn take_capped(&mut self) -> bool {
-        std::mem::take(&mut self.capped)
-    }
-
     /// Whether peer `k` announced piece `i`.
     pub fn peer_has_piece(&self, k: PeerKey, i: u32) -> bool {
         self.peers.get(&k).is_some_and(|p| p.has.get(i as usize).copied().unwrap_or(false))
@@ -829,11 +773,6 @@ impl Picker {
                 let b = a.blocks.iter().position(|b| matches!(b, Bs::Free)).unwrap_or(0) as u32;
                 return Some(self.block(i, b));
             }
-        }
-        // Nothing new from a node beyond the cap on pieces in progress.
-        if !self.peers.get(&k).is_some_and(|p| p.trusted) && self.capped_at(now) {
-            self.capped = true;
-            return self.endgame_block(k, has);
         }
         // Suspect pieces, from a trusted peer: before anything new.
         let mut chosen = None;
@@ -929,7 +868,7 @@ impl Picker {
         if let Some(i) = chosen {
             let blocks = (0..self.blocks_in(i)).map(|_| Bs::Free).collect();
             let single = self.suspect[i as usize];
-            self.pieces[i as usize] = Ps::Active(Active { blocks, got: 0, owner: Some(k), single, started: now });
+            self.pieces[i as usize] = Ps::Active(Active { blocks, got: 0, owner: Some(k), single });
             self.active.insert(i);
             self.missing -= 1;
             if claims {
@@ -941,12 +880,7 @@ impl Picker {
         if skipped {
             self.claim_blocked = true;
         }
-        self.endgame_block(k, has)
-    }
-
-    /// 4. Endgame: nothing missing, duplicate a block asked of someone else.
-    fn endgame_block(&self, k: PeerKey, has: &[bool]) -> Option<Block> {
-        let peer_has = |i: usize| has.get(i).copied().unwrap_or(false);
+        // 4. Endgame: nothing missing, duplicate a block asked of someone else.
         if self.missing == 0 && !self.peers.get(&k).is_some_and(|p| p.trusted) {
             for &i in &self.active {
                 let Ps::Active(a) = &self.pieces[i as usize] else { continue };
@@ -1151,46 +1085,6 @@ mod tests {
         let more = p.next_requests(2, 4, now, &mut rng());
         assert_eq!(more.len(), 3);
         assert!(more.iter().all(|b| started.contains(&b.piece)), "{more:?}");
-    }
-
-    /// A picker for 64 pieces with 12 downloading peers, peer j holding pieces 4j..4j+4.
-    fn twelve_peers() -> Picker {
-        let n = 64;
-        let mut p = Picker::new(PL, n as u64 * PL as u64, &vec![false; n]);
-        for j in 0..12u64 {
-            p.add_peer(j + 1);
-            p.bitfield(j + 1, (0..n).map(|i| i / 4 == j as usize).collect());
-            p.choked(j + 1, false);
-        }
-        p
-    }
-
-    #[test]
-    fn pieces_in_progress_from_nodes_are_capped_but_not_behind_slow_ones_or_in_the_tail() {
-        let now = Instant::now();
-        let mut p = twelve_peers();
-        let asked: Vec<usize> = (1..=12).map(|k| p.next_requests(k, 4, now, &mut rng()).len()).collect();
-        assert_eq!(asked, [4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0], "one piece each from the first ACTIVE_MIN peers");
-        assert!(p.take_capped());
-        assert!(!p.take_capped());
-        // Pieces in progress for SLOW_PIECE no longer count.
-        assert_eq!(p.next_requests(9, 4, now + SLOW_PIECE, &mut rng()).len(), 4);
-        // At a faster link the cap is half the best second's pieces.
-        let mut p = twelve_peers();
-        for _ in 0..20 {
-            p.note_verified(now);
-        }
-        let asked: usize = (1..=12).map(|k| p.next_requests(k, 4, now, &mut rng()).len()).sum();
-        assert_eq!(asked, 10 * 4);
-        // In the tail (no more pieces to start than peers) every peer gets work.
-        let mut p = Picker::new(PL, 10 * PL as u64, &[false; 10]);
-        for k in 1..=12 {
-            p.add_peer(k);
-            p.bitfield(k, (0..10).map(|i| i == (k as usize - 1) % 10).collect());
-            p.choked(k, false);
-        }
-        let asked: usize = (1..=10).map(|k| p.next_requests(k, 4, now, &mut rng()).len()).sum();
-        assert_eq!(asked, 10 * 4);
     }
 
     #[test]

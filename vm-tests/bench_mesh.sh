@@ -12,6 +12,7 @@ set -euo pipefail
 for kv in "$@"; do export "${kv?}"; done
 N=${N:-32}; C=${C:-10}; DUR=${DUR:-30}; WARM=${WARM:-10}
 [ "$N" -ge 2 ] && [ "$N" -le 400 ] || { echo "bench_mesh: N between 2 and 400" >&2; exit 2; }
+[ "$WARM" -lt "$DUR" ] || { echo "bench_mesh: WARM must be below DUR" >&2; exit 2; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 P=sim$$
 OUT=$(mktemp -d)

@@ -89,9 +89,8 @@ struct Opts {
     json: Option<PathBuf>,
     /// Each link's queue (bfifo) in milliseconds of data at its rate.
     queue_ms: u64,
-    /// The leaf of each host's own egress shaping: `bfifo` (as the switch ports) or `pfifo`
-    /// of 1000 packets (a Linux host's NIC queue: pfifo_fast, txqueuelen 1000).
-    host_qdisc: String,
+    /// The queue of each host's own egress shaping.
+    host_queue: HostQueue,
     /// TCP congestion control in every namespace.
     cc: String,
     /// Extra `key=value` sysctls set in every namespace (the switch's too).
@@ -163,7 +162,11 @@ fn opts() -> Opts {
         kill_pct: num("KILL", 0).min(90),
         json: kv.get("JSON").filter(|v| !v.is_empty()).map(PathBuf::from),
         queue_ms: num("QUEUE_MS", 30).clamp(1, 10_000),
-        host_qdisc: kv.get("HOST_QDISC").cloned().unwrap_or_else(|| "bfifo".to_owned()),
+        host_queue: match kv.get("HOST_QDISC").map(String::as_str) {
+            None | Some("bfifo") => HostQueue::Bfifo,
+            Some("pfifo") => HostQueue::Pfifo,
+            Some(other) => panic!("swarm bench: HOST_QDISC={other}: bfifo or pfifo"),
+        },
         cc: kv.get("CC").cloned().unwrap_or_else(|| "cubic".into()),
         sysctls: kv.get("SYSCTL").map(|v| v.split([',', ' ']).filter(|s| s.contains('=')).map(str::to_owned).collect()).unwrap_or_default(),
     }
@@ -274,7 +277,16 @@ fn client_ip(i: usize) -> String {
     format!("10.70.{}.{}", 1 + i / 200, 10 + i % 200)
 }
 
-fn shape(ns: &Netns, dev: &str, mbit: u32, queue_ms: u64, leaf: &str) {
+/// The queue behind a link's rate limit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HostQueue {
+    /// A byte FIFO of `QUEUE_MS` (what the switch ports always have).
+    Bfifo,
+    /// 1000 packets: a Linux host's NIC queue (pfifo_fast, txqueuelen 1000).
+    Pfifo,
+}
+
+fn shape(ns: &Netns, dev: &str, mbit: u32, queue_ms: u64, leaf: HostQueue) {
     // A byte-limited FIFO: `queue_ms` (default 30) of data, at least one 64 KiB offload packet
     // with its headers and two full frames (a floor of exactly 64 KiB held no full-size offload
     // packet: at 10 Mbit/s one TCP stream moved 0.4 Mbit/s).
@@ -285,7 +297,7 @@ fn shape(ns: &Netns, dev: &str, mbit: u32, queue_ms: u64, leaf: &str) {
     for args in [
         vec!["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10"],
         vec!["class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", &rate, "ceil", &rate, "quantum", &q],
-        if leaf == "pfifo" {
+        if leaf == HostQueue::Pfifo {
             vec!["qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "pfifo", "limit", "1000"]
         } else {
             vec!["qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "bfifo", "limit", &lim]
@@ -864,8 +876,8 @@ fn main() {
         // Host 0 is the appliance; host h the client h (index h - 1).
         let slow = h > 0 && sc.slow[h - 1];
         let rate = if slow { (o.mbit / 4).max(1) } else { o.mbit };
-        shape(&lab.hosts[h], "eth0", rate, o.queue_ms, &o.host_qdisc);
-        shape(&lab.switch, &format!("p{h}"), rate, o.queue_ms, "bfifo");
+        shape(&lab.hosts[h], "eth0", rate, o.queue_ms, o.host_queue);
+        shape(&lab.switch, &format!("p{h}"), rate, o.queue_ms, HostQueue::Bfifo);
     }
     for ns in std::iter::once(&lab.switch).chain(&lab.hosts) {
         for kv in &o.sysctls {

@@ -271,10 +271,11 @@ fn calibrate(k: &Knobs, seeds: u64) {
     // `CPU=0`: the network alone (for runs below saturation, and as the projection runs).
     let network_only = k.get("CPU") == Some("0");
     let mut best: Option<(f64, Phys, Vec<f64>)> = None;
+    let eff = phys(k).eff;
     for rtt_ms in [1.0, 15.0, 30.0, 60.0] {
         for hash_ms in [0.0, 15.0, 30.0] {
             for start_ms in [100.0, 400.0, 800.0] {
-                let ph = Phys { cores: 0.0, cpu_per_byte: 0.0, rtt: rtt_ms / 1e3, hash_per_mib: hash_ms / 1e3, start: start_ms / 1e3, eff: phys(k).eff };
+                let ph = Phys { cores: 0.0, cpu_per_byte: 0.0, rtt: rtt_ms / 1e3, hash_per_mib: hash_ms / 1e3, start: start_ms / 1e3, eff };
                 let preds: Vec<f64> = cases
                     .iter()
                     .map(|(c, _, _, cpu)| {

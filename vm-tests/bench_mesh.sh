@@ -4,8 +4,10 @@
 # on its switch port: `shape` in bench_swarm.rs). First one stream from host 0 to host 1 alone
 # (the swarm bench's T* probe measures that), then every host sends bulk TCP to every other
 # (a full mesh: each link carries N - 1 flows each way). Prints the mesh's per-host receive
-# goodput as a share of the one stream's: the swarm simulator's MESH. Root; namespaces of its
-# own, removed at exit; traffic only between them.
+# goodput as a share of the one stream's (MESH), the flows that never connected (a host slow
+# to start is retried during the warm-up) and the machine's busy share over the mesh (90 % or
+# more: flagged, the figure is the CPU's, not the links'). Root; namespaces of its own,
+# removed at exit; traffic only between them.
 #
 #     sudo vm-tests/bench_mesh.sh N=32 C=10 [DUR=30 WARM=10]
 set -euo pipefail
@@ -61,7 +63,7 @@ for i in $(seq 0 $((N - 1))); do
     ip netns exec $P-h$i sysctl -q -w net.ipv4.tcp_congestion_control=cubic
 done
 run() { # run <label> <python args for host i...>: waits for all, bounded by DUR + 30 s
-    local start; start=$(python3 -c "import time; print(time.time() + 3)")
+    local start; start=$(python3 -c "import time; print(time.time() + 3 + ${#HOSTS[@]} / 20)")
     PIDS=()
     for i in "${HOSTS[@]}"; do
         timeout $((DUR + 30)) ip netns exec $P-h$i python3 "$HERE/mesh_node.py" "$i" "$N" --dur "$DUR" --warm "$WARM" --start "$start" ${ARGS[$i]:-} > "$OUT/$1.$i" &
@@ -75,8 +77,11 @@ HOSTS=(0 1); ARGS[0]="--to 1"; ARGS[1]="--send 0"
 run one
 one=$(awk '{print $2}' "$OUT/one.1")
 HOSTS=($(seq 0 $((N - 1)))); ARGS=()
+jiffies() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+read -r busy0 total0 <<<"$(jiffies)"
 run mesh
-cat "$OUT"/mesh.* | awk -v one="$one" -v n="$N" -v c="$C" '
-    { s += $2; k++; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2 }
-    END { printf "bench_mesh: N=%d C=%d Mbit/s: one stream %.2f Mbit/s; full mesh per host %.2f Mbit/s (min %.2f, max %.2f): MESH=%.3f\n", n, c, one, s / k, min, max, s / k / one }'
+read -r busy1 total1 <<<"$(jiffies)"
+cat "$OUT"/mesh.* | awk -v one="$one" -v n="$N" -v c="$C" -v busy=$(( 100 * (busy1 - busy0) / (total1 - total0 + 1) )) '
+    { s += $2; k++; f += $3; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2 }
+    END { printf "bench_mesh: N=%d C=%d Mbit/s: one stream %.2f Mbit/s; full mesh per host %.2f Mbit/s (min %.2f, max %.2f): MESH=%.3f; %d flows failed; machine %d %% busy%s\n", n, c, one, s / k, min, max, s / k / one, f, busy, (busy >= 90 ? " (CPU-SATURATED: not a measure of the links)" : "") }'
 ip netns exec $P-sw tc -s qdisc show | awk '/dropped/ { gsub(",", ""); d += $7; s += $4 } END { printf "bench_mesh: switch ports dropped %d of %d packets\n", d, s }'

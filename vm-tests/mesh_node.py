@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """One host of `bench_mesh.sh`: bulk TCP to every other host (or to `--to` only) for `dur`
-seconds from `start` (epoch), receiving whatever comes; prints this host's receive goodput in
-Mbit/s over the last `dur - warm` seconds. Only addresses inside the bench's namespaces."""
+seconds from `start` (epoch), receiving whatever comes; prints this host's index, its receive
+goodput in Mbit/s over the last `dur - warm` seconds and how many of its flows never got through
+(refused flows are tried again during the first half of the warm-up). Only addresses inside the
+bench's namespaces."""
 import argparse, selectors, socket, time
 
 ap = argparse.ArgumentParser()

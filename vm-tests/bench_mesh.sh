@@ -6,20 +6,23 @@
 # (a full mesh: each link carries N - 1 flows each way). Prints the mesh's per-host receive
 # goodput as a share of the one stream's (MESH), the flows that never connected (a host slow
 # to start is retried during the warm-up) and the machine's busy share over the mesh (90 % or
-# more: flagged, the figure is the CPU's, not the links'). Root; namespaces of its own,
-# removed at exit; traffic only between them.
+# more: flagged, the figure is the CPU's, not the links'). With SLOW=p, p % of the hosts (spread
+# as the swarm bench spreads them) have C/4 links, and a second lone stream into a slow host gives
+# their MESH apart (the share a slow port keeps when every other host sends into it at once).
+# Root; namespaces of its own, removed at exit; traffic only between them.
 #
-#     sudo vm-tests/bench_mesh.sh N=32 C=10 [DUR=30 WARM=10]
+#     sudo vm-tests/bench_mesh.sh N=32 C=10 [SLOW=20] [DUR=30 WARM=10]
 set -euo pipefail
 for kv in "$@"; do export "${kv?}"; done
-N=${N:-32}; C=${C:-10}; DUR=${DUR:-30}; WARM=${WARM:-10}
+N=${N:-32}; C=${C:-10}; DUR=${DUR:-30}; WARM=${WARM:-10}; SLOW=${SLOW:-0}
 [ "$N" -ge 2 ] && [ "$N" -le 400 ] || { echo "bench_mesh: N between 2 and 400" >&2; exit 2; }
 [ "$WARM" -lt "$DUR" ] || { echo "bench_mesh: WARM must be below DUR" >&2; exit 2; }
+[ "$SLOW" -ge 0 ] && [ "$SLOW" -le 50 ] || { echo "bench_mesh: SLOW between 0 and 50 (percent)" >&2; exit 2; }
+# Whether host $1 is slow (the swarm bench's rule: (i + 1) p / 100 > i p / 100).
+is_slow() { [ $(( ($1 + 1) * SLOW / 100 )) -gt $(( $1 * SLOW / 100 )) ]; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 P=sim$$
 OUT=$(mktemp -d)
-LIMIT=$(( C * 1000000 / 8 * 30 / 1000 )); [ $LIMIT -ge $((65536 + 2 * 1514)) ] || LIMIT=$((65536 + 2 * 1514))
-Q=$(( C * 1000000 / 8 / 1000 )); [ $Q -ge 1514 ] || Q=1514; [ $Q -le 60000 ] || Q=60000
 NEIGH=/proc/sys/net/ipv4/neigh/default
 # The swarm bench's TCP: cubic (a namespace may use only what the host allows: added for the run).
 ALLOWED=/proc/sys/net/ipv4/tcp_allowed_congestion_control
@@ -42,10 +45,13 @@ need=$(( (N + 2) * (N + 2) + 1024 ))
 if [ "$need" -gt "$(cat $NEIGH/gc_thresh3)" ]; then
     echo $need > $NEIGH/gc_thresh3; echo $((need / 2)) > $NEIGH/gc_thresh2; echo $((need / 4)) > $NEIGH/gc_thresh1
 fi
-shape() {
+shape() { # shape <netns> <dev> <kbit/s>
+    local limit=$(( $3 * 1000 / 8 * 30 / 1000 )) q=$(( $3 * 1000 / 8 / 1000 ))
+    [ $limit -ge $((65536 + 2 * 1514)) ] || limit=$((65536 + 2 * 1514))
+    [ $q -ge 1514 ] || q=1514; [ $q -le 60000 ] || q=60000
     ip netns exec "$1" tc qdisc add dev "$2" root handle 1: htb default 10
-    ip netns exec "$1" tc class add dev "$2" parent 1: classid 1:10 htb rate "${C}mbit" ceil "${C}mbit" quantum $Q
-    ip netns exec "$1" tc qdisc add dev "$2" parent 1:10 handle 10: bfifo limit $LIMIT
+    ip netns exec "$1" tc class add dev "$2" parent 1: classid 1:10 htb rate "$3kbit" ceil "$3kbit" quantum $q
+    ip netns exec "$1" tc qdisc add dev "$2" parent 1:10 handle 10: bfifo limit $limit
 }
 ip netns add $P-sw
 ip -n $P-sw link add br0 type bridge
@@ -58,8 +64,9 @@ for i in $(seq 0 $((N - 1))); do
     ip -n $P-h$i link set eth0 up
     ip -n $P-sw link set p$i master br0
     ip -n $P-sw link set p$i up
-    shape $P-h$i eth0
-    shape $P-sw p$i
+    kbit=$(( C * 1000 )); if is_slow $i; then kbit=$(( C * 250 )); fi
+    shape $P-h$i eth0 $kbit
+    shape $P-sw p$i $kbit
     ip netns exec $P-h$i sysctl -q -w net.ipv4.tcp_congestion_control=cubic
 done
 run() { # run <label> <python args for host i...>: waits for all, bounded by DUR + 30 s
@@ -76,12 +83,28 @@ declare -a ARGS
 HOSTS=(0 1); ARGS[0]="--to 1"; ARGS[1]="--send 0"
 run one
 one=$(awk '{print $2}' "$OUT/one.1")
+SLOWS=()
+for i in $(seq 0 $((N - 1))); do if is_slow $i; then SLOWS+=($i); fi; done
+one_slow=0
+if [ ${#SLOWS[@]} -gt 0 ]; then
+    s=${SLOWS[0]}; f=0; while is_slow $f; do f=$((f + 1)); done
+    HOSTS=($f $s); ARGS=(); ARGS[$f]="--to $s"; ARGS[$s]="--send 0"
+    run one_slow
+    one_slow=$(awk '{print $2}' "$OUT/one_slow.$s")
+fi
 HOSTS=($(seq 0 $((N - 1)))); ARGS=()
 jiffies() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
 read -r busy0 total0 <<<"$(jiffies)"
 run mesh
 read -r busy1 total1 <<<"$(jiffies)"
-cat "$OUT"/mesh.* | awk -v one="$one" -v n="$N" -v c="$C" -v busy=$(( 100 * (busy1 - busy0) / (total1 - total0 + 1) )) '
+busy=$(( 100 * (busy1 - busy0) / (total1 - total0 + 1) ))
+for i in "${SLOWS[@]}"; do mv "$OUT/mesh.$i" "$OUT/slowmesh.$i"; done
+cat "$OUT"/mesh.* | awk -v one="$one" -v n="$N" -v c="$C" -v busy=$busy -v slow=${#SLOWS[@]} '
     { s += $2; k++; f += $3; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2 }
-    END { printf "bench_mesh: N=%d C=%d Mbit/s: one stream %.2f Mbit/s; full mesh per host %.2f Mbit/s (min %.2f, max %.2f): MESH=%.3f; %d flows failed; machine %d %% busy%s\n", n, c, one, s / k, min, max, s / k / one, f, busy, (busy >= 90 ? " (CPU-SATURATED: not a measure of the links)" : "") }'
+    END { printf "bench_mesh: N=%d C=%d Mbit/s: one stream %.2f Mbit/s; full mesh per %shost %.2f Mbit/s (min %.2f, max %.2f): MESH=%.3f; %d flows failed; machine %d %% busy%s\n", n, c, one, (slow ? "fast " : ""), s / k, min, max, s / k / one, f, busy, (busy >= 90 ? " (CPU-SATURATED: not a measure of the links)" : "") }'
+if [ ${#SLOWS[@]} -gt 0 ]; then
+    cat "$OUT"/slowmesh.* | awk -v one="$one_slow" -v n=${#SLOWS[@]} -v c="$C" '
+        { s += $2; k++; f += $3; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2 }
+        END { printf "bench_mesh: %d slow hosts on C/4 = %g Mbit/s: one stream into one %.2f Mbit/s; full mesh per slow host %.2f Mbit/s (min %.2f, max %.2f): MESH_SLOW=%.3f; %d flows failed\n", n, c / 4, one, s / k, min, max, s / k / one, f }'
+fi
 ip netns exec $P-sw tc -s qdisc show | awk '/dropped/ { gsub(",", ""); d += $7; s += $4 } END { printf "bench_mesh: switch ports dropped %d of %d packets\n", d, s }'

@@ -286,14 +286,16 @@ enum HostQueue {
     Pfifo,
 }
 
-fn shape(ns: &Netns, dev: &str, mbit: u32, queue_ms: u64, leaf: HostQueue) {
+/// Shapes `dev` to `kbit` kbit/s (kbit, not Mbit: a slow link is C/4, and at C = 10 whole
+/// Mbit/s made it 2, not 2.5 — until stop 43 every C = 10 run's slow nodes were on 0.8 × C/4).
+fn shape(ns: &Netns, dev: &str, kbit: u64, queue_ms: u64, leaf: HostQueue) {
     // A byte-limited FIFO: `queue_ms` (default 30) of data, at least one 64 KiB offload packet
     // with its headers and two full frames (a floor of exactly 64 KiB held no full-size offload
     // packet: at 10 Mbit/s one TCP stream moved 0.4 Mbit/s).
-    let limit = ((mbit as u64 * 1_000_000 / 8) * queue_ms / 1000).max(64 * 1024 + 2 * 1514);
+    let limit = ((kbit * 1000 / 8) * queue_ms / 1000).max(64 * 1024 + 2 * 1514);
     let lim = limit.to_string();
-    let rate = format!("{mbit}mbit");
-    let q = format!("{}", (mbit as u64 * 1_000_000 / 8 / 1000).clamp(1514, 60_000));
+    let rate = format!("{kbit}kbit");
+    let q = format!("{}", (kbit * 1000 / 8 / 1000).clamp(1514, 60_000));
     for args in [
         vec!["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10"],
         vec!["class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", &rate, "ceil", &rate, "quantum", &q],
@@ -875,7 +877,8 @@ fn main() {
         common::run(lab.hosts[h].cmd("sysctl").args(["-q", "-w", &format!("net.ipv4.tcp_congestion_control={}", o.cc)]));
         // Host 0 is the appliance; host h the client h (index h - 1).
         let slow = h > 0 && sc.slow[h - 1];
-        let rate = if slow { (o.mbit / 4).max(1) } else { o.mbit };
+        let kbit = u64::from(o.mbit) * 1000;
+        let rate = if slow { kbit / 4 } else { kbit };
         shape(&lab.hosts[h], "eth0", rate, o.queue_ms, o.host_queue);
         shape(&lab.switch, &format!("p{h}"), rate, o.queue_ms, HostQueue::Bfifo);
     }

@@ -335,7 +335,7 @@ fn project(k: &Knobs, seeds: u64) {
             let t0 = Instant::now();
             for s in 1..=seeds {
                 let mut p = params(&c, ph, agg, s);
-                p.factor = (0..n).map(|i| if i % 2 == 0 { 0.9 } else { 1.1 }).collect();
+                p.factor = (0..n).map(|i| if i % 2 == 0 { 0.9 } else { 1.1 } * ph.eff).collect();
                 match sim::run(&p) {
                     Ok(o) => {
                         sum += o.makespan;

@@ -245,6 +245,14 @@ fn dhcpcd_obtains_renews_releases_and_reservation() {
     let mut n = Proc::spawn("dhcpcd-n", dhcpcd(1, "dc", &["-4", "-n", "eth0"]), lab.path("dhcpcd-n.log"));
     n.wait_exit(T);
     wait_count(&app, &format!("lease renewed mac={mac} ip={ip}"), 1);
+    // And dhcpcd has taken the ACK (its hook ran): a release signalled while it is still
+    // rebinding makes it drop the lease without sending a RELEASE (seen once in CI: the ACK left
+    // the appliance milliseconds before -k).
+    let renewed = wait_for(T, || {
+        let s = read(&ev);
+        (s.contains(&format!("RENEW ip={ip}")) || s.contains(&format!("REBIND ip={ip}"))).then_some(())
+    });
+    assert!(renewed.is_some(), "dhcpcd never ran its hook for the renewed lease: {}", read(&ev));
     // -k: release.
     let mut k = Proc::spawn("dhcpcd-k", dhcpcd(1, "dc", &["-4", "-k", "eth0"]), lab.path("dhcpcd-k.log"));
     k.wait_exit(T);

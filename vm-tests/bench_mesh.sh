@@ -99,12 +99,19 @@ run mesh
 read -r busy1 total1 <<<"$(jiffies)"
 busy=$(( 100 * (busy1 - busy0) / (total1 - total0 + 1) ))
 for i in "${SLOWS[@]}"; do mv "$OUT/mesh.$i" "$OUT/slowmesh.$i"; done
-cat "$OUT"/mesh.* | awk -v one="$one" -v n="$N" -v c="$C" -v busy=$busy -v slow=${#SLOWS[@]} '
-    { s += $2; k++; f += $3; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2 }
-    END { printf "bench_mesh: N=%d C=%d Mbit/s: one stream %.2f Mbit/s; full mesh per %shost %.2f Mbit/s (min %.2f, max %.2f): MESH=%.3f; %d flows failed; machine %d %% busy%s\n", n, c, one, (slow ? "fast " : ""), s / k, min, max, s / k / one, f, busy, (busy >= 90 ? " (CPU-SATURATED: not a measure of the links)" : "") }'
-if [ ${#SLOWS[@]} -gt 0 ]; then
-    cat "$OUT"/slowmesh.* | awk -v one="$one_slow" -v n=${#SLOWS[@]} -v c="$C" '
+# report <one stream, Mbit/s> <what the hosts are> <files...>: their mean, min and max receive
+# goodput, its share of the lone stream, and their flows that never connected.
+report() {
+    local one=$1 what=$2; shift 2
+    awk -v one="$one" -v what="$what" '
         { s += $2; k++; f += $3; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2 }
-        END { printf "bench_mesh: %d slow hosts on C/4 = %g Mbit/s: one stream into one %.2f Mbit/s; full mesh per slow host %.2f Mbit/s (min %.2f, max %.2f): MESH_SLOW=%.3f; %d flows failed\n", n, c / 4, one, s / k, min, max, s / k / one, f }'
+        END { printf "one stream %.2f Mbit/s; full mesh per %s %.2f Mbit/s (min %.2f, max %.2f): MESH=%.3f; %d flows failed", one, what, s / k, min, max, s / k / one, f }' "$@"
+}
+flag=""; [ $busy -lt 90 ] || flag=" (CPU-SATURATED: not a measure of the links)"
+if [ ${#SLOWS[@]} -eq 0 ]; then
+    echo "bench_mesh: N=$N C=$C Mbit/s: $(report "$one" host "$OUT"/mesh.*); machine $busy % busy$flag"
+else
+    echo "bench_mesh: N=$N C=$C Mbit/s: $(report "$one" "fast host" "$OUT"/mesh.*); machine $busy % busy$flag"
+    echo "bench_mesh: ${#SLOWS[@]} slow hosts on C/4 = $(( C * 250 )) kbit/s: $(report "$one_slow" "slow host" "$OUT"/slowmesh.*)"
 fi
 ip netns exec $P-sw tc -s qdisc show | awk '/dropped/ { gsub(",", ""); d += $7; s += $4 } END { printf "bench_mesh: switch ports dropped %d of %d packets\n", d, s }'

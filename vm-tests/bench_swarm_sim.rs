@@ -6,7 +6,8 @@
 //!
 //!     cargo bench --bench swarm_sim -- MODE=calibrate RUNS=a.json,b.json   # fit RTT and CPU
 //!     cargo bench --bench swarm_sim -- MODE=predict N=128 C=10 GOODPUT=0.95 RTT_MS=4 HASH_MS=2
-//!     cargo bench --bench swarm_sim -- MODE=project RTT_MS=4 HASH_MS=2     # 1000 × 2.7 GB, 1 GbE
+//!     cargo bench --bench swarm_sim -- MODE=project RTT_MS=30 HASH_MS=0.5 START_MS=400 EFF=0.94 SEEDS=1
+//!                                      # 1000 × 2.7 GB, 1 GbE (SCALE.md stop 44; ~27 min a row)
 //!     cargo bench --bench swarm_sim -- MODE=agg RUNS=...                   # agg = 16 vs 1
 //!
 //! Options (`KEY=VALUE` arguments or environment): `N`, `C` Mbit/s, `S` MiB (default 64), `SLOW`

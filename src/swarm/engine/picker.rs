@@ -179,9 +179,7 @@ enum Ps {
 
 #[derive(Debug)]
 struct PeerView {
-    has: Vec<bool>,
-    /// `has` as [`Bits`].
-    bits: Bits,
+    has: Bits,
     count: u32,
     choked: bool,
     asked: Vec<(Block, Instant)>,
@@ -351,7 +349,7 @@ impl Picker {
     /// A new connection (choked until it unchokes us, no pieces until its bitfield).
     pub fn add_peer(&mut self, k: PeerKey) {
         let n = self.pieces.len();
-        self.peers.insert(k, PeerView { has: vec![false; n], bits: Bits::new(n, |_| false), count: 0, choked: true, asked: Vec::new(), order: None, joined_complete: false, trusted: false, last_block: None, claims: Vec::new() });
+        self.peers.insert(k, PeerView { has: Bits::new(n, |_| false), count: 0, choked: true, asked: Vec::new(), order: None, joined_complete: false, trusted: false, last_block: None, claims: Vec::new() });
     }
 
     /// Marks the peer as the appliance's seed (see the module's notes on suspect pieces).
@@ -379,7 +377,7 @@ impl Picker {
     fn may_start(&self, k: PeerKey, i: usize) -> bool {
         !self.suspect[i]
             || self.peers.get(&k).is_some_and(|p| p.trusted)
-            || !self.peers.values().any(|p| p.trusted && !p.choked && p.has[i])
+            || !self.peers.values().any(|p| p.trusted && !p.choked && p.has.get(i))
     }
 
     /// Places the peer in the order that shares out the seed's pieces (its IPv4 address).
@@ -466,7 +464,7 @@ impl Picker {
     fn helper_pieces(&self, k: PeerKey, hold: bool, claims_at: Option<Instant>) -> (Vec<u32>, Option<u32>, bool) {
         let Some((me, all)) = self.share_orders() else { return (Vec::new(), None, false) };
         let m = all.len();
-        let peer_has = |i: usize| self.peers.get(&k).is_some_and(|p| p.has.get(i).copied().unwrap_or(false));
+        let peer_has = |i: usize| self.peers.get(&k).is_some_and(|p| p.has.get(i));
         let owners: Vec<Option<&PeerView>> = all
             .iter()
             .enumerate()
@@ -503,7 +501,7 @@ impl Picker {
             let mut place = 0;
             for (q, i) in walk.enumerate() {
                 let s = &self.pieces[i];
-                if self.avail[i] > 1 || matches!(s, Ps::Have) || owner.is_some_and(|v| v.has.get(i).copied().unwrap_or(false)) {
+                if self.avail[i] > 1 || matches!(s, Ps::Have) || owner.is_some_and(|v| v.has.get(i)) {
                     continue;
                 }
                 // In flight from the seed to another node: not ours, and not the owner's next.
@@ -539,10 +537,8 @@ impl Picker {
     /// free again. Returns true when blocks were freed (other peers may have work now).
     pub fn remove_peer(&mut self, k: PeerKey) -> bool {
         let Some(p) = self.peers.remove(&k) else { return false };
-        for (i, h) in p.has.iter().enumerate() {
-            if *h {
-                self.avail[i] = self.avail[i].saturating_sub(1);
-            }
+        for i in p.has.both_from(&p.has, 0) {
+            self.avail[i] = self.avail[i].saturating_sub(1);
         }
         let freed = !p.asked.is_empty();
         for (b, _) in p.asked {
@@ -567,7 +563,7 @@ impl Picker {
         if i as usize >= n {
             return false;
         }
-        if p.has[i as usize] {
+        if p.has.get(i as usize) {
             return true;
         }
         if p.claims.contains(&i) {
@@ -685,8 +681,8 @@ impl Picker {
     /// The peer's bitfield. Returns whether we are interested in it.
     pub fn bitfield(&mut self, k: PeerKey, bits: Vec<bool>) -> bool {
         let Some(p) = self.peers.get_mut(&k) else { return false };
-        for (i, (old, new)) in p.has.iter().zip(&bits).enumerate() {
-            match (*old, *new) {
+        for (i, new) in bits.iter().enumerate().take(self.pieces.len()) {
+            match (p.has.get(i), *new) {
                 (false, true) => self.avail[i] += 1,
                 (true, false) => self.avail[i] = self.avail[i].saturating_sub(1),
                 _ => {}
@@ -697,8 +693,7 @@ impl Picker {
             p.joined_complete = true;
         }
         p.count = count;
-        p.bits = Bits::new(bits.len(), |i| bits[i]);
-        p.has = bits;
+        p.has = Bits::new(bits.len().min(self.pieces.len()), |i| bits[i]);
         self.interested(k)
     }
 
@@ -706,10 +701,11 @@ impl Picker {
     /// index out of range (the caller drops such a peer).
     pub fn have(&mut self, k: PeerKey, i: u32) -> Option<bool> {
         let p = self.peers.get_mut(&k)?;
-        let slot = p.has.get_mut(i as usize)?;
-        if !*slot {
-            *slot = true;
-            p.bits.set(i as usize, true);
+        if i as usize >= self.pieces.len() {
+            return None;
+        }
+        if !p.has.get(i as usize) {
+            p.has.set(i as usize, true);
             p.count += 1;
             self.avail[i as usize] += 1;
             if let Some(at) = p.claims.iter().position(|c| *c == i) {
@@ -726,7 +722,7 @@ impl Picker {
         if self.complete() {
             return false;
         }
-        p.bits.meets(&self.lack_bits)
+        p.has.meets(&self.lack_bits)
     }
 
     /// Whether the peer has every piece.
@@ -774,7 +770,7 @@ impl Picker {
         // The peer's pieces (as bits: 650 bytes for 5150 pieces), copied once per call, not once
         // per block (the simulator at N = 128 with 1024 pieces: 68 -> 49 s of wall time), and
         // only when there is room (most HAVEs come from a peer with its requests in flight).
-        let Some(bits) = self.peers.get(&k).map(|p| p.bits.clone()) else { return out };
+        let Some(bits) = self.peers.get(&k).map(|p| p.has.clone()) else { return out };
         while room > 0 {
             let Some(b) = self.pick(k, &bits, now, rng) else { break };
             if let Some(Ps::Active(a)) = self.pieces.get_mut(b.piece as usize) {
@@ -814,14 +810,11 @@ impl Picker {
             assert_eq!(matches!(s, Ps::Missing), self.missing_bits.get(i), "piece {i}: {s:?}");
             assert_eq!(!matches!(s, Ps::Have), self.lack_bits.get(i), "piece {i}: {s:?}");
         }
-        for p in self.peers.values() {
-            assert!(p.has.iter().enumerate().all(|(i, h)| *h == p.bits.get(i)));
-        }
     }
 
     /// Whether peer `k` announced piece `i`.
     pub fn peer_has_piece(&self, k: PeerKey, i: u32) -> bool {
-        self.peers.get(&k).is_some_and(|p| p.has.get(i as usize).copied().unwrap_or(false))
+        self.peers.get(&k).is_some_and(|p| p.has.get(i as usize))
     }
 
     /// Whether a node done with its share is leaving the seed idle for the owners' next

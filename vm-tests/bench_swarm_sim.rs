@@ -135,6 +135,8 @@ struct Sims {
     ramp: Vec<u32>,
     /// The first run's connections per node when the last node finished.
     conns: Vec<usize>,
+    /// The first run's seed repeats per second, in pieces.
+    repeats: Vec<f64>,
 }
 
 /// The makespan over `seeds` runs (mean, min, max), seed copies, wall time, the first run's detail.
@@ -145,6 +147,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mut done = Vec::new();
     let mut ramp = Vec::new();
     let mut conns = Vec::new();
+    let mut repeats = Vec::new();
     for s in 1..=seeds {
         match sim::run(&params(c, ph, agg, s)) {
             Ok(o) => {
@@ -154,6 +157,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
                     done = o.done;
                     ramp = o.verified_per_s;
                     conns = o.conns_at_end;
+                    repeats = o.repeats_per_s;
                 }
             }
             Err(e) => {
@@ -165,7 +169,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
     let max = ms.iter().copied().fold(0.0, f64::max);
-    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp, conns }
+    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp, conns, repeats }
 }
 
 /// A swarm bench JSON file: the case (goodput from its T*) and the measured makespan of its
@@ -229,7 +233,7 @@ fn main() {
             let size = k.u("S", 64) * MIB;
             let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize, claims: k.u("CLAIMS", 1) != 0 };
             let ph = phys(&k);
-            let Sims { mean, min, max, copies, wall, done, ramp, conns } = simulate(&c, ph, agg, seeds);
+            let Sims { mean, min, max, copies, wall, done, ramp, conns, repeats } = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
             println!("predicted N={} C={} S={} MiB piece {} KiB SLOW={} %: makespan {mean:.2} s (min {min:.2}, max {max:.2} over {seeds} seeds), T* {tstar:.2} s, makespan/T* {:.2}, seed copies {copies:.2}; wall {wall:.1} s", c.n, mbit, size / MIB, c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) / 1024, c.slow_pct, mean / tstar);
             if k.get("RAMP").is_some_and(|v| v != "0") {
@@ -237,6 +241,13 @@ fn main() {
                 let piece = c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) as f64;
                 let per_s: Vec<String> = ramp.iter().map(|p| format!("{:.0}", *p as f64 * piece * 8.0 / 1e6)).collect();
                 println!("  all nodes' verified Mbit/s, per second of the first run: {}", per_s.join(" "));
+                let rep: Vec<String> = repeats.iter().map(|p| format!("{p:.0}")).collect();
+                println!("  the seed's repeats, pieces per second of the first run: {}", rep.join(" "));
+                // Which nodes finish last (by start order: node 1 starts and announces first).
+                let mut late: Vec<(usize, f64)> = done.iter().copied().enumerate().map(|(i, d)| (i + 1, d)).collect();
+                late.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let late: Vec<String> = late.iter().take(late.len().div_ceil(10)).map(|(i, d)| format!("{i}:{:.2}", d / tstar)).collect();
+                println!("  the last tenth of the nodes to finish (node: done / T*): {}", late.join(" "));
                 let mut by = conns.clone();
                 by.sort_unstable();
                 let mut when = done.clone();

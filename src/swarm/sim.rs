@@ -152,6 +152,9 @@ pub struct Outcome {
     /// Pieces verified by all nodes together in each second of virtual time (the swarm's ramp,
     /// to set beside an emulated run's progress lines).
     pub verified_per_s: Vec<u32>,
+    /// The seed's repeats in each second of virtual time, in pieces: bytes it sent of a piece
+    /// beyond the piece's first full copy (where the seed's second copies come from).
+    pub repeats_per_s: Vec<f64>,
     /// Per node: its open connections (the seed's included) when the last node finished.
     pub conns_at_end: Vec<usize>,
 }
@@ -335,6 +338,9 @@ struct Sim<'a> {
     core_total: u64,
     pool: Vec<Vec<u8>>,
     seed_sent: f64,
+    /// Per piece, Core bytes the seed sent of it.
+    seed_piece: Vec<u64>,
+    repeats_per_s: Vec<f64>,
     /// Per sending host, flows holding one of its upload slots (`seed_slots`, `node_slots`),
     /// and bytes each sent this turn.
     serving: Vec<Vec<(usize, f64)>>,
@@ -451,6 +457,8 @@ impl<'a> Sim<'a> {
             core_total: total,
             pool: Vec::new(),
             seed_sent: 0.0,
+            seed_piece: Vec::new(),
+            repeats_per_s: Vec::new(),
             serving: vec![Vec::new(); p.nodes + 1],
             waiting: vec![VecDeque::new(); p.nodes + 1],
             seed_max_serving: 0,
@@ -542,6 +550,7 @@ impl<'a> Sim<'a> {
             recomputes: self.recomputes,
             seed_max_serving: self.seed_max_serving,
             verified_per_s: std::mem::take(&mut self.verified_per_s),
+            repeats_per_s: std::mem::take(&mut self.repeats_per_s),
             conns_at_end: self.nodes[1..].iter().map(|n| n.keys.len()).collect(),
         })
     }
@@ -881,6 +890,26 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Counts the seed's block `b` in its piece's copies, and in the second's repeats when the
+    /// piece's first copy is already out.
+    fn seed_repeat(&mut self, b: Block) {
+        let i = b.piece as usize;
+        if self.seed_piece.len() <= i {
+            self.seed_piece.resize(i + 1, 0);
+        }
+        let whole = u64::from(self.p.piece_len / self.p.agg);
+        let before = self.seed_piece[i];
+        self.seed_piece[i] += u64::from(b.len);
+        let over = self.seed_piece[i].saturating_sub(whole.max(before)) as f64;
+        if over > 0.0 {
+            let sec = (self.now / NS as u64) as usize;
+            if self.repeats_per_s.len() <= sec {
+                self.repeats_per_s.resize(sec + 1, 0.0);
+            }
+            self.repeats_per_s[sec] += over / whole as f64;
+        }
+    }
+
     /// Flow `f`'s head block is out at `t` (its rate's latest estimate).
     fn arm(&mut self, f: usize, t: u64) {
         let fl = &mut self.flows[f];
@@ -917,6 +946,7 @@ impl<'a> Sim<'a> {
         let Some(b) = self.flows[f].queue.pop_front() else { return };
         if from == 0 {
             self.seed_sent += f64::from(b.len) * self.wire_block;
+            self.seed_repeat(b);
         }
         self.push(self.now + ns(self.p.rtt / 2.0), Ev::Piece { conn: f / 2, to, block: b });
         if self.slotted(f) {

@@ -5,7 +5,7 @@
 //! events the engine feeds it (register, handle, written, verified, disconnect, dial_failed, tick,
 //! add_known, set_ring) and its [`Action`]s carried out; peer lists (and, in a swarm bigger than
 //! a peer list, the ring of downloading nodes) come from the appliance's own
-//! [`Tracker::announce`] (closest first, seed quota), called at each node's announce times.
+//! [`Tracker::announce`] (racks mixed, seed quota), called at each node's announce times.
 //!
 //! What is modelled:
 //! - Hosts: the appliance (host 0) and N nodes, each with an upload and a download capacity

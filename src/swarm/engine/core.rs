@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use tracing::{debug, info, trace, warn};
 
-use super::guard::{self, Admit, ChokeMeter, Cooloff, Failure, MAX_CONNS, MAX_OUTGOING};
+use super::guard::{self, Admit, ChokeMeter, Cooloff, Failure, MAX_CONNS, MAX_INCOMING, MAX_OUTGOING};
 use super::picker::{Block, Got, PeerKey, Picker};
 use super::wire::{self, Msg};
 
@@ -289,10 +289,18 @@ impl Core {
     /// Whether an incoming connection from `ip` may start its handshake.
     pub fn admit_incoming(&self, ip: IpAddr, now: Instant) -> Admit {
         let from_ip = self.peers.values().filter(|c| c.ip == ip).count();
-        match guard::admit(self.trusted.contains(&ip), self.distrusted(&ip, now), self.peers.len(), from_ip) {
+        let trusted = self.trusted.contains(&ip);
+        match guard::admit(trusted, self.distrusted(&ip, now), self.peers.len(), from_ip) {
+            Admit::Yes if !trusted && self.incoming(None) >= MAX_INCOMING => Admit::Full,
             Admit::Full if self.evictable(None).is_some() => Admit::Yes,
             v => v,
         }
+    }
+
+    /// Untrusted connections peers dialled to us (but `except`: one being replaced), against
+    /// [`MAX_INCOMING`].
+    fn incoming(&self, except: Option<PeerKey>) -> usize {
+        self.peers.iter().filter(|(k, c)| !c.outgoing && !c.trusted && Some(**k) != except).count()
     }
 
     /// When we are full: the connection an incoming one may take the place of. A node may dial
@@ -340,6 +348,9 @@ impl Core {
         let others = self.peers.iter().filter(|(k, _)| Some(**k) != dup);
         let (total, from_ip) = others.fold((0, 0), |(t, f), (_, c)| (t + 1, f + usize::from(c.ip == ip)));
         let mut verdict = guard::admit(trusted, self.distrusted(&ip, now), total, from_ip);
+        if verdict == Admit::Yes && !outgoing && !trusted && self.incoming(dup) >= MAX_INCOMING {
+            verdict = Admit::Full;
+        }
         if verdict == Admit::Full && !outgoing {
             if let Some(victim) = self.evictable(dup) {
                 debug!(%ip, "full: an incoming connection takes the place of one we dialled");

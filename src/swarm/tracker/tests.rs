@@ -84,11 +84,13 @@ fn never_returns_the_requester_and_prefers_its_rack() {
             t.announce(&a, now, &mut rng).unwrap();
         }
     }
-    let me = Announce::parse(&q(&[7; 20], 200, 6881, 1000, "&numwant=5"), ip("10.0.1.99")).unwrap();
+    let me = Announce::parse(&q(&[7; 20], 200, 6881, 1000, "&numwant=8"), ip("10.0.1.99")).unwrap();
     let r = t.announce(&me, now, &mut rng).unwrap();
-    assert_eq!(r.peers.len(), 5);
+    assert_eq!(r.peers.len(), 8);
     assert!(!r.peers.contains(&me.addr));
-    assert!(r.peers.iter().all(|p| p.ip().octets()[2] == 1), "same rack first: {:?}", r.peers);
+    // Three quarters from its own rack, first; a quarter from the other.
+    assert!(r.peers[..6].iter().all(|p| p.ip().octets()[2] == 1), "same rack first: {:?}", r.peers);
+    assert!(r.peers[6..].iter().all(|p| p.ip().octets()[2] == 2), "{:?}", r.peers);
     assert_eq!((r.complete, r.incomplete), (0, 21));
 }
 
@@ -366,6 +368,34 @@ fn closest_takes_the_k_nearest_and_samples_the_boundary_rack() {
     }
     assert_eq!(boundary_seen.len(), 20, "every boundary peer is drawn sometime");
     assert!(closest(v, me, 0, &mut rng).is_empty());
+}
+
+/// Within a rack every peer is as close as another (no preference by the last octet), a
+/// quarter of a list comes from other racks, and a rack smaller than the list is all in it.
+#[test]
+fn peers_mix_racks_and_are_random_within_one() {
+    let me = ip("10.0.1.10");
+    // 100 peers in my rack, 100 in 10.0.2.x, 100 in 10.0.9.x.
+    let v: Vec<SocketAddrV4> = [1u8, 2, 9].iter().flat_map(|r| (100..200).map(move |h| SocketAddrV4::new(Ipv4Addr::new(10, 0, *r, h), 6881))).collect();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut seen = HashSet::new();
+    for _ in 0..200 {
+        let out = mixed(v.clone(), me, 80, &mut rng);
+        assert_eq!(out.len(), 80);
+        assert_eq!(out.iter().collect::<HashSet<_>>().len(), 80, "no duplicates");
+        assert!(out[..60].iter().all(|p| p.ip().octets()[2] == 1), "{out:?}");
+        assert!(out[60..].iter().all(|p| p.ip().octets()[2] != 1), "{out:?}");
+        seen.extend(out.iter().copied());
+    }
+    assert_eq!(seen.len(), 300, "every peer of every rack is drawn sometime");
+    // A small rack: all of it, the rest from the others.
+    let small: Vec<SocketAddrV4> = v.iter().copied().filter(|p| p.ip().octets()[2] != 1 || p.ip().octets()[3] < 110).collect();
+    let out = mixed(small, me, 80, &mut rng);
+    assert_eq!(out.iter().filter(|p| p.ip().octets()[2] == 1).count(), 10);
+    assert_eq!(out.len(), 80);
+    // Fewer peers than asked: all of them.
+    assert_eq!(mixed(v[..30].to_vec(), me, 80, &mut rng).len(), 30);
+    assert!(mixed(v, me, 0, &mut rng).is_empty());
 }
 
 /// A known peer's announce costs no pass over the swarm for timeouts more than once a second,

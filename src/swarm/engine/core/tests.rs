@@ -360,6 +360,30 @@ fn a_full_node_gives_up_dialled_connections_beyond_its_share_for_incoming_ones()
     assert_eq!(c.register(now, ip(203), [203; 20], false, None, &mut Vec::new()), Err(Refused::Admit(Admit::Full)));
 }
 
+/// Peers dialling in get at most `MAX_INCOMING` places (the rest stays for our own dials);
+/// the appliance's seed always gets one, and our own dials fill up to `MAX_CONNS`.
+#[test]
+fn peers_dialling_in_take_at_most_their_share_of_the_places() {
+    let now = Instant::now();
+    let mut c = empty();
+    for i in 0..guard::MAX_INCOMING {
+        let last = 10 + i as u8;
+        assert_eq!(c.admit_incoming(ip(last), now), Admit::Yes);
+        c.register(now, ip(last), [100 + i as u8; 20], false, None, &mut Vec::new()).expect("admitted");
+    }
+    let next = 10 + guard::MAX_INCOMING as u8;
+    assert_eq!(c.admit_incoming(ip(next), now), Admit::Full);
+    assert_eq!(c.register(now, ip(next), [next; 20], false, None, &mut Vec::new()), Err(Refused::Admit(Admit::Full)));
+    assert_eq!(c.admit_incoming(ip(9), now), Admit::Yes, "the trusted seed");
+    c.register(now, ip(9), [9; 20], false, None, &mut Vec::new()).expect("the seed");
+    let mut last = 200u8;
+    while c.peers().len() < guard::MAX_CONNS {
+        c.register(now, ip(last), [last; 20], true, None, &mut Vec::new()).expect("our own dial");
+        last += 1;
+    }
+    assert_eq!(c.register(now, ip(last), [last; 20], true, None, &mut Vec::new()), Err(Refused::Admit(Admit::Full)));
+}
+
 /// Dials go to the known addresses after our own (10.0.0.100) first, in ring order, the
 /// trusted seed before all: every node is the first choice of the node before it, not the
 /// lowest address everyone's.
@@ -380,7 +404,7 @@ fn dials_start_after_our_own_address() {
 #[test]
 fn pieces_asked_of_the_seed_are_claimed_to_peers_that_speak_si_claim() {
     let now = Instant::now();
-    // Us at .100 with peers .1 and .2 downloading: three shares, ours (rank 2) is piece 2.
+    // Us at .100 with peers .1 and .2 downloading: three shares (see `picker::Deal`).
     let setup = || {
         let mut c = empty();
         let seed = join(&mut c, now, 9);
@@ -408,36 +432,49 @@ fn pieces_asked_of_the_seed_are_claimed_to_peers_that_speak_si_claim() {
         c.handle(now, seed, Msg::Unchoke, &mut acts).unwrap();
         acts
     };
-    // Unclaimed: our share from the seed, claimed to .1 only (in its number for si_claim, 7).
+    // Unclaimed: our share from the seed (the pieces `ours`), each claimed to .1 only (in its
+    // number for si_claim, 7).
     let (mut c, seed, a) = setup();
     let acts = from_seed(&mut c, seed);
-    assert!(acts.iter().any(|x| matches!(x, Action::Send(k, Msg::Request { piece: 2, .. }) if *k == seed)), "{acts:?}");
+    let mut ours: Vec<u32> = acts
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send(k, Msg::Request { piece, .. }) if *k == seed => Some(*piece),
+            _ => None,
+        })
+        .collect();
+    ours.dedup();
+    assert!(!ours.is_empty() && ours.len() < N as usize, "{acts:?}");
     let claims: Vec<&Action> = acts.iter().filter(|x| matches!(x, Action::Send(_, Msg::Extended { .. }))).collect();
-    assert_eq!(claims, [&Action::Send(a, Msg::Extended { id: 7, payload: 2u32.to_be_bytes().to_vec() })]);
-    // Claimed by .1 first: piece 2 is not asked of the seed.
+    let want: Vec<Action> = ours.iter().map(|i| Action::Send(a, Msg::Extended { id: 7, payload: i.to_be_bytes().to_vec() })).collect();
+    assert_eq!(claims, want.iter().collect::<Vec<_>>());
+    // Claimed by .1 first: those pieces are not asked of the seed.
     let (mut c, seed, a) = setup();
-    c.handle(now, a, Msg::Extended { id: CLAIM_EXT, payload: 2u32.to_be_bytes().to_vec() }, &mut Vec::new()).unwrap();
+    for i in &ours {
+        c.handle(now, a, Msg::Extended { id: CLAIM_EXT, payload: i.to_be_bytes().to_vec() }, &mut Vec::new()).unwrap();
+    }
     let acts = from_seed(&mut c, seed);
-    assert!(!acts.iter().any(|x| matches!(x, Action::Send(_, Msg::Request { piece: 2, .. }))), "{acts:?}");
+    assert!(!acts.iter().any(|x| matches!(x, Action::Send(_, Msg::Request { piece, .. }) if ours.contains(piece))), "{acts:?}");
+    let ours = ours[0];
     assert!(c.picker().holding(), "the seed's connection is planned again on ticks");
     // Its HAVE: fetched from .1.
     let mut acts = Vec::new();
     c.handle(now, a, Msg::Unchoke, &mut acts).unwrap();
-    c.handle(now, a, Msg::Have(2), &mut acts).unwrap();
-    assert!(acts.iter().any(|x| matches!(x, Action::Send(k, Msg::Request { piece: 2, .. }) if *k == a)), "{acts:?}");
-    // A peer that speaks si_claim and comes after we started piece 2 from the seed gets that
+    c.handle(now, a, Msg::Have(ours), &mut acts).unwrap();
+    assert!(acts.iter().any(|x| matches!(x, Action::Send(k, Msg::Request { piece, .. }) if *piece == ours && *k == a)), "{acts:?}");
+    // A peer that speaks si_claim and comes after we started that piece from the seed gets that
     // claim with its extension handshake; one that does not speak it gets nothing.
     let (mut c, seed, a) = setup();
     from_seed(&mut c, seed);
     // Still coming from the seed after CLAIM_REFRESH: claimed again to .1 on a tick.
     let mut acts = Vec::new();
     c.tick(now + CLAIM_REFRESH, &mut acts);
-    assert!(acts.contains(&Action::Send(a, Msg::Extended { id: 7, payload: 2u32.to_be_bytes().to_vec() })), "{acts:?}");
+    assert!(acts.contains(&Action::Send(a, Msg::Extended { id: 7, payload: ours.to_be_bytes().to_vec() })), "{acts:?}");
     let late = join(&mut c, now, 3);
     let mut acts = Vec::new();
     c.handle(now, late, Msg::Extended { id: 0, payload: b"d1:md8:si_claimi5eee".to_vec() }, &mut acts).unwrap();
     let flight = c.picker().seed_pieces_in_flight();
-    assert!(flight.contains(&2), "{flight:?}");
+    assert!(flight.contains(&ours), "{flight:?}");
     let want: Vec<Action> = flight.iter().map(|i| Action::Send(late, Msg::Extended { id: 5, payload: i.to_be_bytes().to_vec() })).collect();
     assert_eq!(acts, want);
     let other = join(&mut c, now, 4);

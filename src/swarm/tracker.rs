@@ -484,18 +484,17 @@ pub const RACK_BITS: u32 = 24;
 
 /// Common leading bits of two addresses, at most [`RACK_BITS`]: peers of one rack are all
 /// equally close. (Counted further, every node got the peers whose last octet is nearest its
-/// own: 80 peers of 200 in a rack made blocks of 64 addresses connected among themselves, and
-/// a piece crossed several of them hop by hop: in the simulator at N = 250 the first 40 nodes
-/// to start finished last, 1.25 × T* against 1.20 for the median; SCALE.md, stop 45.)
+/// own: with 80 peers of 128 in one rack, blocks of 64 addresses connected among themselves.
+/// In the simulator at N = 128 / 3 Mbit/s, random within the rack: 281.8 s against 284.3 s;
+/// SCALE.md, stop 45.)
 fn closeness(a: Ipv4Addr, b: Ipv4Addr) -> u32 {
     (u32::from(a) ^ u32::from(b)).leading_zeros().min(RACK_BITS)
 }
 
 /// `k` leechers for `me`: at least a quarter of them (and all that its own rack cannot fill)
-/// from other racks, at random, the rest from its own rack (random within it). A list of its
-/// own rack alone, once the rack held more nodes than a list, left no connection between racks:
-/// every rack took its own copy of each piece from the appliance's seed (in the simulator at
-/// N = 1000 in racks of 200, what the seed sent twice).
+/// from other racks, at random, the rest from its own rack (random within it). With lists of
+/// the own rack alone, a rack holding more nodes than a list was joined to the others only
+/// by the lists its first nodes got before their rack filled (join order), or by nothing.
 fn mixed<R: rand::Rng>(v: Vec<SocketAddrV4>, me: Ipv4Addr, k: usize, rng: &mut R) -> Vec<SocketAddrV4> {
     let (near, mut far): (Vec<SocketAddrV4>, Vec<SocketAddrV4>) = v.into_iter().partition(|p| closeness(me, *p.ip()) >= RACK_BITS);
     let k = k.min(near.len() + far.len());

@@ -583,16 +583,22 @@ impl Picker {
     /// whether `hold` kept any piece back.
     /// `claims_at`: asking the appliance's seed at that time: pieces other nodes claimed are
     /// left out (and count as held back: the seed's connection is planned again on ticks).
-    fn helper_pieces(&mut self, k: PeerKey, hold: bool, claims_at: Option<Instant>) -> (Vec<u32>, Option<u32>, bool) {
-        let Some((me, all)) = self.share_orders() else { return (Vec::new(), None, false) };
-        self.deal.update(&all, self.pieces.len());
+    /// `me`: our rank in the deal [`Picker::refresh_share`] just made (its places are read
+    /// from it, not counted again: at N = 1000 that is a sort of ~1000 places per plan).
+    fn helper_pieces(&self, k: PeerKey, me: usize, hold: bool, claims_at: Option<Instant>) -> (Vec<u32>, Option<u32>, bool) {
+        let all = &self.deal.all;
         let m = all.len();
+        if m < 2 || me >= m {
+            return (Vec::new(), None, false);
+        }
         let peer_has = |i: usize| self.peers.get(&k).is_some_and(|p| p.has.get(i));
-        let owners: Vec<Option<&PeerView>> = all
-            .iter()
-            .enumerate()
-            .map(|(r, o)| if r == me { None } else { self.peers.values().find(|p| p.order == Some(*o) && !p.joined_complete) })
-            .collect();
+        let mut by_order: HashMap<u32, &PeerView> = HashMap::with_capacity(self.peers.len());
+        for p in self.peers.values().filter(|p| !p.joined_complete) {
+            if let Some(o) = p.order {
+                by_order.entry(o).or_insert(p);
+            }
+        }
+        let owners: Vec<Option<&PeerView>> = all.iter().enumerate().map(|(r, o)| if r == me { None } else { by_order.get(o).copied() }).collect();
         // A slow owner (fewer than half the pieces of the median owner: a slower link) keeps
         // nothing: the others would wait on it for the pieces it is fetching. Owners are
         // compared with each other, not with us: a peer does not announce the pieces we had
@@ -847,6 +853,11 @@ impl Picker {
         p.has.meets(&self.lack_bits)
     }
 
+    /// Whether the peer has a piece we have not started (the simulator's diagnostics).
+    pub fn startable(&self, k: PeerKey) -> bool {
+        self.peers.get(&k).is_some_and(|p| p.has.meets(&self.missing_bits))
+    }
+
     /// Whether the peer has every piece.
     pub fn is_seed(&self, k: PeerKey) -> bool {
         self.peers.get(&k).is_some_and(|p| p.count == self.len())
@@ -1004,7 +1015,7 @@ impl Picker {
                     // peers are everyone, or the tracker's ring says who.)
                     let hold_for = if self.ring.is_empty() { HOLD } else { HOLD_RING };
                     let waited = self.held_since.is_some_and(|t| now.duration_since(t) >= hold_for);
-                    let (left, ours, held) = self.helper_pieces(k, !waited, claims.then_some(now));
+                    let (left, ours, held) = self.helper_pieces(k, r, !waited, claims.then_some(now));
                     if let Some(i) = ours {
                         chosen = Some(i);
                         self.held_since = None;
@@ -1262,6 +1273,13 @@ mod tests {
         vec![true; n]
     }
 
+    /// The helper list of the seed's connection (key 1), as `pick` makes it: the shares dealt
+    /// first.
+    fn helpers(p: &mut Picker) -> (Vec<u32>, Option<u32>, bool) {
+        let me = p.refresh_share().expect("shares apply").0;
+        p.helper_pieces(1, me, true, None)
+    }
+
     fn rng() -> StdRng {
         StdRng::seed_from_u64(7)
     }
@@ -1462,7 +1480,7 @@ mod tests {
             p.choked(k, false);
         }
         // Each owner's next two pieces stay with it; the rest, farthest from its owner first.
-        let h: Vec<usize> = p.helper_pieces(1, true, None).0.into_iter().map(|i| i as usize).collect();
+        let h: Vec<usize> = helpers(&mut p).0.into_iter().map(|i| i as usize).collect();
         let mut want: Vec<usize> = w2[4..].iter().chain(&w3[2..]).copied().collect();
         let mut got = h.clone();
         want.sort();
@@ -1483,7 +1501,7 @@ mod tests {
         let mut slow = vec![false; n];
         slow[ours[0]] = true;
         p.bitfield(3, slow);
-        let h = p.helper_pieces(1, true, None).0;
+        let h = helpers(&mut p).0;
         assert!(w3.iter().filter(|i| matches!(p.pieces[**i], Ps::Missing)).all(|i| h.contains(&(*i as u32))), "{h:?}");
         assert_eq!(h[0] as usize, w3[5]);
     }
@@ -1514,7 +1532,7 @@ mod tests {
         }
         // One announced piece each against our fourteen: alike, so neither is slow; each
         // keeps its next two and the helper starts from the far end of each walk.
-        let (h, _, held) = p.helper_pieces(1, true, None);
+        let (h, _, held) = helpers(&mut p);
         let h: Vec<usize> = h.into_iter().map(|i| i as usize).collect();
         assert!(held);
         for i in [w2[4], w2[5], w3[4], w3[5]] {

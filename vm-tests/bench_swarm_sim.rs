@@ -96,6 +96,8 @@ struct Case {
     node_slots: usize,
     /// The nodes claim what they ask the seed for (`CLAIMS=0`: as before `si_claim`).
     claims: bool,
+    /// Sample what the nodes' downloads wait on (`RAMP=1`).
+    diag: bool,
 }
 
 fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
@@ -113,6 +115,7 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     p.seed_slots = c.seed_slots;
     p.node_slots = c.node_slots;
     p.claims = c.claims;
+    p.diag = c.diag;
     p.seed = seed;
     // Rate recomputation: finer than a block's time at full rate.
     p.quantum = (f64::from(16 * 1024 * agg) / c.goodput / 4.0).clamp(1e-5, 2e-3);
@@ -137,6 +140,8 @@ struct Sims {
     conns: Vec<usize>,
     /// The first run's seed repeats per second, in pieces.
     repeats: Vec<f64>,
+    /// The first run's waits per second (`RAMP=1`).
+    waits: Vec<si_appliance::swarm::sim::Waits>,
 }
 
 /// The makespan over `seeds` runs (mean, min, max), seed copies, wall time, the first run's detail.
@@ -148,6 +153,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mut ramp = Vec::new();
     let mut conns = Vec::new();
     let mut repeats = Vec::new();
+    let mut waits = Vec::new();
     for s in 1..=seeds {
         match sim::run(&params(c, ph, agg, s)) {
             Ok(o) => {
@@ -158,6 +164,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
                     ramp = o.verified_per_s;
                     conns = o.conns_at_end;
                     repeats = o.repeats_per_s;
+                    waits = o.waits_per_s;
                 }
             }
             Err(e) => {
@@ -169,7 +176,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
     let max = ms.iter().copied().fold(0.0, f64::max);
-    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp, conns, repeats }
+    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp, conns, repeats, waits }
 }
 
 /// A swarm bench JSON file: the case (goodput from its T*) and the measured makespan of its
@@ -184,7 +191,7 @@ fn load_run(path: &str) -> Option<(Case, f64, String, (f64, f64))> {
     let run = v["runs"].as_array()?.iter().find(|r| r["method"].as_str().is_some_and(|m| m.starts_with("ours")))?;
     let makespan = run["makespan"].as_f64()?;
     let note = format!("busy {:.0} %{}, load {}", run["busy"].as_f64().unwrap_or(0.0) * 100.0, if run["saturated"].as_bool() == Some(true) { " SATURATED" } else { "" }, v["loadavg"].as_str().unwrap_or("?"));
-    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0, claims: true };
+    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0, claims: true, diag: false };
     // The run's CPU: the cores the nodes got (their CPU seconds over the run's wall time) and
     // their CPU seconds per byte delivered; both measured, none fitted.
     let cpu = run["clients_cpu"].as_f64().unwrap_or(0.0);
@@ -231,9 +238,9 @@ fn main() {
         _ => {
             let mbit = k.f("C", 100.0);
             let size = k.u("S", 64) * MIB;
-            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize, claims: k.u("CLAIMS", 1) != 0 };
+            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize, claims: k.u("CLAIMS", 1) != 0, diag: k.get("RAMP").is_some_and(|v| v != "0") };
             let ph = phys(&k);
-            let Sims { mean, min, max, copies, wall, done, ramp, conns, repeats } = simulate(&c, ph, agg, seeds);
+            let Sims { mean, min, max, copies, wall, done, ramp, conns, repeats, waits } = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
             println!("predicted N={} C={} S={} MiB piece {} KiB SLOW={} %: makespan {mean:.2} s (min {min:.2}, max {max:.2} over {seeds} seeds), T* {tstar:.2} s, makespan/T* {:.2}, seed copies {copies:.2}; wall {wall:.1} s", c.n, mbit, size / MIB, c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) / 1024, c.slow_pct, mean / tstar);
             if k.get("RAMP").is_some_and(|v| v != "0") {
@@ -243,6 +250,12 @@ fn main() {
                 println!("  all nodes' verified Mbit/s, per second of the first run: {}", per_s.join(" "));
                 let rep: Vec<String> = repeats.iter().map(|p| format!("{p:.0}")).collect();
                 println!("  the seed's repeats, pieces per second of the first run: {}", rep.join(" "));
+                // What the nodes' downloads waited on (per second, % of the nodes not done).
+                println!("  per second: nodes' upload used % | download full % | below, an unused source % | tied to busy senders % | nothing to ask % | uploads idle %");
+                for (t, w) in waits.iter().enumerate().filter(|(_, w)| w.samples > 0) {
+                    let a = |v: f64| v * 100.0 / f64::from(w.samples);
+                    println!("    {t:>3} s: {:5.1} | {:5.1} | {:5.1} | {:5.1} | {:5.1} | {:5.1}", a(w.up_used), a(w.full), a(w.unused_source), a(w.tied), a(w.nothing), a(w.up_idle));
+                }
                 // Which nodes finish last (by start order: node 1 starts and announces first).
                 let mut late: Vec<(usize, f64)> = done.iter().copied().enumerate().map(|(i, d)| (i + 1, d)).collect();
                 late.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -322,7 +335,7 @@ fn project(k: &Knobs, seeds: u64) {
     let pl = si_appliance::image::torrent::piece_length(size) as u32;
     // Four Core blocks per piece by default (the validated aggregation: SCALE.md).
     let agg = k.u("AGG", u64::from((pl / (64 << 10)).max(1))) as u32;
-    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0, claims: k.u("CLAIMS", 1) != 0 };
+    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0, claims: k.u("CLAIMS", 1) != 0, diag: false };
     let tstar = size as f64 / goodput;
     println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} KiB agg {agg}", goodput / 1e6, pl >> 10);
     println!("| variant | projected makespan s | / T* | seed copies | wall s |");

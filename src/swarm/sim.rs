@@ -102,6 +102,9 @@ pub struct Params {
     /// Nodes speak the extension protocol (BEP 10) and claim the pieces they ask the seed for
     /// (`si_claim`), as the engine does; false: as the engine did before it.
     pub claims: bool,
+    /// Sample, every 50 ms of virtual time, what each node's download is waiting on
+    /// ([`Outcome::waits_per_s`]; costs a scan of every connection's pieces per sample).
+    pub diag: bool,
 }
 
 impl Params {
@@ -130,6 +133,7 @@ impl Params {
             seed_slots: 0,
             node_slots: 0,
             claims: true,
+            diag: false,
         }
     }
 }
@@ -157,6 +161,30 @@ pub struct Outcome {
     pub repeats_per_s: Vec<f64>,
     /// Per node: its open connections (the seed's included) when the last node finished.
     pub conns_at_end: Vec<usize>,
+    /// With `diag`: per second of virtual time, averaged over its samples, the share of the
+    /// nodes (not yet done) whose download is [`Waits`].
+    pub waits_per_s: Vec<Waits>,
+}
+
+/// What the nodes' downloads wait on, as shares of the nodes sampled (with `Params::diag`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Waits {
+    /// Samples averaged.
+    pub samples: u32,
+    /// The nodes' upload used, as a share of their upload capacity.
+    pub up_used: f64,
+    /// Download at ≥ 99 % of its capacity.
+    pub full: f64,
+    /// Below it, while a connected node whose upload is below 99 % of its capacity has a piece
+    /// this one has not started (the picker leaves a source unused).
+    pub unused_source: f64,
+    /// Below it, no such source, but one whose upload has room has a piece this node lacks
+    /// and is fetching from another peer (pieces tied to busy senders).
+    pub tied: f64,
+    /// Below it, and no node with upload room has anything it lacks (nothing to ask for).
+    pub nothing: f64,
+    /// Nodes whose upload has no flow at all.
+    pub up_idle: f64,
 }
 
 /// Why a simulation could not run or finish.
@@ -348,6 +376,8 @@ struct Sim<'a> {
     waiting: Vec<VecDeque<usize>>,
     seed_max_serving: usize,
     verified_per_s: Vec<u32>,
+    waits_per_s: Vec<Waits>,
+    next_sample: u64,
     events: u64,
     recomputes: u64,
     finished: usize,
@@ -463,6 +493,8 @@ impl<'a> Sim<'a> {
             waiting: vec![VecDeque::new(); p.nodes + 1],
             seed_max_serving: 0,
             verified_per_s: Vec::new(),
+            waits_per_s: Vec::new(),
+            next_sample: 0,
             events: 0,
             recomputes: 0,
             finished: 0,
@@ -552,6 +584,7 @@ impl<'a> Sim<'a> {
             verified_per_s: std::mem::take(&mut self.verified_per_s),
             repeats_per_s: std::mem::take(&mut self.repeats_per_s),
             conns_at_end: self.nodes[1..].iter().map(|n| n.keys.len()).collect(),
+            waits_per_s: std::mem::take(&mut self.waits_per_s),
         })
     }
 
@@ -1022,6 +1055,79 @@ impl<'a> Sim<'a> {
                 fl.due = None;
             }
         }
+        if self.p.diag && self.now >= self.next_sample {
+            self.next_sample = self.now + ns(0.05);
+            self.sample(&ids, &rates);
+        }
+    }
+
+    /// One sample of [`Waits`] at the rates just computed.
+    fn sample(&mut self, ids: &[usize], rates: &[f64]) {
+        let hosts = self.nodes.len();
+        let (mut up, mut down) = (vec![0.0; hosts], vec![0.0; hosts]);
+        for (i, &f) in ids.iter().enumerate() {
+            let (from, to) = self.flow_ends(f);
+            up[from] += rates[i];
+            down[to] += rates[i];
+        }
+        let room = |h: usize, v: &[f64], cap: f64| v[h] < 0.99 * cap;
+        let mut w = Waits { samples: 1, ..Waits::default() };
+        let (mut n, mut up_cap, mut up_sum) = (0.0, 0.0, 0.0);
+        for h in 1..hosts {
+            up_cap += self.caps[2 * h];
+            up_sum += up[h];
+            if up[h] == 0.0 {
+                w.up_idle += 1.0;
+            }
+            if self.nodes[h].done.is_some() {
+                continue;
+            }
+            n += 1.0;
+            if !room(h, &down, self.caps[2 * h + 1]) {
+                w.full += 1.0;
+                continue;
+            }
+            let picker = self.nodes[h].core.picker();
+            let (mut unused, mut tied) = (false, false);
+            for (&k, &conn) in &self.nodes[h].keys {
+                let (_, o) = self.other(conn, h);
+                if o == 0 || !room(o, &up, self.caps[2 * o]) {
+                    continue;
+                }
+                if picker.startable(k) {
+                    unused = true;
+                    break;
+                }
+                tied |= picker.interested(k);
+            }
+            if unused {
+                w.unused_source += 1.0;
+            } else if tied {
+                w.tied += 1.0;
+            } else {
+                w.nothing += 1.0;
+            }
+        }
+        if n > 0.0 {
+            w.full /= n;
+            w.unused_source /= n;
+            w.tied /= n;
+            w.nothing /= n;
+        }
+        w.up_idle /= (hosts - 1) as f64;
+        w.up_used = if up_cap > 0.0 { up_sum / up_cap } else { 0.0 };
+        let sec = (self.now / NS as u64) as usize;
+        if self.waits_per_s.len() <= sec {
+            self.waits_per_s.resize(sec + 1, Waits::default());
+        }
+        let a = &mut self.waits_per_s[sec];
+        a.samples += 1;
+        a.up_used += w.up_used;
+        a.full += w.full;
+        a.unused_source += w.unused_source;
+        a.tied += w.tied;
+        a.nothing += w.nothing;
+        a.up_idle += w.up_idle;
     }
 }
 

@@ -19,7 +19,9 @@
 //! runs' measured CPU (the network alone), `OUT` a file for the JSON result,
 //! `PIECE` piece length in bytes (predict; default the project's `piece_length`), `SEED_SLOTS`
 //! the seed's upload slots rotating per piece (predict; 0 = every connection at once, as
-//! librqbit's seed), `RAMP=1` (predict) prints the pieces all nodes verified in each second,
+//! librqbit's seed), `SEED_SLOTS_S` those slots for the first seconds only, `RAMP=1` (predict)
+//! prints the pieces all nodes verified in each second, the seed's repeats and what the
+//! nodes' downloads waited on,
 //! `VARIANTS=0,2` (project) runs only those rows of the sensitivity table (0 = base),
 //! `CLAIMS=0` runs the nodes without `si_claim` (as before it), `EFF` the nodes' links'
 //! efficiency in the swarm's middle (default 1; measured from a traced run, SCALE.md stop 41).
@@ -48,7 +50,7 @@ impl Knobs {
 
 fn knobs() -> Knobs {
     let mut kv = BTreeMap::new();
-    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS", "CLAIMS", "EFF"] {
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "SEED_SLOTS_S", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS", "CLAIMS", "EFF"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.to_owned(), v);
         }
@@ -96,6 +98,8 @@ struct Case {
     node_slots: usize,
     /// The nodes claim what they ask the seed for (`CLAIMS=0`: as before `si_claim`).
     claims: bool,
+    /// `SEED_SLOTS_S`: the seed's slots hold only for the first seconds (0: always).
+    seed_slots_for: f64,
     /// Sample what the nodes' downloads wait on (`RAMP=1`).
     diag: bool,
 }
@@ -113,6 +117,7 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     p.start_delay = ph.start;
     p.agg = agg;
     p.seed_slots = c.seed_slots;
+    p.seed_slots_for = c.seed_slots_for;
     p.node_slots = c.node_slots;
     p.claims = c.claims;
     p.diag = c.diag;
@@ -191,7 +196,7 @@ fn load_run(path: &str) -> Option<(Case, f64, String, (f64, f64))> {
     let run = v["runs"].as_array()?.iter().find(|r| r["method"].as_str().is_some_and(|m| m.starts_with("ours")))?;
     let makespan = run["makespan"].as_f64()?;
     let note = format!("busy {:.0} %{}, load {}", run["busy"].as_f64().unwrap_or(0.0) * 100.0, if run["saturated"].as_bool() == Some(true) { " SATURATED" } else { "" }, v["loadavg"].as_str().unwrap_or("?"));
-    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0, claims: true, diag: false };
+    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0, claims: true, seed_slots_for: 0.0, diag: false };
     // The run's CPU: the cores the nodes got (their CPU seconds over the run's wall time) and
     // their CPU seconds per byte delivered; both measured, none fitted.
     let cpu = run["clients_cpu"].as_f64().unwrap_or(0.0);
@@ -238,7 +243,7 @@ fn main() {
         _ => {
             let mbit = k.f("C", 100.0);
             let size = k.u("S", 64) * MIB;
-            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize, claims: k.u("CLAIMS", 1) != 0, diag: k.get("RAMP").is_some_and(|v| v != "0") };
+            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize, claims: k.u("CLAIMS", 1) != 0, seed_slots_for: k.f("SEED_SLOTS_S", 0.0), diag: k.get("RAMP").is_some_and(|v| v != "0") };
             let ph = phys(&k);
             let Sims { mean, min, max, copies, wall, done, ramp, conns, repeats, waits } = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
@@ -335,7 +340,7 @@ fn project(k: &Knobs, seeds: u64) {
     let pl = si_appliance::image::torrent::piece_length(size) as u32;
     // Four Core blocks per piece by default (the validated aggregation: SCALE.md).
     let agg = k.u("AGG", u64::from((pl / (64 << 10)).max(1))) as u32;
-    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0, claims: k.u("CLAIMS", 1) != 0, diag: false };
+    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0, claims: k.u("CLAIMS", 1) != 0, seed_slots_for: 0.0, diag: false };
     let tstar = size as f64 / goodput;
     println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} KiB agg {agg}", goodput / 1e6, pl >> 10);
     println!("| variant | projected makespan s | / T* | seed copies | wall s |");

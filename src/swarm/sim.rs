@@ -93,6 +93,11 @@ pub struct Params {
     /// worth of blocks per turn, then the next waiting one (upload slots rotating per piece, as
     /// a seed with choking would). 0: every connection at once, as librqbit's seed does.
     pub seed_slots: usize,
+    /// `seed_slots` hold only for this many seconds from t = 0, then the seed serves every
+    /// connection at once (0: for the whole run). A model of a start policy: the first copies
+    /// go to few nodes at a time, so the first pieces are whole after K × piece / C instead of
+    /// N × piece / C.
+    pub seed_slots_for: f64,
     /// The same for every node's uplink: at most this many of its connections send at once, each
     /// for a piece's worth per turn (0: all at once, fluid sharing). Not a rule of the engine (it
     /// unchokes every peer) but of TCP: when a link's queue holds fewer than about two packets
@@ -131,6 +136,7 @@ impl Params {
             seed: 1,
             cap: 3600.0,
             seed_slots: 0,
+            seed_slots_for: 0.0,
             node_slots: 0,
             claims: true,
             diag: false,
@@ -550,6 +556,7 @@ impl<'a> Sim<'a> {
             self.push(t, Ev::Start(h));
         }
         let cap = ns(self.p.cap);
+        let mut slots_end = (self.p.seed_slots > 0 && self.p.seed_slots_for > 0.0).then(|| ns(self.p.seed_slots_for));
         while let Some((t, slot)) = self.pop() {
             let Some(ev) = self.evs[slot].take() else { continue };
             self.free_ev.push(slot);
@@ -557,6 +564,10 @@ impl<'a> Sim<'a> {
                 break;
             }
             self.now = t;
+            if slots_end.is_some_and(|e| t >= e) {
+                slots_end = None;
+                self.end_seed_slots();
+            }
             self.events += 1;
             self.event(ev);
             if self.finished == self.p.nodes {
@@ -879,7 +890,23 @@ impl<'a> Sim<'a> {
 
     /// Upload slots of host `h` (0: no limit).
     fn slots(&self, h: usize) -> usize {
-        if h == 0 { self.p.seed_slots } else { self.p.node_slots }
+        if h != 0 {
+            self.p.node_slots
+        } else if self.p.seed_slots_for > 0.0 && self.now >= ns(self.p.seed_slots_for) {
+            0
+        } else {
+            self.p.seed_slots
+        }
+    }
+
+    /// Once the seed's slots end (`seed_slots_for`), every flow waiting for one starts.
+    fn end_seed_slots(&mut self) {
+        while let Some(g) = self.waiting[0].pop_front() {
+            if let Some(head) = self.flows[g].queue.front().copied() {
+                self.start_flow(g, head.len);
+            }
+        }
+        self.serving[0].clear();
     }
 
     /// Whether `f` is a flow out of a host with upload slots.
@@ -1235,6 +1262,20 @@ mod tests {
         assert_eq!(o.done.len(), n);
         assert_eq!(o.seed_max_serving, 2);
         assert!(o.seed_copies < 1.3, "seed copies {}", o.seed_copies);
+        assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
+    }
+
+    /// Slots for the first second only: then the seed serves every waiting connection at once.
+    #[test]
+    fn a_seeds_slots_for_the_start_end_and_free_every_waiting_connection() {
+        let link = 12.5e6;
+        let (n, size) = (8, 16 * MIB);
+        let mut p = Params::new(n, size, link);
+        p.seed_slots = 2;
+        p.seed_slots_for = 1.0;
+        let o = run(&p).expect("runs");
+        assert_eq!(o.done.len(), n);
+        assert!(o.seed_max_serving > 2, "the seed served at most {} at once after its slots ended", o.seed_max_serving);
         assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
     }
 

@@ -193,6 +193,18 @@ pub struct Waits {
     pub up_idle: f64,
 }
 
+impl std::ops::AddAssign for Waits {
+    fn add_assign(&mut self, o: Waits) {
+        self.samples += o.samples;
+        self.up_used += o.up_used;
+        self.full += o.full;
+        self.unused_source += o.unused_source;
+        self.tied += o.tied;
+        self.nothing += o.nothing;
+        self.up_idle += o.up_idle;
+    }
+}
+
 /// Why a simulation could not run or finish.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -556,7 +568,7 @@ impl<'a> Sim<'a> {
             self.push(t, Ev::Start(h));
         }
         let cap = ns(self.p.cap);
-        let mut slots_end = (self.p.seed_slots > 0 && self.p.seed_slots_for > 0.0).then(|| ns(self.p.seed_slots_for));
+        let mut slots_end = (self.p.seed_slots > 0).then(|| self.seed_slots_end()).flatten();
         while let Some((t, slot)) = self.pop() {
             let Some(ev) = self.evs[slot].take() else { continue };
             self.free_ev.push(slot);
@@ -892,11 +904,16 @@ impl<'a> Sim<'a> {
     fn slots(&self, h: usize) -> usize {
         if h != 0 {
             self.p.node_slots
-        } else if self.p.seed_slots_for > 0.0 && self.now >= ns(self.p.seed_slots_for) {
+        } else if self.seed_slots_end().is_some_and(|e| self.now >= e) {
             0
         } else {
             self.p.seed_slots
         }
+    }
+
+    /// When the seed's slots end (`seed_slots_for`), if they do.
+    fn seed_slots_end(&self) -> Option<u64> {
+        (self.p.seed_slots_for > 0.0).then(|| ns(self.p.seed_slots_for))
     }
 
     /// Once the seed's slots end (`seed_slots_for`), every flow waiting for one starts.
@@ -1147,14 +1164,7 @@ impl<'a> Sim<'a> {
         if self.waits_per_s.len() <= sec {
             self.waits_per_s.resize(sec + 1, Waits::default());
         }
-        let a = &mut self.waits_per_s[sec];
-        a.samples += 1;
-        a.up_used += w.up_used;
-        a.full += w.full;
-        a.unused_source += w.unused_source;
-        a.tied += w.tied;
-        a.nothing += w.nothing;
-        a.up_idle += w.up_idle;
+        self.waits_per_s[sec] += w;
     }
 }
 
@@ -1249,34 +1259,34 @@ mod tests {
         assert_eq!(o.seed_max_serving, n, "librqbit's seed: every connection at once");
     }
 
-    /// The seed-slot model (an experiment's knob, see SCALE.md): never more than `seed_slots`
-    /// of the seed's connections send at once, every node still finishes, and the seed sends
-    /// about one copy.
-    #[test]
-    fn a_seed_with_two_slots_serves_two_connections_at_a_time() {
+    /// 8 nodes, 16 MiB, the seed with two upload slots (for `slots_for` seconds; 0: all along):
+    /// every node finishes, no faster than the bound.
+    fn two_seed_slots(slots_for: f64) -> Outcome {
         let link = 12.5e6;
         let (n, size) = (8, 16 * MIB);
         let mut p = Params::new(n, size, link);
         p.seed_slots = 2;
+        p.seed_slots_for = slots_for;
         let o = run(&p).expect("runs");
         assert_eq!(o.done.len(), n);
+        assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
+        o
+    }
+
+    /// The seed-slot model (an experiment's knob, see SCALE.md): never more than `seed_slots`
+    /// of the seed's connections send at once, and the seed sends about one copy.
+    #[test]
+    fn a_seed_with_two_slots_serves_two_connections_at_a_time() {
+        let o = two_seed_slots(0.0);
         assert_eq!(o.seed_max_serving, 2);
         assert!(o.seed_copies < 1.3, "seed copies {}", o.seed_copies);
-        assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
     }
 
     /// Slots for the first second only: then the seed serves every waiting connection at once.
     #[test]
     fn a_seeds_slots_for_the_start_end_and_free_every_waiting_connection() {
-        let link = 12.5e6;
-        let (n, size) = (8, 16 * MIB);
-        let mut p = Params::new(n, size, link);
-        p.seed_slots = 2;
-        p.seed_slots_for = 1.0;
-        let o = run(&p).expect("runs");
-        assert_eq!(o.done.len(), n);
+        let o = two_seed_slots(1.0);
         assert!(o.seed_max_serving > 2, "the seed served at most {} at once after its slots ended", o.seed_max_serving);
-        assert!(o.makespan >= size as f64 / link * 0.999, "makespan {}", o.makespan);
     }
 
     /// Upload slots on the nodes too (the TCP turn-taking model): every node still finishes, no

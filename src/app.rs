@@ -437,6 +437,7 @@ async fn start_swarm(
         appliance_seed: Some(SocketAddrV4::new(iface.ip, sw.listen_port)),
         seed_peers: sw.seed_peers as usize,
         join_delay: sw.join_delay,
+        expected_nodes: sw.expected_nodes as usize,
         max_peers: sw.max_peers as usize,
     };
     let tracker: SharedTracker = Arc::new(std::sync::Mutex::new(swarm::Tracker::new(policy)));

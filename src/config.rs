@@ -373,8 +373,10 @@ pub struct SwarmConfig {
     /// How many nodes get the appliance's seed in their peer lists (the first to join, plus any
     /// node that stops making progress); the others download from each other. 0 = every node.
     pub seed_peers: u32,
-    /// For this long after joining, a node gets only seeds from the tracker (then everyone):
-    /// peers meet once they have pieces to trade. 0s = off.
+    /// For this long after joining, a node gets only seeds from the tracker (then a list drawn
+    /// from everyone), so the first nodes to join do not fill their connections with each other
+    /// and stay a cluster. Applied only when `expected_nodes` is more than 81 (a node's 80
+    /// peers and itself: a smaller swarm meets at once). 0s = off.
     #[serde(with = "humantime_serde")]
     pub join_delay: Duration,
     /// Most peers the tracker keeps per image; further new peers are refused (each address
@@ -395,7 +397,7 @@ impl Default for SwarmConfig {
             client_seed_limit: Duration::from_secs(1800),
             expected_nodes: 0,
             seed_peers: 0,
-            join_delay: Duration::ZERO,
+            join_delay: Duration::from_secs(1),
             max_peers: 16_384,
         }
     }

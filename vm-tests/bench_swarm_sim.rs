@@ -19,7 +19,9 @@
 //! runs' measured CPU (the network alone), `OUT` a file for the JSON result,
 //! `PIECE` piece length in bytes (predict; default the project's `piece_length`), `SEED_SLOTS`
 //! the seed's upload slots rotating per piece (predict; 0 = every connection at once, as
-//! librqbit's seed), `SEED_SLOTS_S` those slots for the first seconds only, `RAMP=1` (predict)
+//! librqbit's seed), `SEED_SLOTS_S` those slots for the first seconds only, `START_SPREAD_MS` (predict) the nodes
+//! start one after another over that time (the makespan is also given from the last start),
+//! `JOIN_DELAY_MS` (predict) the tracker's `swarm.join_delay`, `RAMP=1` (predict)
 //! prints the pieces all nodes verified in each second, the seed's repeats and what the
 //! nodes' downloads waited on,
 //! `VARIANTS=0,2` (project) runs only those rows of the sensitivity table (0 = base),
@@ -50,7 +52,7 @@ impl Knobs {
 
 fn knobs() -> Knobs {
     let mut kv = BTreeMap::new();
-    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "SEED_SLOTS_S", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS", "CLAIMS", "EFF"] {
+    for k in ["MODE", "CORES", "CPU_S_PER_64MIB", "N", "C", "S", "SLOW", "GOODPUT", "RTT_MS", "HASH_MS", "START_MS", "AGG", "SEEDS", "RUNS", "OUT", "SIZE_BYTES", "PIECE", "SEED_SLOTS", "SEED_SLOTS_S", "NODE_SLOTS", "RAMP", "CPU", "VARIANTS", "CLAIMS", "EFF", "START_SPREAD_MS", "JOIN_DELAY_MS"] {
         if let Ok(v) = std::env::var(k) {
             kv.insert(k.to_owned(), v);
         }
@@ -102,6 +104,11 @@ struct Case {
     seed_slots_for: f64,
     /// Sample what the nodes' downloads wait on (`RAMP=1`).
     diag: bool,
+    /// `START_SPREAD_MS`: the nodes start one after another over this many seconds (node i at
+    /// `START_MS` + i / (N - 1) of it), as a rack whose nodes come out of their boot over seconds.
+    start_spread: f64,
+    /// `JOIN_DELAY_MS`: the tracker's `join_delay` (a node gets only the seed for that long).
+    join_delay: f64,
 }
 
 fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
@@ -115,6 +122,8 @@ fn params(c: &Case, ph: Phys, agg: u32, seed: u64) -> Params {
     p.cpu_cores = ph.cores;
     p.cpu_secs_per_byte = ph.cpu_per_byte;
     p.start_delay = ph.start;
+    p.join_delay = c.join_delay;
+    p.start_gap = if c.n > 1 { c.start_spread / (c.n - 1) as f64 } else { 0.0 };
     p.agg = agg;
     p.seed_slots = c.seed_slots;
     p.seed_slots_for = c.seed_slots_for;
@@ -143,6 +152,8 @@ struct Sims {
     ramp: Vec<u32>,
     /// The first run's connections per node when the last node finished.
     conns: Vec<usize>,
+    /// The first run's nodes' neighbours at the end (host indices, 0 the seed).
+    peers: Vec<Vec<usize>>,
     /// The first run's seed repeats per second, in pieces.
     repeats: Vec<f64>,
     /// The first run's waits per second (`RAMP=1`).
@@ -157,6 +168,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mut done = Vec::new();
     let mut ramp = Vec::new();
     let mut conns = Vec::new();
+    let mut peers = Vec::new();
     let mut repeats = Vec::new();
     let mut waits = Vec::new();
     for s in 1..=seeds {
@@ -168,6 +180,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
                     done = o.done;
                     ramp = o.verified_per_s;
                     conns = o.conns_at_end;
+                    peers = o.peers_at_end;
                     repeats = o.repeats_per_s;
                     waits = o.waits_per_s;
                 }
@@ -181,7 +194,7 @@ fn simulate(c: &Case, ph: Phys, agg: u32, seeds: u64) -> Sims {
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
     let max = ms.iter().copied().fold(0.0, f64::max);
-    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp, conns, repeats, waits }
+    Sims { mean, min, max, copies: copies / seeds as f64, wall: t0.elapsed().as_secs_f64(), done, ramp, conns, peers, repeats, waits }
 }
 
 /// A swarm bench JSON file: the case (goodput from its T*) and the measured makespan of its
@@ -196,7 +209,7 @@ fn load_run(path: &str) -> Option<(Case, f64, String, (f64, f64))> {
     let run = v["runs"].as_array()?.iter().find(|r| r["method"].as_str().is_some_and(|m| m.starts_with("ours")))?;
     let makespan = run["makespan"].as_f64()?;
     let note = format!("busy {:.0} %{}, load {}", run["busy"].as_f64().unwrap_or(0.0) * 100.0, if run["saturated"].as_bool() == Some(true) { " SATURATED" } else { "" }, v["loadavg"].as_str().unwrap_or("?"));
-    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0, claims: true, seed_slots_for: 0.0, diag: false };
+    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0, claims: true, seed_slots_for: 0.0, diag: false, start_spread: 0.0, join_delay: 0.0 };
     // The run's CPU: the cores the nodes got (their CPU seconds over the run's wall time) and
     // their CPU seconds per byte delivered; both measured, none fitted.
     let cpu = run["clients_cpu"].as_f64().unwrap_or(0.0);
@@ -243,11 +256,16 @@ fn main() {
         _ => {
             let mbit = k.f("C", 100.0);
             let size = k.u("S", 64) * MIB;
-            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize, claims: k.u("CLAIMS", 1) != 0, seed_slots_for: k.f("SEED_SLOTS_S", 0.0), diag: k.get("RAMP").is_some_and(|v| v != "0") };
+            let c = Case { n: k.u("N", 8) as usize, mbit, size, slow_pct: k.u("SLOW", 0) as usize, goodput: mbit * 1e6 / 8.0 * k.f("GOODPUT", 0.95), piece_len: k.get("PIECE").and_then(|v| v.parse().ok()), seed_slots: k.u("SEED_SLOTS", 0) as usize, node_slots: k.u("NODE_SLOTS", 0) as usize, claims: k.u("CLAIMS", 1) != 0, seed_slots_for: k.f("SEED_SLOTS_S", 0.0), diag: k.get("RAMP").is_some_and(|v| v != "0"), start_spread: k.f("START_SPREAD_MS", 0.0) / 1e3, join_delay: k.f("JOIN_DELAY_MS", 0.0) / 1e3 };
             let ph = phys(&k);
-            let Sims { mean, min, max, copies, wall, done, ramp, conns, repeats, waits } = simulate(&c, ph, agg, seeds);
+            let Sims { mean, min, max, copies, wall, done, ramp, conns, peers, repeats, waits } = simulate(&c, ph, agg, seeds);
             let tstar = size as f64 / c.goodput;
             println!("predicted N={} C={} S={} MiB piece {} KiB SLOW={} %: makespan {mean:.2} s (min {min:.2}, max {max:.2} over {seeds} seeds), T* {tstar:.2} s, makespan/T* {:.2}, seed copies {copies:.2}; wall {wall:.1} s", c.n, mbit, size / MIB, c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) / 1024, c.slow_pct, mean / tstar);
+            if c.start_spread > 0.0 {
+                // The swarm's own part once the last node is up (what a phase table adds).
+                let own = mean - ph.start - c.start_spread;
+                println!("  the nodes started over {:.2} s: makespan from the last node's start {own:.2} s, {:.2} × T*", c.start_spread, own / tstar);
+            }
             if k.get("RAMP").is_some_and(|v| v != "0") {
                 // The swarm's ramp, in the units of the emulated runs' progress lines.
                 let piece = c.piece_len.unwrap_or(si_appliance::image::torrent::piece_length(size) as u32) as f64;
@@ -276,6 +294,22 @@ fn main() {
                     by.first().unwrap_or(&0), by.get(by.len() / 2).unwrap_or(&0), by.last().unwrap_or(&0),
                     q(&when, 0.0), q(&when, 0.1), q(&when, 0.5), q(&when, 0.9), q(&when, 1.0)
                 );
+                // Nodes by the order they announced in (tenths): when they finished and how
+                // many of their neighbours were themselves in the first tenth (a cluster of the
+                // first to announce shows as a high share there and late finishes).
+                let tenth = done.len().div_ceil(10).max(1);
+                let rows: Vec<String> = (0..done.len()).step_by(tenth).map(|lo| {
+                    let hi = (lo + tenth).min(done.len());
+                    let mut d: Vec<f64> = done[lo..hi].to_vec();
+                    d.sort_by(f64::total_cmp);
+                    let (mut first, mut all) = (0usize, 0usize);
+                    for nb in &peers[lo..hi] {
+                        all += nb.iter().filter(|&&h| h != 0).count();
+                        first += nb.iter().filter(|&&h| h != 0 && h <= tenth).count();
+                    }
+                    format!("{}-{}: {:.2}/{:.2} {:.0} %", lo + 1, hi, d[d.len() / 2] / tstar, d[d.len() - 1] / tstar, first as f64 * 100.0 / all.max(1) as f64)
+                }).collect();
+                println!("  by announce order (nodes: median/last done / T*, neighbours in the first tenth): {}", rows.join(" | "));
             }
             if c.slow_pct > 0 {
                 let fast: f64 = done.iter().enumerate().filter(|(i, _)| !slow(*i, c.slow_pct)).map(|(_, d)| *d).fold(0.0, f64::max);
@@ -340,7 +374,7 @@ fn project(k: &Knobs, seeds: u64) {
     let pl = si_appliance::image::torrent::piece_length(size) as u32;
     // Four Core blocks per piece by default (the validated aggregation: SCALE.md).
     let agg = k.u("AGG", u64::from((pl / (64 << 10)).max(1))) as u32;
-    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0, claims: k.u("CLAIMS", 1) != 0, seed_slots_for: 0.0, diag: false };
+    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0, claims: k.u("CLAIMS", 1) != 0, seed_slots_for: 0.0, diag: false, start_spread: 0.0, join_delay: 0.0 };
     let tstar = size as f64 / goodput;
     println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} KiB agg {agg}", goodput / 1e6, pl >> 10);
     println!("| variant | projected makespan s | / T* | seed copies | wall s |");

@@ -150,6 +150,7 @@ fn server() {
             appliance_seed: None,
             seed_peers: sw.seed_peers as usize,
             join_delay: sw.join_delay,
+            expected_nodes: sw.expected_nodes as usize,
             max_peers: sw.max_peers as usize,
         };
         let mut t = si_appliance::swarm::Tracker::new(policy);

@@ -83,6 +83,8 @@ pub struct Params {
     pub depth: usize,
     /// The tracker's re-announce interval, seconds.
     pub announce_interval: f64,
+    /// The tracker's `join_delay`, seconds (0: off).
+    pub join_delay: f64,
     /// Rate recomputation granularity, seconds.
     pub quantum: f64,
     /// RNG seed.
@@ -132,6 +134,7 @@ impl Params {
             agg: 1,
             depth: super::engine::DEFAULT_DEPTH,
             announce_interval: 5.0,
+            join_delay: 0.0,
             quantum: 0.0005,
             seed: 1,
             cap: 3600.0,
@@ -167,6 +170,8 @@ pub struct Outcome {
     pub repeats_per_s: Vec<f64>,
     /// Per node: its open connections (the seed's included) when the last node finished.
     pub conns_at_end: Vec<usize>,
+    /// Per node: the hosts it is connected to when the last node finished (0: the seed).
+    pub peers_at_end: Vec<Vec<usize>>,
     /// With `diag`: per second of virtual time, averaged over its samples, the share of the
     /// nodes (not yet done) whose download is [`Waits`].
     pub waits_per_s: Vec<Waits>,
@@ -441,6 +446,8 @@ impl<'a> Sim<'a> {
             interval: Duration::from_secs_f64(p.announce_interval),
             peer_timeout: Duration::from_secs_f64(p.announce_interval * 6.0),
             appliance_seed: Some(seed_addr),
+            join_delay: Duration::from_secs_f64(p.join_delay),
+            expected_nodes: p.nodes,
             ..TrackerPolicy::default()
         };
         let mut tracker = Tracker::new(policy);
@@ -607,6 +614,7 @@ impl<'a> Sim<'a> {
             verified_per_s: std::mem::take(&mut self.verified_per_s),
             repeats_per_s: std::mem::take(&mut self.repeats_per_s),
             conns_at_end: self.nodes[1..].iter().map(|n| n.keys.len()).collect(),
+            peers_at_end: (1..self.nodes.len()).map(|h| self.nodes[h].keys.values().map(|&c| self.other(c, h).1).collect()).collect(),
             waits_per_s: std::mem::take(&mut self.waits_per_s),
         })
     }
@@ -702,7 +710,7 @@ impl<'a> Sim<'a> {
                 let own = self.nodes[h].addr;
                 self.nodes[h].core.set_ring(&r.ring);
                 self.nodes[h].core.add_known(&r.peers, Some(own));
-                r.interval.as_secs_f64().clamp(5.0, 300.0)
+                crate::swarm::tracker::client_interval(r.interval).as_secs_f64()
             }
             Err(e) => {
                 tracing::warn!(host = h, error = %e, "simulated announce refused");

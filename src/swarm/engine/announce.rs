@@ -61,7 +61,8 @@ pub(super) async fn announce_loop(sh: Arc<Shared>, tracker: SocketAddr) {
     }
 }
 
-/// One announce; returns the interval to the next (the tracker's, within 5..=300 s).
+/// One announce; returns the interval to the next (the tracker's, within
+/// [`tracker::CLIENT_INTERVAL`]).
 pub(super) async fn announce(sh: &Shared, tracker: SocketAddr, event: Event) -> Result<Duration, AnnounceError> {
     // `downloaded` is the verified bytes (the monitor reads it as the node's progress), not the
     // raw count with endgame duplicates and failed pieces.
@@ -85,5 +86,5 @@ pub(super) async fn announce(sh: &Shared, tracker: SocketAddr, event: Event) -> 
         g.core.add_known(&r.peers, own)
     };
     debug!(?event, left = a.left, added, "announced");
-    Ok(r.interval.clamp(Duration::from_secs(5), Duration::from_secs(300)))
+    Ok(tracker::client_interval(r.interval))
 }

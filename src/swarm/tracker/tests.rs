@@ -259,6 +259,7 @@ fn join_delay_gives_new_leechers_only_seeds_and_a_short_interval() {
     let mut t = Tracker::new(TrackerPolicy {
         subnets: vec!["10.0.0.0/16".parse().unwrap()],
         join_delay: Duration::from_secs(3),
+        expected_nodes: 1000,
         ..TrackerPolicy::default()
     });
     t.register(IH);
@@ -273,6 +274,38 @@ fn join_delay_gives_new_leechers_only_seeds_and_a_short_interval() {
     let r = t.announce(&ann(12, 90), t0 + Duration::from_secs(3), &mut rng).unwrap();
     assert_eq!(r.peers.len(), 2, "then everyone: {r:?}");
     assert_eq!(r.interval, Duration::from_secs(15));
+}
+
+/// A deployment whose nodes fit in one peer list, or of unknown size, has no join delay (every
+/// node meets every other at once); one larger has it.
+#[test]
+fn join_delay_applies_only_to_swarms_larger_than_a_peer_list() {
+    for (expected, delayed) in [(8, false), (81, false), (82, true), (1000, true), (0, false)] {
+        let mut t = Tracker::new(TrackerPolicy {
+            subnets: vec!["10.0.0.0/16".parse().unwrap()],
+            join_delay: Duration::from_secs(1),
+            expected_nodes: expected,
+            ..TrackerPolicy::default()
+        });
+        t.register(IH);
+        let mut rng = StdRng::seed_from_u64(3);
+        let t0 = Instant::now();
+        // numwant 80, as the engine asks.
+        let ann = |pid: u8| Announce::parse(&q(&IH.0, pid, 6881, 100, "&numwant=80"), Ipv4Addr::new(10, 0, 0, pid)).unwrap();
+        t.announce(&ann(11), t0, &mut rng).unwrap();
+        let r = t.announce(&ann(12), t0, &mut rng).unwrap();
+        assert_eq!(r.peers.is_empty(), delayed, "expected_nodes {expected}: {r:?}");
+        assert_eq!(r.interval < Duration::from_secs(15), delayed, "expected_nodes {expected}: {r:?}");
+    }
+}
+
+/// A client asks again no sooner than 1 s (a join delay's second announce) and no later than
+/// 300 s, whatever the answer says.
+#[test]
+fn a_client_keeps_the_interval_between_one_second_and_five_minutes() {
+    assert_eq!(client_interval(Duration::ZERO), Duration::from_secs(1));
+    assert_eq!(client_interval(Duration::from_millis(1500)), Duration::from_millis(1500));
+    assert_eq!(client_interval(Duration::from_secs(86_400)), Duration::from_secs(300));
 }
 
 /// Issue 13: one address could hold an entry per port (65,535), so one host could fill the

@@ -575,7 +575,7 @@ impl<'a> Sim<'a> {
             self.push(t, Ev::Start(h));
         }
         let cap = ns(self.p.cap);
-        let mut slots_end = (self.p.seed_slots > 0).then(|| self.seed_slots_end()).flatten();
+        let mut slots_end = self.seed_slots_end().filter(|_| self.p.seed_slots > 0);
         while let Some((t, slot)) = self.pop() {
             let Some(ev) = self.evs[slot].take() else { continue };
             self.free_ev.push(slot);

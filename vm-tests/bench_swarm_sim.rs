@@ -87,7 +87,7 @@ struct Phys {
 }
 
 /// A case: N nodes, C Mbit/s, S bytes, slow share, link goodput (bytes/s).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct Case {
     n: usize,
     mbit: f64,
@@ -209,7 +209,7 @@ fn load_run(path: &str) -> Option<(Case, f64, String, (f64, f64))> {
     let run = v["runs"].as_array()?.iter().find(|r| r["method"].as_str().is_some_and(|m| m.starts_with("ours")))?;
     let makespan = run["makespan"].as_f64()?;
     let note = format!("busy {:.0} %{}, load {}", run["busy"].as_f64().unwrap_or(0.0) * 100.0, if run["saturated"].as_bool() == Some(true) { " SATURATED" } else { "" }, v["loadavg"].as_str().unwrap_or("?"));
-    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), seed_slots: 0, node_slots: 0, claims: true, seed_slots_for: 0.0, diag: false, start_spread: 0.0, join_delay: 0.0 };
+    let case = Case { n, mbit: v["mbit"].as_f64()?, size, slow_pct: v["slow_pct"].as_u64().unwrap_or(0) as usize, goodput: size as f64 / tstar, piece_len: Some(piece_len), claims: true, ..Case::default() };
     // The run's CPU: the cores the nodes got (their CPU seconds over the run's wall time) and
     // their CPU seconds per byte delivered; both measured, none fitted.
     let cpu = run["clients_cpu"].as_f64().unwrap_or(0.0);
@@ -374,7 +374,7 @@ fn project(k: &Knobs, seeds: u64) {
     let pl = si_appliance::image::torrent::piece_length(size) as u32;
     // Four Core blocks per piece by default (the validated aggregation: SCALE.md).
     let agg = k.u("AGG", u64::from((pl / (64 << 10)).max(1))) as u32;
-    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, seed_slots: 0, node_slots: 0, claims: k.u("CLAIMS", 1) != 0, seed_slots_for: 0.0, diag: false, start_spread: 0.0, join_delay: 0.0 };
+    let base = Case { n, mbit, size, slow_pct: 0, goodput, piece_len: None, claims: k.u("CLAIMS", 1) != 0, ..Case::default() };
     let tstar = size as f64 / goodput;
     println!("projected: N={n} S={size} B C={mbit} Mbit/s goodput {:.1} MB/s T*={tstar:.1} s piece {} KiB agg {agg}", goodput / 1e6, pl >> 10);
     println!("| variant | projected makespan s | / T* | seed copies | wall s |");

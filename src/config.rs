@@ -179,7 +179,8 @@ pub struct DhcpConfig {
     /// New clients (a MAC with no lease, not reserved, not enrolled) offered an address per
     /// second, per relay (giaddr) and for the local segment; 0 = no limit.
     pub new_client_rate: u32,
-    /// Burst of new clients allowed at once before `new_client_rate` applies.
+    /// Burst of new clients allowed at once before `new_client_rate` applies (`swarm.expected_nodes`
+    /// instead when that is larger).
     pub new_client_burst: u32,
     /// Share of each pool (percent, rounded up) that new clients may not take: it stays free
     /// for reserved and enrolled nodes under a starvation attack. 0 = none.
@@ -369,6 +370,8 @@ pub struct SwarmConfig {
     pub client_seed_limit: Duration,
     /// Nodes this deployment installs: `/api/swarm/<name>` says done only once this many
     /// distinct peers reported `left == 0`. 0 = unknown: done when every peer heard of is complete.
+    /// Also the DHCP starvation guard's burst when larger than `dhcp.new_client_burst` (the nodes
+    /// of a rack powered on together are that many new clients at once).
     pub expected_nodes: u32,
     /// How many nodes get the appliance's seed in their peer lists (the first to join, plus any
     /// node that stops making progress); the others download from each other. 0 = every node.

@@ -717,6 +717,48 @@ fn starvation_with_pxe_options_leaves_the_enrolled_pxe_node_an_address() {
     println!("{line}");
 }
 
+/// A rack powered on together is as many new clients at once as an attacker's burst: the
+/// starvation guard lets in at once the nodes the deployment declares (`swarm.expected_nodes`)
+/// and paces only beyond them. 150 PXE clients (perfdhcp's avalanche: every DISCOVER back to
+/// back, then retransmissions until all are bound), against an appliance that declares 150
+/// nodes and one that declares none (the default burst of 100): all 150 are bound either way,
+/// but only the undeclared one had to hold new clients back.
+#[test]
+fn a_declared_rack_is_let_in_at_once_and_only_an_undeclared_one_is_paced() {
+    for (tag, expected) in [("dk", 150u32), ("dn", 0)] {
+        let mut lab = Lab::new(tag);
+        lab.add_host(Some("10.66.0.1/24"), Some("02:66:00:00:00:01")); // appliance
+        lab.add_host(Some("10.66.0.2/24"), Some("02:66:00:00:00:02")); // the rack, through perfdhcp
+        let cfg = format!(
+            "iface = \"eth0\"\nenroll = \"any\"\nstate_dir = \"{state}\"\nstore = \"{store}\"\n\
+             [dhcp]\nprobe = false\nlease_time = \"10m\"\n\
+             [[dhcp.pool]]\nsubnet = \"10.66.0.0/24\"\nrange = [\"10.66.0.10\", \"10.66.0.250\"]\n\
+             [http]\nport = 8080\n[tftp]\nenable = false\n[swarm]\nexpected_nodes = {expected}\n",
+            state = lab.path("state").display(),
+            store = lab.path("store").display(),
+        );
+        let app = start_appliance(&lab, 0, "app", &cfg, &[]);
+        wait_count(&app, &format!("new_client_burst={}", expected.max(100)), 1);
+        let mut c = lab.hosts[1].cmd("perfdhcp");
+        c.args(["-4", "-l", "eth0", "--scenario", "avalanche", "-R", "150", "-s", "7"])
+            .arg("-o")
+            .arg(format!("60,{}", hex(PXE_CLASS.as_bytes())))
+            .args(["-o", "93,0000", "10.66.0.1"]);
+        let mut rack = Proc::spawn("perfdhcp", c, lab.path("perfdhcp.log"));
+        let st = rack.wait_exit(Duration::from_secs(90));
+        let (records, _) = journal(&lab);
+        let bound = bindings(&records).len();
+        assert!(st.success() && bound == 150, "{tag}: {bound} of 150 bound ({st}):\n{}\n{}", rack.log_text(), log(&app));
+        let paced = count(&app, "new DHCP clients rate-limited");
+        if expected == 0 {
+            assert!(paced >= 1, "an undeclared rack of 150 was never paced (burst 100):\n{}", log(&app));
+        } else {
+            assert_eq!(paced, 0, "a declared rack was paced:\n{}", log(&app));
+        }
+        eprintln!("{tag}: expected_nodes = {expected}: 150/150 bound, paced {paced} time(s)");
+    }
+}
+
 // ---- issue 13: a full disk under the lease journal -------------------------------------------
 
 /// A tmpfs mounted by the test on a directory of its lab, unmounted on drop.

@@ -136,9 +136,13 @@ impl DhcpServer {
         }
         info!(mode = ?cfg.dhcp.mode, answer = ?cfg.dhcp.answer, iface = %iface.name, "dhcp serving");
         let mut service = service::Service::new(policy, leases, journal, iface.name.clone(), sock, pxe_sock);
-        service.set_limiter(guard::Limiter::new(cfg.dhcp.new_client_rate, cfg.dhcp.new_client_burst));
+        let limiter =
+            guard::Limiter::for_deployment(cfg.dhcp.new_client_rate, cfg.dhcp.new_client_burst, cfg.swarm.expected_nodes);
+        let burst = limiter.burst();
+        service.set_limiter(limiter);
         info!(
-            new_client_rate = cfg.dhcp.new_client_rate, new_client_burst = cfg.dhcp.new_client_burst,
+            new_client_rate = cfg.dhcp.new_client_rate, new_client_burst = burst,
+            expected_nodes = cfg.swarm.expected_nodes,
             known_reserve_percent = cfg.dhcp.known_reserve_percent, "dhcp starvation guard"
         );
         let every = cfg.dhcp.watch_every;

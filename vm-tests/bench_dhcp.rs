@@ -175,8 +175,9 @@ fn one_run(s: Server, rate: u32, secs: u32) -> Run {
     let mut lab = Lab::new("bn");
     lab.add_host(Some("10.66.0.1/20"), Some("02:66:00:00:00:01"));
     lab.add_host(Some("10.66.0.2/20"), Some("02:66:00:00:00:02"));
-    let server = start(&lab, s, rate * secs);
-    let n = (rate * secs).to_string();
+    let clients = rate * secs;
+    let server = start(&lab, s, clients);
+    let n = clients.to_string();
     let mut c = lab.hosts[1].cmd("perfdhcp");
     c.args(["-4", "-l", "eth0", "-r", &rate.to_string(), "-n", &n, "-R", &n, "-W", "2000000", "10.66.0.1"]);
     let t0 = std::time::Instant::now();

@@ -738,7 +738,8 @@ fn a_declared_rack_is_let_in_at_once_and_only_an_undeclared_one_is_paced() {
             store = lab.path("store").display(),
         );
         let app = start_appliance(&lab, 0, "app", &cfg, &[]);
-        wait_count(&app, &format!("new_client_burst={}", expected.max(100)), 1);
+        let burst = expected.max(si_appliance::config::DhcpConfig::default().new_client_burst);
+        wait_count(&app, &format!("new_client_burst={burst}"), 1);
         let mut c = lab.hosts[1].cmd("perfdhcp");
         c.args(["-4", "-l", "eth0", "--scenario", "avalanche", "-R", "150", "-s", "7"])
             .arg("-o")
